@@ -1,0 +1,119 @@
+// Batch normalisation over a tensor viewed as (n, c, l): per-channel
+// statistics over the n * l values of a channel. Sums run in double, one
+// channel per task, in a fixed order: thread-independent and accurate.
+#include <algorithm>
+#include <cmath>
+
+#include "fastcnn/cpu_kernels.h"
+#include "fastcnn/parallel.h"
+
+namespace fastcnn {
+namespace cpu {
+namespace {
+
+// Calls f(row) for each of the n rows of channel ch: a pointer to its l values.
+template <typename F>
+inline void for_channel_rows(index_t n, index_t c, index_t l, index_t ch, F&& f) {
+  for (index_t i = 0; i < n; ++i) f((i * c + ch) * l);
+}
+
+inline index_t channel_grain(index_t n, index_t l) {
+  return std::max<index_t>(1, 32768 / std::max<index_t>(n * l, 1));
+}
+
+}  // namespace
+
+void batch_norm_forward_train(index_t n, index_t c, index_t l, const float* x,
+                              const float* weight, const float* bias, double eps,
+                              double momentum, float* running_mean, float* running_var,
+                              float* y, float* save_mean, float* save_invstd) {
+  const index_t count = n * l;
+  parallel_for(c, channel_grain(n, l), [&](index_t ch) {
+    double sum = 0.0;
+    for_channel_rows(n, c, l, ch, [&](index_t at) {
+      for (index_t j = 0; j < l; ++j) sum += x[at + j];
+    });
+    const double mean = sum / static_cast<double>(count);
+    double sq = 0.0;  // two passes: no cancellation when |mean| >> std
+    for_channel_rows(n, c, l, ch, [&](index_t at) {
+      for (index_t j = 0; j < l; ++j) {
+        const double d = x[at + j] - mean;
+        sq += d * d;
+      }
+    });
+    const double var = sq / static_cast<double>(count);
+    const double invstd = 1.0 / std::sqrt(var + eps);
+    save_mean[ch] = static_cast<float>(mean);
+    save_invstd[ch] = static_cast<float>(invstd);
+    if (running_mean != nullptr)
+      running_mean[ch] = static_cast<float>((1.0 - momentum) * running_mean[ch] + momentum * mean);
+    if (running_var != nullptr) {
+      const double unbiased = count > 1 ? sq / static_cast<double>(count - 1) : var;
+      running_var[ch] =
+          static_cast<float>((1.0 - momentum) * running_var[ch] + momentum * unbiased);
+    }
+    // y = (x - mean) * invstd * w + b  ==  x * scale + shift
+    const double w = weight != nullptr ? weight[ch] : 1.0;
+    const double b = bias != nullptr ? bias[ch] : 0.0;
+    const float scale = static_cast<float>(invstd * w);
+    const float shift = static_cast<float>(b - mean * invstd * w);
+    for_channel_rows(n, c, l, ch, [&](index_t at) {
+      for (index_t j = 0; j < l; ++j) y[at + j] = x[at + j] * scale + shift;
+    });
+  });
+}
+
+void batch_norm_forward_eval(index_t n, index_t c, index_t l, const float* x,
+                             const float* running_mean, const float* running_var,
+                             const float* weight, const float* bias, double eps, float* y) {
+  parallel_for(c, channel_grain(n, l), [&](index_t ch) {
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[ch]) + eps);
+    const double w = weight != nullptr ? weight[ch] : 1.0;
+    const double b = bias != nullptr ? bias[ch] : 0.0;
+    const float scale = static_cast<float>(invstd * w);
+    const float shift = static_cast<float>(b - running_mean[ch] * invstd * w);
+    for_channel_rows(n, c, l, ch, [&](index_t at) {
+      for (index_t j = 0; j < l; ++j) y[at + j] = x[at + j] * scale + shift;
+    });
+  });
+}
+
+void batch_norm_backward(index_t n, index_t c, index_t l, const float* dy, const float* x,
+                         const float* mean, const float* invstd, const float* weight,
+                         bool training, float* dx, float* dweight, float* dbias) {
+  // xhat = (x - mean) * invstd
+  // dbias = sum dy, dweight = sum dy xhat
+  // training: dx = w invstd (dy - dbias / m - xhat dweight / m);  eval: dx = w invstd dy
+  const index_t count = n * l;
+  parallel_for(c, channel_grain(n, l), [&](index_t ch) {
+    const double mu = mean[ch], is = invstd[ch];
+    double sum_dy = 0.0, sum_dy_xhat = 0.0;
+    for_channel_rows(n, c, l, ch, [&](index_t at) {
+      for (index_t j = 0; j < l; ++j) {
+        sum_dy += dy[at + j];
+        sum_dy_xhat += dy[at + j] * ((x[at + j] - mu) * is);
+      }
+    });
+    if (dbias != nullptr) dbias[ch] = static_cast<float>(sum_dy);
+    if (dweight != nullptr) dweight[ch] = static_cast<float>(sum_dy_xhat);
+    if (dx == nullptr) return;
+    const double w = weight != nullptr ? weight[ch] : 1.0;
+    const float k = static_cast<float>(w * is);
+    if (!training) {
+      for_channel_rows(n, c, l, ch, [&](index_t at) {
+        for (index_t j = 0; j < l; ++j) dx[at + j] = k * dy[at + j];
+      });
+      return;
+    }
+    // dx = k * (dy - a - (x - mu) * b): a = mean(dy), b = invstd * mean(dy xhat)
+    const float a = static_cast<float>(sum_dy / count);
+    const float b = static_cast<float>(is * sum_dy_xhat / count);
+    const float muf = static_cast<float>(mu);
+    for_channel_rows(n, c, l, ch, [&](index_t at) {
+      for (index_t j = 0; j < l; ++j) dx[at + j] = k * (dy[at + j] - a - (x[at + j] - muf) * b);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastcnn

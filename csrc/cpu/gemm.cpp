@@ -1,0 +1,329 @@
+// Packed SGEMM in the BLIS / GotoBLAS style.
+//
+// C (M x N) is cut into NC-wide column slabs; each slab's op(B) is packed KC
+// rows at a time into NR-wide micro-panels (B~, k-major), and op(A) into
+// MR-tall micro-panels (A~, k-major) MC rows at a time. A register-blocked
+// micro-kernel multiplies one A~ panel by one B~ panel into an MR x NR tile of
+// C. Packing makes every micro-kernel load contiguous and aligned whatever
+// the transposition of the operands, so the backward passes never build a
+// transposed copy.
+//
+// The micro-kernel is picked at run time from the CPU's features: the build
+// stays portable (no -march=native) and the SIMD kernels carry target
+// attributes.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "fastcnn/gemm.h"
+#include "fastcnn/parallel.h"
+
+namespace fastcnn {
+namespace {
+
+// c(mr x nr, row stride ldc) = alpha * a~(kc x mr)^T b~(kc x nr) + beta * c.
+using MicroKernel = void (*)(index_t kc, const float* a, const float* b, float* c,
+                             index_t ldc, float alpha, float beta);
+
+struct KernelInfo {
+  int mr;
+  int nr;
+  MicroKernel fn;
+  const char* name;
+};
+
+// ---------------------------------------------------------------- kernels --
+
+template <int MR, int NR>
+void micro_kernel_generic(index_t kc, const float* a, const float* b, float* c,
+                          index_t ldc, float alpha, float beta) {
+  float acc[MR][NR] = {};
+  for (index_t p = 0; p < kc; ++p) {
+    for (int i = 0; i < MR; ++i) {
+      const float ai = a[p * MR + i];
+      for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[p * NR + j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float v = alpha * acc[i][j];
+      c[i * ldc + j] = beta == 0.0f ? v : v + beta * c[i * ldc + j];
+    }
+  }
+}
+
+// 6 x 16 tile: 12 accumulators, 2 B vectors and 1 broadcast in 16 ymm registers.
+__attribute__((target("avx2,fma"))) void micro_kernel_avx2_6x16(
+    index_t kc, const float* a, const float* b, float* c, index_t ldc, float alpha,
+    float beta) {
+  __m256 acc[6][2];
+  for (int i = 0; i < 6; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (index_t p = 0; p < kc; ++p) {
+    const __m256 b0 = _mm256_load_ps(b);
+    const __m256 b1 = _mm256_load_ps(b + 8);
+    for (int i = 0; i < 6; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i);
+      acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+    }
+    a += 6;
+    b += 16;
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+  if (beta == 0.0f) {
+    for (int i = 0; i < 6; ++i) {
+      _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(va, acc[i][0]));
+      _mm256_storeu_ps(c + i * ldc + 8, _mm256_mul_ps(va, acc[i][1]));
+    }
+  } else {
+    const __m256 vb = _mm256_set1_ps(beta);
+    for (int i = 0; i < 6; ++i) {
+      float* ci = c + i * ldc;
+      _mm256_storeu_ps(ci, _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci), _mm256_mul_ps(va, acc[i][0])));
+      _mm256_storeu_ps(ci + 8,
+                       _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci + 8), _mm256_mul_ps(va, acc[i][1])));
+    }
+  }
+}
+
+// 12 x 32 tile: 24 accumulators, 2 B vectors and 1 broadcast in 32 zmm registers.
+__attribute__((target("avx512f"))) void micro_kernel_avx512_12x32(
+    index_t kc, const float* a, const float* b, float* c, index_t ldc, float alpha,
+    float beta) {
+  __m512 acc[12][2];
+  for (int i = 0; i < 12; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (index_t p = 0; p < kc; ++p) {
+    const __m512 b0 = _mm512_load_ps(b);
+    const __m512 b1 = _mm512_load_ps(b + 16);
+    for (int i = 0; i < 12; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+    }
+    a += 12;
+    b += 32;
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  if (beta == 0.0f) {
+    for (int i = 0; i < 12; ++i) {
+      _mm512_storeu_ps(c + i * ldc, _mm512_mul_ps(va, acc[i][0]));
+      _mm512_storeu_ps(c + i * ldc + 16, _mm512_mul_ps(va, acc[i][1]));
+    }
+  } else {
+    const __m512 vb = _mm512_set1_ps(beta);
+    for (int i = 0; i < 12; ++i) {
+      float* ci = c + i * ldc;
+      _mm512_storeu_ps(ci, _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci), _mm512_mul_ps(va, acc[i][0])));
+      _mm512_storeu_ps(ci + 16, _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + 16),
+                                                _mm512_mul_ps(va, acc[i][1])));
+    }
+  }
+}
+
+KernelInfo choose_kernel() {
+  // FASTCNN_GEMM_KERNEL=generic|avx2|avx512 forces a kernel (tests, benchmarks);
+  // an unsupported request falls back to the best the CPU has.
+  const char* forced = std::getenv("FASTCNN_GEMM_KERNEL");
+  const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const KernelInfo generic{6, 16, micro_kernel_generic<6, 16>, "generic"};
+  const KernelInfo avx2{6, 16, micro_kernel_avx2_6x16, "avx2+fma"};
+  const KernelInfo avx512{12, 32, micro_kernel_avx512_12x32, "avx512"};
+  if (forced != nullptr) {
+    if (std::strcmp(forced, "generic") == 0) return generic;
+    if (std::strcmp(forced, "avx2") == 0 && has_avx2) return avx2;
+    if (std::strcmp(forced, "avx512") == 0 && has_avx512) return avx512;
+  }
+  if (has_avx512) return avx512;
+  if (has_avx2) return avx2;
+  return generic;
+}
+
+const KernelInfo& kernel() {
+  static const KernelInfo k = choose_kernel();
+  return k;
+}
+
+// ---------------------------------------------------------------- packing --
+
+constexpr index_t kKC = 256;   // depth of a packed block: A~ panel + B~ panel stay in L1
+constexpr index_t kMC = 144;   // rows of A~ per block (multiple of every MR): ~144 KiB in L2
+constexpr index_t kNC = 3072;  // columns of B~ per slab (multiple of every NR): ~3 MiB in L3
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+
+// A per-thread scratch buffer that only grows, so steady-state calls never allocate.
+float* scratch(std::unique_ptr<float, AlignedFree>& buf, index_t& cap, index_t need) {
+  if (need > cap) {
+    const index_t bytes = ((need * static_cast<index_t>(sizeof(float)) + 63) / 64) * 64;
+    float* p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(bytes)));
+    if (p == nullptr) throw std::bad_alloc();
+    buf.reset(p);
+    cap = need;
+  }
+  return buf.get();
+}
+
+// Packs rows [i0, i0+mc) x depth [p0, p0+kc) of op(A) into ceil(mc/mr) panels
+// of kc x mr floats; rows past the edge are zero.
+void pack_a(Trans ta, const float* a, index_t lda, index_t i0, index_t mc, index_t p0,
+            index_t kc, int mr, float* dst) {
+  for (index_t ir = 0; ir < mc; ir += mr) {
+    const index_t rows = std::min<index_t>(mr, mc - ir);
+    float* panel = dst + ir * kc;
+    if (ta == Trans::No) {
+      for (index_t i = 0; i < rows; ++i) {
+        const float* src = a + (i0 + ir + i) * lda + p0;
+        for (index_t p = 0; p < kc; ++p) panel[p * mr + i] = src[p];
+      }
+    } else {
+      for (index_t p = 0; p < kc; ++p) {
+        const float* src = a + (p0 + p) * lda + i0 + ir;
+        for (index_t i = 0; i < rows; ++i) panel[p * mr + i] = src[i];
+      }
+    }
+    if (rows < mr) {
+      for (index_t p = 0; p < kc; ++p)
+        for (index_t i = rows; i < mr; ++i) panel[p * mr + i] = 0.0f;
+    }
+  }
+}
+
+// Packs NR-wide panel number `jp` of depth [p0, p0+kc) x columns [j0, j0+nc)
+// of op(B); columns past the edge are zero.
+void pack_b_panel(Trans tb, const float* b, index_t ldb, index_t j0, index_t nc, index_t p0,
+                  index_t kc, int nr, index_t jp, float* dst) {
+  const index_t jr = jp * nr;
+  const index_t cols = std::min<index_t>(nr, nc - jr);
+  float* panel = dst + jr * kc;
+  if (tb == Trans::No) {
+    for (index_t p = 0; p < kc; ++p) {
+      const float* src = b + (p0 + p) * ldb + j0 + jr;
+      float* out = panel + p * nr;
+      index_t j = 0;
+      for (; j < cols; ++j) out[j] = src[j];
+      for (; j < nr; ++j) out[j] = 0.0f;
+    }
+  } else {
+    for (index_t j = 0; j < cols; ++j) {
+      const float* src = b + (j0 + jr + j) * ldb + p0;
+      for (index_t p = 0; p < kc; ++p) panel[p * nr + j] = src[p];
+    }
+    for (index_t p = 0; p < kc; ++p)
+      for (index_t j = cols; j < nr; ++j) panel[p * nr + j] = 0.0f;
+  }
+}
+
+void scale_c(index_t m, index_t n, float beta, float* c, index_t ldc) {
+  for (index_t i = 0; i < m; ++i) {
+    float* row = c + i * ldc;
+    if (beta == 0.0f) {
+      std::fill(row, row + n, 0.0f);
+    } else {
+      for (index_t j = 0; j < n; ++j) row[j] *= beta;
+    }
+  }
+}
+
+struct Scratch {
+  std::unique_ptr<float, AlignedFree> a, b;
+  index_t a_cap = 0, b_cap = 0;
+};
+thread_local Scratch tls_scratch;
+
+// The work of thread `tid` of `nt` (nt == 1: the whole product, no OpenMP).
+void gemm_thread(const KernelInfo& ker, int tid, int nt, float* packed_b, Trans ta, Trans tb,
+                 index_t m, index_t n, index_t k, float alpha, const float* a, index_t lda,
+                 const float* b, index_t ldb, float beta, float* c, index_t ldc) {
+  const int mr = ker.mr, nr = ker.nr;
+  float* packed_a = scratch(tls_scratch.a, tls_scratch.a_cap, kMC * kKC);
+  alignas(64) float edge[16 * 32];  // one micro-tile for partial tiles at the edges
+  const index_t m_blocks = (m + kMC - 1) / kMC;
+  for (index_t j0 = 0; j0 < n; j0 += kNC) {
+    const index_t nc = std::min(kNC, n - j0);
+    const index_t panels = (nc + nr - 1) / nr;
+    // Column chunks give the threads work when M has a single block (few
+    // output channels, many pixels: the common convolution shape).
+    index_t chunks = (4 * static_cast<index_t>(nt) + m_blocks - 1) / m_blocks;
+    chunks = std::max<index_t>(1, std::min(chunks, panels));
+    const index_t panels_per_chunk = (panels + chunks - 1) / chunks;
+    chunks = (panels + panels_per_chunk - 1) / panels_per_chunk;
+    const index_t items = m_blocks * chunks;
+    for (index_t p0 = 0; p0 < k; p0 += kKC) {
+      const index_t kc = std::min(kKC, k - p0);
+      const float beta_block = p0 == 0 ? beta : 1.0f;
+      for (index_t jp = tid; jp < panels; jp += nt)
+        pack_b_panel(tb, b, ldb, j0, nc, p0, kc, nr, jp, packed_b);
+      if (nt > 1) {
+#pragma omp barrier
+      }
+      index_t packed_block = -1;
+      // Items are ordered block-major, so a thread's consecutive items mostly
+      // share one A~ block and pack it once.
+      const index_t begin = items * tid / nt, end = items * (tid + 1) / nt;
+      for (index_t item = begin; item < end; ++item) {
+        const index_t mb = item / chunks, chunk = item % chunks;
+        const index_t i0 = mb * kMC, mc = std::min(kMC, m - i0);
+        if (mb != packed_block) {
+          pack_a(ta, a, lda, i0, mc, p0, kc, mr, packed_a);
+          packed_block = mb;
+        }
+        const index_t jp_end = std::min(panels, (chunk + 1) * panels_per_chunk);
+        for (index_t jp = chunk * panels_per_chunk; jp < jp_end; ++jp) {
+          const index_t jr = jp * nr, cols = std::min<index_t>(nr, nc - jr);
+          const float* bp = packed_b + jr * kc;
+          for (index_t ir = 0; ir < mc; ir += mr) {
+            const index_t rows = std::min<index_t>(mr, mc - ir);
+            const float* ap = packed_a + ir * kc;
+            float* cp = c + (i0 + ir) * ldc + j0 + jr;
+            if (rows == mr && cols == nr) {
+              ker.fn(kc, ap, bp, cp, ldc, alpha, beta_block);
+            } else {
+              ker.fn(kc, ap, bp, edge, nr, 1.0f, 0.0f);
+              for (index_t i = 0; i < rows; ++i)
+                for (index_t j = 0; j < cols; ++j) {
+                  const float v = alpha * edge[i * nr + j];
+                  cp[i * ldc + j] = beta_block == 0.0f ? v : v + beta_block * cp[i * ldc + j];
+                }
+            }
+          }
+        }
+      }
+      if (nt > 1) {
+#pragma omp barrier
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const char* sgemm_kernel_name() { return kernel().name; }
+
+void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, const float* a,
+           index_t lda, const float* b, index_t ldb, float beta, float* c, index_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0 || alpha == 0.0f) {
+    scale_c(m, n, beta, c, ldc);
+    return;
+  }
+  const KernelInfo& ker = kernel();
+  // ~2 MFLOP per thread before a second thread pays for itself.
+  const int nt = threads_for(m * n * std::min(k, kKC), index_t(1) << 20);
+  const index_t nc_max = std::min(kNC, ((n + ker.nr - 1) / ker.nr) * ker.nr);
+  float* packed_b = scratch(tls_scratch.b, tls_scratch.b_cap, nc_max * std::min(k, kKC));
+  if (nt <= 1) {
+    gemm_thread(ker, 0, 1, packed_b, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  gemm_thread(ker, omp_get_thread_num(), omp_get_num_threads(), packed_b, ta, tb, m, n, k,
+              alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+}  // namespace fastcnn

@@ -1,0 +1,90 @@
+// The CPU kernels: raw pointers and shapes in, no Python, no output
+// allocation. Arrays are C-contiguous float32, NCHW. The Python layer has
+// validated every shape and argument before it calls any of these.
+#pragma once
+
+#include <cstdint>
+
+#include "fastcnn/common.h"
+#include "fastcnn/conv_geometry.h"
+
+namespace fastcnn {
+namespace cpu {
+
+// ---- im2col.cpp: one image, one group.
+// x: (c/groups, h, w) -> cols: (c/groups * r * s, oh * ow)
+void im2col(const ConvShape& cs, const float* x, float* cols);
+// cols: (c/groups * r * s, oh * ow) -> dx: (c/groups, h, w), accumulated (+=)
+void col2im(const ConvShape& cs, const float* cols, float* dx);
+
+// ---- conv2d.cpp
+// x: (n, c, h, w), w: (k, c/groups, r, s), bias: (k,) or null -> y: (n, k, oh, ow)
+void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const float* bias,
+                    float* y);
+// dy: (n, k, oh, ow) -> dx (like x), dw (like w), db (k,); each may be null (not wanted).
+void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const float* w,
+                     float* dx, float* dw, float* db);
+
+// ---- linear.cpp: x: (n, in), w: (out, in), bias: (out,) or null -> y: (n, out)
+void linear_forward(index_t n, index_t in, index_t out, const float* x, const float* w,
+                    const float* bias, float* y);
+void linear_backward(index_t n, index_t in, index_t out, const float* dy, const float* x,
+                     const float* w, float* dx, float* dw, float* db);
+
+// ---- activation.cpp (elementwise over `count` values)
+void relu_forward(index_t count, const float* x, float* y);
+// dx = dy where x > 0 (and, if guided, dy > 0), else 0
+void relu_backward(index_t count, const float* dy, const float* x, bool guided, float* dx);
+
+// ---- pool.cpp: x: (n, c, h, w) -> y: (n, c, oh, ow), indices (flat h * w + w) or null
+void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices);
+// dx (like x) = 0, then dy routed to each window's argmax: from `indices` when
+// given, else recomputed from x.
+void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
+                         const std::int64_t* indices, float* dx);
+
+// ---- softmax.cpp: x viewed as (outer, dim, inner), softmax along dim.
+void softmax_forward(index_t outer, index_t dim, index_t inner, const float* x, bool log,
+                     float* y);
+// y is the forward output. softmax: dx = y (dy - sum(dy y)); log: dx = dy - exp(y) sum(dy)
+void softmax_backward(index_t outer, index_t dim, index_t inner, const float* dy,
+                      const float* y, bool log, float* dx);
+// logits: (n, classes), target: (n,) int64. loss: (n,) per-sample loss (0 where ignored).
+void cross_entropy_forward(index_t n, index_t classes, const float* logits,
+                           const std::int64_t* target, std::int64_t ignore_index,
+                           float label_smoothing, float* loss);
+// grad_scale: (n,) dL/dloss_i (already divided by the count for mean) -> dx (n, classes)
+void cross_entropy_backward(index_t n, index_t classes, const float* logits,
+                            const std::int64_t* target, std::int64_t ignore_index,
+                            float label_smoothing, const float* grad_scale, float* dx);
+
+// ---- batchnorm.cpp: x viewed as (n, c, l), statistics per channel over (n, l).
+// Training: batch statistics; writes save_mean / save_invstd (c,) and, when
+// running_mean / running_var are given, updates them with momentum and the
+// unbiased variance. weight / bias may be null (identity affine).
+void batch_norm_forward_train(index_t n, index_t c, index_t l, const float* x,
+                              const float* weight, const float* bias, double eps,
+                              double momentum, float* running_mean, float* running_var,
+                              float* y, float* save_mean, float* save_invstd);
+void batch_norm_forward_eval(index_t n, index_t c, index_t l, const float* x,
+                             const float* running_mean, const float* running_var,
+                             const float* weight, const float* bias, double eps, float* y);
+// mean / invstd: the statistics the forward normalised with (batch ones when
+// training, running ones in eval). training adds the terms through the batch
+// statistics. dx, dweight, dbias may be null.
+void batch_norm_backward(index_t n, index_t c, index_t l, const float* dy, const float* x,
+                         const float* mean, const float* invstd, const float* weight,
+                         bool training, float* dx, float* dweight, float* dbias);
+
+// ---- dropout.cpp: y = x * multiplier(seed, offset, i), multiplier in {0, 1/(1-p)}.
+// With x == null, writes the multiplier itself (the mask).
+void dropout_apply(index_t count, const float* x, double p, std::uint64_t seed,
+                   std::uint64_t offset, float* y);
+
+// ---- normalize.cpp: uint8 x viewed as (outer, c, inner):
+// y = x / 255 * scale[c] + shift[c] with scale = 1/std, shift = -mean/std.
+void normalize_u8(index_t outer, index_t c, index_t inner, const std::uint8_t* x,
+                  const float* mean, const float* stdev, float* y);
+
+}  // namespace cpu
+}  // namespace fastcnn

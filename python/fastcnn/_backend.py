@@ -1,0 +1,154 @@
+"""Input checking and conversion shared by every public function.
+
+Data flows one way: Python validates and allocates, C++ computes. Every
+check here names the argument and the shapes involved, so that a bad call
+fails with a readable ``ValueError`` / ``TypeError`` before any kernel runs.
+
+Dtype rule (documented in the README):
+
+* float arguments accept any real numeric dtype (bool, signed and unsigned
+  integers, float16/32/64) or an array-like, and are converted to float32;
+  results are always float32. complex, object, string and datetime arrays
+  raise ``TypeError``.
+* class labels accept any integer dtype and are converted to int64; float or
+  bool labels raise ``TypeError``.
+* non-contiguous arrays are copied once into C order.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from . import _cpu
+
+_FLOAT_KINDS = "biuf"
+_INT_KINDS = "iu"
+
+
+def shape_str(shape) -> str:
+    """A shape as Python prints a tuple: (2, 3) or (5,)."""
+    return str(tuple(int(d) for d in shape))
+
+
+def _dtype_error(name, got, expected):
+    return TypeError(f"{name} has dtype {got}, expected {expected}")
+
+
+def _is_device_array(x) -> bool:
+    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
+
+
+def _reject_device_array(x, name):
+    if _is_device_array(x):
+        raise TypeError(
+            f"{name} is a GPU array ({type(x).__module__}.{type(x).__name__}), but this "
+            "build of fastcnn has no CUDA backend; pass a NumPy array"
+        )
+
+
+def as_float(x, name: str) -> np.ndarray:
+    """``x`` as a C-contiguous float32 ndarray (copied only when needed)."""
+    _reject_device_array(x, name)
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be an array of numbers: {exc}") from None
+    if x.dtype.kind not in _FLOAT_KINDS:
+        raise _dtype_error(name, x.dtype, "a real numeric dtype (converted to float32)")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def as_optional_float(x, name: str):
+    return None if x is None else as_float(x, name)
+
+
+def as_labels(x, name: str) -> np.ndarray:
+    """Class labels as a C-contiguous int64 ndarray."""
+    _reject_device_array(x, name)
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype.kind not in _INT_KINDS:
+        raise _dtype_error(name, x.dtype, "an integer dtype (class labels)")
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def as_int(value, name: str) -> int:
+    """A Python int from an int-like (int, numpy integer); bool and float are rejected."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r}")
+
+
+def pair(value, name: str) -> tuple[int, int]:
+    """An int or a pair of ints, as torch accepts for stride, padding, ..."""
+    if isinstance(value, (tuple, list, np.ndarray)):
+        items = list(value)
+        if len(items) == 1:
+            items = items * 2
+        if len(items) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        return as_int(items[0], name), as_int(items[1], name)
+    v = as_int(value, name)
+    return v, v
+
+
+def check_ndim(x: np.ndarray, allowed, name: str, op: str, layout: str) -> None:
+    if x.ndim not in allowed:
+        raise ValueError(f"{op}: {name} must be {layout}, got shape {shape_str(x.shape)}")
+
+
+def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str, op: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{op}: {name_a} has shape {shape_str(a.shape)} but {name_b} has shape "
+            f"{shape_str(b.shape)}; they must match"
+        )
+
+
+def check_positive(values, name: str, op: str) -> None:
+    if any(v < 1 for v in values):
+        raise ValueError(f"{op}: {name} must be >= 1, got {values}")
+
+
+def check_non_negative(values, name: str, op: str) -> None:
+    if any(v < 0 for v in values):
+        raise ValueError(f"{op}: {name} must be >= 0, got {values}")
+
+
+def normalize_dim(dim, ndim: int, op: str, name: str = "dim") -> int:
+    d = as_int(dim, name)
+    span = max(ndim, 1)
+    if not -span <= d < span:
+        raise ValueError(f"{op}: {name}={d} is out of range for an array with {ndim} dimensions")
+    return d % span
+
+
+def seed_value(seed, name: str = "seed") -> int:
+    s = as_int(seed, name)
+    if not 0 <= s < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {s}")
+    return s
+
+
+def backend(*arrays):
+    """The kernel module for these arrays. Only the CPU exists in this build;
+    GPU arrays were already rejected by the converters."""
+    return _cpu
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the CPU kernels (OpenMP). Results do not depend on it."""
+    n = as_int(n, "n")
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    _cpu.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads used by the CPU kernels."""
+    return _cpu.get_num_threads()

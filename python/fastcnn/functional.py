@@ -1,0 +1,746 @@
+"""The NumPy-compatible functional API.
+
+Names and argument order follow ``torch.nn.functional``; every op has a
+``*_backward`` that returns the gradients in argument order. NumPy arrays (or
+array-likes) in, float32 NumPy arrays out; see ``fastcnn._backend`` for the
+dtype rule. Every function validates its arguments first and raises
+``ValueError`` / ``TypeError`` naming the argument and the shapes.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _backend as B
+from ._backend import shape_str
+
+__all__ = [
+    "conv2d", "conv2d_backward", "linear", "linear_backward", "relu", "relu_backward",
+    "max_pool2d", "max_pool2d_backward", "softmax", "softmax_backward", "log_softmax",
+    "log_softmax_backward", "cross_entropy", "cross_entropy_backward", "batch_norm",
+    "batch_norm_backward", "dropout", "dropout_mask", "dropout_backward", "normalize",
+    "matmul", "manual_seed",
+]
+
+_F32 = np.float32
+
+
+def _empty(shape):
+    return np.empty(shape, dtype=_F32)
+
+
+# ----------------------------------------------------------------- conv2d --
+
+class _ConvArgs:
+    """Validated geometry of one conv2d call (shared by forward and backward)."""
+
+    def __init__(self, op, x, w, b, stride, padding, dilation, groups):
+        B.check_ndim(x, (3, 4), "input", op, "3-D (C, H, W) or 4-D (N, C, H, W)")
+        B.check_ndim(w, (4,), "weight", op, "4-D (out_channels, in_channels/groups, kH, kW)")
+        self.unbatched = x.ndim == 3
+        if self.unbatched:
+            x = x[None]
+        n, c, h, wd = x.shape
+        k, cg, r, s = w.shape
+        self.groups = groups = B.as_int(groups, "groups")
+        if groups < 1:
+            raise ValueError(f"{op}: groups must be >= 1, got {groups}")
+        self.stride = B.pair(stride, "stride")
+        self.dilation = B.pair(dilation, "dilation")
+        B.check_positive(self.stride, "stride", op)
+        B.check_positive(self.dilation, "dilation", op)
+        shapes = f"input shape {shape_str(x.shape)}, weight shape {shape_str(w.shape)}"
+        if c == 0 or k == 0 or cg == 0 or r == 0 or s == 0:
+            raise ValueError(f"{op}: input and weight must have at least one channel and a "
+                             f"non-empty kernel; {shapes}")
+        if c % groups != 0:
+            raise ValueError(f"{op}: input channels ({c}) are not divisible by groups={groups}; "
+                             f"{shapes}")
+        if k % groups != 0:
+            raise ValueError(f"{op}: weight's out_channels ({k}) are not divisible by "
+                             f"groups={groups}; {shapes}")
+        if cg * groups != c:
+            raise ValueError(f"{op}: weight has {cg} input channels per group but input has {c} "
+                             f"channels (groups={groups}, so weight.shape[1] must be "
+                             f"{c // groups}); {shapes}")
+        if b is not None and b.shape != (k,):
+            raise ValueError(f"{op}: bias must have shape ({k},) to match weight "
+                             f"{shape_str(w.shape)}, got {shape_str(b.shape)}")
+        # Extra zero rows / columns at the bottom / right, for padding='same'
+        # with an even kernel span (PyTorch puts the odd pixel there too).
+        self.extra = (0, 0)
+        if isinstance(padding, str):
+            if padding == "valid":
+                self.padding = (0, 0)
+            elif padding == "same":
+                if self.stride != (1, 1):
+                    raise ValueError(f"{op}: padding='same' requires stride 1, got stride "
+                                     f"{self.stride}")
+                total = (self.dilation[0] * (r - 1), self.dilation[1] * (s - 1))
+                self.padding = (total[0] // 2, total[1] // 2)
+                self.extra = (total[0] % 2, total[1] % 2)
+            else:
+                raise ValueError(f"{op}: padding must be an int, a pair, 'valid' or 'same', "
+                                 f"got {padding!r}")
+        else:
+            self.padding = B.pair(padding, "padding")
+            B.check_non_negative(self.padding, "padding", op)
+        span = (self.dilation[0] * (r - 1) + 1, self.dilation[1] * (s - 1) + 1)
+        padded = (h + 2 * self.padding[0] + self.extra[0], wd + 2 * self.padding[1] + self.extra[1])
+        if span[0] > padded[0] or span[1] > padded[1]:
+            raise ValueError(f"{op}: kernel (dilated size {span}) is larger than the padded input "
+                             f"{padded}; {shapes}, padding {self.padding}, "
+                             f"dilation {self.dilation}")
+        self.in_shape = x.shape
+        self.out_shape = (n, k,
+                          (padded[0] - span[0]) // self.stride[0] + 1,
+                          (padded[1] - span[1]) // self.stride[1] + 1)
+
+    def batched(self, x):
+        x = x[None] if self.unbatched else x
+        if self.extra != (0, 0):
+            x = np.pad(x, ((0, 0), (0, 0), (0, self.extra[0]), (0, self.extra[1])))
+        return x
+
+    def kernel_args(self):
+        return (*self.stride, *self.padding, *self.dilation, self.groups)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation), as ``torch.nn.functional.conv2d``.
+
+    input (N, C, H, W) or (C, H, W); weight (K, C/groups, R, S); bias (K,) or
+    None. stride, padding, dilation: an int or a pair; padding may also be
+    'valid' or 'same'. Returns (N, K, OH, OW) (or (K, OH, OW) when unbatched).
+    """
+    x = B.as_float(input, "input")
+    w = B.as_float(weight, "weight")
+    b = B.as_optional_float(bias, "bias")
+    g = _ConvArgs("conv2d", x, w, b, stride, padding, dilation, groups)
+    y = _empty(g.out_shape)
+    if y.size:
+        B.backend(x, w, b).conv2d_forward(g.batched(x), w, b, y, *g.kernel_args())
+    return y[0] if g.unbatched else y
+
+
+def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, dilation=1,
+                    groups=1, output_mask=(True, True, True)):
+    """Gradients of :func:`conv2d`: ``(grad_input, grad_weight, grad_bias)``.
+
+    grad_bias is None when bias is None; an entry is None where
+    ``output_mask`` is False (skip the first layer's grad_input, say).
+    """
+    x = B.as_float(input, "input")
+    w = B.as_float(weight, "weight")
+    b = B.as_optional_float(bias, "bias")
+    g = _ConvArgs("conv2d_backward", x, w, b, stride, padding, dilation, groups)
+    dy = B.as_float(grad_output, "grad_output")
+    expected = g.out_shape[1:] if g.unbatched else g.out_shape
+    if dy.shape != expected:
+        raise ValueError(f"conv2d_backward: grad_output has shape {shape_str(dy.shape)}, expected "
+                         f"the output shape {shape_str(expected)}")
+    want_dx, want_dw, want_db = (bool(m) for m in output_mask)
+    xb = g.batched(x)
+    dx = _empty(xb.shape) if want_dx else None
+    dw = _empty(w.shape) if want_dw else None
+    db = _empty(w.shape[:1]) if (want_db and b is not None) else None
+    if dy.size:
+        B.backend(x, w, dy).conv2d_backward(dy[None] if g.unbatched else dy, xb, w, dx, dw, db,
+                                             *g.kernel_args())
+    else:
+        for grad in (dx, dw, db):
+            if grad is not None:
+                grad.fill(0)
+    if dx is not None:
+        if g.extra != (0, 0):
+            dx = np.ascontiguousarray(dx[:, :, :g.in_shape[2], :g.in_shape[3]])
+        if g.unbatched:
+            dx = dx[0]
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------- linear --
+
+def _linear_args(op, x, w, b):
+    B.check_ndim(w, (2,), "weight", op, "2-D (out_features, in_features)")
+    if x.ndim < 1:
+        raise ValueError(f"{op}: input must have at least 1 dimension (*, in_features), got a "
+                         "0-d array")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"{op}: input has {x.shape[-1]} features (last dimension) but weight "
+                         f"expects {w.shape[1]}; input shape {shape_str(x.shape)}, weight shape "
+                         f"{shape_str(w.shape)}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({w.shape[0]},) to match weight "
+                         f"{shape_str(w.shape)}, got {shape_str(b.shape)}")
+
+
+def linear(input, weight, bias=None):
+    """y = input @ weight.T + bias. input (*, in_features), weight (out, in), bias (out,)."""
+    x = B.as_float(input, "input")
+    w = B.as_float(weight, "weight")
+    b = B.as_optional_float(bias, "bias")
+    _linear_args("linear", x, w, b)
+    x2 = x.reshape(-1, w.shape[1])
+    y = _empty((x2.shape[0], w.shape[0]))
+    if y.size:
+        B.backend(x, w, b).linear_forward(x2, w, b, y)
+    return y.reshape(x.shape[:-1] + (w.shape[0],))
+
+
+def linear_backward(grad_output, input, weight, bias=None):
+    """Gradients of :func:`linear`: ``(grad_input, grad_weight, grad_bias)``
+    (grad_bias None when bias is None)."""
+    x = B.as_float(input, "input")
+    w = B.as_float(weight, "weight")
+    b = B.as_optional_float(bias, "bias")
+    _linear_args("linear_backward", x, w, b)
+    dy = B.as_float(grad_output, "grad_output")
+    expected = x.shape[:-1] + (w.shape[0],)
+    if dy.shape != expected:
+        raise ValueError(f"linear_backward: grad_output has shape {shape_str(dy.shape)}, expected "
+                         f"{shape_str(expected)}")
+    x2 = x.reshape(-1, w.shape[1])
+    dx = _empty(x2.shape)
+    dw = _empty(w.shape)
+    db = _empty(w.shape[:1]) if b is not None else None
+    B.backend(x, w, dy).linear_backward(dy.reshape(-1, w.shape[0]), x2, w, dx, dw, db)
+    return dx.reshape(x.shape), dw, db
+
+
+# ------------------------------------------------------------------- relu --
+
+def relu(input):
+    """max(input, 0), elementwise (NaN stays NaN)."""
+    x = B.as_float(input, "input")
+    y = _empty(x.shape)
+    B.backend(x).relu_forward(x, y)
+    return y
+
+
+def relu_backward(grad_output, input, guided=False):
+    """Gradient of :func:`relu`: grad_output where input > 0, else 0.
+
+    guided=True applies guided backpropagation's rule: the gradient also has
+    to be positive to pass (Springenberg et al., 2015).
+    """
+    x = B.as_float(input, "input")
+    dy = B.as_float(grad_output, "grad_output")
+    B.check_same_shape(dy, x, "grad_output", "input", "relu_backward")
+    dx = _empty(x.shape)
+    B.backend(x, dy).relu_backward(dy, x, bool(guided), dx)
+    return dx
+
+
+# ------------------------------------------------------------- max_pool2d --
+
+class _PoolArgs:
+    def __init__(self, op, x, kernel_size, stride, padding, dilation, ceil_mode):
+        B.check_ndim(x, (3, 4), "input", op, "3-D (C, H, W) or 4-D (N, C, H, W)")
+        self.unbatched = x.ndim == 3
+        if self.unbatched:
+            x = x[None]
+        self.kernel = B.pair(kernel_size, "kernel_size")
+        self.stride = self.kernel if stride is None or (
+            isinstance(stride, (tuple, list)) and len(stride) == 0) else B.pair(stride, "stride")
+        self.padding = B.pair(padding, "padding")
+        self.dilation = B.pair(dilation, "dilation")
+        B.check_positive(self.kernel, "kernel_size", op)
+        B.check_positive(self.stride, "stride", op)
+        B.check_positive(self.dilation, "dilation", op)
+        B.check_non_negative(self.padding, "padding", op)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel)):
+            raise ValueError(f"{op}: padding {self.padding} must be at most half the kernel_size "
+                             f"{self.kernel}")
+        n, c, h, w = x.shape
+        if h == 0 or w == 0:
+            raise ValueError(f"{op}: input has an empty spatial size; shape {shape_str(x.shape)}")
+        out = [self._out_size(size, k, s, p, d, bool(ceil_mode)) for size, k, s, p, d in
+               zip((h, w), self.kernel, self.stride, self.padding, self.dilation)]
+        if out[0] < 1 or out[1] < 1:
+            raise ValueError(f"{op}: kernel_size {self.kernel} (dilation {self.dilation}) is larger "
+                             f"than the padded input; input shape {shape_str(x.shape)}, padding "
+                             f"{self.padding}")
+        self.out_shape = (n, c, out[0], out[1])
+
+    @staticmethod
+    def _out_size(size, k, s, p, d, ceil_mode):
+        room = size + 2 * p - d * (k - 1) - 1
+        if room < 0:
+            return 0
+        out = (-(-room // s) if ceil_mode else room // s) + 1
+        if ceil_mode and (out - 1) * s >= size + p:
+            out -= 1
+        return out
+
+    def kernel_args(self):
+        return (*self.kernel, *self.stride, *self.padding, *self.dilation)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """2-D max pooling, as ``torch.nn.functional.max_pool2d``.
+
+    The first maximum of a window wins ties; NaN wins over numbers. With
+    ``return_indices`` also returns int64 indices into each input plane
+    (h * W + w), as PyTorch.
+    """
+    x = B.as_float(input, "input")
+    g = _PoolArgs("max_pool2d", x, kernel_size, stride, padding, dilation, ceil_mode)
+    xb = x[None] if g.unbatched else x
+    y = _empty(g.out_shape)
+    idx = np.empty(g.out_shape, dtype=np.int64) if return_indices else None
+    if y.size:
+        B.backend(x).max_pool2d_forward(xb, y, idx, *g.kernel_args())
+    if g.unbatched:
+        y = y[0]
+        idx = idx[0] if idx is not None else None
+    return (y, idx) if return_indices else y
+
+
+def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0, dilation=1,
+                        ceil_mode=False, indices=None):
+    """Gradient of :func:`max_pool2d`: each output gradient goes to its
+    window's argmax (given by ``indices`` or recomputed from ``input``)."""
+    x = B.as_float(input, "input")
+    g = _PoolArgs("max_pool2d_backward", x, kernel_size, stride, padding, dilation, ceil_mode)
+    dy = B.as_float(grad_output, "grad_output")
+    expected = g.out_shape[1:] if g.unbatched else g.out_shape
+    if dy.shape != expected:
+        raise ValueError(f"max_pool2d_backward: grad_output has shape {shape_str(dy.shape)}, "
+                         f"expected the output shape {shape_str(expected)}")
+    idx = None
+    if indices is not None:
+        idx = B.as_labels(indices, "indices")
+        if idx.shape != dy.shape:
+            raise ValueError(f"max_pool2d_backward: indices have shape {shape_str(idx.shape)}, "
+                             f"expected {shape_str(dy.shape)}")
+        plane = x.shape[-1] * x.shape[-2]
+        if idx.size and (idx.min() < 0 or idx.max() >= plane):
+            raise ValueError(f"max_pool2d_backward: indices must lie in [0, {plane}) (H * W of "
+                             f"input {shape_str(x.shape)})")
+    xb = x[None] if g.unbatched else x
+    dx = _empty(xb.shape)
+    if dy.size:
+        B.backend(x, dy).max_pool2d_backward(
+            dy[None] if g.unbatched else dy, xb,
+            None if idx is None else (idx[None] if g.unbatched else idx), dx, *g.kernel_args())
+    else:
+        dx.fill(0)
+    return dx[0] if g.unbatched else dx
+
+
+# --------------------------------------------------------------- softmax --
+
+def _softmax_view(op, shape, dim):
+    d = B.normalize_dim(dim, len(shape), op)
+    shape = shape if len(shape) else (1,)
+    return (math.prod(shape[:d]), shape[d], math.prod(shape[d + 1:]))
+
+
+def _softmax(op, input, dim, log):
+    x = B.as_float(input, "input")
+    y = _empty(x.shape)
+    if x.size:
+        B.backend(x).softmax_forward(x, y, *_softmax_view(op, x.shape, dim), log)
+    else:
+        B.normalize_dim(dim, x.ndim, op)
+    return y
+
+
+def _softmax_grad(op, grad_output, output, dim, log):
+    y = B.as_float(output, "output")
+    dy = B.as_float(grad_output, "grad_output")
+    B.check_same_shape(dy, y, "grad_output", "output", op)
+    dx = _empty(y.shape)
+    if y.size:
+        B.backend(y, dy).softmax_backward(dy, y, dx, *_softmax_view(op, y.shape, dim), log)
+    return dx
+
+
+def softmax(input, dim=-1):
+    """exp(x) / sum(exp(x)) along ``dim`` (numerically stable)."""
+    return _softmax("softmax", input, dim, False)
+
+
+def log_softmax(input, dim=-1):
+    """x - log(sum(exp(x))) along ``dim`` (numerically stable)."""
+    return _softmax("log_softmax", input, dim, True)
+
+
+def softmax_backward(grad_output, output, dim=-1):
+    """Gradient of :func:`softmax`, from the forward's *output*."""
+    return _softmax_grad("softmax_backward", grad_output, output, dim, False)
+
+
+def log_softmax_backward(grad_output, output, dim=-1):
+    """Gradient of :func:`log_softmax`, from the forward's *output*."""
+    return _softmax_grad("log_softmax_backward", grad_output, output, dim, True)
+
+
+# ----------------------------------------------------------- cross-entropy --
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+class _CrossEntropyArgs:
+    """Logits as (rows, classes) and targets as (rows,), from torch's layouts:
+    (N, C) with (N,), (C,) with (), or (N, C, d1, ...) with (N, d1, ...)."""
+
+    def __init__(self, op, x, t, reduction, ignore_index, label_smoothing):
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.ignore_index = B.as_int(ignore_index, "ignore_index")
+        self.label_smoothing = float(label_smoothing)
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+        if x.ndim < 1:
+            raise ValueError(f"{op}: input must be (N, C), (C,) or (N, C, d1, ...), got a 0-d array")
+        expected = x.shape[:1] + x.shape[2:] if x.ndim >= 2 else ()
+        if t.shape != expected:
+            raise ValueError(f"{op}: target has shape {shape_str(t.shape)}, expected "
+                             f"{shape_str(expected)} for input of shape {shape_str(x.shape)}")
+        classes = x.shape[1] if x.ndim >= 2 else x.shape[0]
+        if classes == 0:
+            raise ValueError(f"{op}: input has no classes; shape {shape_str(x.shape)}")
+        bad = (t != self.ignore_index) & ((t < 0) | (t >= classes))
+        if bad.any():
+            value = int(t[bad].flat[0])
+            raise ValueError(f"{op}: target contains {value}, outside [0, {classes}) (input has "
+                             f"{classes} classes; ignore_index={self.ignore_index})")
+        self.reduction = reduction
+        self.classes = classes
+        self.input_shape = x.shape
+        self.target_shape = t.shape
+        self.valid = int(np.count_nonzero(t != self.ignore_index))
+
+    def rows(self, x):
+        if x.ndim == 1:
+            return x[None]
+        if x.ndim == 2:
+            return x
+        return np.ascontiguousarray(np.moveaxis(x, 1, -1).reshape(-1, self.classes))
+
+    def unrows(self, dx):
+        if len(self.input_shape) == 1:
+            return dx[0]
+        if len(self.input_shape) == 2:
+            return dx
+        n, c, *rest = self.input_shape
+        return np.ascontiguousarray(np.moveaxis(dx.reshape(n, *rest, c), -1, 1))
+
+
+def cross_entropy(input, target, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    """Cross-entropy of logits against integer class labels, fused with log-softmax.
+
+    As ``torch.nn.functional.cross_entropy`` with class-index targets:
+    reduction 'mean' (over non-ignored targets), 'sum' or 'none'; targets equal
+    to ``ignore_index`` contribute nothing; ``label_smoothing`` mixes the target
+    with the uniform distribution.
+    """
+    x = B.as_float(input, "input")
+    t = B.as_labels(target, "target")
+    a = _CrossEntropyArgs("cross_entropy", x, t, reduction, ignore_index, label_smoothing)
+    rows = a.rows(x)
+    loss = _empty(rows.shape[:1])
+    if rows.shape[0]:
+        B.backend(x).cross_entropy_forward(rows, t.reshape(-1), a.ignore_index,
+                                           a.label_smoothing, loss)
+    if reduction == "none":
+        return loss.reshape(a.target_shape)
+    total = float(np.sum(loss, dtype=np.float64))
+    if reduction == "sum":
+        return _F32(total)
+    return _F32(total / a.valid) if a.valid else _F32(np.nan)
+
+
+def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_index=-100,
+                           label_smoothing=0.0):
+    """Gradient of :func:`cross_entropy` with respect to the logits.
+
+    grad_output is a scalar for 'mean' / 'sum' and shaped like target for 'none'.
+    """
+    x = B.as_float(input, "input")
+    t = B.as_labels(target, "target")
+    a = _CrossEntropyArgs("cross_entropy_backward", x, t, reduction, ignore_index,
+                          label_smoothing)
+    g = B.as_float(grad_output, "grad_output")
+    rows = a.rows(x)
+    if reduction == "none":
+        if g.shape != a.target_shape:
+            raise ValueError(f"cross_entropy_backward: grad_output has shape {shape_str(g.shape)}, "
+                             f"expected {shape_str(a.target_shape)} (reduction='none')")
+        scale = g.reshape(-1)
+    else:
+        if g.size != 1:
+            raise ValueError(f"cross_entropy_backward: grad_output must be a scalar for "
+                             f"reduction={reduction!r}, got shape {shape_str(g.shape)}")
+        value = float(g.reshape(()))
+        if reduction == "mean":
+            value = value / a.valid if a.valid else math.nan
+        scale = np.full(rows.shape[0], value, dtype=_F32)
+    dx = _empty(rows.shape)
+    if rows.shape[0]:
+        B.backend(x).cross_entropy_backward(rows, t.reshape(-1), a.ignore_index,
+                                            a.label_smoothing, np.ascontiguousarray(scale), dx)
+    return a.unrows(dx)
+
+
+# ------------------------------------------------------------- batch norm --
+
+class _BatchNormArgs:
+    def __init__(self, op, x, running_mean, running_var, weight, bias):
+        if x.ndim < 2:
+            raise ValueError(f"{op}: input must be (N, C), (N, C, L) or (N, C, H, W), got shape "
+                             f"{shape_str(x.shape)}")
+        n, c = x.shape[:2]
+        if c == 0:
+            raise ValueError(f"{op}: input has no channels; shape {shape_str(x.shape)}")
+        self.view = (n, c, math.prod(x.shape[2:]))
+        for name, arr in (("running_mean", running_mean), ("running_var", running_var),
+                          ("weight", weight), ("bias", bias)):
+            if arr is not None and np.shape(arr) != (c,):
+                raise ValueError(f"{op}: {name} must have shape ({c},) for input of shape "
+                                 f"{shape_str(x.shape)}, got {shape_str(np.shape(arr))}")
+
+    def check_batch(self, op, shape):
+        n, _, l = self.view
+        if n * l <= 1:
+            raise ValueError(f"{op}: expected more than 1 value per channel when training, got "
+                             f"input of shape {shape_str(shape)}")
+
+
+def _stat_buffer(arr, name):
+    """A float32 C-contiguous array the kernel may update in place, and
+    whether it must be copied back into ``arr`` afterwards."""
+    if arr is None:
+        return None, False
+    if isinstance(arr, np.ndarray) and arr.dtype == _F32 and arr.flags.c_contiguous \
+            and arr.flags.writeable:
+        return arr, False
+    if not isinstance(arr, np.ndarray) or not arr.flags.writeable:
+        raise TypeError(f"{name} must be a writable NumPy array: it is updated in place in "
+                        "training mode")
+    return B.as_float(arr, name).copy(), True
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalisation, as ``torch.nn.functional.batch_norm``.
+
+    input (N, C), (N, C, L) or (N, C, H, W). In training mode the batch's
+    statistics normalise, and running_mean / running_var (if given) are
+    updated in place: r = (1 - momentum) r + momentum * stat, with the
+    unbiased variance. In eval mode the running statistics normalise.
+    """
+    out, _, _ = _batch_norm_forward(input, running_mean, running_var, weight, bias, training,
+                                    momentum, eps)
+    return out
+
+
+def _batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum,
+                        eps):
+    """batch_norm plus the statistics it normalised with: (out, mean, invstd)."""
+    op = "batch_norm"
+    x = B.as_float(input, "input")
+    w = B.as_optional_float(weight, "weight")
+    b = B.as_optional_float(bias, "bias")
+    a = _BatchNormArgs(op, x, running_mean, running_var, w, b)
+    eps = float(eps)
+    if eps < 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    y = _empty(x.shape)
+    c = a.view[1]
+    if training:
+        a.check_batch(op, x.shape)
+        momentum = 0.0 if momentum is None else float(momentum)
+        rm, copy_rm = _stat_buffer(running_mean, "running_mean")
+        rv, copy_rv = _stat_buffer(running_var, "running_var")
+        mean, invstd = _empty((c,)), _empty((c,))
+        B.backend(x).batch_norm_forward_train(x, w, b, rm, rv, y, mean, invstd, *a.view, eps,
+                                              momentum)
+        if copy_rm:
+            running_mean[...] = rm
+        if copy_rv:
+            running_var[...] = rv
+        return y, mean, invstd
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{op}: running_mean and running_var are required when training=False")
+    rm = B.as_float(running_mean, "running_mean")
+    rv = B.as_float(running_var, "running_var")
+    if x.size:
+        B.backend(x).batch_norm_forward_eval(x, w, b, rm, rv, y, *a.view, eps)
+    invstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(_F32)
+    return y, rm, invstd
+
+
+def batch_norm_backward(grad_output, input, running_mean, running_var, weight=None, bias=None,
+                        training=False, eps=1e-5, save_mean=None, save_invstd=None):
+    """Gradients of :func:`batch_norm`: ``(grad_input, grad_weight, grad_bias)``.
+
+    grad_weight / grad_bias are None when weight / bias are None. In training
+    mode the batch statistics are recomputed from ``input`` unless the
+    forward's ``save_mean`` / ``save_invstd`` are passed; in eval mode the
+    running statistics are used.
+    """
+    op = "batch_norm_backward"
+    x = B.as_float(input, "input")
+    w = B.as_optional_float(weight, "weight")
+    b = B.as_optional_float(bias, "bias")
+    a = _BatchNormArgs(op, x, running_mean, running_var, w, b)
+    dy = B.as_float(grad_output, "grad_output")
+    B.check_same_shape(dy, x, "grad_output", "input", op)
+    eps = float(eps)
+    n, c, l = a.view
+    if training:
+        a.check_batch(op, x.shape)
+        if save_mean is None or save_invstd is None:
+            x64 = x.reshape(n, c, l).astype(np.float64)
+            mean64 = x64.mean(axis=(0, 2))
+            var64 = ((x64 - mean64[None, :, None]) ** 2).mean(axis=(0, 2))
+            mean = mean64.astype(_F32)
+            invstd = (1.0 / np.sqrt(var64 + eps)).astype(_F32)
+        else:
+            mean = B.as_float(save_mean, "save_mean")
+            invstd = B.as_float(save_invstd, "save_invstd")
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{op}: running_mean and running_var are required when "
+                             "training=False")
+        mean = B.as_float(running_mean, "running_mean")
+        invstd = (1.0 / np.sqrt(B.as_float(running_var, "running_var").astype(np.float64)
+                                + eps)).astype(_F32)
+    for name, arr in (("save_mean", mean), ("save_invstd", invstd)):
+        if arr.shape != (c,):
+            raise ValueError(f"{op}: {name} must have shape ({c},), got {shape_str(arr.shape)}")
+    dx = _empty(x.shape)
+    dw = _empty((c,)) if w is not None else None
+    db = _empty((c,)) if b is not None else None
+    B.backend(x, dy).batch_norm_backward(dy, x, mean, invstd, w, bool(training), dx, dw, db, *a.view)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------- dropout --
+
+_seed_source = np.random.default_rng()
+
+
+def manual_seed(seed):
+    """Seed the generator that draws dropout seeds when none is given."""
+    global _seed_source
+    _seed_source = np.random.default_rng(B.seed_value(seed))
+
+
+def _check_p(op, p):
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: p must be in [0, 1), got {p}")
+    return p
+
+
+def dropout(input, p=0.5, training=True, seed=None, offset=0):
+    """Inverted dropout: each element is zeroed with probability ``p`` and the
+    rest scaled by 1 / (1 - p).
+
+    The mask comes from a counter-based generator (Philox4x32-10) keyed by
+    ``seed`` and ``offset``: the same (seed, offset, shape) gives the same mask
+    on any number of threads (and on the GPU). :func:`dropout_backward` with
+    the same seed and offset applies the same mask. ``seed=None`` draws one
+    from the generator set by :func:`manual_seed`. Returns a copy of the
+    input when ``training`` is False or ``p`` is 0.
+    """
+    x = B.as_float(input, "input")
+    p = _check_p("dropout", p)
+    if not training or p == 0.0:
+        return x.copy() if x is input else x
+    seed = int(_seed_source.integers(0, 2**63)) if seed is None else B.seed_value(seed)
+    y = _empty(x.shape)
+    B.backend(x).dropout_apply(x, y, p, seed, B.seed_value(offset, "offset"))
+    return y
+
+
+def dropout_mask(shape, p, seed, offset=0):
+    """The multiplier :func:`dropout` applies: 0 or 1 / (1 - p), float32."""
+    p = _check_p("dropout_mask", p)
+    shape = tuple(B.as_int(d, "shape") for d in np.atleast_1d(shape)) if np.ndim(shape) \
+        else (B.as_int(shape, "shape"),)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"dropout_mask: shape must be non-negative, got {shape}")
+    y = _empty(shape)
+    B.backend().dropout_apply(None, y, p, B.seed_value(seed), B.seed_value(offset, "offset"))
+    return y
+
+
+def dropout_backward(grad_output, p=0.5, training=True, seed=None, offset=0):
+    """Gradient of :func:`dropout`: grad_output times the same mask (the same
+    ``seed`` and ``offset`` as the forward)."""
+    dy = B.as_float(grad_output, "grad_output")
+    p = _check_p("dropout_backward", p)
+    if not training or p == 0.0:
+        return dy.copy() if dy is grad_output else dy
+    if seed is None:
+        raise ValueError("dropout_backward: seed is required (the seed the forward used)")
+    dx = _empty(dy.shape)
+    B.backend(dy).dropout_apply(dy, dx, p, B.seed_value(seed), B.seed_value(offset, "offset"))
+    return dx
+
+
+# -------------------------------------------------------------- normalize --
+
+def normalize(input, mean=None, std=None, dim=-3):
+    """uint8 images (0-255) to float32 in [0, 1], then, if mean / std are
+    given, (x - mean[c]) / std[c] along axis ``dim`` (channels; -3 as in
+    torchvision, so (N, C, H, W) and (C, H, W) both work). One pass.
+
+    mean / std: scalars or sequences of length input.shape[dim] (or 1).
+    """
+    op = "normalize"
+    if not isinstance(input, np.ndarray):
+        B._reject_device_array(input, "input")
+        input = np.asarray(input)
+    if input.dtype != np.uint8:
+        raise TypeError(f"{op}: input must be uint8 images (0-255), got dtype {input.dtype}")
+    x = np.ascontiguousarray(input)
+    if (mean is None) != (std is None):
+        raise ValueError(f"{op}: give both mean and std, or neither")
+    if mean is None:
+        outer, c, inner = 1, 1, x.size
+        m = s = None
+    else:
+        if x.ndim == 0:
+            d = 0
+            outer, c, inner = 1, 1, 1
+        else:
+            d = B.normalize_dim(dim, x.ndim, op)
+            outer, c, inner = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
+        m = B.as_float(np.atleast_1d(mean), "mean").reshape(-1)
+        s = B.as_float(np.atleast_1d(std), "std").reshape(-1)
+        for name, arr in (("mean", m), ("std", s)):
+            if arr.size not in (1, c):
+                raise ValueError(f"{op}: {name} has {arr.size} values but input has {c} channels "
+                                 f"along dim {d}; input shape {shape_str(x.shape)}")
+        if np.any(s == 0) or not np.all(np.isfinite(s)):
+            raise ValueError(f"{op}: std must be finite and non-zero, got {s.tolist()}")
+        m = np.ascontiguousarray(np.broadcast_to(m, (c,)))
+        s = np.ascontiguousarray(np.broadcast_to(s, (c,)))
+    y = _empty(x.shape)
+    if x.size:
+        B.backend().normalize_u8(x, m, s, y, outer, c, inner)
+    return y
+
+
+# ----------------------------------------------------------------- matmul --
+
+def matmul(a, b):
+    """a @ b for 2-D arrays, on fastcnn's own SGEMM (float32)."""
+    a = B.as_float(a, "a")
+    b = B.as_float(b, "b")
+    B.check_ndim(a, (2,), "a", "matmul", "2-D")
+    B.check_ndim(b, (2,), "b", "matmul", "2-D")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul: a {shape_str(a.shape)} and b {shape_str(b.shape)} do not "
+                         "agree (a.shape[1] != b.shape[0])")
+    c = _empty((a.shape[0], b.shape[1]))
+    B.backend(a, b).sgemm(False, False, 1.0, a, b, 0.0, c)
+    return c

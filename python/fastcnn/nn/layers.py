@@ -1,0 +1,454 @@
+"""Layers: thin Modules over ``fastcnn.functional``.
+
+Each layer validates its constructor arguments, keeps what its backward needs
+from the last forward (references, never copies), and accumulates parameter
+gradients into ``param.grad``.
+"""
+
+import math
+
+import numpy as np
+
+from .. import functional as F
+from . import init
+from .module import Module, Parameter
+
+__all__ = ["Conv2d", "Linear", "ReLU", "MaxPool2d", "Flatten", "Dropout",
+           "BatchNorm1d", "BatchNorm2d", "Softmax", "LogSoftmax"]
+
+
+def _pair(value, name):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair, got {value!r}")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return tuple(int(v) for v in pair)
+
+
+def _positive(value, name):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _cached(layer, attr):
+    value = layer.__dict__.get(attr)
+    if value is None:
+        raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
+    return value
+
+
+def _window_out(size, kernel, stride, pad_lo, pad_hi, dilation, ceil_mode=False):
+    span = size + pad_lo + pad_hi - dilation * (kernel - 1) - 1
+    if span < 0:
+        raise ValueError(f"input size {size} is smaller than the kernel extent "
+                         f"{dilation * (kernel - 1) + 1} (padding {pad_lo}+{pad_hi})")
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pad_lo:
+        out -= 1
+    return out
+
+
+class Conv2d(Module):
+    """2-D convolution over (N, C, H, W) input (torch.nn.Conv2d's arguments and init).
+
+    padding: int, pair, 'valid' or 'same'. Weights and bias are drawn as
+    PyTorch's defaults: kaiming_uniform_(a=sqrt(5)) and U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    from ``rng`` (a Generator, a seed, or None for ``fastcnn.nn.init``'s generator).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, rng=None):
+        super().__init__()
+        self.in_channels = _positive(in_channels, "in_channels")
+        self.out_channels = _positive(out_channels, "out_channels")
+        self.groups = _positive(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+                             f"must be divisible by groups ({groups})")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' needs stride 1")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding, "padding")
+        for name, v in (("kernel_size", self.kernel_size), ("stride", self.stride),
+                        ("dilation", self.dilation)):
+            if min(v) < 1:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if not isinstance(self.padding, str) and min(self.padding) < 0:
+            raise ValueError(f"padding must be non-negative, got {self.padding}")
+        self.weight = Parameter(np.empty((out_channels, in_channels // groups) + self.kernel_size,
+                                         np.float32))
+        self.bias = Parameter(np.empty(out_channels, np.float32)) if bias else None
+        self.reset_parameters(rng)
+
+    def reset_parameters(self, rng=None):
+        rng = init.get_generator(rng)
+        init.kaiming_uniform_(self.weight.data, a=math.sqrt(5), rng=rng)
+        if self.bias is not None:
+            fan_in, _ = init.calculate_fan_in_and_fan_out(self.weight.shape)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            init.uniform_(self.bias.data, -bound, bound, rng)
+
+    def _args(self):
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def forward(self, x):
+        self._input = x
+        bias = None if self.bias is None else self.bias.data
+        return F.conv2d(x, self.weight.data, bias, *self._args())
+
+    def backward(self, grad_out, *, input_grad=True):
+        x = _cached(self, "_input")
+        bias = None if self.bias is None else self.bias.data
+        mask = (bool(input_grad), self.weight.requires_grad,
+                bias is not None and self.bias.requires_grad)
+        if not any(mask):
+            return None
+        dx, dw, db = F.conv2d_backward(grad_out, x, self.weight.data, bias, *self._args(),
+                                       output_mask=mask)
+        self.weight.accumulate(dw)
+        if bias is not None:
+            self.bias.accumulate(db)
+        return dx
+
+    def output_shape(self, input_shape):
+        n, c, h, w = input_shape
+        if c != self.in_channels:
+            raise ValueError(f"Conv2d expects {self.in_channels} input channels, got shape "
+                             f"{tuple(input_shape)}")
+        (r, s), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        if self.padding == "same":
+            return n, self.out_channels, h, w
+        ph, pw = (0, 0) if self.padding == "valid" else self.padding
+        return (n, self.out_channels, _window_out(h, r, sh, ph, ph, dh),
+                _window_out(w, s, sw, pw, pw, dw))
+
+    def get_config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups,
+                "bias": self.bias is not None}
+
+    def extra_repr(self):
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+
+class Linear(Module):
+    """y = x W^T + b over (*, in_features) input (torch.nn.Linear's arguments and init)."""
+
+    def __init__(self, in_features, out_features, bias=True, rng=None):
+        super().__init__()
+        self.in_features = _positive(in_features, "in_features")
+        self.out_features = _positive(out_features, "out_features")
+        self.weight = Parameter(np.empty((out_features, in_features), np.float32))
+        self.bias = Parameter(np.empty(out_features, np.float32)) if bias else None
+        self.reset_parameters(rng)
+
+    def reset_parameters(self, rng=None):
+        rng = init.get_generator(rng)
+        init.kaiming_uniform_(self.weight.data, a=math.sqrt(5), rng=rng)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            init.uniform_(self.bias.data, -bound, bound, rng)
+
+    def forward(self, x):
+        self._input = x
+        return F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+
+    def backward(self, grad_out, *, input_grad=True):
+        x = _cached(self, "_input")
+        bias = None if self.bias is None else self.bias.data
+        dx, dw, db = F.linear_backward(grad_out, x, self.weight.data, bias)
+        self.weight.accumulate(dw)
+        if bias is not None:
+            self.bias.accumulate(db)
+        return dx if input_grad else None
+
+    def output_shape(self, input_shape):
+        if input_shape[-1] != self.in_features:
+            raise ValueError(f"Linear expects {self.in_features} input features, got shape "
+                             f"{tuple(input_shape)}")
+        return tuple(input_shape[:-1]) + (self.out_features,)
+
+    def get_config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}"
+                + ("" if self.bias is not None else ", bias=False"))
+
+
+class ReLU(Module):
+    """max(x, 0). With ``guided`` (or ``backward(g, guided=True)``) the backward pass
+    uses the guided-backpropagation rule: gradient passes only where the forward
+    input is > 0 *and* the incoming gradient is > 0."""
+
+    accepts_guided = True
+
+    def __init__(self, guided=False):
+        super().__init__()
+        self.guided = bool(guided)
+
+    def forward(self, x):
+        self._input = x
+        return F.relu(x)
+
+    def backward(self, grad_out, *, input_grad=True, guided=None):
+        x = _cached(self, "_input")
+        return F.relu_backward(grad_out, x, guided=self.guided if guided is None else bool(guided))
+
+    def get_config(self):
+        return {"guided": self.guided} if self.guided else {}
+
+
+class MaxPool2d(Module):
+    """Max pooling over (N, C, H, W) input (torch.nn.MaxPool2d's arguments)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.ceil_mode = bool(ceil_mode)
+        if min(self.kernel_size + self.stride + self.dilation) < 1:
+            raise ValueError("kernel_size, stride and dilation must be positive")
+        if any(p < 0 or p > k // 2 for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"padding must be between 0 and half the kernel size, got "
+                             f"padding={self.padding}, kernel_size={self.kernel_size}")
+
+    def _args(self):
+        return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+
+    def forward(self, x):
+        out, self._indices = F.max_pool2d(x, *self._args(), return_indices=True)
+        self._input = x
+        return out
+
+    def backward(self, grad_out, *, input_grad=True):
+        x = _cached(self, "_input")
+        return F.max_pool2d_backward(grad_out, x, *self._args(), indices=self._indices)
+
+    def output_shape(self, input_shape):
+        *lead, h, w = input_shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride,
+                                                  self.padding, self.dilation)
+        return tuple(lead) + (_window_out(h, kh, sh, ph, ph, dh, self.ceil_mode),
+                              _window_out(w, kw, sw, pw, pw, dw, self.ceil_mode))
+
+    def get_config(self):
+        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation),
+                "ceil_mode": self.ceil_mode}
+
+    def extra_repr(self):
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+                + (f", dilation={self.dilation}" if self.dilation != (1, 1) else "")
+                + (", ceil_mode=True" if self.ceil_mode else ""))
+
+
+class Flatten(Module):
+    """Flattens dimensions start_dim..end_dim into one (a view, no copy)."""
+
+    def __init__(self, start_dim=1, end_dim=-1):
+        super().__init__()
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+
+    def _flat_shape(self, shape):
+        ndim = len(shape)
+        start, end = self.start_dim % ndim, self.end_dim % ndim
+        if start > end:
+            raise ValueError(f"Flatten: start_dim {self.start_dim} is after end_dim "
+                             f"{self.end_dim} for input shape {tuple(shape)}")
+        middle = None if None in shape[start:end + 1] else math.prod(shape[start:end + 1])
+        return tuple(shape[:start]) + (middle,) + tuple(shape[end + 1:])
+
+    def forward(self, x):
+        self._input_shape = x.shape
+        return x.reshape(self._flat_shape(x.shape))
+
+    def backward(self, grad_out, *, input_grad=True):
+        return grad_out.reshape(_cached(self, "_input_shape"))
+
+    def output_shape(self, input_shape):
+        return self._flat_shape(tuple(input_shape))
+
+    def get_config(self):
+        return {"start_dim": self.start_dim, "end_dim": self.end_dim}
+
+
+class Dropout(Module):
+    """Inverted dropout with a reproducible, counter-based mask.
+
+    The mask of each training forward is drawn from (``seed``, ``offset``); the
+    offset (a buffer, saved with the model) then advances by one, so the same
+    seed gives the same sequence of masks, and a resumed run continues it.
+    ``seed`` None draws one from ``fastcnn.nn.init``'s generator.
+    """
+
+    def __init__(self, p=0.5, seed=None):
+        super().__init__()
+        p = float(p)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = p
+        if seed is None:
+            seed = int(init.get_generator().integers(0, 2 ** 32))
+        self.seed = int(seed)
+        self.register_buffer("offset", np.zeros((), np.int64))
+        self._used_offset = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._used_offset = None
+            return x
+        offset = int(self.offset)
+        out = F.dropout(x, self.p, training=True, seed=self.seed, offset=offset)
+        self._used_offset = offset
+        self.offset += 1
+        return out
+
+    def backward(self, grad_out, *, input_grad=True):
+        if self._used_offset is None:
+            return grad_out
+        return F.dropout_backward(grad_out, self.p, training=True, seed=self.seed,
+                                  offset=self._used_offset)
+
+    def get_config(self):
+        return {"p": self.p, "seed": self.seed}
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class _BatchNorm(Module):
+    _ndims = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True):
+        super().__init__()
+        self.num_features = _positive(num_features, "num_features")
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        if self.affine:
+            self.weight = Parameter(np.ones(num_features, np.float32))
+            self.bias = Parameter(np.zeros(num_features, np.float32))
+        else:
+            self.weight = self.bias = None
+        if self.track_running_stats:
+            self.register_buffer("running_mean", np.zeros(num_features, np.float32))
+            self.register_buffer("running_var", np.ones(num_features, np.float32))
+            self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+
+    def _stats(self):
+        if not self.track_running_stats:
+            return None, None
+        return self.running_mean, self.running_var
+
+    def _affine(self):
+        return (None, None) if not self.affine else (self.weight.data, self.bias.data)
+
+    def forward(self, x):
+        if x.ndim not in self._ndims or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) expects input of "
+                             f"{' or '.join(f'{d}-D' for d in self._ndims)} with "
+                             f"{self.num_features} channels, got shape {tuple(x.shape)}")
+        batch_stats = self.training or not self.track_running_stats
+        momentum = self.momentum if self.momentum is not None else 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running_mean, running_var = self._stats()
+        out = F.batch_norm(x, running_mean, running_var, *self._affine(),
+                           training=batch_stats, momentum=momentum, eps=self.eps)
+        self._input, self._batch_stats = x, batch_stats
+        return out
+
+    def backward(self, grad_out, *, input_grad=True):
+        x = _cached(self, "_input")
+        running_mean, running_var = self._stats()
+        dx, dw, db = F.batch_norm_backward(grad_out, x, running_mean, running_var,
+                                           *self._affine(), training=self._batch_stats,
+                                           eps=self.eps)
+        if self.affine:
+            self.weight.accumulate(dw)
+            self.bias.accumulate(db)
+        return dx
+
+    def get_config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "affine": self.affine, "track_running_stats": self.track_running_stats}
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation over (N, C) or (N, C, L) input."""
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation over (N, C, H, W) input, per channel."""
+    _ndims = (4,)
+
+
+class Softmax(Module):
+    """softmax along ``dim``."""
+
+    def __init__(self, dim=-1):
+        super().__init__()
+        self.dim = int(dim)
+
+    def forward(self, x):
+        self._output = F.softmax(x, dim=self.dim)
+        return self._output
+
+    def backward(self, grad_out, *, input_grad=True):
+        return F.softmax_backward(grad_out, _cached(self, "_output"), dim=self.dim)
+
+    def get_config(self):
+        return {"dim": self.dim}
+
+
+class LogSoftmax(Module):
+    """log(softmax) along ``dim``, computed stably."""
+
+    def __init__(self, dim=-1):
+        super().__init__()
+        self.dim = int(dim)
+
+    def forward(self, x):
+        self._output = F.log_softmax(x, dim=self.dim)
+        return self._output
+
+    def backward(self, grad_out, *, input_grad=True):
+        return F.log_softmax_backward(grad_out, _cached(self, "_output"), dim=self.dim)
+
+    def get_config(self):
+        return {"dim": self.dim}

@@ -1,0 +1,42 @@
+"""Losses: a forward that returns the loss and a backward that returns d loss / d input."""
+
+from .. import functional as F
+from .layers import _cached
+from .module import Module
+
+__all__ = ["CrossEntropyLoss"]
+
+
+class CrossEntropyLoss(Module):
+    """Softmax cross-entropy between logits (N, C) and integer targets (N,).
+
+    ``forward(logits, target)`` returns the loss (a float32 scalar array for
+    'mean' / 'sum', per-sample losses for 'none'); ``backward(grad_out=1.0)``
+    returns the gradient w.r.t. the logits. Arguments as torch.nn.CrossEntropyLoss.
+    """
+
+    def __init__(self, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+        super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        label_smoothing = float(label_smoothing)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+        self.label_smoothing = label_smoothing
+
+    def _args(self):
+        return self.reduction, self.ignore_index, self.label_smoothing
+
+    def forward(self, logits, target):
+        self._input, self._target = logits, target
+        return F.cross_entropy(logits, target, *self._args())
+
+    def backward(self, grad_out=1.0, *, input_grad=True):
+        logits = _cached(self, "_input")
+        return F.cross_entropy_backward(grad_out, logits, self._target, *self._args())
+
+    def get_config(self):
+        return {"reduction": self.reduction, "ignore_index": self.ignore_index,
+                "label_smoothing": self.label_smoothing}

@@ -1,0 +1,534 @@
+"""The layer contract: Parameter, Module and Sequential.
+
+A Module's ``forward(x)`` keeps what its ``backward`` needs; ``backward(grad_out)``
+returns the gradient with respect to the input and *accumulates* parameter
+gradients into ``param.grad``. ``Sequential`` records every intermediate
+activation and the gradient with respect to it, and can run its backward pass
+from and to any layer: the visualisation methods (saliency, guided backprop,
+Grad-CAM) are built on exactly that.
+"""
+
+import importlib
+from collections import OrderedDict
+
+import numpy as np
+
+__all__ = ["Parameter", "Module", "Sequential", "from_spec"]
+
+
+def _array_module(a):
+    """numpy or cupy, whichever ``a`` belongs to."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        return importlib.import_module("cupy")
+    return np
+
+
+class Parameter:
+    """A trainable float32 array (``data``) and its accumulated gradient (``grad``).
+
+    ``grad`` is None until a backward pass produces one; ``zero_grad`` resets it
+    to None. Layers skip gradients of parameters with ``requires_grad`` False.
+    """
+
+    __slots__ = ("data", "grad", "requires_grad")
+
+    def __init__(self, data, requires_grad=True):
+        xp = _array_module(data)
+        self.data = xp.ascontiguousarray(data, dtype=xp.float32)
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def accumulate(self, grad):
+        """Add ``grad`` into ``self.grad`` (taking ownership of it when grad is None)."""
+        if grad is None or not self.requires_grad:
+            return
+        if self.grad is None:
+            self.grad = grad
+        else:
+            self.grad += grad
+
+    def __repr__(self):
+        return f"Parameter(shape={tuple(self.shape)}, requires_grad={self.requires_grad})"
+
+
+class Module:
+    """Base class of every layer and container.
+
+    Subclasses set Parameters and sub-Modules as attributes (they are registered
+    automatically), arrays that are state but not trained through
+    :meth:`register_buffer`, and implement ``forward``, ``backward``,
+    ``get_config`` (the constructor arguments, JSON-serialisable, so that
+    :func:`fastcnn.io.load` can rebuild the layer) and, where the shape changes,
+    ``output_shape``.
+    """
+
+    _registry = {}
+    #: True for modules whose backward takes ``guided=`` (ReLU and containers).
+    accepts_guided = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Module._registry[cls.__name__] = cls
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # ------------------------------------------------------------ registration
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError("Module.__init__() must be called before assigning attributes")
+        if isinstance(value, Parameter):
+            self._discard(name)
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._discard(name)
+            self._modules[name] = value
+        elif name in self._buffers:
+            self._buffers[name] = value
+        elif name in self._parameters or name in self._modules:
+            raise TypeError(f"cannot assign {type(value).__name__} to {name!r}: it holds a "
+                            f"{'Parameter' if name in self._parameters else 'Module'}")
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        # only reached when normal lookup fails
+        for registry in ("_parameters", "_buffers", "_modules"):
+            entries = self.__dict__.get(registry)
+            if entries is not None and name in entries:
+                return entries[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _discard(self, name):
+        for registry in (self._parameters, self._buffers, self._modules):
+            registry.pop(name, None)
+        self.__dict__.pop(name, None)
+
+    def register_buffer(self, name, array):
+        """Register ``array`` as state saved in ``state_dict`` but not trained."""
+        self._discard(name)
+        self._buffers[name] = array
+
+    def add_module(self, name, module):
+        if not isinstance(module, Module):
+            raise TypeError(f"add_module: {name!r} must be a Module, got {type(module).__name__}")
+        setattr(self, name, module)
+
+    # ------------------------------------------------------------ traversal
+
+    def named_children(self):
+        return iter(self._modules.items())
+
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return (m for _, m in self.named_modules())
+
+    def named_parameters(self, prefix=""):
+        for module_name, module in self.named_modules(prefix):
+            for name, param in module._parameters.items():
+                yield (f"{module_name}.{name}" if module_name else name), param
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def named_buffers(self, prefix=""):
+        for module_name, module in self.named_modules(prefix):
+            for name, buf in module._buffers.items():
+                yield (f"{module_name}.{name}" if module_name else name), buf
+
+    def buffers(self):
+        return (b for _, b in self.named_buffers())
+
+    def num_parameters(self, trainable_only=False):
+        return sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------ modes and grads
+
+    def train(self, mode=True):
+        """Training mode (dropout active, batch norm on batch statistics). Returns self."""
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        """Evaluation mode (dropout off, batch norm on running statistics). Returns self."""
+        return self.train(False)
+
+    def zero_grad(self):
+        """Reset every parameter's gradient to None."""
+        for p in self.parameters():
+            p.grad = None
+
+    def requires_grad_(self, requires_grad=True):
+        for p in self.parameters():
+            p.requires_grad = bool(requires_grad)
+        return self
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self):
+        """Ordered ``{name: array}`` of parameters and buffers (references, not copies)."""
+        state = OrderedDict()
+        for module_name, module in self.named_modules():
+            dot = f"{module_name}." if module_name else ""
+            for name, param in module._parameters.items():
+                state[dot + name] = param.data
+            for name, buf in module._buffers.items():
+                state[dot + name] = buf
+        return state
+
+    def _state_slots(self):
+        """name -> (module, attribute name, is_parameter), in state_dict order."""
+        slots = OrderedDict()
+        for module_name, module in self.named_modules():
+            dot = f"{module_name}." if module_name else ""
+            for name in module._parameters:
+                slots[dot + name] = (module, name, True)
+            for name in module._buffers:
+                slots[dot + name] = (module, name, False)
+        return slots
+
+    def load_state_dict(self, state, strict=True):
+        """Copy ``state`` ({name: array}) into this module's parameters and buffers, in place.
+
+        Every shape is checked before anything is copied, so a mismatch leaves the
+        module untouched. With ``strict``, missing and unexpected names are errors
+        too. Returns ``(missing, unexpected)`` name lists.
+        """
+        slots = self._state_slots()
+        missing = [k for k in slots if k not in state]
+        unexpected = [k for k in state if k not in slots]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing {missing}")
+            if unexpected:
+                parts.append(f"unexpected {unexpected}")
+            raise ValueError(f"load_state_dict: state does not match the model: {'; '.join(parts)}")
+        current = self.state_dict()
+        for name, value in state.items():
+            if name not in slots:
+                continue
+            shape = tuple(getattr(value, "shape", np.shape(value)))
+            if shape != tuple(current[name].shape):
+                raise ValueError(f"load_state_dict: {name!r} has shape {shape} in the state "
+                                 f"but {tuple(current[name].shape)} in the model")
+            kind = getattr(value, "dtype", np.asarray(value).dtype).kind
+            if kind not in "biuf":
+                raise TypeError(f"load_state_dict: {name!r} has non-numeric dtype "
+                                f"{getattr(value, 'dtype', type(value))}")
+        for name, value in state.items():
+            if name in slots:
+                target = current[name]
+                xp = _array_module(target)
+                target[...] = xp.asarray(value)
+        return missing, unexpected
+
+    # ------------------------------------------------------------ devices
+
+    @property
+    def device(self):
+        """'cuda' when the parameters are CuPy arrays, else 'cpu'."""
+        for p in self.parameters():
+            return "cuda" if _array_module(p.data) is not np else "cpu"
+        return "cpu"
+
+    def to(self, device):
+        """Move parameters, gradients and float buffers to ``device`` ('cpu' or 'cuda').
+
+        'cuda' needs CuPy and fastcnn's CUDA module (``pip install 'fastcnn[cuda]'`` on
+        a machine with an NVIDIA GPU). Integer counters stay on the host. Create the
+        optimizer after moving the model. Returns self.
+        """
+        device = str(device)
+        if device == "cpu":
+            def move(a):
+                return a.get() if _array_module(a) is not np else a
+        elif device.split(":")[0] == "cuda":
+            try:
+                cupy = importlib.import_module("cupy")
+            except ImportError as exc:
+                raise RuntimeError("to('cuda') needs CuPy, which is not installed: "
+                                   "pip install 'fastcnn[cuda]' on a machine with an NVIDIA "
+                                   "GPU") from exc
+            try:
+                importlib.import_module("fastcnn._cuda")
+            except ImportError as exc:
+                raise RuntimeError("to('cuda'): this fastcnn build has no CUDA module "
+                                   "(fastcnn._cuda); rebuild with the CUDA toolkit installed "
+                                   "(FASTCNN_CUDA=ON pip install .)") from exc
+
+            def move(a):
+                return cupy.asarray(a)
+        else:
+            raise ValueError(f"to: device must be 'cpu' or 'cuda', got {device!r}")
+        for module in self.modules():
+            for param in module._parameters.values():
+                param.data = move(param.data)
+                if param.grad is not None:
+                    param.grad = move(param.grad)
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.dtype.kind == "f":
+                    module._buffers[name] = move(buf)
+        return self
+
+    # ------------------------------------------------------------ computation
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, grad_out, *, input_grad=True):
+        """Gradient w.r.t. the input of the last forward; accumulates parameter grads.
+
+        With ``input_grad=False`` a layer may skip the input gradient and return None.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    def output_shape(self, input_shape):
+        """The output shape for an input of ``input_shape`` (the batch axis included)."""
+        return tuple(input_shape)
+
+    # ------------------------------------------------------------ description
+
+    def get_config(self):
+        """Constructor arguments as a JSON-serialisable dict."""
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def spec(self):
+        """``{"type": class name, "args": get_config()}``: enough to rebuild the module."""
+        return {"type": type(self).__name__, "args": self.get_config()}
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+
+    def __repr__(self):
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}("]
+        for name, child in self._modules.items():
+            child_repr = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child_repr}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+def from_spec(spec):
+    """Rebuild a module from ``module.spec()`` (layer types must be Module subclasses)."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"a module spec is a dict with 'type' and 'args', got {spec!r}")
+    cls = Module._registry.get(spec["type"])
+    if cls is None:
+        raise ValueError(f"unknown layer type {spec['type']!r}; known: "
+                         f"{sorted(Module._registry)}")
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise ValueError(f"spec of {spec['type']}: 'args' must be a dict, got {args!r}")
+    return cls.from_config(args)
+
+
+class Sequential(Module):
+    """Layers applied in order, each under a name.
+
+    ``Sequential(conv, relu)`` names its layers "0", "1", ...;
+    ``Sequential(OrderedDict(conv1=..., relu1=...))`` or a list of (name, module)
+    pairs gives them names. Index with an int, a name, or a slice (a Sequential
+    sharing the same layers).
+
+    After ``forward(x)``, ``activations[name]`` is the output of layer ``name``;
+    after ``backward(g)``, ``gradients[name]`` is the gradient w.r.t. that output
+    and ``input_gradient`` the gradient w.r.t. the model's input (these are the
+    arrays themselves, not copies).
+    """
+
+    accepts_guided = True
+
+    def __init__(self, *layers):
+        super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], dict):
+            items = list(layers[0].items())
+        elif len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            items = [tuple(item) for item in layers[0]]
+        else:
+            items = [(str(i), layer) for i, layer in enumerate(layers)]
+        for name, layer in items:
+            self.append(layer, name)
+        self.activations = OrderedDict()
+        self.gradients = OrderedDict()
+        self.input = None
+        self.input_gradient = None
+
+    def append(self, module, name=None):
+        name = str(len(self._modules)) if name is None else str(name)
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential: layer {name!r} must be a Module, "
+                            f"got {type(module).__name__}")
+        if not name or "." in name or name in self._modules:
+            raise ValueError(f"Sequential: invalid or duplicate layer name {name!r}")
+        self._modules[name] = module
+        return self
+
+    @property
+    def names(self):
+        return list(self._modules)
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            names = self.names[key]
+            return Sequential(OrderedDict((n, self._modules[n]) for n in names))
+        return self._modules[self.names[self.index(key)]]
+
+    def index(self, key):
+        """Position of the layer ``key`` (an int, negative allowed, or a name)."""
+        names = self.names
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if not -len(names) <= key < len(names):
+                raise IndexError(f"layer index {key} out of range for {len(names)} layers")
+            return int(key) % len(names)
+        if isinstance(key, str) and key in self._modules:
+            return names.index(key)
+        raise KeyError(f"no layer {key!r}; layers are {names}")
+
+    # ------------------------------------------------------------ computation
+
+    def forward(self, x, *, start=None, stop=None):
+        """Run the layers on ``x``; record every layer's output in ``activations``.
+
+        start: ``x`` is the output of layer ``start`` and the layers after it run.
+        stop:  run up to and including layer ``stop`` and return its output.
+        """
+        first = 0 if start is None else self.index(start) + 1
+        last = len(self) - 1 if stop is None else self.index(stop)
+        if last < first - 1:
+            raise ValueError(f"forward: stop layer {stop!r} comes before start layer {start!r}")
+        names, layers = self.names, list(self._modules.values())
+        self.activations = OrderedDict()
+        if start is None:
+            self.input = x
+        else:
+            self.activations[names[first - 1]] = x
+        for i in range(first, last + 1):
+            x = layers[i].forward(x)
+            self.activations[names[i]] = x
+        return x
+
+    def backward(self, grad_out, *, input_grad=True, start=None, stop=None, guided=None,
+                 param_grads=True):
+        """Backpropagate ``grad_out``; record the gradient at every layer in ``gradients``.
+
+        start:  ``grad_out`` is the gradient w.r.t. the output of layer ``start``
+                (default: the last layer); layers ``start`` and before run backward.
+        stop:   stop once the gradient w.r.t. the output of layer ``stop`` is known
+                and return it (layer ``stop`` itself is not run backward).
+        input_grad: compute the gradient w.r.t. the model input (the first layer may
+                skip it when False, as in training; None is returned then).
+        guided: True/False overrides every ReLU's ``guided`` rule for this pass.
+        param_grads: when False no parameter gradient is computed or changed.
+        Returns the gradient w.r.t. the model input (or w.r.t. ``stop``'s output).
+        """
+        names, layers = self.names, list(self._modules.values())
+        first = len(self) - 1 if start is None else self.index(start)
+        last = -1 if stop is None else self.index(stop)
+        if last > first:
+            raise ValueError(f"backward: stop layer {stop!r} comes after start layer {start!r}")
+        frozen = []
+        if not param_grads:
+            frozen = [p for layer in layers[last + 1:first + 1] for p in layer.parameters()
+                      if p.requires_grad]
+            for p in frozen:
+                p.requires_grad = False
+        try:
+            self.gradients = OrderedDict()
+            self.input_gradient = None
+            g = grad_out
+            self.gradients[names[first]] = g
+            for i in range(first, last, -1):
+                layer = layers[i]
+                kwargs = {"input_grad": input_grad or i > 0}
+                if guided is not None and layer.accepts_guided:
+                    kwargs["guided"] = guided
+                g = layer.backward(g, **kwargs)
+                if i > 0:
+                    self.gradients[names[i - 1]] = g
+                else:
+                    self.input_gradient = g
+        finally:
+            for p in frozen:
+                p.requires_grad = True
+        return g
+
+    def output_shape(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self:
+            shape = layer.output_shape(shape)
+        return shape
+
+    # ------------------------------------------------------------ description
+
+    def get_config(self):
+        return {"layers": [{"name": name, **layer.spec()} for name, layer in self._modules.items()]}
+
+    @classmethod
+    def from_config(cls, config):
+        layers = config.get("layers")
+        if not isinstance(layers, list):
+            raise ValueError(f"Sequential spec needs a 'layers' list, got {layers!r}")
+        return cls([(entry.get("name", str(i)), from_spec(entry)) for i, entry in enumerate(layers)])
+
+    def summary(self, input_shape=None):
+        """A table of every layer with its output shape and parameter count.
+
+        input_shape: one sample's shape, e.g. (1, 28, 28) (default: the model's
+        ``metadata['input_shape']`` when it has one).
+        """
+        if input_shape is None:
+            input_shape = getattr(self, "metadata", {}).get("input_shape")
+        rows = [("Layer", "Type", "Output shape", "Params")]
+        shape = None if input_shape is None else (None,) + tuple(input_shape)
+        for name, layer in self._modules.items():
+            if shape is not None:
+                shape = layer.output_shape(shape)
+            shape_text = "?" if shape is None else "(" + ", ".join(
+                "N" if d is None else str(d) for d in shape) + ")"
+            rows.append((name, type(layer).__name__, shape_text, f"{layer.num_parameters():,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        rule = "-" * (sum(widths) + 6)
+
+        def fmt(r):
+            return f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}"
+
+        lines = [fmt(rows[0]), rule] + [fmt(r) for r in rows[1:]] + [rule]
+        lines.append(f"Total parameters: {self.num_parameters():,} "
+                     f"(trainable: {self.num_parameters(trainable_only=True):,})")
+        return "\n".join(lines)

@@ -1,0 +1,299 @@
+"""Optimizers (SGD, Adam, AdamW) and learning-rate schedules.
+
+The update rules are PyTorch's, computed in place on the parameters' float32
+arrays with vectorised NumPy (or CuPy) operations. ``state_dict()`` holds
+everything needed to resume; parameters are referred to by their position in
+the optimizer's parameter list.
+"""
+
+import math
+
+from .nn.module import Parameter, _array_module
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR",
+           "CosineAnnealingLR", "build_optimizer"]
+
+
+class Optimizer:
+    """Base class: parameter groups, per-parameter state, zero_grad and state_dict.
+
+    params: an iterable of Parameters, or of dicts ``{"params": [...], **options}``
+    (parameter groups, each overriding the defaults, e.g. no weight decay for
+    biases).
+    """
+
+    def __init__(self, params, defaults):
+        params = list(params)
+        if not params:
+            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.defaults = dict(defaults)
+        self.param_groups = []
+        seen = set()
+        for group in groups:
+            if not isinstance(group, dict) or "params" not in group:
+                raise TypeError("parameter groups must be dicts with a 'params' entry")
+            unknown = set(group) - set(defaults) - {"params"}
+            if unknown:
+                raise ValueError(f"{type(self).__name__}: unknown options {sorted(unknown)}")
+            merged = {**self.defaults, **group, "params": list(group["params"])}
+            for p in merged["params"]:
+                if not isinstance(p, Parameter):
+                    raise TypeError(f"{type(self).__name__}: expected Parameters, got "
+                                    f"{type(p).__name__}")
+                if id(p) in seen:
+                    raise ValueError("a parameter appears in more than one group")
+                seen.add(id(p))
+            self._check_options(merged)
+            self.param_groups.append(merged)
+        self.state = {}  # position in the flat parameter list -> {name: array or number}
+
+    def _check_options(self, group):
+        if group["lr"] < 0:
+            raise ValueError(f"lr must be >= 0, got {group['lr']}")
+        if group.get("weight_decay", 0.0) < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+
+    def _indexed_params(self):
+        i = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield i, p, group
+                i += 1
+
+    def zero_grad(self):
+        """Reset every parameter's gradient to None."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def step(self):
+        """Update every parameter that has a gradient."""
+        for i, p, group in self._indexed_params():
+            if p.grad is not None:
+                self._update(p, self.state.setdefault(i, {}), group)
+
+    def _update(self, param, state, group):
+        raise NotImplementedError
+
+    def state_dict(self):
+        """{"state": {position: {name: value}}, "param_groups": [options + "params": positions]}."""
+        groups, start = [], 0
+        for group in self.param_groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            options["params"] = list(range(start, start + len(group["params"])))
+            start += len(group["params"])
+            groups.append(options)
+        return {"state": {i: dict(s) for i, s in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Restore options and per-parameter state (shapes are checked)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(groups)} parameter groups, "
+                             f"this optimizer {len(self.param_groups)}")
+        for saved, group in zip(groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"optimizer state has a group of {len(saved['params'])} "
+                                 f"parameters where this optimizer has {len(group['params'])}")
+        params = [p for group in self.param_groups for p in group["params"]]
+        state = {}
+        for key, entries in state_dict["state"].items():
+            i = int(key)
+            if not 0 <= i < len(params):
+                raise ValueError(f"optimizer state refers to parameter {i}, "
+                                 f"there are {len(params)}")
+            xp = _array_module(params[i].data)
+            state[i] = {}
+            for name, value in entries.items():
+                if hasattr(value, "shape") and value.ndim > 0:
+                    if tuple(value.shape) != tuple(params[i].shape):
+                        raise ValueError(f"optimizer state {name!r} of parameter {i} has shape "
+                                         f"{tuple(value.shape)}, the parameter "
+                                         f"{tuple(params[i].shape)}")
+                    value = xp.array(value, dtype=xp.float32)
+                elif hasattr(value, "shape"):
+                    value = value.item()
+                state[i][name] = value
+        for saved, group in zip(groups, self.param_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.state = state
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay.
+
+    As torch.optim.SGD: g = grad + wd * p; buf = momentum * buf + (1 - dampening) * g
+    (buf = g on the first step); g = g + momentum * buf (nesterov) or buf; p -= lr * g.
+    """
+
+    def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False):
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum needs momentum > 0 and dampening 0")
+        if momentum < 0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        super().__init__(params, dict(lr=float(lr), momentum=float(momentum),
+                                      dampening=float(dampening),
+                                      weight_decay=float(weight_decay), nesterov=bool(nesterov)))
+
+    def _update(self, param, state, group):
+        p, g = param.data, param.grad
+        xp = _array_module(p)
+        wd, momentum = group["weight_decay"], group["momentum"]
+        if wd:
+            g = g + xp.float32(wd) * p
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= xp.float32(momentum)
+                buf += g if group["dampening"] == 0 else xp.float32(1 - group["dampening"]) * g
+            g = g + xp.float32(momentum) * buf if group["nesterov"] else buf
+        p -= xp.float32(group["lr"]) * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) as torch.optim.Adam; weight_decay is L2 added to the gradient.
+
+    m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    """
+
+    decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        b1, b2 = (float(b) for b in betas)
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        super().__init__(params, dict(lr=float(lr), betas=[b1, b2], eps=float(eps),
+                                      weight_decay=float(weight_decay)))
+
+    def _update(self, param, state, group):
+        p, g = param.data, param.grad
+        xp = _array_module(p)
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = xp.zeros_like(p)
+            state["exp_avg_sq"] = xp.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        if wd and self.decoupled:
+            p *= xp.float32(1 - lr * wd)
+        elif wd:
+            g = g + xp.float32(wd) * p
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= xp.float32(b1)
+        m += xp.float32(1 - b1) * g
+        v *= xp.float32(b2)
+        v += xp.float32(1 - b2) * (g * g)
+        denom = xp.sqrt(v)
+        denom /= xp.float32(math.sqrt(1 - b2 ** t))
+        denom += xp.float32(eps)
+        step = m / denom
+        step *= xp.float32(lr / (1 - b1 ** t))
+        p -= step
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): p *= 1 - lr * wd before
+    the Adam step. Default weight_decay 0.01, as torch.optim.AdamW."""
+
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def build_optimizer(name, params, lr, momentum=0.9, weight_decay=0.0, nesterov=True):
+    """An optimizer by name: 'sgd' (momentum, nesterov), 'adam' or 'adamw'."""
+    name = name.lower()
+    if name == "sgd":
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                   nesterov=nesterov and momentum > 0)
+    if name == "adam":
+        return Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
+
+
+# ---------------------------------------------------------------- schedules
+
+class LRScheduler:
+    """Sets each group's lr to a function of the step count: lr = schedule(base_lr, t).
+
+    ``step()`` advances t by one; call it once per epoch or, with
+    ``interval="step"``, once per batch (``fastcnn.train.Trainer`` reads
+    ``interval`` to know which). The lr is a closed-form function of t, so the
+    state to resume is t alone.
+    """
+
+    def __init__(self, optimizer, interval="epoch"):
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"interval must be 'epoch' or 'step', got {interval!r}")
+        self.optimizer = optimizer
+        self.interval = interval
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def lr_at(self, base_lr, t):
+        raise NotImplementedError
+
+    def _apply(self):
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = float(self.lr_at(base, self.last_step))
+
+    def step(self):
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state):
+        self.last_step = int(state["last_step"])
+        self.base_lrs = [float(b) for b in state["base_lrs"]]
+        self._apply()
+
+
+class StepLR(LRScheduler):
+    """lr = base_lr * gamma ** (t // step_size)."""
+
+    def __init__(self, optimizer, step_size, gamma=0.1, interval="epoch"):
+        if step_size < 1:
+            raise ValueError(f"step_size must be >= 1, got {step_size}")
+        self.step_size, self.gamma = int(step_size), float(gamma)
+        super().__init__(optimizer, interval)
+
+    def lr_at(self, base_lr, t):
+        return base_lr * self.gamma ** (t // self.step_size)
+
+
+class CosineAnnealingLR(LRScheduler):
+    """Linear warm-up over ``warmup`` steps from base_lr / warmup to base_lr, then a
+    half cosine from base_lr down to ``eta_min`` at t = T_max (held there after)."""
+
+    def __init__(self, optimizer, T_max, eta_min=0.0, warmup=0, interval="epoch"):
+        if T_max < 1 or not 0 <= warmup < T_max:
+            raise ValueError(f"need T_max >= 1 and 0 <= warmup < T_max, got T_max={T_max}, "
+                             f"warmup={warmup}")
+        self.T_max, self.eta_min, self.warmup = int(T_max), float(eta_min), int(warmup)
+        super().__init__(optimizer, interval)
+
+    def lr_at(self, base_lr, t):
+        if t < self.warmup:
+            return base_lr * (t + 1) / self.warmup
+        progress = min(t - self.warmup, self.T_max - self.warmup) / (self.T_max - self.warmup)
+        return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+

@@ -1,0 +1,182 @@
+"""max_pool2d / max_pool2d_backward against the explicit-window reference."""
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import fastcnn.functional as F
+import reference as ref
+from conftest import randn
+
+
+@st.composite
+def pool_configs(draw):
+    square = draw(st.booleans())
+    kh = draw(st.integers(1, 4))
+    kw = kh if square else draw(st.integers(1, 4))
+    kernel = kh if square and draw(st.booleans()) else (kh, kw)
+    stride = draw(st.one_of(
+        st.none(), st.integers(1, 4), st.tuples(st.integers(1, 4), st.integers(1, 4))))
+    if draw(st.booleans()) and kh == kw:
+        padding = draw(st.integers(0, kh // 2))
+    else:
+        padding = (draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2)))
+    dilation = draw(st.one_of(st.integers(1, 3),
+                              st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    ceil_mode = draw(st.booleans())
+    ph, pw = ref.pair(padding)
+    dh, dw = ref.pair(dilation)
+    h = max(1, dh * (kh - 1) + 1 - 2 * ph) + draw(st.integers(0, 7))
+    w = max(1, dw * (kw - 1) + 1 - 2 * pw) + draw(st.integers(0, 7))
+    kw_args = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
+                   ceil_mode=ceil_mode)
+    # windows lying wholly in the padding (possible only with dilation) are excluded:
+    # their output is unspecified (torch returns -inf with an out-of-range index)
+    assume(not ref.max_pool_has_empty_window(h, w, **kw_args))
+    unbatched = draw(st.integers(0, 4)) == 0
+    c = draw(st.integers(1, 3))
+    shape = (c, h, w) if unbatched else (draw(st.integers(1, 2)), c, h, w)
+    data = draw(st.sampled_from(["normal", "ties", "constant"]))
+    return shape, kw_args, data, draw(st.integers(0, 2 ** 32 - 1))
+
+
+def make_input(shape, data, rng):
+    if data == "normal":
+        return randn(rng, *shape)
+    if data == "ties":
+        return rng.integers(0, 3, shape).astype(np.float32)
+    return np.full(shape, -2.5, dtype=np.float32)
+
+
+def check_pool(x, kw, rng):
+    want, want_idx = ref.max_pool2d(x, **kw)
+    out = F.max_pool2d(x, **kw)
+    assert out.dtype == np.float32 and out.shape == want.shape
+    np.testing.assert_array_equal(out, want)
+    out2, idx = F.max_pool2d(x, **kw, return_indices=True)
+    np.testing.assert_array_equal(out2, want)
+    assert idx.dtype == np.int64, idx.dtype
+    np.testing.assert_array_equal(idx, want_idx)
+    go = randn(rng, *want.shape)
+    rgx = ref.max_pool2d_backward(go, x, **kw)
+    gx = F.max_pool2d_backward(go, x, **kw)
+    assert gx.dtype == np.float32 and gx.shape == x.shape
+    np.testing.assert_allclose(gx, rgx, rtol=1e-6, atol=1e-6)
+    gx_idx = F.max_pool2d_backward(go, x, **kw, indices=idx)
+    np.testing.assert_allclose(gx_idx, rgx, rtol=1e-6, atol=1e-6)
+
+
+@given(pool_configs())
+def test_max_pool2d_random(cfg):
+    shape, kw, data, seed = cfg
+    rng = np.random.default_rng(seed)
+    check_pool(make_input(shape, data, rng), kw, rng)
+
+
+@pytest.mark.parametrize("shape, kw", [
+    ((8, 16, 20, 20), dict(kernel_size=2)),
+    ((2, 3, 28, 28), dict(kernel_size=2, stride=2)),
+    ((2, 3, 7, 7), dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 3, 7, 7), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((1, 2, 6, 6), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((1, 2, 5, 5), dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)),  # last dropped
+    ((1, 2, 5, 8), dict(kernel_size=2, ceil_mode=True)),
+    ((2, 2, 9, 7), dict(kernel_size=(3, 2), stride=(1, 3), padding=(1, 0))),
+    ((1, 1, 9, 9), dict(kernel_size=3, stride=1, dilation=2)),
+    ((1, 1, 10, 11), dict(kernel_size=(2, 3), stride=(3, 1), padding=(1, 1),
+                          dilation=(3, 2), ceil_mode=True)),
+    ((2, 3, 5, 5), dict(kernel_size=5)),                         # one window
+    ((2, 3, 5, 5), dict(kernel_size=1)),                         # identity
+    ((2, 3, 6, 6), dict(kernel_size=1, stride=2)),               # stride > kernel
+    ((2, 3, 8, 9), dict(kernel_size=2, stride=3)),               # stride > kernel
+    ((3, 9, 9), dict(kernel_size=3, stride=2)),                  # unbatched
+    ((2, 1, 1, 1), dict(kernel_size=1)),
+])
+def test_max_pool2d_cases(shape, kw, rng):
+    check_pool(randn(rng, *shape), kw, rng)
+    check_pool(rng.integers(0, 2, shape).astype(np.float32), kw, rng)
+
+
+def test_max_pool2d_default_stride_is_kernel(rng):
+    x = randn(rng, 2, 3, 9, 8)
+    np.testing.assert_array_equal(F.max_pool2d(x, 3), F.max_pool2d(x, 3, stride=3))
+    np.testing.assert_array_equal(F.max_pool2d(x, (3, 2)), F.max_pool2d(x, (3, 2), (3, 2)))
+
+
+def test_max_pool2d_ties_pick_first_maximum():
+    x = np.zeros((1, 1, 4, 4), dtype=np.float32)
+    x[0, 0, 1, 1] = x[0, 0, 1, 0] = x[0, 0, 0, 1] = 1.0   # window (0,0): first max at (0,1)
+    x[0, 0, 2:, 2:] = 7.0                                 # window (1,1): all equal
+    out, idx = F.max_pool2d(x, 2, return_indices=True)
+    np.testing.assert_array_equal(out[0, 0], [[1, 0], [0, 7]])
+    np.testing.assert_array_equal(idx[0, 0], [[1, 2], [8, 10]])
+    go = np.ones((1, 1, 2, 2), dtype=np.float32)
+    gx = F.max_pool2d_backward(go, x, 2)
+    want = np.zeros((4, 4), dtype=np.float32)
+    want[0, 1] = want[0, 2] = want[2, 0] = want[2, 2] = 1
+    np.testing.assert_array_equal(gx[0, 0], want)
+
+
+def test_max_pool2d_padding_never_selected():
+    """All-negative input with padding: -inf padding must never win."""
+    x = -np.arange(1, 26, dtype=np.float32).reshape(1, 1, 5, 5)
+    out, idx = F.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
+    want, want_idx = ref.max_pool2d(x, 3, stride=2, padding=1)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(idx, want_idx)
+    assert np.isfinite(out).all()
+    # -inf inputs: the maximum is -inf and the index is the window's first in-bounds element
+    x = np.full((1, 1, 4, 4), -np.inf, dtype=np.float32)
+    out, idx = F.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
+    assert np.all(out == -np.inf)
+    np.testing.assert_array_equal(idx, ref.max_pool2d(x, 3, stride=2, padding=1)[1])
+
+
+def test_max_pool2d_nan_propagates():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 0] = np.nan      # window (0,0): NaN is not the last element
+    x[0, 0, 3, 3] = np.nan      # window (1,1): NaN is the last element
+    out, idx = F.max_pool2d(x, 2, return_indices=True)
+    assert np.isnan(out[0, 0, 0, 0]) and np.isnan(out[0, 0, 1, 1])
+    np.testing.assert_array_equal(out[0, 0, 0, 1], 7)
+    np.testing.assert_array_equal(out[0, 0, 1, 0], 13)
+    np.testing.assert_array_equal(idx[0, 0], [[0, 7], [13, 15]])
+    gx = F.max_pool2d_backward(np.ones((1, 1, 2, 2), np.float32), x, 2)
+    assert gx[0, 0, 0, 0] == 1 and gx[0, 0, 3, 3] == 1
+    # overlapping windows (stride 1): exactly the windows holding a NaN return NaN
+    out = F.max_pool2d(x, 3, stride=1)
+    np.testing.assert_array_equal(np.isnan(out[0, 0]), [[True, False], [False, True]])
+    np.testing.assert_array_equal(out[0, 0, 0, 1], 11)
+
+
+def test_max_pool2d_backward_accumulates_overlaps():
+    x = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    x[0, 0, 1, 1] = 5.0                 # the max of all four 2x2 windows (stride 1)
+    go = np.array([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=np.float32)
+    gx = F.max_pool2d_backward(go, x, 2, stride=1)
+    want = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    want[0, 0, 1, 1] = 10.0
+    np.testing.assert_array_equal(gx, want)
+
+
+def test_max_pool2d_backward_uses_given_indices(rng):
+    """With indices given, the gradient is routed by them (not recomputed)."""
+    x = randn(rng, 1, 2, 4, 4)
+    go = randn(rng, 1, 2, 2, 2)
+    idx = np.zeros((1, 2, 2, 2), dtype=np.int64)     # everything to element 0
+    gx = F.max_pool2d_backward(go, x, 2, indices=idx)
+    want = np.zeros_like(x)
+    want[0, :, 0, 0] = go[0].sum(axis=(1, 2))
+    np.testing.assert_allclose(gx, want, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool2d_does_not_modify_inputs(rng):
+    x = randn(rng, 2, 3, 6, 6)
+    copy = x.copy()
+    out = F.max_pool2d(x, 2)
+    go = randn(rng, *out.shape)
+    go_copy = go.copy()
+    F.max_pool2d_backward(go, x, 2)
+    np.testing.assert_array_equal(x, copy)
+    np.testing.assert_array_equal(go, go_copy)
