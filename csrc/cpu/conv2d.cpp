@@ -6,6 +6,7 @@
 #include "fastcnn/cpu_kernels.h"
 #include "fastcnn/gemm.h"
 #include "fastcnn/parallel.h"
+#include "fastcnn/reduce.h"
 #include "fastcnn/scratch.h"
 
 namespace fastcnn {
@@ -62,9 +63,7 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
       double sum = 0.0;
       for (index_t img = 0; img < cs.n; ++img) {
         const float* g = dy + img * y_image + ko * pixels;
-        float part = 0.0f;
-        for (index_t p = 0; p < pixels; ++p) part += g[p];
-        sum += part;
+        sum += lane_sum(pixels, [&](index_t p) { return g[p]; });
       }
       db[ko] = static_cast<float>(sum);
     });

@@ -1,10 +1,10 @@
 // 2-D max pooling. The window of output (oy, ox) covers input rows
 // oy * stride - pad + i * dil (i < kh), likewise for columns; positions in
 // the padding are never selected. The first maximum in row-major window
-// order wins; a NaN wins over any number (PyTorch's rule).
+// order wins; a NaN wins over any number (PyTorch's rule). The updates are
+// branch-free selects: on real activations a branch would mispredict often.
 #include <algorithm>
-#include <cmath>
-#include <limits>
+#include <vector>
 
 #include "fastcnn/cpu_kernels.h"
 #include "fastcnn/parallel.h"
@@ -13,28 +13,94 @@ namespace fastcnn {
 namespace cpu {
 namespace {
 
-// Flat index (iy * w + ix) of the maximum of window (oy, ox) of one plane.
-inline std::int64_t window_argmax(const PoolShape& ps, const float* plane, index_t oy,
-                                  index_t ox, float* best_value) {
+// Window taps [lo, hi) that land inside an input of extent `in`, for the
+// window starting at `start` with dilation `dil` and `k` taps.
+inline void taps_inside(index_t start, index_t dil, index_t k, index_t in, index_t* lo,
+                        index_t* hi) {
+  const index_t l = start >= 0 ? 0 : (-start + dil - 1) / dil;
+  const index_t h = in - start <= 0 ? 0 : (in - start + dil - 1) / dil;
+  *lo = std::min(l, k);
+  *hi = std::max(*lo, std::min(h, k));
+}
+
+// Argmax (flat iy * w + ix) of output (oy, ox), whose column taps inside the
+// input are [j_lo, j_hi); its value goes to *value.
+inline index_t window_argmax(const PoolShape& ps, const float* plane, index_t oy, index_t ox,
+                             index_t j_lo, index_t j_hi, float* value) {
   const index_t y0 = oy * ps.stride_h - ps.pad_h, x0 = ox * ps.stride_w - ps.pad_w;
-  float best = -std::numeric_limits<float>::infinity();
-  std::int64_t best_idx = -1;
-  for (index_t i = 0; i < ps.kh; ++i) {
-    const index_t iy = y0 + i * ps.dil_h;
-    if (iy < 0 || iy >= ps.h) continue;
-    for (index_t j = 0; j < ps.kw; ++j) {
-      const index_t ix = x0 + j * ps.dil_w;
-      if (ix < 0 || ix >= ps.w) continue;
-      const float v = plane[iy * ps.w + ix];
-      // The first valid position starts the search even if it is -inf.
-      if (best_idx < 0 || v > best || std::isnan(v)) {
-        best = v;
-        best_idx = iy * ps.w + ix;
-      }
+  index_t i_lo, i_hi;
+  taps_inside(y0, ps.dil_h, ps.kh, ps.h, &i_lo, &i_hi);
+  // The first tap inside the window seeds the search, even if it is -inf.
+  index_t best_idx = (y0 + i_lo * ps.dil_h) * ps.w + x0 + j_lo * ps.dil_w;
+  float best = plane[best_idx];
+  for (index_t i = i_lo; i < i_hi; ++i) {
+    const index_t row = (y0 + i * ps.dil_h) * ps.w + x0;
+    for (index_t j = j_lo; j < j_hi; ++j) {
+      const index_t at = row + j * ps.dil_w;
+      const float v = plane[at];
+      const bool take = (v > best) | (v != v);
+      best = take ? v : best;
+      best_idx = take ? at : best_idx;
     }
   }
-  *best_value = best;
+  *value = best;
   return best_idx;
+}
+
+// Outputs [ox_lo, ox_hi) of row oy when every window there lies wholly inside
+// the input, with the window known at compile time: K x K taps, stride S, no
+// dilation. The same scan order and rule as window_argmax.
+template <int K, int S>
+void interior_row(const PoolShape& ps, const float* plane, index_t oy, index_t ox_lo,
+                  index_t ox_hi, float* out, std::int64_t* idx) {
+  const index_t start = (oy * S - ps.pad_h) * ps.w - ps.pad_w;
+  for (index_t ox = ox_lo; ox < ox_hi; ++ox) {
+    const float* p = plane + start + ox * S;
+    float best = p[0];
+    index_t tap = 0;
+    for (int i = 0; i < K; ++i) {
+      for (int j = (i == 0 ? 1 : 0); j < K; ++j) {
+        const float v = p[i * ps.w + j];
+        const bool take = (v > best) | (v != v);
+        best = take ? v : best;
+        tap = take ? i * ps.w + j : tap;
+      }
+    }
+    out[ox] = best;
+    if (idx != nullptr) idx[ox] = start + ox * S + tap;
+  }
+}
+
+using InteriorRow = void (*)(const PoolShape&, const float*, index_t, index_t, index_t, float*,
+                             std::int64_t*);
+
+InteriorRow interior_kernel(const PoolShape& ps) {
+  if (ps.dil_h != 1 || ps.dil_w != 1 || ps.kh != ps.kw || ps.stride_h != ps.stride_w)
+    return nullptr;
+  if (ps.kh == 2 && ps.stride_h == 2) return interior_row<2, 2>;
+  if (ps.kh == 3 && ps.stride_h == 2) return interior_row<3, 2>;
+  if (ps.kh == 3 && ps.stride_h == 1) return interior_row<3, 1>;
+  return nullptr;
+}
+
+// Column tap ranges, the same for every row and plane.
+struct ColumnTaps {
+  std::vector<index_t> lo, hi;
+  index_t inside_lo = 0, inside_hi = 0;  // outputs whose columns are all inside
+  explicit ColumnTaps(const PoolShape& ps)
+      : lo(static_cast<size_t>(ps.ow)), hi(static_cast<size_t>(ps.ow)) {
+    for (index_t ox = 0; ox < ps.ow; ++ox)
+      taps_inside(ox * ps.stride_w - ps.pad_w, ps.dil_w, ps.kw, ps.w, &lo[ox], &hi[ox]);
+    inside_lo = 0;
+    while (inside_lo < ps.ow && (lo[inside_lo] != 0 || hi[inside_lo] != ps.kw)) ++inside_lo;
+    inside_hi = ps.ow;
+    while (inside_hi > inside_lo && (lo[inside_hi - 1] != 0 || hi[inside_hi - 1] != ps.kw))
+      --inside_hi;
+  }
+};
+
+inline index_t plane_grain(const PoolShape& ps) {
+  return std::max<index_t>(1, 4096 / std::max<index_t>(ps.oh * ps.ow, 1));
 }
 
 }  // namespace
@@ -42,17 +108,28 @@ inline std::int64_t window_argmax(const PoolShape& ps, const float* plane, index
 void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices) {
   // x: (n, c, h, w) -> y, indices: (n, c, oh, ow)
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
-  parallel_for(ps.n * ps.c, std::max<index_t>(1, 4096 / std::max<index_t>(out_plane, 1)),
-               [&](index_t pl) {
+  const ColumnTaps cols(ps);
+  const InteriorRow fast = interior_kernel(ps);
+  parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
     const float* plane = x + pl * in_plane;
-    float* out = y + pl * out_plane;
-    std::int64_t* idx = indices != nullptr ? indices + pl * out_plane : nullptr;
     for (index_t oy = 0; oy < ps.oh; ++oy) {
+      float* out = y + pl * out_plane + oy * ps.ow;
+      std::int64_t* idx = indices != nullptr ? indices + pl * out_plane + oy * ps.ow : nullptr;
+      index_t a = 0, b = 0;  // [a, b): outputs handled by the fast kernel
+      if (fast != nullptr) {
+        index_t i_lo, i_hi;
+        taps_inside(oy * ps.stride_h - ps.pad_h, 1, ps.kh, ps.h, &i_lo, &i_hi);
+        if (i_lo == 0 && i_hi == ps.kh && cols.inside_lo < cols.inside_hi) {
+          a = cols.inside_lo;
+          b = cols.inside_hi;
+          fast(ps, plane, oy, a, b, out, idx);
+        }
+      }
       for (index_t ox = 0; ox < ps.ow; ++ox) {
-        float v;
-        const std::int64_t a = window_argmax(ps, plane, oy, ox, &v);
-        out[oy * ps.ow + ox] = v;
-        if (idx != nullptr) idx[oy * ps.ow + ox] = a;
+        if (ox == a && a < b) ox = b;
+        if (ox >= ps.ow) break;
+        const index_t at = window_argmax(ps, plane, oy, ox, cols.lo[ox], cols.hi[ox], &out[ox]);
+        if (idx != nullptr) idx[ox] = at;
       }
     }
   });
@@ -63,25 +140,22 @@ void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
   // dy: (n, c, oh, ow) -> dx: (n, c, h, w); overlapping windows add up, in
   // output order within a plane.
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
-  parallel_for(ps.n * ps.c, std::max<index_t>(1, 4096 / std::max<index_t>(out_plane, 1)),
-               [&](index_t pl) {
+  const ColumnTaps cols(ps);
+  parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
     float* grad = dx + pl * in_plane;
     std::fill(grad, grad + in_plane, 0.0f);
     const float* g = dy + pl * out_plane;
     if (indices != nullptr) {
       const std::int64_t* idx = indices + pl * out_plane;
-      for (index_t o = 0; o < out_plane; ++o)
-        if (idx[o] >= 0 && idx[o] < in_plane) grad[idx[o]] += g[o];
+      for (index_t o = 0; o < out_plane; ++o) grad[idx[o]] += g[o];
       return;
     }
     const float* plane = x + pl * in_plane;
-    for (index_t oy = 0; oy < ps.oh; ++oy) {
+    for (index_t oy = 0; oy < ps.oh; ++oy)
       for (index_t ox = 0; ox < ps.ow; ++ox) {
         float v;
-        const std::int64_t a = window_argmax(ps, plane, oy, ox, &v);
-        if (a >= 0) grad[a] += g[oy * ps.ow + ox];
+        grad[window_argmax(ps, plane, oy, ox, cols.lo[ox], cols.hi[ox], &v)] += g[oy * ps.ow + ox];
       }
-    }
   });
 }
 

@@ -596,11 +596,8 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
     if training:
         a.check_batch(op, x.shape)
         if save_mean is None or save_invstd is None:
-            x64 = x.reshape(n, c, l).astype(np.float64)
-            mean64 = x64.mean(axis=(0, 2))
-            var64 = ((x64 - mean64[None, :, None]) ** 2).mean(axis=(0, 2))
-            mean = mean64.astype(_F32)
-            invstd = (1.0 / np.sqrt(var64 + eps)).astype(_F32)
+            # The forward's own statistics, computed the same way.
+            _, mean, invstd = _batch_norm_forward(x, None, None, None, None, True, 0.0, eps)
         else:
             mean = B.as_float(save_mean, "save_mean")
             invstd = B.as_float(save_invstd, "save_invstd")
