@@ -21,9 +21,11 @@ void softmax_row(index_t dim, const float* x, bool log, float* y) {
   if (std::isinf(m) && m < 0) m = 0.0f;
   double sum = 0.0;
   if (log) {
+    // (x - m) - log(sum), not x - (m + log(sum)): m + log(sum) would round
+    // away log(sum) next to a logit of 1e4.
     for (index_t d = 0; d < dim; ++d) sum += std::exp(x[d] - m);
-    const float lse = m + static_cast<float>(std::log(sum));
-    for (index_t d = 0; d < dim; ++d) y[d] = x[d] - lse;
+    const float log_sum = static_cast<float>(std::log(sum));
+    for (index_t d = 0; d < dim; ++d) y[d] = (x[d] - m) - log_sum;
   } else {
     for (index_t d = 0; d < dim; ++d) {
       const float e = std::exp(x[d] - m);
@@ -51,9 +53,11 @@ void softmax_strided(index_t dim, index_t inner, const float* x, bool log, float
       sum[i] += e;
     }
   if (log) {
-    for (index_t i = 0; i < inner; ++i) m[i] += static_cast<float>(std::log(sum[i]));
+    std::vector<float> log_sum(static_cast<size_t>(inner));
+    for (index_t i = 0; i < inner; ++i) log_sum[i] = static_cast<float>(std::log(sum[i]));
     for (index_t d = 0; d < dim; ++d)
-      for (index_t i = 0; i < inner; ++i) y[d * inner + i] = x[d * inner + i] - m[i];
+      for (index_t i = 0; i < inner; ++i)
+        y[d * inner + i] = (x[d * inner + i] - m[i]) - log_sum[i];
   } else {
     for (index_t i = 0; i < inner; ++i) m[i] = static_cast<float>(1.0 / sum[i]);
     for (index_t d = 0; d < dim; ++d)
@@ -102,14 +106,19 @@ void softmax_backward(index_t outer, index_t dim, index_t inner, const float* dy
 }
 
 namespace {
-// log(sum(exp(row))) with the maximum shifted out.
-inline float log_sum_exp(index_t classes, const float* row) {
+// log(sum(exp(row))) as max + log(sum(exp(row - max))), the two kept apart so
+// that a caller can subtract the max from a logit exactly first.
+struct LogSumExp {
+  float max;
+  double log_sum;
+};
+inline LogSumExp log_sum_exp(index_t classes, const float* row) {
   float m = -std::numeric_limits<float>::infinity();
   for (index_t c = 0; c < classes; ++c) m = std::max(m, row[c]);
   if (std::isinf(m) && m < 0) m = 0.0f;
   double sum = 0.0;
   for (index_t c = 0; c < classes; ++c) sum += std::exp(row[c] - m);
-  return m + static_cast<float>(std::log(sum));
+  return {m, std::log(sum)};
 }
 }  // namespace
 
@@ -124,13 +133,14 @@ void cross_entropy_forward(index_t n, index_t classes, const float* logits,
       return;
     }
     const float* row = logits + i * classes;
-    const double lse = log_sum_exp(classes, row);
-    double value = (1.0 - label_smoothing) * (lse - row[target[i]]);
+    const LogSumExp lse = log_sum_exp(classes, row);
+    // -log p[c] = (max - x[c]) + log_sum
+    double value = (1.0 - label_smoothing) * (lse.log_sum + (lse.max - row[target[i]]));
     if (label_smoothing != 0.0f) {
-      double mean = 0.0;
-      for (index_t c = 0; c < classes; ++c) mean += row[c];
-      mean /= static_cast<double>(classes);
-      value += label_smoothing * (lse - mean);
+      double mean_gap = 0.0;  // mean over c of (max - x[c])
+      for (index_t c = 0; c < classes; ++c) mean_gap += lse.max - row[c];
+      mean_gap /= static_cast<double>(classes);
+      value += label_smoothing * (lse.log_sum + mean_gap);
     }
     loss[i] = static_cast<float>(value);
   });
@@ -147,10 +157,12 @@ void cross_entropy_backward(index_t n, index_t classes, const float* logits,
       return;
     }
     const float* row = logits + i * classes;
-    const float lse = log_sum_exp(classes, row);
+    const LogSumExp lse = log_sum_exp(classes, row);
+    const float log_sum = static_cast<float>(lse.log_sum);
     const float g = grad_scale[i];
     const float smooth = label_smoothing / static_cast<float>(classes);
-    for (index_t c = 0; c < classes; ++c) out[c] = g * (std::exp(row[c] - lse) - smooth);
+    for (index_t c = 0; c < classes; ++c)
+      out[c] = g * (std::exp((row[c] - lse.max) - log_sum) - smooth);
     out[target[i]] -= g * (1.0f - label_smoothing);
   });
 }

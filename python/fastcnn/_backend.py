@@ -35,43 +35,96 @@ def _dtype_error(name, got, expected):
     return TypeError(f"{name} has dtype {got}, expected {expected}")
 
 
-def _is_device_array(x) -> bool:
-    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
+# ------------------------------------------------------------------ devices --
 
-
-def _reject_device_array(x, name):
-    if _is_device_array(x):
-        raise TypeError(
-            f"{name} is a GPU array ({type(x).__module__}.{type(x).__name__}), but this "
-            "build of fastcnn has no CUDA backend; pass a NumPy array"
-        )
-
-
-def as_float(x, name: str) -> np.ndarray:
-    """``x`` as a C-contiguous float32 ndarray (copied only when needed)."""
-    _reject_device_array(x, name)
-    if not isinstance(x, np.ndarray):
+def is_gpu_array(x) -> bool:
+    """True for CuPy arrays and anything else exposing CUDA memory
+    (``__cuda_array_interface__``, or DLPack on a CUDA device)."""
+    if isinstance(x, (np.ndarray, np.generic)) or x is None:
+        return False
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is not None:
         try:
-            x = np.asarray(x)
+            return dev()[0] in (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+        except Exception:  # noqa: BLE001 - a foreign object's protocol failing means "not ours"
+            return False
+    return False
+
+
+def _cuda_kernels():
+    """(cupy, fastcnn._cuda), or a clear error saying which is missing."""
+    try:
+        import cupy
+    except ImportError:
+        raise TypeError("got a GPU array but CuPy is not installed; pip install "
+                        "'fastcnn[cuda]'") from None
+    try:
+        from . import _cuda
+    except ImportError:
+        raise TypeError("got a GPU array but this build of fastcnn has no CUDA backend "
+                        "(fastcnn._cuda was not built: nvcc was not found at install time)"
+                        ) from None
+    return cupy, _cuda
+
+
+def dispatch(*arrays):
+    """(array module, kernel module) for a call's array arguments: NumPy and
+    fastcnn._cpu, or CuPy and fastcnn._cuda. None and Python scalars / lists
+    go with whichever device the arrays are on; mixing devices is an error."""
+    gpu = [a for a in arrays if is_gpu_array(a)]
+    if not gpu:
+        return np, _cpu
+    cpu = [a for a in arrays if isinstance(a, np.ndarray)]
+    if cpu:
+        raise ValueError("arguments are on different devices: some are NumPy (CPU) arrays and "
+                         "some are GPU arrays; move them to one device first")
+    return _cuda_kernels()
+
+
+def array_module(x):
+    """numpy or cupy, whichever holds ``x``."""
+    return _cuda_kernels()[0] if is_gpu_array(x) else np
+
+
+def _as_array(x, name, xp):
+    if isinstance(x, xp.ndarray):
+        return x
+    if xp is np:
+        if is_gpu_array(x):
+            raise ValueError(f"{name} is a GPU array but the other arguments are on the CPU")
+        try:
+            return np.asarray(x)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be an array of numbers: {exc}") from None
+    if isinstance(x, np.ndarray):
+        raise ValueError(f"{name} is a NumPy (CPU) array but the other arguments are on the GPU")
+    if hasattr(x, "__cuda_array_interface__"):
+        return xp.asarray(x)
+    if hasattr(x, "__dlpack__"):
+        return xp.from_dlpack(x)
+    return xp.asarray(x)
+
+
+def as_float(x, name: str, xp=np):
+    """``x`` as a C-contiguous float32 array of module ``xp`` (copied only when needed)."""
+    x = _as_array(x, name, xp)
     if x.dtype.kind not in _FLOAT_KINDS:
         raise _dtype_error(name, x.dtype, "a real numeric dtype (converted to float32)")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return xp.asarray(x, dtype=np.float32, order="C")
 
 
-def as_optional_float(x, name: str):
-    return None if x is None else as_float(x, name)
+def as_optional_float(x, name: str, xp=np):
+    return None if x is None else as_float(x, name, xp)
 
 
-def as_labels(x, name: str) -> np.ndarray:
-    """Class labels as a C-contiguous int64 ndarray."""
-    _reject_device_array(x, name)
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+def as_labels(x, name: str, xp=np):
+    """Class labels as a C-contiguous int64 array of module ``xp``."""
+    x = _as_array(x, name, xp)
     if x.dtype.kind not in _INT_KINDS:
         raise _dtype_error(name, x.dtype, "an integer dtype (class labels)")
-    return np.ascontiguousarray(x, dtype=np.int64)
+    return xp.asarray(x, dtype=np.int64, order="C")
 
 
 def as_int(value, name: str) -> int:
@@ -133,12 +186,6 @@ def seed_value(seed, name: str = "seed") -> int:
     if not 0 <= s < 2**64:
         raise ValueError(f"{name} must be in [0, 2**64), got {s}")
     return s
-
-
-def backend(*arrays):
-    """The kernel module for these arrays. Only the CPU exists in this build;
-    GPU arrays were already rejected by the converters."""
-    return _cpu
 
 
 def set_num_threads(n: int) -> None:

@@ -26,8 +26,8 @@ __all__ = [
 _F32 = np.float32
 
 
-def _empty(shape):
-    return np.empty(shape, dtype=_F32)
+def _empty(xp, shape):
+    return xp.empty(shape, dtype=_F32)
 
 
 # ----------------------------------------------------------------- conv2d --
@@ -100,7 +100,8 @@ class _ConvArgs:
     def batched(self, x):
         x = x[None] if self.unbatched else x
         if self.extra != (0, 0):
-            x = np.pad(x, ((0, 0), (0, 0), (0, self.extra[0]), (0, self.extra[1])))
+            xp = B.array_module(x)
+            x = xp.pad(x, ((0, 0), (0, 0), (0, self.extra[0]), (0, self.extra[1])))
         return x
 
     def kernel_args(self):
@@ -114,13 +115,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     None. stride, padding, dilation: an int or a pair; padding may also be
     'valid' or 'same'. Returns (N, K, OH, OW) (or (K, OH, OW) when unbatched).
     """
-    x = B.as_float(input, "input")
-    w = B.as_float(weight, "weight")
-    b = B.as_optional_float(bias, "bias")
+    xp, K = B.dispatch(input, weight, bias)
+    x = B.as_float(input, "input", xp)
+    w = B.as_float(weight, "weight", xp)
+    b = B.as_optional_float(bias, "bias", xp)
     g = _ConvArgs("conv2d", x, w, b, stride, padding, dilation, groups)
-    y = _empty(g.out_shape)
+    y = _empty(xp, g.out_shape)
     if y.size:
-        B.backend(x, w, b).conv2d_forward(g.batched(x), w, b, y, *g.kernel_args())
+        K.conv2d_forward(g.batched(x), w, b, y, *g.kernel_args())
     return y[0] if g.unbatched else y
 
 
@@ -131,22 +133,23 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     grad_bias is None when bias is None; an entry is None where
     ``output_mask`` is False (skip the first layer's grad_input, say).
     """
-    x = B.as_float(input, "input")
-    w = B.as_float(weight, "weight")
-    b = B.as_optional_float(bias, "bias")
+    xp, K = B.dispatch(grad_output, input, weight, bias)
+    x = B.as_float(input, "input", xp)
+    w = B.as_float(weight, "weight", xp)
+    b = B.as_optional_float(bias, "bias", xp)
     g = _ConvArgs("conv2d_backward", x, w, b, stride, padding, dilation, groups)
-    dy = B.as_float(grad_output, "grad_output")
+    dy = B.as_float(grad_output, "grad_output", xp)
     expected = g.out_shape[1:] if g.unbatched else g.out_shape
     if dy.shape != expected:
         raise ValueError(f"conv2d_backward: grad_output has shape {shape_str(dy.shape)}, expected "
                          f"the output shape {shape_str(expected)}")
     want_dx, want_dw, want_db = (bool(m) for m in output_mask)
     xb = g.batched(x)
-    dx = _empty(xb.shape) if want_dx else None
-    dw = _empty(w.shape) if want_dw else None
-    db = _empty(w.shape[:1]) if (want_db and b is not None) else None
+    dx = _empty(xp, xb.shape) if want_dx else None
+    dw = _empty(xp, w.shape) if want_dw else None
+    db = _empty(xp, w.shape[:1]) if (want_db and b is not None) else None
     if dy.size:
-        B.backend(x, w, dy).conv2d_backward(dy[None] if g.unbatched else dy, xb, w, dx, dw, db,
+        K.conv2d_backward(dy[None] if g.unbatched else dy, xb, w, dx, dw, db,
                                              *g.kernel_args())
     else:
         for grad in (dx, dw, db):
@@ -154,7 +157,7 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
                 grad.fill(0)
     if dx is not None:
         if g.extra != (0, 0):
-            dx = np.ascontiguousarray(dx[:, :, :g.in_shape[2], :g.in_shape[3]])
+            dx = xp.ascontiguousarray(dx[:, :, :g.in_shape[2], :g.in_shape[3]])
         if g.unbatched:
             dx = dx[0]
     return dx, dw, db
@@ -178,34 +181,36 @@ def _linear_args(op, x, w, b):
 
 def linear(input, weight, bias=None):
     """y = input @ weight.T + bias. input (*, in_features), weight (out, in), bias (out,)."""
-    x = B.as_float(input, "input")
-    w = B.as_float(weight, "weight")
-    b = B.as_optional_float(bias, "bias")
+    xp, K = B.dispatch(input, weight, bias)
+    x = B.as_float(input, "input", xp)
+    w = B.as_float(weight, "weight", xp)
+    b = B.as_optional_float(bias, "bias", xp)
     _linear_args("linear", x, w, b)
     x2 = x.reshape(-1, w.shape[1])
-    y = _empty((x2.shape[0], w.shape[0]))
+    y = _empty(xp, (x2.shape[0], w.shape[0]))
     if y.size:
-        B.backend(x, w, b).linear_forward(x2, w, b, y)
+        K.linear_forward(x2, w, b, y)
     return y.reshape(x.shape[:-1] + (w.shape[0],))
 
 
 def linear_backward(grad_output, input, weight, bias=None):
     """Gradients of :func:`linear`: ``(grad_input, grad_weight, grad_bias)``
     (grad_bias None when bias is None)."""
-    x = B.as_float(input, "input")
-    w = B.as_float(weight, "weight")
-    b = B.as_optional_float(bias, "bias")
+    xp, K = B.dispatch(grad_output, input, weight, bias)
+    x = B.as_float(input, "input", xp)
+    w = B.as_float(weight, "weight", xp)
+    b = B.as_optional_float(bias, "bias", xp)
     _linear_args("linear_backward", x, w, b)
-    dy = B.as_float(grad_output, "grad_output")
+    dy = B.as_float(grad_output, "grad_output", xp)
     expected = x.shape[:-1] + (w.shape[0],)
     if dy.shape != expected:
         raise ValueError(f"linear_backward: grad_output has shape {shape_str(dy.shape)}, expected "
                          f"{shape_str(expected)}")
     x2 = x.reshape(-1, w.shape[1])
-    dx = _empty(x2.shape)
-    dw = _empty(w.shape)
-    db = _empty(w.shape[:1]) if b is not None else None
-    B.backend(x, w, dy).linear_backward(dy.reshape(-1, w.shape[0]), x2, w, dx, dw, db)
+    dx = _empty(xp, x2.shape)
+    dw = _empty(xp, w.shape)
+    db = _empty(xp, w.shape[:1]) if b is not None else None
+    K.linear_backward(dy.reshape(-1, w.shape[0]), x2, w, dx, dw, db)
     return dx.reshape(x.shape), dw, db
 
 
@@ -213,9 +218,10 @@ def linear_backward(grad_output, input, weight, bias=None):
 
 def relu(input):
     """max(input, 0), elementwise (NaN stays NaN)."""
-    x = B.as_float(input, "input")
-    y = _empty(x.shape)
-    B.backend(x).relu_forward(x, y)
+    xp, K = B.dispatch(input)
+    x = B.as_float(input, "input", xp)
+    y = _empty(xp, x.shape)
+    K.relu_forward(x, y)
     return y
 
 
@@ -225,11 +231,12 @@ def relu_backward(grad_output, input, guided=False):
     guided=True applies guided backpropagation's rule: the gradient also has
     to be positive to pass (Springenberg et al., 2015).
     """
-    x = B.as_float(input, "input")
-    dy = B.as_float(grad_output, "grad_output")
+    xp, K = B.dispatch(grad_output, input)
+    x = B.as_float(input, "input", xp)
+    dy = B.as_float(grad_output, "grad_output", xp)
     B.check_same_shape(dy, x, "grad_output", "input", "relu_backward")
-    dx = _empty(x.shape)
-    B.backend(x, dy).relu_backward(dy, x, bool(guided), dx)
+    dx = _empty(xp, x.shape)
+    K.relu_backward(dy, x, bool(guided), dx)
     return dx
 
 
@@ -286,13 +293,14 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     ``return_indices`` also returns int64 indices into each input plane
     (h * W + w), as PyTorch.
     """
-    x = B.as_float(input, "input")
+    xp, K = B.dispatch(input)
+    x = B.as_float(input, "input", xp)
     g = _PoolArgs("max_pool2d", x, kernel_size, stride, padding, dilation, ceil_mode)
     xb = x[None] if g.unbatched else x
-    y = _empty(g.out_shape)
-    idx = np.empty(g.out_shape, dtype=np.int64) if return_indices else None
+    y = _empty(xp, g.out_shape)
+    idx = xp.empty(g.out_shape, dtype=np.int64) if return_indices else None
     if y.size:
-        B.backend(x).max_pool2d_forward(xb, y, idx, *g.kernel_args())
+        K.max_pool2d_forward(xb, y, idx, *g.kernel_args())
     if g.unbatched:
         y = y[0]
         idx = idx[0] if idx is not None else None
@@ -303,16 +311,17 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
                         ceil_mode=False, indices=None):
     """Gradient of :func:`max_pool2d`: each output gradient goes to its
     window's argmax (given by ``indices`` or recomputed from ``input``)."""
-    x = B.as_float(input, "input")
+    xp, K = B.dispatch(grad_output, input, indices)
+    x = B.as_float(input, "input", xp)
     g = _PoolArgs("max_pool2d_backward", x, kernel_size, stride, padding, dilation, ceil_mode)
-    dy = B.as_float(grad_output, "grad_output")
+    dy = B.as_float(grad_output, "grad_output", xp)
     expected = g.out_shape[1:] if g.unbatched else g.out_shape
     if dy.shape != expected:
         raise ValueError(f"max_pool2d_backward: grad_output has shape {shape_str(dy.shape)}, "
                          f"expected the output shape {shape_str(expected)}")
     idx = None
     if indices is not None:
-        idx = B.as_labels(indices, "indices")
+        idx = B.as_labels(indices, "indices", xp)
         if idx.shape != dy.shape:
             raise ValueError(f"max_pool2d_backward: indices have shape {shape_str(idx.shape)}, "
                              f"expected {shape_str(dy.shape)}")
@@ -321,9 +330,9 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
             raise ValueError(f"max_pool2d_backward: indices must lie in [0, {plane}) (H * W of "
                              f"input {shape_str(x.shape)})")
     xb = x[None] if g.unbatched else x
-    dx = _empty(xb.shape)
+    dx = _empty(xp, xb.shape)
     if dy.size:
-        B.backend(x, dy).max_pool2d_backward(
+        K.max_pool2d_backward(
             dy[None] if g.unbatched else dy, xb,
             None if idx is None else (idx[None] if g.unbatched else idx), dx, *g.kernel_args())
     else:
@@ -340,22 +349,24 @@ def _softmax_view(op, shape, dim):
 
 
 def _softmax(op, input, dim, log):
-    x = B.as_float(input, "input")
-    y = _empty(x.shape)
+    xp, K = B.dispatch(input)
+    x = B.as_float(input, "input", xp)
+    y = _empty(xp, x.shape)
     if x.size:
-        B.backend(x).softmax_forward(x, y, *_softmax_view(op, x.shape, dim), log)
+        K.softmax_forward(x, y, *_softmax_view(op, x.shape, dim), log)
     else:
         B.normalize_dim(dim, x.ndim, op)
     return y
 
 
 def _softmax_grad(op, grad_output, output, dim, log):
-    y = B.as_float(output, "output")
-    dy = B.as_float(grad_output, "grad_output")
+    xp, K = B.dispatch(grad_output, output)
+    y = B.as_float(output, "output", xp)
+    dy = B.as_float(grad_output, "grad_output", xp)
     B.check_same_shape(dy, y, "grad_output", "output", op)
-    dx = _empty(y.shape)
+    dx = _empty(xp, y.shape)
     if y.size:
-        B.backend(y, dy).softmax_backward(dy, y, dx, *_softmax_view(op, y.shape, dim), log)
+        K.softmax_backward(dy, y, dx, *_softmax_view(op, y.shape, dim), log)
     return dx
 
 
@@ -405,22 +416,23 @@ class _CrossEntropyArgs:
         if classes == 0:
             raise ValueError(f"{op}: input has no classes; shape {shape_str(x.shape)}")
         bad = (t != self.ignore_index) & ((t < 0) | (t >= classes))
-        if bad.any():
-            value = int(t[bad].flat[0])
+        if bool(bad.any()):
+            value = int(t[bad].ravel()[0])
             raise ValueError(f"{op}: target contains {value}, outside [0, {classes}) (input has "
                              f"{classes} classes; ignore_index={self.ignore_index})")
         self.reduction = reduction
         self.classes = classes
         self.input_shape = x.shape
         self.target_shape = t.shape
-        self.valid = int(np.count_nonzero(t != self.ignore_index))
+        self.valid = int((t != self.ignore_index).sum())
 
     def rows(self, x):
         if x.ndim == 1:
             return x[None]
         if x.ndim == 2:
             return x
-        return np.ascontiguousarray(np.moveaxis(x, 1, -1).reshape(-1, self.classes))
+        xp = B.array_module(x)
+        return xp.ascontiguousarray(xp.moveaxis(x, 1, -1).reshape(-1, self.classes))
 
     def unrows(self, dx):
         if len(self.input_shape) == 1:
@@ -428,7 +440,8 @@ class _CrossEntropyArgs:
         if len(self.input_shape) == 2:
             return dx
         n, c, *rest = self.input_shape
-        return np.ascontiguousarray(np.moveaxis(dx.reshape(n, *rest, c), -1, 1))
+        xp = B.array_module(dx)
+        return xp.ascontiguousarray(xp.moveaxis(dx.reshape(n, *rest, c), -1, 1))
 
 
 def cross_entropy(input, target, reduction="mean", ignore_index=-100, label_smoothing=0.0):
@@ -439,20 +452,21 @@ def cross_entropy(input, target, reduction="mean", ignore_index=-100, label_smoo
     to ``ignore_index`` contribute nothing; ``label_smoothing`` mixes the target
     with the uniform distribution.
     """
-    x = B.as_float(input, "input")
-    t = B.as_labels(target, "target")
+    xp, K = B.dispatch(input, target)
+    x = B.as_float(input, "input", xp)
+    t = B.as_labels(target, "target", xp)
     a = _CrossEntropyArgs("cross_entropy", x, t, reduction, ignore_index, label_smoothing)
     rows = a.rows(x)
-    loss = _empty(rows.shape[:1])
+    loss = _empty(xp, rows.shape[:1])
     if rows.shape[0]:
-        B.backend(x).cross_entropy_forward(rows, t.reshape(-1), a.ignore_index,
+        K.cross_entropy_forward(rows, t.reshape(-1), a.ignore_index,
                                            a.label_smoothing, loss)
     if reduction == "none":
         return loss.reshape(a.target_shape)
-    total = float(np.sum(loss, dtype=np.float64))
-    if reduction == "sum":
-        return _F32(total)
-    return _F32(total / a.valid) if a.valid else _F32(np.nan)
+    total = loss.sum(dtype=np.float64)
+    if reduction == "mean":
+        total = total / a.valid if a.valid else xp.asarray(np.nan)
+    return total.astype(_F32)
 
 
 def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_index=-100,
@@ -461,11 +475,12 @@ def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_
 
     grad_output is a scalar for 'mean' / 'sum' and shaped like target for 'none'.
     """
-    x = B.as_float(input, "input")
-    t = B.as_labels(target, "target")
+    xp, K = B.dispatch(grad_output, input, target)
+    x = B.as_float(input, "input", xp)
+    t = B.as_labels(target, "target", xp)
     a = _CrossEntropyArgs("cross_entropy_backward", x, t, reduction, ignore_index,
                           label_smoothing)
-    g = B.as_float(grad_output, "grad_output")
+    g = B.as_float(grad_output, "grad_output", xp)
     rows = a.rows(x)
     if reduction == "none":
         if g.shape != a.target_shape:
@@ -479,11 +494,11 @@ def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_
         value = float(g.reshape(()))
         if reduction == "mean":
             value = value / a.valid if a.valid else math.nan
-        scale = np.full(rows.shape[0], value, dtype=_F32)
-    dx = _empty(rows.shape)
+        scale = xp.full(rows.shape[0], value, dtype=_F32)
+    dx = _empty(xp, rows.shape)
     if rows.shape[0]:
-        B.backend(x).cross_entropy_backward(rows, t.reshape(-1), a.ignore_index,
-                                            a.label_smoothing, np.ascontiguousarray(scale), dx)
+        K.cross_entropy_backward(rows, t.reshape(-1), a.ignore_index,
+                                            a.label_smoothing, xp.ascontiguousarray(scale), dx)
     return a.unrows(dx)
 
 
@@ -511,18 +526,17 @@ class _BatchNormArgs:
                              f"input of shape {shape_str(shape)}")
 
 
-def _stat_buffer(arr, name):
+def _stat_buffer(arr, name, xp):
     """A float32 C-contiguous array the kernel may update in place, and
     whether it must be copied back into ``arr`` afterwards."""
     if arr is None:
         return None, False
-    if isinstance(arr, np.ndarray) and arr.dtype == _F32 and arr.flags.c_contiguous \
-            and arr.flags.writeable:
+    if not isinstance(arr, xp.ndarray) or not getattr(arr.flags, "writeable", True):
+        raise TypeError(f"{name} must be a writable array on the input's device: it is updated "
+                        "in place in training mode")
+    if arr.dtype == _F32 and arr.flags.c_contiguous:
         return arr, False
-    if not isinstance(arr, np.ndarray) or not arr.flags.writeable:
-        raise TypeError(f"{name} must be a writable NumPy array: it is updated in place in "
-                        "training mode")
-    return B.as_float(arr, name).copy(), True
+    return B.as_float(arr, name, xp).copy(), True
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -542,23 +556,24 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 def _batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum,
                         eps):
     """batch_norm plus the statistics it normalised with: (out, mean, invstd)."""
+    xp, K = B.dispatch(input, running_mean, running_var, weight, bias)
     op = "batch_norm"
-    x = B.as_float(input, "input")
-    w = B.as_optional_float(weight, "weight")
-    b = B.as_optional_float(bias, "bias")
+    x = B.as_float(input, "input", xp)
+    w = B.as_optional_float(weight, "weight", xp)
+    b = B.as_optional_float(bias, "bias", xp)
     a = _BatchNormArgs(op, x, running_mean, running_var, w, b)
     eps = float(eps)
     if eps < 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
-    y = _empty(x.shape)
+    y = _empty(xp, x.shape)
     c = a.view[1]
     if training:
         a.check_batch(op, x.shape)
         momentum = 0.0 if momentum is None else float(momentum)
-        rm, copy_rm = _stat_buffer(running_mean, "running_mean")
-        rv, copy_rv = _stat_buffer(running_var, "running_var")
-        mean, invstd = _empty((c,)), _empty((c,))
-        B.backend(x).batch_norm_forward_train(x, w, b, rm, rv, y, mean, invstd, *a.view, eps,
+        rm, copy_rm = _stat_buffer(running_mean, "running_mean", xp)
+        rv, copy_rv = _stat_buffer(running_var, "running_var", xp)
+        mean, invstd = _empty(xp, (c,)), _empty(xp, (c,))
+        K.batch_norm_forward_train(x, w, b, rm, rv, y, mean, invstd, *a.view, eps,
                                               momentum)
         if copy_rm:
             running_mean[...] = rm
@@ -567,11 +582,11 @@ def _batch_norm_forward(input, running_mean, running_var, weight, bias, training
         return y, mean, invstd
     if running_mean is None or running_var is None:
         raise ValueError(f"{op}: running_mean and running_var are required when training=False")
-    rm = B.as_float(running_mean, "running_mean")
-    rv = B.as_float(running_var, "running_var")
+    rm = B.as_float(running_mean, "running_mean", xp)
+    rv = B.as_float(running_var, "running_var", xp)
     if x.size:
-        B.backend(x).batch_norm_forward_eval(x, w, b, rm, rv, y, *a.view, eps)
-    invstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(_F32)
+        K.batch_norm_forward_eval(x, w, b, rm, rv, y, *a.view, eps)
+    invstd = (1.0 / xp.sqrt(rv.astype(np.float64) + eps)).astype(_F32)
     return y, rm, invstd
 
 
@@ -584,12 +599,14 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
     forward's ``save_mean`` / ``save_invstd`` are passed; in eval mode the
     running statistics are used.
     """
+    xp, K = B.dispatch(grad_output, input, running_mean, running_var, weight, bias, save_mean,
+                       save_invstd)
     op = "batch_norm_backward"
-    x = B.as_float(input, "input")
-    w = B.as_optional_float(weight, "weight")
-    b = B.as_optional_float(bias, "bias")
+    x = B.as_float(input, "input", xp)
+    w = B.as_optional_float(weight, "weight", xp)
+    b = B.as_optional_float(bias, "bias", xp)
     a = _BatchNormArgs(op, x, running_mean, running_var, w, b)
-    dy = B.as_float(grad_output, "grad_output")
+    dy = B.as_float(grad_output, "grad_output", xp)
     B.check_same_shape(dy, x, "grad_output", "input", op)
     eps = float(eps)
     n, c, l = a.view
@@ -599,22 +616,22 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
             # The forward's own statistics, computed the same way.
             _, mean, invstd = _batch_norm_forward(x, None, None, None, None, True, 0.0, eps)
         else:
-            mean = B.as_float(save_mean, "save_mean")
-            invstd = B.as_float(save_invstd, "save_invstd")
+            mean = B.as_float(save_mean, "save_mean", xp)
+            invstd = B.as_float(save_invstd, "save_invstd", xp)
     else:
         if running_mean is None or running_var is None:
             raise ValueError(f"{op}: running_mean and running_var are required when "
                              "training=False")
-        mean = B.as_float(running_mean, "running_mean")
-        invstd = (1.0 / np.sqrt(B.as_float(running_var, "running_var").astype(np.float64)
+        mean = B.as_float(running_mean, "running_mean", xp)
+        invstd = (1.0 / xp.sqrt(B.as_float(running_var, "running_var", xp).astype(np.float64)
                                 + eps)).astype(_F32)
     for name, arr in (("save_mean", mean), ("save_invstd", invstd)):
         if arr.shape != (c,):
             raise ValueError(f"{op}: {name} must have shape ({c},), got {shape_str(arr.shape)}")
-    dx = _empty(x.shape)
-    dw = _empty((c,)) if w is not None else None
-    db = _empty((c,)) if b is not None else None
-    B.backend(x, dy).batch_norm_backward(dy, x, mean, invstd, w, bool(training), dx, dw, db, *a.view)
+    dx = _empty(xp, x.shape)
+    dw = _empty(xp, (c,)) if w is not None else None
+    db = _empty(xp, (c,)) if b is not None else None
+    K.batch_norm_backward(dy, x, mean, invstd, w, bool(training), dx, dw, db, *a.view)
     return dx, dw, db
 
 
@@ -647,39 +664,45 @@ def dropout(input, p=0.5, training=True, seed=None, offset=0):
     from the generator set by :func:`manual_seed`. Returns a copy of the
     input when ``training`` is False or ``p`` is 0.
     """
-    x = B.as_float(input, "input")
+    xp, K = B.dispatch(input)
+    x = B.as_float(input, "input", xp)
     p = _check_p("dropout", p)
     if not training or p == 0.0:
         return x.copy() if x is input else x
     seed = int(_seed_source.integers(0, 2**63)) if seed is None else B.seed_value(seed)
-    y = _empty(x.shape)
-    B.backend(x).dropout_apply(x, y, p, seed, B.seed_value(offset, "offset"))
+    y = _empty(xp, x.shape)
+    K.dropout_apply(x, y, p, seed, B.seed_value(offset, "offset"))
     return y
 
 
-def dropout_mask(shape, p, seed, offset=0):
-    """The multiplier :func:`dropout` applies: 0 or 1 / (1 - p), float32."""
+def dropout_mask(shape, p, seed, offset=0, device="cpu"):
+    """The multiplier :func:`dropout` applies: 0 or 1 / (1 - p), float32, as a
+    NumPy array (``device="cpu"``) or a CuPy array (``device="cuda"``)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"dropout_mask: device must be 'cpu' or 'cuda', got {device!r}")
+    xp, K = B._cuda_kernels() if device == "cuda" else (np, B._cpu)
     p = _check_p("dropout_mask", p)
-    shape = tuple(B.as_int(d, "shape") for d in np.atleast_1d(shape)) if np.ndim(shape) \
-        else (B.as_int(shape, "shape"),)
-    if any(d < 0 for d in shape):
-        raise ValueError(f"dropout_mask: shape must be non-negative, got {shape}")
-    y = _empty(shape)
-    B.backend().dropout_apply(None, y, p, B.seed_value(seed), B.seed_value(offset, "offset"))
+    dims = (shape,) if np.ndim(shape) == 0 else tuple(shape)
+    dims = tuple(B.as_int(d, "shape") for d in dims)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"dropout_mask: shape must be non-negative, got {dims}")
+    y = _empty(xp, dims)
+    K.dropout_apply(None, y, p, B.seed_value(seed), B.seed_value(offset, "offset"))
     return y
 
 
 def dropout_backward(grad_output, p=0.5, training=True, seed=None, offset=0):
     """Gradient of :func:`dropout`: grad_output times the same mask (the same
     ``seed`` and ``offset`` as the forward)."""
-    dy = B.as_float(grad_output, "grad_output")
+    xp, K = B.dispatch(grad_output)
+    dy = B.as_float(grad_output, "grad_output", xp)
     p = _check_p("dropout_backward", p)
     if not training or p == 0.0:
         return dy.copy() if dy is grad_output else dy
     if seed is None:
         raise ValueError("dropout_backward: seed is required (the seed the forward used)")
-    dx = _empty(dy.shape)
-    B.backend(dy).dropout_apply(dy, dx, p, B.seed_value(seed), B.seed_value(offset, "offset"))
+    dx = _empty(xp, dy.shape)
+    K.dropout_apply(dy, dx, p, B.seed_value(seed), B.seed_value(offset, "offset"))
     return dx
 
 
@@ -692,13 +715,12 @@ def normalize(input, mean=None, std=None, dim=-3):
 
     mean / std: scalars or sequences of length input.shape[dim] (or 1).
     """
+    xp, K = B.dispatch(input)
     op = "normalize"
-    if not isinstance(input, np.ndarray):
-        B._reject_device_array(input, "input")
-        input = np.asarray(input)
-    if input.dtype != np.uint8:
-        raise TypeError(f"{op}: input must be uint8 images (0-255), got dtype {input.dtype}")
-    x = np.ascontiguousarray(input)
+    x = B._as_array(input, "input", xp)
+    if x.dtype != np.uint8:
+        raise TypeError(f"{op}: input must be uint8 images (0-255), got dtype {x.dtype}")
+    x = xp.asarray(x, order="C")
     if (mean is None) != (std is None):
         raise ValueError(f"{op}: give both mean and std, or neither")
     if mean is None:
@@ -711,19 +733,19 @@ def normalize(input, mean=None, std=None, dim=-3):
         else:
             d = B.normalize_dim(dim, x.ndim, op)
             outer, c, inner = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
-        m = B.as_float(np.atleast_1d(mean), "mean").reshape(-1)
-        s = B.as_float(np.atleast_1d(std), "std").reshape(-1)
+        m = B.as_float(mean, "mean").reshape(-1)
+        s = B.as_float(std, "std").reshape(-1)
         for name, arr in (("mean", m), ("std", s)):
             if arr.size not in (1, c):
                 raise ValueError(f"{op}: {name} has {arr.size} values but input has {c} channels "
                                  f"along dim {d}; input shape {shape_str(x.shape)}")
         if np.any(s == 0) or not np.all(np.isfinite(s)):
             raise ValueError(f"{op}: std must be finite and non-zero, got {s.tolist()}")
-        m = np.ascontiguousarray(np.broadcast_to(m, (c,)))
-        s = np.ascontiguousarray(np.broadcast_to(s, (c,)))
-    y = _empty(x.shape)
+        m = xp.asarray(np.ascontiguousarray(np.broadcast_to(m, (c,))))
+        s = xp.asarray(np.ascontiguousarray(np.broadcast_to(s, (c,))))
+    y = _empty(xp, x.shape)
     if x.size:
-        B.backend().normalize_u8(x, m, s, y, outer, c, inner)
+        K.normalize_u8(x, m, s, y, outer, c, inner)
     return y
 
 
@@ -731,13 +753,14 @@ def normalize(input, mean=None, std=None, dim=-3):
 
 def matmul(a, b):
     """a @ b for 2-D arrays, on fastcnn's own SGEMM (float32)."""
-    a = B.as_float(a, "a")
-    b = B.as_float(b, "b")
+    xp, K = B.dispatch(a, b)
+    a = B.as_float(a, "a", xp)
+    b = B.as_float(b, "b", xp)
     B.check_ndim(a, (2,), "a", "matmul", "2-D")
     B.check_ndim(b, (2,), "b", "matmul", "2-D")
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: a {shape_str(a.shape)} and b {shape_str(b.shape)} do not "
                          "agree (a.shape[1] != b.shape[0])")
-    c = _empty((a.shape[0], b.shape[1]))
-    B.backend(a, b).sgemm(False, False, 1.0, a, b, 0.0, c)
+    c = _empty(xp, (a.shape[0], b.shape[1]))
+    K.sgemm(False, False, 1.0, a, b, 0.0, c)
     return c
