@@ -236,46 +236,37 @@ struct Scratch {
 };
 thread_local Scratch tls_scratch;
 
-// The work of thread `tid` of `nt` (nt == 1: the whole product, no OpenMP).
-void gemm_thread(const KernelInfo& ker, int tid, int nt, float* packed_b, Trans ta, Trans tb,
-                 index_t m, index_t n, index_t k, float alpha, const float* a, index_t lda,
-                 const float* b, index_t ldb, float beta, float* c, index_t ldc) {
+// Depth of the packed blocks: K split evenly into blocks of at most kKC, so
+// K = 288 runs as 2 x 144 rather than 256 + 32. Depends on K alone, never on
+// the thread partition, so every element of C sums in the same order.
+index_t block_depth(index_t k) {
+  const index_t blocks = (k + kKC - 1) / kKC;
+  return (k + blocks - 1) / blocks;
+}
+
+// The whole product on the calling thread.
+void gemm_serial(const KernelInfo& ker, Trans ta, Trans tb, index_t m, index_t n, index_t k,
+                 float alpha, const float* a, index_t lda, const float* b, index_t ldb,
+                 float beta, float* c, index_t ldc) {
   const int mr = ker.mr, nr = ker.nr;
-  float* packed_a = scratch(tls_scratch.a, tls_scratch.a_cap, kMC * kKC);
-  alignas(64) float edge[16 * 32];  // one micro-tile for partial tiles at the edges
-  const index_t m_blocks = (m + kMC - 1) / kMC;
+  const index_t kc_max = block_depth(k);
+  float* packed_a = scratch(tls_scratch.a, tls_scratch.a_cap, kMC * kc_max);
+  float* packed_b = scratch(tls_scratch.b, tls_scratch.b_cap,
+                            std::min(kNC, (n + nr - 1) / nr * nr) * kc_max);
+  alignas(64) float edge[16 * 32];  // one micro-tile, for partial tiles at the edges
   for (index_t j0 = 0; j0 < n; j0 += kNC) {
     const index_t nc = std::min(kNC, n - j0);
     const index_t panels = (nc + nr - 1) / nr;
-    // Column chunks give the threads work when M has a single block (few
-    // output channels, many pixels: the common convolution shape).
-    index_t chunks = (4 * static_cast<index_t>(nt) + m_blocks - 1) / m_blocks;
-    chunks = std::max<index_t>(1, std::min(chunks, panels));
-    const index_t panels_per_chunk = (panels + chunks - 1) / chunks;
-    chunks = (panels + panels_per_chunk - 1) / panels_per_chunk;
-    const index_t items = m_blocks * chunks;
-    for (index_t p0 = 0; p0 < k; p0 += kKC) {
-      const index_t kc = std::min(kKC, k - p0);
+    for (index_t p0 = 0; p0 < k; p0 += kc_max) {
+      const index_t kc = std::min(kc_max, k - p0);
       const float beta_block = p0 == 0 ? beta : 1.0f;
-      for (index_t jp = tid; jp < panels; jp += nt)
+      for (index_t jp = 0; jp < panels; ++jp)
         pack_b_panel(tb, b, ldb, j0, nc, p0, kc, nr, jp, packed_b);
-      if (nt > 1) {
-#pragma omp barrier
-      }
-      index_t packed_block = -1;
-      // Items are ordered block-major, so a thread's consecutive items mostly
-      // share one A~ block and pack it once.
-      const index_t begin = items * tid / nt, end = items * (tid + 1) / nt;
-      for (index_t item = begin; item < end; ++item) {
-        const index_t mb = item / chunks, chunk = item % chunks;
-        const index_t i0 = mb * kMC, mc = std::min(kMC, m - i0);
-        if (mb != packed_block) {
-          pack_a(ta, a, lda, i0, mc, p0, kc, mr, packed_a);
-          packed_block = mb;
-        }
-        const index_t jp_end = std::min(panels, (chunk + 1) * panels_per_chunk);
-        for (index_t jp = chunk * panels_per_chunk; jp < jp_end; ++jp) {
-          const index_t jr = jp * nr, cols = std::min<index_t>(nr, nc - jr);
+      for (index_t i0 = 0; i0 < m; i0 += kMC) {
+        const index_t mc = std::min(kMC, m - i0);
+        pack_a(ta, a, lda, i0, mc, p0, kc, mr, packed_a);
+        for (index_t jr = 0; jr < nc; jr += nr) {
+          const index_t cols = std::min<index_t>(nr, nc - jr);
           const float* bp = packed_b + jr * kc;
           for (index_t ir = 0; ir < mc; ir += mr) {
             const index_t rows = std::min<index_t>(mr, mc - ir);
@@ -293,9 +284,6 @@ void gemm_thread(const KernelInfo& ker, int tid, int nt, float* packed_b, Trans 
             }
           }
         }
-      }
-      if (nt > 1) {
-#pragma omp barrier
       }
     }
   }
@@ -315,15 +303,33 @@ void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, con
   const KernelInfo& ker = kernel();
   // ~2 MFLOP per thread before a second thread pays for itself.
   const int nt = threads_for(m * n * std::min(k, kKC), index_t(1) << 20);
-  const index_t nc_max = std::min(kNC, ((n + ker.nr - 1) / ker.nr) * ker.nr);
-  float* packed_b = scratch(tls_scratch.b, tls_scratch.b_cap, nc_max * std::min(k, kKC));
   if (nt <= 1) {
-    gemm_thread(ker, 0, 1, packed_b, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    gemm_serial(ker, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-#pragma omp parallel num_threads(nt)
-  gemm_thread(ker, omp_get_thread_num(), omp_get_num_threads(), packed_b, ta, tb, m, n, k,
-              alpha, a, lda, b, ldb, beta, c, ldc);
+  // Each thread owns a block of C, aligned to micro-tiles, and runs the serial
+  // product on it with its own packing buffers: no barrier anywhere, so a
+  // thread that the OS preempts delays only its own block. Columns are split
+  // first (the packed A~ block is the smaller one to repeat), rows when there
+  // are too few column panels.
+  const index_t m_panels = (m + ker.mr - 1) / ker.mr, n_panels = (n + ker.nr - 1) / ker.nr;
+  index_t tn = std::min<index_t>(nt, n_panels);
+  if (n_panels < 2 * nt && m_panels >= 2 * nt) tn = 1;
+  const index_t tm = std::max<index_t>(1, std::min<index_t>(nt / tn, m_panels));
+  const index_t tiles = tm * tn;
+#pragma omp parallel for num_threads(static_cast<int>(tiles)) schedule(static)
+  for (index_t t = 0; t < tiles; ++t) {
+    const index_t bi = t / tn, bj = t % tn;
+    const index_t i0 = std::min(m, m_panels * bi / tm * ker.mr);
+    const index_t i1 = std::min(m, m_panels * (bi + 1) / tm * ker.mr);
+    const index_t j0 = std::min(n, n_panels * bj / tn * ker.nr);
+    const index_t j1 = std::min(n, n_panels * (bj + 1) / tn * ker.nr);
+    if (i0 >= i1 || j0 >= j1) continue;
+    const float* a_blk = ta == Trans::No ? a + i0 * lda : a + i0;
+    const float* b_blk = tb == Trans::No ? b + j0 : b + j0 * ldb;
+    gemm_serial(ker, ta, tb, i1 - i0, j1 - j0, k, alpha, a_blk, lda, b_blk, ldb, beta,
+                c + i0 * ldc + j0, ldc);
+  }
 }
 
 }  // namespace fastcnn
