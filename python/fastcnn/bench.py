@@ -5,8 +5,8 @@
 * ``gemm``: our SGEMM against NumPy's BLAS, on squares and on the GEMM
   shapes convolutions produce;
 * ``ops``: every op's forward and forward+backward against PyTorch (CPU);
-* ``net``: a training step and inference of the reference networks against
-  PyTorch eager.
+* ``net``: a training step (SGD with momentum) and inference of the
+  reference MNIST CNN, with and without BatchNorm, against PyTorch eager.
 
 Each figure is the median of repeats after a warm-up, with the spread
 (min-max over repeats) beside it; the ratio is PyTorch's (or NumPy's) time
@@ -234,9 +234,76 @@ def bench_ops(rng, quick=False):
     return _conv_rows(rng, torch, quick) + _elementwise_rows(rng, torch)
 
 
+# -------------------------------------------------------------------- net --
+
+def _torch_mnist_cnn(torch, batchnorm):
+    nn = torch.nn
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1)] + ([nn.BatchNorm2d(cout)] if batchnorm else []) \
+            + [nn.ReLU(), nn.MaxPool2d(2)]
+
+    return nn.Sequential(*block(1, 32), *block(32, 64), nn.Flatten(), nn.Linear(3136, 128),
+                         nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+
+
+def bench_net(rng, quick=False):
+    """A training step (forward, loss, backward, SGD with momentum) and
+    inference of the reference MNIST CNN, with and without BatchNorm."""
+    from . import models, nn, optim
+
+    torch = _torch()
+    rows = []
+    for batchnorm in (False, True):
+        tag = "mnist_cnn_bn" if batchnorm else "mnist_cnn"
+        for batch in ((64,) if quick else (64, 256)):
+            x = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
+            y = rng.integers(0, 10, batch)
+            model = models.mnist_cnn(batchnorm=batchnorm, seed=0)
+            model.train()
+            loss_fn = nn.CrossEntropyLoss()
+            opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def step():
+                opt.zero_grad()
+                loss_fn.forward(model.forward(x), y)
+                model.backward(loss_fn.backward(), input_grad=False)
+                opt.step()
+
+            ours = Timing.of(step, repeats=5, min_time=0.2)
+            theirs = None
+            if torch is not None:
+                tm = _torch_mnist_cnn(torch, batchnorm)
+                topt = torch.optim.SGD(tm.parameters(), lr=0.01, momentum=0.9)
+                tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+                def torch_step():
+                    topt.zero_grad()
+                    torch.nn.functional.cross_entropy(tm(tx), ty).backward()
+                    topt.step()
+
+                theirs = Timing.of(torch_step, repeats=5, min_time=0.2)
+            rows.append(Row("net", f"{tag} train step b{batch}", ours, theirs, "torch",
+                            extra={"images_per_s": batch / ours.median,
+                                   "torch_images_per_s": batch / theirs.median if theirs else None}))
+        model.eval()
+        for batch in (1, 256):
+            x = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
+            ours = Timing.of(lambda: model.forward(x), repeats=5, min_time=0.2)
+            theirs = None
+            if torch is not None:
+                tm = _torch_mnist_cnn(torch, batchnorm).eval()
+                tx = torch.from_numpy(x)
+                with torch.no_grad():
+                    theirs = Timing.of(lambda: tm(tx), repeats=5, min_time=0.2)
+            rows.append(Row("net", f"{tag} inference b{batch}", ours, theirs, "torch",
+                            extra={"images_per_s": batch / ours.median}))
+    return rows
+
+
 # -------------------------------------------------------------------- run --
 
-SECTIONS = {"gemm": bench_gemm, "ops": bench_ops}
+SECTIONS = {"gemm": bench_gemm, "ops": bench_ops, "net": bench_net}
 
 
 def machine_info():
@@ -266,7 +333,7 @@ def _cpu_name():
     return platform.processor() or "unknown"
 
 
-def run(sections=("gemm", "ops"), quick=False, threads=None, seed=0, out=sys.stdout):
+def run(sections=tuple(SECTIONS), quick=False, threads=None, seed=0, out=sys.stdout):
     if threads is not None:
         _backend.set_num_threads(threads)
     rng = np.random.default_rng(seed)
@@ -282,6 +349,8 @@ def run(sections=("gemm", "ops"), quick=False, threads=None, seed=0, out=sys.std
             line = row.line()
             if "memcpy_ms" in row.extra:
                 line += f"  (memcpy of its bytes {row.extra['memcpy_ms']:.3f} ms)"
+            if "images_per_s" in row.extra:
+                line += f"  {row.extra['images_per_s']:.0f} img/s"
             print(line, file=out, flush=True)
     ratios = [r.ratio for r in rows if r.section == "conv" and r.ratio and "fwd+bwd" in r.name]
     if ratios:
@@ -292,8 +361,8 @@ def run(sections=("gemm", "ops"), quick=False, threads=None, seed=0, out=sys.std
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastcnn bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sections", nargs="*", default=["gemm", "ops"],
-                        help=f"what to time: {', '.join(SECTIONS)} (default: gemm ops)")
+    parser.add_argument("sections", nargs="*", default=list(SECTIONS),
+                        help=f"what to time: {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes, for a smoke test")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
