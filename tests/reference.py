@@ -19,7 +19,7 @@ import numpy as np
 __all__ = [
     "pair", "conv2d_pads", "conv2d_out_size", "conv2d", "conv2d_backward",
     "linear", "linear_backward", "relu", "relu_backward",
-    "pool_out_size", "max_pool2d", "max_pool2d_backward",
+    "pool_out_size", "max_pool2d", "max_pool_has_empty_window", "max_pool2d_backward",
     "softmax", "softmax_backward", "log_softmax", "log_softmax_backward",
     "cross_entropy", "cross_entropy_backward",
     "batch_norm", "batch_norm_backward",
@@ -339,9 +339,7 @@ def cross_entropy_backward(grad_out, x, target, reduction="mean", ignore_index=-
     onehot = (np.arange(c).reshape((1, c) + (1,) * (x.ndim - 2)) == safe[:, None])
     dloss = softmax(x, dim=1) - (1.0 - eps) * onehot - eps / c
     go = _f64(grad_out)
-    if reduction == "none":
-        weight = go * keep
-    elif reduction == "sum":
+    if reduction in ("none", "sum"):
         weight = go * keep
     else:
         count = keep.sum()

@@ -202,3 +202,14 @@ def test_conv2d_same_keeps_size(rng):
         out = F.conv2d(x, w, padding="same", dilation=d)
         assert out.shape == (1, 3, 7, 6)
         assert_close(out, ref.conv2d(x, w, padding="same", dilation=d), red=2 * r * s)
+
+
+@pytest.mark.parametrize("xs, ws, kw", [
+    ((1, 32, 60, 60), (150, 32, 3, 3), dict(padding=1)),         # 3600 pixels, 288 deep
+    ((2, 70, 13, 11), (33, 70, 2, 2), dict(stride=1)),            # 280 deep, odd tails
+    ((2, 40, 20, 20), (40, 8, 3, 3), dict(padding=1, groups=5)),  # grouped, many pixels
+])
+def test_conv2d_large_gemm_blocks(xs, ws, kw, rng):
+    """Shapes that cross the GEMM's cache-blocking boundaries (and their tails)."""
+    x, w, b = randn(rng, *xs), randn(rng, *ws), randn(rng, ws[0])
+    run_and_check(x, w, b, kw, rng)

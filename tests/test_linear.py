@@ -65,3 +65,14 @@ def test_linear_does_not_modify_inputs(rng):
     F.linear_backward(go, x, w, b)
     for a, c in zip((x, w, b, go), copies):
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("xs, out_f", [
+    ((145, 600), 300),      # more rows than one packed A block, depth over 2 blocks + tail
+    ((20, 257), 3075),      # more columns than one packed B slab, depth one block + 1
+    ((3075, 40), 17),
+])
+def test_linear_large_gemm_blocks(xs, out_f, rng):
+    """Shapes that cross the GEMM's cache-blocking boundaries (and their tails)."""
+    x, w, b = randn(rng, *xs), randn(rng, out_f, xs[-1]), randn(rng, out_f)
+    check_linear(x, w, b, rng)

@@ -86,6 +86,10 @@ def test_max_pool2d_random(cfg):
     ((1, 1, 9, 9), dict(kernel_size=3, stride=1, dilation=2)),
     ((1, 1, 10, 11), dict(kernel_size=(2, 3), stride=(3, 1), padding=(1, 1),
                           dilation=(3, 2), ceil_mode=True)),
+    ((2, 3, 9, 10), dict(kernel_size=3, stride=1, padding=1)),
+    ((2, 3, 9, 10), dict(kernel_size=3, stride=1)),
+    ((2, 3, 11, 13), dict(kernel_size=3, stride=2)),
+    ((2, 3, 11, 13), dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)),
     ((2, 3, 5, 5), dict(kernel_size=5)),                         # one window
     ((2, 3, 5, 5), dict(kernel_size=1)),                         # identity
     ((2, 3, 6, 6), dict(kernel_size=1, stride=2)),               # stride > kernel
@@ -180,3 +184,20 @@ def test_max_pool2d_does_not_modify_inputs(rng):
     F.max_pool2d_backward(go, x, 2)
     np.testing.assert_array_equal(x, copy)
     np.testing.assert_array_equal(go, go_copy)
+
+
+def test_max_pool2d_window_wholly_in_padding():
+    """With dilation, a window can hold only padding taps: H = W = 2, k = 2, p = 1,
+    d = 3 puts the taps at -1 and 2.  torch returns -inf (and drops the gradient);
+    raising a ValueError would also be acceptable.  Reading another plane's
+    values (or memory past the array) is not."""
+    x = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2)
+    kw = dict(kernel_size=2, stride=1, padding=1, dilation=3)
+    try:
+        out = F.max_pool2d(x, **kw)
+    except ValueError as e:
+        assert any(name in str(e) for name in ("padding", "dilation", "kernel_size", "input"))
+        return
+    np.testing.assert_array_equal(out, np.full((1, 2, 1, 1), -np.inf, np.float32))
+    gx = F.max_pool2d_backward(np.ones((1, 2, 1, 1), np.float32), x, **kw)
+    np.testing.assert_array_equal(gx, np.zeros_like(x))

@@ -39,7 +39,7 @@ def test_relu_lengths(n, rng):
 def test_relu_backward_at_zero_and_signs():
     x = np.array([-1.0, 0.0, -0.0, 1e-30, 2.0, 3.0], dtype=np.float32)
     g = np.array([5.0, 5.0, 5.0, 5.0, -4.0, 4.0], dtype=np.float32)
-    np.testing.assert_array_equal(F.relu(x), [0, 0, 0, 1e-30, 2, 3])
+    np.testing.assert_array_equal(F.relu(x), np.array([0, 0, 0, 1e-30, 2, 3], np.float32))
     np.testing.assert_array_equal(F.relu_backward(g, x), [0, 0, 0, 5, -4, 4])
     np.testing.assert_array_equal(F.relu_backward(g, x, guided=True), [0, 0, 0, 5, 0, 4])
 

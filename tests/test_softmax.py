@@ -228,3 +228,30 @@ def test_cross_entropy_does_not_modify_inputs(rng):
     F.cross_entropy_backward(np.float32(1), x, t)
     np.testing.assert_array_equal(x, xc)
     np.testing.assert_array_equal(t, tc)
+
+
+def test_softmax_masked_logits():
+    """-inf logits (masking) get probability 0 and log-probability -inf; the rest
+    is the softmax of the finite entries, as in torch."""
+    x = np.array([[1.0, -np.inf, 2.0], [-np.inf, 0.5, -np.inf]], dtype=np.float32)
+    y = F.softmax(x, dim=1)
+    np.testing.assert_allclose(y, [[1 / (1 + np.e), 0, np.e / (1 + np.e)], [0, 1, 0]],
+                               rtol=1e-6)
+    ly = F.log_softmax(x, dim=1)
+    assert ly[0, 1] == -np.inf and ly[1, 0] == -np.inf
+    np.testing.assert_allclose(ly[1, 1], 0, atol=1e-7)
+    np.testing.assert_allclose(ly[0, [0, 2]], np.log(y[0, [0, 2]]), rtol=1e-6)
+
+
+def test_cross_entropy_uint8_segmentation_target(rng):
+    """The common segmentation set-up: uint8 label maps with 255 = ignore."""
+    x = randn(rng, 2, 4, 5, 6)
+    t = rng.integers(0, 4, (2, 5, 6)).astype(np.uint8)
+    t[0, :2] = 255
+    for reduction in ("mean", "sum", "none"):
+        got = F.cross_entropy(x, t, reduction=reduction, ignore_index=255)
+        want = ref.cross_entropy(x, t, reduction, ignore_index=255)
+        assert_close(np.asarray(got), want, red=t.size * 4, err_msg=reduction)
+    go = np.float32(1)
+    assert_close(F.cross_entropy_backward(go, x, t, ignore_index=255),
+                 ref.cross_entropy_backward(go, x, t, ignore_index=255), atol=1e-6)

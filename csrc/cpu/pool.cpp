@@ -4,6 +4,7 @@
 // order wins; a NaN wins over any number (PyTorch's rule). The updates are
 // branch-free selects: on real activations a branch would mispredict often.
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "fastcnn/cpu_kernels.h"
@@ -24,12 +25,18 @@ inline void taps_inside(index_t start, index_t dil, index_t k, index_t in, index
 }
 
 // Argmax (flat iy * w + ix) of output (oy, ox), whose column taps inside the
-// input are [j_lo, j_hi); its value goes to *value.
+// input are [j_lo, j_hi); its value goes to *value. A window with no tap
+// inside the input (possible with dilation and padding) has value -inf and
+// index -1: it takes no gradient.
 inline index_t window_argmax(const PoolShape& ps, const float* plane, index_t oy, index_t ox,
                              index_t j_lo, index_t j_hi, float* value) {
   const index_t y0 = oy * ps.stride_h - ps.pad_h, x0 = ox * ps.stride_w - ps.pad_w;
   index_t i_lo, i_hi;
   taps_inside(y0, ps.dil_h, ps.kh, ps.h, &i_lo, &i_hi);
+  if (i_lo == i_hi || j_lo == j_hi) {
+    *value = -std::numeric_limits<float>::infinity();
+    return -1;
+  }
   // The first tap inside the window seeds the search, even if it is -inf.
   index_t best_idx = (y0 + i_lo * ps.dil_h) * ps.w + x0 + j_lo * ps.dil_w;
   float best = plane[best_idx];
@@ -147,14 +154,16 @@ void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
     const float* g = dy + pl * out_plane;
     if (indices != nullptr) {
       const std::int64_t* idx = indices + pl * out_plane;
-      for (index_t o = 0; o < out_plane; ++o) grad[idx[o]] += g[o];
+      for (index_t o = 0; o < out_plane; ++o)
+        if (idx[o] >= 0) grad[idx[o]] += g[o];
       return;
     }
     const float* plane = x + pl * in_plane;
     for (index_t oy = 0; oy < ps.oh; ++oy)
       for (index_t ox = 0; ox < ps.ow; ++ox) {
         float v;
-        grad[window_argmax(ps, plane, oy, ox, cols.lo[ox], cols.hi[ox], &v)] += g[oy * ps.ow + ox];
+        const index_t at = window_argmax(ps, plane, oy, ox, cols.lo[ox], cols.hi[ox], &v);
+        if (at >= 0) grad[at] += g[oy * ps.ow + ox];
       }
   });
 }

@@ -119,11 +119,11 @@ def as_optional_float(x, name: str, xp=np):
     return None if x is None else as_float(x, name, xp)
 
 
-def as_labels(x, name: str, xp=np):
-    """Class labels as a C-contiguous int64 array of module ``xp``."""
+def as_labels(x, name: str, xp=np, what="an integer dtype (class labels)"):
+    """Class labels (or other integer indices) as a C-contiguous int64 array of module ``xp``."""
     x = _as_array(x, name, xp)
     if x.dtype.kind not in _INT_KINDS:
-        raise _dtype_error(name, x.dtype, "an integer dtype (class labels)")
+        raise _dtype_error(name, x.dtype, what)
     return xp.asarray(x, dtype=np.int64, order="C")
 
 

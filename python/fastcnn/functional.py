@@ -39,6 +39,7 @@ class _ConvArgs:
         B.check_ndim(x, (3, 4), "input", op, "3-D (C, H, W) or 4-D (N, C, H, W)")
         B.check_ndim(w, (4,), "weight", op, "4-D (out_channels, in_channels/groups, kH, kW)")
         self.unbatched = x.ndim == 3
+        shapes = f"input shape {shape_str(x.shape)}, weight shape {shape_str(w.shape)}"
         if self.unbatched:
             x = x[None]
         n, c, h, wd = x.shape
@@ -50,7 +51,6 @@ class _ConvArgs:
         self.dilation = B.pair(dilation, "dilation")
         B.check_positive(self.stride, "stride", op)
         B.check_positive(self.dilation, "dilation", op)
-        shapes = f"input shape {shape_str(x.shape)}, weight shape {shape_str(w.shape)}"
         if c == 0 or k == 0 or cg == 0 or r == 0 or s == 0:
             raise ValueError(f"{op}: input and weight must have at least one channel and a "
                              f"non-empty kernel; {shapes}")
@@ -270,6 +270,13 @@ class _PoolArgs:
                              f"than the padded input; input shape {shape_str(x.shape)}, padding "
                              f"{self.padding}")
         self.out_shape = (n, c, out[0], out[1])
+        # With dilation and padding a window can lie wholly in the padding:
+        # its output is -inf and its index -1 (it takes no gradient).
+        self.has_empty_windows = any(
+            not any(0 <= o * s - p + i * d < size for i in range(k))
+            for size, k, s, p, d, n_out in zip((h, w), self.kernel, self.stride, self.padding,
+                                                self.dilation, out)
+            for o in range(n_out))
 
     @staticmethod
     def _out_size(size, k, s, p, d, ceil_mode):
@@ -291,7 +298,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
     The first maximum of a window wins ties; NaN wins over numbers. With
     ``return_indices`` also returns int64 indices into each input plane
-    (h * W + w), as PyTorch.
+    (h * W + w), as PyTorch; a window lying wholly in the padding (possible
+    with dilation) gives -inf and index -1.
     """
     xp, K = B.dispatch(input)
     x = B.as_float(input, "input", xp)
@@ -321,13 +329,14 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
                          f"expected the output shape {shape_str(expected)}")
     idx = None
     if indices is not None:
-        idx = B.as_labels(indices, "indices", xp)
+        idx = B.as_labels(indices, "indices", xp, what="an integer dtype (pooling indices)")
         if idx.shape != dy.shape:
             raise ValueError(f"max_pool2d_backward: indices have shape {shape_str(idx.shape)}, "
                              f"expected {shape_str(dy.shape)}")
         plane = x.shape[-1] * x.shape[-2]
-        if idx.size and (idx.min() < 0 or idx.max() >= plane):
-            raise ValueError(f"max_pool2d_backward: indices must lie in [0, {plane}) (H * W of "
+        low = -1 if g.has_empty_windows else 0
+        if idx.size and (int(idx.min()) < low or int(idx.max()) >= plane):
+            raise ValueError(f"max_pool2d_backward: indices must lie in [{low}, {plane}) (H * W of "
                              f"input {shape_str(x.shape)})")
     xb = x[None] if g.unbatched else x
     dx = _empty(xp, xb.shape)
