@@ -1,6 +1,12 @@
-// conv2d forward and backward as im2col + GEMM, one image and one group at a
-// time:  y[n, g] (k/g, oh ow) = w[g] (k/g, c/g r s) @ cols[n, g] (c/g r s, oh ow).
+// conv2d forward and backward as im2col + GEMM.
+//
+// Images are processed in chunks of `nb`: the column matrices of a chunk sit
+// side by side, cols (c/g r s, nb oh ow), so one GEMM per group covers the
+// chunk:  y[chunk, g] (k/g, nb oh ow) = w[g] (k/g, c/g r s) @ cols.
+// Small feature maps (14x14, 8x8) would otherwise give GEMMs a few hundred
+// columns wide, dominated by packing and partial edge tiles.
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "fastcnn/cpu_kernels.h"
@@ -13,19 +19,64 @@ namespace fastcnn {
 namespace cpu {
 namespace {
 
-// The weight gradient is a sum over the batch. The batch is cut into a fixed
-// number of slices (independent of the thread count), each summed into its
-// own buffer in image order, and the slices are added in order: bitwise the
-// same result on 1 thread or 64.
+// The weight gradient is a sum over the batch. The chunks are grouped into a
+// fixed number of slices (independent of the thread count), each summed into
+// its own buffer in chunk order, and the slices are added in order: bitwise
+// the same result on 1 thread or 64.
 constexpr index_t kWeightGradSlices = 8;
+// A chunk aims at this many GEMM columns, within this many floats of columns.
+constexpr index_t kChunkColumns = 1024;
+constexpr index_t kChunkFloats = index_t(1) << 20;
 
-// Column matrix of image n, group g: x itself for a pointwise convolution,
-// else im2col into the calling thread's scratch.
-const float* columns(const ConvShape& cs, const float* x_group) {
-  if (cs.is_pointwise()) return x_group;
-  float* cols = thread_scratch(ScratchSlot::Cols, cs.col_rows() * cs.out_pixels());
-  im2col(cs, x_group, cols);
+// Images per chunk: a function of the shape only, never of the thread count.
+index_t chunk_images(const ConvShape& cs) {
+  const index_t pixels = cs.out_pixels();
+  index_t nb = (kChunkColumns + pixels - 1) / pixels;
+  nb = std::min(nb, std::max<index_t>(1, kChunkFloats / std::max<index_t>(1, cs.col_rows() * pixels)));
+  return std::max<index_t>(1, std::min(nb, cs.n));
+}
+
+struct Chunk {
+  index_t first, count;
+};
+
+Chunk chunk_at(const ConvShape& cs, index_t nb, index_t i) {
+  const index_t first = i * nb;
+  return {first, std::min(nb, cs.n - first)};
+}
+
+// Column matrix of a chunk's group g, (rows, count * pixels) with row stride
+// *ld. A single image of a pointwise convolution needs no copy: its input
+// plane is already that matrix.
+const float* chunk_columns(const ConvShape& cs, const float* x, Chunk ch, index_t g,
+                           index_t* ld) {
+  const index_t pixels = cs.out_pixels(), rows = cs.col_rows();
+  const index_t plane = cs.h * cs.w, x_image = cs.c * plane;
+  const float* x_g = x + ch.first * x_image + g * cs.c_per_group() * plane;
+  *ld = ch.count * pixels;
+  if (cs.is_pointwise() && ch.count == 1) return x_g;
+  float* cols = thread_scratch(ScratchSlot::Cols, rows * ch.count * pixels);
+  for (index_t b = 0; b < ch.count; ++b) im2col(cs, x_g + b * x_image, cols + b * pixels, *ld);
   return cols;
+}
+
+// A chunk's output gradient for group g as one (k/g, count * pixels) matrix
+// with row stride *ld: dy itself for a single image, else a gathered copy.
+const float* chunk_grad_output(const ConvShape& cs, const float* dy, Chunk ch, index_t g,
+                               index_t* ld) {
+  const index_t pixels = cs.out_pixels(), kg = cs.k_per_group(), y_image = cs.k * pixels;
+  const float* dy_g = dy + ch.first * y_image + g * kg * pixels;
+  if (ch.count == 1) {
+    *ld = pixels;
+    return dy_g;
+  }
+  *ld = ch.count * pixels;
+  float* buf = thread_scratch(ScratchSlot::GradOut, kg * *ld);
+  for (index_t ko = 0; ko < kg; ++ko)
+    for (index_t b = 0; b < ch.count; ++b)
+      std::memcpy(buf + ko * *ld + b * pixels, dy_g + b * y_image + ko * pixels,
+                  sizeof(float) * static_cast<size_t>(pixels));
+  return buf;
 }
 
 }  // namespace
@@ -34,19 +85,36 @@ void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const f
                     float* y) {
   // x: (n, c, h, w), w: (k, c/g, r, s), bias: (k,) or null, y: (n, k, oh, ow)
   const index_t kg = cs.k_per_group(), rows = cs.col_rows(), pixels = cs.out_pixels();
-  const index_t x_image = cs.c * cs.h * cs.w, y_image = cs.k * pixels;
-  // Whole images per thread when the batch fills the threads; otherwise one
-  // image at a time with the threads inside im2col and the GEMM.
-  parallel_for(cs.n, 1, [&](index_t img) {
+  const index_t y_image = cs.k * pixels;
+  const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;
+  // Whole chunks per thread when there are enough; otherwise one chunk at a
+  // time with the threads inside im2col and the GEMM.
+  parallel_for(chunks, 1, [&](index_t i) {
+    const Chunk ch = chunk_at(cs, nb, i);
     for (index_t g = 0; g < cs.groups; ++g) {
-      const float* cols = columns(cs, x + img * x_image + g * cs.c_per_group() * cs.h * cs.w);
-      float* out = y + img * y_image + g * kg * pixels;
-      if (bias != nullptr) {
-        for (index_t ko = 0; ko < kg; ++ko)
-          std::fill(out + ko * pixels, out + (ko + 1) * pixels, bias[g * kg + ko]);
+      index_t ld;
+      const float* cols = chunk_columns(cs, x, ch, g, &ld);
+      const float* w_g = w + g * kg * rows;
+      float* y_g = y + ch.first * y_image + g * kg * pixels;
+      if (ch.count == 1) {
+        // Straight into y; the bias is the GEMM's initial C.
+        if (bias != nullptr)
+          for (index_t ko = 0; ko < kg; ++ko)
+            std::fill(y_g + ko * pixels, y_g + (ko + 1) * pixels, bias[g * kg + ko]);
+        sgemm(Trans::No, Trans::No, kg, pixels, rows, 1.0f, w_g, rows, cols, ld,
+              bias != nullptr ? 1.0f : 0.0f, y_g, pixels);
+        continue;
       }
-      sgemm(Trans::No, Trans::No, kg, pixels, rows, 1.0f, w + g * kg * rows, rows, cols,
-            pixels, bias != nullptr ? 1.0f : 0.0f, out, pixels);
+      // Into a (k/g, nb pixels) buffer, then scattered to the images with the bias.
+      float* out = thread_scratch(ScratchSlot::GradOut, kg * ld);
+      sgemm(Trans::No, Trans::No, kg, ld, rows, 1.0f, w_g, rows, cols, ld, 0.0f, out, ld);
+      for (index_t b = 0; b < ch.count; ++b)
+        for (index_t ko = 0; ko < kg; ++ko) {
+          const float* src = out + ko * ld + b * pixels;
+          float* dst = y_g + b * y_image + ko * pixels;
+          const float add = bias != nullptr ? bias[g * kg + ko] : 0.0f;
+          for (index_t p = 0; p < pixels; ++p) dst[p] = src[p] + add;
+        }
     }
   });
 }
@@ -71,36 +139,45 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
   if (cs.n == 0 && dw != nullptr) std::fill(dw, dw + w_size, 0.0f);
   if ((dx == nullptr && dw == nullptr) || cs.n == 0) return;
 
-  const index_t slices = std::min(cs.n, kWeightGradSlices);
+  const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;
+  const index_t slices = std::min(chunks, kWeightGradSlices);
   std::vector<float> partial(dw != nullptr ? static_cast<size_t>((slices - 1) * w_size) : 0);
   parallel_for(slices, 1, [&](index_t slice) {
     // Slice 0 accumulates straight into dw; the others into their own buffer.
     float* dw_slice = dw == nullptr ? nullptr
                       : slice == 0  ? dw
                                     : partial.data() + (slice - 1) * w_size;
-    const index_t first = cs.n * slice / slices, last = cs.n * (slice + 1) / slices;
-    for (index_t img = first; img < last; ++img) {
+    const index_t first = chunks * slice / slices, last = chunks * (slice + 1) / slices;
+    for (index_t i = first; i < last; ++i) {
+      const Chunk ch = chunk_at(cs, nb, i);
       for (index_t g = 0; g < cs.groups; ++g) {
-        const float* dy_g = dy + img * y_image + g * kg * pixels;
+        const float* w_g = w + g * kg * rows;
+        index_t ld;  // = ch.count * pixels for both matrices below
+        const float* dy_g = chunk_grad_output(cs, dy, ch, g, &ld);
         if (dw_slice != nullptr) {
-          const float* cols = columns(cs, x + img * x_image + g * cg * plane);
-          // dw[g] (+)= dy[n, g] (k/g, oh ow) @ cols^T (oh ow, c/g r s)
-          sgemm(Trans::No, Trans::Yes, kg, rows, pixels, 1.0f, dy_g, pixels, cols, pixels,
-                img == first ? 0.0f : 1.0f, dw_slice + g * kg * rows, rows);
+          index_t ld_cols;
+          const float* cols = chunk_columns(cs, x, ch, g, &ld_cols);
+          // dw[g] (+)= dy (k/g, nb pixels) @ cols^T (nb pixels, c/g r s)
+          sgemm(Trans::No, Trans::Yes, kg, rows, ch.count * pixels, 1.0f, dy_g, ld, cols,
+                ld_cols, i == first ? 0.0f : 1.0f, dw_slice + g * kg * rows, rows);
         }
-        if (dx != nullptr) {
-          float* dx_g = dx + img * x_image + g * cg * plane;
-          // dcols (c/g r s, oh ow) = w[g]^T (c/g r s, k/g) @ dy[n, g] (k/g, oh ow)
-          if (cs.is_pointwise()) {
-            sgemm(Trans::Yes, Trans::No, rows, pixels, kg, 1.0f, w + g * kg * rows, rows, dy_g,
-                  pixels, 0.0f, dx_g, pixels);
-          } else {
-            float* dcols = thread_scratch(ScratchSlot::ColsGrad, rows * pixels);
-            sgemm(Trans::Yes, Trans::No, rows, pixels, kg, 1.0f, w + g * kg * rows, rows, dy_g,
-                  pixels, 0.0f, dcols, pixels);
-            std::fill(dx_g, dx_g + cg * plane, 0.0f);
-            col2im(cs, dcols, dx_g);
-          }
+        if (dx == nullptr) continue;
+        float* dx_g = dx + ch.first * x_image + g * cg * plane;
+        if (cs.is_pointwise() && ch.count == 1) {
+          // dx[n, g] (c/g, pixels) = w[g]^T (c/g, k/g) @ dy (k/g, pixels)
+          sgemm(Trans::Yes, Trans::No, rows, pixels, kg, 1.0f, w_g, rows, dy_g, ld, 0.0f, dx_g,
+                pixels);
+          continue;
+        }
+        // dcols (c/g r s, nb pixels) = w[g]^T @ dy, then folded back per image
+        const index_t cols_ld = ch.count * pixels;
+        float* dcols = thread_scratch(ScratchSlot::ColsGrad, rows * cols_ld);
+        sgemm(Trans::Yes, Trans::No, rows, cols_ld, kg, 1.0f, w_g, rows, dy_g, ld, 0.0f, dcols,
+              cols_ld);
+        for (index_t b = 0; b < ch.count; ++b) {
+          float* dx_b = dx_g + b * x_image;
+          std::fill(dx_b, dx_b + cg * plane, 0.0f);
+          col2im(cs, dcols + b * pixels, cols_ld, dx_b);
         }
       }
     }

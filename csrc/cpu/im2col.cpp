@@ -10,13 +10,13 @@
 namespace fastcnn {
 namespace cpu {
 
-// x: (c/groups, h, w) -> cols: (c/groups * r * s, oh * ow)
-void im2col(const ConvShape& cs, const float* x, float* cols) {
+// x: (c/groups, h, w) -> cols: (c/groups * r * s, oh * ow), rows ld apart
+void im2col(const ConvShape& cs, const float* x, float* cols, index_t ld) {
   const index_t rows = cs.col_rows(), pixels = cs.out_pixels();
   parallel_for(rows, std::max<index_t>(1, 16384 / std::max<index_t>(pixels, 1)), [&](index_t row) {
     const index_t ci = row / (cs.r * cs.s), ri = (row / cs.s) % cs.r, si = row % cs.s;
     const float* plane = x + ci * cs.h * cs.w;
-    float* dst = cols + row * pixels;
+    float* dst = cols + row * ld;
     index_t w_lo, w_hi;
     valid_output_range(cs.w, cs.ow, cs.stride_w, cs.pad_w, si * cs.dil_w, &w_lo, &w_hi);
     const index_t iw0 = w_lo * cs.stride_w - cs.pad_w + si * cs.dil_w;
@@ -41,13 +41,13 @@ void im2col(const ConvShape& cs, const float* x, float* cols) {
 // The adjoint of im2col: every column entry is added back to the input pixel
 // it was copied from. Channels are independent; within a channel the taps are
 // added in a fixed order, so the result does not depend on threads.
-void col2im(const ConvShape& cs, const float* cols, float* dx) {
-  const index_t pixels = cs.out_pixels(), taps = cs.r * cs.s;
+void col2im(const ConvShape& cs, const float* cols, index_t ld, float* dx) {
+  const index_t taps = cs.r * cs.s;
   parallel_for(cs.c_per_group(), 1, [&](index_t ci) {
     float* plane = dx + ci * cs.h * cs.w;
     for (index_t tap = 0; tap < taps; ++tap) {
       const index_t ri = tap / cs.s, si = tap % cs.s;
-      const float* src = cols + (ci * taps + tap) * pixels;
+      const float* src = cols + (ci * taps + tap) * ld;
       index_t w_lo, w_hi;
       valid_output_range(cs.w, cs.ow, cs.stride_w, cs.pad_w, si * cs.dil_w, &w_lo, &w_hi);
       const index_t iw0 = w_lo * cs.stride_w - cs.pad_w + si * cs.dil_w;

@@ -11,11 +11,12 @@
 namespace fastcnn {
 namespace cpu {
 
-// ---- im2col.cpp: one image, one group.
+// ---- im2col.cpp: one image, one group. `ld` is the row stride of cols
+// (>= oh * ow: several images' columns may sit side by side).
 // x: (c/groups, h, w) -> cols: (c/groups * r * s, oh * ow)
-void im2col(const ConvShape& cs, const float* x, float* cols);
+void im2col(const ConvShape& cs, const float* x, float* cols, index_t ld);
 // cols: (c/groups * r * s, oh * ow) -> dx: (c/groups, h, w), accumulated (+=)
-void col2im(const ConvShape& cs, const float* cols, float* dx);
+void col2im(const ConvShape& cs, const float* cols, index_t ld, float* dx);
 
 // ---- conv2d.cpp
 // x: (n, c, h, w), w: (k, c/groups, r, s), bias: (k,) or null -> y: (n, k, oh, ow)

@@ -8,7 +8,7 @@
 
 namespace fastcnn {
 
-enum class ScratchSlot : int { Cols = 0, ColsGrad = 1, Partial = 2, Count = 3 };
+enum class ScratchSlot : int { Cols = 0, ColsGrad = 1, GradOut = 2, Count = 3 };
 
 // A buffer of at least `count` floats owned by the calling thread; valid until
 // the same thread asks for the same slot again.

@@ -1,0 +1,164 @@
+// The CUDA kernels: the twins of fastcnn/cpu_kernels.h, same arguments and
+// semantics, with an Exec in front that says where they run. Pointers are
+// device memory, C-contiguous, NCHW; outputs are allocated by the caller;
+// nothing synchronises the host. Every launch is checked (fastcnn/cuda_check.h).
+//
+// An Exec either names a CUDA stream, or asks for emulation: the same kernel
+// bodies run on the host, thread by thread, with host pointers (see
+// fastcnn/cuda_launch.h). Emulation is how the CUDA code is tested on
+// machines without a GPU; it is slow and meant for small problems only.
+//
+// Results are deterministic: no floating-point atomics, every sum in a fixed
+// order that depends only on the shapes.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastcnn/common.h"
+#include "fastcnn/conv_geometry.h"
+#include "fastcnn/gemm.h"
+
+namespace fastcnn {
+namespace cuda {
+
+struct Exec {
+  cudaStream_t stream = nullptr;
+  bool emulated = false;
+};
+
+// ---- launch.cu: the runtime
+// A CUDA device is present and usable. Never throws; makes no CUDA call
+// until first asked (importing the module needs no driver).
+bool is_available() noexcept;
+int device_count() noexcept;
+// TF32 tensor cores for every GEMM (matmul, linear, conv2d), off by default,
+// like torch.backends.cuda.matmul.allow_tf32.
+void set_allow_tf32(bool allow);
+bool allow_tf32();
+
+// ---- gemm.cu
+// One operand of a GEMM seen as an (outer x k) matrix, outer being m for A
+// and n for B: element (o, k) of batch b lives at
+//   ptr + b * batch_stride + segment(o) + k * k_stride,
+//   segment(o) = o * o_stride                                      (seg == 0)
+//              = (o / seg) * seg_stride + (o % seg) * o_stride     (seg > 0)
+// Segments let the columns of a convolution run over several images of an
+// NCHW tensor without a copy.
+struct GemmOperand {
+  const float* ptr = nullptr;
+  index_t o_stride = 0, k_stride = 0;
+  index_t seg = 0, seg_stride = 0;
+  index_t batch_stride = 0;
+};
+
+// Element (i, j) of batch b of C: ptr + b * batch_stride + i * row_stride +
+// (j / seg) * seg_stride + j % seg  (or + j when seg == 0).
+struct GemmOutput {
+  float* ptr = nullptr;
+  index_t row_stride = 0;
+  index_t seg = 0, seg_stride = 0;
+  index_t batch_stride = 0;
+};
+
+// For each batch b < batch:
+//   C[b] = act(alpha * A[b] @ B[b]^T + beta * C[b] + bias[b])
+// A: (m x k), B: (n x k) operand views; beta == 0 never reads C; bias (null,
+// or per row i / per column j with bias_batch_stride between batches); act
+// is ReLU when relu is set. When implicit_conv is set, B is not read from
+// memory: it is im2col of conv_input under that geometry (outer = image *
+// oh * ow + pixel, k = (channel in group, tap), batch = group), computed
+// while loading tiles.
+struct GemmProblem {
+  index_t m = 0, n = 0, k = 0, batch = 1;
+  GemmOperand a, b;
+  GemmOutput c;
+  float alpha = 1.0f, beta = 0.0f;
+  const float* bias = nullptr;
+  index_t bias_batch_stride = 0;
+  bool bias_per_row = true;
+  bool relu = false;
+  const ConvShape* implicit_conv = nullptr;
+  const float* conv_input = nullptr;
+};
+void gemm(const Exec& ex, const GemmProblem& p);
+
+// The row-major BLAS-style entry (fastcnn/gemm.h semantics, beta == 0 never reads C).
+void sgemm(const Exec& ex, Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha,
+           const float* a, index_t lda, const float* b, index_t ldb, float beta, float* c,
+           index_t ldc);
+
+// Which GEMM kernel a large product uses now (it depends on allow_tf32).
+const char* gemm_kernel_name();
+
+// ---- im2col.cu: whole batches, all groups at once.
+// x: (n, c, h, w) -> cols: (c * r * s, n * oh * ow); row (ci, ri, si), column (image, pixel).
+// With groups, rows [g * c/groups * r * s, ...) belong to group g.
+void im2col(const Exec& ex, const ConvShape& cs, const float* x, float* cols);
+// cols as above -> dx: (n, c, h, w), overwritten: every input pixel gathers
+// the column entries copied from it, taps in (ri, si) order (no atomics).
+void col2im(const Exec& ex, const ConvShape& cs, const float* cols, float* dx);
+// x: (n, c, p) -> y: (c, n * p)
+void nchw_to_cnhw(const Exec& ex, index_t n, index_t c, index_t p, const float* x, float* y);
+
+// ---- conv2d.cu
+void conv2d_forward(const Exec& ex, const ConvShape& cs, const float* x, const float* w,
+                    const float* bias, float* y);
+void conv2d_backward(const Exec& ex, const ConvShape& cs, const float* dy, const float* x,
+                     const float* w, float* dx, float* dw, float* db);
+
+// ---- linear.cu
+void linear_forward(const Exec& ex, index_t n, index_t in, index_t out, const float* x,
+                    const float* w, const float* bias, float* y);
+void linear_backward(const Exec& ex, index_t n, index_t in, index_t out, const float* dy,
+                     const float* x, const float* w, float* dx, float* dw, float* db);
+
+// ---- activation.cu
+void relu_forward(const Exec& ex, index_t count, const float* x, float* y);
+void relu_backward(const Exec& ex, index_t count, const float* dy, const float* x, bool guided,
+                   float* dx);
+
+// ---- pool.cu (indices are read only where they match a window: the
+// gradient is gathered per input pixel, as PyTorch's CUDA kernel does)
+void max_pool2d_forward(const Exec& ex, const PoolShape& ps, const float* x, float* y,
+                        std::int64_t* indices);
+void max_pool2d_backward(const Exec& ex, const PoolShape& ps, const float* dy, const float* x,
+                         const std::int64_t* indices, float* dx);
+
+// ---- softmax.cu (a target outside [0, classes) that is not ignore_index
+// gives NaN: the caller validates, the kernel only stays in bounds)
+void softmax_forward(const Exec& ex, index_t outer, index_t dim, index_t inner, const float* x,
+                     bool log, float* y);
+void softmax_backward(const Exec& ex, index_t outer, index_t dim, index_t inner, const float* dy,
+                      const float* y, bool log, float* dx);
+void cross_entropy_forward(const Exec& ex, index_t n, index_t classes, const float* logits,
+                           const std::int64_t* target, std::int64_t ignore_index,
+                           float label_smoothing, float* loss);
+void cross_entropy_backward(const Exec& ex, index_t n, index_t classes, const float* logits,
+                            const std::int64_t* target, std::int64_t ignore_index,
+                            float label_smoothing, const float* grad_scale, float* dx);
+
+// ---- batchnorm.cu
+void batch_norm_forward_train(const Exec& ex, index_t n, index_t c, index_t l, const float* x,
+                              const float* weight, const float* bias, double eps,
+                              double momentum, float* running_mean, float* running_var,
+                              float* y, float* save_mean, float* save_invstd);
+void batch_norm_forward_eval(const Exec& ex, index_t n, index_t c, index_t l, const float* x,
+                             const float* running_mean, const float* running_var,
+                             const float* weight, const float* bias, double eps, float* y);
+void batch_norm_backward(const Exec& ex, index_t n, index_t c, index_t l, const float* dy,
+                         const float* x, const float* mean, const float* invstd,
+                         const float* weight, bool training, float* dx, float* dweight,
+                         float* dbias);
+
+// ---- dropout.cu (bit-identical masks to the CPU kernel)
+void dropout_apply(const Exec& ex, index_t count, const float* x, double p, std::uint64_t seed,
+                   std::uint64_t offset, float* y);
+
+// ---- normalize.cu (bit-identical to the CPU kernel)
+void normalize_u8(const Exec& ex, index_t outer, index_t c, index_t inner, const std::uint8_t* x,
+                  const float* mean, const float* stdev, float* y);
+
+}  // namespace cuda
+}  // namespace fastcnn
