@@ -20,20 +20,42 @@ void im2col(const ConvShape& cs, const float* x, float* cols, index_t ld) {
     index_t w_lo, w_hi;
     valid_output_range(cs.w, cs.ow, cs.stride_w, cs.pad_w, si * cs.dil_w, &w_lo, &w_hi);
     const index_t iw0 = w_lo * cs.stride_w - cs.pad_w + si * cs.dil_w;
+    if (cs.stride_h == 1 && cs.stride_w == 1 && cs.ow == cs.w && w_lo < w_hi) {
+      // Unit stride, width preserved ('same' padding): the valid output rows
+      // are the input plane shifted by (ri dil - pad) rows and (si dil - pad)
+      // columns, so one long copy does them all; only the columns the shift
+      // wrapped around the row ends are then zeroed.
+      index_t y_lo, y_hi;
+      valid_output_range(cs.h, cs.oh, 1, cs.pad_h, ri * cs.dil_h, &y_lo, &y_hi);
+      const index_t begin = y_lo * cs.ow + w_lo;
+      const index_t end = y_hi > y_lo ? (y_hi - 1) * cs.ow + w_hi : begin;
+      const float* src = plane + (y_lo - cs.pad_h + ri * cs.dil_h) * cs.w + iw0;
+      for (index_t i = 0; i < begin; ++i) dst[i] = 0.0f;
+      for (index_t i = begin; i < end; ++i) dst[i] = src[i - begin];
+      for (index_t i = end; i < pixels; ++i) dst[i] = 0.0f;
+      for (index_t oy = y_lo; oy < y_hi; ++oy) {
+        float* out = dst + oy * cs.ow;
+        for (index_t ox = 0; ox < w_lo; ++ox) out[ox] = 0.0f;
+        for (index_t ox = w_hi; ox < cs.ow; ++ox) out[ox] = 0.0f;
+      }
+      return;
+    }
     for (index_t oy = 0; oy < cs.oh; ++oy, dst += cs.ow) {
       const index_t iy = oy * cs.stride_h - cs.pad_h + ri * cs.dil_h;
       if (iy < 0 || iy >= cs.h || w_lo == w_hi) {
-        std::fill(dst, dst + cs.ow, 0.0f);
+        for (index_t ox = 0; ox < cs.ow; ++ox) dst[ox] = 0.0f;
         continue;
       }
       const float* src = plane + iy * cs.w + iw0;
-      std::fill(dst, dst + w_lo, 0.0f);
+      // Inline loops rather than memcpy / fill: rows are often 7-28 floats,
+      // where a library call costs more than the copy.
+      for (index_t ox = 0; ox < w_lo; ++ox) dst[ox] = 0.0f;
       if (cs.stride_w == 1) {
-        std::memcpy(dst + w_lo, src, sizeof(float) * static_cast<size_t>(w_hi - w_lo));
+        for (index_t ox = w_lo; ox < w_hi; ++ox) dst[ox] = src[ox - w_lo];
       } else {
         for (index_t ox = w_lo; ox < w_hi; ++ox) dst[ox] = src[(ox - w_lo) * cs.stride_w];
       }
-      std::fill(dst + w_hi, dst + cs.ow, 0.0f);
+      for (index_t ox = w_hi; ox < cs.ow; ++ox) dst[ox] = 0.0f;
     }
   });
 }
