@@ -53,6 +53,19 @@ struct GemmOperand {
   index_t batch_stride = 0;
 };
 
+inline GemmOperand make_operand(const float* ptr, index_t o_stride, index_t k_stride,
+                                index_t batch_stride = 0, index_t seg = 0,
+                                index_t seg_stride = 0) {
+  GemmOperand op;
+  op.ptr = ptr;
+  op.o_stride = o_stride;
+  op.k_stride = k_stride;
+  op.seg = seg;
+  op.seg_stride = seg_stride;
+  op.batch_stride = batch_stride;
+  return op;
+}
+
 // Element (i, j) of batch b of C: ptr + b * batch_stride + i * row_stride +
 // (j / seg) * seg_stride + j % seg  (or + j when seg == 0).
 struct GemmOutput {
@@ -61,6 +74,17 @@ struct GemmOutput {
   index_t seg = 0, seg_stride = 0;
   index_t batch_stride = 0;
 };
+
+inline GemmOutput make_output(float* ptr, index_t row_stride, index_t batch_stride = 0,
+                              index_t seg = 0, index_t seg_stride = 0) {
+  GemmOutput out;
+  out.ptr = ptr;
+  out.row_stride = row_stride;
+  out.seg = seg;
+  out.seg_stride = seg_stride;
+  out.batch_stride = batch_stride;
+  return out;
+}
 
 // For each batch b < batch:
 //   C[b] = act(alpha * A[b] @ B[b]^T + beta * C[b] + bias[b])

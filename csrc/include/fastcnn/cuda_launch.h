@@ -3,6 +3,7 @@
 // A kernel is a body: a small struct holding its arguments, with
 //   static constexpr int kThreads;          // block size (1-D blocks)
 //   static constexpr bool kCooperative;     // uses ctx.sync() or warp-level MMA
+//   static constexpr int kMinBlocks;        // optional: blocks per SM (launch bounds)
 //   template <class Ctx> FASTCNN_HD void operator()(Ctx& ctx) const;
 // The body reads its thread and block indices, shared memory and barriers
 // from `ctx` only. launch() runs it on the GPU through DeviceCtx (the CUDA
@@ -20,10 +21,19 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <type_traits>
 
 #include "fastcnn/common.h"
 #include "fastcnn/cuda_check.h"
 #include "fastcnn/cuda_kernels.h"
+
+// Full unrolling of a constant-trip loop on the GPU, so that the arrays it
+// indexes stay in registers (nothing on the host compiler).
+#ifdef __CUDA_ARCH__
+#define FASTCNN_UNROLL _Pragma("unroll")
+#else
+#define FASTCNN_UNROLL
+#endif
 
 namespace fastcnn {
 namespace cuda {
@@ -112,8 +122,20 @@ void emulate(const char* kernel, Grid grid, int threads, std::size_t smem_bytes,
 
 // ----------------------------------------------------------------- launch --
 
+// Blocks per SM a body asks the register allocator to leave room for
+// (static constexpr int kMinBlocks; 1 when absent).
+template <class Body, class = void>
+struct MinBlocks {
+  static constexpr int value = 1;
+};
 template <class Body>
-__global__ void __launch_bounds__(Body::kThreads) kernel_entry(const Body body) {
+struct MinBlocks<Body, std::void_t<decltype(Body::kMinBlocks)>> {
+  static constexpr int value = Body::kMinBlocks;
+};
+
+template <class Body>
+__global__ void __launch_bounds__(Body::kThreads, MinBlocks<Body>::value)
+    kernel_entry(const Body body) {
   DeviceCtx ctx;
   body(ctx);
 }
@@ -197,7 +219,7 @@ void for_each_in_rows(const Exec& ex, const char* kernel, index_t rows, index_t 
 
 // Sum of v over the block's threads in a fixed tree order (deterministic).
 // `scratch` holds one double per thread; every thread gets the sum.
-template <class Ctx, int kThreads>
+template <int kThreads, class Ctx>
 FASTCNN_HD double block_sum(Ctx& ctx, double* scratch, double v) {
   static_assert((kThreads & (kThreads - 1)) == 0, "block_sum needs a power-of-two block");
   const int t = ctx.tid();
@@ -234,6 +256,7 @@ class Workspace {
  private:
   Exec ex_;
   void* ptr_ = nullptr;
+  bool pooled_ = false;
 };
 
 // Bytes of workspace a convolution may use before it is cut into chunks of

@@ -112,19 +112,19 @@ FASTCNN_HD void taps_inside(index_t start, index_t dil, index_t k, index_t in, i
 // Max and argmax (flat iy * w + ix) of the window of output (oy, ox) of one
 // plane: the first maximum in row-major window order wins, a NaN wins over
 // any number, padding is never selected. A window with no tap inside the
-// input (possible with dilation) gives -inf and the index of its first tap
-// position, which lies outside the plane.
+// input (possible with dilation and padding) gives -inf and index -1: it
+// takes no gradient (as the CPU kernel and PyTorch).
 FASTCNN_HD index_t pool_argmax(const PoolShape& ps, const float* plane, index_t oy, index_t ox,
                                float* value) {
   const index_t y0 = oy * ps.stride_h - ps.pad_h, x0 = ox * ps.stride_w - ps.pad_w;
   index_t i_lo, i_hi, j_lo, j_hi;
   taps_inside(y0, ps.dil_h, ps.kh, ps.h, &i_lo, &i_hi);
   taps_inside(x0, ps.dil_w, ps.kw, ps.w, &j_lo, &j_hi);
-  index_t best_idx = (y0 + i_lo * ps.dil_h) * ps.w + x0 + j_lo * ps.dil_w;
   if (i_lo == i_hi || j_lo == j_hi) {
     *value = neg_inf();
-    return best_idx;
+    return -1;
   }
+  index_t best_idx = (y0 + i_lo * ps.dil_h) * ps.w + x0 + j_lo * ps.dil_w;
   float best = plane[best_idx];
   for (index_t i = i_lo; i < i_hi; ++i) {
     const index_t row = (y0 + i * ps.dil_h) * ps.w + x0;
@@ -140,9 +140,9 @@ FASTCNN_HD index_t pool_argmax(const PoolShape& ps, const float* plane, index_t 
   return best_idx;
 }
 
-// Output positions [lo, hi) along one axis whose window can contain input
-// coordinate `in` (o * stride - pad + t * dil == in for some tap t < k);
-// with dilation, check (in + pad - o * stride) % dil == 0 as well.
+// Output positions [lo, hi) along one axis whose window spans input
+// coordinate `in` (o * stride - pad <= in <= o * stride - pad + (k - 1) dil);
+// with dilation a window may span `in` without a tap on it.
 FASTCNN_HD void windows_containing(index_t in, index_t k, index_t stride, index_t pad, index_t dil,
                                    index_t out, index_t* lo, index_t* hi) {
   const index_t first = in + pad - (k - 1) * dil;  // o * stride >= first

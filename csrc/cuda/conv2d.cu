@@ -1,0 +1,152 @@
+// conv2d forward and backward on our GEMM, batched over groups, with the
+// images of a chunk side by side along the GEMM's n:
+//   forward  y[:, g] (k/g, images oh ow) = w[g] (k/g, c/g r s) @ im2col(x)[g]
+//            im2col is implicit (computed in the GEMM's tile loads), the
+//            bias added in its epilogue, the output written straight to NCHW.
+//   dx       dcols[g] (c/g r s, images oh ow) = w[g]^T @ dy[:, g], then col2im
+//            (a gather per input pixel, no atomics); a pointwise convolution
+//            writes dx directly.
+//   dw       dw[g] (k/g, c/g r s) = dy[:, g] (k/g, images oh ow) @ im2col(x)[g]^T,
+//            summed over chunks in order (deterministic), split-k inside.
+//   db       per-channel sums in double, fixed order.
+#include <algorithm>
+
+#include "fastcnn/cuda_launch.h"
+#include "fastcnn/kernel_math.h"
+
+namespace fastcnn {
+namespace cuda {
+namespace {
+
+// db[ch] = sum of channel ch of an (n, c, l) tensor: a block per channel.
+struct ChannelSumBody {
+  static constexpr int kThreads = 256;
+  static constexpr bool kCooperative = true;
+  const float* x;
+  float* out;
+  index_t n, c, l;
+
+  template <class Ctx>
+  FASTCNN_HD void operator()(Ctx& ctx) const {
+    const index_t ch = ctx.bx();
+    double sum = 0.0;
+    if (l > 0)
+      for (ChannelCursor at(ctx.tid(), kThreads, l); at.i < n; at.next()) sum += x[at.offset(c, ch)];
+    sum = block_sum<kThreads>(ctx, reinterpret_cast<double*>(ctx.smem()), sum);
+    if (ctx.tid() == 0) out[ch] = static_cast<float>(sum);
+  }
+};
+
+struct Fill {
+  float* p;
+  float value;
+  FASTCNN_HD void operator()(index_t i) const { p[i] = value; }
+};
+
+// Images per chunk when each image needs `bytes_per_image` of scratch.
+index_t images_per_chunk(const Exec& ex, index_t n, index_t pixels, index_t bytes_per_image) {
+  index_t chunk = static_cast<index_t>(workspace_budget(ex)) / std::max<index_t>(bytes_per_image, 1);
+  chunk = std::min(chunk, (index_t{1} << 31) / std::max<index_t>(pixels, 1) - 1);  // GEMM n in int range
+  return std::max<index_t>(1, std::min(chunk, n));
+}
+
+}  // namespace
+
+void conv2d_forward(const Exec& ex, const ConvShape& cs, const float* x, const float* w,
+                    const float* bias, float* y) {
+  // x: (n, c, h, w), w: (k, c/g, r, s), bias: (k,) or null -> y: (n, k, oh, ow)
+  const index_t kg = cs.k_per_group(), cg = cs.c_per_group(), rows = cs.col_rows();
+  const index_t pixels = cs.out_pixels(), x_image = cs.c * cs.h * cs.w;
+  // No scratch (im2col is implicit); chunks only bound the GEMM's n.
+  const index_t chunk = images_per_chunk(ex, cs.n, pixels, cs.c * cs.r * cs.s * pixels * 4);
+  for (index_t i0 = 0; i0 < cs.n; i0 += chunk) {
+    ConvShape part = cs;
+    part.n = std::min(chunk, cs.n - i0);
+    const float* xs = x + i0 * x_image;
+    GemmProblem p;
+    p.m = kg;
+    p.n = part.n * pixels;
+    p.k = rows;
+    p.batch = cs.groups;
+    p.a = make_operand(w, rows, 1, kg * rows);
+    p.c = make_output(y + i0 * cs.k * pixels, pixels, kg * pixels, pixels, cs.k * pixels);
+    p.bias = bias;
+    p.bias_batch_stride = kg;
+    p.bias_per_row = true;
+    if (cs.is_pointwise()) {
+      // B (channel, image pixel) = x itself: no im2col at all.
+      p.b = make_operand(xs, 1, pixels, cg * pixels, pixels, cs.c * pixels);
+    } else {
+      p.implicit_conv = &part;
+      p.conv_input = xs;
+    }
+    gemm(ex, p);
+  }
+}
+
+void conv2d_backward(const Exec& ex, const ConvShape& cs, const float* dy, const float* x,
+                     const float* w, float* dx, float* dw, float* db) {
+  // dy: (n, k, oh, ow), x: (n, c, h, w), w: (k, c/g, r, s); dx, dw, db may be null
+  const index_t kg = cs.k_per_group(), cg = cs.c_per_group(), rows = cs.col_rows();
+  const index_t pixels = cs.out_pixels(), x_image = cs.c * cs.h * cs.w;
+  const index_t all_rows = cs.c * cs.r * cs.s;  // groups * rows
+  if (db != nullptr)
+    launch(ex, "conv2d_bias_grad", Grid{cs.k}, ChannelSumBody::kThreads * sizeof(double),
+           ChannelSumBody{dy, db, cs.n, cs.k, pixels});
+  if (dx == nullptr && dw == nullptr) return;
+  if (cs.n == 0) {
+    if (dw != nullptr) for_each(ex, "fill", cs.k * rows, Fill{dw, 0.0f});
+    return;
+  }
+  const bool pointwise = cs.is_pointwise();
+  const bool need_cols = dw != nullptr || (dx != nullptr && !pointwise);
+  const index_t per_image = ((need_cols ? all_rows : 0) + (dw != nullptr ? cs.k : 0)) * pixels * 4;
+  const index_t chunk = images_per_chunk(ex, cs.n, pixels, per_image);
+  Workspace cols_ws(ex, need_cols ? static_cast<size_t>(all_rows * chunk * pixels) * 4 : 0);
+  Workspace dyt_ws(ex, dw != nullptr ? static_cast<size_t>(cs.k * chunk * pixels) * 4 : 0);
+  float* cols = cols_ws.as<float>();
+  float* dyt = dyt_ws.as<float>();
+
+  for (index_t i0 = 0; i0 < cs.n; i0 += chunk) {
+    ConvShape part = cs;
+    part.n = std::min(chunk, cs.n - i0);
+    const index_t span = part.n * pixels;  // GEMM columns: the chunk's images side by side
+    const float* xs = x + i0 * x_image;
+    const float* dys = dy + i0 * cs.k * pixels;
+    if (dx != nullptr) {
+      float* dxs = dx + i0 * x_image;
+      GemmProblem p;
+      p.m = rows;
+      p.n = span;
+      p.k = kg;
+      p.batch = cs.groups;
+      p.a = make_operand(w, 1, rows, kg * rows);                                  // w[g]^T
+      p.b = make_operand(dys, 1, pixels, kg * pixels, pixels, cs.k * pixels);     // dy[:, g]
+      if (pointwise) {
+        p.c = make_output(dxs, pixels, cg * pixels, pixels, cs.c * pixels);
+        gemm(ex, p);
+      } else {
+        p.c = make_output(cols, span, rows * span);
+        gemm(ex, p);
+        col2im(ex, part, cols, dxs);
+      }
+    }
+    if (dw != nullptr) {
+      im2col(ex, part, xs, cols);                       // (c r s, span)
+      nchw_to_cnhw(ex, part.n, cs.k, pixels, dys, dyt);  // (k, span)
+      GemmProblem p;
+      p.m = kg;
+      p.n = rows;
+      p.k = span;
+      p.batch = cs.groups;
+      p.a = make_operand(dyt, span, 1, kg * span);
+      p.b = make_operand(cols, span, 1, rows * span);
+      p.c = make_output(dw, rows, kg * rows);
+      p.beta = i0 == 0 ? 0.0f : 1.0f;  // chunks add up in order
+      gemm(ex, p);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastcnn

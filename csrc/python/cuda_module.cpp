@@ -1,0 +1,681 @@
+// fastcnn._cuda: thin pybind11 bindings of the CUDA kernels, with the same
+// functions and argument lists as fastcnn._cpu, so that the Python layer
+// calls either module the same way.
+//
+// Arrays are objects exposing __cuda_array_interface__ (CuPy arrays). Each
+// binding checks what memory safety depends on (dtype, C-contiguity, element
+// counts, consistent shapes, device memory on the current device) and raises
+// ValueError otherwise, then launches on CuPy's current device and stream
+// (the legacy default stream when CuPy is not importable), GIL released. Nothing
+// synchronises: results are ready in stream order, as with any CuPy kernel.
+//
+// fastcnn._cuda.emulator has the same functions on NumPy arrays: the CUDA
+// kernel bodies run on the host (fastcnn/cuda_launch.h). It is how the CUDA
+// code is tested without a GPU; slow, for small problems.
+//
+// Importing makes no CUDA call, so it works on machines without a driver.
+#include <cuda_runtime_api.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastcnn/cuda_check.h"
+#include "fastcnn/cuda_kernels.h"
+
+namespace py = pybind11;
+namespace cuda = fastcnn::cuda;
+using fastcnn::index_t;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error("fastcnn._cuda: " + msg); }
+
+std::string shape_str(const std::vector<index_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::string type_name(const py::handle& obj) {
+  return py::str(py::type::handle_of(obj).attr("__module__")).cast<std::string>() + "." +
+         py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>();
+}
+
+// A checked argument: its data pointer and shape.
+template <class T>
+struct Array {
+  T* data = nullptr;
+  std::vector<index_t> shape;
+
+  int ndim() const { return static_cast<int>(shape.size()); }
+  index_t dim(int i) const { return shape[static_cast<size_t>(i)]; }
+  index_t size() const {
+    index_t n = 1;
+    for (index_t d : shape) n *= d;
+    return n;
+  }
+  std::string shape_string() const { return shape_str(shape); }
+};
+
+template <class T>
+struct Dtype;
+template <>
+struct Dtype<float> {
+  static constexpr const char* kCode = "f4";
+  static constexpr const char* kName = "float32";
+};
+template <>
+struct Dtype<std::int64_t> {
+  static constexpr const char* kCode = "i8";
+  static constexpr const char* kName = "int64";
+};
+template <>
+struct Dtype<std::uint8_t> {
+  static constexpr const char* kCode = "u1";
+  static constexpr const char* kName = "uint8";
+};
+
+// ---------------------------------------------------------------- GPU arrays --
+
+// CuPy's current device and stream (cupy.cuda.runtime.getDevice(),
+// cupy.cuda.get_current_stream().ptr). Without CuPy: the runtime's current
+// device (-1 here) and the legacy default stream.
+struct CupyCurrent {
+  int device = -1;
+  cudaStream_t stream = nullptr;
+};
+
+CupyCurrent cupy_current() {
+  static py::object* get_device = nullptr;
+  static py::object* get_stream = nullptr;
+  static bool looked = false;
+  if (!looked) {
+    looked = true;
+    try {
+      const py::module_ cuda_mod = py::module_::import("cupy.cuda");
+      get_device = new py::object(cuda_mod.attr("runtime").attr("getDevice"));
+      get_stream = new py::object(cuda_mod.attr("get_current_stream"));
+    } catch (py::error_already_set&) {
+      get_device = get_stream = nullptr;  // no CuPy
+    }
+  }
+  CupyCurrent now;
+  if (get_stream != nullptr) {
+    now.device = (*get_device)().cast<int>();
+    now.stream = reinterpret_cast<cudaStream_t>((*get_stream)().attr("ptr").cast<std::uintptr_t>());
+  }
+  return now;
+}
+
+// __cuda_array_interface__'s encoding of a stream: 1 is the legacy default stream.
+std::uintptr_t interface_stream_id(cudaStream_t s) {
+  const auto id = reinterpret_cast<std::uintptr_t>(s);
+  return id == 0 ? 1 : id;
+}
+
+class DeviceArrays {
+ public:
+  static constexpr bool kHostData = false;
+
+  // Launches follow CuPy: its current device (`with cupy.cuda.Device(i)`) and
+  // stream. The first CUDA call comes after the arguments' own checks.
+  DeviceArrays() : cupy_(cupy_current()) {}
+
+  cuda::Exec exec() {
+    use_device();
+    cuda::Exec ex;
+    ex.stream = cupy_.stream;
+    return ex;
+  }
+
+  template <class T>
+  Array<T> get(const py::handle& obj, const char* name, bool writable) {
+    if (!py::hasattr(obj, "__cuda_array_interface__"))
+      fail(std::string(name) + " must be a GPU array exposing __cuda_array_interface__ (a CuPy "
+                               "array), got " + type_name(obj));
+    const py::dict iface = obj.attr("__cuda_array_interface__").cast<py::dict>();
+    const std::string typestr = iface["typestr"].cast<std::string>();
+    if (typestr.size() != 3 || (typestr[0] != '<' && typestr[0] != '|' && typestr[0] != '=') ||
+        typestr.substr(1) != Dtype<T>::kCode)
+      fail(std::string(name) + " has typestr '" + typestr + "', expected " + Dtype<T>::kName);
+    Array<T> a;
+    for (const py::handle d : iface["shape"].cast<py::tuple>()) a.shape.push_back(d.cast<index_t>());
+    if (iface.contains("mask") && !iface["mask"].is_none())
+      fail(std::string(name) + " is a masked array");
+    if (iface.contains("strides") && !iface["strides"].is_none()) {
+      const py::tuple strides = iface["strides"].cast<py::tuple>();
+      index_t expected = static_cast<index_t>(sizeof(T));
+      bool contiguous = static_cast<int>(strides.size()) == a.ndim();
+      for (int i = a.ndim() - 1; contiguous && i >= 0; --i) {
+        if (a.dim(i) != 1 && strides[static_cast<size_t>(i)].cast<index_t>() != expected)
+          contiguous = false;
+        expected *= a.dim(i);
+      }
+      if (!contiguous && a.size() > 0) fail(std::string(name) + " must be C-contiguous");
+    }
+    const py::tuple data = iface["data"].cast<py::tuple>();
+    const auto ptr = data[0].cast<std::uintptr_t>();
+    if (writable && data[1].cast<bool>()) fail(std::string(name) + " must be writable");
+    a.data = reinterpret_cast<T*>(ptr);
+    if (a.size() > 0) {
+      check_device_memory(a.data, name);
+      if (iface.contains("stream") && !iface["stream"].is_none())
+        wait_for(iface["stream"].cast<std::uintptr_t>());
+    }
+    return a;
+  }
+
+ private:
+  void use_device() {
+    if (device_ >= 0) return;
+    FASTCNN_CUDA_CHECK(cudaGetDevice(&device_));
+    if (cupy_.device >= 0 && cupy_.device != device_) {
+      FASTCNN_CUDA_CHECK(cudaSetDevice(cupy_.device));
+      device_ = cupy_.device;
+    }
+  }
+
+  void check_device_memory(const void* ptr, const char* name) {
+    use_device();
+    cudaPointerAttributes attr{};
+    if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+      (void)cudaGetLastError();
+      fail(std::string(name) + " does not point to CUDA memory");
+    }
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+      fail(std::string(name) + " is not device memory (host memory cannot be passed to the "
+                               "CUDA kernels)");
+    if (attr.device != device_)
+      fail(std::string(name) + " is on GPU " + std::to_string(attr.device) +
+           " but the current device is GPU " + std::to_string(device_) +
+           "; use `with cupy.cuda.Device(" + std::to_string(attr.device) + "):`");
+  }
+
+  // The array's producer stream (CUDA array interface v3): our stream waits for it.
+  void wait_for(std::uintptr_t producer) const {
+    if (producer == interface_stream_id(cupy_.stream)) return;
+    const cudaStream_t other =
+        producer == 1 ? cudaStreamLegacy : reinterpret_cast<cudaStream_t>(producer);
+    cudaEvent_t done;
+    FASTCNN_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    FASTCNN_CUDA_CHECK(cudaEventRecord(done, other));
+    FASTCNN_CUDA_CHECK(cudaStreamWaitEvent(cupy_.stream, done, 0));
+    FASTCNN_CUDA_CHECK(cudaEventDestroy(done));
+  }
+
+  CupyCurrent cupy_;
+  int device_ = -1;  // -1: not asked yet
+};
+
+// ------------------------------------------------------------- host arrays --
+
+class HostArrays {
+ public:
+  static constexpr bool kHostData = true;
+
+  cuda::Exec exec() const {
+    cuda::Exec ex;
+    ex.emulated = true;
+    return ex;
+  }
+
+  template <class T>
+  Array<T> get(const py::handle& obj, const char* name, bool writable) {
+    if (!py::isinstance<py::array>(obj))
+      fail(std::string(name) + " must be a numpy array (emulator), got " + type_name(obj));
+    py::array arr = py::reinterpret_borrow<py::array>(obj);
+    if (!py::dtype::of<T>().is(arr.dtype()))
+      fail(std::string(name) + " has dtype " + std::string(py::str(arr.dtype())) + ", expected " +
+           Dtype<T>::kName);
+    if (!(arr.flags() & py::array::c_style)) fail(std::string(name) + " must be C-contiguous");
+    if (writable && !arr.writeable()) fail(std::string(name) + " must be writable");
+    Array<T> a;
+    for (py::ssize_t i = 0; i < arr.ndim(); ++i) a.shape.push_back(arr.shape(i));
+    a.data = static_cast<T*>(writable ? arr.mutable_data() : const_cast<void*>(arr.data()));
+    return a;
+  }
+};
+
+// ------------------------------------------------------------------ checks --
+
+template <class M, class T>
+Array<T> in(M& m, const py::object& obj, const char* name) {
+  return m.template get<T>(obj, name, false);
+}
+
+template <class M, class T>
+Array<T> out(M& m, const py::object& obj, const char* name) {
+  return m.template get<T>(obj, name, true);
+}
+
+// An optional argument: null when None.
+template <class M, class T>
+T* opt(M& m, const py::object& obj, const char* name, bool writable, index_t expected) {
+  if (obj.is_none()) return nullptr;
+  const Array<T> a = m.template get<T>(obj, name, writable);
+  if (a.size() != expected)
+    fail(std::string(name) + " has shape " + a.shape_string() + ", expected " +
+         std::to_string(expected) + " elements");
+  return a.data;
+}
+
+template <class T>
+void expect_ndim(const Array<T>& a, int ndim, const char* name) {
+  if (a.ndim() != ndim)
+    fail(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " +
+         a.shape_string());
+}
+
+template <class T, class U>
+void expect_same_shape(const Array<T>& a, const Array<U>& b, const char* na, const char* nb) {
+  if (a.shape != b.shape)
+    fail(std::string(na) + " has shape " + a.shape_string() + " but " + nb + " has shape " +
+         b.shape_string());
+}
+
+fastcnn::ConvShape conv_shape(const Array<float>& x, const Array<float>& w, const Array<float>& y,
+                              index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
+                              index_t dw, index_t groups) {
+  expect_ndim(x, 4, "input");
+  expect_ndim(w, 4, "weight");
+  expect_ndim(y, 4, "output");
+  fastcnn::ConvShape cs{};
+  cs.n = x.dim(0), cs.c = x.dim(1), cs.h = x.dim(2), cs.w = x.dim(3);
+  cs.k = w.dim(0), cs.r = w.dim(2), cs.s = w.dim(3);
+  cs.stride_h = sh, cs.stride_w = sw, cs.pad_h = ph, cs.pad_w = pw;
+  cs.dil_h = dh, cs.dil_w = dw, cs.groups = groups;
+  if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 || groups < 1)
+    fail("stride and dilation must be >= 1, padding >= 0, groups >= 1");
+  if (cs.c % groups != 0 || cs.k % groups != 0 || w.dim(1) * groups != cs.c)
+    fail("weight " + w.shape_string() + " does not match input " + x.shape_string() +
+         " with groups=" + std::to_string(groups));
+  cs.oh = fastcnn::conv_out_size(cs.h, cs.r, sh, ph, dh);
+  cs.ow = fastcnn::conv_out_size(cs.w, cs.s, sw, pw, dw);
+  if (cs.oh < 1 || cs.ow < 1) fail("kernel larger than the padded input");
+  if (y.dim(0) != cs.n || y.dim(1) != cs.k || y.dim(2) != cs.oh || y.dim(3) != cs.ow)
+    fail("output has shape " + y.shape_string() + ", expected (" + std::to_string(cs.n) + ", " +
+         std::to_string(cs.k) + ", " + std::to_string(cs.oh) + ", " + std::to_string(cs.ow) + ")");
+  return cs;
+}
+
+fastcnn::PoolShape pool_shape(const Array<float>& x, const Array<float>& y, index_t kh,
+                              index_t kw, index_t sh, index_t sw, index_t ph, index_t pw,
+                              index_t dh, index_t dw) {
+  expect_ndim(x, 4, "input");
+  expect_ndim(y, 4, "output");
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 ||
+      2 * ph > kh || 2 * pw > kw)
+    fail("invalid pooling parameters");
+  fastcnn::PoolShape ps{x.dim(0), x.dim(1), x.dim(2), x.dim(3), kh, kw, sh, sw,
+                        ph,       pw,       dh,       dw,       y.dim(2), y.dim(3)};
+  if (y.dim(0) != ps.n || y.dim(1) != ps.c) fail("output does not match input");
+  if ((ps.oh - 1) * sh - ph >= ps.h || (ps.ow - 1) * sw - pw >= ps.w)
+    fail("output " + y.shape_string() + " too large for input " + x.shape_string());
+  return ps;
+}
+
+void check_view(index_t outer, index_t dim, index_t inner, index_t size, const char* what) {
+  if (outer < 0 || dim < 0 || inner < 0 || outer * dim * inner != size)
+    fail(std::string(what) + " view does not match the input size");
+}
+
+// Targets are checked on the host only where they live there (the
+// emulator); on the GPU the kernels give NaN for a bad target and the
+// Python layer validates before calling.
+template <class M>
+void check_targets(const Array<std::int64_t>& t, std::int64_t ignore_index, index_t classes) {
+  if (!M::kHostData) return;
+  for (index_t i = 0; i < t.size(); ++i)
+    if (t.data[i] != ignore_index && (t.data[i] < 0 || t.data[i] >= classes))
+      fail("target value " + std::to_string(t.data[i]) + " out of range");
+}
+
+// ---------------------------------------------------------------- bindings --
+
+template <class M>
+void bind_ops(py::module_& m) {
+  using f32 = float;
+  using i64 = std::int64_t;
+
+  // c (m, n) = alpha op(a) op(b) + beta c for 2-D C-contiguous float32 arrays.
+  m.def("sgemm", [](bool ta, bool tb, float alpha, py::object a_, py::object b_, float beta,
+                    py::object c_) {
+    M mem;
+    auto a = in<M, f32>(mem, a_, "a");
+    auto b = in<M, f32>(mem, b_, "b");
+    auto c = out<M, f32>(mem, c_, "c");
+    expect_ndim(a, 2, "a");
+    expect_ndim(b, 2, "b");
+    expect_ndim(c, 2, "c");
+    const index_t m_ = ta ? a.dim(1) : a.dim(0), k = ta ? a.dim(0) : a.dim(1);
+    const index_t kb = tb ? b.dim(1) : b.dim(0), n = tb ? b.dim(0) : b.dim(1);
+    if (k != kb || c.dim(0) != m_ || c.dim(1) != n)
+      fail("sgemm shapes a " + a.shape_string() + ", b " + b.shape_string() + ", c " +
+           c.shape_string() + " do not agree");
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::sgemm(ex, static_cast<fastcnn::Trans>(ta), static_cast<fastcnn::Trans>(tb), m_, n, k,
+                alpha, a.data, a.dim(1), b.data, b.dim(1), beta, c.data, n);
+  });
+
+  m.def("conv2d_forward", [](py::object x_, py::object w_, py::object b_, py::object y_,
+                             index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
+                             index_t dw, index_t groups) {
+    M mem;
+    auto x = in<M, f32>(mem, x_, "input");
+    auto w = in<M, f32>(mem, w_, "weight");
+    auto y = out<M, f32>(mem, y_, "output");
+    const fastcnn::ConvShape cs = conv_shape(x, w, y, sh, sw, ph, pw, dh, dw, groups);
+    const float* bias = opt<M, f32>(mem, b_, "bias", false, cs.k);
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::conv2d_forward(ex, cs, x.data, w.data, bias, y.data);
+  });
+
+  m.def("conv2d_backward", [](py::object dy_, py::object x_, py::object w_, py::object dx_,
+                              py::object dw_, py::object db_, index_t sh, index_t sw, index_t ph,
+                              index_t pw, index_t dh, index_t dw, index_t groups) {
+    M mem;
+    auto dy = in<M, f32>(mem, dy_, "grad_output");
+    auto x = in<M, f32>(mem, x_, "input");
+    auto w = in<M, f32>(mem, w_, "weight");
+    const fastcnn::ConvShape cs = conv_shape(x, w, dy, sh, sw, ph, pw, dh, dw, groups);
+    float* dx = opt<M, f32>(mem, dx_, "grad_input", true, x.size());
+    float* dwp = opt<M, f32>(mem, dw_, "grad_weight", true, w.size());
+    float* db = opt<M, f32>(mem, db_, "grad_bias", true, cs.k);
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::conv2d_backward(ex, cs, dy.data, x.data, w.data, dx, dwp, db);
+  });
+
+  m.def("linear_forward", [](py::object x_, py::object w_, py::object b_, py::object y_) {
+    M mem;
+    auto x = in<M, f32>(mem, x_, "input");
+    auto w = in<M, f32>(mem, w_, "weight");
+    auto y = out<M, f32>(mem, y_, "output");
+    expect_ndim(x, 2, "input");
+    expect_ndim(w, 2, "weight");
+    expect_ndim(y, 2, "output");
+    const index_t n = x.dim(0), fin = x.dim(1), fout = w.dim(0);
+    if (w.dim(1) != fin || y.dim(0) != n || y.dim(1) != fout)
+      fail("linear shapes input " + x.shape_string() + ", weight " + w.shape_string() +
+           ", output " + y.shape_string() + " do not agree");
+    const float* bias = opt<M, f32>(mem, b_, "bias", false, fout);
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::linear_forward(ex, n, fin, fout, x.data, w.data, bias, y.data);
+  });
+
+  m.def("linear_backward", [](py::object dy_, py::object x_, py::object w_, py::object dx_,
+                              py::object dw_, py::object db_) {
+    M mem;
+    auto dy = in<M, f32>(mem, dy_, "grad_output");
+    auto x = in<M, f32>(mem, x_, "input");
+    auto w = in<M, f32>(mem, w_, "weight");
+    expect_ndim(x, 2, "input");
+    expect_ndim(w, 2, "weight");
+    expect_ndim(dy, 2, "grad_output");
+    const index_t n = x.dim(0), fin = x.dim(1), fout = w.dim(0);
+    if (w.dim(1) != fin || dy.dim(0) != n || dy.dim(1) != fout)
+      fail("linear_backward shapes grad_output " + dy.shape_string() + ", input " +
+           x.shape_string() + ", weight " + w.shape_string() + " do not agree");
+    float* dx = opt<M, f32>(mem, dx_, "grad_input", true, x.size());
+    float* dw = opt<M, f32>(mem, dw_, "grad_weight", true, w.size());
+    float* db = opt<M, f32>(mem, db_, "grad_bias", true, fout);
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::linear_backward(ex, n, fin, fout, dy.data, x.data, w.data, dx, dw, db);
+  });
+
+  m.def("relu_forward", [](py::object x_, py::object y_) {
+    M mem;
+    auto x = in<M, f32>(mem, x_, "input");
+    auto y = out<M, f32>(mem, y_, "output");
+    expect_same_shape(x, y, "input", "output");
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::relu_forward(ex, x.size(), x.data, y.data);
+  });
+
+  m.def("relu_backward", [](py::object dy_, py::object x_, bool guided, py::object dx_) {
+    M mem;
+    auto dy = in<M, f32>(mem, dy_, "grad_output");
+    auto x = in<M, f32>(mem, x_, "input");
+    auto dx = out<M, f32>(mem, dx_, "grad_input");
+    expect_same_shape(dy, x, "grad_output", "input");
+    expect_same_shape(dx, x, "grad_input", "input");
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::relu_backward(ex, x.size(), dy.data, x.data, guided, dx.data);
+  });
+
+  m.def("max_pool2d_forward", [](py::object x_, py::object y_, py::object idx_, index_t kh,
+                                 index_t kw, index_t sh, index_t sw, index_t ph, index_t pw,
+                                 index_t dh, index_t dw) {
+    M mem;
+    auto x = in<M, f32>(mem, x_, "input");
+    auto y = out<M, f32>(mem, y_, "output");
+    const fastcnn::PoolShape ps = pool_shape(x, y, kh, kw, sh, sw, ph, pw, dh, dw);
+    i64* idx = opt<M, i64>(mem, idx_, "indices", true, y.size());
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::max_pool2d_forward(ex, ps, x.data, y.data, idx);
+  });
+
+  m.def("max_pool2d_backward", [](py::object dy_, py::object x_, py::object idx_,
+                                  py::object dx_, index_t kh, index_t kw, index_t sh,
+                                  index_t sw, index_t ph, index_t pw, index_t dh, index_t dw) {
+    M mem;
+    auto dy = in<M, f32>(mem, dy_, "grad_output");
+    auto x = in<M, f32>(mem, x_, "input");
+    auto dx = out<M, f32>(mem, dx_, "grad_input");
+    expect_same_shape(dx, x, "grad_input", "input");
+    const fastcnn::PoolShape ps = pool_shape(x, dy, kh, kw, sh, sw, ph, pw, dh, dw);
+    const i64* idx = opt<M, i64>(mem, idx_, "indices", false, dy.size());
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::max_pool2d_backward(ex, ps, dy.data, x.data, idx, dx.data);
+  });
+
+  // x viewed as (outer, dim, inner)
+  m.def("softmax_forward", [](py::object x_, py::object y_, index_t outer, index_t dim,
+                              index_t inner, bool log) {
+    M mem;
+    auto x = in<M, f32>(mem, x_, "input");
+    auto y = out<M, f32>(mem, y_, "output");
+    expect_same_shape(x, y, "input", "output");
+    check_view(outer, dim, inner, x.size(), "softmax");
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::softmax_forward(ex, outer, dim, inner, x.data, log, y.data);
+  });
+
+  m.def("softmax_backward", [](py::object dy_, py::object y_, py::object dx_, index_t outer,
+                               index_t dim, index_t inner, bool log) {
+    M mem;
+    auto dy = in<M, f32>(mem, dy_, "grad_output");
+    auto y = in<M, f32>(mem, y_, "output");
+    auto dx = out<M, f32>(mem, dx_, "grad_input");
+    expect_same_shape(dy, y, "grad_output", "output");
+    expect_same_shape(dx, y, "grad_input", "output");
+    check_view(outer, dim, inner, y.size(), "softmax");
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::softmax_backward(ex, outer, dim, inner, dy.data, y.data, log, dx.data);
+  });
+
+  m.def("cross_entropy_forward", [](py::object x_, py::object t_, std::int64_t ignore_index,
+                                    float label_smoothing, py::object loss_) {
+    M mem;
+    auto x = in<M, f32>(mem, x_, "input");
+    auto t = in<M, i64>(mem, t_, "target");
+    auto loss = out<M, f32>(mem, loss_, "loss");
+    expect_ndim(x, 2, "input");
+    const index_t n = x.dim(0), classes = x.dim(1);
+    if (t.size() != n || loss.size() != n) fail("target / loss size does not match input");
+    check_targets<M>(t, ignore_index, classes);
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::cross_entropy_forward(ex, n, classes, x.data, t.data, ignore_index, label_smoothing,
+                                loss.data);
+  });
+
+  m.def("cross_entropy_backward", [](py::object x_, py::object t_, std::int64_t ignore_index,
+                                     float label_smoothing, py::object g_, py::object dx_) {
+    M mem;
+    auto x = in<M, f32>(mem, x_, "input");
+    auto g = in<M, f32>(mem, g_, "grad_scale");
+    auto t = in<M, i64>(mem, t_, "target");
+    auto dx = out<M, f32>(mem, dx_, "grad_input");
+    expect_ndim(x, 2, "input");
+    expect_same_shape(dx, x, "grad_input", "input");
+    const index_t n = x.dim(0), classes = x.dim(1);
+    if (t.size() != n || g.size() != n) fail("target / grad size does not match input");
+    check_targets<M>(t, ignore_index, classes);
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::cross_entropy_backward(ex, n, classes, x.data, t.data, ignore_index, label_smoothing,
+                                 g.data, dx.data);
+  });
+
+  // x viewed as (n, c, l)
+  m.def("batch_norm_forward_train",
+        [](py::object x_, py::object w_, py::object b_, py::object rm_, py::object rv_,
+           py::object y_, py::object mean_, py::object invstd_, index_t n, index_t c, index_t l,
+           double eps, double momentum) {
+          M mem;
+          auto x = in<M, f32>(mem, x_, "input");
+          auto y = out<M, f32>(mem, y_, "output");
+          expect_same_shape(x, y, "input", "output");
+          if (n < 0 || c < 1 || l < 0 || n * c * l != x.size())
+            fail("batch_norm view does not match the input size");
+          const float* w = opt<M, f32>(mem, w_, "weight", false, c);
+          const float* b = opt<M, f32>(mem, b_, "bias", false, c);
+          float* rm = opt<M, f32>(mem, rm_, "running_mean", true, c);
+          float* rv = opt<M, f32>(mem, rv_, "running_var", true, c);
+          float* mean = opt<M, f32>(mem, mean_, "save_mean", true, c);
+          float* invstd = opt<M, f32>(mem, invstd_, "save_invstd", true, c);
+          if (mean == nullptr || invstd == nullptr) fail("save_mean / save_invstd required");
+          const cuda::Exec ex = mem.exec();
+          py::gil_scoped_release nogil;
+          cuda::batch_norm_forward_train(ex, n, c, l, x.data, w, b, eps, momentum, rm, rv,
+                                         y.data, mean, invstd);
+        });
+
+  m.def("batch_norm_forward_eval",
+        [](py::object x_, py::object w_, py::object b_, py::object rm_, py::object rv_,
+           py::object y_, index_t n, index_t c, index_t l, double eps) {
+          M mem;
+          auto x = in<M, f32>(mem, x_, "input");
+          auto y = out<M, f32>(mem, y_, "output");
+          expect_same_shape(x, y, "input", "output");
+          if (n < 0 || c < 1 || l < 0 || n * c * l != x.size())
+            fail("batch_norm view does not match the input size");
+          const float* w = opt<M, f32>(mem, w_, "weight", false, c);
+          const float* b = opt<M, f32>(mem, b_, "bias", false, c);
+          const float* rm = opt<M, f32>(mem, rm_, "running_mean", false, c);
+          const float* rv = opt<M, f32>(mem, rv_, "running_var", false, c);
+          if (rm == nullptr || rv == nullptr) fail("running_mean / running_var required");
+          const cuda::Exec ex = mem.exec();
+          py::gil_scoped_release nogil;
+          cuda::batch_norm_forward_eval(ex, n, c, l, x.data, rm, rv, w, b, eps, y.data);
+        });
+
+  m.def("batch_norm_backward",
+        [](py::object dy_, py::object x_, py::object mean_, py::object invstd_, py::object w_,
+           bool training, py::object dx_, py::object dw_, py::object db_, index_t n, index_t c,
+           index_t l) {
+          M mem;
+          auto dy = in<M, f32>(mem, dy_, "grad_output");
+          auto x = in<M, f32>(mem, x_, "input");
+          expect_same_shape(dy, x, "grad_output", "input");
+          if (n < 0 || c < 1 || l < 0 || n * c * l != x.size())
+            fail("batch_norm view does not match the input size");
+          const float* mean = opt<M, f32>(mem, mean_, "mean", false, c);
+          const float* invstd = opt<M, f32>(mem, invstd_, "invstd", false, c);
+          if (mean == nullptr || invstd == nullptr) fail("mean / invstd required");
+          const float* w = opt<M, f32>(mem, w_, "weight", false, c);
+          float* dx = opt<M, f32>(mem, dx_, "grad_input", true, x.size());
+          float* dw = opt<M, f32>(mem, dw_, "grad_weight", true, c);
+          float* db = opt<M, f32>(mem, db_, "grad_bias", true, c);
+          const cuda::Exec ex = mem.exec();
+          py::gil_scoped_release nogil;
+          cuda::batch_norm_backward(ex, n, c, l, dy.data, x.data, mean, invstd, w, training, dx,
+                                    dw, db);
+        });
+
+  m.def("dropout_apply", [](py::object x_, py::object y_, double p, std::uint64_t seed,
+                            std::uint64_t offset) {
+    M mem;
+    auto y = out<M, f32>(mem, y_, "output");
+    const float* x = opt<M, f32>(mem, x_, "input", false, y.size());
+    if (!(p >= 0.0 && p < 1.0)) fail("p must be in [0, 1)");
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::dropout_apply(ex, y.size(), x, p, seed, offset, y.data);
+  });
+
+  m.def("normalize_u8", [](py::object x_, py::object mean_, py::object std_, py::object y_,
+                           index_t outer, index_t c, index_t inner) {
+    M mem;
+    auto x = in<M, std::uint8_t>(mem, x_, "input");
+    auto y = out<M, f32>(mem, y_, "output");
+    if (x.size() != y.size() || outer < 0 || c < 1 || inner < 0 || outer * c * inner != x.size())
+      fail("normalize view does not match the input size");
+    const float* mean = opt<M, f32>(mem, mean_, "mean", false, c);
+    const float* sd = opt<M, f32>(mem, std_, "std", false, c);
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::normalize_u8(ex, outer, c, inner, x.data, mean, sd, y.data);
+  });
+
+  m.def("gemm_kernel", &cuda::gemm_kernel_name);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() =
+      "fastcnn CUDA kernels: the functions of fastcnn._cpu on CuPy arrays (CuPy's current "
+      "stream). Use fastcnn.functional, not this module. fastcnn._cuda.emulator runs the same "
+      "kernel code on the host, on NumPy arrays, for testing without a GPU.";
+
+  py::register_exception<cuda::CudaError>(m, "CudaError", PyExc_RuntimeError);
+
+  m.def("is_available", &cuda::is_available,
+        "True when a CUDA device and driver are usable (never raises).");
+  m.def("device_count", &cuda::device_count, "Number of CUDA devices (0 without a driver).");
+  m.def(
+      "device_name",
+      [](int device) {
+        const int count = cuda::device_count();
+        if (device < 0 || device >= count)
+          fail("device " + std::to_string(device) + " out of range: " + std::to_string(count) +
+               " CUDA device(s)");
+        cudaDeviceProp prop{};
+        FASTCNN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+        return std::string(prop.name);
+      },
+      py::arg("device") = 0);
+  m.def("synchronize", [] {
+    py::gil_scoped_release nogil;
+    FASTCNN_CUDA_CHECK(cudaDeviceSynchronize());
+  });
+  m.def("set_allow_tf32", &cuda::set_allow_tf32, py::arg("allow"),
+        "Let every GEMM (matmul, linear, conv2d) use TF32 tensor cores (off by default).");
+  m.def("get_allow_tf32", &cuda::allow_tf32);
+  bind_ops<DeviceArrays>(m);
+
+  py::module_ emulator = m.def_submodule(
+      "emulator",
+      "The CUDA kernels run on the host (slow; for testing without a GPU): the functions of "
+      "fastcnn._cpu on NumPy arrays.");
+  bind_ops<HostArrays>(emulator);
+}

@@ -1,0 +1,607 @@
+"""The CUDA backend against the CPU kernels.
+
+Every op runs on two devices and the results are compared with the CPU's:
+
+* ``emulator``: ``fastcnn._cuda.emulator`` runs the CUDA kernel bodies on the
+  host (shared-memory tiles, barriers, TF32 MMA fragments and all), so these
+  tests check the GPU code on any machine where the module was built;
+* ``gpu`` (marked ``cuda``): the real thing, on CuPy arrays; skipped with the
+  reason when CuPy or a GPU is missing.
+
+Bit-exact where the maths has no reduction or transcendental function to
+reorder (relu, max-pool values, indices and gradients, dropout masks,
+normalize); to float32 rounding elsewhere. The GPU-only tests at the end go
+through ``fastcnn.functional`` with CuPy arrays: device dispatch, errors for
+mixed devices, streams, a whole training step.
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+import fastcnn
+import fastcnn.cuda
+import fastcnn.functional as F
+import reference as ref
+from conftest import randn
+from fastcnn import _cpu
+
+try:
+    from fastcnn import _cuda
+except ImportError:
+    _cuda = None
+
+
+def _gpu_skip_reason():
+    if _cuda is None:
+        return "fastcnn._cuda was not built (no nvcc when fastcnn was installed)"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed (pip install 'fastcnn[cuda]')"
+    if not _cuda.is_available():
+        return "no CUDA GPU or driver on this machine"
+    return None
+
+
+GPU_SKIP = _gpu_skip_reason()
+needs_module = pytest.mark.skipif(_cuda is None, reason="fastcnn._cuda was not built")
+gpu_only = [pytest.mark.cuda, pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))]
+
+F32, I64 = np.float32, np.int64
+
+
+# --------------------------------------------------------------------------- devices
+
+class Device:
+    """Runs one binding call with fresh arrays on a device, results back as NumPy.
+
+    call(module, **arrays); inputs: name -> ndarray or None (copied to the
+    device); outputs: name -> (shape, dtype, fill). Returns the outputs and the
+    inputs (some are updated in place) as NumPy arrays.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        if name == "cpu":
+            self.module, self._put, self._get = _cpu, np.array, np.asarray
+        elif name == "emulator":
+            self.module, self._put, self._get = _cuda.emulator, np.array, np.asarray
+        else:
+            import cupy
+
+            self.module, self._put, self._get = _cuda, cupy.asarray, cupy.asnumpy
+
+    def __call__(self, call, inputs, outputs):
+        ins = {k: None if v is None else self._put(np.ascontiguousarray(v))
+               for k, v in inputs.items()}
+        outs = {k: None if spec is None else self._put(np.full(spec[0], spec[2], spec[1]))
+                for k, spec in outputs.items()}
+        call(self.module, **ins, **outs)
+        back = {k: None if v is None else self._get(v) for k, v in {**ins, **outs}.items()}
+        return back
+
+
+CPU = Device("cpu")
+
+
+@pytest.fixture(params=["emulator", pytest.param("gpu", marks=gpu_only)])
+def dev(request):
+    if _cuda is None:
+        pytest.skip("fastcnn._cuda was not built")
+    return Device(request.param)
+
+
+@pytest.fixture
+def tf32():
+    """Turns TF32 on for the test, off afterwards."""
+    _cuda.set_allow_tf32(True)
+    yield
+    _cuda.set_allow_tf32(False)
+
+
+def both(dev, call, inputs, outputs):
+    return CPU(call, inputs, outputs), dev(call, inputs, outputs)
+
+
+def close(got, want, red=1, rtol=1e-4, atol=1e-5, name=""):
+    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * math.sqrt(max(red, 1)),
+                               equal_nan=True, err_msg=name)
+
+
+def bitwise(got, want, name=""):
+    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape)
+    if not np.array_equal(got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)):
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        raise AssertionError(f"{name}: equal values, different bits (-0.0 / NaN payload)")
+
+
+# --------------------------------------------------------------------------- without a GPU
+
+@needs_module
+def test_module_imports_and_reports_no_gpu_here():
+    assert isinstance(_cuda.is_available(), bool)
+    assert _cuda.is_available() == (_cuda.device_count() > 0)
+    assert fastcnn.cuda.is_available() == _cuda.is_available()
+    if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")):
+        assert _cuda.is_available() is False
+        assert fastcnn.cuda.device_count() == 0
+        with pytest.raises(ValueError, match="out of range"):
+            _cuda.device_name(0)
+
+
+@needs_module
+def test_allow_tf32_switch():
+    assert fastcnn.cuda.matmul.allow_tf32 is False  # off by default
+    try:
+        fastcnn.cuda.matmul.allow_tf32 = True
+        assert _cuda.get_allow_tf32() and fastcnn.cuda.get_allow_tf32()
+        assert "tf32" in _cuda.gemm_kernel()
+    finally:
+        fastcnn.cuda.set_allow_tf32(False)
+    assert not _cuda.get_allow_tf32() and "simt" in _cuda.gemm_kernel()
+
+
+class FakeGpuArray:
+    """Exposes only __cuda_array_interface__ (the bindings check it before any CUDA call)."""
+
+    def __init__(self, shape, typestr="<f4", strides=None, readonly=False, mask=None):
+        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, strides=strides,
+                                             data=(0, readonly), mask=mask, version=3)
+
+
+@needs_module
+@pytest.mark.parametrize("args,match", [
+    ((np.zeros(3, F32), FakeGpuArray((3,))), "__cuda_array_interface__.*numpy.ndarray"),
+    ((FakeGpuArray((0, 3), "<f8"), FakeGpuArray((0, 3))), "typestr '<f8', expected float32"),
+    ((FakeGpuArray((2, 3), strides=(4, 8)), FakeGpuArray((2, 3))), "C-contiguous"),
+    ((FakeGpuArray((0, 3)), FakeGpuArray((0, 3), readonly=True)), "output must be writable"),
+    ((FakeGpuArray((0, 3)), FakeGpuArray((0, 4))), r"shape \(0, 3\) but output has shape \(0, 4\)"),
+    ((FakeGpuArray((0,), mask=1), FakeGpuArray((0,))), "masked"),
+])
+def test_bindings_check_arrays_before_any_cuda_call(args, match):
+    with pytest.raises(ValueError, match=match):
+        _cuda.relu_forward(*args)
+
+
+@needs_module
+def test_cuda_errors_are_runtime_errors_naming_the_call():
+    assert issubclass(_cuda.CudaError, RuntimeError)
+    if _cuda.is_available():
+        pytest.skip("needs a machine without a usable GPU")
+    with pytest.raises(_cuda.CudaError, match="cudaGetDevice"):
+        _cuda.relu_forward(FakeGpuArray((0,)), FakeGpuArray((0,)))
+
+
+@needs_module
+def test_emulator_checks_arguments():
+    emu = _cuda.emulator
+    x = np.zeros((2, 3), F32)
+    with pytest.raises(ValueError, match="dtype"):
+        emu.relu_forward(x.astype(np.float64), x)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        emu.relu_forward(np.zeros((3, 2), F32).T, x)
+    with pytest.raises(ValueError, match="shape"):
+        emu.relu_forward(x, np.zeros((3, 2), F32))
+    with pytest.raises(ValueError, match="target value 10 out of range"):
+        emu.cross_entropy_forward(np.zeros((1, 10), F32), np.array([10]), -100, 0.0,
+                                  np.zeros(1, F32))
+
+
+# --------------------------------------------------------------------------- sgemm
+
+GEMM_SHAPES = [(1, 1, 1), (5, 7, 3), (33, 47, 19), (64, 64, 64), (130, 70, 300), (7, 9, 1000),
+               (200, 3, 5), (1, 300, 17), (0, 5, 3), (4, 0, 3), (6, 5, 0)]
+
+
+def _operands(rng, m, n, k, ta, tb):
+    a = randn(rng, *((k, m) if ta else (m, k)))
+    b = randn(rng, *((n, k) if tb else (k, n)))
+    want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b)
+    return a, b, want
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_sgemm_vs_numpy(dev, rng, m, n, k, ta, tb):
+    a, b, want = _operands(rng, m, n, k, ta, tb)
+    # C starts as NaN: beta == 0 must never read it
+    out = dev(lambda mod, a, b, c: mod.sgemm(ta, tb, 1.0, a, b, 0.0, c), {"a": a, "b": b},
+              {"c": ((m, n), F32, np.nan)})
+    close(out["c"], want.astype(F32), red=k)
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.5, 2.0), (-1.0, 1.0), (2.0, -0.25)])
+def test_sgemm_alpha_beta(dev, rng, alpha, beta):
+    m, n, k = 37, 45, 29
+    a, b, prod = _operands(rng, m, n, k, False, True)
+    c0 = randn(rng, m, n)
+    out = dev(lambda mod, a, b, c: mod.sgemm(False, True, alpha, a, b, beta, c),
+              {"a": a, "b": b, "c": c0}, {})
+    close(out["c"], (alpha * prod + beta * c0).astype(F32), red=k)
+
+
+def test_sgemm_large_tiles_and_unaligned(dev, rng):
+    # 1100 x 1030 takes the 128 x 128 kernel; the offset views defeat float4 loads
+    m, n, k = 1100, 1030, 12
+    a, b, want = _operands(rng, m, n, k, False, False)
+    out = dev(lambda mod, a, b, c: mod.sgemm(False, False, 1.0, a, b, 0.0, c), {"a": a, "b": b},
+              {"c": ((m, n), F32, np.nan)})
+    close(out["c"], want.astype(F32), red=k)
+    if dev.name == "emulator":
+        base_a, base_b = np.empty(m * k + 1, F32), np.empty(k * n + 1, F32)
+        ua, ub = base_a[1:].reshape(m, k), base_b[1:].reshape(k, n)
+        ua[...], ub[...] = a, b
+        c = np.full((m, n), np.nan, F32)
+        _cuda.emulator.sgemm(False, False, 1.0, ua, ub, 0.0, c)
+        close(c, want.astype(F32), red=k)
+
+
+@pytest.mark.parametrize("m,n,k,ta,tb", [(100, 90, 64, False, False), (130, 140, 33, True, False),
+                                         (17, 260, 200, False, True)])
+def test_sgemm_tf32(dev, rng, tf32, m, n, k, ta, tb):
+    a, b, want = _operands(rng, m, n, k, ta, tb)
+    out = dev(lambda mod, a, b, c: mod.sgemm(ta, tb, 1.0, a, b, 0.0, c), {"a": a, "b": b},
+              {"c": ((m, n), F32, np.nan)})
+    err = np.abs(out["c"] - want)
+    # TF32 keeps 10 mantissa bits: each product is within ~2^-10 relative
+    assert err.max() <= 4e-3 * math.sqrt(k), err.max()
+    assert err.max() > 1e-5, "the TF32 path did not run (error at float32 level)"
+
+
+# --------------------------------------------------------------------------- conv2d
+
+# (n, c, h, w, k, (r, s), stride, padding, dilation, groups)
+CONV_CASES = [
+    (2, 3, 9, 9, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (10, 3, 8, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),      # several image chunks
+    (3, 4, 7, 9, 6, (3, 2), (2, 1), (1, 0), (1, 2), 2),       # groups, asymmetric
+    (2, 6, 10, 10, 6, (3, 3), (1, 1), (1, 1), (1, 1), 6),     # depthwise
+    (3, 8, 8, 8, 12, (1, 1), (1, 1), (0, 0), (1, 1), 1),      # pointwise, float4 path
+    (2, 5, 5, 7, 3, (1, 1), (1, 1), (0, 0), (1, 1), 1),       # pointwise, 35 pixels
+    (2, 4, 6, 6, 4, (1, 1), (2, 2), (0, 0), (1, 1), 2),       # 1x1 with stride
+    (1, 2, 12, 11, 3, (5, 4), (3, 2), (2, 1), (2, 1), 1),     # dilation, big kernel
+    (6, 1, 16, 16, 2, (3, 3), (1, 1), (1, 1), (1, 1), 1),     # split-k weight gradient
+    (2, 1, 64, 64, 130, (2, 2), (1, 1), (0, 0), (1, 1), 1),   # 128 x 128 tiles, implicit im2col
+]
+
+
+def _conv_problem(rng, case):
+    n, c, h, w, k, (r, s), stride, pad, dil, groups = case
+    x = randn(rng, n, c, h, w)
+    wt = randn(rng, k, c // groups, r, s, scale=0.5)
+    b = randn(rng, k)
+    oh = ref.conv2d_out_size(h, r, stride[0], pad[0], pad[0], dil[0])
+    ow = ref.conv2d_out_size(w, s, stride[1], pad[1], pad[1], dil[1])
+    args = (*stride, *pad, *dil, groups)
+    return x, wt, b, (n, k, oh, ow), args
+
+
+def _conv_check(dev, rng, case, rtol=1e-4, atol=1e-5):
+    x, wt, b, yshape, args = _conv_problem(rng, case)
+    red = wt[0].size
+    cpu, got = both(dev, lambda mod, x, w, b, y: mod.conv2d_forward(x, w, b, y, *args),
+                    {"x": x, "w": wt, "b": b}, {"y": (yshape, F32, np.nan)})
+    close(got["y"], cpu["y"], red, rtol, atol, "conv2d forward")
+    gy = randn(rng, *yshape)
+    cpu, got = both(dev, lambda mod, gy, x, w, dx, dw, db: mod.conv2d_backward(
+        gy, x, w, dx, dw, db, *args), {"gy": gy, "x": x, "w": wt},
+        {"dx": (x.shape, F32, np.nan), "dw": (wt.shape, F32, np.nan), "db": ((wt.shape[0],), F32,
+                                                                            np.nan)})
+    close(got["dx"], cpu["dx"], wt.shape[0] * red, rtol, atol, "grad_input")
+    close(got["dw"], cpu["dw"], x.shape[0] * yshape[2] * yshape[3], rtol, atol, "grad_weight")
+    close(got["db"], cpu["db"], x.shape[0] * yshape[2] * yshape[3], rtol, atol, "grad_bias")
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_conv2d(dev, rng, case):
+    _conv_check(dev, rng, case)
+
+
+@pytest.mark.parametrize("want", [(True, False, False), (False, True, False), (False, False, True),
+                                  (True, True, False)])
+def test_conv2d_backward_output_mask(dev, rng, want):
+    x, wt, b, yshape, args = _conv_problem(rng, CONV_CASES[2])
+    gy = randn(rng, *yshape)
+    specs = {"dx": (x.shape, F32, np.nan), "dw": (wt.shape, F32, np.nan),
+             "db": ((wt.shape[0],), F32, np.nan)}
+    specs = {k: (v if on else None) for (k, v), on in zip(specs.items(), want)}
+    cpu, got = both(dev, lambda mod, gy, x, w, dx, dw, db: mod.conv2d_backward(
+        gy, x, w, dx, dw, db, *args), {"gy": gy, "x": x, "w": wt}, specs)
+    for name, on in zip(("dx", "dw", "db"), want):
+        if on:
+            close(got[name], cpu[name], 64, name=name)
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4]])
+def test_conv2d_tf32(dev, rng, tf32, case):
+    _conv_check(dev, rng, case, rtol=1e-2, atol=3e-3)
+
+
+# --------------------------------------------------------------------------- linear
+
+@pytest.mark.parametrize("n,fin,fout", [(1, 1, 1), (5, 7, 3), (64, 392, 64), (3, 300, 10),
+                                        (0, 5, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(dev, rng, n, fin, fout, bias):
+    x, w = randn(rng, n, fin), randn(rng, fout, fin, scale=0.2)
+    b = randn(rng, fout) if bias else None
+    cpu, got = both(dev, lambda mod, x, w, b, y: mod.linear_forward(x, w, b, y),
+                    {"x": x, "w": w, "b": b}, {"y": ((n, fout), F32, np.nan)})
+    close(got["y"], cpu["y"], fin)
+    gy = randn(rng, n, fout)
+    cpu, got = both(dev, lambda mod, gy, x, w, dx, dw, db: mod.linear_backward(gy, x, w, dx, dw, db),
+                    {"gy": gy, "x": x, "w": w},
+                    {"dx": ((n, fin), F32, np.nan), "dw": ((fout, fin), F32, np.nan),
+                     "db": ((fout,), F32, np.nan) if bias else None})
+    close(got["dx"], cpu["dx"], fout)
+    close(got["dw"], cpu["dw"], n)
+    if bias:
+        bitwise(got["db"], cpu["db"], "grad_bias (same double sums)")
+
+
+# --------------------------------------------------------------------------- relu
+
+SPECIAL = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 3.5, -2.0],
+                   dtype=F32)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_relu_bitwise(dev, rng, guided):
+    x = np.concatenate([SPECIAL, randn(rng, 1000)])
+    dy = np.concatenate([SPECIAL[::-1], randn(rng, 1000)])
+    x, dy = np.add.outer(np.zeros(3, F32), x).astype(F32), np.add.outer(np.zeros(3, F32), dy).astype(F32)
+    cpu, got = both(dev, lambda mod, x, y: mod.relu_forward(x, y), {"x": x},
+                    {"y": (x.shape, F32, np.nan)})
+    bitwise(got["y"], cpu["y"], "relu")
+    cpu, got = both(dev, lambda mod, dy, x, dx: mod.relu_backward(dy, x, guided, dx),
+                    {"dy": dy, "x": x}, {"dx": (x.shape, F32, np.nan)})
+    bitwise(got["dx"], cpu["dx"], "relu_backward")
+
+
+# --------------------------------------------------------------------------- max_pool2d
+
+# (n, c, h, w, kernel, stride, padding, dilation, ceil_mode)
+POOL_CASES = [
+    (2, 3, 8, 8, (2, 2), (2, 2), (0, 0), (1, 1), False),
+    (2, 2, 7, 9, (3, 3), (2, 2), (1, 1), (1, 1), True),
+    (1, 2, 10, 11, (3, 2), (1, 2), (1, 0), (2, 1), False),
+    (2, 1, 5, 5, (2, 2), (1, 1), (0, 0), (1, 1), False),   # overlapping windows
+    (1, 2, 9, 9, (3, 3), (1, 1), (1, 1), (2, 2), True),
+    (1, 1, 1, 6, (1, 3), (1, 2), (0, 1), (1, 1), True),
+    (1, 2, 1, 5, (2, 2), (1, 1), (1, 1), (2, 2), False),   # windows wholly in the padding
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[:4])))
+@pytest.mark.parametrize("data", ["ties", "nan", "normal"])
+def test_max_pool2d_bitwise(dev, rng, case, data):
+    n, c, h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode = case
+    oh = ref.pool_out_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = ref.pool_out_size(w, kw, sw, pw, dw, ceil_mode)
+    if data == "ties":
+        x = rng.integers(-2, 3, (n, c, h, w)).astype(F32)
+    else:
+        x = randn(rng, n, c, h, w)
+        if data == "nan":
+            x.reshape(-1)[rng.integers(0, x.size, 3)] = np.nan
+    args = (kh, kw, sh, sw, ph, pw, dh, dw)
+    cpu, got = both(dev, lambda mod, x, y, idx: mod.max_pool2d_forward(x, y, idx, *args),
+                    {"x": x}, {"y": ((n, c, oh, ow), F32, np.nan), "idx": ((n, c, oh, ow), I64, -7)})
+    bitwise(got["y"], cpu["y"], "max_pool2d")
+    bitwise(got["idx"], cpu["idx"], "indices")
+    if ref.max_pool_has_empty_window(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode):
+        assert (got["idx"] == -1).any() and np.isneginf(got["y"]).any()
+    gy = randn(rng, n, c, oh, ow)
+    for indices in (cpu["idx"], None):
+        cpu_dx, got_dx = both(dev, lambda mod, gy, x, idx, dx: mod.max_pool2d_backward(
+            gy, x, idx, dx, *args), {"gy": gy, "x": x, "idx": indices},
+            {"dx": (x.shape, F32, np.nan)})
+        bitwise(got_dx["dx"], cpu_dx["dx"], "max_pool2d_backward")
+
+
+# --------------------------------------------------------------------------- softmax
+
+@pytest.mark.parametrize("outer,dim,inner", [(4, 10, 1), (2, 5, 7), (1, 1, 3), (3, 33, 2),
+                                             (0, 4, 4), (5, 300, 1)])
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax(dev, rng, outer, dim, inner, log):
+    x = randn(rng, outer, dim, inner, scale=3.0)
+    if x.size:
+        x[0, 0, :] = 1e4  # huge logits stay finite
+    cpu, got = both(dev, lambda mod, x, y: mod.softmax_forward(x, y, outer, dim, inner, log),
+                    {"x": x}, {"y": (x.shape, F32, np.nan)})
+    close(got["y"], cpu["y"], dim, rtol=1e-5, atol=1e-6)
+    gy = randn(rng, *x.shape)
+    cpu_b, got_b = both(dev, lambda mod, gy, y, dx: mod.softmax_backward(
+        gy, y, dx, outer, dim, inner, log), {"gy": gy, "y": cpu["y"]},
+        {"dx": (x.shape, F32, np.nan)})
+    close(got_b["dx"], cpu_b["dx"], dim, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy(dev, rng, smoothing):
+    n, classes = 37, 10
+    x = randn(rng, n, classes, scale=2.0)
+    t = rng.integers(0, classes, n).astype(I64)
+    t[::5] = -100
+    cpu, got = both(dev, lambda mod, x, t, loss: mod.cross_entropy_forward(x, t, -100, smoothing,
+                                                                           loss),
+                    {"x": x, "t": t}, {"loss": ((n,), F32, np.nan)})
+    close(got["loss"], cpu["loss"], classes, rtol=1e-5, atol=1e-6)
+    g = randn(rng, n)
+    cpu, got = both(dev, lambda mod, x, t, g, dx: mod.cross_entropy_backward(x, t, -100, smoothing,
+                                                                             g, dx),
+                    {"x": x, "t": t, "g": g}, {"dx": ((n, classes), F32, np.nan)})
+    close(got["dx"], cpu["dx"], classes, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+@pytest.mark.parametrize("n,c,l", [(4, 3, 25), (8, 5, 1), (2, 2, 300), (3, 4, 7)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm(dev, rng, n, c, l, affine):
+    x = randn(rng, n, c, l, scale=2.0) + 5.0
+    w, b = (randn(rng, c), randn(rng, c)) if affine else (None, None)
+    rm, rv = randn(rng, c), np.abs(randn(rng, c)) + 0.5
+    ins = {"x": x, "w": w, "b": b, "rm": rm, "rv": rv}
+    specs = {"y": (x.shape, F32, np.nan), "mean": ((c,), F32, np.nan),
+             "invstd": ((c,), F32, np.nan)}
+    cpu, got = both(dev, lambda mod, x, w, b, rm, rv, y, mean, invstd: mod.batch_norm_forward_train(
+        x, w, b, rm, rv, y, mean, invstd, n, c, l, 1e-5, 0.1), ins, specs)
+    for name in ("y", "mean", "invstd", "rm", "rv"):
+        close(got[name], cpu[name], n * l, rtol=1e-5, atol=1e-6, name=name)
+    cpu, got = both(dev, lambda mod, x, w, b, rm, rv, y: mod.batch_norm_forward_eval(
+        x, w, b, rm, rv, y, n, c, l, 1e-5), ins, {"y": (x.shape, F32, np.nan)})
+    close(got["y"], cpu["y"], rtol=1e-6, atol=1e-6, name="eval")
+    gy = randn(rng, n, c, l)
+    mean, invstd = x.mean(axis=(0, 2)).astype(F32), (1 / x.std(axis=(0, 2))).astype(F32)
+    for training in (True, False):
+        cpu, got = both(dev, lambda mod, gy, x, mean, invstd, w, dx, dw, db: mod.batch_norm_backward(
+            gy, x, mean, invstd, w, training, dx, dw, db, n, c, l),
+            {"gy": gy, "x": x, "mean": mean, "invstd": invstd, "w": w},
+            {"dx": (x.shape, F32, np.nan), "dw": ((c,), F32, np.nan) if affine else None,
+             "db": ((c,), F32, np.nan) if affine else None})
+        close(got["dx"], cpu["dx"], n * l, rtol=1e-4, atol=1e-5, name="grad_input")
+        if affine:
+            close(got["dw"], cpu["dw"], n * l, rtol=1e-4, atol=1e-5, name="grad_weight")
+            close(got["db"], cpu["db"], n * l, rtol=1e-4, atol=1e-5, name="grad_bias")
+
+
+# --------------------------------------------------------------------------- dropout, normalize
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 1000, 4099])
+@pytest.mark.parametrize("p,seed,offset", [(0.5, 0, 0), (0.3, 2**64 - 1, 7), (0.999, 12345, 2**40),
+                                           (0.0, 1, 0)])
+def test_dropout_masks_identical(dev, rng, count, p, seed, offset):
+    x = randn(rng, count)
+    cpu, got = both(dev, lambda mod, y: mod.dropout_apply(None, y, p, seed, offset), {},
+                    {"y": ((count,), F32, np.nan)})
+    bitwise(got["y"], cpu["y"], "mask")
+    bitwise(cpu["y"], ref.dropout_mask((count,), p, seed, offset).astype(F32), "mask vs reference")
+    cpu, got = both(dev, lambda mod, x, y: mod.dropout_apply(x, y, p, seed, offset), {"x": x},
+                    {"y": ((count,), F32, np.nan)})
+    bitwise(got["y"], cpu["y"], "dropout")
+
+
+@pytest.mark.parametrize("outer,c,inner,stats", [(2, 3, 50, True), (1, 1, 784, False),
+                                                 (4, 1, 9, True), (3, 5, 1, True)])
+def test_normalize_bitwise(dev, rng, outer, c, inner, stats):
+    x = rng.integers(0, 256, (outer, c, inner)).astype(np.uint8)
+    mean = rng.uniform(0, 1, c).astype(F32) if stats else None
+    std = rng.uniform(0.1, 1, c).astype(F32) if stats else None
+    cpu, got = both(dev, lambda mod, x, m, s, y: mod.normalize_u8(x, m, s, y, outer, c, inner),
+                    {"x": x, "m": mean, "s": std}, {"y": (x.shape, F32, np.nan)})
+    bitwise(got["y"], cpu["y"], "normalize")
+
+
+# --------------------------------------------------------------------------- GPU only
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+@pytest.mark.parametrize("fn", ["relu_forward", "sgemm"])
+def test_bindings_reject_host_and_bad_arrays(fn):
+    cp = _cupy()
+    x = cp.zeros((4, 4), cp.float32)
+    call = {"relu_forward": lambda a, b: _cuda.relu_forward(a, b),
+            "sgemm": lambda a, b: _cuda.sgemm(False, False, 1.0, a, a, 0.0, b)}[fn]
+    with pytest.raises(ValueError, match="__cuda_array_interface__"):
+        call(np.zeros((4, 4), F32), x)
+    with pytest.raises(ValueError, match="float32"):
+        call(x.astype(cp.float64), x)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        call(cp.zeros((4, 8), cp.float32)[:, ::2], x)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+class TestFunctionalOnGpu:
+    """fastcnn.functional with CuPy arrays: CuPy out, same device, CPU's results."""
+
+    def _pair(self, *arrays):
+        cp = _cupy()
+        return [None if a is None else cp.asarray(a) for a in arrays]
+
+    def test_ops_agree_with_cpu(self, rng):
+        cp = _cupy()
+        x, w, b = randn(rng, 4, 3, 12, 12), randn(rng, 8, 3, 3, 3, scale=0.3), randn(rng, 8)
+        gx, gw, gb = self._pair(x, w, b)
+        y = F.conv2d(x, w, b, stride=1, padding=1)
+        gy = F.conv2d(gx, gw, gb, stride=1, padding=1)
+        assert isinstance(gy, cp.ndarray) and gy.dtype == cp.float32
+        close(cp.asnumpy(gy), y, 27)
+        checks = [
+            (lambda m: F.relu(m), x),
+            (lambda m: F.max_pool2d(m, 2), x),
+            (lambda m: F.softmax(m, dim=1), x),
+            (lambda m: F.log_softmax(m, dim=-1), x),
+            (lambda m: F.dropout(m, 0.3, seed=7, offset=3), x),
+        ]
+        for fn, a in checks:
+            close(cp.asnumpy(fn(cp.asarray(a))), fn(a), 12, rtol=1e-5, atol=1e-6)
+        dy = randn(rng, *y.shape)
+        want = F.conv2d_backward(dy, x, w, b, padding=1)
+        got = F.conv2d_backward(cp.asarray(dy), gx, gw, gb, padding=1)
+        for g, c in zip(got, want):
+            close(cp.asnumpy(g), c, 300)
+
+    def test_dropout_masks_identical(self):
+        cp = _cupy()
+        for shape in ((7,), (3, 5, 11), (64, 128)):
+            cpu = F.dropout_mask(shape, 0.4, seed=2024, offset=5)
+            x = np.ones(shape, F32)
+            got = F.dropout(cp.asarray(x), 0.4, seed=2024, offset=5)
+            bitwise(cp.asnumpy(got), x * cpu, "dropout on GPU vs CPU mask")
+
+    def test_mixed_devices_raise(self, rng):
+        cp = _cupy()
+        x = randn(rng, 2, 3, 8, 8)
+        w = randn(rng, 4, 3, 3, 3)
+        with pytest.raises(ValueError):
+            F.conv2d(cp.asarray(x), w)
+        with pytest.raises(ValueError):
+            F.relu_backward(cp.asarray(x), x)
+
+    def test_runs_on_current_stream(self, rng):
+        cp = _cupy()
+        a, b = randn(rng, 256, 128), randn(rng, 128, 64)
+        with cp.cuda.Stream(non_blocking=True) as stream:
+            c = F.matmul(cp.asarray(a), cp.asarray(b))
+            stream.synchronize()
+        close(cp.asnumpy(c), (a.astype(np.float64) @ b).astype(F32), 128)
+
+    def test_training_step_agrees_with_cpu(self, rng):
+        """conv - relu - pool - linear - cross-entropy, forward and backward."""
+        cp = _cupy()
+        x, t = randn(rng, 8, 1, 12, 12), rng.integers(0, 10, 8)
+        w1, b1 = randn(rng, 6, 1, 3, 3, scale=0.3), randn(rng, 6, scale=0.1)
+        w2, b2 = randn(rng, 10, 6 * 36, scale=0.05), randn(rng, 10, scale=0.1)
+
+        def step(x, t, w1, b1, w2, b2):
+            h = F.conv2d(x, w1, b1, padding=1)
+            a = F.relu(h)
+            p = F.max_pool2d(a, 2)
+            flat = p.reshape(p.shape[0], -1)
+            logits = F.linear(flat, w2, b2)
+            loss = F.cross_entropy(logits, t)
+            g = F.cross_entropy_backward(1.0, logits, t)
+            gflat, gw2, gb2 = F.linear_backward(g, flat, w2, b2)
+            gp = gflat.reshape(p.shape)
+            ga = F.max_pool2d_backward(gp, a, 2)
+            gh = F.relu_backward(ga, h)
+            _, gw1, gb1 = F.conv2d_backward(gh, x, w1, b1, padding=1)
+            return loss, gw1, gb1, gw2, gb2
+
+        want = step(x, t, w1, b1, w2, b2)
+        got = step(*(cp.asarray(v) for v in (x, t, w1, b1, w2, b2)))
+        for g, c in zip(got, want):
+            close(np.asarray(cp.asnumpy(g)), np.asarray(c), 300, rtol=1e-4, atol=1e-5)
