@@ -4,59 +4,18 @@
 // order wins; a NaN wins over any number (PyTorch's rule). The updates are
 // branch-free selects: on real activations a branch would mispredict often.
 #include <algorithm>
-#include <limits>
-#include <vector>
 
 #include "fastcnn/cpu_kernels.h"
+#include "fastcnn/kernel_math.h"
 #include "fastcnn/parallel.h"
 
 namespace fastcnn {
 namespace cpu {
 namespace {
 
-// Window taps [lo, hi) that land inside an input of extent `in`, for the
-// window starting at `start` with dilation `dil` and `k` taps.
-inline void taps_inside(index_t start, index_t dil, index_t k, index_t in, index_t* lo,
-                        index_t* hi) {
-  const index_t l = start >= 0 ? 0 : (-start + dil - 1) / dil;
-  const index_t h = in - start <= 0 ? 0 : (in - start + dil - 1) / dil;
-  *lo = std::min(l, k);
-  *hi = std::max(*lo, std::min(h, k));
-}
-
-// Argmax (flat iy * w + ix) of output (oy, ox), whose column taps inside the
-// input are [j_lo, j_hi); its value goes to *value. A window with no tap
-// inside the input (possible with dilation and padding) has value -inf and
-// index -1: it takes no gradient.
-inline index_t window_argmax(const PoolShape& ps, const float* plane, index_t oy, index_t ox,
-                             index_t j_lo, index_t j_hi, float* value) {
-  const index_t y0 = oy * ps.stride_h - ps.pad_h, x0 = ox * ps.stride_w - ps.pad_w;
-  index_t i_lo, i_hi;
-  taps_inside(y0, ps.dil_h, ps.kh, ps.h, &i_lo, &i_hi);
-  if (i_lo == i_hi || j_lo == j_hi) {
-    *value = -std::numeric_limits<float>::infinity();
-    return -1;
-  }
-  // The first tap inside the window seeds the search, even if it is -inf.
-  index_t best_idx = (y0 + i_lo * ps.dil_h) * ps.w + x0 + j_lo * ps.dil_w;
-  float best = plane[best_idx];
-  for (index_t i = i_lo; i < i_hi; ++i) {
-    const index_t row = (y0 + i * ps.dil_h) * ps.w + x0;
-    for (index_t j = j_lo; j < j_hi; ++j) {
-      const index_t at = row + j * ps.dil_w;
-      const float v = plane[at];
-      const bool take = (v > best) | (v != v);
-      best = take ? v : best;
-      best_idx = take ? at : best_idx;
-    }
-  }
-  *value = best;
-  return best_idx;
-}
-
 // Outputs [ox_lo, ox_hi) of row oy when every window there lies wholly inside
 // the input, with the window known at compile time: K x K taps, stride S, no
-// dilation. The same scan order and rule as window_argmax.
+// dilation. The same scan order and rule as pool_argmax (kernel_math.h).
 template <int K, int S>
 void interior_row(const PoolShape& ps, const float* plane, index_t oy, index_t ox_lo,
                   index_t ox_hi, float* out, std::int64_t* idx) {
@@ -90,19 +49,19 @@ InteriorRow interior_kernel(const PoolShape& ps) {
   return nullptr;
 }
 
-// Column tap ranges, the same for every row and plane.
-struct ColumnTaps {
-  std::vector<index_t> lo, hi;
-  index_t inside_lo = 0, inside_hi = 0;  // outputs whose columns are all inside
-  explicit ColumnTaps(const PoolShape& ps)
-      : lo(static_cast<size_t>(ps.ow)), hi(static_cast<size_t>(ps.ow)) {
-    for (index_t ox = 0; ox < ps.ow; ++ox)
-      taps_inside(ox * ps.stride_w - ps.pad_w, ps.dil_w, ps.kw, ps.w, &lo[ox], &hi[ox]);
-    inside_lo = 0;
-    while (inside_lo < ps.ow && (lo[inside_lo] != 0 || hi[inside_lo] != ps.kw)) ++inside_lo;
-    inside_hi = ps.ow;
-    while (inside_hi > inside_lo && (lo[inside_hi - 1] != 0 || hi[inside_hi - 1] != ps.kw))
-      --inside_hi;
+// Outputs [lo, hi) of a row whose windows' columns all lie inside the input
+// (the same for every row and plane).
+struct InsideColumns {
+  index_t lo = 0, hi = 0;
+  explicit InsideColumns(const PoolShape& ps) {
+    auto inside = [&](index_t ox) {
+      index_t a, b;
+      taps_inside(ox * ps.stride_w - ps.pad_w, ps.dil_w, ps.kw, ps.w, &a, &b);
+      return a == 0 && b == ps.kw;
+    };
+    while (lo < ps.ow && !inside(lo)) ++lo;
+    hi = ps.ow;
+    while (hi > lo && !inside(hi - 1)) --hi;
   }
 };
 
@@ -115,7 +74,7 @@ inline index_t plane_grain(const PoolShape& ps) {
 void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices) {
   // x: (n, c, h, w) -> y, indices: (n, c, oh, ow)
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
-  const ColumnTaps cols(ps);
+  const InsideColumns cols(ps);
   const InteriorRow fast = interior_kernel(ps);
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
     const float* plane = x + pl * in_plane;
@@ -126,16 +85,16 @@ void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int6
       if (fast != nullptr) {
         index_t i_lo, i_hi;
         taps_inside(oy * ps.stride_h - ps.pad_h, 1, ps.kh, ps.h, &i_lo, &i_hi);
-        if (i_lo == 0 && i_hi == ps.kh && cols.inside_lo < cols.inside_hi) {
-          a = cols.inside_lo;
-          b = cols.inside_hi;
+        if (i_lo == 0 && i_hi == ps.kh && cols.lo < cols.hi) {
+          a = cols.lo;
+          b = cols.hi;
           fast(ps, plane, oy, a, b, out, idx);
         }
       }
       for (index_t ox = 0; ox < ps.ow; ++ox) {
         if (ox == a && a < b) ox = b;
         if (ox >= ps.ow) break;
-        const index_t at = window_argmax(ps, plane, oy, ox, cols.lo[ox], cols.hi[ox], &out[ox]);
+        const index_t at = pool_argmax(ps, plane, oy, ox, &out[ox]);
         if (idx != nullptr) idx[ox] = at;
       }
     }
@@ -147,7 +106,6 @@ void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
   // dy: (n, c, oh, ow) -> dx: (n, c, h, w); overlapping windows add up, in
   // output order within a plane.
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
-  const ColumnTaps cols(ps);
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
     float* grad = dx + pl * in_plane;
     std::fill(grad, grad + in_plane, 0.0f);
@@ -162,7 +120,7 @@ void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
     for (index_t oy = 0; oy < ps.oh; ++oy)
       for (index_t ox = 0; ox < ps.ow; ++ox) {
         float v;
-        const index_t at = window_argmax(ps, plane, oy, ox, cols.lo[ox], cols.hi[ox], &v);
+        const index_t at = pool_argmax(ps, plane, oy, ox, &v);
         if (at >= 0) grad[at] += g[oy * ps.ow + ox];
       }
   });

@@ -73,7 +73,8 @@ FASTCNN_HD float relu_value(float x) { return select_or_zero(!(x < 0.0f), x); }
 // normal: dy where x > 0 (a NaN input passes the gradient, as PyTorch's
 // threshold_backward); guided: dy where x > 0 and dy > 0.
 FASTCNN_HD float relu_grad(float dy, float x, bool guided) {
-  return guided ? select_or_zero((x > 0.0f) && (dy > 0.0f), dy) : select_or_zero(!(x <= 0.0f), dy);
+  // & rather than &&: no branch, so the CPU loops vectorise.
+  return guided ? select_or_zero((x > 0.0f) & (dy > 0.0f), dy) : select_or_zero(!(x <= 0.0f), dy);
 }
 
 // ------------------------------------------------------------ convolution --
@@ -131,7 +132,7 @@ FASTCNN_HD index_t pool_argmax(const PoolShape& ps, const float* plane, index_t 
     for (index_t j = j_lo; j < j_hi; ++j) {
       const index_t at = row + j * ps.dil_w;
       const float v = plane[at];
-      const bool take = (v > best) || (v != v);
+      const bool take = (v > best) | (v != v);
       best = take ? v : best;
       best_idx = take ? at : best_idx;
     }
