@@ -359,14 +359,18 @@ def run(sections=tuple(SECTIONS), quick=False, threads=None, seed=0, out=sys.std
     return info, rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastcnn bench", description=__doc__.split("\n\n")[0])
+def add_arguments(parser):
     parser.add_argument("sections", nargs="*", default=list(SECTIONS),
                         help=f"what to time: {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default), or cuda: the GPU benchmark (fastcnn.bench_cuda, "
+                             "which takes its own options: see --device cuda --help)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes, for a smoke test")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    args = parser.parse_args(argv)
+
+
+def run_args(args, parser):
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
@@ -376,6 +380,23 @@ def main(argv=None):
             json.dump({"info": info, "rows": [
                 {**asdict(r), "ratio": r.ratio} for r in rows]}, f, indent=1)
     return 0
+
+
+def main(argv=None):
+    """``fastcnn bench``: the CPU benchmark, or with ``--device cuda`` the GPU one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--device=cuda" in argv or any(a == "--device" and b == "cuda"
+                                      for a, b in zip(argv, argv[1:])):
+        from . import bench_cuda
+
+        rest = [a for a in argv if a != "--device=cuda"]
+        if "--device" in rest:
+            i = rest.index("--device")
+            del rest[i:i + 2]
+        return bench_cuda.main(rest)
+    parser = argparse.ArgumentParser(prog="fastcnn bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_args(parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":

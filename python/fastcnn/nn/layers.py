@@ -75,7 +75,8 @@ class Conv2d(Module):
         self.dilation = _pair(dilation, "dilation")
         if isinstance(padding, str):
             if padding not in ("valid", "same"):
-                raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+                raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', "
+                                 f"got {padding!r}")
             if padding == "same" and self.stride != (1, 1):
                 raise ValueError("padding='same' needs stride 1")
             self.padding = padding
@@ -302,9 +303,9 @@ class Dropout(Module):
     """Inverted dropout with a reproducible, counter-based mask.
 
     The mask of each training forward is drawn from (``seed``, ``offset``); the
-    offset (a buffer, saved with the model) then advances by one, so the same
-    seed gives the same sequence of masks, and a resumed run continues it.
-    ``seed`` None draws one from ``fastcnn.nn.init``'s generator.
+    offset then advances by one, so the same seed gives the same sequence of
+    masks. Both are buffers, saved with the model, so a resumed run continues
+    the sequence. ``seed`` None draws one from ``fastcnn.nn.init``'s generator.
     """
 
     def __init__(self, p=0.5, seed=None):
@@ -315,31 +316,27 @@ class Dropout(Module):
         self.p = p
         if seed is None:
             seed = int(init.get_generator().integers(0, 2 ** 32))
-        self.seed = int(seed)
+        self.register_buffer("seed", np.array(int(seed), np.int64))
         self.register_buffer("offset", np.zeros((), np.int64))
-        self._used_offset = None
+        self._used = None
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
-            self._used_offset = None
+            self._used = None
             return x
-        offset = int(self.offset)
-        out = F.dropout(x, self.p, training=True, seed=self.seed, offset=offset)
-        self._used_offset = offset
+        self._used = int(self.seed), int(self.offset)
         self.offset += 1
-        return out
+        seed, offset = self._used
+        return F.dropout(x, self.p, training=True, seed=seed, offset=offset)
 
     def backward(self, grad_out, *, input_grad=True):
-        if self._used_offset is None:
+        if self._used is None:
             return grad_out
-        return F.dropout_backward(grad_out, self.p, training=True, seed=self.seed,
-                                  offset=self._used_offset)
+        seed, offset = self._used
+        return F.dropout_backward(grad_out, self.p, training=True, seed=seed, offset=offset)
 
     def get_config(self):
-        return {"p": self.p, "seed": self.seed}
-
-    def extra_repr(self):
-        return f"p={self.p}"
+        return {"p": self.p}
 
 
 class _BatchNorm(Module):

@@ -504,7 +504,8 @@ class Sequential(Module):
         layers = config.get("layers")
         if not isinstance(layers, list):
             raise ValueError(f"Sequential spec needs a 'layers' list, got {layers!r}")
-        return cls([(entry.get("name", str(i)), from_spec(entry)) for i, entry in enumerate(layers)])
+        return cls([(entry.get("name", str(i)), from_spec(entry))
+                    for i, entry in enumerate(layers)])
 
     def summary(self, input_shape=None):
         """A table of every layer with its output shape and parameter count.
@@ -526,7 +527,8 @@ class Sequential(Module):
         rule = "-" * (sum(widths) + 6)
 
         def fmt(r):
-            return f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}"
+            return "  ".join(f"{cell:>{width}}" if c == 3 else f"{cell:<{width}}"
+                             for c, (cell, width) in enumerate(zip(r, widths)))
 
         lines = [fmt(rows[0]), rule] + [fmt(r) for r in rows[1:]] + [rule]
         lines.append(f"Total parameters: {self.num_parameters():,} "

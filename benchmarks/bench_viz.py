@@ -1,0 +1,208 @@
+"""Benchmark fastcnn.viz against Captum (PyTorch) on the same weights.
+
+  python benchmarks/bench_viz.py [--model fastcnn-demo/model.npz] [--repeats 15]
+
+1. Occlusion of one 28x28 image, 4x4 window, stride 1 (625 evaluations) on the
+   reference MNIST CNN with batch norm: fastcnn incremental (only the region each
+   window changes goes through conv/pool) and full re-evaluation, at several batch
+   sizes; Captum's ``Occlusion`` at every ``perturbations_per_eval`` tried (its best
+   is the number to beat); and a plain PyTorch loop that runs all 625 occluded
+   copies as one batch under ``inference_mode`` (no Captum bookkeeping).
+2. Saliency of a batch of 256 images: fastcnn vs Captum's ``Saliency`` and plain
+   PyTorch autograd.
+
+Times are medians after warm-up, on the same number of threads for both
+libraries. The script also checks that the two agree: Captum's occlusion
+attribution is the logit drop averaged over the windows covering each pixel,
+which is our ``logit_heatmap``; its saliency is |gradient|, our map for one channel.
+Without torch/captum only fastcnn's numbers are printed.
+"""
+
+import argparse
+import platform
+import warnings
+import statistics
+import time
+
+import numpy as np
+
+import fastcnn
+from fastcnn import io, models, viz
+
+
+def median_ms(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def load_inputs(model, n):
+    """n standardised test images (Fashion-MNIST when installed, else noise)."""
+    from fastcnn import data
+
+    try:
+        _, test = data.load_fashion_mnist()
+        return fastcnn.F.normalize(test.images[:n], test.mean, test.std, dim=-3), "Fashion-MNIST"
+    except data.DataNotFoundError:
+        rng = np.random.default_rng(0)
+        return rng.standard_normal((n, 1, 28, 28)).astype(np.float32), "random"
+
+
+def torch_twin(model):
+    """The same network in PyTorch, with our weights."""
+    import torch
+
+    layers = []
+    for layer in model:
+        kind = type(layer).__name__
+        if kind == "Conv2d":
+            t = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                layer.stride, layer.padding, layer.dilation, layer.groups,
+                                layer.bias is not None)
+        elif kind == "BatchNorm2d":
+            t = torch.nn.BatchNorm2d(layer.num_features, layer.eps)
+            t.running_mean.copy_(torch.from_numpy(layer.running_mean))
+            t.running_var.copy_(torch.from_numpy(layer.running_var))
+        elif kind == "ReLU":
+            t = torch.nn.ReLU()
+        elif kind == "MaxPool2d":
+            t = torch.nn.MaxPool2d(layer.kernel_size, layer.stride)
+        elif kind == "Flatten":
+            t = torch.nn.Flatten()
+        elif kind == "Linear":
+            t = torch.nn.Linear(layer.in_features, layer.out_features)
+        elif kind == "Dropout":
+            t = torch.nn.Dropout(layer.p)
+        else:
+            raise NotImplementedError(kind)
+        for name, p in layer._parameters.items():
+            if p is not None:
+                getattr(t, name).data.copy_(torch.from_numpy(p.data))
+        layers.append(t)
+    return torch.nn.Sequential(*layers).eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a saved model (default: mnist_cnn_bn, seed 0)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, help="threads for both libraries")
+    args = parser.parse_args()
+    if args.threads:
+        fastcnn.set_num_threads(args.threads)
+    threads = fastcnn.get_num_threads()
+    model = io.load(args.model) if args.model else models.mnist_cnn_bn(seed=0)
+    model.eval()
+    x, source = load_inputs(model, 256)
+    image = x[0]
+    target = int(model(image[None]).argmax())
+    cpu = platform.processor() or platform.machine()
+    print(f"fastcnn {fastcnn.__version__}, numpy {np.__version__}, {cpu}, {threads} threads; "
+          f"model {args.model or 'mnist_cnn_bn(seed=0)'}; {source} images")
+    rows = []
+
+    print("\n## Occlusion: 28x28 image, 4x4 window, stride 1 (625 evaluations)\n")
+    ours = {}
+    for incremental in (True, False):
+        for batch in (64, 128, 256, 625):
+            ms = median_ms(lambda: viz.occlusion(model, image, target, window=4, stride=1,
+                                                 batch_size=batch, incremental=incremental),
+                           args.repeats)
+            ours[(incremental, batch)] = ms
+            label = "incremental" if incremental else "full re-evaluation"
+            rows.append(f"| fastcnn occlusion, {label}, batch {batch} | {ms:.1f} |")
+    best_ours = min(ours.values())
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    captum = None
+    if torch is not None:
+        torch.set_num_threads(threads)
+        try:
+            import captum.attr as captum
+        except ImportError:
+            print("captum is not installed: PyTorch baselines only (pip install captum)")
+    best_captum = None
+    if torch is not None:
+        net = torch_twin(model)
+        timage = torch.from_numpy(image[None].copy())
+        with torch.inference_mode():
+            diff = float((net(torch.from_numpy(x[:8])) - torch.from_numpy(model(x[:8])))
+                         .abs().max())
+        print(f"PyTorch twin: max |logit difference| on 8 images = {diff:.2e}")
+
+        mask = torch.zeros(625, 1, 28, 28, dtype=torch.bool)
+        for k in range(625):
+            mask[k, :, k // 25:k // 25 + 4, k % 25:k % 25 + 4] = True
+
+        def torch_batched():
+            with torch.inference_mode():
+                return net(torch.where(mask, 0.0, timage))
+
+        ms = median_ms(torch_batched, args.repeats)
+        rows.append(f"| PyTorch: 625 occluded copies as one batch (inference_mode) | {ms:.1f} |")
+        if captum is not None:
+            occ = captum.Occlusion(net)
+            for ppe in (1, 16, 64, 128, 256, 625):
+                ms = median_ms(lambda: occ.attribute(timage, sliding_window_shapes=(1, 4, 4),
+                                                     strides=(1, 1, 1), baselines=0.0,
+                                                     target=target, perturbations_per_eval=ppe),
+                               max(3, args.repeats // (4 if ppe == 1 else 1)), warmup=1)
+                rows.append(f"| Captum Occlusion, perturbations_per_eval={ppe} | {ms:.1f} |")
+                best_captum = ms if best_captum is None else min(best_captum, ms)
+            theirs = occ.attribute(timage, sliding_window_shapes=(1, 4, 4), strides=(1, 1, 1),
+                                   baselines=0.0, target=target, perturbations_per_eval=625)
+            mine = viz.occlusion(model, image, target, window=4, stride=1, batch_size=625)
+            agree = float(np.abs(theirs[0].numpy() - mine.logit_heatmap).max())
+            print(f"Captum's occlusion attribution vs our logit_heatmap: max |difference| = "
+                  f"{agree:.2e} (maps span {float(np.abs(mine.logit_heatmap).max()):.2f})")
+    print("| method | median ms |\n|---|---|")
+    print("\n".join(rows))
+    print(f"\nfastcnn best: {best_ours:.1f} ms", end="")
+    if best_captum is not None:
+        print(f"; Captum best: {best_captum:.1f} ms; speed-up {best_captum / best_ours:.1f}x")
+    else:
+        print()
+
+    print("\n## Saliency: batch of 256 28x28 images\n")
+    targets = model(x).argmax(axis=1)
+    rows = []
+    ours = median_ms(lambda: viz.saliency(model, x, targets), args.repeats)
+    rows.append(f"| fastcnn saliency | {ours:.1f} |")
+    if torch is not None:
+        tx = torch.from_numpy(x.copy())
+        tt = torch.from_numpy(targets)
+
+        def torch_saliency():
+            inp = tx.clone().requires_grad_(True)
+            out = net(inp)
+            out.gather(1, tt[:, None]).sum().backward()
+            return inp.grad.abs().amax(dim=1)
+
+        ms = median_ms(torch_saliency, args.repeats)
+        rows.append(f"| PyTorch autograd (same computation) | {ms:.1f} |")
+        if captum is not None:
+            sal = captum.Saliency(net)
+            warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require")
+            ms_captum = median_ms(lambda: sal.attribute(tx, target=tt, abs=True), args.repeats)
+            rows.append(f"| Captum Saliency | {ms_captum:.1f} |")
+            theirs = sal.attribute(tx, target=tt, abs=True)[:, 0].numpy()
+            mine = viz.saliency(model, x, targets)
+            diff = np.abs(theirs - mine)
+            print(f"Captum's saliency vs ours: max |difference| = {float(diff.max()):.2e} "
+                  f"(maps span {float(mine.max()):.2f}); {100 * float((diff > 1e-4).mean()):.3f}% "
+                  f"of pixels differ by > 1e-4 (max-pool ties broken differently)")
+            rows.append(f"\nspeed-up over Captum: {ms_captum / ours:.1f}x")
+    print("| method | median ms |\n|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

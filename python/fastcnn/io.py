@@ -1,0 +1,222 @@
+"""Save and load models and training checkpoints: one ``.npz`` file, no pickle.
+
+A file holds named arrays (weights, batch-norm statistics, optimizer state)
+and one ``__header__`` entry, a UTF-8 JSON document with the file format, the
+model's architecture (layer types and constructor arguments, enough to rebuild
+it), its metadata (class names, input shape, normalisation) and any
+non-array state. Reading uses ``allow_pickle=False``; writing goes to a
+temporary file in the same folder that replaces the target only once complete.
+"""
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .nn.module import Module, from_spec
+
+__all__ = ["ModelFileError", "save", "load", "save_checkpoint", "load_checkpoint"]
+
+FORMAT_VERSION = 1
+MODEL_FORMAT = "fastcnn-model"
+CHECKPOINT_FORMAT = "fastcnn-checkpoint"
+_HEADER = "__header__"
+
+
+class ModelFileError(ValueError):
+    """A model or checkpoint file that is truncated, corrupt or does not match."""
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") and type(a).__module__.startswith("cupy") else np.asarray(a)
+
+
+def _pack(tree, prefix, arrays):
+    """JSON-able copy of ``tree`` with every array moved into ``arrays`` and replaced by
+    ``{"__array__": key}``."""
+    if isinstance(tree, dict):
+        return {str(k): _pack(v, f"{prefix}/{k}", arrays) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_pack(v, f"{prefix}/{i}", arrays) for i, v in enumerate(tree)]
+    if isinstance(tree, np.generic):
+        return tree.item()
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        arrays[prefix] = _to_host(tree)
+        return {"__array__": prefix}
+    return tree
+
+
+def _unpack(tree, arrays, path):
+    if isinstance(tree, dict):
+        if set(tree) == {"__array__"}:
+            key = tree["__array__"]
+            if key not in arrays:
+                raise ModelFileError(f"{path}: the header refers to array {key!r}, "
+                                     f"which the file does not hold")
+            return arrays[key]
+        return {k: _unpack(v, arrays, path) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_unpack(v, arrays, path) for v in tree]
+    return tree
+
+
+def _write(path, header, arrays):
+    """Write ``arrays`` + the JSON ``header`` to ``path`` atomically."""
+    path = Path(path)
+    payload = dict(arrays)
+    payload[_HEADER] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make models private
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _read(path, expected_formats):
+    """(header, arrays) of a fastcnn file; any damage raises ModelFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise ModelFileError(f"{path}: a single .npy array, not a fastcnn .npz file")
+    if magic[:4] != b"PK\x03\x04":
+        raise ModelFileError(f"{path}: not a fastcnn model file (no .npz/zip signature; "
+                             f"{'empty' if not magic else 'corrupt or another format'})")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as exc:
+        raise ModelFileError(f"{path}: cannot read the file, it is truncated or corrupt "
+                             f"({type(exc).__name__}: {exc})") from exc
+    if _HEADER not in arrays:
+        raise ModelFileError(f"{path}: an .npz file but not a fastcnn one (no {_HEADER} entry)")
+    try:
+        header = json.loads(arrays.pop(_HEADER).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: the header is corrupt ({exc})") from exc
+    fmt = header.get("format") if isinstance(header, dict) else None
+    if fmt not in expected_formats:
+        raise ModelFileError(f"{path}: format {fmt!r}, expected {' or '.join(expected_formats)}")
+    if header.get("version", 0) > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: format version {header['version']} is newer than this "
+                             f"fastcnn reads ({FORMAT_VERSION}); upgrade fastcnn")
+    return header, arrays
+
+
+def _model_record(model, metadata, arrays, prefix):
+    if not isinstance(model, Module):
+        raise TypeError(f"expected a fastcnn.nn Module, got {type(model).__name__}")
+    if metadata is None:
+        metadata = getattr(model, "metadata", None) or {}
+    state = model.state_dict()
+    for name, value in state.items():
+        arrays[f"{prefix}/{name}"] = _to_host(value)
+    return {"architecture": model.spec(), "metadata": metadata, "state": list(state)}
+
+
+def _build_model(record, arrays, prefix, path):
+    try:
+        model = from_spec(record["architecture"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: cannot rebuild the architecture: {exc}") from exc
+    names = record.get("state", [])
+    missing = [n for n in names if f"{prefix}/{n}" not in arrays]
+    if missing:
+        raise ModelFileError(f"{path}: the file lacks arrays {missing}")
+    try:
+        model.load_state_dict({n: arrays[f"{prefix}/{n}"] for n in names})
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"{path}: the weights do not match the architecture: {exc}") from exc
+    model.metadata = record.get("metadata") or {}
+    return model
+
+
+def _spec_difference(saved, model):
+    """The first place where two module specs differ, in a line."""
+    layers = [s.get("args", {}).get("layers") for s in (saved, model)]
+    if saved.get("type") == model.get("type") == "Sequential" and all(layers):
+        for i, (a, b) in enumerate(zip(*layers)):
+            if a != b:
+                return f"layer {i} is {a} in the file, {b} in the model"
+        return f"{len(layers[0])} layers in the file, {len(layers[1])} in the model"
+    return f"{saved} in the file, {model} in the model"
+
+
+def save(model, path, metadata=None):
+    """Save ``model`` (architecture, weights, buffers, metadata) to one .npz file.
+
+    metadata: a JSON-able dict (class names, input shape, mean/std ...); default
+    ``model.metadata``. Returns the path.
+    """
+    arrays = {}
+    header = {"format": MODEL_FORMAT, "version": FORMAT_VERSION,
+              "model": _model_record(model, metadata, arrays, "model")}
+    return _write(path, header, arrays)
+
+
+def load(path, device="cpu"):
+    """Rebuild the model saved at ``path`` (a model file or a checkpoint), on ``device``."""
+    header, arrays = _read(path, (MODEL_FORMAT, CHECKPOINT_FORMAT))
+    if not isinstance(header.get("model"), dict):
+        raise ModelFileError(f"{path}: the header has no model record")
+    model = _build_model(header["model"], arrays, "model", path)
+    return model.to(device) if device != "cpu" else model
+
+
+def save_checkpoint(path, model, optimizer=None, scheduler=None, state=None):
+    """Save model, optimizer and scheduler state and ``state`` (a JSON-able dict whose
+    leaves may be arrays) to one .npz file."""
+    arrays = {}
+    header = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
+              "model": _model_record(model, None, arrays, "model"),
+              "optimizer": None if optimizer is None else _pack(optimizer.state_dict(),
+                                                                "optimizer", arrays),
+              "scheduler": None if scheduler is None else _pack(scheduler.state_dict(),
+                                                                "scheduler", arrays),
+              "state": _pack(state or {}, "state", arrays)}
+    return _write(path, header, arrays)
+
+
+def load_checkpoint(path, model=None, optimizer=None, scheduler=None):
+    """Read a checkpoint; restore it into ``model`` / ``optimizer`` / ``scheduler`` when
+    given (the model's architecture must match). Returns ``(model, state)``, the model
+    rebuilt from the file when none was given."""
+    header, arrays = _read(path, (CHECKPOINT_FORMAT,))
+    saved = _build_model(header["model"], arrays, "model", path)
+    if model is None:
+        model = saved
+    else:
+        if model.spec() != saved.spec():
+            raise ModelFileError(f"{path}: the checkpoint's architecture differs from the "
+                                 f"model's: {_spec_difference(saved.spec(), model.spec())}")
+        model.load_state_dict(saved.state_dict())
+    for target, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+        if target is None:
+            continue
+        if header.get(key) is None:
+            raise ModelFileError(f"{path}: the checkpoint holds no {key} state")
+        try:
+            target.load_state_dict(_unpack(header[key], arrays, path))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelFileError(f"{path}: the {key} state does not match: {exc}") from exc
+    return model, _unpack(header.get("state", {}), arrays, path)

@@ -1,0 +1,564 @@
+"""Attribution: which input pixels a prediction depends on.
+
+Every function takes a ``Sequential`` model and one image (C, H, W) or a batch
+(N, C, H, W), returns NumPy arrays (CuPy when the model is on the GPU) with the
+batch axis only when one was given, and leaves the model exactly as it found
+it: it runs in eval mode (``train=True`` asks for training mode), parameter
+gradients, modes, ReLU ``guided`` flags, buffers and recorded activations are
+restored afterwards.
+
+``target`` is a class index, one per sample, or None for each sample's
+predicted class. ``score`` is 'logit' (the model's output before softmax, the
+default) or 'probability' (its softmax).
+
+- :func:`gradient`: d score / d input, signed (the raw saliency).
+- :func:`saliency`: max over channels of |gradient| (Simonyan et al., 2014).
+- :func:`guided_backprop`: the gradient with ReLU's guided rule (Springenberg et
+  al., 2015), of a class score or of any neuron / channel of any layer.
+- :func:`grad_cam`, :func:`guided_grad_cam` (Selvaraju et al., 2017).
+- :func:`smooth_grad`: the average over noisy copies (Smilkov et al., 2017).
+- :func:`occlusion`: the score as a window slides over the image (Zeiler &
+  Fergus, 2014), evaluated in batches and, by default, recomputing only what
+  each window changes.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _backend as B
+from .. import functional as F
+from ..nn import BatchNorm2d, Conv2d, Dropout, MaxPool2d, ReLU
+from ._common import (as_input, check_logits, check_score, default_cam_layer, layer_name,
+                      preserved, resolve_targets, score_seed, unbatch)
+
+__all__ = ["gradient", "saliency", "guided_backprop", "grad_cam", "guided_grad_cam",
+           "smooth_grad", "occlusion", "OcclusionResult", "upsample_bilinear"]
+
+
+# ---------------------------------------------------------------- gradients
+
+def _neuron_seed(activation, channel, position, op):
+    """Gradient seed at a layer's output: one-hot at ``channel`` (all of the channel's
+    map when ``position`` is None, the channel's strongest unit per sample for 'max',
+    else the unit at ``position`` = (y, x))."""
+    xp = B.array_module(activation)
+    shape = activation.shape
+    if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool) or \
+            not 0 <= channel < shape[1]:
+        raise ValueError(f"{op}: channel must be an int in [0, {shape[1]}) for a layer "
+                         f"output of shape {B.shape_str(shape)}, got {channel!r}")
+    seed = xp.zeros_like(activation)
+    n = shape[0]
+    if position is None:
+        seed[:, channel] = 1.0
+    elif activation.ndim != 4:
+        raise ValueError(f"{op}: position needs a layer with spatial output (N, C, H, W); "
+                         f"this one gives {B.shape_str(shape)}")
+    elif isinstance(position, str) and position == "max":
+        flat = xp.argmax(activation[:, channel].reshape(n, -1), axis=1)
+        seed[xp.arange(n), channel, flat // shape[3], flat % shape[3]] = 1.0
+    else:
+        try:
+            y, x = (int(v) for v in position)
+        except (TypeError, ValueError):
+            raise ValueError(f"{op}: position must be None, 'max' or (y, x), got "
+                             f"{position!r}") from None
+        if not (0 <= y < shape[2] and 0 <= x < shape[3]):
+            raise ValueError(f"{op}: position {(y, x)} is outside the layer's "
+                             f"{shape[2]}x{shape[3]} map")
+        seed[:, channel, y, x] = 1.0
+    return seed
+
+
+def _class_backward(model, x, target, score, guided, op):
+    """Forward ``x``, seed at the target score, backward to the input.
+    Returns (input gradient, logits, targets); the forward's activations stay on
+    the model (inside ``preserved``)."""
+    logits = model.forward(x)
+    check_logits(logits, op)
+    t = resolve_targets(target, logits, op)
+    grad = model.backward(score_seed(logits, t, score), guided=guided, param_grads=False)
+    return grad, logits, t
+
+
+def _input_gradient(model, x, target, score, guided, layer, channel, position, op):
+    check_score(score, op)
+    if layer is None:
+        if channel is not None or position is not None:
+            raise ValueError(f"{op}: channel and position select a unit of a layer; pass "
+                             f"layer= too")
+        return _class_backward(model, x, target, score, guided, op)[0]
+    if target is not None:
+        raise ValueError(f"{op}: pass either target (a class score) or layer/channel "
+                         f"(a unit of a layer), not both")
+    name = layer_name(model, layer, op)
+    activation = model.forward(x, stop=name)
+    seed = _neuron_seed(activation, channel, position, op)
+    return model.backward(seed, start=name, guided=guided, param_grads=False)
+
+
+def gradient(model, x, target=None, *, score="logit", layer=None, channel=None,
+             position=None, guided=False, train=False):
+    """The signed gradient of the target score with respect to the input, shaped like x.
+
+    layer / channel / position: instead of a class score, differentiate a unit of a
+    layer: the sum of ``channel``'s map (position None), its strongest unit per
+    sample (position 'max'), or the unit at position (y, x). For a non-spatial
+    layer (e.g. 'fc1'), channel is the unit's index.
+    guided: use guided backpropagation's ReLU rule (see :func:`guided_backprop`);
+    False always means the true gradient, whatever the ReLUs' own ``guided`` flags.
+    """
+    x, single, _ = as_input(model, x, "gradient")
+    with preserved(model, train):
+        grad = _input_gradient(model, x, target, score, bool(guided), layer, channel,
+                               position, "gradient")
+    return unbatch(grad, single)
+
+
+def saliency(model, x, target=None, *, score="logit", train=False):
+    """Saliency map (Simonyan et al.): max over channels of |d score / d input|,
+    (H, W) for one image, (N, H, W) for a batch. The signed gradient is
+    :func:`gradient`."""
+    x, single, xp = as_input(model, x, "saliency")
+    with preserved(model, train):
+        grad = _input_gradient(model, x, target, score, False, None, None, None, "saliency")
+    return unbatch(xp.abs(grad).max(axis=1), single)
+
+
+def guided_backprop(model, x, target=None, *, score="logit", layer=None, channel=None,
+                    position=None, train=False):
+    """Guided backpropagation (Springenberg et al.): the input gradient of the target
+    score, or of a unit of any layer (layer / channel / position as in
+    :func:`gradient`), where every ReLU passes gradient only where its forward input
+    and the incoming gradient are both positive. Signed, shaped like x."""
+    return gradient(model, x, target, score=score, layer=layer, channel=channel,
+                    position=position, guided=True, train=train)
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+def _interpolation_matrix(size_in, size_out, xp):
+    """(size_out, size_in) weights of 1-D linear interpolation with half-pixel centres
+    (align_corners=False, as torch.nn.functional.interpolate)."""
+    scale = size_in / size_out
+    src = np.maximum((np.arange(size_out) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
+    i1 = np.minimum(i0 + 1, size_in - 1)
+    frac = src - i0
+    m = np.zeros((size_out, size_in), np.float64)
+    np.add.at(m, (np.arange(size_out), i0), 1.0 - frac)
+    np.add.at(m, (np.arange(size_out), i1), frac)
+    return xp.asarray(m.astype(np.float32))
+
+
+def upsample_bilinear(maps, size):
+    """Resize (..., h, w) maps to ``size`` = (H, W) bilinearly (half-pixel centres,
+    as torch's ``interpolate(mode='bilinear', align_corners=False)``)."""
+    xp = B.array_module(maps)
+    maps = xp.asarray(maps, dtype=np.float32)
+    rows = _interpolation_matrix(maps.shape[-2], int(size[0]), xp)
+    cols = _interpolation_matrix(maps.shape[-1], int(size[1]), xp)
+    return xp.matmul(xp.matmul(rows, maps), cols.T)
+
+
+def _cam(model, x, target, layer, score, op):
+    """Grad-CAM at layer-resolution (N, h, w) and the logits; leaves the forward and
+    the plain backward's records on the model."""
+    check_score(score, op)
+    name = default_cam_layer(model, op) if layer is None else layer_name(model, layer, op)
+    logits = model.forward(x)
+    check_logits(logits, op)
+    t = resolve_targets(target, logits, op)
+    grad = model.backward(score_seed(logits, t, score), stop=name, guided=False,
+                          param_grads=False)
+    activation = model.activations[name]
+    if activation.ndim != 4:
+        raise ValueError(f"{op}: Grad-CAM needs a layer with spatial output (N, C, H, W); "
+                         f"{name!r} gives {B.shape_str(activation.shape)}")
+    xp = B.array_module(activation)
+    weights = grad.mean(axis=(2, 3))                               # (N, K)
+    cam = xp.einsum("nk,nkhw->nhw", weights, activation)
+    return xp.maximum(cam, 0.0), logits, t
+
+
+def grad_cam(model, x, target=None, layer=None, *, score="logit", upsample=True, train=False):
+    """Grad-CAM (Selvaraju et al.) for a conv layer (default: the last conv block's
+    output, e.g. 'relu2').
+
+    With A the layer's output (K maps) and g the gradient of the target score at it:
+    w_k = mean over space of g_k, map = ReLU(sum_k w_k A_k), upsampled bilinearly to
+    the input's size (``upsample=False``: at the layer's resolution).
+    Returns (H, W) for one image, (N, H, W) for a batch.
+    """
+    x, single, _ = as_input(model, x, "grad_cam")
+    with preserved(model, train):
+        cam, _, _ = _cam(model, x, target, layer, score, "grad_cam")
+    if upsample:
+        cam = upsample_bilinear(cam, x.shape[2:])
+    return unbatch(cam, single)
+
+
+def guided_grad_cam(model, x, target=None, layer=None, *, score="logit", train=False):
+    """Guided Grad-CAM: guided backpropagation times the upsampled Grad-CAM map, per
+    pixel and channel. Signed, shaped like x."""
+    x, single, _ = as_input(model, x, "guided_grad_cam")
+    with preserved(model, train):
+        cam, logits, t = _cam(model, x, target, layer, score, "guided_grad_cam")
+        guided = model.backward(score_seed(logits, t, score), guided=True, param_grads=False)
+    cam = upsample_bilinear(cam, x.shape[2:])
+    return unbatch(guided * cam[:, None], single)
+
+
+# ---------------------------------------------------------------- SmoothGrad
+
+_SMOOTH_METHODS = ("saliency", "gradient", "guided")
+
+
+def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma=0.15,
+                batch_size=128, seed=0, score="logit", train=False):
+    """SmoothGrad (Smilkov et al.): ``method`` averaged over ``n_samples`` noisy copies.
+
+    method: 'saliency' (the mean saliency map, (H, W)), 'gradient' (the mean signed
+    gradient, shaped like x) or 'guided' (the mean guided backpropagation).
+    sigma: the noise's standard deviation as a fraction of each image's range
+    (max - min). The copies go through the model ``batch_size`` at a time. The
+    noise is drawn from ``seed`` once, (n_samples, C, H, W), and scaled per image,
+    so an image gets the same result alone or in any batch. ``target`` defaults to
+    the prediction on the clean image.
+    """
+    op = "smooth_grad"
+    x, single, xp = as_input(model, x, op)
+    check_score(score, op)
+    if method not in _SMOOTH_METHODS:
+        raise ValueError(f"{op}: method must be one of {_SMOOTH_METHODS}, got {method!r}")
+    if int(n_samples) < 1 or int(batch_size) < 1:
+        raise ValueError(f"{op}: n_samples and batch_size must be >= 1, got {n_samples} "
+                         f"and {batch_size}")
+    if not float(sigma) >= 0:
+        raise ValueError(f"{op}: sigma must be >= 0, got {sigma}")
+    n_samples, batch_size = int(n_samples), int(batch_size)
+    n = x.shape[0]
+    noise = np.random.default_rng(seed).standard_normal((n_samples,) + x.shape[1:],
+                                                        dtype=np.float32)
+    noise = xp.asarray(noise)
+    scale = (float(sigma) * (x.reshape(n, -1).max(axis=1) - x.reshape(n, -1).min(axis=1)))
+    with preserved(model, train):
+        logits = model.forward(x)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+        results = []
+        for start in range(0, n * n_samples, batch_size):
+            index = np.arange(start, min(start + batch_size, n * n_samples))
+            image, sample = xp.asarray(index // n_samples), xp.asarray(index % n_samples)
+            noisy = x[image] + scale[image][:, None, None, None] * noise[sample]
+            grad, _, _ = _class_backward(model, noisy, t[image], score, method == "guided", op)
+            results.append(xp.abs(grad).max(axis=1) if method == "saliency" else grad)
+    mean = xp.concatenate(results).reshape((n, n_samples) + results[0].shape[1:]).mean(axis=1)
+    return unbatch(mean, single)
+
+
+# ---------------------------------------------------------------- occlusion
+
+@dataclass
+class OcclusionResult:
+    """What :func:`occlusion` measured. Per-window-position maps are (PH, PW) (with a
+    leading N for a batch), heatmaps are at input resolution (H, W).
+
+    probability, logit: the target's softmax probability and logit with the window
+      at each position; drop, logit_drop: how much each fell from the unoccluded
+      image's (positive = the window hid evidence for the target);
+    predicted: the predicted class with the window at each position;
+    heatmap, logit_heatmap: drop and logit_drop at each pixel, averaged over the
+      windows covering it (0 where none does);
+    base_probability, base_logit: the unoccluded image's; target: the class scored;
+    window, stride: (height, width) pairs; positions: (ys, xs), the windows' top-left
+      corners along each axis.
+    """
+
+    probability: object
+    logit: object
+    drop: object
+    logit_drop: object
+    predicted: object
+    heatmap: object
+    logit_heatmap: object
+    base_probability: object
+    base_logit: object
+    target: object
+    window: tuple
+    stride: tuple
+    positions: tuple
+
+
+def _pointwise(layer):
+    """Layers whose output at a pixel depends only on their input at that pixel."""
+    if isinstance(layer, ReLU):
+        return True
+    if isinstance(layer, BatchNorm2d):
+        return not layer.training and layer.track_running_stats
+    if isinstance(layer, Dropout):
+        return not layer.training or layer.p == 0.0
+    return False
+
+
+def _window_geometry(layer, in_shape, out_shape):
+    """(kernel, stride, dilation, (top, left) padding, (bottom, right) padding, pad
+    value) of a Conv2d or MaxPool2d, the padding enough to compute every output."""
+    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+    if isinstance(layer, Conv2d):
+        if layer.padding == "same":
+            lo = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+        elif layer.padding == "valid":
+            lo = (0, 0)
+        else:
+            lo = layer.padding
+        value = 0.0
+    else:
+        lo, value = layer.padding, -np.inf
+    hi = tuple(max(0, (o - 1) * s + (k - 1) * d + 1 - size - p) for o, s, k, d, size, p in
+               zip(out_shape[-2:], stride, kernel, dilation, in_shape[-2:], lo))
+    return kernel, stride, dilation, tuple(lo), hi, value
+
+
+def _windows(padded, ys, xs, h, w):
+    """(B, C, h, w) crops of a (C, Hp, Wp) map at top-left corners (ys[b], xs[b])."""
+    xp = B.array_module(padded)
+    c, hp, wp = padded.shape
+    sc, sh, sw = padded.strides
+    view = xp.lib.stride_tricks.as_strided(padded, shape=(hp - h + 1, wp - w + 1, c, h, w),
+                                           strides=(sh, sw, sc, sh, sw))
+    return view[xp.asarray(ys), xp.asarray(xs)]
+
+
+def _paste(crops, patch, ry, rx):
+    """Write ``patch`` (B, C, ph, pw) into ``crops`` (B, C, ch, cw) at (ry[b], rx[b]),
+    clipped to the crop. Neighbouring windows mostly share an offset, so the copies
+    are written in runs of equal offsets, each one slice assignment."""
+    ph, pw = patch.shape[2:]
+    ch, cw = crops.shape[2:]
+    change = np.flatnonzero((np.diff(ry) != 0) | (np.diff(rx) != 0)) + 1
+    for a, b in zip([0] + change.tolist(), change.tolist() + [len(ry)]):
+        oy, ox = int(ry[a]), int(rx[a])
+        y0, y1 = max(oy, 0), min(oy + ph, ch)
+        x0, x1 = max(ox, 0), min(ox + pw, cw)
+        if y0 < y1 and x0 < x1:
+            crops[a:b, :, y0:y1, x0:x1] = patch[a:b, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+
+
+def _touched(start, size, lo_pad, kernel, stride, dilation, out_size):
+    """First output index and count of outputs whose window reads input rows
+    [start, start + size), per copy, before clamping to a common count."""
+    first = -((-(start + lo_pad - (kernel - 1) * dilation)) // stride)
+    last = (start + size - 1 + lo_pad) // stride
+    return np.clip(first, 0, out_size - 1), np.clip(last, 0, out_size - 1)
+
+
+def _fold_batch_norm(weight, bias, bn):
+    """Conv weights and bias with an eval-mode batch norm after the conv folded in."""
+    xp = B.array_module(weight)
+    scale = 1.0 / xp.sqrt(bn.running_var.astype(np.float64) + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight.data, shift * bn.weight.data + bn.bias.data
+    if bias is not None:
+        shift = shift + bias * scale
+    return ((weight * scale[:, None, None, None]).astype(np.float32),
+            shift.astype(np.float32))
+
+
+class _OcclusionPlan:
+    """Occlusion by patches: a window changes the first layers' outputs only in a small
+    region, so each occluded copy carries just that region (a patch and its corner)
+    from layer to layer, computed from a crop of the unoccluded image's activation
+    with the patch pasted in. Conv2d (with an eval batch norm after it folded in) and
+    MaxPool2d turn a patch into the patch of outputs whose windows touch it; ReLU,
+    eval batch norm and dropout act on it directly. At the first other layer
+    (Flatten, usually) the copies are materialised in full and the rest of the model
+    runs on them as a batch. An empty plan (``incremental=False``) materialises at
+    the input: plain batched re-evaluation."""
+
+    def __init__(self, model, incremental):
+        self.model = model
+        self.steps = []          # (layer, input's layer name, output's layer name, conv params)
+        self.last = None         # the last layer the patches go through (None: the input)
+        layers = list(model.named_children()) if incremental else []
+        i = 0
+        while i < len(layers):
+            name, layer = layers[i]
+            conv = None
+            if isinstance(layer, Conv2d):
+                conv = (layer.weight.data, None if layer.bias is None else layer.bias.data)
+                after = layers[i + 1][1] if i + 1 < len(layers) else None
+                if isinstance(after, BatchNorm2d) and _pointwise(after):
+                    conv = _fold_batch_norm(*conv, after)
+                    i += 1
+                    name = layers[i][0]
+            elif not (isinstance(layer, MaxPool2d) or _pointwise(layer)):
+                break
+            self.steps.append((layer, self.last, name, conv))
+            self.last = name
+            i += 1
+
+    def set_image(self, image):
+        """Run the unoccluded image (C, H, W); keep what the patches are computed from.
+        Returns its logits (1, classes)."""
+        model = self.model
+        logits = model.forward(image[None])
+        xp = B.array_module(image)
+
+        def output(name):
+            return image if name is None else model.activations[name][0]
+
+        self.geometry = []
+        for layer, source, name, _ in self.steps:
+            if not isinstance(layer, (Conv2d, MaxPool2d)):
+                self.geometry.append(None)
+                continue
+            before, after = output(source), output(name)
+            kernel, stride, dilation, lo, hi, value = _window_geometry(layer, before.shape,
+                                                                       after.shape)
+            padded = xp.pad(before, ((0, 0), (lo[0], hi[0]), (lo[1], hi[1])),
+                            constant_values=value)
+            self.geometry.append((padded, kernel, stride, dilation, lo, after.shape[-2:]))
+        self.base = output(self.last)
+        return logits
+
+    def logits(self, patch, ys, xs):
+        """Logits (B, classes) of the copies whose input differs from the image by
+        ``patch`` (B, C, ph, pw) at corners (ys, xs) (host int arrays)."""
+        xp = B.array_module(patch)
+        for (layer, _, _, conv), geometry in zip(self.steps, self.geometry):
+            if geometry is None:
+                patch = xp.maximum(patch, 0.0) if isinstance(layer, ReLU) else layer.forward(patch)
+                continue
+            padded, kernel, stride, dilation, lo, out_hw = geometry
+            corners, sizes = [], []
+            for axis, start in ((0, ys), (1, xs)):
+                first, last = _touched(start, patch.shape[2 + axis], lo[axis], kernel[axis],
+                                       stride[axis], dilation[axis], out_hw[axis])
+                size = max(int((last - first).max()), 0) + 1
+                corners.append(np.minimum(first, out_hw[axis] - size))
+                sizes.append(size)
+            crop = [(sizes[a] - 1) * stride[a] + (kernel[a] - 1) * dilation[a] + 1
+                    for a in (0, 1)]
+            top = [corners[a] * stride[a] for a in (0, 1)]
+            crops = _windows(padded, top[0], top[1], crop[0], crop[1])
+            _paste(crops, patch, ys + lo[0] - top[0], xs + lo[1] - top[1])
+            if conv is not None:
+                patch = F.conv2d(crops, conv[0], conv[1], layer.stride, 0, layer.dilation,
+                                 layer.groups)
+            else:
+                patch = F.max_pool2d(crops, layer.kernel_size, layer.stride, 0, layer.dilation)
+            ys, xs = corners
+        full = xp.broadcast_to(self.base, (len(ys),) + self.base.shape).copy()
+        ph, pw = patch.shape[2:]
+        rows = xp.asarray(ys[:, None] + np.arange(ph))[:, :, None]
+        cols = xp.asarray(xs[:, None] + np.arange(pw))[:, None, :]
+        full[xp.arange(len(ys))[:, None, None], :, rows, cols] = patch.transpose(0, 2, 3, 1)
+        return self.model.forward(full, start=self.last)
+
+
+def _pair_arg(value, name, op):
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                 and v >= 1 for v in pair):
+        raise ValueError(f"{op}: {name} must be a positive int or a pair of them, got {value!r}")
+    return tuple(int(v) for v in pair)
+
+
+def _fill_images(fill, x, xp, op):
+    """The replacement pixels, (N, C, H, W): a value, an image or one image per sample."""
+    if np.ndim(fill) == 0 and not B.is_gpu_array(fill):
+        fill = xp.full(x.shape[1:], float(fill), np.float32)
+    fill = B.as_float(fill, "fill", xp)
+    if fill.shape == x.shape[1:]:
+        fill = fill[None]
+    if fill.ndim != 4 or fill.shape[1:] != x.shape[1:] or fill.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"{op}: fill must be a value, an image {B.shape_str(x.shape[1:])} or "
+                         f"one per sample {B.shape_str(x.shape)}; got shape "
+                         f"{B.shape_str(fill.shape)}")
+    return xp.broadcast_to(fill, x.shape)
+
+
+def _window_average(values, ys, xs, window, size, xp):
+    """Each pixel's mean of ``values`` (N, PH, PW) over the windows covering it."""
+    n = values.shape[0]
+    total = xp.zeros((n,) + tuple(size), np.float32)
+    count = np.zeros(tuple(size), np.float32)
+    for dy in range(window[0]):
+        for dx in range(window[1]):
+            rows, cols = ys[:, None] + dy, xs[None, :] + dx
+            total[:, xp.asarray(rows), xp.asarray(cols)] += values
+            count[rows, cols] += 1
+    count = xp.asarray(count)
+    return xp.where(count > 0, total / xp.maximum(count, 1), 0.0).astype(np.float32)
+
+
+def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size=256,
+              incremental=True, train=False):
+    """Occlusion sensitivity (Zeiler & Fergus): slide a window over the image, replace
+    the pixels under it by ``fill`` and score the target class at every position.
+
+    window, stride: an int or (height, width); windows lie inside the image, their
+    top-left corners at 0, stride, 2*stride, ... (PH = (H - window) // stride + 1).
+    fill: a value (in the model's input units: 0.0 is the mean pixel for standardised
+    input), a baseline image (C, H, W), or one per sample (N, C, H, W).
+    batch_size: occluded copies per forward pass.
+    incremental: carry only the region each window changes through the first layers
+    (conv, pool, ReLU, eval batch norm), materialising full copies at the first
+    other layer; False re-evaluates whole copies. Both give the same numbers up to
+    float rounding.
+    Returns an :class:`OcclusionResult`.
+    """
+    op = "occlusion"
+    x, single, xp = as_input(model, x, op)
+    window = _pair_arg(window, "window", op)
+    stride = _pair_arg(stride, "stride", op)
+    if int(batch_size) < 1:
+        raise ValueError(f"{op}: batch_size must be >= 1, got {batch_size}")
+    batch_size = int(batch_size)
+    n, c, h, w = x.shape
+    if window[0] > h or window[1] > w:
+        raise ValueError(f"{op}: window {window} is larger than the {h}x{w} image")
+    fills = _fill_images(fill, x, xp, op)
+    ys = np.arange(0, h - window[0] + 1, stride[0])
+    xs = np.arange(0, w - window[1] + 1, stride[1])
+    corner_y, corner_x = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
+    positions = len(corner_y)
+    base, logits = [], []
+    with preserved(model, train):
+        plan = _OcclusionPlan(model, incremental)
+        for i in range(n):
+            base_logits = plan.set_image(x[i])
+            check_logits(base_logits, op)
+            base.append(base_logits[0])
+            patches = _windows(fills[i], corner_y, corner_x, *window)
+            logits.append(xp.concatenate([
+                plan.logits(patches[lo:lo + batch_size], corner_y[lo:lo + batch_size],
+                            corner_x[lo:lo + batch_size])
+                for lo in range(0, positions, batch_size)]))
+    logits = xp.stack(logits)                                       # (N, positions, classes)
+    base = xp.stack(base)
+    t = resolve_targets(target, base, op)
+    rows = xp.arange(n)
+    base_logit = base[rows, t]
+    base_probability = F.softmax(base, dim=1)[rows, t]
+    shape = (n, len(ys), len(xs))
+    logit = logits[rows, :, t].reshape(shape)
+    probability = F.softmax(logits, dim=2)[rows, :, t].reshape(shape)
+    predicted = xp.argmax(logits, axis=2).reshape(shape)
+    drop = base_probability[:, None, None] - probability
+    logit_drop = base_logit[:, None, None] - logit
+    result = OcclusionResult(
+        probability=probability, logit=logit, drop=drop, logit_drop=logit_drop,
+        predicted=predicted,
+        heatmap=_window_average(drop, ys, xs, window, (h, w), xp),
+        logit_heatmap=_window_average(logit_drop, ys, xs, window, (h, w), xp),
+        base_probability=base_probability, base_logit=base_logit, target=t,
+        window=window, stride=stride, positions=(ys, xs))
+    if single:
+        for field in ("probability", "logit", "drop", "logit_drop", "predicted", "heatmap",
+                      "logit_heatmap", "base_probability", "base_logit", "target"):
+            setattr(result, field, getattr(result, field)[0])
+    return result

@@ -1,0 +1,442 @@
+"""Every method for one image at once (:func:`explain`), and the self-contained HTML
+report of it (:func:`write_report`, ``fastcnn explain``, the end of ``fastcnn demo``)."""
+
+import base64
+import datetime
+import html
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import _backend as B
+from .. import functional as F
+from .attribution import (OcclusionResult, grad_cam, guided_backprop, guided_grad_cam,
+                          occlusion, saliency, smooth_grad)
+from ._common import as_input, default_cam_layer, layer_name, to_host
+from .features import feature_maps
+from .plot import (METHOD_TITLES, OVERLAID, class_name, display_image, figure_png,
+                   method_title, plot_explanation, plot_heatmap, plot_input)
+
+__all__ = ["METHODS", "Explanation", "explain", "write_report", "demo_report",
+           "add_cli_arguments", "run_cli"]
+
+#: The report shows occlusion's logit drop instead of its probability drop when no
+#: window moves the probability by this much.
+OCCLUSION_MIN_DROP = 1e-3
+#: Every method :func:`explain` knows, in the order a report shows them.
+METHODS = ("occlusion", "saliency", "smoothgrad", "guided", "gradcam", "guided_gradcam")
+
+
+@dataclass
+class Explanation:
+    """One image's prediction and attribution maps.
+
+    image: the model input (C, H, W); display: the picture shown, (H, W) or (H, W, 3)
+    in [0, 1]; probabilities (classes,); predicted and target class indices;
+    maps: method name -> map ((H, W), or (C, H, W) for the signed guided maps);
+    occlusion: the full :class:`~fastcnn.viz.OcclusionResult` when computed;
+    classes: class names (or None); label: the true class when known; layer: the
+    Grad-CAM layer; name: what the report calls the image; settings: the methods'
+    parameters.
+    """
+
+    image: object
+    display: np.ndarray
+    probabilities: object
+    predicted: int
+    target: int
+    maps: OrderedDict
+    occlusion: object = None
+    classes: list = None
+    label: int = None
+    layer: str = None
+    name: str = ""
+    settings: dict = field(default_factory=dict)
+
+
+def explain(model, x, target=None, *, methods="all", classes=None, labels=None, display=None,
+            names=None, layer=None, window=4, stride=1, fill=None, n_samples=25, sigma=0.15,
+            seed=0, batch_size=256):
+    """Run ``methods`` ('all' or a list from :data:`METHODS`) on one image (C, H, W)
+    -> an :class:`Explanation`, or on a batch (N, C, H, W) -> a list of them (each
+    method runs once over the batch).
+
+    target: the class to explain (int or one per image; default: the predicted one).
+    classes: class names (default: ``model.metadata['classes']``); labels: true
+    classes, when known (None for an unknown one); display: the pictures to show
+    (default: the input stretched to its range); names: what to call each image.
+    layer: the Grad-CAM layer. window / stride / fill: occlusion's (fill None: each
+    image's background, the median of its border pixels per channel, so that a window
+    hides what it covers rather than painting a grey square on a black background).
+    n_samples / sigma / seed: SmoothGrad's. batch_size: copies per forward pass.
+    """
+    methods = list(METHODS) if methods == "all" else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"explain: unknown methods {unknown}; choose from {METHODS}")
+    batch, single, _ = as_input(model, x, "explain")
+    n = len(batch)
+    logits = feature_maps(model, batch, layer=-1)
+    probabilities = F.softmax(logits, dim=1)
+    predicted = to_host(probabilities.argmax(axis=1))
+    targets = predicted if target is None else np.broadcast_to(to_host(target), (n,))
+    uses_cam = any(m in methods for m in ("gradcam", "guided_gradcam"))
+    if uses_cam:
+        layer = default_cam_layer(model, "explain") if layer is None else \
+            layer_name(model, layer, "explain")
+    if labels is not None:
+        labels = [labels] if single else list(labels)
+        if len(labels) != n:
+            raise ValueError(f"explain: {len(labels)} labels for {n} images")
+    maps, occluded = OrderedDict(), None
+    if fill is None and "occlusion" in methods:
+        fill = _background(batch)
+    for method in methods:
+        if method == "occlusion":
+            occluded = occlusion(model, batch, targets, window=window, stride=stride, fill=fill,
+                                 batch_size=batch_size)
+            maps[method] = occluded.heatmap
+        elif method == "saliency":
+            maps[method] = saliency(model, batch, targets)
+        elif method == "smoothgrad":
+            maps[method] = smooth_grad(model, batch, targets, n_samples=n_samples, sigma=sigma,
+                                       seed=seed, batch_size=batch_size)
+        elif method == "guided":
+            maps[method] = guided_backprop(model, batch, targets)
+        elif method == "gradcam":
+            maps[method] = grad_cam(model, batch, targets, layer)
+        else:
+            maps[method] = guided_grad_cam(model, batch, targets, layer)
+    if classes is None:
+        classes = (getattr(model, "metadata", None) or {}).get("classes")
+    settings = {"window": window, "stride": stride,
+                "fill": "background" if np.ndim(fill) else fill, "n_samples": n_samples,
+                "sigma": sigma, "seed": seed}
+    explanations = []
+    for i in range(n):
+        image_maps = OrderedDict((m, v[i]) for m, v in maps.items())
+        image_settings = dict(settings)
+        if occluded is not None:
+            # a saturated probability (a confident model) hardly moves, and its drops are
+            # float32 rounding: show how the logit falls instead
+            if float(to_host(abs(occluded.drop[i]).max())) < OCCLUSION_MIN_DROP:
+                image_maps["occlusion"] = occluded.logit_heatmap[i]
+                image_settings["occlusion_score"] = "logit"
+            else:
+                image_settings["occlusion_score"] = "probability"
+        if display is None:
+            shown = display_image(batch[i])
+        else:
+            shown = display_image(display if single else display[i])
+        explanations.append(Explanation(
+            image=batch[i], display=shown, probabilities=probabilities[i],
+            predicted=int(predicted[i]), target=int(targets[i]), maps=image_maps,
+            occlusion=None if occluded is None else _occlusion_row(occluded, i),
+            classes=None if classes is None else list(classes),
+            label=None if labels is None or labels[i] is None else int(labels[i]),
+            layer=layer if uses_cam else None,
+            name="" if names is None else str(names if single else names[i]),
+            settings=image_settings))
+    return explanations[0] if single else explanations
+
+
+def _background(batch):
+    """Each image filled with the median of its border pixels, per channel (N, C, H, W)."""
+    xp = B.array_module(batch)
+    border = xp.concatenate([batch[:, :, 0], batch[:, :, -1], batch[:, :, :, 0],
+                             batch[:, :, :, -1]], axis=2)
+    return xp.broadcast_to(xp.median(border, axis=2)[:, :, None, None], batch.shape)
+
+
+def _occlusion_row(result, i):
+    values = {}
+    for name in OcclusionResult.__dataclass_fields__:
+        value = getattr(result, name)
+        values[name] = value if name in ("window", "stride", "positions") else value[i]
+    return OcclusionResult(**values)
+
+
+# ---------------------------------------------------------------- the HTML report
+
+_CAPTIONS = {
+    "occlusion": "How much the {score} of <b>{target}</b> falls when a {window} patch "
+                 "(filled with: {fill}) hides each place, averaged over the windows covering "
+                 "a pixel. Red: hiding it lowers the score (evidence for the class); blue: "
+                 "raises it.",
+    "saliency": "Largest |d score / d pixel| over channels (Simonyan et al.): where a small "
+                "change of the pixel moves the <b>{target}</b> logit most.",
+    "smoothgrad": "Saliency averaged over {n_samples} copies with Gaussian noise of "
+                  "{sigma_pct}% of the image range (Smilkov et al.): less speckle.",
+    "guided": "Guided backpropagation (Springenberg et al.): the gradient passed back only "
+              "through ReLUs whose input and gradient are both positive. Red: brightening the "
+              "pixel raises the score.",
+    "gradcam": "Grad-CAM (Selvaraju et al.) on {layer}: its feature maps weighted by the mean "
+               "gradient of the score, rectified and upsampled: where the class's evidence "
+               "lies.",
+    "guided_gradcam": "Guided backpropagation times Grad-CAM: fine detail, only inside the "
+                      "regions Grad-CAM selects.",
+}
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 76em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-top: 1px solid #ccc;
+  padding-top: 1em; }
+.meta { color: #555; font-size: 0.9em; }
+.top { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
+.grid { display: flex; flex-wrap: wrap; gap: 1em; margin-top: 1em; }
+figure { margin: 0; width: 20em; } figure img { width: 100%; }
+figcaption { font-size: 0.85em; color: #444; }
+table.probs { border-collapse: collapse; font-size: 0.9em; }
+table.probs td { padding: 0.15em 0.5em; }
+.bar { background: #4a7fc1; height: 0.8em; display: inline-block; }
+tr.target .bar { background: #d0423a; } tr.target td { font-weight: bold; }
+.wrong { color: #c0392b; font-weight: bold; }
+"""
+
+
+def _data_uri(png):
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _probability_table(explanation):
+    p = to_host(explanation.probabilities)
+    rows = []
+    for k in np.argsort(-p, kind="stable"):
+        k = int(k)
+        mark = " (true)" if explanation.label == k else ""
+        rows.append(f'<tr class="{"target" if k == explanation.target else ""}">'
+                    f"<td>{html.escape(class_name(explanation, k))}{mark}</td>"
+                    f'<td style="text-align:right">{100 * p[k]:.2f}%</td>'
+                    f'<td><span class="bar" style="width:{max(p[k] * 12, 0.05):.2f}em"></span>'
+                    f"</td></tr>")
+    return '<table class="probs">' + "".join(rows) + "</table>"
+
+
+def _caption(explanation, method):
+    s = explanation.settings
+    window = s.get("window", 4)
+    window = f"{window}x{window}" if np.ndim(window) == 0 else "x".join(map(str, window))
+    return _CAPTIONS.get(method, "").format(
+        target=html.escape(class_name(explanation, explanation.target)), window=window,
+        fill=s.get("fill", 0.0), score=s.get("occlusion_score", "probability"),
+        n_samples=s.get("n_samples"), sigma_pct=round(100 * float(s.get("sigma", 0))),
+        layer=html.escape(str(explanation.layer)))
+
+
+def _stem(explanation, index):
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in explanation.name)
+    return f"{index:02d}_{safe}" if safe else f"{index:02d}"
+
+
+def write_report(explanations, out_dir, *, title="fastcnn: what the network looks at",
+                 description="", filename="report.html"):
+    """Write each explanation's pictures as PNGs (input, one per method, the side-by-side
+    panel) into ``out_dir`` and one self-contained HTML page (every picture inlined)
+    showing the input, the predicted probabilities and every method's map. Returns
+    the HTML file's path."""
+    if isinstance(explanations, Explanation):
+        explanations = [explanations]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for index, e in enumerate(explanations):
+        stem = _stem(e, index)
+        pictures = [("input", plot_input(e))]
+        for method, heat in e.maps.items():
+            pictures.append((method, plot_heatmap(e.display, heat, overlay=method in OVERLAID,
+                                                  title=method_title(e, method))))
+        pictures.append(("panel", plot_explanation(e)))
+        uris = {}
+        for kind, fig in pictures:
+            png = figure_png(fig)
+            (out / f"{stem}_{kind}.png").write_bytes(png)
+            uris[kind] = _data_uri(png)
+        pred = html.escape(class_name(e, e.predicted))
+        p = to_host(e.probabilities)
+        heading = f"{html.escape(e.name) + ': ' if e.name else ''}predicted {pred} " \
+                  f"({100 * float(p[e.predicted]):.1f}%)"
+        if e.label is not None:
+            truth = html.escape(class_name(e, e.label))
+            heading += f", true {truth}" + (' <span class="wrong">(wrong)</span>'
+                                            if e.label != e.predicted else "")
+        explained = html.escape(class_name(e, e.target))
+        figures = "".join(
+            f'<figure><img src="{uris[m]}" alt="{html.escape(METHOD_TITLES.get(m, m))}">'
+            f"<figcaption>{_caption(e, m)}</figcaption></figure>" for m in e.maps)
+        sections.append(
+            f"<h2>{heading}</h2>"
+            f'<div class="top"><figure><img src="{uris["input"]}" alt="input"></figure>'
+            f"<div><p>Class probabilities (explaining <b>{explained}</b>):</p>"
+            f"{_probability_table(e)}</div></div>"
+            f'<div class="grid">{figures}</div>'
+            f'<details><summary>All maps side by side</summary>'
+            f'<img style="max-width:100%" src="{uris["panel"]}" alt="panel"></details>')
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>"
+            f'<p class="meta">{html.escape(description)} Written by fastcnn on {stamp}.</p>'
+            + "".join(sections) + "</body></html>")
+    path = out / filename
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def demo_report(model, dataset, out_dir, count=4, candidates=1000, **options):
+    """Explain ``count`` test images of ``dataset`` (a fastcnn.data.Dataset): the first
+    correctly classified ones of different classes and the first misclassified one;
+    write the report into ``out_dir``. Returns the HTML file's path."""
+    from ..train import predict
+
+    subset = dataset[:min(candidates, len(dataset))]
+    predicted = to_host(predict(model, subset)).argmax(axis=1)
+    wrong = np.flatnonzero(predicted != subset.labels)
+    chosen, seen = [], set()
+    for i in np.flatnonzero(predicted == subset.labels):
+        if len(chosen) >= count - (1 if len(wrong) else 0):
+            break
+        if subset.labels[i] not in seen:
+            chosen.append(int(i))
+            seen.add(subset.labels[i])
+    if len(wrong):
+        chosen.append(int(wrong[0]))
+    images = subset.images[chosen]
+    x = F.normalize(images, dataset.mean, dataset.std, dim=-3)
+    if model.device != "cpu":
+        import cupy
+
+        x = cupy.asarray(x)
+    explanations = explain(model, x, classes=list(dataset.classes), labels=subset.labels[chosen],
+                           display=images[:, 0] if images.shape[1] == 1 else
+                           images.transpose(0, 2, 3, 1),
+                           names=[f"test:{i}" for i in chosen], **options)
+    note = " The last one is misclassified." if len(wrong) else ""
+    return write_report(explanations, out_dir,
+                        description=f"{len(chosen)} images of the {dataset.name or 'test'} "
+                                    f"set.{note}")
+
+
+# ---------------------------------------------------------------- fastcnn explain
+
+def add_cli_arguments(parser):
+    """The arguments of ``fastcnn explain``."""
+    parser.add_argument("model", help="a model file saved by fastcnn (e.g. fastcnn-demo/model.npz)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="a PNG/JPEG file, or test:INDEX for image INDEX of the test set "
+                             "(Fashion-MNIST, or the IDX set in --data)")
+    parser.add_argument("--method", choices=list(METHODS) + ["all"], default="all",
+                        help="the method to run (default: %(default)s)")
+    parser.add_argument("--target", metavar="C",
+                        help="the class to explain, an index or a class name (default: the "
+                             "predicted class)")
+    parser.add_argument("--out", metavar="DIR", default="fastcnn-explain",
+                        help="output folder for the PNGs and report.html (default: %(default)s)")
+    parser.add_argument("--layer", help="Grad-CAM layer (default: the last conv block's output)")
+    parser.add_argument("--window", type=int, default=4,
+                        help="occlusion window size in pixels (default: %(default)s)")
+    parser.add_argument("--stride", type=int, default=1,
+                        help="occlusion stride in pixels (default: %(default)s)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="folder with the MNIST-format IDX set for test:INDEX (default: "
+                             "Fashion-MNIST from $FASTCNN_DATA or Debian's package)")
+    parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                        help="invert grey levels of PNG/JPEG input, as for predict "
+                             "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+
+
+def _resolve_class(text, classes, count):
+    if text is None:
+        return None
+    if text.lstrip("-").isdigit():
+        k = int(text)
+    elif classes and text in classes:
+        k = list(classes).index(text)
+    else:
+        raise ValueError(f"--target {text!r} is neither a class index nor a class name "
+                         f"({', '.join(classes or [])})")
+    if not 0 <= k < count:
+        raise ValueError(f"--target {k} is out of range: the model has {count} classes")
+    return k
+
+
+def run_cli(args):
+    """``fastcnn explain``: load the model and images, explain, write the report."""
+    import fastcnn
+
+    from .. import data, io
+    from ..cli import CommandError, load_image
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        fastcnn.set_num_threads(args.threads)
+    model = io.load(args.model)
+    meta = dict(getattr(model, "metadata", None) or {})
+    test_set = None
+    images, labels, names = [], [], []
+    for spec in args.images:
+        if spec.startswith("test:"):
+            if test_set is None:
+                test_set = (data.load_idx_dataset(data.find_data_dir(args.data))[1] if args.data
+                            else data.load_fashion_mnist()[1])
+            try:
+                index = int(spec[5:])
+            except ValueError:
+                raise CommandError(f"{spec}: expected test:INDEX with an integer INDEX") from None
+            if not 0 <= index < len(test_set):
+                raise CommandError(f"{spec}: the test set has {len(test_set)} images "
+                                   f"(0 to {len(test_set) - 1})")
+            image, label = test_set[index]
+            images.append(image)
+            labels.append(label)
+            for key, value in (("mean", test_set.mean), ("std", test_set.std),
+                               ("classes", test_set.classes),
+                               ("input_shape", list(test_set.image_shape))):
+                meta.setdefault(key, list(value))
+        else:
+            if "input_shape" not in meta:
+                raise CommandError(f"{args.model}: the model's metadata has no input_shape, "
+                                   f"so a picture cannot be fitted to it; use test:INDEX")
+            images.append(load_image(spec, meta["input_shape"], args.invert))
+            labels.append(None)
+            spec = Path(spec).name
+        names.append(spec)
+    missing = [k for k in ("mean", "std") if k not in meta]
+    if missing:
+        raise CommandError(f"{args.model}: the model's metadata lacks {missing} (the input "
+                           f"standardisation); save it with fastcnn.io.save(model, path, "
+                           f"metadata={{'mean': [...], 'std': [...], ...}})")
+    shapes = {tuple(a.shape) for a in images}
+    if shapes != {tuple(meta.get("input_shape", images[0].shape))}:
+        raise CommandError(f"image shapes {sorted(shapes)} do not match the model's input "
+                           f"{meta.get('input_shape')}")
+    batch = np.stack(images)
+    x = F.normalize(batch, meta["mean"], meta["std"], dim=-3)
+    if model.device != "cpu":
+        import cupy
+
+        x = cupy.asarray(x)
+    classes = meta.get("classes")
+    try:
+        num_classes = feature_maps(model, x[:1], layer=-1).shape[-1]
+        target = _resolve_class(args.target, classes, num_classes)
+        methods = "all" if args.method == "all" else [args.method]
+        explanations = explain(
+            model, x, target, methods=methods, classes=classes, labels=labels,
+            display=batch[:, 0] if batch.shape[1] == 1 else batch.transpose(0, 2, 3, 1),
+            names=names, layer=args.layer, window=args.window, stride=args.stride)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    for e in explanations:
+        p = to_host(e.probabilities)
+        line = f"{e.name}: predicted {class_name(e, e.predicted)} ({100 * p[e.predicted]:.1f}%)"
+        if e.label is not None:
+            line += f", true {class_name(e, e.label)}"
+        print(line)
+    path = write_report(explanations, args.out,
+                        description=f"Model {args.model}; images {', '.join(args.images)}.")
+    print(f"wrote {path} and {sum(len(e.maps) + 2 for e in explanations)} PNGs in {args.out}")
+    return 0

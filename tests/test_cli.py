@@ -1,0 +1,127 @@
+"""The fastcnn command line: demo, train and predict on small synthetic data (quick runs)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastcnn import cli, data, io
+
+
+def _idx_folder(folder, n=64, size=28, classes=10, seed=0):
+    """MNIST-format files of ``n`` training and test images with a class-dependent blob."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    for prefix in ("train", "t10k"):
+        labels = (np.arange(n) % classes).astype(np.uint8)
+        images = g.integers(0, 40, (n, size, size)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            r = 2 + 2 * int(c)
+            images[i, r:r + 4, 4:24] = 230
+        data.write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        data.write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One quick ``fastcnn train`` run shared by the tests below."""
+    root = tmp_path_factory.mktemp("cli")
+    folder = _idx_folder(root / "digits")
+    (folder / "classes.txt").write_text("\n".join(f"thing{i}" for i in range(10)))
+    out = root / "run"
+    code = cli.main(["train", "--data", str(folder), "--out", str(out), "--epochs", "2",
+                     "--batch-size", "16", "--arch", "mnist_cnn", "--optimizer", "adam",
+                     "--val-size", "0", "--threads", "1", "--no-progress"])
+    assert code == 0
+    return folder, out
+
+
+def test_train_writes_outputs(trained, capsys):
+    folder, out = trained
+    for name in ("model.npz", "checkpoint.npz", "history.json", "results.json", "curves.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs_run"] == 2 and 0 <= results["test"]["accuracy"] <= 1
+    assert results["recipe"]["arch"] == "mnist_cnn" and results["threads"] == 1
+    model = io.load(out / "model.npz")
+    assert model.metadata["classes"][3] == "thing3"
+    assert model.metadata["input_shape"] == [1, 28, 28] and len(model.metadata["mean"]) == 1
+
+
+def test_train_resume_continues(trained, capsys):
+    folder, out = trained
+    code = cli.main(["train", "--data", str(folder), "--out", str(out), "--epochs", "3",
+                     "--batch-size", "16", "--arch", "mnist_cnn", "--optimizer", "adam",
+                     "--val-size", "0", "--resume", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "resumed from" in text and "epoch 3/3" in text and "epoch 1/3" not in text
+    assert len(json.loads((out / "history.json").read_text())) == 3
+
+
+def test_predict_prints_top_classes(trained, tmp_path, capsys):
+    folder, out = trained
+    images = data.read_idx(folder / "t10k-images-idx3-ubyte.gz")
+    dark = tmp_path / "dark.png"
+    Image.fromarray(images[3]).save(dark)
+    light = tmp_path / "light.jpg"  # a light background, another size, RGB: inverted, resized
+    Image.fromarray(255 - np.kron(images[5], np.ones((3, 2), np.uint8))).convert("RGB").save(light)
+    code = cli.main(["predict", str(out / "model.npz"), str(dark), str(light), "--top-k", "2"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(dark) and lines[3] == str(light) and len(lines) == 6
+    assert lines[1].strip().startswith("1. thing") and lines[1].endswith("%")
+    probs = [float(line.split()[-1].rstrip("%")) for line in lines[1:3]]
+    assert probs[0] >= probs[1]
+    x = cli.load_image(light, [1, 28, 28])
+    assert x.shape == (1, 28, 28) and x.dtype == np.uint8 and x[0, 0, 0] < 128  # inverted
+
+
+def test_demo_quick_run(tmp_path, capsys):
+    folder = _idx_folder(tmp_path / "fashion-like", n=48)
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--data", str(folder), "--out", str(out), "--epochs", "1",
+                     "--batch-size", "16", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "test accuracy" in text and "confusion matrix" in text and "Ankle boot" in text
+    assert (out / "model.npz").is_file() and (out / "curves.png").is_file()
+    assert io.load(out / "model.npz").metadata["arch"] == "mnist_cnn_bn"
+
+
+def test_errors_are_reported_clearly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.delenv("FASTCNN_DATA", raising=False)
+    assert cli.main(["demo", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "fastcnn demo: error" in err and "apt-get install dataset-fashion-mnist" in err
+    assert cli.main(["predict", str(tmp_path / "none.npz"), "x.png"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    assert cli.main(["predict", str(tmp_path / "bad.npz"), "x.png"]) == 2
+    assert "not a fastcnn model file" in capsys.readouterr().err
+
+
+def test_help_and_command_table(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in ("demo", "train", "predict"))
+    calls = []
+    cli.register("hello", "say hello", lambda p: p.add_argument("--name", default="x"),
+                 lambda args: calls.append(args.name) or 0)
+    try:
+        assert cli.main(["hello", "--name", "fastcnn"]) == 0 and calls == ["fastcnn"]
+    finally:
+        del cli.COMMANDS["hello"]
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "fastcnn.cli", "train", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--optimizer" in result.stdout and "--arch" in result.stdout

@@ -1,0 +1,418 @@
+"""fastcnn.nn: whole-model gradients, the module contract, layers, init and modes."""
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+import fastcnn
+import fastcnn.functional as F
+from fastcnn import models, nn
+from nn_reference import cross_entropy64, forward64, params64
+
+
+def _batch(seed, n=3, size=28, channels=1):
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((n, channels, size, size)).astype(np.float32)
+    y = g.integers(0, 10, n)
+    return x, y
+
+
+def _loss_and_grads(model, x, y):
+    """One float32 forward/backward; returns (loss, {name: grad}, input grad, dropout masks)."""
+    masks = {}
+    loss_fn = nn.CrossEntropyLoss()
+    offsets = {name: int(layer.offset) for name, layer in model.named_children()
+               if isinstance(layer, nn.Dropout)}
+    model.zero_grad()
+    logits = model(x)
+    loss = float(loss_fn(logits, y))
+    dx = model.backward(loss_fn.backward())
+    for name, offset in offsets.items():
+        if model.training:
+            shape = model.activations[name].shape
+            masks[name] = F.dropout_mask(shape, model[name].p, int(model[name].seed), offset)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return loss, grads, dx, masks
+
+
+def _check_against_finite_differences(model, x, y, training, coords_per_param=5, seed=0):
+    """Analytic float32 gradients vs central differences of the float64 reference.
+
+    The finite differences (step 1e-6) run on ``forward64``, a float64 NumPy
+    re-implementation of the model, at the model's own (float32) weights, with
+    the dropout mask the model drew. Each parameter is checked at a few random
+    coordinates plus its largest-gradient one, against rtol 2e-3 and an atol of
+    2e-3 times that parameter's largest gradient (+ 1e-6: gradients that are exactly
+    zero, like a conv bias before batch norm, come out as float32 round-off).
+    """
+    model.train(training)
+    loss, grads, dx, masks = _loss_and_grads(model, x, y)
+    params = params64(model)
+    x64 = x.astype(np.float64)
+
+    def loss64(p, inp):
+        return cross_entropy64(forward64(model, p, inp, training, masks), y)
+
+    assert loss == pytest.approx(loss64(params, x64), rel=1e-5, abs=1e-6)
+    g = np.random.default_rng(seed)
+    h = 1e-6
+    targets = [(name, params[name], grads[name]) for name in params] + [("input", x64, dx)]
+    for name, array, analytic in targets:
+        flat = array.reshape(-1)
+        idx = np.unique(np.append(g.choice(flat.size, min(coords_per_param, flat.size),
+                                           replace=False),
+                                  np.argmax(np.abs(analytic))))
+        numeric = []
+        for i in idx:
+            old = flat[i]
+            flat[i] = old + h
+            hi = loss64(params, x64)
+            flat[i] = old - h
+            lo = loss64(params, x64)
+            flat[i] = old
+            numeric.append((hi - lo) / (2 * h))
+        scale = float(np.abs(analytic).max())
+        np.testing.assert_allclose(analytic.reshape(-1)[idx], numeric, rtol=2e-3,
+                                   atol=2e-3 * scale + 1e-6, err_msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("batchnorm", [False, True], ids=["mnist_cnn", "mnist_cnn_bn"])
+def test_whole_model_gradient_matches_finite_differences(batchnorm):
+    model = models.mnist_cnn(batchnorm=batchnorm, seed=3)
+    x, y = _batch(4)
+    _check_against_finite_differences(model, x, y, training=True)
+
+
+def test_whole_model_gradient_eval_mode_uses_running_stats():
+    """Eval mode (running batch-norm statistics, no dropout), as the visualisations use."""
+    model = models.mnist_cnn_bn(seed=5)
+    for s in range(3):  # make the running statistics non-trivial
+        model(_batch(10 + s, n=8)[0] * 2 + 0.5)
+    x, y = _batch(6)
+    _check_against_finite_differences(model, x, y, training=False, coords_per_param=3)
+
+
+def test_small_model_full_gradient():
+    """Every coordinate of every parameter of a scaled-down model (12x12 input)."""
+    model = models.mnist_cnn_bn(input_size=12, channels=(2, 3), hidden=5, seed=1)
+    x, y = _batch(2, n=4, size=12)
+    model.train()
+    loss, grads, dx, masks = _loss_and_grads(model, x, y)
+    params = params64(model)
+    for name in params:
+        flat = params[name].reshape(-1)
+        numeric = np.empty(flat.size)
+        for i in range(flat.size):
+            old = flat[i]
+            flat[i] = old + 1e-6
+            hi = cross_entropy64(forward64(model, params, x, True, masks), y)
+            flat[i] = old - 1e-6
+            lo = cross_entropy64(forward64(model, params, x, True, masks), y)
+            flat[i] = old
+            numeric[i] = (hi - lo) / 2e-6
+        np.testing.assert_allclose(grads[name].reshape(-1), numeric, rtol=2e-3,
+                                   atol=1e-3 * np.abs(numeric).max() + 1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------- the module contract
+
+def test_parameter_names_counts_and_state_dict():
+    model = models.mnist_cnn()
+    assert [n for n, _ in model.named_parameters()] == [
+        "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
+        "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert model.num_parameters() == 421_642
+    bn = models.mnist_cnn_bn()
+    assert bn.num_parameters() == 421_834
+    keys = list(bn.state_dict())
+    assert keys[:2] == ["conv1.weight", "conv1.bias"]
+    assert {"bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked",
+            "dropout.seed", "dropout.offset"} <= set(keys)
+    assert all(p.data.dtype == np.float32 for p in bn.parameters())
+    assert bn["fc1"].weight.shape == (128, 3136)
+
+
+def test_summary_and_repr():
+    model = models.mnist_cnn_bn()
+    text = model.summary()
+    assert "(N, 32, 28, 28)" in text and "(N, 64, 7, 7)" in text and "(N, 3136)" in text
+    assert "421,834" in text
+    r = repr(model)
+    assert "(conv1): Conv2d(1, 32, kernel_size=(3, 3)" in r and "(dropout): Dropout(p=0.5)" in r
+
+
+def test_output_shape_matches_forward():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.MaxPool2d(3, 2, 1,
+                                                                                ceil_mode=True),
+                          nn.Conv2d(4, 2, (3, 1), padding="same"), nn.Flatten())
+    x = np.zeros((2, 3, 17, 13), np.float32)
+    assert model.output_shape(x.shape) == model(x).shape
+
+
+def test_init_matches_pytorch_defaults():
+    conv = nn.Conv2d(16, 8, 3, rng=0)
+    bound = 1 / math.sqrt(16 * 9)
+    for a in (conv.weight.data, conv.bias.data):
+        assert a.dtype == np.float32 and np.abs(a).max() <= bound
+    assert conv.weight.data.std() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    lin = nn.Linear(400, 300, rng=0)
+    bound = 1 / math.sqrt(400)
+    assert np.abs(lin.weight.data).max() <= bound and np.abs(lin.bias.data).max() <= bound
+    assert lin.weight.data.std() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    bn = nn.BatchNorm2d(5)
+    assert (bn.weight.data == 1).all() and (bn.bias.data == 0).all()
+    assert (bn.running_mean == 0).all() and (bn.running_var == 1).all()
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_init_is_seeded():
+    a, b, c = models.mnist_cnn(seed=7), models.mnist_cnn(seed=7), models.mnist_cnn(seed=8)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        np.testing.assert_array_equal(pa.data, pb.data, err_msg=name)
+        assert not np.array_equal(pa.data, pc.data), name
+    assert int(a["dropout"].seed) == int(b["dropout"].seed) != int(c["dropout"].seed)
+    nn.manual_seed(11)
+    first = nn.Linear(4, 3).weight.data
+    nn.manual_seed(11)
+    np.testing.assert_array_equal(first, nn.Linear(4, 3).weight.data)
+
+
+def test_gradients_accumulate_and_zero_grad():
+    model = models.mnist_cnn(input_size=8, channels=(2, 2), hidden=4).eval()
+    x, y = _batch(0, n=2, size=8)
+    loss_fn = nn.CrossEntropyLoss()
+    loss_fn(model(x), y)
+    model.backward(loss_fn.backward())
+    once = {n: p.grad.copy() for n, p in model.named_parameters()}
+    loss_fn(model(x), y)
+    model.backward(loss_fn.backward())
+    for n, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad, 2 * once[n], rtol=1e-6, atol=1e-7, err_msg=n)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_train_eval_switch_dropout_and_batchnorm():
+    model = models.mnist_cnn_bn(seed=2)
+    assert model.training and all(m.training for m in model.modules())
+    x, _ = _batch(1, n=16)
+    bn = model["bn1"]
+    model.train()
+    model(x)
+    assert int(bn.num_batches_tracked) == 1
+    assert not np.allclose(bn.running_mean, 0)
+    drop = model.activations["dropout"]
+    assert (drop == 0).mean() > 0.3  # half the units dropped (plus ReLU zeros)
+    kept = drop != 0
+    np.testing.assert_allclose(drop[kept], 2 * model.activations["relu3"][kept], rtol=1e-6)
+    stats = bn.running_mean.copy(), bn.running_var.copy()
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    out1 = model(x)
+    assert model.activations["dropout"] is model.activations["relu3"]  # identity in eval
+    np.testing.assert_array_equal(bn.running_mean, stats[0])  # eval leaves stats alone
+    assert int(bn.num_batches_tracked) == 1
+    conv = model.activations["conv1"].astype(np.float64)
+    expect = ((conv - stats[0][None, :, None, None]) / np.sqrt(stats[1][None, :, None, None]
+                                                             + bn.eps))
+    np.testing.assert_allclose(model.activations["bn1"], expect, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out1, model(x))  # eval is deterministic
+
+
+def test_batchnorm_momentum_none_is_cumulative_average():
+    bn = nn.BatchNorm1d(3, momentum=None)
+    g = np.random.default_rng(0)
+    batches = [g.standard_normal((5, 3)).astype(np.float32) for _ in range(3)]
+    for b in batches:
+        bn(b)
+    np.testing.assert_allclose(bn.running_mean, np.mean([b.mean(0) for b in batches], 0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_same_seed_same_masks_and_backward_uses_the_mask():
+    x = np.ones((4, 64), np.float32)
+    a, b = nn.Dropout(0.5, seed=42), nn.Dropout(0.5, seed=42)
+    first, again = a(x), b(x)
+    np.testing.assert_array_equal(first, again)
+    second = a(x)
+    assert not np.array_equal(first, second)  # the offset advanced
+    assert int(a.offset) == 2
+    np.testing.assert_array_equal(first, F.dropout_mask(x.shape, 0.5, 42, 0))
+    g = np.arange(256, dtype=np.float32).reshape(4, 64)
+    np.testing.assert_array_equal(a.backward(g), g * second)
+    a.eval()
+    assert a(x) is x and a.backward(g) is g
+
+
+def test_sequential_records_activations_and_gradients():
+    model = models.mnist_cnn_bn(input_size=8, channels=(3, 4), hidden=6, seed=4).eval()
+    x, y = _batch(3, n=2, size=8)
+    out = model(x)
+    assert list(model.activations) == model.names
+    manual = x
+    for name, layer in model.named_children():
+        manual = layer(manual)
+        np.testing.assert_array_equal(model.activations[name], manual, err_msg=name)
+    g = np.random.default_rng(0).standard_normal(out.shape).astype(np.float32)
+    model(x)
+    dx = model.backward(g)
+    assert list(model.gradients) == model.names[::-1]
+    assert model.gradients["fc2"] is g and model.input_gradient is dx
+    for name in model.names:
+        assert model.gradients[name].shape == model.activations[name].shape, name
+    # the gradient w.r.t. conv2's output, then backward from there, reproduce dx
+    model.zero_grad()
+    at_conv2 = model.backward(g, stop="conv2")
+    np.testing.assert_array_equal(at_conv2, model.gradients["conv2"])
+    assert "conv1" not in model.gradients
+    dx_again = model.backward(at_conv2, start="conv2")
+    np.testing.assert_array_equal(dx_again, dx)
+
+
+def test_sequential_forward_start_stop_and_indexing():
+    model = models.mnist_cnn(input_size=8, channels=(3, 4), hidden=6).eval()
+    x, _ = _batch(1, n=2, size=8)
+    full = model(x)
+    mid = model(x, stop="pool1")
+    np.testing.assert_array_equal(mid, model.activations["pool1"])
+    assert list(model.activations)[-1] == "pool1"
+    np.testing.assert_array_equal(model(mid, start="pool1"), full)
+    assert model[0] is model["conv1"] and model[-1] is model["fc2"]
+    head = model[:4]
+    assert isinstance(head, nn.Sequential) and head.names == ["conv1", "relu1", "pool1", "conv2"]
+    assert head[0] is model["conv1"]
+    with pytest.raises(KeyError, match="no layer 'nope'"):
+        model["nope"]
+    with pytest.raises(ValueError, match="comes after"):
+        model.backward(full, start="conv1", stop="fc1")
+
+
+def test_guided_backward_and_param_grads_off():
+    model = models.mnist_cnn(input_size=8, channels=(3, 4), hidden=6, seed=9).eval()
+    x, _ = _batch(5, n=2, size=8)
+    out = model(x)
+    g = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+    guided = model.backward(g, guided=True, param_grads=False)
+    assert all(p.grad is None for p in model.parameters())
+    # the same pass by hand, with the guided rule at every ReLU
+    manual = g
+    for name in reversed(model.names):
+        layer = model[name]
+        if isinstance(layer, nn.ReLU):
+            manual = F.relu_backward(manual, layer._input, guided=True)
+        else:
+            manual = layer.backward(manual)
+    model.zero_grad()
+    np.testing.assert_array_equal(guided, manual)
+    plain = model.backward(g)
+    assert not np.array_equal(plain, guided)
+    assert all(p.requires_grad for p in model.parameters())
+    model["relu1"].guided = True  # a switchable rule on the module itself
+    assert not np.array_equal(model.backward(g), plain)
+    assert model.backward(g, input_grad=False) is None
+
+
+def test_load_state_dict_checks_shapes_names_and_copies_in_place():
+    a, b = models.mnist_cnn(seed=1), models.mnist_cnn(seed=2)
+    weight = b["fc1"].weight.data
+    b.load_state_dict(a.state_dict())
+    assert b["fc1"].weight.data is weight
+    np.testing.assert_array_equal(weight, a["fc1"].weight.data)
+    state = dict(a.state_dict())
+    state["fc2.weight"] = np.zeros((3, 128), np.float32)
+    before = b["conv1"].weight.data.copy()
+    b["conv1"].weight.data += 1
+    with pytest.raises(ValueError, match=r"'fc2.weight' has shape \(3, 128\).*\(10, 128\)"):
+        b.load_state_dict(state)
+    np.testing.assert_array_equal(b["conv1"].weight.data, before + 1)  # nothing copied
+    del state["fc2.weight"]
+    with pytest.raises(ValueError, match="missing.*fc2.weight"):
+        b.load_state_dict(state)
+    missing, unexpected = b.load_state_dict({**state, "extra": np.zeros(1)}, strict=False)
+    assert missing == ["fc2.weight"] and unexpected == ["extra"]
+
+
+def test_spec_round_trip_and_unknown_type():
+    model = models.mnist_cnn_bn()
+    rebuilt = nn.from_spec(model.spec())
+    assert rebuilt.spec() == model.spec() and repr(rebuilt) == repr(model)
+    with pytest.raises(ValueError, match="unknown layer type 'Bogus'"):
+        nn.from_spec({"type": "Bogus", "args": {}})
+
+
+def test_to_device():
+    model = models.mnist_cnn()
+    assert model.to("cpu") is model and model.device == "cpu"
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        model.to("tpu")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="CuPy"):
+            model.to("cuda")
+
+
+def test_layer_argument_errors():
+    with pytest.raises(ValueError, match="divisible by groups"):
+        nn.Conv2d(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="in_channels"):
+        nn.Conv2d(0, 4, 3)
+    with pytest.raises(ValueError, match="p must be in"):
+        nn.Dropout(1.0)
+    with pytest.raises(ValueError, match="padding must be between"):
+        nn.MaxPool2d(2, padding=2)
+    with pytest.raises(ValueError, match="4-D with 3 channels"):
+        nn.BatchNorm2d(3)(np.zeros((2, 3), np.float32))
+    with pytest.raises(RuntimeError, match="before forward"):
+        nn.ReLU().backward(np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="Parameter"):
+        layer = nn.Linear(2, 2)
+        layer.weight = np.zeros((2, 2))
+
+
+def test_softmax_logsoftmax_and_loss_modules_match_functional():
+    g = np.random.default_rng(0)
+    x = g.standard_normal((4, 5)).astype(np.float32)
+    y = g.integers(0, 5, 4)
+    go = g.standard_normal((4, 5)).astype(np.float32)
+    sm, lsm = nn.Softmax(dim=1), nn.LogSoftmax(dim=1)
+    np.testing.assert_array_equal(sm(x), F.softmax(x, dim=1))
+    np.testing.assert_array_equal(sm.backward(go), F.softmax_backward(go, F.softmax(x, 1), 1))
+    np.testing.assert_array_equal(lsm(x), F.log_softmax(x, dim=1))
+    np.testing.assert_array_equal(lsm.backward(go),
+                                  F.log_softmax_backward(go, F.log_softmax(x, 1), 1))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    assert float(loss_fn(x, y)) == float(F.cross_entropy(x, y, label_smoothing=0.1))
+    np.testing.assert_array_equal(loss_fn.backward(),
+                                  F.cross_entropy_backward(1.0, x, y, label_smoothing=0.1))
+
+
+def test_training_step_is_identical_for_any_thread_count():
+    x, y = _batch(0, n=8)
+    results = []
+    before = fastcnn.get_num_threads()
+    try:
+        for threads in (1, 2):
+            fastcnn.set_num_threads(threads)
+            model = models.mnist_cnn_bn(seed=0)
+            loss_fn = nn.CrossEntropyLoss()
+            loss_fn(model(x), y)
+            model.backward(loss_fn.backward())
+            results.append([p.grad for p in model.parameters()])
+    finally:
+        fastcnn.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sequential_construction_forms():
+    conv, relu = nn.Conv2d(1, 2, 3), nn.ReLU()
+    assert nn.Sequential(conv, relu).names == ["0", "1"]
+    assert nn.Sequential(OrderedDict(c=conv, r=relu)).names == ["c", "r"]
+    assert nn.Sequential([("c", conv), ("r", relu)]).names == ["c", "r"]
+    with pytest.raises(ValueError, match="duplicate"):
+        nn.Sequential([("c", conv), ("c", relu)])
+    with pytest.raises(TypeError, match="must be a Module"):
+        nn.Sequential(conv, np.zeros(3))

@@ -1,0 +1,221 @@
+"""fastcnn.optim: update rules against float64 NumPy references, state and schedules."""
+
+import math
+
+import numpy as np
+import pytest
+
+from fastcnn import nn, optim
+
+
+def _params(seed, shapes=((3, 4), (5,))):
+    g = np.random.default_rng(seed)
+    return [nn.Parameter(g.standard_normal(s).astype(np.float32)) for s in shapes]
+
+
+def _grads(seed, params, steps):
+    g = np.random.default_rng(seed + 100)
+    return [[g.standard_normal(p.shape).astype(np.float32) for p in params]
+            for _ in range(steps)]
+
+
+def sgd_reference(p, grads, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+    """torch.optim.SGD's rule in float64."""
+    p = p.astype(np.float64)
+    buf = None
+    for g in grads:
+        g = g.astype(np.float64) + weight_decay * p
+        if momentum:
+            buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
+            g = g + momentum * buf if nesterov else buf
+        p = p - lr * g
+    return p
+
+
+def adam_reference(p, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                   decoupled=False):
+    """torch.optim.Adam / AdamW's rule in float64."""
+    p = p.astype(np.float64)
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    b1, b2 = betas
+    for t, g in enumerate(grads, 1):
+        g = g.astype(np.float64)
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+def _run(opt_cls, kwargs, steps=3, seed=0):
+    params = _params(seed)
+    start = [p.data.copy() for p in params]
+    grads = _grads(seed, params, steps)
+    opt = opt_cls(params, **kwargs)
+    for step_grads in grads:
+        opt.zero_grad()
+        for p, g in zip(params, step_grads):
+            p.accumulate(g.copy())
+        opt.step()
+    return params, start, grads
+
+
+SGD_CASES = [
+    dict(lr=0.1),
+    dict(lr=0.1, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3),
+    dict(lr=0.05, momentum=0.9, nesterov=True),
+    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    dict(lr=0.1, weight_decay=0.1),
+]
+
+
+@pytest.mark.parametrize("kwargs", SGD_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+@pytest.mark.parametrize("steps", [1, 3])
+def test_sgd_matches_reference(kwargs, steps):
+    params, start, grads = _run(optim.SGD, kwargs, steps)
+    for i, p in enumerate(params):
+        want = sgd_reference(start[i], [g[i] for g in grads], **kwargs)
+        assert p.data.dtype == np.float32
+        np.testing.assert_allclose(p.data, want, rtol=1e-5, atol=1e-6)
+
+
+ADAM_CASES = [
+    (optim.Adam, dict(lr=1e-2), False),
+    (optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05), False),
+    (optim.AdamW, dict(lr=1e-2), True),
+    (optim.AdamW, dict(lr=1e-2, weight_decay=0.1), True),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,decoupled", ADAM_CASES,
+                         ids=["adam", "adam-wd", "adamw", "adamw-wd"])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_adam_and_adamw_match_reference(cls, kwargs, decoupled, steps):
+    params, start, grads = _run(cls, kwargs, steps)
+    ref_kwargs = dict(kwargs)
+    if cls is optim.AdamW:
+        ref_kwargs.setdefault("weight_decay", 0.01)
+    for i, p in enumerate(params):
+        want = adam_reference(start[i], [g[i] for g in grads], decoupled=decoupled, **ref_kwargs)
+        np.testing.assert_allclose(p.data, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_matches_pytorch_when_installed(name):
+    torch = pytest.importorskip("torch")
+    params = _params(1)
+    start = [p.data.copy() for p in params]
+    grads = _grads(1, params, 3)
+    ours = optim.build_optimizer(name, params, lr=0.05, momentum=0.9, weight_decay=0.01)
+    tparams = [torch.tensor(s, requires_grad=True) for s in start]
+    theirs = {"sgd": lambda: torch.optim.SGD(tparams, lr=0.05, momentum=0.9, nesterov=True,
+                                             weight_decay=0.01),
+              "adam": lambda: torch.optim.Adam(tparams, lr=0.05, weight_decay=0.01),
+              "adamw": lambda: torch.optim.AdamW(tparams, lr=0.05, weight_decay=0.01)}[name]()
+    for step_grads in grads:
+        ours.zero_grad()
+        for p, tp, g in zip(params, tparams, step_grads):
+            p.accumulate(g.copy())
+            tp.grad = torch.tensor(g)
+        ours.step()
+        theirs.step()
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_params_without_grad_are_skipped_and_groups_have_their_options():
+    a, b, c = _params(2, ((2, 2), (3,), (4,)))
+    before = [p.data.copy() for p in (a, b, c)]
+    opt = optim.SGD([{"params": [a, b]}, {"params": [c], "lr": 1.0}], lr=0.1)
+    a.accumulate(np.ones((2, 2), np.float32))
+    c.accumulate(np.ones(4, np.float32))
+    opt.step()
+    np.testing.assert_allclose(a.data, before[0] - 0.1, rtol=1e-6)
+    np.testing.assert_array_equal(b.data, before[1])
+    np.testing.assert_allclose(c.data, before[2] - 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_state_dict_resumes_exactly(name):
+    steps = _grads(3, _params(3), 4)
+
+    def run(resume_after=None):
+        params = _params(3)
+        opt = optim.build_optimizer(name, params, lr=0.01, momentum=0.9)
+        for i, gs in enumerate(steps):
+            if i == resume_after:
+                state = opt.state_dict()
+                copies = [p.data.copy() for p in params]
+                params = [nn.Parameter(c) for c in copies]
+                opt = optim.build_optimizer(name, params, lr=999.0, momentum=0.9)
+                opt.load_state_dict(state)
+            opt.zero_grad()
+            for p, g in zip(params, gs):
+                p.accumulate(g.copy())
+            opt.step()
+        return params
+
+    for a, b in zip(run(), run(resume_after=2)):
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_load_state_dict_checks_shapes_and_groups():
+    opt = optim.SGD(_params(0), lr=0.1, momentum=0.9)
+    for p in opt.param_groups[0]["params"]:
+        p.accumulate(np.ones(p.shape, np.float32))
+    opt.step()
+    state = opt.state_dict()
+    other = optim.SGD(_params(0, ((3, 4), (6,))), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="shape"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="groups"):
+        optim.SGD([{"params": [p]} for p in _params(0)], lr=0.1).load_state_dict(state)
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="empty"):
+        optim.SGD([], lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        optim.SGD(_params(0), lr=-1)
+    with pytest.raises(ValueError, match="Nesterov"):
+        optim.SGD(_params(0), lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="betas"):
+        optim.Adam(_params(0), betas=(1.0, 0.9))
+    with pytest.raises(TypeError, match="Parameters"):
+        optim.Adam([np.zeros(3)])
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optim.build_optimizer("rmsprop", _params(0), lr=0.1)
+
+
+def test_step_and_cosine_schedules():
+    opt = optim.SGD(_params(0), lr=1.0)
+    sched = optim.StepLR(opt, step_size=2, gamma=0.5)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+    opt = optim.SGD(_params(0), lr=0.4)
+    sched = optim.CosineAnnealingLR(opt, T_max=10, warmup=2, eta_min=0.0, interval="step")
+    lrs = []
+    for _ in range(12):
+        lrs.append(sched.get_last_lr()[0])
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.2, 0.4, 0.4])
+    assert lrs[6] == pytest.approx(0.4 * (1 + math.cos(math.pi * 4 / 8)) / 2)
+    assert lrs[10] == lrs[11] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+    fresh = optim.SGD(_params(0), lr=0.4)
+    resumed = optim.CosineAnnealingLR(fresh, T_max=10, warmup=2, interval="step")
+    resumed.load_state_dict({"last_step": 6, "base_lrs": [0.4]})
+    assert resumed.get_last_lr()[0] == pytest.approx(lrs[6])
+    with pytest.raises(ValueError, match="warmup"):
+        optim.CosineAnnealingLR(fresh, T_max=3, warmup=3)

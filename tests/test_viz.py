@@ -1,0 +1,531 @@
+"""fastcnn.viz: attribution methods against independent references.
+
+- saliency / gradients against central finite differences of a float64 NumPy
+  forward pass written here (independent of the kernels);
+- guided backpropagation against a hand-computed answer on a tiny network where
+  the guided rule changes the result;
+- occlusion (batched, incremental and full) against a one-image-at-a-time loop;
+- Grad-CAM against its definition computed in NumPy;
+- batch == one by one; the model's state untouched by every method.
+"""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from fastcnn import models, nn, viz
+
+# ---------------------------------------------------------------- float64 reference
+
+
+def _conv64(x, w, b, stride, pad_lo, pad_hi, dilation, groups):
+    x = np.pad(x, ((0, 0), (0, 0), (pad_lo[0], pad_hi[0]), (pad_lo[1], pad_hi[1])))
+    n, c, h, wd = x.shape
+    k, cg, r, s = w.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    oh, ow = (h - dh * (r - 1) - 1) // sh + 1, (wd - dw * (s - 1) - 1) // sw + 1
+    out = np.zeros((n, k, oh, ow))
+    kg = k // groups
+    for g in range(groups):
+        xs = x[:, g * cg:(g + 1) * cg]
+        for i in range(r):
+            for j in range(s):
+                win = xs[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                         j * dw:j * dw + sw * (ow - 1) + 1:sw]
+                out[:, g * kg:(g + 1) * kg] += np.einsum("nchw,kc->nkhw", win,
+                                                         w[g * kg:(g + 1) * kg, :, i, j])
+    return out if b is None else out + b[None, :, None, None]
+
+
+def _pool64(x, layer):
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    assert layer.dilation == (1, 1)
+    n, c, h, w = x.shape
+
+    def size(d, k, s, p):
+        o = (d + 2 * p - k + (s - 1 if layer.ceil_mode else 0)) // s + 1
+        return o - 1 if layer.ceil_mode and (o - 1) * s >= d + p else o
+
+    oh, ow = size(h, kh, sh, ph), size(w, kw, sw, pw)
+    xp = np.full((n, c, h + 2 * ph + kh, w + 2 * pw + kw), -np.inf)
+    xp[:, :, ph:ph + h, pw:pw + w] = x
+    out = np.full((n, c, oh, ow), -np.inf)
+    for i in range(kh):
+        for j in range(kw):
+            out = np.maximum(out, xp[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw])
+    return out
+
+
+def forward64(model, x):
+    """Every layer's output (eval mode) in float64, by name."""
+    outputs = OrderedDict()
+    x = np.asarray(x, np.float64)
+    for name, layer in model.named_children():
+        if isinstance(layer, nn.Conv2d):
+            r, s = layer.kernel_size
+            if layer.padding == "same":
+                lo = [d * (k - 1) // 2 for k, d in zip((r, s), layer.dilation)]
+                hi = [d * (k - 1) - p for k, d, p in zip((r, s), layer.dilation, lo)]
+            else:
+                lo = hi = (0, 0) if layer.padding == "valid" else layer.padding
+            b = None if layer.bias is None else layer.bias.data.astype(np.float64)
+            x = _conv64(x, layer.weight.data.astype(np.float64), b, layer.stride, lo, hi,
+                        layer.dilation, layer.groups)
+        elif isinstance(layer, nn.BatchNorm2d):
+            shape = (1, -1, 1, 1)
+            x = ((x - layer.running_mean.reshape(shape)) / np.sqrt(
+                layer.running_var.reshape(shape).astype(np.float64) + layer.eps)
+                * layer.weight.data.reshape(shape) + layer.bias.data.reshape(shape))
+        elif isinstance(layer, nn.ReLU):
+            x = np.maximum(x, 0.0)
+        elif isinstance(layer, nn.MaxPool2d):
+            x = _pool64(x, layer)
+        elif isinstance(layer, nn.Flatten):
+            x = x.reshape(len(x), -1)
+        elif isinstance(layer, nn.Linear):
+            x = x @ layer.weight.data.T.astype(np.float64) + layer.bias.data
+        elif isinstance(layer, nn.Dropout):
+            pass
+        else:
+            raise NotImplementedError(type(layer).__name__)
+        outputs[name] = x
+    return outputs
+
+
+def softmax64(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def numerical_input_grad(f, x, eps=1e-5):
+    """d f / d x by central differences; f maps an array like x to a scalar."""
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += eps
+        down[i] -= eps
+        grad[i] = (f(up) - f(down)) / (2 * eps)
+    return grad
+
+
+# ---------------------------------------------------------------- models and data
+
+def small_cnn(seed=0, in_channels=2, input_size=8, classes=5):
+    """mnist_cnn with batch norm, scaled down, with non-trivial running statistics."""
+    model = models.mnist_cnn_bn(num_classes=classes, in_channels=in_channels,
+                                input_size=input_size, channels=(3, 4), hidden=6, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean[...] = rng.normal(0, 0.2, bn.num_features)
+        bn.running_var[...] = rng.uniform(0.5, 2.0, bn.num_features)
+        bn.weight.data[...] = rng.uniform(0.5, 1.5, bn.num_features)
+        bn.bias.data[...] = rng.normal(0, 0.2, bn.num_features)
+    return model.eval()
+
+
+def odd_cnn(seed=0):
+    """Every geometry the incremental occlusion handles: 'same' padding, a 3x3 pool with
+    padding and ceil_mode, a strided, dilated, grouped conv, odd sizes."""
+    rng = np.random.default_rng(seed)
+    model = nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(2, 4, 3, padding="same", rng=rng),
+        relu1=nn.ReLU(),
+        pool1=nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        conv2=nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, rng=rng),
+        bn2=nn.BatchNorm2d(6),
+        relu2=nn.ReLU(),
+        flatten=nn.Flatten(),
+        fc=nn.Linear(6 * 3 * 3, 4, rng=rng)))
+    model.bn2.running_mean[...] = rng.normal(0, 0.2, 6)
+    return model.eval()
+
+
+def images(n, c=2, size=8, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, c, size, size)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- saliency / gradients
+
+@pytest.mark.parametrize("score", ["logit", "probability"])
+def test_gradient_matches_finite_differences(score):
+    model = small_cnn()
+    x = images(2)
+    target = np.array([1, 3])
+    got = viz.gradient(model, x, target, score=score)
+    assert got.shape == x.shape and got.dtype == np.float32
+    for i in range(2):
+        def f(xi, i=i):
+            z = forward64(model, xi[None])["fc2"][0]
+            return z[target[i]] if score == "logit" else softmax64(z)[target[i]]
+        want = numerical_input_grad(f, x[i])
+        np.testing.assert_allclose(got[i], want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+
+
+def test_saliency_is_max_abs_gradient_over_channels():
+    model = small_cnn()
+    x = images(1)[0]
+    want = numerical_input_grad(lambda xi: forward64(model, xi[None])["fc2"][0].max(), x)
+    got = viz.saliency(model, x)          # default target: the predicted class
+    assert got.shape == (8, 8)
+    np.testing.assert_allclose(got, np.abs(want).max(axis=0), rtol=1e-3, atol=1e-6)
+
+
+def test_neuron_gradient_matches_finite_differences():
+    model = small_cnn()
+    x = images(1)[0]
+    act = forward64(model, x[None])["relu2"][0]
+    channel = 2
+    y, xx = np.unravel_index(np.argmax(act[channel]), act[channel].shape)
+    cases = [((int(y), int(xx)), lambda a: a[channel, y, xx]),
+             ("max", lambda a: a[channel, y, xx]),
+             (None, lambda a: a[channel].sum())]
+    for position, unit in cases:
+        want = numerical_input_grad(lambda xi: unit(forward64(model, xi[None])["relu2"][0]), x)
+        got = viz.gradient(model, x, layer="relu2", channel=channel, position=position)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6, err_msg=str(position))
+    fc_unit = viz.gradient(model, x, layer="fc1", channel=4)
+    want = numerical_input_grad(lambda xi: forward64(model, xi[None])["fc1"][0, 4], x)
+    np.testing.assert_allclose(fc_unit, want, rtol=1e-3, atol=1e-6)
+
+
+# ---------------------------------------------------------------- guided backprop
+
+def tiny_guided_net(guided_flag=False):
+    """x = [1, 2] -> h = W1 x + b1 = [1, 2, -7] -> ReLU -> W2 . = [2 -1 5] row for class 0.
+
+    Plain gradient of class 0: the ReLU passes where h > 0: g_h = [2, -1, 0], dx = W1^T g_h
+    = [2, -1]. Guided: only where the gradient is positive too: g_h = [2, 0, 0], dx = [2, 0].
+    """
+    fc1, fc2 = nn.Linear(2, 3), nn.Linear(3, 2)
+    fc1.weight.data[...] = [[1, 0], [0, 1], [1, 1]]
+    fc1.bias.data[...] = [0, 0, -10]
+    fc2.weight.data[...] = [[2, -1, 5], [0, 0, 0]]
+    fc2.bias.data[...] = 0
+    return nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc1=fc1, relu1=nn.ReLU(guided_flag),
+                                     fc2=fc2))
+
+
+def test_guided_backprop_hand_computed():
+    model = tiny_guided_net()
+    x = np.array([[[1.0, 2.0]]], np.float32)                # (C, H, W) = (1, 1, 2)
+    np.testing.assert_array_equal(viz.gradient(model, x, 0), [[[2.0, -1.0]]])
+    np.testing.assert_array_equal(viz.guided_backprop(model, x, 0), [[[2.0, 0.0]]])
+    # a unit of a layer: relu1's unit 1 (h = 2 > 0) -> W1[1] = [0, 1]; the dead unit 2 -> 0
+    np.testing.assert_array_equal(viz.guided_backprop(model, x, layer="relu1", channel=1),
+                                  [[[0.0, 1.0]]])
+    np.testing.assert_array_equal(viz.guided_backprop(model, x, layer="relu1", channel=2),
+                                  [[[0.0, 0.0]]])
+
+
+def test_plain_gradient_ignores_and_keeps_relu_guided_flag():
+    model = tiny_guided_net(guided_flag=True)
+    x = np.array([[[1.0, 2.0]]], np.float32)
+    np.testing.assert_array_equal(viz.gradient(model, x, 0), [[[2.0, -1.0]]])
+    assert model.relu1.guided is True
+
+
+def test_guided_backprop_on_cnn_zeroes_negative_paths():
+    model = small_cnn()
+    x = images(2)
+    guided = viz.guided_backprop(model, x)
+    plain = viz.gradient(model, x)
+    assert guided.shape == x.shape
+    assert not np.allclose(guided, plain)
+    # the last layer before the input is conv1 (linear): guided = conv1^T of a map that is
+    # zero wherever the plain backward's gradient at relu1's input is, and non-negative
+    model.forward(x)
+    seed = np.zeros((2, 5), np.float32)
+    seed[np.arange(2), model.activations["fc2"].argmax(1)] = 1
+    at_relu1 = model.backward(seed, guided=True, stop="bn1", param_grads=False)
+    assert (at_relu1 >= 0).all() and (at_relu1 > 0).any()
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+def cam_net(seed=0):
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(2, 3, 3, padding=1, rng=rng), relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(3, 4, 3, padding=1, rng=rng), relu2=nn.ReLU(), flatten=nn.Flatten(),
+        fc=nn.Linear(4 * 4 * 4, 5, rng=rng))).eval()
+
+
+def bilinear64(m, size):
+    """Half-pixel-centre bilinear resize, pixel by pixel."""
+    h, w = m.shape[-2:]
+    out = np.zeros(m.shape[:-2] + tuple(size))
+    for i in range(size[0]):
+        for j in range(size[1]):
+            sy = max((i + 0.5) * h / size[0] - 0.5, 0.0)
+            sx = max((j + 0.5) * w / size[1] - 0.5, 0.0)
+            y0, x0 = min(int(sy), h - 1), min(int(sx), w - 1)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            fy, fx = sy - y0, sx - x0
+            out[..., i, j] = ((1 - fy) * ((1 - fx) * m[..., y0, x0] + fx * m[..., y0, x1])
+                              + fy * ((1 - fx) * m[..., y1, x0] + fx * m[..., y1, x1]))
+    return out
+
+
+def test_grad_cam_matches_definition():
+    model = cam_net()
+    x = images(3)
+    target = np.array([0, 2, 4])
+    a = forward64(model, x)["relu2"]                         # (N, 4, 4, 4)
+    # d logit_t / d relu2 = the fc row of the target, reshaped as relu2's output
+    grads = model.fc.weight.data[target].reshape(a.shape).astype(np.float64)
+    weights = grads.mean(axis=(2, 3))
+    want = np.maximum(np.einsum("nk,nkhw->nhw", weights, a), 0.0)
+    assert (want > 0).any() and (want == 0).any()
+    got = viz.grad_cam(model, x, target, "relu2", upsample=False)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    up = viz.grad_cam(model, x, target, "relu2")
+    assert up.shape == (3, 8, 8)
+    np.testing.assert_allclose(up, bilinear64(want, (8, 8)), rtol=1e-4, atol=1e-6)
+    # the default layer is the last conv block's output
+    np.testing.assert_array_equal(viz.grad_cam(model, x, target), up)
+    guided = viz.guided_backprop(model, x, target)
+    np.testing.assert_allclose(viz.guided_grad_cam(model, x, target), guided * up[:, None],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_upsample_bilinear_matches_pixel_formula():
+    m = np.random.default_rng(0).random((2, 3, 5)).astype(np.float32)
+    for size in [(7, 11), (3, 5), (2, 2), (12, 4)]:
+        np.testing.assert_allclose(viz.upsample_bilinear(m, size), bilinear64(m, size),
+                                   rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- occlusion
+
+def occlusion_brute_force(model, image, target, window, stride, fill):
+    """One occluded image per forward pass."""
+    c, h, w = image.shape
+    base = model(image[None])[0].astype(np.float64)
+    ys = range(0, h - window[0] + 1, stride[0])
+    xs = range(0, w - window[1] + 1, stride[1])
+    logit = np.zeros((len(ys), len(xs)))
+    prob = np.zeros_like(logit)
+    pred = np.zeros(logit.shape, np.int64)
+    heat_sum, heat_count = np.zeros((h, w)), np.zeros((h, w))
+    p0 = softmax64(base)[target]
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            occluded = image.copy()
+            rows, cols = slice(y, y + window[0]), slice(x, x + window[1])
+            occluded[:, rows, cols] = fill[:, rows, cols]
+            z = model(occluded[None])[0].astype(np.float64)
+            logit[i, j], prob[i, j], pred[i, j] = z[target], softmax64(z)[target], z.argmax()
+            heat_sum[y:y + window[0], x:x + window[1]] += p0 - prob[i, j]
+            heat_count[y:y + window[0], x:x + window[1]] += 1
+    heat = np.where(heat_count > 0, heat_sum / np.maximum(heat_count, 1), 0.0)
+    return logit, prob, pred, heat, p0
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+@pytest.mark.parametrize("build, size, window, stride, fill", [
+    (small_cnn, 8, (3, 3), (2, 2), 0.0),
+    (small_cnn, 8, (2, 3), (1, 2), "image"),
+    (odd_cnn, 11, (3, 2), (1, 1), -1.0),
+    (odd_cnn, 11, (4, 4), (3, 2), "image"),
+])
+def test_occlusion_matches_brute_force(build, size, window, stride, fill, incremental):
+    model = build()
+    x = images(2, size=size)
+    fills = (np.full(x.shape[1:], fill, np.float32) if fill != "image"
+             else images(1, size=size, seed=7)[0])
+    got = viz.occlusion(model, x, window=window, stride=stride, batch_size=5,
+                        fill=fill if fill != "image" else fills, incremental=incremental)
+    for i in range(2):
+        target = int(model(x[i:i + 1]).argmax())
+        logit, prob, pred, heat, p0 = occlusion_brute_force(model.eval(), x[i], target, window,
+                                                            stride, fills)
+        assert got.target[i] == target
+        np.testing.assert_allclose(got.logit[i], logit, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.probability[i], prob, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.drop[i], p0 - prob, rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(got.predicted[i], pred)
+        np.testing.assert_allclose(got.heatmap[i], heat, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got.base_probability[i], p0, rtol=1e-5)
+
+
+def test_occlusion_incremental_equals_full_on_real_sized_model():
+    model = models.mnist_cnn_bn(seed=3, channels=(8, 16), hidden=32).eval()
+    x = images(1, c=1, size=28)[0]
+    inc = viz.occlusion(model, x, window=4, stride=3, batch_size=30)
+    full = viz.occlusion(model, x, window=4, stride=3, batch_size=81, incremental=False)
+    assert inc.logit.shape == (9, 9) and inc.heatmap.shape == (28, 28)
+    np.testing.assert_allclose(inc.logit, full.logit, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(inc.predicted, full.predicted)
+
+
+def test_occlusion_heatmap_uncovered_pixels_are_zero():
+    model = small_cnn()
+    r = viz.occlusion(model, images(1)[0], window=2, stride=3)    # rows/cols 2, 5 uncovered
+    assert r.probability.shape == (3, 3)
+    assert (r.heatmap[2] == 0).all() and (r.heatmap[:, 5] == 0).all()
+    np.testing.assert_array_equal(r.positions[0], [0, 3, 6])
+
+
+# ---------------------------------------------------------------- batch == one by one
+
+def _all_methods(model, x, target):
+    r = viz.occlusion(model, x, target, window=3, stride=2, batch_size=7)
+    return {
+        "gradient": viz.gradient(model, x, target, score="probability"),
+        "saliency": viz.saliency(model, x, target),
+        "guided": viz.guided_backprop(model, x, target),
+        "guided_unit": viz.guided_backprop(model, x, layer="relu2", channel=1, position="max"),
+        "gradcam": viz.grad_cam(model, x, target),
+        "guided_gradcam": viz.guided_grad_cam(model, x, target, layer="relu1"),
+        "smoothgrad": viz.smooth_grad(model, x, target, n_samples=5, batch_size=4),
+        "smooth_guided": viz.smooth_grad(model, x, target, method="guided", n_samples=3),
+        "occlusion": r.heatmap, "occlusion_logit": r.logit, "occlusion_pred": r.predicted,
+        "features": viz.feature_maps(model, x, "relu2"),
+    }
+
+
+def test_batch_equals_one_by_one():
+    model = small_cnn()
+    x = images(3)
+    target = np.array([4, 0, 2])
+    batch = _all_methods(model, x, target)
+    for i in range(3):
+        single = _all_methods(model, x[i], int(target[i]))
+        for name, value in single.items():
+            assert value.shape == batch[name].shape[1:], name
+            np.testing.assert_allclose(value, batch[name][i], rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
+
+
+def test_default_target_is_the_prediction():
+    model = small_cnn()
+    x = images(4)
+    predicted = model(x).argmax(axis=1)
+    np.testing.assert_array_equal(viz.saliency(model, x), viz.saliency(model, x, predicted))
+    np.testing.assert_array_equal(viz.occlusion(model, x, window=4, stride=4).target, predicted)
+
+
+# ---------------------------------------------------------------- model state
+
+def _snapshot(model):
+    return {
+        "modes": [m.training for m in model.modules()],
+        "guided": [m.guided for m in model.modules() if isinstance(m, nn.ReLU)],
+        "grads": [None if p.grad is None else p.grad.copy() for p in model.parameters()],
+        "grad_ids": [id(p.grad) for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "params": [p.data.copy() for p in model.parameters()],
+        "buffers": [np.array(b, copy=True) for b in model.buffers()],
+        "activations": id(model.activations),
+        "input": id(model.input),
+    }
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_model_state_unchanged(train):
+    model = small_cnn()
+    model.train()
+    model.dropout.eval()                       # a mixed state must come back as it was
+    model.relu1.guided = True
+    x = images(3)
+    model.forward(x)                           # recorded activations, cached inputs
+    for p in list(model.parameters())[:3]:
+        p.grad = np.ones_like(p.data)
+    model.fc2.weight.requires_grad = False
+    before = _snapshot(model)
+    runs = [
+        lambda: viz.gradient(model, x, train=train),
+        lambda: viz.saliency(model, x, score="probability", train=train),
+        lambda: viz.guided_backprop(model, x, layer="relu1", channel=0, train=train),
+        lambda: viz.grad_cam(model, x, train=train),
+        lambda: viz.guided_grad_cam(model, x, train=train),
+        lambda: viz.smooth_grad(model, x, n_samples=2, train=train),
+        lambda: viz.occlusion(model, x, window=4, stride=4, train=train),
+        lambda: viz.feature_maps(model, x, train=train),
+        lambda: viz.filters(model),
+    ]
+    for run in runs:
+        run()
+        after = _snapshot(model)
+        for key, value in before.items():
+            if key in ("grads", "params", "buffers"):
+                for a, b in zip(value, after[key]):
+                    assert (a is None and b is None) or np.array_equal(a, b), key
+            else:
+                assert value == after[key], key
+    # the cached forward is intact: backward still works on the earlier batch
+    model.backward(np.ones((3, 5), np.float32))
+
+
+def test_eval_mode_by_default():
+    model = small_cnn()
+    x = images(2)
+    model.train()
+    in_eval = viz.saliency(model, x, 1)
+    model.eval()
+    np.testing.assert_array_equal(viz.saliency(model, x, 1), in_eval)
+    assert not model.training
+
+
+# ---------------------------------------------------------------- features
+
+def test_feature_maps_and_filters():
+    model = small_cnn()
+    x = images(2)
+    maps = viz.feature_maps(model, x)
+    assert list(maps) == model.names
+    want = forward64(model, x)
+    for name in ("conv1", "relu1", "pool2", "fc1"):
+        np.testing.assert_allclose(maps[name], want[name], rtol=1e-4, atol=1e-5)
+    one = viz.feature_maps(model, x[0], ["relu1", "pool1"])
+    assert one["relu1"].shape == (3, 8, 8) and one["pool1"].shape == (3, 4, 4)
+    assert viz.conv_layers(model) == ["conv1", "conv2"]
+    w = viz.filters(model)
+    np.testing.assert_array_equal(w, model.conv1.weight.data)
+    w[...] = 0
+    assert model.conv1.weight.data.any()       # a copy
+    assert viz.filters(model, "conv2").shape == (4, 3, 3, 3)
+    images01 = viz.filter_images(model.conv2.weight.data)
+    assert images01.shape == (4, 3, 3, 3) and images01.min() >= 0 and images01.max() <= 1
+    colour = viz.filter_images(np.random.default_rng(0).standard_normal((5, 3, 3, 3)))
+    assert colour.shape == (5, 3, 3, 3)
+    np.testing.assert_allclose(np.abs(colour - 0.5).reshape(5, -1).max(axis=1), 0.5)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_errors_name_the_problem():
+    model = small_cnn()
+    x = images(2)
+    with pytest.raises(ValueError, match="target classes must be in"):
+        viz.saliency(model, x, 7)
+    with pytest.raises(ValueError, match="one class per sample"):
+        viz.saliency(model, x, [1, 2, 3])
+    with pytest.raises(TypeError, match="target"):
+        viz.saliency(model, x, 1.5)
+    with pytest.raises(ValueError, match="no layer 'conv9'"):
+        viz.grad_cam(model, x, layer="conv9")
+    with pytest.raises(ValueError, match="spatial output"):
+        viz.grad_cam(model, x, layer="fc1")
+    with pytest.raises(ValueError, match="channel must be"):
+        viz.guided_backprop(model, x, layer="relu1", channel=3)
+    with pytest.raises(ValueError, match="not both"):
+        viz.gradient(model, x, 1, layer="relu1", channel=0)
+    with pytest.raises(ValueError, match="outside"):
+        viz.gradient(model, x, layer="relu1", channel=0, position=(8, 0))
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        viz.saliency(model, x[0, 0])
+    with pytest.raises(TypeError, match="Sequential"):
+        viz.saliency(model.conv1, x)
+    with pytest.raises(ValueError, match="larger than"):
+        viz.occlusion(model, x, window=9)
+    with pytest.raises(ValueError, match="fill"):
+        viz.occlusion(model, x, fill=np.zeros((3, 8, 8)))
+    with pytest.raises(ValueError, match="score"):
+        viz.saliency(model, x, score="loss")
+    with pytest.raises(ValueError, match="method"):
+        viz.smooth_grad(model, x, method="occlusion")
+    with pytest.raises(ValueError, match="not a Conv2d"):
+        viz.filters(model, "bn1")

@@ -1,0 +1,159 @@
+"""fastcnn.viz pictures, the HTML report and ``fastcnn explain``: rendered with Agg,
+checked to exist, to have the figure's size, and to hold a picture (not blank)."""
+
+import base64
+import re
+
+import numpy as np
+import pytest
+
+from fastcnn import io, models, viz
+
+PIL = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+
+
+def small_model(in_channels=1, seed=0):
+    model = models.mnist_cnn_bn(num_classes=4, in_channels=in_channels, input_size=12,
+                                channels=(4, 6), hidden=8, seed=seed)
+    model.metadata = {"input_shape": [in_channels, 12, 12], "mean": [0.3] * in_channels,
+                      "std": [0.4] * in_channels, "classes": ["ant", "bee", "cat", "dog"]}
+    return model.eval()
+
+
+def garment(seed=0, channels=1):
+    """A bright blob on a dark background, standardised-looking values."""
+    rng = np.random.default_rng(seed)
+    x = np.full((channels, 12, 12), -0.8, np.float32)
+    x[:, 3:10, 4:9] = rng.uniform(0.5, 2.0, (channels, 7, 5))
+    return x
+
+
+def check_png(path, fig=None):
+    """The file is a PNG of the figure's size holding a picture, not a blank canvas."""
+    assert path.is_file() and path.stat().st_size > 0
+    with PIL.open(path) as img:
+        assert img.format == "PNG"
+        if fig is not None:
+            want = tuple(int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+            assert img.size == want
+        pixels = np.asarray(img.convert("RGB"))
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 20, f"{path.name}: only {len(colours)} colours"
+    assert (pixels < 200).any(axis=2).mean() > 0.05, f"{path.name}: almost all white"
+
+
+def test_plot_heatmap(tmp_path):
+    model = small_model()
+    x = garment()
+    for name, heat, kwargs in [
+        ("gradcam", viz.grad_cam(model, x), {}),
+        ("saliency", viz.saliency(model, x), {"overlay": False}),
+        ("guided", viz.guided_backprop(model, x), {"overlay": False, "title": "guided"}),
+    ]:
+        fig = viz.plot_heatmap(x, heat, path=tmp_path / f"{name}.png", **kwargs)
+        check_png(tmp_path / f"{name}.png", fig)
+        assert len(fig.axes) == 2                           # the map and its colour bar
+
+
+def test_plot_feature_maps(tmp_path):
+    model = small_model()
+    maps = viz.feature_maps(model, garment(), "relu1")
+    fig = viz.plot_feature_maps(maps, title="relu1", path=tmp_path / "maps.png")
+    check_png(tmp_path / "maps.png", fig)
+    assert len(fig.axes) == 4
+    fig = viz.plot_feature_maps(viz.feature_maps(model, garment()[None], "relu2"),
+                                max_maps=5, scale="map", path=tmp_path / "maps2.png")
+    assert len(fig.axes) == 5
+    check_png(tmp_path / "maps2.png", fig)
+
+
+@pytest.mark.parametrize("in_channels, layer, panels, shown", [
+    (1, None, 4, (3, 3)),             # grey kernels
+    (3, "conv1", 4, (3, 3, 3)),       # colour kernels
+    (1, "conv2", 6, (3, 4 * 3 + 3)),  # 4 input channels side by side, 1-pixel gaps
+])
+def test_plot_filters(tmp_path, in_channels, layer, panels, shown):
+    model = small_model(in_channels)
+    path = tmp_path / "filters.png"
+    fig = viz.plot_filters(model, layer, path=path)
+    check_png(path, fig)
+    assert len(fig.axes) == panels
+    assert np.asarray(fig.axes[0].images[0].get_array()).shape == shown
+
+
+def test_plot_explanation_and_report(tmp_path):
+    model = small_model()
+    x = np.stack([garment(0), garment(1)])
+    explanations = viz.explain(model, x, labels=[1, 2], names=["first", "second/x"],
+                               n_samples=4)
+    assert len(explanations) == 2
+    e = explanations[0]
+    assert list(e.maps) == list(viz.METHODS)
+    assert e.maps["occlusion"].shape == (12, 12) and e.maps["guided"].shape == (1, 12, 12)
+    assert e.classes == ["ant", "bee", "cat", "dog"] and e.layer == "relu2"
+    np.testing.assert_allclose(float(np.sum(e.probabilities)), 1.0, rtol=1e-5)
+    fig = viz.plot_explanation(e, path=tmp_path / "panel.png")
+    check_png(tmp_path / "panel.png", fig)
+    page = viz.write_report(explanations, tmp_path / "report")
+    assert page.name == "report.html"
+    text = page.read_text()
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    # per image: the input, one per method, the side-by-side panel
+    assert len(uris) == 2 * (len(viz.METHODS) + 2)
+    assert base64.b64decode(uris[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r'src="(?!data:)', text)           # self-contained
+    assert "ant" in text and "first" in text and "second/x" in text
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert len(pngs) == 2 * (len(viz.METHODS) + 2)
+    assert "01_second_x_gradcam.png" in pngs
+    check_png(tmp_path / "report" / "00_first_occlusion.png")
+
+
+def test_explain_subset_of_methods_and_target():
+    model = small_model()
+    e = viz.explain(model, garment(), target=3, methods=["saliency", "gradcam"])
+    assert list(e.maps) == ["saliency", "gradcam"] and e.target == 3 and e.occlusion is None
+    np.testing.assert_array_equal(e.maps["saliency"], viz.saliency(model, garment(), 3))
+    with pytest.raises(ValueError, match="unknown methods"):
+        viz.explain(model, garment(), methods=["lime"])
+
+
+def test_cli_explain(tmp_path, capsys):
+    from fastcnn import cli
+
+    if "explain" not in cli.COMMANDS:
+        pytest.skip("fastcnn explain is not registered in this cli.py")
+    model_path = io.save(small_model(), tmp_path / "model.npz")
+    picture = np.zeros((40, 30), np.uint8)
+    picture[8:32, 10:20] = 200
+    PIL.fromarray(picture).save(tmp_path / "shirt.png")
+    out = tmp_path / "out"
+    status = cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
+                       "--method", "gradcam", "--target", "cat"])
+    assert status == 0
+    assert "predicted" in capsys.readouterr().out
+    check_png(out / "00_shirt_png_gradcam.png")
+    assert (out / "report.html").is_file()
+    assert cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
+                     "--target", "zebra"]) == 2
+    assert "zebra" in capsys.readouterr().err
+
+
+def test_cli_explain_test_index(tmp_path):
+    from fastcnn import cli, data
+
+    if "explain" not in cli.COMMANDS:
+        pytest.skip("fastcnn explain is not registered in this cli.py")
+    try:
+        data.find_data_dir()
+    except data.DataNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed")
+    model = models.mnist_cnn_bn(channels=(4, 6), hidden=8).eval()
+    model_path = io.save(model, tmp_path / "model.npz")     # no metadata: the data set's
+    out = tmp_path / "out"
+    assert cli.main(["explain", str(model_path), "test:3", "test:7", "--method", "occlusion",
+                     "--window", "7", "--stride", "7", "--out", str(out)]) == 0
+    text = (out / "report.html").read_text()
+    assert "test:3" in text and "test:7" in text and "Trouser" in text
+    assert cli.main(["explain", str(model_path), "test:99999", "--out", str(out)]) == 2
