@@ -309,13 +309,18 @@ void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, con
   }
   // Each thread owns a block of C, aligned to micro-tiles, and runs the serial
   // product on it with its own packing buffers: no barrier anywhere, so a
-  // thread that the OS preempts delays only its own block. Columns are split
-  // first (the packed A~ block is the smaller one to repeat), rows when there
-  // are too few column panels.
+  // thread that the OS preempts delays only its own block. Splitting N makes
+  // every thread pack all of A, splitting M all of B: split the larger of M
+  // and N, so that the operand packed repeatedly is the smaller one.
   const index_t m_panels = (m + ker.mr - 1) / ker.mr, n_panels = (n + ker.nr - 1) / ker.nr;
-  index_t tn = std::min<index_t>(nt, n_panels);
-  if (n_panels < 2 * nt && m_panels >= 2 * nt) tn = 1;
-  const index_t tm = std::max<index_t>(1, std::min<index_t>(nt / tn, m_panels));
+  const bool split_m = m > n ? m_panels >= nt : n_panels < nt && m_panels > n_panels;
+  index_t tm = 1, tn = 1;
+  if (split_m) {
+    tm = std::min<index_t>(nt, m_panels);
+  } else {
+    tn = std::min<index_t>(nt, n_panels);
+    tm = std::max<index_t>(1, std::min<index_t>(nt / tn, m_panels));
+  }
   const index_t tiles = tm * tn;
 #pragma omp parallel for num_threads(static_cast<int>(tiles)) schedule(static)
   for (index_t t = 0; t < tiles; ++t) {

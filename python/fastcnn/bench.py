@@ -35,9 +35,14 @@ class Timing:
     high: float
 
     @classmethod
-    def of(cls, fn, repeats=7, min_time=0.05, warmup=2):
+    def of(cls, fn, repeats=7, min_time=0.05, warmup=2, settle=0.3):
         """Median seconds per call: each repeat runs ``fn`` enough times to
-        last ``min_time``."""
+        last ``min_time``.
+
+        ``settle`` seconds of sleep come first: the thread pools of whatever
+        ran just before (OpenBLAS, PyTorch's OpenMP, ours) keep spinning for a
+        while after their last call and would steal the cores from ``fn``."""
+        time.sleep(settle)
         for _ in range(warmup):
             fn()
         start = time.perf_counter()
