@@ -193,9 +193,10 @@ def linear(input, weight, bias=None):
     return y.reshape(x.shape[:-1] + (w.shape[0],))
 
 
-def linear_backward(grad_output, input, weight, bias=None):
+def linear_backward(grad_output, input, weight, bias=None, output_mask=(True, True, True)):
     """Gradients of :func:`linear`: ``(grad_input, grad_weight, grad_bias)``
-    (grad_bias None when bias is None)."""
+    (grad_bias None when bias is None; an entry is None where ``output_mask``
+    is False)."""
     xp, K = B.dispatch(grad_output, input, weight, bias)
     x = B.as_float(input, "input", xp)
     w = B.as_float(weight, "weight", xp)
@@ -206,12 +207,13 @@ def linear_backward(grad_output, input, weight, bias=None):
     if dy.shape != expected:
         raise ValueError(f"linear_backward: grad_output has shape {shape_str(dy.shape)}, expected "
                          f"{shape_str(expected)}")
+    want_dx, want_dw, want_db = (bool(m) for m in output_mask)
     x2 = x.reshape(-1, w.shape[1])
-    dx = _empty(xp, x2.shape)
-    dw = _empty(xp, w.shape)
-    db = _empty(xp, w.shape[:1]) if b is not None else None
+    dx = _empty(xp, x2.shape) if want_dx else None
+    dw = _empty(xp, w.shape) if want_dw else None
+    db = _empty(xp, w.shape[:1]) if (want_db and b is not None) else None
     K.linear_backward(dy.reshape(-1, w.shape[0]), x2, w, dx, dw, db)
-    return dx.reshape(x.shape), dw, db
+    return (None if dx is None else dx.reshape(x.shape)), dw, db
 
 
 # ------------------------------------------------------------------- relu --

@@ -179,11 +179,15 @@ class Linear(Module):
     def backward(self, grad_out, *, input_grad=True):
         x = _cached(self, "_input")
         bias = None if self.bias is None else self.bias.data
-        dx, dw, db = F.linear_backward(grad_out, x, self.weight.data, bias)
+        mask = (bool(input_grad), self.weight.requires_grad,
+                bias is not None and self.bias.requires_grad)
+        if not any(mask):
+            return None
+        dx, dw, db = F.linear_backward(grad_out, x, self.weight.data, bias, output_mask=mask)
         self.weight.accumulate(dw)
         if bias is not None:
             self.bias.accumulate(db)
-        return dx if input_grad else None
+        return dx
 
     def output_shape(self, input_shape):
         if input_shape[-1] != self.in_features:
