@@ -20,20 +20,33 @@ template <int K, int S>
 void interior_row(const PoolShape& ps, const float* plane, index_t oy, index_t ox_lo,
                   index_t ox_hi, float* out, std::int64_t* idx) {
   const index_t start = (oy * S - ps.pad_h) * ps.w - ps.pad_w;
-  for (index_t ox = ox_lo; ox < ox_hi; ++ox) {
-    const float* p = plane + start + ox * S;
-    float best = p[0];
-    index_t tap = 0;
-    for (int i = 0; i < K; ++i) {
-      for (int j = (i == 0 ? 1 : 0); j < K; ++j) {
-        const float v = p[i * ps.w + j];
-        const bool take = (v > best) | (v != v);
-        best = take ? v : best;
-        tap = take ? i * ps.w + j : tap;
+  // The winning tap as a 32-bit number i * K + j, so that the selects run in
+  // the same lanes as the float compares and vectorise; indices are expanded
+  // to int64 in a second, also vectorised, pass.
+  constexpr index_t kBlock = 256;
+  std::int32_t taps[kBlock];
+  for (index_t b0 = ox_lo; b0 < ox_hi; b0 += kBlock) {
+    const index_t b1 = std::min(ox_hi, b0 + kBlock);
+    for (index_t ox = b0; ox < b1; ++ox) {
+      const float* p = plane + start + ox * S;
+      float best = p[0];
+      std::int32_t tap = 0;
+      for (int i = 0; i < K; ++i) {
+        for (int j = (i == 0 ? 1 : 0); j < K; ++j) {
+          const float v = p[i * ps.w + j];
+          const bool take = (v > best) | (v != v);
+          best = take ? v : best;
+          tap = take ? i * K + j : tap;
+        }
       }
+      out[ox] = best;
+      taps[ox - b0] = tap;
     }
-    out[ox] = best;
-    if (idx != nullptr) idx[ox] = start + ox * S + tap;
+    if (idx != nullptr)
+      for (index_t ox = b0; ox < b1; ++ox) {
+        const std::int32_t tap = taps[ox - b0];
+        idx[ox] = start + ox * S + (tap / K) * ps.w + tap % K;
+      }
   }
 }
 

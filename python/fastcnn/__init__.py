@@ -8,6 +8,10 @@ what they learned.
 """
 __version__ = "0.1.0"
 
+from . import _malloc
+
+_malloc.tune()
+
 from . import cuda, data, functional, io, models, nn, optim, train
 from . import functional as F
 from ._backend import get_num_threads, set_num_threads

@@ -384,17 +384,20 @@ class _BatchNorm(Module):
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
         running_mean, running_var = self._stats()
-        out = F.batch_norm(x, running_mean, running_var, *self._affine(),
-                           training=batch_stats, momentum=momentum, eps=self.eps)
-        self._input, self._batch_stats = x, batch_stats
+        # The statistics the forward normalised with, kept so that backward
+        # need not recompute them.
+        out, mean, invstd = F._batch_norm_forward(x, running_mean, running_var, *self._affine(),
+                                                  batch_stats, momentum, self.eps)
+        self._input, self._batch_stats, self._saved_stats = x, batch_stats, (mean, invstd)
         return out
 
     def backward(self, grad_out, *, input_grad=True):
         x = _cached(self, "_input")
         running_mean, running_var = self._stats()
+        mean, invstd = self._saved_stats if self._batch_stats else (None, None)
         dx, dw, db = F.batch_norm_backward(grad_out, x, running_mean, running_var,
                                            *self._affine(), training=self._batch_stats,
-                                           eps=self.eps)
+                                           eps=self.eps, save_mean=mean, save_invstd=invstd)
         if self.affine:
             self.weight.accumulate(dw)
             self.bias.accumulate(db)
