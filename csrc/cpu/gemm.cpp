@@ -177,10 +177,31 @@ void pack_a(Trans ta, const float* a, index_t lda, index_t i0, index_t mc, index
     const index_t rows = std::min<index_t>(mr, mc - ir);
     float* panel = dst + ir * kc;
     if (ta == Trans::No) {
-      for (index_t i = 0; i < rows; ++i) {
-        const float* src = a + (i0 + ir + i) * lda + p0;
-        for (index_t p = 0; p < kc; ++p) panel[p * mr + i] = src[p];
+      // Rows of A are contiguous runs: transpose 4 x 4 blocks in registers,
+      // as pack_b_panel does for a transposed B.
+      const float* src = a + (i0 + ir) * lda + p0;
+      index_t i = 0;
+      for (; i + 4 <= rows; i += 4) {
+        const float *s0 = src + i * lda, *s1 = s0 + lda, *s2 = s1 + lda, *s3 = s2 + lda;
+        index_t p = 0;
+        for (; p + 4 <= kc; p += 4) {
+          __m128 r0 = _mm_loadu_ps(s0 + p), r1 = _mm_loadu_ps(s1 + p);
+          __m128 r2 = _mm_loadu_ps(s2 + p), r3 = _mm_loadu_ps(s3 + p);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          _mm_storeu_ps(panel + (p + 0) * mr + i, r0);
+          _mm_storeu_ps(panel + (p + 1) * mr + i, r1);
+          _mm_storeu_ps(panel + (p + 2) * mr + i, r2);
+          _mm_storeu_ps(panel + (p + 3) * mr + i, r3);
+        }
+        for (; p < kc; ++p) {
+          panel[p * mr + i + 0] = s0[p];
+          panel[p * mr + i + 1] = s1[p];
+          panel[p * mr + i + 2] = s2[p];
+          panel[p * mr + i + 3] = s3[p];
+        }
       }
+      for (; i < rows; ++i)
+        for (index_t p = 0; p < kc; ++p) panel[p * mr + i] = src[i * lda + p];
     } else {
       for (index_t p = 0; p < kc; ++p) {
         const float* src = a + (p0 + p) * lda + i0 + ir;
@@ -210,12 +231,34 @@ void pack_b_panel(Trans tb, const float* b, index_t ldb, index_t j0, index_t nc,
       for (; j < nr; ++j) out[j] = 0.0f;
     }
   } else {
-    for (index_t j = 0; j < cols; ++j) {
-      const float* src = b + (j0 + jr + j) * ldb + p0;
-      for (index_t p = 0; p < kc; ++p) panel[p * nr + j] = src[p];
+    // op(B) is stored transposed: column j of the panel is a contiguous run of
+    // src. Transposing 4 x 4 blocks in SSE registers (baseline x86-64) writes
+    // whole vectors instead of one float per cache line.
+    const float* src = b + (j0 + jr) * ldb + p0;
+    index_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+      const float *s0 = src + j * ldb, *s1 = s0 + ldb, *s2 = s1 + ldb, *s3 = s2 + ldb;
+      index_t p = 0;
+      for (; p + 4 <= kc; p += 4) {
+        __m128 r0 = _mm_loadu_ps(s0 + p), r1 = _mm_loadu_ps(s1 + p);
+        __m128 r2 = _mm_loadu_ps(s2 + p), r3 = _mm_loadu_ps(s3 + p);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(panel + (p + 0) * nr + j, r0);
+        _mm_storeu_ps(panel + (p + 1) * nr + j, r1);
+        _mm_storeu_ps(panel + (p + 2) * nr + j, r2);
+        _mm_storeu_ps(panel + (p + 3) * nr + j, r3);
+      }
+      for (; p < kc; ++p) {
+        panel[p * nr + j + 0] = s0[p];
+        panel[p * nr + j + 1] = s1[p];
+        panel[p * nr + j + 2] = s2[p];
+        panel[p * nr + j + 3] = s3[p];
+      }
     }
+    for (; j < cols; ++j)
+      for (index_t p = 0; p < kc; ++p) panel[p * nr + j] = src[j * ldb + p];
     for (index_t p = 0; p < kc; ++p)
-      for (index_t j = cols; j < nr; ++j) panel[p * nr + j] = 0.0f;
+      for (index_t jj = cols; jj < nr; ++jj) panel[p * nr + jj] = 0.0f;
   }
 }
 
