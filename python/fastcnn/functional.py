@@ -272,12 +272,18 @@ class _PoolArgs:
                              f"than the padded input; input shape {shape_str(x.shape)}, padding "
                              f"{self.padding}")
         self.out_shape = (n, c, out[0], out[1])
-        # With dilation and padding a window can lie wholly in the padding:
-        # its output is -inf and its index -1 (it takes no gradient).
-        self.has_empty_windows = any(
+        self.in_size = (h, w)
+
+    def has_empty_windows(self):
+        """Whether a window lies wholly in the padding (output -inf, index -1).
+        Only dilation can cause it: with padding <= kernel / 2 an undilated
+        window always holds an input position."""
+        if self.dilation == (1, 1):
+            return False
+        return any(
             not any(0 <= o * s - p + i * d < size for i in range(k))
-            for size, k, s, p, d, n_out in zip((h, w), self.kernel, self.stride, self.padding,
-                                                self.dilation, out)
+            for size, k, s, p, d, n_out in zip(self.in_size, self.kernel, self.stride,
+                                                self.padding, self.dilation, self.out_shape[2:])
             for o in range(n_out))
 
     @staticmethod
@@ -336,7 +342,7 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
             raise ValueError(f"max_pool2d_backward: indices have shape {shape_str(idx.shape)}, "
                              f"expected {shape_str(dy.shape)}")
         plane = x.shape[-1] * x.shape[-2]
-        low = -1 if g.has_empty_windows else 0
+        low = -1 if g.has_empty_windows() else 0
         if idx.size and (int(idx.min()) < low or int(idx.max()) >= plane):
             raise ValueError(f"max_pool2d_backward: indices must lie in [{low}, {plane}) (H * W of "
                              f"input {shape_str(x.shape)})")
