@@ -320,3 +320,20 @@ def test_results_bitwise_identical_across_thread_counts(name, restore_threads):
     for n in (2, 3, 7):
         fastcnn.set_num_threads(n)
         assert_bitwise(run(1234), want, err_msg=f"{name}: {n} threads vs 1")
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5, 13])
+def test_results_do_not_depend_on_the_batch(batch, rng):
+    """A sample's result is bitwise the same alone or inside any batch: the
+    visualisations compare batched and one-by-one results, and predict()
+    must not depend on its batch size. (A small-batch GEMM path that summed
+    in another order once broke this.)"""
+    x = randn(rng, 16, 3, 9, 9)
+    w = randn(rng, 4, 3, 3, 3)
+    fc = randn(rng, 7, 36)
+    full_conv = F.conv2d(x, w, padding=1)
+    full_fc = F.linear(x[:, :, :6, :6].reshape(16, -1)[:, :36], fc)
+    for start in range(0, 16, batch):
+        part = slice(start, start + batch)
+        assert_bitwise(F.conv2d(x[part], w, padding=1), full_conv[part])
+        assert_bitwise(F.linear(x[part, :, :6, :6].reshape(-1, 108)[:, :36], fc), full_fc[part])

@@ -20,7 +20,6 @@
 
 #include "fastcnn/gemm.h"
 #include "fastcnn/parallel.h"
-#include "fastcnn/reduce.h"
 
 namespace fastcnn {
 namespace {
@@ -333,48 +332,6 @@ void gemm_serial(const KernelInfo& ker, Trans ta, Trans tb, index_t m, index_t n
   }
 }
 
-// Products with a handful of rows (batch-1 inference through a linear layer)
-// gain nothing from packing: packing B would cost as much as the whole
-// product, and most of an MR-tall tile would be padding. Each element is a
-// dot product (B transposed: both operands contiguous) or the rows of B are
-// accumulated (B untransposed), in 16 independent lanes: vectorised and
-// independent of the thread count.
-constexpr index_t kSmallM = 4;
-
-bool small_m_applies(Trans ta, index_t m) { return m <= kSmallM && ta == Trans::No; }
-
-void gemm_small_m(Trans tb, index_t m, index_t n, index_t k, float alpha, const float* a,
-                  index_t lda, const float* b, index_t ldb, float beta, float* c, index_t ldc) {
-  auto finish = [&](float* out, index_t j, float v) {
-    out[j] = beta == 0.0f ? alpha * v : alpha * v + beta * out[j];
-  };
-  if (tb == Trans::Yes) {
-    parallel_for(n, 64, [&](index_t j) {
-      const float* bj = b + j * ldb;
-      for (index_t i = 0; i < m; ++i) {
-        const float* ai = a + i * lda;
-        finish(c + i * ldc, j, lane_sum(k, [&](index_t p) { return ai[p] * bj[p]; }));
-      }
-    });
-    return;
-  }
-  constexpr index_t kColumns = 256;  // columns per task: one row of sums in L1
-  parallel_for((n + kColumns - 1) / kColumns, 1, [&](index_t blk) {
-    const index_t j0 = blk * kColumns, cols = std::min(kColumns, n - j0);
-    float sums[kColumns];
-    for (index_t i = 0; i < m; ++i) {
-      const float* ai = a + i * lda;
-      for (index_t j = 0; j < cols; ++j) sums[j] = 0.0f;
-      for (index_t p = 0; p < k; ++p) {
-        const float* bp = b + p * ldb + j0;
-        const float aip = ai[p];
-        for (index_t j = 0; j < cols; ++j) sums[j] += aip * bp[j];
-      }
-      for (index_t j = 0; j < cols; ++j) finish(c + i * ldc + j0, j, sums[j]);
-    }
-  });
-}
-
 }  // namespace
 
 const char* sgemm_kernel_name() { return kernel().name; }
@@ -384,10 +341,6 @@ void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, con
   if (m <= 0 || n <= 0) return;
   if (k <= 0 || alpha == 0.0f) {
     scale_c(m, n, beta, c, ldc);
-    return;
-  }
-  if (small_m_applies(ta, m)) {
-    gemm_small_m(tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   const KernelInfo& ker = kernel();
