@@ -169,6 +169,37 @@ float* scratch(std::unique_ptr<float, AlignedFree>& buf, index_t& cap, index_t n
   return buf.get();
 }
 
+// Copies `count` contiguous runs of `len` floats (run r at src + r * ld) into
+// column r of dst (row stride `stride`): a transpose, done in 4 x 4 blocks in
+// SSE registers (baseline x86-64) so that whole vectors are written rather
+// than one float per cache line. Packs A~ from an untransposed A and B~ from
+// a transposed B.
+void pack_runs_as_columns(const float* src, index_t ld, index_t count, index_t len,
+                          float* dst, index_t stride) {
+  index_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const float *s0 = src + r * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
+    index_t p = 0;
+    for (; p + 4 <= len; p += 4) {
+      __m128 r0 = _mm_loadu_ps(s0 + p), r1 = _mm_loadu_ps(s1 + p);
+      __m128 r2 = _mm_loadu_ps(s2 + p), r3 = _mm_loadu_ps(s3 + p);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      _mm_storeu_ps(dst + (p + 0) * stride + r, r0);
+      _mm_storeu_ps(dst + (p + 1) * stride + r, r1);
+      _mm_storeu_ps(dst + (p + 2) * stride + r, r2);
+      _mm_storeu_ps(dst + (p + 3) * stride + r, r3);
+    }
+    for (; p < len; ++p) {
+      dst[p * stride + r + 0] = s0[p];
+      dst[p * stride + r + 1] = s1[p];
+      dst[p * stride + r + 2] = s2[p];
+      dst[p * stride + r + 3] = s3[p];
+    }
+  }
+  for (; r < count; ++r)
+    for (index_t p = 0; p < len; ++p) dst[p * stride + r] = src[r * ld + p];
+}
+
 // Packs rows [i0, i0+mc) x depth [p0, p0+kc) of op(A) into ceil(mc/mr) panels
 // of kc x mr floats; rows past the edge are zero.
 void pack_a(Trans ta, const float* a, index_t lda, index_t i0, index_t mc, index_t p0,
@@ -177,31 +208,7 @@ void pack_a(Trans ta, const float* a, index_t lda, index_t i0, index_t mc, index
     const index_t rows = std::min<index_t>(mr, mc - ir);
     float* panel = dst + ir * kc;
     if (ta == Trans::No) {
-      // Rows of A are contiguous runs: transpose 4 x 4 blocks in registers,
-      // as pack_b_panel does for a transposed B.
-      const float* src = a + (i0 + ir) * lda + p0;
-      index_t i = 0;
-      for (; i + 4 <= rows; i += 4) {
-        const float *s0 = src + i * lda, *s1 = s0 + lda, *s2 = s1 + lda, *s3 = s2 + lda;
-        index_t p = 0;
-        for (; p + 4 <= kc; p += 4) {
-          __m128 r0 = _mm_loadu_ps(s0 + p), r1 = _mm_loadu_ps(s1 + p);
-          __m128 r2 = _mm_loadu_ps(s2 + p), r3 = _mm_loadu_ps(s3 + p);
-          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-          _mm_storeu_ps(panel + (p + 0) * mr + i, r0);
-          _mm_storeu_ps(panel + (p + 1) * mr + i, r1);
-          _mm_storeu_ps(panel + (p + 2) * mr + i, r2);
-          _mm_storeu_ps(panel + (p + 3) * mr + i, r3);
-        }
-        for (; p < kc; ++p) {
-          panel[p * mr + i + 0] = s0[p];
-          panel[p * mr + i + 1] = s1[p];
-          panel[p * mr + i + 2] = s2[p];
-          panel[p * mr + i + 3] = s3[p];
-        }
-      }
-      for (; i < rows; ++i)
-        for (index_t p = 0; p < kc; ++p) panel[p * mr + i] = src[i * lda + p];
+      pack_runs_as_columns(a + (i0 + ir) * lda + p0, lda, rows, kc, panel, mr);
     } else {
       for (index_t p = 0; p < kc; ++p) {
         const float* src = a + (p0 + p) * lda + i0 + ir;
@@ -231,32 +238,8 @@ void pack_b_panel(Trans tb, const float* b, index_t ldb, index_t j0, index_t nc,
       for (; j < nr; ++j) out[j] = 0.0f;
     }
   } else {
-    // op(B) is stored transposed: column j of the panel is a contiguous run of
-    // src. Transposing 4 x 4 blocks in SSE registers (baseline x86-64) writes
-    // whole vectors instead of one float per cache line.
-    const float* src = b + (j0 + jr) * ldb + p0;
-    index_t j = 0;
-    for (; j + 4 <= cols; j += 4) {
-      const float *s0 = src + j * ldb, *s1 = s0 + ldb, *s2 = s1 + ldb, *s3 = s2 + ldb;
-      index_t p = 0;
-      for (; p + 4 <= kc; p += 4) {
-        __m128 r0 = _mm_loadu_ps(s0 + p), r1 = _mm_loadu_ps(s1 + p);
-        __m128 r2 = _mm_loadu_ps(s2 + p), r3 = _mm_loadu_ps(s3 + p);
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-        _mm_storeu_ps(panel + (p + 0) * nr + j, r0);
-        _mm_storeu_ps(panel + (p + 1) * nr + j, r1);
-        _mm_storeu_ps(panel + (p + 2) * nr + j, r2);
-        _mm_storeu_ps(panel + (p + 3) * nr + j, r3);
-      }
-      for (; p < kc; ++p) {
-        panel[p * nr + j + 0] = s0[p];
-        panel[p * nr + j + 1] = s1[p];
-        panel[p * nr + j + 2] = s2[p];
-        panel[p * nr + j + 3] = s3[p];
-      }
-    }
-    for (; j < cols; ++j)
-      for (index_t p = 0; p < kc; ++p) panel[p * nr + j] = src[j * ldb + p];
+    // op(B) is stored transposed: column j of the panel is a contiguous run.
+    pack_runs_as_columns(b + (j0 + jr) * ldb + p0, ldb, cols, kc, panel, nr);
     for (index_t p = 0; p < kc; ++p)
       for (index_t jj = cols; jj < nr; ++jj) panel[p * nr + jj] = 0.0f;
   }

@@ -35,7 +35,7 @@ import numpy as np
 from . import cuda as fcuda
 from . import functional as F
 from . import __version__
-from .bench import CONV_SHAPES, GEMM_CONV_SHAPES, Row, Timing
+from .bench import CONV_SHAPES, GEMM_CONV_SHAPES, Row, Timing, _torch_mnist_cnn
 
 GEMM_SQUARES = (1024, 2048, 4096, 8192)
 MIN_MS = 5.0  # each repeat lasts at least this long
@@ -273,17 +273,6 @@ class Bench:
                 row.extra["images_per_s"] = batch / row.ours.median
                 rows.append(row)
         return rows
-
-
-def _torch_mnist_cnn(torch, batchnorm):
-    nn = torch.nn
-
-    def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1)] + ([nn.BatchNorm2d(cout)] if batchnorm else []) \
-            + [nn.ReLU(), nn.MaxPool2d(2)]
-
-    return nn.Sequential(*block(1, 32), *block(32, 64), nn.Flatten(), nn.Linear(3136, 128),
-                         nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
 
 
 SECTIONS = ("gemm", "conv", "ops", "net")
