@@ -4,6 +4,7 @@
 // order wins; a NaN wins over any number (PyTorch's rule). The updates are
 // branch-free selects: on real activations a branch would mispredict often.
 #include <algorithm>
+#include <vector>
 
 #include "fastcnn/cpu_kernels.h"
 #include "fastcnn/kernel_math.h"
@@ -84,58 +85,70 @@ inline index_t plane_grain(const PoolShape& ps) {
 
 }  // namespace
 
+namespace {
+
+// Max and argmax of every output of one plane: out, idx (oh * ow); idx may
+// be null. The fast kernel takes the rows and columns whose windows lie
+// wholly inside the input; pool_argmax the rest.
+void plane_max(const PoolShape& ps, const float* plane, const InsideColumns& cols,
+               InteriorRow fast, float* out, std::int64_t* idx) {
+  for (index_t oy = 0; oy < ps.oh; ++oy, out += ps.ow) {
+    std::int64_t* idx_row = idx != nullptr ? idx + oy * ps.ow : nullptr;
+    index_t a = 0, b = 0;  // [a, b): outputs handled by the fast kernel
+    if (fast != nullptr) {
+      index_t i_lo, i_hi;
+      taps_inside(oy * ps.stride_h - ps.pad_h, 1, ps.kh, ps.h, &i_lo, &i_hi);
+      if (i_lo == 0 && i_hi == ps.kh && cols.lo < cols.hi) {
+        a = cols.lo;
+        b = cols.hi;
+        fast(ps, plane, oy, a, b, out, idx_row);
+      }
+    }
+    for (index_t ox = 0; ox < ps.ow; ++ox) {
+      if (ox == a && a < b) ox = b;
+      if (ox >= ps.ow) break;
+      const index_t at = pool_argmax(ps, plane, oy, ox, &out[ox]);
+      if (idx_row != nullptr) idx_row[ox] = at;
+    }
+  }
+}
+
+}  // namespace
+
 void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices) {
   // x: (n, c, h, w) -> y, indices: (n, c, oh, ow)
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
   const InsideColumns cols(ps);
   const InteriorRow fast = interior_kernel(ps);
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
-    const float* plane = x + pl * in_plane;
-    for (index_t oy = 0; oy < ps.oh; ++oy) {
-      float* out = y + pl * out_plane + oy * ps.ow;
-      std::int64_t* idx = indices != nullptr ? indices + pl * out_plane + oy * ps.ow : nullptr;
-      index_t a = 0, b = 0;  // [a, b): outputs handled by the fast kernel
-      if (fast != nullptr) {
-        index_t i_lo, i_hi;
-        taps_inside(oy * ps.stride_h - ps.pad_h, 1, ps.kh, ps.h, &i_lo, &i_hi);
-        if (i_lo == 0 && i_hi == ps.kh && cols.lo < cols.hi) {
-          a = cols.lo;
-          b = cols.hi;
-          fast(ps, plane, oy, a, b, out, idx);
-        }
-      }
-      for (index_t ox = 0; ox < ps.ow; ++ox) {
-        if (ox == a && a < b) ox = b;
-        if (ox >= ps.ow) break;
-        const index_t at = pool_argmax(ps, plane, oy, ox, &out[ox]);
-        if (idx != nullptr) idx[ox] = at;
-      }
-    }
+    plane_max(ps, x + pl * in_plane, cols, fast, y + pl * out_plane,
+              indices != nullptr ? indices + pl * out_plane : nullptr);
   });
 }
 
 void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
                          const std::int64_t* indices, float* dx) {
   // dy: (n, c, oh, ow) -> dx: (n, c, h, w); overlapping windows add up, in
-  // output order within a plane.
+  // output order within a plane. Without indices, each plane's argmaxes are
+  // recomputed (as the forward does) into the thread's scratch first.
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
+  const InsideColumns cols(ps);
+  const InteriorRow fast = interior_kernel(ps);
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
     float* grad = dx + pl * in_plane;
     std::fill(grad, grad + in_plane, 0.0f);
     const float* g = dy + pl * out_plane;
-    if (indices != nullptr) {
-      const std::int64_t* idx = indices + pl * out_plane;
-      for (index_t o = 0; o < out_plane; ++o)
-        if (idx[o] >= 0) grad[idx[o]] += g[o];
-      return;
+    const std::int64_t* idx = indices != nullptr ? indices + pl * out_plane : nullptr;
+    if (idx == nullptr) {
+      thread_local std::vector<float> values;
+      thread_local std::vector<std::int64_t> argmax;
+      values.resize(static_cast<size_t>(out_plane));
+      argmax.resize(static_cast<size_t>(out_plane));
+      plane_max(ps, x + pl * in_plane, cols, fast, values.data(), argmax.data());
+      idx = argmax.data();
     }
-    const float* plane = x + pl * in_plane;
-    for (index_t oy = 0; oy < ps.oh; ++oy)
-      for (index_t ox = 0; ox < ps.ow; ++ox) {
-        float v;
-        const index_t at = pool_argmax(ps, plane, oy, ox, &v);
-        if (at >= 0) grad[at] += g[oy * ps.ow + ox];
-      }
+    for (index_t o = 0; o < out_plane; ++o)
+      if (idx[o] >= 0) grad[idx[o]] += g[o];
   });
 }
 
