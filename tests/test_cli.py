@@ -125,3 +125,28 @@ def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "fastcnn.cli", "train", "--help"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--optimizer" in result.stdout and "--arch" in result.stdout
+
+
+def test_bench_runs_and_reports_ratios(tmp_path, capsys, monkeypatch):
+    """`fastcnn bench` is reachable from the CLI and writes its figures; the
+    quick GEMM section is enough to exercise the plumbing (PyTorch optional)."""
+    from fastcnn import bench
+
+    monkeypatch.setattr(bench, "GEMM_SQUARES", (64,))
+    monkeypatch.setattr(bench, "GEMM_CONV_SHAPES", ((8, 9, 256),))
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "gemm", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "sgemm 64x64x64" in text and "numpy" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["sgemm 64x64x64", "sgemm 8x9x256"]
+    assert all(r["ratio"] > 0 for r in rows)
+
+
+def test_bench_cuda_without_gpu_fails_cleanly(capsys):
+    from fastcnn import cuda
+
+    if cuda.is_available():
+        pytest.skip("a GPU is present: this checks the message on machines without one")
+    assert cli.main(["bench", "--device", "cuda", "gemm", "--quick"]) == 1
+    assert "no usable GPU" in capsys.readouterr().err

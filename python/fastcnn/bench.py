@@ -339,8 +339,18 @@ def _cpu_name():
 
 
 def run(sections=tuple(SECTIONS), quick=False, threads=None, seed=0, out=sys.stdout):
+    """Time ``sections``; returns (machine info, rows). ``threads`` applies
+    for the run only."""
+    previous = _backend.get_num_threads()
     if threads is not None:
         _backend.set_num_threads(threads)
+    try:
+        return _run(sections, quick, seed, out)
+    finally:
+        _backend.set_num_threads(previous)
+
+
+def _run(sections, quick, seed, out):
     rng = np.random.default_rng(seed)
     info = machine_info()
     print("fastcnn bench: " + ", ".join(f"{k}={v}" for k, v in info.items()), file=out)
