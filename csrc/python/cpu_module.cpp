@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "binding_checks.h"
 #include "fastcnn/cpu_kernels.h"
 #include "fastcnn/gemm.h"
 
@@ -52,6 +53,7 @@ struct View {
   index_t dim(int i) const { return static_cast<index_t>(arr.shape(i)); }
   index_t size() const { return static_cast<index_t>(arr.size()); }
   int ndim() const { return static_cast<int>(arr.ndim()); }
+  std::string shape_string() const { return shape_of(arr); }
 };
 
 template <typename T>
@@ -73,62 +75,24 @@ T* opt(const py::object& obj, const char* name, bool writable, index_t expected)
   return v.data;
 }
 
-template <typename T>
+template <class T>
 void expect_ndim(const View<T>& v, int ndim, const char* name) {
-  if (v.ndim() != ndim)
-    fail(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " +
-         shape_of(v.arr));
+  fastcnn::bindings::expect_ndim(v, ndim, name, fail);
 }
 
-template <typename T, typename U>
+template <class T, class U>
 void expect_same_shape(const View<T>& a, const View<U>& b, const char* na, const char* nb) {
-  bool same = a.ndim() == b.ndim();
-  for (int i = 0; same && i < a.ndim(); ++i) same = a.dim(i) == b.dim(i);
-  if (!same)
-    fail(std::string(na) + " has shape " + shape_of(a.arr) + " but " + nb + " has shape " +
-         shape_of(b.arr));
+  fastcnn::bindings::expect_same_shape(a, b, na, nb, fail);
 }
 
-fastcnn::ConvShape conv_shape(const View<float>& x, const View<float>& w, const View<float>& y,
-                              index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
-                              index_t dw, index_t groups) {
-  expect_ndim(x, 4, "input");
-  expect_ndim(w, 4, "weight");
-  expect_ndim(y, 4, "output");
-  fastcnn::ConvShape cs{};
-  cs.n = x.dim(0), cs.c = x.dim(1), cs.h = x.dim(2), cs.w = x.dim(3);
-  cs.k = w.dim(0), cs.r = w.dim(2), cs.s = w.dim(3);
-  cs.stride_h = sh, cs.stride_w = sw, cs.pad_h = ph, cs.pad_w = pw;
-  cs.dil_h = dh, cs.dil_w = dw, cs.groups = groups;
-  if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 || groups < 1)
-    fail("stride and dilation must be >= 1, padding >= 0, groups >= 1");
-  if (cs.c % groups != 0 || cs.k % groups != 0 || w.dim(1) * groups != cs.c)
-    fail("weight " + shape_of(w.arr) + " does not match input " + shape_of(x.arr) +
-         " with groups=" + std::to_string(groups));
-  cs.oh = fastcnn::conv_out_size(cs.h, cs.r, sh, ph, dh);
-  cs.ow = fastcnn::conv_out_size(cs.w, cs.s, sw, pw, dw);
-  if (cs.oh < 1 || cs.ow < 1) fail("kernel larger than the padded input");
-  if (y.dim(0) != cs.n || y.dim(1) != cs.k || y.dim(2) != cs.oh || y.dim(3) != cs.ow)
-    fail("output has shape " + shape_of(y.arr) + ", expected (" + std::to_string(cs.n) + ", " +
-         std::to_string(cs.k) + ", " + std::to_string(cs.oh) + ", " + std::to_string(cs.ow) + ")");
-  return cs;
+template <class... Args>
+fastcnn::ConvShape conv_shape(const Args&... args) {
+  return fastcnn::bindings::conv_shape(args..., fail);
 }
 
-fastcnn::PoolShape pool_shape(const View<float>& x, const View<float>& y, index_t kh,
-                              index_t kw, index_t sh, index_t sw, index_t ph, index_t pw,
-                              index_t dh, index_t dw) {
-  expect_ndim(x, 4, "input");
-  expect_ndim(y, 4, "output");
-  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 ||
-      2 * ph > kh || 2 * pw > kw)
-    fail("invalid pooling parameters");
-  fastcnn::PoolShape ps{x.dim(0), x.dim(1), x.dim(2), x.dim(3), kh, kw, sh, sw,
-                        ph,       pw,       dh,       dw,       y.dim(2), y.dim(3)};
-  if (y.dim(0) != ps.n || y.dim(1) != ps.c) fail("output does not match input");
-  // Every window must overlap the input (guaranteed by the output-size rule).
-  if ((ps.oh - 1) * sh - ph >= ps.h || (ps.ow - 1) * sw - pw >= ps.w)
-    fail("output " + shape_of(y.arr) + " too large for input " + shape_of(x.arr));
-  return ps;
+template <class... Args>
+fastcnn::PoolShape pool_shape(const Args&... args) {
+  return fastcnn::bindings::pool_shape(args..., fail);
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "binding_checks.h"
 #include "fastcnn/cuda_check.h"
 #include "fastcnn/cuda_kernels.h"
 
@@ -267,58 +268,23 @@ T* opt(M& m, const py::object& obj, const char* name, bool writable, index_t exp
 }
 
 template <class T>
-void expect_ndim(const Array<T>& a, int ndim, const char* name) {
-  if (a.ndim() != ndim)
-    fail(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " +
-         a.shape_string());
+void expect_ndim(const Array<T>& v, int ndim, const char* name) {
+  fastcnn::bindings::expect_ndim(v, ndim, name, fail);
 }
 
 template <class T, class U>
 void expect_same_shape(const Array<T>& a, const Array<U>& b, const char* na, const char* nb) {
-  if (a.shape != b.shape)
-    fail(std::string(na) + " has shape " + a.shape_string() + " but " + nb + " has shape " +
-         b.shape_string());
+  fastcnn::bindings::expect_same_shape(a, b, na, nb, fail);
 }
 
-fastcnn::ConvShape conv_shape(const Array<float>& x, const Array<float>& w, const Array<float>& y,
-                              index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
-                              index_t dw, index_t groups) {
-  expect_ndim(x, 4, "input");
-  expect_ndim(w, 4, "weight");
-  expect_ndim(y, 4, "output");
-  fastcnn::ConvShape cs{};
-  cs.n = x.dim(0), cs.c = x.dim(1), cs.h = x.dim(2), cs.w = x.dim(3);
-  cs.k = w.dim(0), cs.r = w.dim(2), cs.s = w.dim(3);
-  cs.stride_h = sh, cs.stride_w = sw, cs.pad_h = ph, cs.pad_w = pw;
-  cs.dil_h = dh, cs.dil_w = dw, cs.groups = groups;
-  if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 || groups < 1)
-    fail("stride and dilation must be >= 1, padding >= 0, groups >= 1");
-  if (cs.c % groups != 0 || cs.k % groups != 0 || w.dim(1) * groups != cs.c)
-    fail("weight " + w.shape_string() + " does not match input " + x.shape_string() +
-         " with groups=" + std::to_string(groups));
-  cs.oh = fastcnn::conv_out_size(cs.h, cs.r, sh, ph, dh);
-  cs.ow = fastcnn::conv_out_size(cs.w, cs.s, sw, pw, dw);
-  if (cs.oh < 1 || cs.ow < 1) fail("kernel larger than the padded input");
-  if (y.dim(0) != cs.n || y.dim(1) != cs.k || y.dim(2) != cs.oh || y.dim(3) != cs.ow)
-    fail("output has shape " + y.shape_string() + ", expected (" + std::to_string(cs.n) + ", " +
-         std::to_string(cs.k) + ", " + std::to_string(cs.oh) + ", " + std::to_string(cs.ow) + ")");
-  return cs;
+template <class... Args>
+fastcnn::ConvShape conv_shape(const Args&... args) {
+  return fastcnn::bindings::conv_shape(args..., fail);
 }
 
-fastcnn::PoolShape pool_shape(const Array<float>& x, const Array<float>& y, index_t kh,
-                              index_t kw, index_t sh, index_t sw, index_t ph, index_t pw,
-                              index_t dh, index_t dw) {
-  expect_ndim(x, 4, "input");
-  expect_ndim(y, 4, "output");
-  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 ||
-      2 * ph > kh || 2 * pw > kw)
-    fail("invalid pooling parameters");
-  fastcnn::PoolShape ps{x.dim(0), x.dim(1), x.dim(2), x.dim(3), kh, kw, sh, sw,
-                        ph,       pw,       dh,       dw,       y.dim(2), y.dim(3)};
-  if (y.dim(0) != ps.n || y.dim(1) != ps.c) fail("output does not match input");
-  if ((ps.oh - 1) * sh - ph >= ps.h || (ps.ow - 1) * sw - pw >= ps.w)
-    fail("output " + y.shape_string() + " too large for input " + x.shape_string());
-  return ps;
+template <class... Args>
+fastcnn::PoolShape pool_shape(const Args&... args) {
+  return fastcnn::bindings::pool_shape(args..., fail);
 }
 
 void check_view(index_t outer, index_t dim, index_t inner, index_t size, const char* what) {
