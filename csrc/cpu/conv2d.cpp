@@ -45,21 +45,6 @@ Chunk chunk_at(const ConvShape& cs, index_t nb, index_t i) {
   return {first, std::min(nb, cs.n - first)};
 }
 
-// Column matrix of a chunk's group g, (rows, count * pixels) with row stride
-// *ld. A single image of a pointwise convolution needs no copy: its input
-// plane is already that matrix.
-const float* chunk_columns(const ConvShape& cs, const float* x, Chunk ch, index_t g,
-                           index_t* ld) {
-  const index_t pixels = cs.out_pixels(), rows = cs.col_rows();
-  const index_t plane = cs.h * cs.w, x_image = cs.c * plane;
-  const float* x_g = x + ch.first * x_image + g * cs.c_per_group() * plane;
-  *ld = ch.count * pixels;
-  if (cs.is_pointwise() && ch.count == 1) return x_g;
-  float* cols = thread_scratch(ScratchSlot::Cols, rows * ch.count * pixels);
-  for (index_t b = 0; b < ch.count; ++b) im2col(cs, x_g + b * x_image, cols + b * pixels, *ld);
-  return cols;
-}
-
 // A chunk's output gradient for group g as one (k/g, count * pixels) matrix
 // with row stride *ld: dy itself for a single image, else a gathered copy.
 const float* chunk_grad_output(const ConvShape& cs, const float* dy, Chunk ch, index_t g,
@@ -84,16 +69,20 @@ const float* chunk_grad_output(const ConvShape& cs, const float* dy, Chunk ch, i
 void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const float* bias,
                     float* y) {
   // x: (n, c, h, w), w: (k, c/g, r, s), bias: (k,) or null, y: (n, k, oh, ow)
-  const index_t kg = cs.k_per_group(), rows = cs.col_rows(), pixels = cs.out_pixels();
-  const index_t y_image = cs.k * pixels;
+  const index_t kg = cs.k_per_group(), cg = cs.c_per_group(), rows = cs.col_rows();
+  const index_t pixels = cs.out_pixels(), x_image = cs.c * cs.h * cs.w, y_image = cs.k * pixels;
   const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;
+  const int width = sgemm_panel_width();
   // Whole chunks per thread when there are enough; otherwise one chunk at a
   // time with the threads inside im2col and the GEMM.
   parallel_for(chunks, 1, [&](index_t i) {
     const Chunk ch = chunk_at(cs, nb, i);
+    const index_t columns = ch.count * pixels;
+    // im2col writes the GEMM's packed B~ directly: one pass over the columns.
+    float* packed = thread_scratch(ScratchSlot::Packed, (columns + width - 1) / width * width * rows);
     for (index_t g = 0; g < cs.groups; ++g) {
-      index_t ld;
-      const float* cols = chunk_columns(cs, x, ch, g, &ld);
+      im2col_packed(cs, x + ch.first * x_image + g * cg * cs.h * cs.w, x_image, ch.count, width,
+                    packed);
       const float* w_g = w + g * kg * rows;
       float* y_g = y + ch.first * y_image + g * kg * pixels;
       if (ch.count == 1) {
@@ -101,16 +90,16 @@ void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const f
         if (bias != nullptr)
           for (index_t ko = 0; ko < kg; ++ko)
             std::fill(y_g + ko * pixels, y_g + (ko + 1) * pixels, bias[g * kg + ko]);
-        sgemm(Trans::No, Trans::No, kg, pixels, rows, 1.0f, w_g, rows, cols, ld,
-              bias != nullptr ? 1.0f : 0.0f, y_g, pixels);
+        sgemm_packed_b(Trans::No, kg, pixels, rows, 1.0f, w_g, rows, packed,
+                       bias != nullptr ? 1.0f : 0.0f, y_g, pixels);
         continue;
       }
       // Into a (k/g, nb pixels) buffer, then scattered to the images with the bias.
-      float* out = thread_scratch(ScratchSlot::GradOut, kg * ld);
-      sgemm(Trans::No, Trans::No, kg, ld, rows, 1.0f, w_g, rows, cols, ld, 0.0f, out, ld);
+      float* out = thread_scratch(ScratchSlot::GradOut, kg * columns);
+      sgemm_packed_b(Trans::No, kg, columns, rows, 1.0f, w_g, rows, packed, 0.0f, out, columns);
       for (index_t b = 0; b < ch.count; ++b)
         for (index_t ko = 0; ko < kg; ++ko) {
-          const float* src = out + ko * ld + b * pixels;
+          const float* src = out + ko * columns + b * pixels;
           float* dst = y_g + b * y_image + ko * pixels;
           const float add = bias != nullptr ? bias[g * kg + ko] : 0.0f;
           for (index_t p = 0; p < pixels; ++p) dst[p] = src[p] + add;
@@ -155,11 +144,15 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
         index_t ld;  // = ch.count * pixels for both matrices below
         const float* dy_g = chunk_grad_output(cs, dy, ch, g, &ld);
         if (dw_slice != nullptr) {
-          index_t ld_cols;
-          const float* cols = chunk_columns(cs, x, ch, g, &ld_cols);
-          // dw[g] (+)= dy (k/g, nb pixels) @ cols^T (nb pixels, c/g r s)
-          sgemm(Trans::No, Trans::Yes, kg, rows, ch.count * pixels, 1.0f, dy_g, ld, cols,
-                ld_cols, i == first ? 0.0f : 1.0f, dw_slice + g * kg * rows, rows);
+          // dw[g] (+)= dy (k/g, nb pixels) @ cols^T (nb pixels, c/g r s), cols^T
+          // gathered straight into the GEMM's packed layout.
+          const int width = sgemm_panel_width();
+          float* packed = thread_scratch(ScratchSlot::Packed,
+                                         (rows + width - 1) / width * width * ld);
+          im2col_packed_transposed(cs, x + ch.first * x_image + g * cg * plane, x_image,
+                                   ch.count, width, packed);
+          sgemm_packed_b(Trans::No, kg, rows, ld, 1.0f, dy_g, ld, packed,
+                         i == first ? 0.0f : 1.0f, dw_slice + g * kg * rows, rows);
         }
         if (dx == nullptr) continue;
         float* dx_g = dx + ch.first * x_image + g * cg * plane;

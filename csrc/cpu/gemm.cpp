@@ -16,10 +16,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 
 #include "fastcnn/gemm.h"
 #include "fastcnn/parallel.h"
+#include "fastcnn/scratch.h"
 
 namespace fastcnn {
 namespace {
@@ -33,6 +33,9 @@ struct KernelInfo {
   int nr;
   MicroKernel fn;
   const char* name;
+  // Optional kernels for the first 4 * (i + 1) rows of an A~ panel, used for
+  // a last panel with that few rows; null where the kernel has none.
+  MicroKernel rows4[2] = {nullptr, nullptr};
 };
 
 // ---------------------------------------------------------------- kernels --
@@ -89,16 +92,20 @@ __attribute__((target("avx2,fma"))) void micro_kernel_avx2_6x16(
   }
 }
 
-// 12 x 32 tile: 24 accumulators, 2 B vectors and 1 broadcast in 32 zmm registers.
-__attribute__((target("avx512f"))) void micro_kernel_avx512_12x32(
+// ROWS x 32 tile from A~ panels 12 rows wide: 2 * ROWS accumulators, 2 B
+// vectors and 1 broadcast in at most 32 zmm registers. ROWS = 12 is the main
+// kernel; 4 and 8 do the last panel of an M that is not a multiple of 12
+// (M = 64 is 5 x 12 + 4) without computing the zero rows of its padding.
+template <int ROWS>
+__attribute__((target("avx512f"))) void micro_kernel_avx512_rows(
     index_t kc, const float* a, const float* b, float* c, index_t ldc, float alpha,
     float beta) {
-  __m512 acc[12][2];
-  for (int i = 0; i < 12; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  __m512 acc[ROWS][2];
+  for (int i = 0; i < ROWS; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (index_t p = 0; p < kc; ++p) {
     const __m512 b0 = _mm512_load_ps(b);
     const __m512 b1 = _mm512_load_ps(b + 16);
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < ROWS; ++i) {
       const __m512 ai = _mm512_set1_ps(a[i]);
       acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
@@ -108,13 +115,13 @@ __attribute__((target("avx512f"))) void micro_kernel_avx512_12x32(
   }
   const __m512 va = _mm512_set1_ps(alpha);
   if (beta == 0.0f) {
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < ROWS; ++i) {
       _mm512_storeu_ps(c + i * ldc, _mm512_mul_ps(va, acc[i][0]));
       _mm512_storeu_ps(c + i * ldc + 16, _mm512_mul_ps(va, acc[i][1]));
     }
   } else {
     const __m512 vb = _mm512_set1_ps(beta);
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < ROWS; ++i) {
       float* ci = c + i * ldc;
       _mm512_storeu_ps(ci, _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci), _mm512_mul_ps(va, acc[i][0])));
       _mm512_storeu_ps(ci + 16, _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + 16),
@@ -131,7 +138,8 @@ KernelInfo choose_kernel() {
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const KernelInfo generic{6, 16, micro_kernel_generic<6, 16>, "generic"};
   const KernelInfo avx2{6, 16, micro_kernel_avx2_6x16, "avx2+fma"};
-  const KernelInfo avx512{12, 32, micro_kernel_avx512_12x32, "avx512"};
+  const KernelInfo avx512{12, 32, micro_kernel_avx512_rows<12>, "avx512",
+                          {micro_kernel_avx512_rows<4>, micro_kernel_avx512_rows<8>}};
   if (forced != nullptr) {
     if (std::strcmp(forced, "generic") == 0) return generic;
     if (std::strcmp(forced, "avx2") == 0 && has_avx2) return avx2;
@@ -152,22 +160,6 @@ const KernelInfo& kernel() {
 constexpr index_t kKC = 256;   // depth of a packed block: A~ panel + B~ panel stay in L1
 constexpr index_t kMC = 144;   // rows of A~ per block (multiple of every MR): ~144 KiB in L2
 constexpr index_t kNC = 3072;  // columns of B~ per slab (multiple of every NR): ~3 MiB in L3
-
-struct AlignedFree {
-  void operator()(float* p) const { std::free(p); }
-};
-
-// A per-thread scratch buffer that only grows, so steady-state calls never allocate.
-float* scratch(std::unique_ptr<float, AlignedFree>& buf, index_t& cap, index_t need) {
-  if (need > cap) {
-    const index_t bytes = ((need * static_cast<index_t>(sizeof(float)) + 63) / 64) * 64;
-    float* p = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(bytes)));
-    if (p == nullptr) throw std::bad_alloc();
-    buf.reset(p);
-    cap = need;
-  }
-  return buf.get();
-}
 
 // Copies `count` contiguous runs of `len` floats (run r at src + r * ld) into
 // column r of dst (row stride `stride`): a transpose, done in 4 x 4 blocks in
@@ -256,12 +248,6 @@ void scale_c(index_t m, index_t n, float beta, float* c, index_t ldc) {
   }
 }
 
-struct Scratch {
-  std::unique_ptr<float, AlignedFree> a, b;
-  index_t a_cap = 0, b_cap = 0;
-};
-thread_local Scratch tls_scratch;
-
 // Depth of the packed blocks: K split evenly into blocks of at most kKC, so
 // K = 288 runs as 2 x 144 rather than 256 + 32. Depends on K alone, never on
 // the thread partition, so every element of C sums in the same order.
@@ -270,36 +256,78 @@ index_t block_depth(index_t k) {
   return (k + blocks - 1) / blocks;
 }
 
+// Where the B~ panels come from: packed here from op(B) ...
+struct PackB {
+  Trans tb;
+  const float* b;
+  index_t ldb;
+
+  // Columns [j0, ...) of op(B).
+  PackB from_column(index_t j0) const { return {tb, tb == Trans::No ? b + j0 : b + j0 * ldb, ldb}; }
+  // The panels of depth [p0, p0 + kc) x columns [j0, j0 + nc), `*stride` apart.
+  const float* panels(index_t j0, index_t nc, index_t p0, index_t kc, int nr, float* buf,
+                      index_t* stride) const {
+    for (index_t jp = 0; jp < (nc + nr - 1) / nr; ++jp)
+      pack_b_panel(tb, b, ldb, j0, nc, p0, kc, nr, jp, buf);
+    *stride = kc * nr;
+    return buf;
+  }
+  index_t buffer_floats(index_t n, index_t kc, int nr) const {
+    return std::min(kNC, (n + nr - 1) / nr * nr) * kc;
+  }
+};
+
+// ... or already packed by the caller, whole depth per panel (see sgemm_packed_b).
+struct PrepackedB {
+  const float* b;
+  index_t k;
+
+  PrepackedB from_column(index_t j0) const { return {b + j0 * k, k}; }  // j0: multiple of nr
+  const float* panels(index_t j0, index_t nc, index_t p0, index_t kc, int nr, float* buf,
+                      index_t* stride) const {
+    *stride = k * nr;
+    return b + j0 * k + p0 * nr;
+  }
+  index_t buffer_floats(index_t, index_t, int) const { return 0; }
+};
+
 // The whole product on the calling thread.
-void gemm_serial(const KernelInfo& ker, Trans ta, Trans tb, index_t m, index_t n, index_t k,
-                 float alpha, const float* a, index_t lda, const float* b, index_t ldb,
-                 float beta, float* c, index_t ldc) {
+template <typename BSource>
+void gemm_serial(const KernelInfo& ker, Trans ta, index_t m, index_t n, index_t k, float alpha,
+                 const float* a, index_t lda, const BSource& bsrc, float beta, float* c,
+                 index_t ldc) {
   const int mr = ker.mr, nr = ker.nr;
   const index_t kc_max = block_depth(k);
-  float* packed_a = scratch(tls_scratch.a, tls_scratch.a_cap, kMC * kc_max);
-  float* packed_b = scratch(tls_scratch.b, tls_scratch.b_cap,
-                            std::min(kNC, (n + nr - 1) / nr * nr) * kc_max);
+  float* packed_a = thread_scratch(ScratchSlot::GemmA, kMC * kc_max);
+  const index_t b_floats = bsrc.buffer_floats(n, kc_max, nr);
+  float* packed_b = b_floats > 0 ? thread_scratch(ScratchSlot::GemmB, b_floats) : nullptr;
   alignas(64) float edge[16 * 32];  // one micro-tile, for partial tiles at the edges
   for (index_t j0 = 0; j0 < n; j0 += kNC) {
     const index_t nc = std::min(kNC, n - j0);
-    const index_t panels = (nc + nr - 1) / nr;
     for (index_t p0 = 0; p0 < k; p0 += kc_max) {
       const index_t kc = std::min(kc_max, k - p0);
       const float beta_block = p0 == 0 ? beta : 1.0f;
-      for (index_t jp = 0; jp < panels; ++jp)
-        pack_b_panel(tb, b, ldb, j0, nc, p0, kc, nr, jp, packed_b);
+      index_t panel_stride;
+      const float* b_panels = bsrc.panels(j0, nc, p0, kc, nr, packed_b, &panel_stride);
       for (index_t i0 = 0; i0 < m; i0 += kMC) {
         const index_t mc = std::min(kMC, m - i0);
         pack_a(ta, a, lda, i0, mc, p0, kc, mr, packed_a);
         for (index_t jr = 0; jr < nc; jr += nr) {
           const index_t cols = std::min<index_t>(nr, nc - jr);
-          const float* bp = packed_b + jr * kc;
+          const float* bp = b_panels + jr / nr * panel_stride;
           for (index_t ir = 0; ir < mc; ir += mr) {
             const index_t rows = std::min<index_t>(mr, mc - ir);
             const float* ap = packed_a + ir * kc;
             float* cp = c + (i0 + ir) * ldc + j0 + jr;
-            if (rows == mr && cols == nr) {
-              ker.fn(kc, ap, bp, cp, ldc, alpha, beta_block);
+            // A last panel of 4 or 8 rows has a kernel of its own where the
+            // CPU's kernel offers one; any other partial tile goes through `edge`.
+            MicroKernel fn = ker.fn;
+            if (rows < mr && rows % 4 == 0 && ker.rows4[rows / 4 - 1] != nullptr)
+              fn = ker.rows4[rows / 4 - 1];
+            else if (rows < mr)
+              fn = nullptr;
+            if (fn != nullptr && cols == nr) {
+              fn(kc, ap, bp, cp, ldc, alpha, beta_block);
             } else {
               ker.fn(kc, ap, bp, edge, nr, 1.0f, 0.0f);
               for (index_t i = 0; i < rows; ++i)
@@ -315,31 +343,26 @@ void gemm_serial(const KernelInfo& ker, Trans ta, Trans tb, index_t m, index_t n
   }
 }
 
-}  // namespace
-
-const char* sgemm_kernel_name() { return kernel().name; }
-
-void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, const float* a,
-           index_t lda, const float* b, index_t ldb, float beta, float* c, index_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  if (k <= 0 || alpha == 0.0f) {
-    scale_c(m, n, beta, c, ldc);
-    return;
-  }
+// Splits C into one block per thread, aligned to micro-tiles, and runs the
+// serial product on each with its own packing buffers: no barrier anywhere,
+// so a thread that the OS preempts delays only its own block. Splitting N
+// makes every thread pack all of A, splitting M all of B: split the larger
+// of M and N, so that the operand packed repeatedly is the smaller one
+// (never M when B comes prepacked: each thread then reads only its panels).
+template <typename BSource>
+void gemm_threaded(Trans ta, index_t m, index_t n, index_t k, float alpha, const float* a,
+                   index_t lda, const BSource& bsrc, float beta, float* c, index_t ldc,
+                   bool may_split_m) {
   const KernelInfo& ker = kernel();
   // ~2 MFLOP per thread before a second thread pays for itself.
   const int nt = threads_for(m * n * std::min(k, kKC), index_t(1) << 20);
   if (nt <= 1) {
-    gemm_serial(ker, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    gemm_serial(ker, ta, m, n, k, alpha, a, lda, bsrc, beta, c, ldc);
     return;
   }
-  // Each thread owns a block of C, aligned to micro-tiles, and runs the serial
-  // product on it with its own packing buffers: no barrier anywhere, so a
-  // thread that the OS preempts delays only its own block. Splitting N makes
-  // every thread pack all of A, splitting M all of B: split the larger of M
-  // and N, so that the operand packed repeatedly is the smaller one.
   const index_t m_panels = (m + ker.mr - 1) / ker.mr, n_panels = (n + ker.nr - 1) / ker.nr;
-  const bool split_m = m > n ? m_panels >= nt : n_panels < nt && m_panels > n_panels;
+  const bool split_m =
+      may_split_m && (m > n ? m_panels >= nt : n_panels < nt && m_panels > n_panels);
   index_t tm = 1, tn = 1;
   if (split_m) {
     tm = std::min<index_t>(nt, m_panels);
@@ -357,10 +380,35 @@ void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, con
     const index_t j1 = std::min(n, n_panels * (bj + 1) / tn * ker.nr);
     if (i0 >= i1 || j0 >= j1) continue;
     const float* a_blk = ta == Trans::No ? a + i0 * lda : a + i0;
-    const float* b_blk = tb == Trans::No ? b + j0 : b + j0 * ldb;
-    gemm_serial(ker, ta, tb, i1 - i0, j1 - j0, k, alpha, a_blk, lda, b_blk, ldb, beta,
+    gemm_serial(ker, ta, i1 - i0, j1 - j0, k, alpha, a_blk, lda, bsrc.from_column(j0), beta,
                 c + i0 * ldc + j0, ldc);
   }
+}
+
+}  // namespace
+
+const char* sgemm_kernel_name() { return kernel().name; }
+
+int sgemm_panel_width() { return kernel().nr; }
+
+void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, const float* a,
+           index_t lda, const float* b, index_t ldb, float beta, float* c, index_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0 || alpha == 0.0f) {
+    scale_c(m, n, beta, c, ldc);
+    return;
+  }
+  gemm_threaded(ta, m, n, k, alpha, a, lda, PackB{tb, b, ldb}, beta, c, ldc, true);
+}
+
+void sgemm_packed_b(Trans ta, index_t m, index_t n, index_t k, float alpha, const float* a,
+                    index_t lda, const float* b_packed, float beta, float* c, index_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0 || alpha == 0.0f) {
+    scale_c(m, n, beta, c, ldc);
+    return;
+  }
+  gemm_threaded(ta, m, n, k, alpha, a, lda, PrepackedB{b_packed, k}, beta, c, ldc, false);
 }
 
 }  // namespace fastcnn

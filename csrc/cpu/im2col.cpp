@@ -1,63 +1,241 @@
 // im2col / col2im for one image and one group. Row (ci, ri, si) of the column
 // matrix holds input channel ci shifted by kernel tap (ri, si): the
 // convolution becomes weight (k, c r s) @ cols (c r s, oh ow).
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "fastcnn/cpu_kernels.h"
+#include "fastcnn/gemm.h"
 #include "fastcnn/parallel.h"
+#include "fastcnn/scratch.h"
 
 namespace fastcnn {
 namespace cpu {
 
+namespace {
+
+// Row `row` = (ci, ri, si) of one image's column matrix: `pixels` floats.
+void im2col_row(const ConvShape& cs, const float* x, index_t row, float* dst) {
+  const index_t ci = row / (cs.r * cs.s), ri = (row / cs.s) % cs.r, si = row % cs.s;
+  const index_t pixels = cs.out_pixels();
+  const float* plane = x + ci * cs.h * cs.w;
+  index_t w_lo, w_hi;
+  valid_output_range(cs.w, cs.ow, cs.stride_w, cs.pad_w, si * cs.dil_w, &w_lo, &w_hi);
+  const index_t iw0 = w_lo * cs.stride_w - cs.pad_w + si * cs.dil_w;
+  if (cs.stride_h == 1 && cs.stride_w == 1 && cs.ow == cs.w && w_lo < w_hi) {
+    // Unit stride, width preserved ('same' padding): the valid output rows
+    // are the input plane shifted by (ri dil - pad) rows and (si dil - pad)
+    // columns, so one long copy does them all; only the columns the shift
+    // wrapped around the row ends are then zeroed.
+    index_t y_lo, y_hi;
+    valid_output_range(cs.h, cs.oh, 1, cs.pad_h, ri * cs.dil_h, &y_lo, &y_hi);
+    const index_t begin = y_lo * cs.ow + w_lo;
+    const index_t end = y_hi > y_lo ? (y_hi - 1) * cs.ow + w_hi : begin;
+    const float* src = plane + (y_lo - cs.pad_h + ri * cs.dil_h) * cs.w + iw0;
+    for (index_t i = 0; i < begin; ++i) dst[i] = 0.0f;
+    for (index_t i = begin; i < end; ++i) dst[i] = src[i - begin];
+    for (index_t i = end; i < pixels; ++i) dst[i] = 0.0f;
+    for (index_t oy = y_lo; oy < y_hi; ++oy) {
+      float* out = dst + oy * cs.ow;
+      for (index_t ox = 0; ox < w_lo; ++ox) out[ox] = 0.0f;
+      for (index_t ox = w_hi; ox < cs.ow; ++ox) out[ox] = 0.0f;
+    }
+    return;
+  }
+  for (index_t oy = 0; oy < cs.oh; ++oy, dst += cs.ow) {
+    const index_t iy = oy * cs.stride_h - cs.pad_h + ri * cs.dil_h;
+    if (iy < 0 || iy >= cs.h || w_lo == w_hi) {
+      for (index_t ox = 0; ox < cs.ow; ++ox) dst[ox] = 0.0f;
+      continue;
+    }
+    const float* src = plane + iy * cs.w + iw0;
+    // Inline loops rather than memcpy / fill: rows are often 7-28 floats,
+    // where a library call costs more than the copy.
+    for (index_t ox = 0; ox < w_lo; ++ox) dst[ox] = 0.0f;
+    if (cs.stride_w == 1) {
+      for (index_t ox = w_lo; ox < w_hi; ++ox) dst[ox] = src[ox - w_lo];
+    } else {
+      for (index_t ox = w_lo; ox < w_hi; ++ox) dst[ox] = src[(ox - w_lo) * cs.stride_w];
+    }
+    for (index_t ox = w_hi; ox < cs.ow; ++ox) dst[ox] = 0.0f;
+  }
+}
+
+// Rows per parallel task: enough that a task copies ~16k floats.
+index_t im2col_grain(const ConvShape& cs, index_t images) {
+  return std::max<index_t>(1, 16384 / std::max<index_t>(cs.out_pixels() * images, 1));
+}
+
+}  // namespace
+
 // x: (c/groups, h, w) -> cols: (c/groups * r * s, oh * ow), rows ld apart
 void im2col(const ConvShape& cs, const float* x, float* cols, index_t ld) {
-  const index_t rows = cs.col_rows(), pixels = cs.out_pixels();
-  parallel_for(rows, std::max<index_t>(1, 16384 / std::max<index_t>(pixels, 1)), [&](index_t row) {
-    const index_t ci = row / (cs.r * cs.s), ri = (row / cs.s) % cs.r, si = row % cs.s;
-    const float* plane = x + ci * cs.h * cs.w;
-    float* dst = cols + row * ld;
-    index_t w_lo, w_hi;
-    valid_output_range(cs.w, cs.ow, cs.stride_w, cs.pad_w, si * cs.dil_w, &w_lo, &w_hi);
-    const index_t iw0 = w_lo * cs.stride_w - cs.pad_w + si * cs.dil_w;
-    if (cs.stride_h == 1 && cs.stride_w == 1 && cs.ow == cs.w && w_lo < w_hi) {
-      // Unit stride, width preserved ('same' padding): the valid output rows
-      // are the input plane shifted by (ri dil - pad) rows and (si dil - pad)
-      // columns, so one long copy does them all; only the columns the shift
-      // wrapped around the row ends are then zeroed.
-      index_t y_lo, y_hi;
-      valid_output_range(cs.h, cs.oh, 1, cs.pad_h, ri * cs.dil_h, &y_lo, &y_hi);
-      const index_t begin = y_lo * cs.ow + w_lo;
-      const index_t end = y_hi > y_lo ? (y_hi - 1) * cs.ow + w_hi : begin;
-      const float* src = plane + (y_lo - cs.pad_h + ri * cs.dil_h) * cs.w + iw0;
-      for (index_t i = 0; i < begin; ++i) dst[i] = 0.0f;
-      for (index_t i = begin; i < end; ++i) dst[i] = src[i - begin];
-      for (index_t i = end; i < pixels; ++i) dst[i] = 0.0f;
-      for (index_t oy = y_lo; oy < y_hi; ++oy) {
-        float* out = dst + oy * cs.ow;
-        for (index_t ox = 0; ox < w_lo; ++ox) out[ox] = 0.0f;
-        for (index_t ox = w_hi; ox < cs.ow; ++ox) out[ox] = 0.0f;
+  parallel_for(cs.col_rows(), im2col_grain(cs, 1),
+               [&](index_t row) { im2col_row(cs, x, row, cols + row * ld); });
+}
+
+namespace {
+
+// Packed-panel im2col. The chunk's input is first copied with its zero
+// padding made explicit, so that every column entry is a plain load with no
+// bounds test:
+//   cols(tap row t = (ci, ri, si), column j) = padded[row_offset(t) + column_offset(j)].
+// A panel's `width` offsets along its columns sit in index registers and
+// each packed row is one or two gathers from a base offset along the depth,
+// written out in sequence: the panel is filled front to back in one pass.
+struct PaddedInput {
+  const float* data;
+  index_t image, plane, row_step;  // floats per image, channel plane, input row
+
+  // Offsets of tap rows t0, t0 + 1, ... (t = (ci, ri, si)), stepping
+  // rather than dividing per entry.
+  void row_offsets(const ConvShape& cs, index_t t0, index_t n, index_t* out) const {
+    index_t ci = t0 / (cs.r * cs.s), ri = t0 / cs.s % cs.r, si = t0 % cs.s;
+    for (index_t i = 0; i < n; ++i) {
+      out[i] = ci * plane + ri * cs.dil_h * row_step + si * cs.dil_w;
+      if (++si == cs.s) {
+        si = 0;
+        if (++ri == cs.r) ri = 0, ++ci;
       }
-      return;
     }
-    for (index_t oy = 0; oy < cs.oh; ++oy, dst += cs.ow) {
-      const index_t iy = oy * cs.stride_h - cs.pad_h + ri * cs.dil_h;
-      if (iy < 0 || iy >= cs.h || w_lo == w_hi) {
-        for (index_t ox = 0; ox < cs.ow; ++ox) dst[ox] = 0.0f;
-        continue;
+  }
+  // Offsets of output columns j0, j0 + 1, ... (j = (image, oy, ox)).
+  void column_offsets(const ConvShape& cs, index_t j0, index_t n, index_t* out) const {
+    const index_t pixels = cs.out_pixels();
+    index_t b = j0 / pixels, oy = j0 % pixels / cs.ow, ox = j0 % cs.ow;
+    for (index_t i = 0; i < n; ++i) {
+      out[i] = b * image + oy * cs.stride_h * row_step + ox * cs.stride_w;
+      if (++ox == cs.ow) {
+        ox = 0;
+        if (++oy == cs.oh) oy = 0, ++b;
       }
-      const float* src = plane + iy * cs.w + iw0;
-      // Inline loops rather than memcpy / fill: rows are often 7-28 floats,
-      // where a library call costs more than the copy.
-      for (index_t ox = 0; ox < w_lo; ++ox) dst[ox] = 0.0f;
-      if (cs.stride_w == 1) {
-        for (index_t ox = w_lo; ox < w_hi; ++ox) dst[ox] = src[ox - w_lo];
-      } else {
-        for (index_t ox = w_lo; ox < w_hi; ++ox) dst[ox] = src[(ox - w_lo) * cs.stride_w];
-      }
-      for (index_t ox = w_hi; ox < cs.ow; ++ox) dst[ox] = 0.0f;
     }
+  }
+};
+
+// x: `count` images x_stride floats apart, one group's channels each.
+PaddedInput pad_input(const ConvShape& cs, const float* x, index_t x_stride, index_t count) {
+  if (cs.pad_h == 0 && cs.pad_w == 0) return {x, x_stride, cs.h * cs.w, cs.w};
+  const index_t cg = cs.c_per_group(), hp = cs.h + 2 * cs.pad_h, wp = cs.w + 2 * cs.pad_w;
+  float* padded = thread_scratch(ScratchSlot::Padded, count * cg * hp * wp);
+  parallel_for(count * cg, std::max<index_t>(1, 16384 / (hp * wp)), [&](index_t bc) {
+    const float* in = x + bc / cg * x_stride + bc % cg * cs.h * cs.w;
+    float* out = padded + bc * hp * wp;
+    std::fill(out, out + cs.pad_h * wp, 0.0f);
+    for (index_t iy = 0; iy < cs.h; ++iy) {
+      float* line = out + (cs.pad_h + iy) * wp;
+      for (index_t i = 0; i < cs.pad_w; ++i) line[i] = 0.0f;
+      for (index_t i = 0; i < cs.w; ++i) line[cs.pad_w + i] = in[iy * cs.w + i];
+      for (index_t i = cs.pad_w + cs.w; i < wp; ++i) line[i] = 0.0f;
+    }
+    std::fill(out + (cs.pad_h + cs.h) * wp, out + hp * wp, 0.0f);
   });
+  return {padded, cg * hp * wp, hp * wp, wp};
+}
+
+// out[t * width + j] = src[bases[t] + off[j]] for j < valid, 0 for j >= valid.
+void gather_rows_generic(const float* src, const index_t* bases, index_t depth,
+                         const index_t* off, int width, int valid, float* out) {
+  for (index_t t = 0; t < depth; ++t, out += width) {
+    const float* base = src + bases[t];
+    for (int j = 0; j < width; ++j) out[j] = j < valid ? base[off[j]] : 0.0f;
+  }
+}
+
+__attribute__((target("avx2"))) void gather_rows_avx2_16(const float* src, const index_t* bases,
+                                                         index_t depth, const std::int32_t* off,
+                                                         int valid, float* out) {
+  const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off));
+  const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + 8));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 m0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lane));
+  const __m256 m1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(valid - 8), lane));
+  const __m256 zero = _mm256_setzero_ps();
+  for (index_t t = 0; t < depth; ++t, out += 16) {
+    const float* base = src + bases[t];
+    _mm256_store_ps(out, _mm256_mask_i32gather_ps(zero, base, i0, m0, 4));
+    _mm256_store_ps(out + 8, _mm256_mask_i32gather_ps(zero, base, i1, m1, 4));
+  }
+}
+
+__attribute__((target("avx512f"))) void gather_rows_avx512_32(const float* src,
+                                                              const index_t* bases,
+                                                              index_t depth,
+                                                              const std::int32_t* off,
+                                                              int valid, float* out) {
+  const __m512i i0 = _mm512_loadu_si512(off), i1 = _mm512_loadu_si512(off + 16);
+  const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 m1 = valid >= 32  ? 0xFFFF
+                       : valid <= 16 ? 0
+                                     : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+  const __m512 zero = _mm512_setzero_ps();
+  for (index_t t = 0; t < depth; ++t, out += 32) {
+    const float* base = src + bases[t];
+    _mm512_store_ps(out, _mm512_mask_i32gather_ps(zero, m0, i0, base, 4));
+    _mm512_store_ps(out + 16, _mm512_mask_i32gather_ps(zero, m1, i1, base, 4));
+  }
+}
+
+using GatherRows = void (*)(const float*, const index_t*, index_t, const std::int32_t*, int,
+                            float*);
+
+// Follows the GEMM's choice: FASTCNN_GEMM_KERNEL=generic selects the plain
+// loops here too, so the tests can run them on any machine.
+GatherRows simd_gather(int width) {
+  static const bool generic = std::strcmp(sgemm_kernel_name(), "generic") == 0;
+  static const bool avx512 = !generic && __builtin_cpu_supports("avx512f");
+  static const bool avx2 = !generic && __builtin_cpu_supports("avx2");
+  if (width == 32 && avx512) return gather_rows_avx512_32;
+  if (width == 16 && avx2) return gather_rows_avx2_16;
+  return nullptr;
+}
+
+// Panels of a matrix whose entry (t, j) is src[base t + offset j], t along
+// the depth (packed rows), j along the panels' columns (`columns` of them);
+// bases(t0, n, out) and offsets(j0, n, out) write n consecutive ones.
+template <typename Bases, typename Offsets>
+void pack_gathered(const float* src, index_t depth, index_t columns, int width, index_t span,
+                   Bases&& fill_bases, Offsets&& fill_offsets, float* dst) {
+  index_t* bases = thread_scratch<index_t>(ScratchSlot::Bases, depth);
+  fill_bases(0, depth, bases);
+  // 32-bit gather offsets while every address of the chunk fits them.
+  const GatherRows simd = span < (index_t(1) << 31) ? simd_gather(width) : nullptr;
+  const index_t panels = (columns + width - 1) / width;
+  parallel_for(panels, std::max<index_t>(1, 16384 / (depth * width)), [&](index_t q) {
+    const int valid = static_cast<int>(std::min<index_t>(width, columns - q * width));
+    index_t off[32] = {};
+    fill_offsets(q * width, valid, off);
+    float* out = dst + q * depth * width;
+    if (simd == nullptr) return gather_rows_generic(src, bases, depth, off, width, valid, out);
+    std::int32_t off32[32];
+    for (int j = 0; j < 32; ++j) off32[j] = static_cast<std::int32_t>(off[j]);
+    simd(src, bases, depth, off32, valid, out);
+  });
+}
+
+}  // namespace
+
+void im2col_packed(const ConvShape& cs, const float* x, index_t x_stride, index_t count,
+                   int width, float* dst) {
+  const PaddedInput in = pad_input(cs, x, x_stride, count);
+  const index_t span = (count - 1) * in.image + cs.c_per_group() * in.plane;
+  pack_gathered(in.data, cs.col_rows(), count * cs.out_pixels(), width, span,
+                [&](index_t t0, index_t n, index_t* out) { in.row_offsets(cs, t0, n, out); },
+                [&](index_t j0, index_t n, index_t* out) { in.column_offsets(cs, j0, n, out); },
+                dst);
+}
+
+void im2col_packed_transposed(const ConvShape& cs, const float* x, index_t x_stride,
+                              index_t count, int width, float* dst) {
+  const PaddedInput in = pad_input(cs, x, x_stride, count);
+  const index_t span = (count - 1) * in.image + cs.c_per_group() * in.plane;
+  pack_gathered(in.data, count * cs.out_pixels(), cs.col_rows(), width, span,
+                [&](index_t j0, index_t n, index_t* out) { in.column_offsets(cs, j0, n, out); },
+                [&](index_t t0, index_t n, index_t* out) { in.row_offsets(cs, t0, n, out); },
+                dst);
 }
 
 // The adjoint of im2col: every column entry is added back to the input pixel

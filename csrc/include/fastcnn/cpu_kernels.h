@@ -15,6 +15,15 @@ namespace cpu {
 // (>= oh * ow: several images' columns may sit side by side).
 // x: (c/groups, h, w) -> cols: (c/groups * r * s, oh * ow)
 void im2col(const ConvShape& cs, const float* x, float* cols, index_t ld);
+// The column matrices of `count` images (x_stride floats apart), side by
+// side, written straight in the packed-B layout of sgemm_packed_b with
+// panels `width` columns wide.
+void im2col_packed(const ConvShape& cs, const float* x, index_t x_stride, index_t count,
+                   int width, float* dst);
+// The transpose of those columns, (count oh ow, c/groups r s), in the same
+// packed layout: the B operand of the weight gradient dy @ cols^T.
+void im2col_packed_transposed(const ConvShape& cs, const float* x, index_t x_stride,
+                              index_t count, int width, float* dst);
 // cols: (c/groups * r * s, oh * ow) -> dx: (c/groups, h, w), accumulated (+=)
 void col2im(const ConvShape& cs, const float* cols, index_t ld, float* dx);
 

@@ -19,6 +19,16 @@ void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha,
            const float* a, index_t lda, const float* b, index_t ldb, float beta,
            float* c, index_t ldc);
 
+// The same product with op(B) handed over already packed, for callers that
+// can write it in that layout straight from their own data (conv2d packs
+// im2col's output this way, saving a pass over it). b_packed holds
+// ceil(n / w) panels, w = sgemm_panel_width(): panel q is k rows of w floats,
+// row p holding op(B)(p, q w .. q w + w - 1), zeros past column n; panel q
+// starts at b_packed + q * k * w, 64-byte aligned.
+void sgemm_packed_b(Trans ta, index_t m, index_t n, index_t k, float alpha, const float* a,
+                    index_t lda, const float* b_packed, float beta, float* c, index_t ldc);
+int sgemm_panel_width();
+
 // Name of the micro-kernel chosen for this CPU ("avx512", "avx2+fma" or
 // "generic"), for benchmarks and bug reports.
 const char* sgemm_kernel_name();

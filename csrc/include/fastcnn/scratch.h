@@ -2,21 +2,48 @@
 // same shapes every training step) allocates nothing.
 #pragma once
 
-#include <vector>
+#include <cstdlib>
+#include <memory>
+#include <new>
 
 #include "fastcnn/common.h"
 
 namespace fastcnn {
 
-enum class ScratchSlot : int { Cols = 0, ColsGrad = 1, GradOut = 2, Count = 3 };
+enum class ScratchSlot : int {
+  Cols = 0,      // conv2d: im2col output
+  ColsGrad,      // conv2d: gradient of the columns
+  GradOut,       // conv2d: a chunk's output or output gradient
+  Packed,        // conv2d: im2col output packed as GEMM B~ panels
+  Padded,        // conv2d: a chunk's input with its zero padding
+  Bases,         // conv2d: gather offsets along a packed panel's depth
+  GemmA,         // sgemm: packed A~
+  GemmB,         // sgemm: packed B~
+  Count
+};
 
-// A buffer of at least `count` floats owned by the calling thread; valid until
-// the same thread asks for the same slot again.
-inline float* thread_scratch(ScratchSlot slot, index_t count) {
-  thread_local std::vector<float> buffers[static_cast<int>(ScratchSlot::Count)];
-  std::vector<float>& buf = buffers[static_cast<int>(slot)];
-  if (static_cast<index_t>(buf.size()) < count) buf.resize(static_cast<size_t>(count));
-  return buf.data();
+// A 64-byte aligned buffer of at least `count` T (float unless asked)
+// owned by the calling thread; valid until the same thread asks for the
+// same slot again.
+template <typename T = float>
+inline T* thread_scratch(ScratchSlot slot, index_t count) {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<void, Free> data;
+    size_t capacity = 0;  // bytes
+  };
+  thread_local Buffer buffers[static_cast<int>(ScratchSlot::Count)];
+  Buffer& buf = buffers[static_cast<int>(slot)];
+  const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
+  if (bytes > buf.capacity) {
+    void* p = std::aligned_alloc(64, bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    buf.data.reset(p);
+    buf.capacity = bytes;
+  }
+  return static_cast<T*>(buf.data.get());
 }
 
 }  // namespace fastcnn

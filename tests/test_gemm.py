@@ -1,0 +1,66 @@
+"""matmul (fastcnn's SGEMM) against float64, and the whole GEMM-based test
+modules again under every micro-kernel this CPU can run."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastcnn
+import fastcnn.functional as F
+from conftest import assert_close, randn
+
+
+@given(m=st.integers(1, 80), n=st.integers(1, 80), k=st.integers(1, 80),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_matmul_random_shapes(m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    a, b = randn(rng, m, k), randn(rng, k, n)
+    assert_close(F.matmul(a, b), np.einsum("ik,kj->ij", a.astype(np.float64), b), red=k)
+
+
+@pytest.mark.parametrize("m, n, k", [
+    (64, 300, 288),    # 5 x 12 + 4 rows: the 4-row kernel
+    (32, 97, 576),     # 2 x 12 + 8 rows: the 8-row kernel; three k-blocks
+    (150, 3100, 70),   # past one A block (144 rows) and one B slab (3072 columns)
+    (7, 5000, 9),      # the first convolution layer's shape
+])
+def test_matmul_block_edges(m, n, k, rng):
+    a, b = randn(rng, m, k), randn(rng, k, n)
+    assert_close(F.matmul(a, b), a.astype(np.float64) @ b, red=k)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matmul_same_bits_for_any_thread_count(threads, rng):
+    a, b = randn(rng, 130, 300), randn(rng, 300, 700)
+    before = fastcnn.get_num_threads()
+    try:
+        fastcnn.set_num_threads(1)
+        one = F.matmul(a, b)
+        fastcnn.set_num_threads(threads)
+        np.testing.assert_array_equal(F.matmul(a, b), one)
+    finally:
+        fastcnn.set_num_threads(before)
+
+
+@pytest.mark.skipif(os.environ.get("FASTCNN_GEMM_KERNEL") is not None,
+                    reason="already running under a forced kernel")
+@pytest.mark.parametrize("kernel", ["generic", "avx2"])
+def test_gemm_users_under_each_kernel(kernel):
+    """The GEMM, convolution (whose packed im2col follows the kernel's panel
+    width) and linear tests, with FASTCNN_GEMM_KERNEL forcing a micro-kernel
+    other than the one this CPU would pick."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, FASTCNN_GEMM_KERNEL=kernel)
+    probe = subprocess.run([sys.executable, "-c", "import fastcnn._cpu as c; "
+                            "print(c.gemm_kernel())"], env=env, capture_output=True, text=True)
+    if probe.returncode == 0 and not probe.stdout.startswith(kernel):
+        pytest.skip(f"this CPU cannot run the {kernel} kernel ({probe.stdout.strip()})")
+    files = [os.path.join(here, f) for f in ("test_gemm.py", "test_conv2d.py", "test_linear.py")]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           *files], env=env, capture_output=True, text=True, cwd=here)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
