@@ -214,6 +214,20 @@ void pack_a(Trans ta, const float* a, index_t lda, index_t i0, index_t mc, index
   }
 }
 
+// kc rows of `cols` <= 32 floats (ld apart) into a 32-wide panel, zero-padded:
+// two (masked) zmm loads and stores per row.
+__attribute__((target("avx512f"))) void pack_rows_avx512_32(const float* src, index_t ld,
+                                                            index_t kc, index_t cols, float* dst) {
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32  ? 0xFFFF
+                       : cols <= 16 ? 0
+                                    : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  for (index_t p = 0; p < kc; ++p, src += ld, dst += 32) {
+    _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m0, src));
+    _mm512_store_ps(dst + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+  }
+}
+
 // Packs NR-wide panel number `jp` of depth [p0, p0+kc) x columns [j0, j0+nc)
 // of op(B); columns past the edge are zero.
 void pack_b_panel(Trans tb, const float* b, index_t ldb, index_t j0, index_t nc, index_t p0,
@@ -221,7 +235,9 @@ void pack_b_panel(Trans tb, const float* b, index_t ldb, index_t j0, index_t nc,
   const index_t jr = jp * nr;
   const index_t cols = std::min<index_t>(nr, nc - jr);
   float* panel = dst + jr * kc;
-  if (tb == Trans::No) {
+  if (tb == Trans::No && nr == 32 && kernel().rows4[0] != nullptr) {
+    pack_rows_avx512_32(b + p0 * ldb + j0 + jr, ldb, kc, cols, panel);
+  } else if (tb == Trans::No) {
     for (index_t p = 0; p < kc; ++p) {
       const float* src = b + (p0 + p) * ldb + j0 + jr;
       float* out = panel + p * nr;
