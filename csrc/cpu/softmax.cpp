@@ -8,56 +8,64 @@
 
 #include "fastcnn/cpu_kernels.h"
 #include "fastcnn/parallel.h"
+#include "fastcnn/reduce.h"
+#include "fastcnn/vec_math.h"
 
 namespace fastcnn {
 namespace cpu {
 namespace {
 
+// The loops below are built for AVX-512, AVX2 + FMA and baseline x86-64,
+// the best picked at load time: they are plain loops that the compiler
+// vectorises once exp is exp_poly (libm's expf is a call per element).
+#define FASTCNN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
 // One contiguous row (inner == 1).
-void softmax_row(index_t dim, const float* x, bool log, float* y) {
+FASTCNN_SIMD_CLONES void softmax_row(index_t dim, const float* x, bool log, float* y) {
   float m = -std::numeric_limits<float>::infinity();
-  for (index_t d = 0; d < dim; ++d) m = std::max(m, x[d]);
+  for (index_t d = 0; d < dim; ++d) m = x[d] > m ? x[d] : m;
   // An all -inf row has no finite maximum; shifting by 0 gives NaN like PyTorch.
   if (std::isinf(m) && m < 0) m = 0.0f;
+  for (index_t d = 0; d < dim; ++d) y[d] = exp_poly(x[d] - m);
+  // 16 double partial sums added in a fixed order: vectorised and deterministic.
+  double lanes[kLanes] = {};
+  index_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += y[d + j];
+  for (int j = 0; d < dim; ++d, ++j) lanes[j] += y[d];
   double sum = 0.0;
+  for (int j = 0; j < kLanes; ++j) sum += lanes[j];
   if (log) {
     // (x - m) - log(sum), not x - (m + log(sum)): m + log(sum) would round
     // away log(sum) next to a logit of 1e4.
-    for (index_t d = 0; d < dim; ++d) sum += std::exp(x[d] - m);
     const float log_sum = static_cast<float>(std::log(sum));
-    for (index_t d = 0; d < dim; ++d) y[d] = (x[d] - m) - log_sum;
+    for (index_t i = 0; i < dim; ++i) y[i] = (x[i] - m) - log_sum;
   } else {
-    for (index_t d = 0; d < dim; ++d) {
-      const float e = std::exp(x[d] - m);
-      y[d] = e;
-      sum += e;
-    }
     const float inv = static_cast<float>(1.0 / sum);
-    for (index_t d = 0; d < dim; ++d) y[d] *= inv;
+    for (index_t i = 0; i < dim; ++i) y[i] *= inv;
   }
 }
 
 // dim values strided by `inner` for each of `inner` lanes: vectorises across lanes.
-void softmax_strided(index_t dim, index_t inner, const float* x, bool log, float* y,
-                     float* m, double* sum) {
-  std::fill(m, m + inner, -std::numeric_limits<float>::infinity());
-  std::fill(sum, sum + inner, 0.0);
+FASTCNN_SIMD_CLONES void softmax_strided(index_t dim, index_t inner, const float* x, bool log,
+                                         float* y, float* m, double* sum) {
+  for (index_t i = 0; i < inner; ++i) m[i] = -std::numeric_limits<float>::infinity();
+  for (index_t i = 0; i < inner; ++i) sum[i] = 0.0;
   for (index_t d = 0; d < dim; ++d)
-    for (index_t i = 0; i < inner; ++i) m[i] = std::max(m[i], x[d * inner + i]);
+    for (index_t i = 0; i < inner; ++i) m[i] = x[d * inner + i] > m[i] ? x[d * inner + i] : m[i];
   for (index_t i = 0; i < inner; ++i)
     if (std::isinf(m[i]) && m[i] < 0) m[i] = 0.0f;
   for (index_t d = 0; d < dim; ++d)
     for (index_t i = 0; i < inner; ++i) {
-      const float e = std::exp(x[d * inner + i] - m[i]);
-      if (!log) y[d * inner + i] = e;
+      const float e = exp_poly(x[d * inner + i] - m[i]);
+      y[d * inner + i] = e;
       sum[i] += e;
     }
   if (log) {
-    std::vector<float> log_sum(static_cast<size_t>(inner));
-    for (index_t i = 0; i < inner; ++i) log_sum[i] = static_cast<float>(std::log(sum[i]));
+    for (index_t i = 0; i < inner; ++i) sum[i] = std::log(sum[i]);
     for (index_t d = 0; d < dim; ++d)
       for (index_t i = 0; i < inner; ++i)
-        y[d * inner + i] = (x[d * inner + i] - m[i]) - log_sum[i];
+        y[d * inner + i] = (x[d * inner + i] - m[i]) - static_cast<float>(sum[i]);
   } else {
     for (index_t i = 0; i < inner; ++i) m[i] = static_cast<float>(1.0 / sum[i]);
     for (index_t d = 0; d < dim; ++d)
