@@ -64,3 +64,17 @@ def test_gemm_users_under_each_kernel(kernel):
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            *files], env=env, capture_output=True, text=True, cwd=here)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n, k, m", [(1, 3136, 128), (3, 300, 70), (64, 37, 45), (13, 16, 16)])
+def test_linear_shapes_through_transposed_packing(n, k, m, rng):
+    """linear's products take W transposed: 16 x 16 register transposes and
+    their tails (depth and runs not multiples of 16), one-row batches."""
+    x, w, b = randn(rng, n, k), randn(rng, m, k), randn(rng, m)
+    want = x.astype(np.float64) @ w.T + b
+    assert_close(F.linear(x, w, b), want, red=k)
+    dy = randn(rng, n, m)
+    dx, dw, db = F.linear_backward(dy, x, w, b)
+    assert_close(dx, dy.astype(np.float64) @ w, red=m)
+    assert_close(dw, dy.astype(np.float64).T @ x, red=n)
+    assert_close(db, dy.astype(np.float64).sum(0), red=n)

@@ -201,3 +201,13 @@ def test_max_pool2d_window_wholly_in_padding():
     np.testing.assert_array_equal(out, np.full((1, 2, 1, 1), -np.inf, np.float32))
     gx = F.max_pool2d_backward(np.ones((1, 2, 1, 1), np.float32), x, **kw)
     np.testing.assert_array_equal(gx, np.zeros_like(x))
+
+
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 2), (3, 1)])
+@pytest.mark.parametrize("w", [2, 17, 33, 34, 70])
+def test_max_pool2d_wide_rows_with_ties_and_nans(kernel, stride, w, rng):
+    """Rows wider than one SIMD step of the interior kernels, and their tails;
+    ties (first maximum wins) and NaNs (a NaN wins, the last one) included."""
+    x = rng.integers(0, 3, (2, 3, 5, w)).astype(np.float32)
+    x[rng.random(x.shape) < 0.05] = np.nan
+    check_pool(x, dict(kernel_size=kernel, stride=stride, padding=1 if kernel == 3 else 0), rng)

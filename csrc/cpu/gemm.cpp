@@ -166,9 +166,56 @@ constexpr index_t kNC = 3072;  // columns of B~ per slab (multiple of every NR):
 // SSE registers (baseline x86-64) so that whole vectors are written rather
 // than one float per cache line. Packs A~ from an untransposed A and B~ from
 // a transposed B.
+// Transposes runs [0, rows) (rows <= 16, run i at src + i * ld) over depth
+// [0, len - len % 16) into dst: 16 x 16 blocks in zmm registers (absent runs
+// read as zero, their lanes not stored). Returns the depth done.
+__attribute__((target("avx512f"))) index_t transpose_runs_avx512(const float* src, index_t ld,
+                                                                 int rows, index_t len,
+                                                                 float* dst, index_t stride) {
+  const __mmask16 keep = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
+  index_t p = 0;
+  for (; p + 16 <= len; p += 16) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < rows ? _mm512_loadu_ps(src + i * ld + p) : _mm512_setzero_ps();
+    // Pairs, then quads within each 128-bit lane ...
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      r[4 * j + 0] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0x44);
+      r[4 * j + 1] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0xEE);
+      r[4 * j + 2] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0x44);
+      r[4 * j + 3] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0xEE);
+    }
+    // ... now lane L of r[4 j + k] holds depth 4 L + k of runs 4 j .. 4 j + 3:
+    // gather the four lanes L of r[k], r[4 + k], r[8 + k], r[12 + k].
+    for (int k = 0; k < 4; ++k) {
+      const __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+      const __m512 w0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+      const __m512 v1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+      const __m512 w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+      _mm512_mask_storeu_ps(dst + (p + k) * stride, keep, _mm512_shuffle_f32x4(v0, v1, 0x88));
+      _mm512_mask_storeu_ps(dst + (p + 4 + k) * stride, keep, _mm512_shuffle_f32x4(w0, w1, 0x88));
+      _mm512_mask_storeu_ps(dst + (p + 8 + k) * stride, keep, _mm512_shuffle_f32x4(v0, v1, 0xDD));
+      _mm512_mask_storeu_ps(dst + (p + 12 + k) * stride, keep, _mm512_shuffle_f32x4(w0, w1, 0xDD));
+    }
+  }
+  return p;
+}
+
 void pack_runs_as_columns(const float* src, index_t ld, index_t count, index_t len,
                           float* dst, index_t stride) {
   index_t r = 0;
+  if (kernel().nr == 32) {  // the AVX-512 kernel: 16 x 16 blocks, then the depth's tail
+    for (; r < count && count - r >= 8; r += 16) {
+      const int rows = static_cast<int>(std::min<index_t>(16, count - r));
+      index_t p = transpose_runs_avx512(src + r * ld, ld, rows, len, dst + r, stride);
+      for (; p < len; ++p)
+        for (int i = 0; i < rows; ++i) dst[p * stride + r + i] = src[(r + i) * ld + p];
+    }
+  }
   for (; r + 4 <= count; r += 4) {
     const float *s0 = src + r * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
     index_t p = 0;
@@ -235,7 +282,7 @@ void pack_b_panel(Trans tb, const float* b, index_t ldb, index_t j0, index_t nc,
   const index_t jr = jp * nr;
   const index_t cols = std::min<index_t>(nr, nc - jr);
   float* panel = dst + jr * kc;
-  if (tb == Trans::No && nr == 32 && kernel().rows4[0] != nullptr) {
+  if (tb == Trans::No && nr == 32) {  // nr 32: the AVX-512 kernel, so the CPU has it
     pack_rows_avx512_32(b + p0 * ldb + j0 + jr, ldb, kc, cols, panel);
   } else if (tb == Trans::No) {
     for (index_t p = 0; p < kc; ++p) {
@@ -335,17 +382,20 @@ void gemm_serial(const KernelInfo& ker, Trans ta, index_t m, index_t n, index_t 
             const index_t rows = std::min<index_t>(mr, mc - ir);
             const float* ap = packed_a + ir * kc;
             float* cp = c + (i0 + ir) * ldc + j0 + jr;
-            // A last panel of 4 or 8 rows has a kernel of its own where the
-            // CPU's kernel offers one; any other partial tile goes through `edge`.
+            // A last panel of at most 4 or 8 rows runs a kernel of that many
+            // rows where the CPU's kernel offers one (same per-element
+            // order, fewer padding rows computed); a tile it does not fill
+            // exactly goes through `edge`.
             MicroKernel fn = ker.fn;
-            if (rows < mr && rows % 4 == 0 && ker.rows4[rows / 4 - 1] != nullptr)
-              fn = ker.rows4[rows / 4 - 1];
-            else if (rows < mr)
-              fn = nullptr;
-            if (fn != nullptr && cols == nr) {
+            index_t fn_rows = mr;
+            if (rows <= 8 && ker.rows4[(rows - 1) / 4] != nullptr) {
+              fn = ker.rows4[(rows - 1) / 4];
+              fn_rows = (rows + 3) / 4 * 4;
+            }
+            if (rows == fn_rows && cols == nr) {
               fn(kc, ap, bp, cp, ldc, alpha, beta_block);
             } else {
-              ker.fn(kc, ap, bp, edge, nr, 1.0f, 0.0f);
+              fn(kc, ap, bp, edge, nr, 1.0f, 0.0f);
               for (index_t i = 0; i < rows; ++i)
                 for (index_t j = 0; j < cols; ++j) {
                   const float v = alpha * edge[i * nr + j];

@@ -3,6 +3,8 @@
 // the padding are never selected. The first maximum in row-major window
 // order wins; a NaN wins over any number (PyTorch's rule). The updates are
 // branch-free selects: on real activations a branch would mispredict often.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -51,13 +53,56 @@ void interior_row(const PoolShape& ps, const float* plane, index_t oy, index_t o
   }
 }
 
+// interior_row<2, 2> in AVX-512: 16 outputs per step, the even and odd
+// columns of the two input rows split by permutes. Same taps in the same
+// order with the same rule, so the same results to the bit.
+__attribute__((target("avx512f"))) void interior_row_2x2_avx512(
+    const PoolShape& ps, const float* plane, index_t oy, index_t ox_lo, index_t ox_hi,
+    float* out, std::int64_t* idx) {
+  const index_t start = (oy * 2 - ps.pad_h) * ps.w - ps.pad_w;
+  const float* row0 = plane + start;
+  const float* row1 = row0 + ps.w;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (index_t ox = ox_lo; ox < ox_hi; ox += 16) {
+    const index_t n = std::min<index_t>(16, ox_hi - ox);
+    const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1);
+    const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1);
+    const float* p0 = row0 + 2 * ox;
+    const float* p1 = row1 + 2 * ox;
+    const __m512 a0 = _mm512_maskz_loadu_ps(lo, p0), b0 = _mm512_maskz_loadu_ps(hi, p0 + 16);
+    const __m512 a1 = _mm512_maskz_loadu_ps(lo, p1), b1 = _mm512_maskz_loadu_ps(hi, p1 + 16);
+    const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
+                         _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1)};
+    __m512 best = v[0];
+    __m512i tap = _mm512_setzero_si512();
+    for (int t = 1; t < 4; ++t) {
+      // take = v > best or v is NaN
+      const __mmask16 take = _mm512_cmp_ps_mask(v[t], best, _CMP_GT_OQ) |
+                             _mm512_cmp_ps_mask(v[t], v[t], _CMP_UNORD_Q);
+      best = _mm512_mask_mov_ps(best, take, v[t]);
+      tap = _mm512_mask_mov_epi32(tap, take, _mm512_set1_epi32(t));
+    }
+    const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
+    _mm512_mask_storeu_ps(out + ox, keep, best);
+    if (idx != nullptr) {
+      // flat index start + 2 ox + (tap / 2) w + tap % 2
+      alignas(64) std::int32_t taps[16];
+      _mm512_store_si512(taps, tap);
+      for (index_t i = 0; i < n; ++i)
+        idx[ox + i] = start + 2 * (ox + i) + (taps[i] >> 1) * ps.w + (taps[i] & 1);
+    }
+  }
+}
+
 using InteriorRow = void (*)(const PoolShape&, const float*, index_t, index_t, index_t, float*,
                              std::int64_t*);
 
 InteriorRow interior_kernel(const PoolShape& ps) {
   if (ps.dil_h != 1 || ps.dil_w != 1 || ps.kh != ps.kw || ps.stride_h != ps.stride_w)
     return nullptr;
-  if (ps.kh == 2 && ps.stride_h == 2) return interior_row<2, 2>;
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (ps.kh == 2 && ps.stride_h == 2) return avx512 ? interior_row_2x2_avx512 : interior_row<2, 2>;
   if (ps.kh == 3 && ps.stride_h == 2) return interior_row<3, 2>;
   if (ps.kh == 3 && ps.stride_h == 1) return interior_row<3, 1>;
   return nullptr;

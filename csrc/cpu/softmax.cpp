@@ -15,10 +15,8 @@ namespace fastcnn {
 namespace cpu {
 namespace {
 
-// The loops below are built for AVX-512, AVX2 + FMA and baseline x86-64,
-// the best picked at load time: they are plain loops that the compiler
-// vectorises once exp is exp_poly (libm's expf is a call per element).
-#define FASTCNN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// The loops below are plain loops that the compiler vectorises (in each of
+// FASTCNN_SIMD_CLONES' builds) once exp is exp_poly.
 
 // One contiguous row (inner == 1).
 FASTCNN_SIMD_CLONES void softmax_row(index_t dim, const float* x, bool log, float* y) {

@@ -7,6 +7,12 @@
 #include <cstdint>
 #include <cstring>
 
+// A function built three times, for AVX-512 (x86-64-v4), AVX2 + FMA
+// (x86-64-v3) and baseline x86-64, the best picked when the module loads:
+// plain loops vectorised for the CPU at hand, in a portable build.
+#define FASTCNN_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
 namespace fastcnn {
 
 // exp(x) within a few ulp on [-87.3, 88.37] (Cephes' expf polynomial after

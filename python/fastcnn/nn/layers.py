@@ -247,7 +247,12 @@ class MaxPool2d(Module):
         return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
 
     def forward(self, x):
-        out, self._indices = F.max_pool2d(x, *self._args(), return_indices=True)
+        # Argmaxes are kept for a training step's backward; in eval mode a
+        # backward (visualisation) recomputes them, so inference skips them.
+        if self.training:
+            out, self._indices = F.max_pool2d(x, *self._args(), return_indices=True)
+        else:
+            out, self._indices = F.max_pool2d(x, *self._args()), None
         self._input = x
         return out
 
