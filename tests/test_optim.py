@@ -219,3 +219,14 @@ def test_step_and_cosine_schedules():
     assert resumed.get_last_lr()[0] == pytest.approx(lrs[6])
     with pytest.raises(ValueError, match="warmup"):
         optim.CosineAnnealingLR(fresh, T_max=3, warmup=3)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(optim.SGD, k) for k in SGD_CASES] +
+                         [(c, k) for c, k, _ in ADAM_CASES])
+def test_one_pass_cpu_update_equals_numpy_expression(cls, kwargs, monkeypatch):
+    """fastcnn._cpu's sgd_step / adam_step give the NumPy expression's bits."""
+    fused, _, _ = _run(cls, kwargs, 3)
+    monkeypatch.setattr(optim, "_fused_cpu", lambda *arrays: False)
+    plain, _, _ = _run(cls, kwargs, 3)
+    for a, b in zip(fused, plain):
+        np.testing.assert_array_equal(a.data, b.data)

@@ -347,6 +347,33 @@ PYBIND11_MODULE(_cpu, m) {
     fastcnn::cpu::dropout_apply(y.size(), x, p, seed, offset, y.data);
   });
 
+  m.def("sgd_step", [](py::object p_, py::object g_, py::object buf_, float lr, float momentum,
+                       float weight_decay, float undamped_share, bool damped, bool nesterov,
+                       bool first_step) {
+    auto p = out<float>(p_, "param"), g = in<float>(g_, "grad");
+    expect_same_shape(g, p, "grad", "param");
+    float* buf = opt<float>(buf_, "momentum_buffer", true, p.size());
+    const fastcnn::cpu::SgdOptions o{lr,     momentum, weight_decay, undamped_share,
+                                     damped, nesterov, first_step};
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::sgd_step(p.size(), p.data, g.data, buf, o);
+  });
+
+  m.def("adam_step", [](py::object p_, py::object g_, py::object m_, py::object v_, float beta1,
+                        float beta2, float one_minus_beta1, float one_minus_beta2, float eps,
+                        float weight_decay, float decay_scale, float bias2_sqrt,
+                        float step_size) {
+    auto p = out<float>(p_, "param"), g = in<float>(g_, "grad");
+    auto m1 = out<float>(m_, "exp_avg"), m2 = out<float>(v_, "exp_avg_sq");
+    expect_same_shape(g, p, "grad", "param");
+    expect_same_shape(m1, p, "exp_avg", "param");
+    expect_same_shape(m2, p, "exp_avg_sq", "param");
+    const fastcnn::cpu::AdamOptions o{beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                                      weight_decay, decay_scale, bias2_sqrt, step_size};
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::adam_step(p.size(), p.data, g.data, m1.data, m2.data, o);
+  });
+
   m.def("normalize_u8", [](py::object x_, py::object mean_, py::object std_, py::object y_,
                            index_t outer, index_t c, index_t inner) {
     auto x = in<std::uint8_t>(x_, "input");
