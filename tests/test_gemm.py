@@ -78,3 +78,16 @@ def test_linear_shapes_through_transposed_packing(n, k, m, rng):
     assert_close(dx, dy.astype(np.float64) @ w, red=m)
     assert_close(dw, dy.astype(np.float64).T @ x, red=n)
     assert_close(db, dy.astype(np.float64).sum(0), red=n)
+
+
+@pytest.mark.parametrize("k", [5, 300, 3136])
+@pytest.mark.parametrize("n", [1, 21, 128])
+def test_a_row_gives_the_same_bits_in_any_batch(k, n, rng):
+    """Batches of 1-4 rows take an unpacked path; every row must still equal,
+    bit for bit, the same row computed inside a large batch (the packed path)."""
+    x, w, b = randn(rng, 40, k), randn(rng, n, k), randn(rng, n)
+    big_mm, big_lin, big_nob = F.matmul(x, w.T.copy()), F.linear(x, w, b), F.linear(x, w)
+    for rows in (1, 2, 3, 4):
+        np.testing.assert_array_equal(F.matmul(x[:rows], w.T.copy()), big_mm[:rows])
+        np.testing.assert_array_equal(F.linear(x[5:5 + rows], w, b), big_lin[5:5 + rows])
+        np.testing.assert_array_equal(F.linear(x[7:7 + rows], w), big_nob[7:7 + rows])

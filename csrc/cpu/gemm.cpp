@@ -409,6 +409,52 @@ void gemm_serial(const KernelInfo& ker, Trans ta, index_t m, index_t n, index_t 
   }
 }
 
+// C (m <= 4 rows) = op(A) op(B) + beta C for alpha = 1, beta in {0, 1}, with
+// no packing: op(B)'s 16-column vectors are loaded (B untransposed) or
+// gathered (B transposed: linear's weight) straight from B. Each element
+// of C sees exactly the packed path's arithmetic: per k-block (the same
+// block_depth split) a sequential FMA chain from zero, then C = acc
+// (beta 0, first block) or C + acc; so a sample's result is the same
+// whichever path its batch size takes.
+// Columns [j0, j0 + 16) of it (a lambda would lose the target attribute).
+__attribute__((target("avx512f"))) void small_m_columns_avx512(
+    Trans tb, index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b,
+    index_t ldb, float beta, float* c, index_t ldc, index_t j0) {
+  const index_t kc_max = block_depth(k);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i rows_apart = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(ldb)));
+  const index_t cols = std::min<index_t>(16, n - j0);
+  const __mmask16 mask = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  __m512 cv[4];
+  for (index_t r = 0; r < m; ++r)
+    cv[r] = beta == 0.0f ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, c + r * ldc + j0);
+  for (index_t p0 = 0; p0 < k; p0 += kc_max) {
+    const index_t p1 = std::min(k, p0 + kc_max);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (index_t p = p0; p < p1; ++p) {
+      const __m512 col = tb == Trans::Yes
+                             ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows_apart,
+                                                        b + j0 * ldb + p, 4)
+                             : _mm512_maskz_loadu_ps(mask, b + p * ldb + j0);
+      for (index_t r = 0; r < m; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + p]), col, acc[r]);
+    }
+    for (index_t r = 0; r < m; ++r)
+      cv[r] = p0 == 0 && beta == 0.0f ? acc[r] : _mm512_add_ps(cv[r], acc[r]);
+  }
+  for (index_t r = 0; r < m; ++r) _mm512_mask_storeu_ps(c + r * ldc + j0, mask, cv[r]);
+}
+
+void small_m_avx512(Trans tb, index_t m, index_t n, index_t k, const float* a, index_t lda,
+                    const float* b, index_t ldb, float beta, float* c, index_t ldc) {
+  // ~256k multiply-adds per task before a second thread joins.
+  const index_t grain = std::max<index_t>(1, (index_t(1) << 18) / std::max<index_t>(1, 16 * k * m));
+  parallel_for((n + 15) / 16, grain, [&](index_t group) {
+    small_m_columns_avx512(tb, m, n, k, a, lda, b, ldb, beta, c, ldc, group * 16);
+  });
+}
+
 // Splits C into one block per thread, aligned to micro-tiles, and runs the
 // serial product on each with its own packing buffers: no barrier anywhere,
 // so a thread that the OS preempts delays only its own block. Splitting N
@@ -462,6 +508,13 @@ void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, con
   if (m <= 0 || n <= 0) return;
   if (k <= 0 || alpha == 0.0f) {
     scale_c(m, n, beta, c, ldc);
+    return;
+  }
+  // A few rows (linear at batch 1-4): packing B would cost more than the
+  // product. Gathers need the 16 rows' offsets in int32.
+  if (m <= 4 && ta == Trans::No && alpha == 1.0f && (beta == 0.0f || beta == 1.0f) &&
+      kernel().nr == 32 && (tb == Trans::No || 15 * ldb < (index_t(1) << 31))) {
+    small_m_avx512(tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   gemm_threaded(ta, m, n, k, alpha, a, lda, PackB{tb, b, ldb}, beta, c, ldc, true);
