@@ -399,3 +399,19 @@ def test_softmax_0d_input():
             assert "input" in str(e), str(e)
             continue
         assert np.shape(out) == () and out == want, repr(out)
+
+
+@pytest.mark.parametrize("bad", [2.0, (2.0, 2), True, (True, 1), np.int64(2) + 0.5])
+def test_cached_geometry_never_admits_an_equal_but_invalid_argument(bad):
+    """Geometries are cached per call signature: a float or bool equal to a
+    cached int must still be refused (2.0 == 2, True == 1 in Python)."""
+    x, w = np.zeros((1, 1, 4, 4), np.float32), np.zeros((1, 1, 2, 2), np.float32)
+    for _ in range(2):
+        F.conv2d(x, w, stride=2)
+        F.conv2d(x, w, stride=1)
+        F.max_pool2d(x, 2)
+        F.max_pool2d(x, 1)
+        with pytest.raises(TypeError):
+            F.conv2d(x, w, stride=bad)
+        with pytest.raises(TypeError):
+            F.max_pool2d(x, bad)

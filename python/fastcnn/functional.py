@@ -30,6 +30,37 @@ def _empty(xp, shape):
     return xp.empty(shape, dtype=_F32)
 
 
+# --------------------------------------------------- validated geometries --
+
+_GEOMETRIES = {}
+
+
+def _plain(value):
+    """An exact int, bool, str or None, or a tuple of exact ints: hashable, and
+    equal only to values that validate the same way (2.0 == 2 but is refused)."""
+    kind = type(value)
+    return kind in (int, bool, str, type(None)) or (
+        kind is tuple and all(type(v) is int for v in value))
+
+
+def _geometry(cls, op, arrays, params):
+    """``cls(op, *arrays, *params)``: the validated geometry of a call, which
+    depends only on the arrays' shapes and the parameters, so repeated calls
+    (every layer, every step) reuse it. Failures are never stored: a bad
+    call raises every time."""
+    if not all(_plain(p) for p in params):
+        return cls(op, *arrays, *params)
+    key = (cls, op, tuple(None if a is None else a.shape for a in arrays), params,
+           tuple(type(p) for p in params))
+    g = _GEOMETRIES.get(key)
+    if g is None:
+        g = cls(op, *arrays, *params)
+        if len(_GEOMETRIES) >= 1024:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = g
+    return g
+
+
 # ----------------------------------------------------------------- conv2d --
 
 class _ConvArgs:
@@ -119,7 +150,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     x = B.as_float(input, "input", xp)
     w = B.as_float(weight, "weight", xp)
     b = B.as_optional_float(bias, "bias", xp)
-    g = _ConvArgs("conv2d", x, w, b, stride, padding, dilation, groups)
+    g = _geometry(_ConvArgs, "conv2d", (x, w, b), (stride, padding, dilation, groups))
     y = _empty(xp, g.out_shape)
     if y.size:
         K.conv2d_forward(g.batched(x), w, b, y, *g.kernel_args())
@@ -137,7 +168,7 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     x = B.as_float(input, "input", xp)
     w = B.as_float(weight, "weight", xp)
     b = B.as_optional_float(bias, "bias", xp)
-    g = _ConvArgs("conv2d_backward", x, w, b, stride, padding, dilation, groups)
+    g = _geometry(_ConvArgs, "conv2d_backward", (x, w, b), (stride, padding, dilation, groups))
     dy = B.as_float(grad_output, "grad_output", xp)
     expected = g.out_shape[1:] if g.unbatched else g.out_shape
     if dy.shape != expected:
@@ -311,7 +342,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """
     xp, K = B.dispatch(input)
     x = B.as_float(input, "input", xp)
-    g = _PoolArgs("max_pool2d", x, kernel_size, stride, padding, dilation, ceil_mode)
+    g = _geometry(_PoolArgs, "max_pool2d", (x,), (kernel_size, stride, padding, dilation, ceil_mode))
     xb = x[None] if g.unbatched else x
     y = _empty(xp, g.out_shape)
     idx = xp.empty(g.out_shape, dtype=np.int64) if return_indices else None
@@ -329,7 +360,8 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
     window's argmax (given by ``indices`` or recomputed from ``input``)."""
     xp, K = B.dispatch(grad_output, input, indices)
     x = B.as_float(input, "input", xp)
-    g = _PoolArgs("max_pool2d_backward", x, kernel_size, stride, padding, dilation, ceil_mode)
+    g = _geometry(_PoolArgs, "max_pool2d_backward", (x,),
+                  (kernel_size, stride, padding, dilation, ceil_mode))
     dy = B.as_float(grad_output, "grad_output", xp)
     expected = g.out_shape[1:] if g.unbatched else g.out_shape
     if dy.shape != expected:
