@@ -158,7 +158,7 @@ const KernelInfo& kernel() {
 // ---------------------------------------------------------------- packing --
 
 constexpr index_t kKC = 256;   // depth of a packed block: A~ panel + B~ panel stay in L1
-constexpr index_t kMC = 144;   // rows of A~ per block (multiple of every MR): ~144 KiB in L2
+constexpr index_t kMC = 264;   // rows of A~ per block (multiple of every MR): <= 264 KiB in L2
 constexpr index_t kNC = 3072;  // columns of B~ per slab (multiple of every NR): ~3 MiB in L3
 
 // Copies `count` contiguous runs of `len` floats (run r at src + r * ld) into
