@@ -45,25 +45,6 @@ Chunk chunk_at(const ConvShape& cs, index_t nb, index_t i) {
   return {first, std::min(nb, cs.n - first)};
 }
 
-// A chunk's output gradient for group g as one (k/g, count * pixels) matrix
-// with row stride *ld: dy itself for a single image, else a gathered copy.
-const float* chunk_grad_output(const ConvShape& cs, const float* dy, Chunk ch, index_t g,
-                               index_t* ld) {
-  const index_t pixels = cs.out_pixels(), kg = cs.k_per_group(), y_image = cs.k * pixels;
-  const float* dy_g = dy + ch.first * y_image + g * kg * pixels;
-  if (ch.count == 1) {
-    *ld = pixels;
-    return dy_g;
-  }
-  *ld = ch.count * pixels;
-  float* buf = thread_scratch(ScratchSlot::GradOut, kg * *ld);
-  for (index_t ko = 0; ko < kg; ++ko)
-    for (index_t b = 0; b < ch.count; ++b)
-      std::memcpy(buf + ko * *ld + b * pixels, dy_g + b * y_image + ko * pixels,
-                  sizeof(float) * static_cast<size_t>(pixels));
-  return buf;
-}
-
 }  // namespace
 
 void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const float* bias,
@@ -130,50 +111,72 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
 
   const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;
   const index_t slices = std::min(chunks, kWeightGradSlices);
+  const int width = sgemm_panel_width(), height = sgemm_panel_height();
+  // dw (k/g, c/g r s) as the GEMM's C, or its transpose when that fills the
+  // micro-tiles better (a first layer: 9 or 27 columns but 32-64 rows). The
+  // two give the same bits: each element sums the same products in the
+  // same k-blocks.
+  const bool transposed_dw = rows < kg;
   std::vector<float> partial(dw != nullptr ? static_cast<size_t>((slices - 1) * w_size) : 0);
   parallel_for(slices, 1, [&](index_t slice) {
     // Slice 0 accumulates straight into dw; the others into their own buffer.
     float* dw_slice = dw == nullptr ? nullptr
                       : slice == 0  ? dw
                                     : partial.data() + (slice - 1) * w_size;
+    float* dw_t = dw_slice != nullptr && transposed_dw
+                      ? thread_scratch(ScratchSlot::WeightGradT, w_size)  // (g, c/g r s, k/g)
+                      : nullptr;
     const index_t first = chunks * slice / slices, last = chunks * (slice + 1) / slices;
     for (index_t i = first; i < last; ++i) {
       const Chunk ch = chunk_at(cs, nb, i);
+      const index_t columns = ch.count * pixels;
       for (index_t g = 0; g < cs.groups; ++g) {
         const float* w_g = w + g * kg * rows;
-        index_t ld;  // = ch.count * pixels for both matrices below
-        const float* dy_g = chunk_grad_output(cs, dy, ch, g, &ld);
+        const float* x_g = x + ch.first * x_image + g * cg * plane;
+        const float* dy_g = dy + ch.first * y_image + g * kg * pixels;
         if (dw_slice != nullptr) {
-          // dw[g] (+)= dy (k/g, nb pixels) @ cols^T (nb pixels, c/g r s), cols^T
-          // gathered straight into the GEMM's packed layout.
-          const int width = sgemm_panel_width();
-          float* packed = thread_scratch(ScratchSlot::Packed,
-                                         (rows + width - 1) / width * width * ld);
-          im2col_packed_transposed(cs, x + ch.first * x_image + g * cg * plane, x_image,
-                                   ch.count, width, packed);
-          sgemm_packed_b(Trans::No, kg, rows, ld, 1.0f, dy_g, ld, packed,
-                         i == first ? 0.0f : 1.0f, dw_slice + g * kg * rows, rows);
+          // dw[g] (+)= dy (k/g, nb pixels) @ cols^T (nb pixels, c/g r s), both
+          // operands gathered straight into the GEMM's packed layouts.
+          const float beta = i == first ? 0.0f : 1.0f;
+          const index_t m = transposed_dw ? rows : kg, n = transposed_dw ? kg : rows;
+          float* a = thread_scratch(ScratchSlot::PackedA, (m + height - 1) / height * height * columns);
+          float* b = thread_scratch(ScratchSlot::Packed, (n + width - 1) / width * width * columns);
+          if (transposed_dw) {
+            im2col_packed_transposed(cs, x_g, x_image, ch.count, height, a);
+            grad_output_packed_transposed(cs, dy_g, y_image, ch.count, width, b);
+            sgemm_packed(rows, kg, columns, 1.0f, a, b, beta, dw_t + g * rows * kg, kg);
+          } else {
+            grad_output_packed_transposed(cs, dy_g, y_image, ch.count, height, a);
+            im2col_packed_transposed(cs, x_g, x_image, ch.count, width, b);
+            sgemm_packed(kg, rows, columns, 1.0f, a, b, beta, dw_slice + g * kg * rows, rows);
+          }
         }
         if (dx == nullptr) continue;
         float* dx_g = dx + ch.first * x_image + g * cg * plane;
         if (cs.is_pointwise() && ch.count == 1) {
           // dx[n, g] (c/g, pixels) = w[g]^T (c/g, k/g) @ dy (k/g, pixels)
-          sgemm(Trans::Yes, Trans::No, rows, pixels, kg, 1.0f, w_g, rows, dy_g, ld, 0.0f, dx_g,
-                pixels);
+          sgemm(Trans::Yes, Trans::No, rows, pixels, kg, 1.0f, w_g, rows, dy_g, pixels, 0.0f,
+                dx_g, pixels);
           continue;
         }
-        // dcols (c/g r s, nb pixels) = w[g]^T @ dy, then folded back per image
-        const index_t cols_ld = ch.count * pixels;
-        float* dcols = thread_scratch(ScratchSlot::ColsGrad, rows * cols_ld);
-        sgemm(Trans::Yes, Trans::No, rows, cols_ld, kg, 1.0f, w_g, rows, dy_g, ld, 0.0f, dcols,
-              cols_ld);
-        for (index_t b = 0; b < ch.count; ++b) {
-          float* dx_b = dx_g + b * x_image;
+        // dcols (c/g r s, nb pixels) = w[g]^T @ dy, dy gathered into packed
+        // panels, then folded back per image
+        float* b = thread_scratch(ScratchSlot::Packed, (columns + width - 1) / width * width * kg);
+        grad_output_packed(cs, dy_g, y_image, ch.count, width, b);
+        float* dcols = thread_scratch(ScratchSlot::ColsGrad, rows * columns);
+        sgemm_packed_b(Trans::Yes, rows, columns, kg, 1.0f, w_g, rows, b, 0.0f, dcols, columns);
+        for (index_t bi = 0; bi < ch.count; ++bi) {
+          float* dx_b = dx_g + bi * x_image;
           std::fill(dx_b, dx_b + cg * plane, 0.0f);
-          col2im(cs, dcols + b * pixels, cols_ld, dx_b);
+          col2im(cs, dcols + bi * pixels, columns, dx_b);
         }
       }
     }
+    if (dw_t != nullptr && first < last)
+      for (index_t g = 0; g < cs.groups; ++g)
+        for (index_t ko = 0; ko < kg; ++ko)
+          for (index_t t = 0; t < rows; ++t)
+            dw_slice[(g * kg + ko) * rows + t] = dw_t[(g * rows + t) * kg + ko];
   });
   if (dw != nullptr && slices > 1) {
     parallel_for(w_size, 4096, [&](index_t i) {

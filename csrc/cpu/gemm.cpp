@@ -354,14 +354,43 @@ struct PrepackedB {
   index_t buffer_floats(index_t, index_t, int) const { return 0; }
 };
 
+// Likewise the A~ panels: packed here from op(A) ...
+struct PackA {
+  Trans ta;
+  const float* a;
+  index_t lda;
+
+  PackA from_row(index_t i0) const { return {ta, ta == Trans::No ? a + i0 * lda : a + i0, lda}; }
+  const float* panels(index_t i0, index_t mc, index_t p0, index_t kc, int mr, float* buf,
+                      index_t* stride) const {
+    pack_a(ta, a, lda, i0, mc, p0, kc, mr, buf);
+    *stride = kc * mr;
+    return buf;
+  }
+  bool needs_buffer() const { return true; }
+};
+
+// ... or already packed by the caller, whole depth per panel (see sgemm_packed).
+struct PrepackedA {
+  const float* a;
+  index_t k;
+
+  PrepackedA from_row(index_t i0) const { return {a + i0 * k, k}; }  // i0: multiple of mr
+  const float* panels(index_t i0, index_t, index_t p0, index_t, int mr, float*,
+                      index_t* stride) const {
+    *stride = k * mr;
+    return a + i0 * k + p0 * mr;
+  }
+  bool needs_buffer() const { return false; }
+};
+
 // The whole product on the calling thread.
-template <typename BSource>
-void gemm_serial(const KernelInfo& ker, Trans ta, index_t m, index_t n, index_t k, float alpha,
-                 const float* a, index_t lda, const BSource& bsrc, float beta, float* c,
-                 index_t ldc) {
+template <typename ASource, typename BSource>
+void gemm_serial(const KernelInfo& ker, index_t m, index_t n, index_t k, float alpha,
+                 const ASource& asrc, const BSource& bsrc, float beta, float* c, index_t ldc) {
   const int mr = ker.mr, nr = ker.nr;
   const index_t kc_max = block_depth(k);
-  float* packed_a = thread_scratch(ScratchSlot::GemmA, kMC * kc_max);
+  float* packed_a = asrc.needs_buffer() ? thread_scratch(ScratchSlot::GemmA, kMC * kc_max) : nullptr;
   const index_t b_floats = bsrc.buffer_floats(n, kc_max, nr);
   float* packed_b = b_floats > 0 ? thread_scratch(ScratchSlot::GemmB, b_floats) : nullptr;
   alignas(64) float edge[16 * 32];  // one micro-tile, for partial tiles at the edges
@@ -374,13 +403,14 @@ void gemm_serial(const KernelInfo& ker, Trans ta, index_t m, index_t n, index_t 
       const float* b_panels = bsrc.panels(j0, nc, p0, kc, nr, packed_b, &panel_stride);
       for (index_t i0 = 0; i0 < m; i0 += kMC) {
         const index_t mc = std::min(kMC, m - i0);
-        pack_a(ta, a, lda, i0, mc, p0, kc, mr, packed_a);
+        index_t a_stride;
+        const float* a_panels = asrc.panels(i0, mc, p0, kc, mr, packed_a, &a_stride);
         for (index_t jr = 0; jr < nc; jr += nr) {
           const index_t cols = std::min<index_t>(nr, nc - jr);
           const float* bp = b_panels + jr / nr * panel_stride;
           for (index_t ir = 0; ir < mc; ir += mr) {
             const index_t rows = std::min<index_t>(mr, mc - ir);
-            const float* ap = packed_a + ir * kc;
+            const float* ap = a_panels + ir / mr * a_stride;
             float* cp = c + (i0 + ir) * ldc + j0 + jr;
             // A last panel of at most 4 or 8 rows runs a kernel of that many
             // rows where the CPU's kernel offers one (same per-element
@@ -460,16 +490,16 @@ void small_m_avx512(Trans tb, index_t m, index_t n, index_t k, const float* a, i
 // so a thread that the OS preempts delays only its own block. Splitting N
 // makes every thread pack all of A, splitting M all of B: split the larger
 // of M and N, so that the operand packed repeatedly is the smaller one
-// (never M when B comes prepacked: each thread then reads only its panels).
-template <typename BSource>
-void gemm_threaded(Trans ta, index_t m, index_t n, index_t k, float alpha, const float* a,
-                   index_t lda, const BSource& bsrc, float beta, float* c, index_t ldc,
-                   bool may_split_m) {
+// (never M when only B comes prepacked: each thread then reads only its
+// panels and packs its own A).
+template <typename ASource, typename BSource>
+void gemm_threaded(index_t m, index_t n, index_t k, float alpha, const ASource& asrc,
+                   const BSource& bsrc, float beta, float* c, index_t ldc, bool may_split_m) {
   const KernelInfo& ker = kernel();
   // ~2 MFLOP per thread before a second thread pays for itself.
   const int nt = threads_for(m * n * std::min(k, kKC), index_t(1) << 20);
   if (nt <= 1) {
-    gemm_serial(ker, ta, m, n, k, alpha, a, lda, bsrc, beta, c, ldc);
+    gemm_serial(ker, m, n, k, alpha, asrc, bsrc, beta, c, ldc);
     return;
   }
   const index_t m_panels = (m + ker.mr - 1) / ker.mr, n_panels = (n + ker.nr - 1) / ker.nr;
@@ -491,8 +521,7 @@ void gemm_threaded(Trans ta, index_t m, index_t n, index_t k, float alpha, const
     const index_t j0 = std::min(n, n_panels * bj / tn * ker.nr);
     const index_t j1 = std::min(n, n_panels * (bj + 1) / tn * ker.nr);
     if (i0 >= i1 || j0 >= j1) continue;
-    const float* a_blk = ta == Trans::No ? a + i0 * lda : a + i0;
-    gemm_serial(ker, ta, i1 - i0, j1 - j0, k, alpha, a_blk, lda, bsrc.from_column(j0), beta,
+    gemm_serial(ker, i1 - i0, j1 - j0, k, alpha, asrc.from_row(i0), bsrc.from_column(j0), beta,
                 c + i0 * ldc + j0, ldc);
   }
 }
@@ -517,7 +546,7 @@ void sgemm(Trans ta, Trans tb, index_t m, index_t n, index_t k, float alpha, con
     small_m_avx512(tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  gemm_threaded(ta, m, n, k, alpha, a, lda, PackB{tb, b, ldb}, beta, c, ldc, true);
+  gemm_threaded(m, n, k, alpha, PackA{ta, a, lda}, PackB{tb, b, ldb}, beta, c, ldc, true);
 }
 
 void sgemm_packed_b(Trans ta, index_t m, index_t n, index_t k, float alpha, const float* a,
@@ -527,7 +556,20 @@ void sgemm_packed_b(Trans ta, index_t m, index_t n, index_t k, float alpha, cons
     scale_c(m, n, beta, c, ldc);
     return;
   }
-  gemm_threaded(ta, m, n, k, alpha, a, lda, PrepackedB{b_packed, k}, beta, c, ldc, false);
+  gemm_threaded(m, n, k, alpha, PackA{ta, a, lda}, PrepackedB{b_packed, k}, beta, c, ldc, false);
 }
+
+void sgemm_packed(index_t m, index_t n, index_t k, float alpha, const float* a_packed,
+                  const float* b_packed, float beta, float* c, index_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0 || alpha == 0.0f) {
+    scale_c(m, n, beta, c, ldc);
+    return;
+  }
+  gemm_threaded(m, n, k, alpha, PrepackedA{a_packed, k}, PrepackedB{b_packed, k}, beta, c, ldc,
+                true);
+}
+
+int sgemm_panel_height() { return kernel().mr; }
 
 }  // namespace fastcnn

@@ -147,7 +147,7 @@ void gather_rows_generic(const float* src, const index_t* bases, index_t depth,
 
 __attribute__((target("avx2"))) void gather_rows_avx2_16(const float* src, const index_t* bases,
                                                          index_t depth, const std::int32_t* off,
-                                                         int valid, float* out) {
+                                                         int, int valid, float* out) {
   const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off));
   const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + 8));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -164,7 +164,7 @@ __attribute__((target("avx2"))) void gather_rows_avx2_16(const float* src, const
 __attribute__((target("avx512f"))) void gather_rows_avx512_32(const float* src,
                                                               const index_t* bases,
                                                               index_t depth,
-                                                              const std::int32_t* off,
+                                                              const std::int32_t* off, int,
                                                               int valid, float* out) {
   const __m512i i0 = _mm512_loadu_si512(off), i1 = _mm512_loadu_si512(off + 16);
   const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
@@ -179,8 +179,22 @@ __attribute__((target("avx512f"))) void gather_rows_avx512_32(const float* src,
   }
 }
 
+// Widths up to 16 (the A~ panels of 12 rows): one masked gather per row.
+__attribute__((target("avx512f"))) void gather_rows_avx512_16(const float* src,
+                                                              const index_t* bases,
+                                                              index_t depth,
+                                                              const std::int32_t* off,
+                                                              int width, int valid, float* out) {
+  const __m512i i0 = _mm512_loadu_si512(off);
+  const __mmask16 take = static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 store = static_cast<__mmask16>((1u << width) - 1);
+  const __m512 zero = _mm512_setzero_ps();
+  for (index_t t = 0; t < depth; ++t, out += width)
+    _mm512_mask_storeu_ps(out, store, _mm512_mask_i32gather_ps(zero, take, i0, src + bases[t], 4));
+}
+
 using GatherRows = void (*)(const float*, const index_t*, index_t, const std::int32_t*, int,
-                            float*);
+                            int, float*);
 
 // Follows the GEMM's choice: FASTCNN_GEMM_KERNEL=generic selects the plain
 // loops here too, so the tests can run them on any machine.
@@ -189,6 +203,7 @@ GatherRows simd_gather(int width) {
   static const bool avx512 = !generic && __builtin_cpu_supports("avx512f");
   static const bool avx2 = !generic && __builtin_cpu_supports("avx2");
   if (width == 32 && avx512) return gather_rows_avx512_32;
+  if (width <= 16 && avx512) return gather_rows_avx512_16;
   if (width == 16 && avx2) return gather_rows_avx2_16;
   return nullptr;
 }
@@ -212,7 +227,7 @@ void pack_gathered(const float* src, index_t depth, index_t columns, int width, 
     if (simd == nullptr) return gather_rows_generic(src, bases, depth, off, width, valid, out);
     std::int32_t off32[32];
     for (int j = 0; j < 32; ++j) off32[j] = static_cast<std::int32_t>(off[j]);
-    simd(src, bases, depth, off32, valid, out);
+    simd(src, bases, depth, off32, width, valid, out);
   });
 }
 
@@ -235,6 +250,45 @@ void im2col_packed_transposed(const ConvShape& cs, const float* x, index_t x_str
   pack_gathered(in.data, count * cs.out_pixels(), cs.col_rows(), width, span,
                 [&](index_t j0, index_t n, index_t* out) { in.column_offsets(cs, j0, n, out); },
                 [&](index_t t0, index_t n, index_t* out) { in.row_offsets(cs, t0, n, out); },
+                dst);
+}
+
+namespace {
+
+// Output-gradient entry (ko, j = (image, pixel)) of a chunk: dy[b y_stride + ko pixels + p].
+void pixel_offsets(index_t pixels, index_t y_stride, index_t j0, index_t n, index_t* out) {
+  index_t b = j0 / pixels, p = j0 % pixels;
+  for (index_t i = 0; i < n; ++i) {
+    out[i] = b * y_stride + p;
+    if (++p == pixels) p = 0, ++b;
+  }
+}
+
+void channel_offsets(index_t pixels, index_t k0, index_t n, index_t* out) {
+  for (index_t i = 0; i < n; ++i) out[i] = (k0 + i) * pixels;
+}
+
+}  // namespace
+
+void grad_output_packed(const ConvShape& cs, const float* dy, index_t y_stride, index_t count,
+                        int width, float* dst) {
+  const index_t pixels = cs.out_pixels(), kg = cs.k_per_group();
+  pack_gathered(dy, kg, count * pixels, width, (count - 1) * y_stride + kg * pixels,
+                [&](index_t k0, index_t n, index_t* out) { channel_offsets(pixels, k0, n, out); },
+                [&](index_t j0, index_t n, index_t* out) {
+                  pixel_offsets(pixels, y_stride, j0, n, out);
+                },
+                dst);
+}
+
+void grad_output_packed_transposed(const ConvShape& cs, const float* dy, index_t y_stride,
+                                   index_t count, int width, float* dst) {
+  const index_t pixels = cs.out_pixels(), kg = cs.k_per_group();
+  pack_gathered(dy, count * pixels, kg, width, (count - 1) * y_stride + kg * pixels,
+                [&](index_t j0, index_t n, index_t* out) {
+                  pixel_offsets(pixels, y_stride, j0, n, out);
+                },
+                [&](index_t k0, index_t n, index_t* out) { channel_offsets(pixels, k0, n, out); },
                 dst);
 }
 

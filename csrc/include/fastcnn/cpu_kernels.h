@@ -24,6 +24,13 @@ void im2col_packed(const ConvShape& cs, const float* x, index_t x_stride, index_
 // packed layout: the B operand of the weight gradient dy @ cols^T.
 void im2col_packed_transposed(const ConvShape& cs, const float* x, index_t x_stride,
                               index_t count, int width, float* dst);
+// A chunk's output gradient (one group's k/g channels of `count` images,
+// y_stride floats apart) as the packed matrix (k/g, count oh ow), and its
+// transpose: operands of the input and weight gradients.
+void grad_output_packed(const ConvShape& cs, const float* dy, index_t y_stride, index_t count,
+                        int width, float* dst);
+void grad_output_packed_transposed(const ConvShape& cs, const float* dy, index_t y_stride,
+                                   index_t count, int width, float* dst);
 // cols: (c/groups * r * s, oh * ow) -> dx: (c/groups, h, w), accumulated (+=)
 void col2im(const ConvShape& cs, const float* cols, index_t ld, float* dx);
 

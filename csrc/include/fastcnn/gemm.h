@@ -29,6 +29,14 @@ void sgemm_packed_b(Trans ta, index_t m, index_t n, index_t k, float alpha, cons
                     index_t lda, const float* b_packed, float beta, float* c, index_t ldc);
 int sgemm_panel_width();
 
+// Both operands packed by the caller: a_packed holds ceil(m / h) panels,
+// h = sgemm_panel_height(): panel r is k rows of h floats, row p holding
+// op(A)(r h .. r h + h - 1, p), zeros past row m; panel r starts at
+// a_packed + r * k * h. b_packed as for sgemm_packed_b.
+void sgemm_packed(index_t m, index_t n, index_t k, float alpha, const float* a_packed,
+                  const float* b_packed, float beta, float* c, index_t ldc);
+int sgemm_panel_height();
+
 // Name of the micro-kernel chosen for this CPU ("avx512", "avx2+fma" or
 // "generic"), for benchmarks and bug reports.
 const char* sgemm_kernel_name();

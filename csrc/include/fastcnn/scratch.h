@@ -13,8 +13,10 @@ namespace fastcnn {
 enum class ScratchSlot : int {
   Cols = 0,      // conv2d: im2col output
   ColsGrad,      // conv2d: gradient of the columns
-  GradOut,       // conv2d: a chunk's output or output gradient
-  Packed,        // conv2d: im2col output packed as GEMM B~ panels
+  GradOut,       // conv2d: a chunk's output, before the bias and the scatter to images
+  Packed,        // conv2d: a GEMM B~ operand gathered into packed panels
+  PackedA,       // conv2d: a GEMM A~ operand gathered into packed panels
+  WeightGradT,   // conv2d: a transposed weight gradient
   Padded,        // conv2d: a chunk's input with its zero padding
   Bases,         // conv2d: gather offsets along a packed panel's depth
   GemmA,         // sgemm: packed A~
