@@ -416,3 +416,57 @@ def test_sequential_construction_forms():
         nn.Sequential([("c", conv), ("c", relu)])
     with pytest.raises(TypeError, match="must be a Module"):
         nn.Sequential(conv, np.zeros(3))
+
+
+def _train_pass(model, x, y, fuse, **backward_kwargs):
+    model.fuse = fuse
+    model.train()
+    model.dropout.eval()  # the same (no) dropout mask in both runs
+    for p in model.parameters():
+        p.grad = None
+    loss_fn = nn.CrossEntropyLoss()
+    out = model.forward(x)
+    loss_fn.forward(out, y)
+    gx = model.backward(loss_fn.backward(), **backward_kwargs)
+    return out, gx, [p.grad.copy() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_relu_pool_fusion_changes_no_bit(batchnorm):
+    """Training mode runs ReLU + MaxPool2d as one op: output, input gradient and
+    every parameter gradient equal the unfused run bit for bit (negative-only
+    windows and ties included), and only the fused ReLUs go unrecorded."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1, 28, 28)).astype(np.float32)
+    x[:, :, :, :7] = -1.0  # all-negative windows after the first convolution's bias
+    y = rng.integers(0, 10, 6)
+    model = models.mnist_cnn(batchnorm=batchnorm, seed=1)
+    plain = _train_pass(model, x, y, fuse=False)
+    plain_names = set(model.activations)
+    fused = _train_pass(model, x, y, fuse=True)
+    for a, b in zip(plain[:2], fused[:2]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(plain[2], fused[2]):
+        np.testing.assert_array_equal(a, b)
+    assert plain_names - set(model.activations) == {"relu1", "relu2"}
+    assert "relu1" not in model.gradients and ("bn1" if batchnorm else "conv1") in model.gradients
+
+
+def test_relu_pool_fusion_backward_stops_and_guided_rules_fall_back():
+    """After a fused forward, a backward that stops at the ReLU's output, or
+    that applies the guided rule, runs the two layers apart: same results as
+    an unfused forward."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
+    model = models.mnist_cnn(seed=2)
+    model.train()
+    model.dropout.eval()
+    g = rng.standard_normal((3, 10)).astype(np.float32)
+    results = {}
+    for fuse in (False, True):
+        model.fuse = fuse
+        model.forward(x)
+        results[fuse] = (model.backward(g, stop="relu2", param_grads=False),
+                         model.backward(g, guided=True, param_grads=False))
+    for a, b in zip(results[False], results[True]):
+        np.testing.assert_array_equal(a, b)

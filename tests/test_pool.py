@@ -211,3 +211,36 @@ def test_max_pool2d_wide_rows_with_ties_and_nans(kernel, stride, w, rng):
     x = rng.integers(0, 3, (2, 3, 5, w)).astype(np.float32)
     x[rng.random(x.shape) < 0.05] = np.nan
     check_pool(x, dict(kernel_size=kernel, stride=stride, padding=1 if kernel == 3 else 0), rng)
+
+
+@given(pool_configs())
+def test_relu_max_pool2d_equals_relu_then_pool(cfg):
+    """The fused op: the same values as max_pool2d(relu(x)) and the same input
+    gradient as relu_backward(max_pool2d_backward(g, relu(x)), x), bit for bit,
+    with or without indices (ties, all-negative windows and NaN included)."""
+    shape, kw, data, seed = cfg
+    rng = np.random.default_rng(seed)
+    x = make_input(shape, data, rng) - (1.0 if data == "ties" else 0.0)
+    if data == "normal" and x.size > 2:
+        x.reshape(-1)[rng.integers(0, x.size)] = np.nan
+    a = F.relu(x)
+    want = F.max_pool2d(a, **kw)
+    out, idx = F.relu_max_pool2d(x, **kw, return_indices=True)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(F.relu_max_pool2d(x, **kw), want)
+    go = randn(rng, *want.shape)
+    want_dx = F.relu_backward(F.max_pool2d_backward(go, a, **kw), x)
+    np.testing.assert_array_equal(F.relu_max_pool2d_backward(go, x, **kw), want_dx)
+    np.testing.assert_array_equal(F.relu_max_pool2d_backward(go, x, **kw, indices=idx), want_dx)
+
+
+def test_pool_backward_rejects_out_of_range_indices_in_the_kernel_pass():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    _, idx = F.max_pool2d(x, 2, return_indices=True)
+    go = np.ones((1, 1, 2, 2), np.float32)
+    for bad in (-1, 16, -5):
+        wrong = idx.copy()
+        wrong[0, 0, 1, 1] = bad
+        for fn in (F.max_pool2d_backward, F.relu_max_pool2d_backward):
+            with pytest.raises(ValueError, match=r"indices must lie in \[0, 16\)"):
+                fn(go, x, 2, indices=wrong)

@@ -171,14 +171,18 @@ void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int6
   });
 }
 
-void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
-                         const std::int64_t* indices, float* dx) {
+index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
+                            const std::int64_t* indices, bool relu, std::int64_t min_index,
+                            float* dx) {
   // dy: (n, c, oh, ow) -> dx: (n, c, h, w); overlapping windows add up, in
-  // output order within a plane. Without indices, each plane's argmaxes are
+  // output order within a plane. With `relu` this is the gradient of
+  // relu(max_pool2d(x)) (= max_pool2d(relu(x))): a tap takes its gradient
+  // only where x > 0 or x is NaN (relu_grad's rule). Without indices, each plane's argmaxes are
   // recomputed (as the forward does) into the thread's scratch first.
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
   const InsideColumns cols(ps);
   const InteriorRow fast = interior_kernel(ps);
+  index_t bad_indices = 0;
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
     float* grad = dx + pl * in_plane;
     std::fill(grad, grad + in_plane, 0.0f);
@@ -192,9 +196,24 @@ void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
       plane_max(ps, x + pl * in_plane, cols, fast, values.data(), argmax.data());
       idx = argmax.data();
     }
-    for (index_t o = 0; o < out_plane; ++o)
-      if (idx[o] >= 0) grad[idx[o]] += g[o];
+    // Given indices are checked here, in the pass that uses them: one
+    // outside [min_index, h w) is counted and skipped, never followed.
+    const float* in = x + pl * in_plane;
+    index_t bad = 0;
+    for (index_t o = 0; o < out_plane; ++o) {
+      const std::int64_t at = idx[o];
+      if (at < min_index || at >= in_plane) {
+        ++bad;
+      } else if (at >= 0 && (!relu || !(in[at] <= 0.0f))) {  // relu_grad's rule: NaN passes
+        grad[at] += g[o];
+      }
+    }
+    if (bad != 0) {
+#pragma omp atomic
+      bad_indices += bad;
+    }
   });
+  return bad_indices;
 }
 
 }  // namespace cpu

@@ -212,15 +212,20 @@ PYBIND11_MODULE(_cpu, m) {
 
   m.def("max_pool2d_backward", [](py::object dy_, py::object x_, py::object idx_,
                                   py::object dx_, index_t kh, index_t kw, index_t sh,
-                                  index_t sw, index_t ph, index_t pw, index_t dh, index_t dw) {
+                                  index_t sw, index_t ph, index_t pw, index_t dh, index_t dw,
+                                  bool relu, std::int64_t min_index) {
+    // Returns the number of indices outside [min_index, h * w) (skipped).
     auto dy = in<float>(dy_, "grad_output"), x = in<float>(x_, "input");
     auto dx = out<float>(dx_, "grad_input");
     expect_same_shape(dx, x, "grad_input", "input");
     const fastcnn::PoolShape ps = pool_shape(x, dy, kh, kw, sh, sw, ph, pw, dh, dw);
     const std::int64_t* idx = opt<std::int64_t>(idx_, "indices", false, dy.size());
+    if (min_index < -1) fail("min_index must be -1 or more");
     py::gil_scoped_release nogil;
-    fastcnn::cpu::max_pool2d_backward(ps, dy.data, x.data, idx, dx.data);
-  });
+    return fastcnn::cpu::max_pool2d_backward(ps, dy.data, x.data, idx, relu, min_index, dx.data);
+  }, py::arg("grad_output"), py::arg("input"), py::arg("indices"), py::arg("grad_input"),
+     py::arg("kh"), py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"),
+     py::arg("dh"), py::arg("dw"), py::arg("relu") = false, py::arg("min_index") = -1);
 
   // x viewed as (outer, dim, inner)
   m.def("softmax_forward", [](py::object x_, py::object y_, index_t outer, index_t dim,

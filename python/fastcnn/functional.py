@@ -17,7 +17,7 @@ from ._backend import shape_str
 
 __all__ = [
     "conv2d", "conv2d_backward", "linear", "linear_backward", "relu", "relu_backward",
-    "max_pool2d", "max_pool2d_backward", "softmax", "softmax_backward", "log_softmax",
+    "max_pool2d", "max_pool2d_backward", "relu_max_pool2d", "relu_max_pool2d_backward", "softmax", "softmax_backward", "log_softmax",
     "log_softmax_backward", "cross_entropy", "cross_entropy_backward", "batch_norm",
     "batch_norm_backward", "dropout", "dropout_mask", "dropout_backward", "normalize",
     "matmul", "manual_seed",
@@ -358,32 +358,66 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
                         ceil_mode=False, indices=None):
     """Gradient of :func:`max_pool2d`: each output gradient goes to its
     window's argmax (given by ``indices`` or recomputed from ``input``)."""
+    return _pool_backward("max_pool2d_backward", grad_output, input, kernel_size, stride,
+                          padding, dilation, ceil_mode, indices, False)
+
+
+def relu_max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                    return_indices=False):
+    """``max_pool2d(relu(input), ...)`` as one op (equal to ``relu(max_pool2d(input))``):
+    the ReLU'd input is never written out. ``indices`` are those of
+    ``max_pool2d(input)``; pass them, with ``input``, to
+    :func:`relu_max_pool2d_backward`. fastcnn.nn.Sequential runs a ReLU
+    followed by a MaxPool2d this way in training."""
+    out = max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    y = out[0] if return_indices else out
+    B.dispatch(y)[1].relu_forward(y, y)  # in place, on the pooled (smaller) array
+    return out
+
+
+def relu_max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
+                             dilation=1, ceil_mode=False, indices=None):
+    """Gradient of :func:`relu_max_pool2d` w.r.t. its input: a window's
+    gradient goes to its argmax where the input there is > 0."""
+    return _pool_backward("relu_max_pool2d_backward", grad_output, input, kernel_size, stride,
+                          padding, dilation, ceil_mode, indices, True)
+
+
+def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
+                   indices, relu):
     xp, K = B.dispatch(grad_output, input, indices)
     x = B.as_float(input, "input", xp)
-    g = _geometry(_PoolArgs, "max_pool2d_backward", (x,),
-                  (kernel_size, stride, padding, dilation, ceil_mode))
+    g = _geometry(_PoolArgs, op, (x,), (kernel_size, stride, padding, dilation, ceil_mode))
     dy = B.as_float(grad_output, "grad_output", xp)
     expected = g.out_shape[1:] if g.unbatched else g.out_shape
     if dy.shape != expected:
-        raise ValueError(f"max_pool2d_backward: grad_output has shape {shape_str(dy.shape)}, "
+        raise ValueError(f"{op}: grad_output has shape {shape_str(dy.shape)}, "
                          f"expected the output shape {shape_str(expected)}")
     idx = None
+    plane = x.shape[-1] * x.shape[-2]
+    low = -1 if g.has_empty_windows() else 0
+    bad_indices = ValueError(f"{op}: indices must lie in [{low}, {plane}) (H * W of "
+                             f"input {shape_str(x.shape)})") if indices is not None else None
     if indices is not None:
         idx = B.as_labels(indices, "indices", xp, what="an integer dtype (pooling indices)")
         if idx.shape != dy.shape:
-            raise ValueError(f"max_pool2d_backward: indices have shape {shape_str(idx.shape)}, "
+            raise ValueError(f"{op}: indices have shape {shape_str(idx.shape)}, "
                              f"expected {shape_str(dy.shape)}")
-        plane = x.shape[-1] * x.shape[-2]
-        low = -1 if g.has_empty_windows() else 0
-        if idx.size and (int(idx.min()) < low or int(idx.max()) >= plane):
-            raise ValueError(f"max_pool2d_backward: indices must lie in [{low}, {plane}) (H * W of "
-                             f"input {shape_str(x.shape)})")
     xb = x[None] if g.unbatched else x
     dx = _empty(xp, xb.shape)
     if dy.size:
-        K.max_pool2d_backward(
-            dy[None] if g.unbatched else dy, xb,
-            None if idx is None else (idx[None] if g.unbatched else idx), dx, *g.kernel_args())
+        dyb = dy[None] if g.unbatched else dy
+        idxb = None if idx is None else (idx[None] if g.unbatched else idx)
+        if xp is np:
+            # The CPU kernel checks the indices in the pass that uses them.
+            if K.max_pool2d_backward(dyb, xb, idxb, dx, *g.kernel_args(), relu, low):
+                raise bad_indices
+        else:
+            if idx is not None and idx.size and (int(idx.min()) < low or int(idx.max()) >= plane):
+                raise bad_indices
+            K.max_pool2d_backward(dyb, xb, idxb, dx, *g.kernel_args())
+            if relu:
+                K.relu_backward(dx, xb, False, dx)
     else:
         dx.fill(0)
     return dx[0] if g.unbatched else dx

@@ -56,9 +56,12 @@ void relu_backward(index_t count, const float* dy, const float* x, bool guided, 
 // ---- pool.cpp: x: (n, c, h, w) -> y: (n, c, oh, ow), indices (flat h * w + w) or null
 void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices);
 // dx (like x) = 0, then dy routed to each window's argmax: from `indices` when
-// given, else recomputed from x.
-void max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
-                         const std::int64_t* indices, float* dx);
+// given, else recomputed from x. relu: the gradient of relu(max_pool2d(x)),
+// which routes a window's gradient only where x > 0. Returns the number of
+// given indices outside [min_index, h w) (skipped; 0 when all are valid).
+index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
+                            const std::int64_t* indices, bool relu, std::int64_t min_index,
+                            float* dx);
 
 // ---- softmax.cpp: x viewed as (outer, dim, inner), softmax along dim.
 void softmax_forward(index_t outer, index_t dim, index_t inner, const float* x, bool log,

@@ -210,6 +210,9 @@ class ReLU(Module):
     input is > 0 *and* the incoming gradient is > 0."""
 
     accepts_guided = True
+    # Sequential may run this ReLU and a MaxPool2d right after it as one op
+    # (MaxPool2d.forward_after_relu) in training.
+    fuses_into_pool = True
 
     def __init__(self, guided=False):
         super().__init__()
@@ -247,18 +250,40 @@ class MaxPool2d(Module):
         return self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
 
     def forward(self, x):
+        return self._forward(x, F.max_pool2d, relu_first=False)
+
+    def forward_after_relu(self, x):
+        """``forward(relu(x))`` as one op, the ReLU'd ``x`` never written out:
+        Sequential runs a ReLU and the MaxPool2d after it this way in training.
+        ``backward_through_relu`` then gives the gradient w.r.t. ``x``."""
+        return self._forward(x, F.relu_max_pool2d, relu_first=True)
+
+    def _forward(self, x, pool, relu_first):
         # Argmaxes are kept for a training step's backward; in eval mode a
         # backward (visualisation) recomputes them, so inference skips them.
         if self.training:
-            out, self._indices = F.max_pool2d(x, *self._args(), return_indices=True)
+            out, self._indices = pool(x, *self._args(), return_indices=True)
         else:
-            out, self._indices = F.max_pool2d(x, *self._args()), None
+            out, self._indices = pool(x, *self._args()), None
         self._input = x
+        self._relu_first = relu_first
         return out
 
     def backward(self, grad_out, *, input_grad=True):
         x = _cached(self, "_input")
+        if self._relu_first:
+            # The gradient w.r.t. this layer's own input, relu(x): the
+            # indices are x's, which can differ from relu(x)'s where a window
+            # holds no positive value, so the argmaxes are recomputed.
+            return F.max_pool2d_backward(grad_out, F.relu(x), *self._args())
         return F.max_pool2d_backward(grad_out, x, *self._args(), indices=self._indices)
+
+    def backward_through_relu(self, grad_out):
+        """After ``forward_after_relu(x)``: the gradient w.r.t. ``x``."""
+        x = _cached(self, "_input")
+        if not self._relu_first:
+            raise RuntimeError("MaxPool2d.backward_through_relu needs forward_after_relu first")
+        return F.relu_max_pool2d_backward(grad_out, x, *self._args(), indices=self._indices)
 
     def output_shape(self, input_shape):
         *lead, h, w = input_shape

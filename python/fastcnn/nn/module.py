@@ -364,6 +364,12 @@ class Sequential(Module):
     after ``backward(g)``, ``gradients[name]`` is the gradient w.r.t. that output
     and ``input_gradient`` the gradient w.r.t. the model's input (these are the
     arrays themselves, not copies).
+
+    In training mode (``train()``) with ``fuse`` set (the default), a ReLU
+    directly followed by a MaxPool2d runs as one op, forward and backward:
+    the ReLU's output is never written, so that ReLU has no entry in
+    ``activations`` or ``gradients``; results are otherwise the same bits.
+    Evaluation mode, and ``fuse = False``, record every layer.
     """
 
     accepts_guided = True
@@ -382,6 +388,9 @@ class Sequential(Module):
         self.gradients = OrderedDict()
         self.input = None
         self.input_gradient = None
+        # In training, a ReLU directly followed by a MaxPool2d runs as one op
+        # (the ReLU's output is then neither written nor recorded).
+        self.fuse = True
 
     def append(self, module, name=None):
         name = str(len(self._modules)) if name is None else str(name)
@@ -438,9 +447,20 @@ class Sequential(Module):
             self.input = x
         else:
             self.activations[names[first - 1]] = x
-        for i in range(first, last + 1):
-            x = layers[i].forward(x)
+        fuse = self.fuse and self.training
+        i = first
+        while i <= last:
+            layer = layers[i]
+            if (fuse and i < last and getattr(layer, "fuses_into_pool", False) and
+                    not layer.guided and hasattr(layers[i + 1], "forward_after_relu")):
+                layer._input = x  # for an unfused ReLU backward (guided, or a stop there)
+                x = layers[i + 1].forward_after_relu(x)
+                self.activations[names[i + 1]] = x
+                i += 2
+                continue
+            x = layer.forward(x)
             self.activations[names[i]] = x
+            i += 1
         return x
 
     def backward(self, grad_out, *, input_grad=True, start=None, stop=None, guided=None,
@@ -473,14 +493,22 @@ class Sequential(Module):
             self.input_gradient = None
             g = grad_out
             self.gradients[names[first]] = g
-            for i in range(first, last, -1):
-                layer = layers[i]
-                kwargs = {"input_grad": input_grad or i > 0}
-                if guided is not None and layer.accepts_guided:
-                    kwargs["guided"] = guided
-                g = layer.backward(g, **kwargs)
-                if i > 0:
-                    self.gradients[names[i - 1]] = g
+            i = first
+            while i > last:
+                layer, step = layers[i], 1
+                if (i - 1 > last and getattr(layer, "_relu_first", False) and
+                        not (layers[i - 1].guided if guided is None else guided)):
+                    # A MaxPool2d that ran fused with the ReLU before it: both
+                    # backward in one op, the ReLU's output gradient unrecorded.
+                    g, step = layer.backward_through_relu(g), 2
+                else:
+                    kwargs = {"input_grad": input_grad or i > 0}
+                    if guided is not None and layer.accepts_guided:
+                        kwargs["guided"] = guided
+                    g = layer.backward(g, **kwargs)
+                i -= step
+                if i >= 0:
+                    self.gradients[names[i]] = g
                 else:
                     self.input_gradient = g
         finally:

@@ -123,8 +123,8 @@ def default_cam_layer(model, op):
 
 @contextmanager
 def preserved(model, train=False):
-    """Run the body with ``model`` in eval mode (``train=True``: training mode) and put
-    everything back afterwards: each module's mode, flags and cached tensors,
+    """Run the body with ``model`` in eval mode (``train=True``: training mode), with no
+    ReLU/MaxPool fusion, and put everything back afterwards: each module's mode, flags and cached tensors,
     Sequential's recorded activations and gradients, parameter gradients and
     requires_grad, and buffers (batch-norm running statistics, dropout counters)."""
     modules = list(model.modules())
@@ -132,6 +132,9 @@ def preserved(model, train=False):
     params = [(p, p.grad, p.requires_grad) for p in model.parameters()]
     buffers = [(b, b.copy()) for b in model.buffers() if b is not None]
     model.train(bool(train))
+    for m in modules:
+        if hasattr(m, "fuse"):
+            m.fuse = False  # every layer's activation and gradient is recorded
     try:
         yield model
     finally:
