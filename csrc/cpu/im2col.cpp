@@ -1,6 +1,8 @@
-// im2col / col2im for one image and one group. Row (ci, ri, si) of the column
-// matrix holds input channel ci shifted by kernel tap (ri, si): the
-// convolution becomes weight (k, c r s) @ cols (c r s, oh ow).
+// im2col and col2im. Row (ci, ri, si) of the column matrix holds input
+// channel ci shifted by kernel tap (ri, si): the convolution becomes
+// weight (k, c r s) @ cols (c r s, oh ow). The column matrix is never
+// written as such: it is gathered straight into the GEMM's packed panels
+// (and so are the output gradients); col2im folds a column gradient back.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -14,68 +16,6 @@
 
 namespace fastcnn {
 namespace cpu {
-
-namespace {
-
-// Row `row` = (ci, ri, si) of one image's column matrix: `pixels` floats.
-void im2col_row(const ConvShape& cs, const float* x, index_t row, float* dst) {
-  const index_t ci = row / (cs.r * cs.s), ri = (row / cs.s) % cs.r, si = row % cs.s;
-  const index_t pixels = cs.out_pixels();
-  const float* plane = x + ci * cs.h * cs.w;
-  index_t w_lo, w_hi;
-  valid_output_range(cs.w, cs.ow, cs.stride_w, cs.pad_w, si * cs.dil_w, &w_lo, &w_hi);
-  const index_t iw0 = w_lo * cs.stride_w - cs.pad_w + si * cs.dil_w;
-  if (cs.stride_h == 1 && cs.stride_w == 1 && cs.ow == cs.w && w_lo < w_hi) {
-    // Unit stride, width preserved ('same' padding): the valid output rows
-    // are the input plane shifted by (ri dil - pad) rows and (si dil - pad)
-    // columns, so one long copy does them all; only the columns the shift
-    // wrapped around the row ends are then zeroed.
-    index_t y_lo, y_hi;
-    valid_output_range(cs.h, cs.oh, 1, cs.pad_h, ri * cs.dil_h, &y_lo, &y_hi);
-    const index_t begin = y_lo * cs.ow + w_lo;
-    const index_t end = y_hi > y_lo ? (y_hi - 1) * cs.ow + w_hi : begin;
-    const float* src = plane + (y_lo - cs.pad_h + ri * cs.dil_h) * cs.w + iw0;
-    for (index_t i = 0; i < begin; ++i) dst[i] = 0.0f;
-    for (index_t i = begin; i < end; ++i) dst[i] = src[i - begin];
-    for (index_t i = end; i < pixels; ++i) dst[i] = 0.0f;
-    for (index_t oy = y_lo; oy < y_hi; ++oy) {
-      float* out = dst + oy * cs.ow;
-      for (index_t ox = 0; ox < w_lo; ++ox) out[ox] = 0.0f;
-      for (index_t ox = w_hi; ox < cs.ow; ++ox) out[ox] = 0.0f;
-    }
-    return;
-  }
-  for (index_t oy = 0; oy < cs.oh; ++oy, dst += cs.ow) {
-    const index_t iy = oy * cs.stride_h - cs.pad_h + ri * cs.dil_h;
-    if (iy < 0 || iy >= cs.h || w_lo == w_hi) {
-      for (index_t ox = 0; ox < cs.ow; ++ox) dst[ox] = 0.0f;
-      continue;
-    }
-    const float* src = plane + iy * cs.w + iw0;
-    // Inline loops rather than memcpy / fill: rows are often 7-28 floats,
-    // where a library call costs more than the copy.
-    for (index_t ox = 0; ox < w_lo; ++ox) dst[ox] = 0.0f;
-    if (cs.stride_w == 1) {
-      for (index_t ox = w_lo; ox < w_hi; ++ox) dst[ox] = src[ox - w_lo];
-    } else {
-      for (index_t ox = w_lo; ox < w_hi; ++ox) dst[ox] = src[(ox - w_lo) * cs.stride_w];
-    }
-    for (index_t ox = w_hi; ox < cs.ow; ++ox) dst[ox] = 0.0f;
-  }
-}
-
-// Rows per parallel task: enough that a task copies ~16k floats.
-index_t im2col_grain(const ConvShape& cs, index_t images) {
-  return std::max<index_t>(1, 16384 / std::max<index_t>(cs.out_pixels() * images, 1));
-}
-
-}  // namespace
-
-// x: (c/groups, h, w) -> cols: (c/groups * r * s, oh * ow), rows ld apart
-void im2col(const ConvShape& cs, const float* x, float* cols, index_t ld) {
-  parallel_for(cs.col_rows(), im2col_grain(cs, 1),
-               [&](index_t row) { im2col_row(cs, x, row, cols + row * ld); });
-}
 
 namespace {
 

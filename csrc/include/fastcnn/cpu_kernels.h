@@ -11,17 +11,14 @@
 namespace fastcnn {
 namespace cpu {
 
-// ---- im2col.cpp: one image, one group. `ld` is the row stride of cols
-// (>= oh * ow: several images' columns may sit side by side).
-// x: (c/groups, h, w) -> cols: (c/groups * r * s, oh * ow)
-void im2col(const ConvShape& cs, const float* x, float* cols, index_t ld);
+// ---- im2col.cpp
 // The column matrices of `count` images (x_stride floats apart), side by
 // side, written straight in the packed-B layout of sgemm_packed_b with
 // panels `width` columns wide.
 void im2col_packed(const ConvShape& cs, const float* x, index_t x_stride, index_t count,
                    int width, float* dst);
 // The transpose of those columns, (count oh ow, c/groups r s), in the same
-// packed layout: the B operand of the weight gradient dy @ cols^T.
+// packed layout (panels of `width` taps): an operand of the weight gradient.
 void im2col_packed_transposed(const ConvShape& cs, const float* x, index_t x_stride,
                               index_t count, int width, float* dst);
 // A chunk's output gradient (one group's k/g channels of `count` images,
@@ -31,6 +28,8 @@ void grad_output_packed(const ConvShape& cs, const float* dy, index_t y_stride, 
                         int width, float* dst);
 void grad_output_packed_transposed(const ConvShape& cs, const float* dy, index_t y_stride,
                                    index_t count, int width, float* dst);
+// One image, one group; `ld` is the row stride of cols (>= oh * ow: several
+// images' columns may sit side by side).
 // cols: (c/groups * r * s, oh * ow) -> dx: (c/groups, h, w), accumulated (+=)
 void col2im(const ConvShape& cs, const float* cols, index_t ld, float* dx);
 
