@@ -54,6 +54,11 @@ void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const f
   const index_t pixels = cs.out_pixels(), x_image = cs.c * cs.h * cs.w, y_image = cs.k * pixels;
   const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;
   const int width = sgemm_panel_width();
+  // The weights as A~ panels once, for every chunk and thread.
+  const index_t w_panels = sgemm_packed_a_floats(kg, rows);
+  float* w_packed = thread_scratch(ScratchSlot::Weights, cs.groups * w_panels);
+  for (index_t g = 0; g < cs.groups; ++g)
+    sgemm_pack_a(Trans::No, kg, rows, w + g * kg * rows, rows, w_packed + g * w_panels);
   // Whole chunks per thread when there are enough; otherwise one chunk at a
   // time with the threads inside im2col and the GEMM.
   parallel_for(chunks, 1, [&](index_t i) {
@@ -64,20 +69,20 @@ void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const f
     for (index_t g = 0; g < cs.groups; ++g) {
       im2col_packed(cs, x + ch.first * x_image + g * cg * cs.h * cs.w, x_image, ch.count, width,
                     packed);
-      const float* w_g = w + g * kg * rows;
+      const float* w_g = w_packed + g * w_panels;
       float* y_g = y + ch.first * y_image + g * kg * pixels;
       if (ch.count == 1) {
         // Straight into y; the bias is the GEMM's initial C.
         if (bias != nullptr)
           for (index_t ko = 0; ko < kg; ++ko)
             std::fill(y_g + ko * pixels, y_g + (ko + 1) * pixels, bias[g * kg + ko]);
-        sgemm_packed_b(Trans::No, kg, pixels, rows, 1.0f, w_g, rows, packed,
-                       bias != nullptr ? 1.0f : 0.0f, y_g, pixels);
+        sgemm_packed(kg, pixels, rows, 1.0f, w_g, packed, bias != nullptr ? 1.0f : 0.0f, y_g,
+                     pixels);
         continue;
       }
       // Into a (k/g, nb pixels) buffer, then scattered to the images with the bias.
       float* out = thread_scratch(ScratchSlot::GradOut, kg * columns);
-      sgemm_packed_b(Trans::No, kg, columns, rows, 1.0f, w_g, rows, packed, 0.0f, out, columns);
+      sgemm_packed(kg, columns, rows, 1.0f, w_g, packed, 0.0f, out, columns);
       for (index_t b = 0; b < ch.count; ++b)
         for (index_t ko = 0; ko < kg; ++ko) {
           const float* src = out + ko * columns + b * pixels;
@@ -117,6 +122,14 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
   // two give the same bits: each element sums the same products in the
   // same k-blocks.
   const bool transposed_dw = rows < kg;
+  // dcols = w[g]^T @ dy: the transposed weights as A~ panels once, for every chunk.
+  const index_t wt_panels = sgemm_packed_a_floats(rows, kg);
+  float* wt_packed = nullptr;
+  if (dx != nullptr) {
+    wt_packed = thread_scratch(ScratchSlot::Weights, cs.groups * wt_panels);
+    for (index_t g = 0; g < cs.groups; ++g)
+      sgemm_pack_a(Trans::Yes, rows, kg, w + g * kg * rows, rows, wt_packed + g * wt_panels);
+  }
   std::vector<float> partial(dw != nullptr ? static_cast<size_t>((slices - 1) * w_size) : 0);
   parallel_for(slices, 1, [&](index_t slice) {
     // Slice 0 accumulates straight into dw; the others into their own buffer.
@@ -164,7 +177,7 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
         float* b = thread_scratch(ScratchSlot::Packed, (columns + width - 1) / width * width * kg);
         grad_output_packed(cs, dy_g, y_image, ch.count, width, b);
         float* dcols = thread_scratch(ScratchSlot::ColsGrad, rows * columns);
-        sgemm_packed_b(Trans::Yes, rows, columns, kg, 1.0f, w_g, rows, b, 0.0f, dcols, columns);
+        sgemm_packed(rows, columns, kg, 1.0f, wt_packed + g * wt_panels, b, 0.0f, dcols, columns);
         for (index_t bi = 0; bi < ch.count; ++bi) {
           float* dx_b = dx_g + bi * x_image;
           std::fill(dx_b, dx_b + cg * plane, 0.0f);

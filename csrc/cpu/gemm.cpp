@@ -572,4 +572,13 @@ void sgemm_packed(index_t m, index_t n, index_t k, float alpha, const float* a_p
 
 int sgemm_panel_height() { return kernel().mr; }
 
+index_t sgemm_packed_a_floats(index_t m, index_t k) {
+  const int mr = kernel().mr;
+  return (m + mr - 1) / mr * mr * k;
+}
+
+void sgemm_pack_a(Trans ta, index_t m, index_t k, const float* a, index_t lda, float* a_packed) {
+  if (m > 0 && k > 0) pack_a(ta, a, lda, 0, m, 0, k, kernel().mr, a_packed);
+}
+
 }  // namespace fastcnn

@@ -148,6 +148,53 @@ GatherRows simd_gather(int width) {
   return nullptr;
 }
 
+// Where a panel's columns have consecutive offsets (unit-stride convolution:
+// runs along an output row; output gradients: runs along a whole image), a
+// row is cheaper as a few expanding loads than as gathers: each run of
+// columns within a 16-lane half is one _mm512_mask_expandloadu_ps of
+// contiguous floats into the run's lanes.
+struct Run {
+  __mmask16 lanes;     // the run's lanes within its half
+  std::int32_t start;  // offset of its first column
+};
+constexpr int kMaxRunsPerHalf = 4;  // more runs than this: gathers are as fast
+
+// The runs of off[0, valid) in halves of 16 lanes; false when a half needs
+// more than kMaxRunsPerHalf.
+bool split_runs(const index_t* off, int valid, int width, Run runs[2][kMaxRunsPerHalf],
+                int counts[2]) {
+  for (int h = 0; h * 16 < width; ++h) {
+    counts[h] = 0;
+    for (int j = h * 16; j < std::min(valid, h * 16 + 16);) {
+      int end = j + 1;
+      while (end < std::min(valid, h * 16 + 16) && off[end] == off[end - 1] + 1) ++end;
+      if (counts[h] == kMaxRunsPerHalf) return false;
+      const unsigned bits = ((1u << (end - j)) - 1u) << (j - h * 16);
+      runs[h][counts[h]++] = Run{static_cast<__mmask16>(bits), static_cast<std::int32_t>(off[j])};
+      j = end;
+    }
+  }
+  return true;
+}
+
+__attribute__((target("avx512f"))) void expand_rows_avx512(const float* src,
+                                                          const index_t* bases, index_t depth,
+                                                          const Run runs[2][kMaxRunsPerHalf],
+                                                          const int counts[2], int width,
+                                                          float* out) {
+  const int halves = (width + 15) / 16;
+  const __mmask16 last = width % 16 == 0 ? 0xFFFF : static_cast<__mmask16>((1u << (width % 16)) - 1);
+  for (index_t t = 0; t < depth; ++t, out += width) {
+    const float* base = src + bases[t];
+    for (int h = 0; h < halves; ++h) {
+      __m512 v = _mm512_setzero_ps();
+      for (int r = 0; r < counts[h]; ++r)
+        v = _mm512_mask_expandloadu_ps(v, runs[h][r].lanes, base + runs[h][r].start);
+      _mm512_mask_storeu_ps(out + 16 * h, h == halves - 1 ? last : 0xFFFF, v);
+    }
+  }
+}
+
 // Panels of a matrix whose entry (t, j) is src[base t + offset j], t along
 // the depth (packed rows), j along the panels' columns (`columns` of them);
 // bases(t0, n, out) and offsets(j0, n, out) write n consecutive ones.
@@ -158,6 +205,9 @@ void pack_gathered(const float* src, index_t depth, index_t columns, int width, 
   fill_bases(0, depth, bases);
   // 32-bit gather offsets while every address of the chunk fits them.
   const GatherRows simd = span < (index_t(1) << 31) ? simd_gather(width) : nullptr;
+  static const bool avx512 = std::strcmp(sgemm_kernel_name(), "generic") != 0 &&
+                             __builtin_cpu_supports("avx512f");
+  const bool expand = avx512 && width <= 32;
   const index_t panels = (columns + width - 1) / width;
   parallel_for(panels, std::max<index_t>(1, 16384 / (depth * width)), [&](index_t q) {
     const int valid = static_cast<int>(std::min<index_t>(width, columns - q * width));
@@ -165,6 +215,10 @@ void pack_gathered(const float* src, index_t depth, index_t columns, int width, 
     fill_offsets(q * width, valid, off);
     float* out = dst + q * depth * width;
     if (simd == nullptr) return gather_rows_generic(src, bases, depth, off, width, valid, out);
+    Run runs[2][kMaxRunsPerHalf];
+    int counts[2] = {0, 0};
+    if (expand && split_runs(off, valid, width, runs, counts))
+      return expand_rows_avx512(src, bases, depth, runs, counts, width, out);
     std::int32_t off32[32];
     for (int j = 0; j < 32; ++j) off32[j] = static_cast<std::int32_t>(off[j]);
     simd(src, bases, depth, off32, width, valid, out);

@@ -36,6 +36,11 @@ int sgemm_panel_width();
 void sgemm_packed(index_t m, index_t n, index_t k, float alpha, const float* a_packed,
                   const float* b_packed, float beta, float* c, index_t ldc);
 int sgemm_panel_height();
+// op(A) (m x k) packed in that layout, for a product repeated with the same A
+// (a convolution's weights over its image chunks): sgemm_packed_a_floats(m, k)
+// floats at a_packed.
+index_t sgemm_packed_a_floats(index_t m, index_t k);
+void sgemm_pack_a(Trans ta, index_t m, index_t k, const float* a, index_t lda, float* a_packed);
 
 // Name of the micro-kernel chosen for this CPU ("avx512", "avx2+fma" or
 // "generic"), for benchmarks and bug reports.

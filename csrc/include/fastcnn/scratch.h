@@ -17,6 +17,7 @@ enum class ScratchSlot : int {
   Packed,        // conv2d: a GEMM B~ operand gathered into packed panels
   PackedA,       // conv2d: a GEMM A~ operand gathered into packed panels
   WeightGradT,   // conv2d: a transposed weight gradient
+  Weights,       // conv2d: the weights (or their transpose) packed as A~ panels
   Padded,        // conv2d: a chunk's input with its zero padding
   Bases,         // conv2d: gather offsets along a packed panel's depth
   GemmA,         // sgemm: packed A~
