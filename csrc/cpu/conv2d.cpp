@@ -178,11 +178,8 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
         grad_output_packed(cs, dy_g, y_image, ch.count, width, b);
         float* dcols = thread_scratch(ScratchSlot::ColsGrad, rows * columns);
         sgemm_packed(rows, columns, kg, 1.0f, wt_packed + g * wt_panels, b, 0.0f, dcols, columns);
-        for (index_t bi = 0; bi < ch.count; ++bi) {
-          float* dx_b = dx_g + bi * x_image;
-          std::fill(dx_b, dx_b + cg * plane, 0.0f);
-          col2im(cs, dcols + bi * pixels, columns, dx_b);
-        }
+        for (index_t bi = 0; bi < ch.count; ++bi)
+          col2im(cs, dcols + bi * pixels, columns, dx_g + bi * x_image);
       }
     }
     if (dw_t != nullptr && first < last)

@@ -30,7 +30,7 @@ void grad_output_packed_transposed(const ConvShape& cs, const float* dy, index_t
                                    index_t count, int width, float* dst);
 // One image, one group; `ld` is the row stride of cols (>= oh * ow: several
 // images' columns may sit side by side).
-// cols: (c/groups * r * s, oh * ow) -> dx: (c/groups, h, w), accumulated (+=)
+// cols: (c/groups * r * s, oh * ow) -> dx: (c/groups, h, w), overwritten
 void col2im(const ConvShape& cs, const float* cols, index_t ld, float* dx);
 
 // ---- conv2d.cpp
