@@ -59,39 +59,68 @@ void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const f
   float* w_packed = thread_scratch(ScratchSlot::Weights, cs.groups * w_panels);
   for (index_t g = 0; g < cs.groups; ++g)
     sgemm_pack_a(Trans::No, kg, rows, w + g * kg * rows, rows, w_packed + g * w_panels);
-  // Whole chunks per thread when there are enough; otherwise one chunk at a
-  // time with the threads inside im2col and the GEMM.
-  parallel_for(chunks, 1, [&](index_t i) {
+  // Panels [q0, q1) of chunk i's columns, with the GEMM's packed B~ at
+  // `packed` and, for several images, their (k/g, columns) product at `out`.
+  auto run = [&](index_t i, index_t part, index_t parts, float* packed, float* out) {
     const Chunk ch = chunk_at(cs, nb, i);
-    const index_t columns = ch.count * pixels;
-    // im2col writes the GEMM's packed B~ directly: one pass over the columns.
-    float* packed = thread_scratch(ScratchSlot::Packed, (columns + width - 1) / width * width * rows);
+    const index_t columns = ch.count * pixels, panels = (columns + width - 1) / width;
+    const index_t q0 = panels * part / parts, q1 = panels * (part + 1) / parts;
+    if (q0 >= q1) return;
+    const index_t j0 = q0 * width, j1 = std::min(columns, q1 * width);
     for (index_t g = 0; g < cs.groups; ++g) {
+      // im2col writes the GEMM's packed B~ directly: one pass over the columns.
       im2col_packed(cs, x + ch.first * x_image + g * cg * cs.h * cs.w, x_image, ch.count, width,
-                    packed);
+                    packed, q0, q1);
       const float* w_g = w_packed + g * w_panels;
+      const float* b_panels = packed + q0 * rows * width;
       float* y_g = y + ch.first * y_image + g * kg * pixels;
       if (ch.count == 1) {
         // Straight into y; the bias is the GEMM's initial C.
         if (bias != nullptr)
           for (index_t ko = 0; ko < kg; ++ko)
-            std::fill(y_g + ko * pixels, y_g + (ko + 1) * pixels, bias[g * kg + ko]);
-        sgemm_packed(kg, pixels, rows, 1.0f, w_g, packed, bias != nullptr ? 1.0f : 0.0f, y_g,
-                     pixels);
+            std::fill(y_g + ko * pixels + j0, y_g + ko * pixels + j1, bias[g * kg + ko]);
+        sgemm_packed(kg, j1 - j0, rows, 1.0f, w_g, b_panels, bias != nullptr ? 1.0f : 0.0f,
+                     y_g + j0, pixels);
         continue;
       }
-      // Into a (k/g, nb pixels) buffer, then scattered to the images with the bias.
-      float* out = thread_scratch(ScratchSlot::GradOut, kg * columns);
-      sgemm_packed(kg, columns, rows, 1.0f, w_g, packed, 0.0f, out, columns);
-      for (index_t b = 0; b < ch.count; ++b)
+      // Into the (k/g, nb pixels) buffer, then scattered to the images with the bias.
+      sgemm_packed(kg, j1 - j0, rows, 1.0f, w_g, b_panels, 0.0f, out + j0, columns);
+      for (index_t j = j0; j < j1;) {
+        const index_t b = j / pixels, p0 = j % pixels, p1 = std::min(pixels, p0 + (j1 - j));
         for (index_t ko = 0; ko < kg; ++ko) {
           const float* src = out + ko * columns + b * pixels;
           float* dst = y_g + b * y_image + ko * pixels;
           const float add = bias != nullptr ? bias[g * kg + ko] : 0.0f;
-          for (index_t p = 0; p < pixels; ++p) dst[p] = src[p] + add;
+          for (index_t p = p0; p < p1; ++p) dst[p] = src[p] + add;
         }
+        j += p1 - p0;
+      }
     }
-  });
+  };
+  auto buffers = [&](index_t i, float** packed, float** out) {
+    const index_t columns = chunk_at(cs, nb, i).count * pixels;
+    *packed = thread_scratch(ScratchSlot::Packed, (columns + width - 1) / width * width * rows);
+    *out = thread_scratch(ScratchSlot::GradOut, kg * columns);
+  };
+  const int nt = threads_for(index_t(1) << 30);
+  if (chunks >= nt) {
+    // Whole chunks per thread.
+    parallel_for(chunks, 1, [&](index_t i) {
+      float *packed, *out;
+      buffers(i, &packed, &out);
+      run(i, 0, 1, packed, out);
+    });
+    return;
+  }
+  // Fewer chunks than threads (a small batch): each chunk's column panels
+  // split over the threads, every thread gathering and multiplying its own
+  // panels in one parallel region (no barrier between the two).
+  for (index_t i = 0; i < chunks; ++i) {
+    float *packed, *out;
+    buffers(i, &packed, &out);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int part = 0; part < nt; ++part) run(i, part, nt, packed, out);
+  }
 }
 
 void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const float* w,

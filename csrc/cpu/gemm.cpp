@@ -209,7 +209,7 @@ void pack_runs_as_columns(const float* src, index_t ld, index_t count, index_t l
                           float* dst, index_t stride) {
   index_t r = 0;
   if (kernel().nr == 32) {  // the AVX-512 kernel: 16 x 16 blocks, then the depth's tail
-    for (; r < count && count - r >= 8; r += 16) {
+    for (; count - r >= 16; r += 16) {
       const int rows = static_cast<int>(std::min<index_t>(16, count - r));
       index_t p = transpose_runs_avx512(src + r * ld, ld, rows, len, dst + r, stride);
       for (; p < len; ++p)

@@ -198,9 +198,11 @@ __attribute__((target("avx512f"))) void expand_rows_avx512(const float* src,
 // Panels of a matrix whose entry (t, j) is src[base t + offset j], t along
 // the depth (packed rows), j along the panels' columns (`columns` of them);
 // bases(t0, n, out) and offsets(j0, n, out) write n consecutive ones.
+// Panels [q0, q1) only (q1 < 0: all) when the caller splits them over threads.
 template <typename Bases, typename Offsets>
 void pack_gathered(const float* src, index_t depth, index_t columns, int width, index_t span,
-                   Bases&& fill_bases, Offsets&& fill_offsets, float* dst) {
+                   Bases&& fill_bases, Offsets&& fill_offsets, float* dst, index_t q0 = 0,
+                   index_t q1 = -1) {
   index_t* bases = thread_scratch<index_t>(ScratchSlot::Bases, depth);
   fill_bases(0, depth, bases);
   // 32-bit gather offsets while every address of the chunk fits them.
@@ -208,8 +210,9 @@ void pack_gathered(const float* src, index_t depth, index_t columns, int width, 
   static const bool avx512 = std::strcmp(sgemm_kernel_name(), "generic") != 0 &&
                              __builtin_cpu_supports("avx512f");
   const bool expand = avx512 && width <= 32;
-  const index_t panels = (columns + width - 1) / width;
-  parallel_for(panels, std::max<index_t>(1, 16384 / (depth * width)), [&](index_t q) {
+  if (q1 < 0) q1 = (columns + width - 1) / width;
+  parallel_for(q1 - q0, std::max<index_t>(1, 16384 / (depth * width)), [&](index_t i) {
+    const index_t q = q0 + i;
     const int valid = static_cast<int>(std::min<index_t>(width, columns - q * width));
     index_t off[32] = {};
     fill_offsets(q * width, valid, off);
@@ -228,13 +231,13 @@ void pack_gathered(const float* src, index_t depth, index_t columns, int width, 
 }  // namespace
 
 void im2col_packed(const ConvShape& cs, const float* x, index_t x_stride, index_t count,
-                   int width, float* dst) {
+                   int width, float* dst, index_t q0, index_t q1) {
   const PaddedInput in = pad_input(cs, x, x_stride, count);
   const index_t span = (count - 1) * in.image + cs.c_per_group() * in.plane;
   pack_gathered(in.data, cs.col_rows(), count * cs.out_pixels(), width, span,
                 [&](index_t t0, index_t n, index_t* out) { in.row_offsets(cs, t0, n, out); },
                 [&](index_t j0, index_t n, index_t* out) { in.column_offsets(cs, j0, n, out); },
-                dst);
+                dst, q0, q1);
 }
 
 void im2col_packed_transposed(const ConvShape& cs, const float* x, index_t x_stride,

@@ -14,9 +14,9 @@ namespace cpu {
 // ---- im2col.cpp
 // The column matrices of `count` images (x_stride floats apart), side by
 // side, written straight in the packed-B layout of sgemm_packed_b with
-// panels `width` columns wide.
+// panels `width` columns wide; only panels [q0, q1) when q1 >= 0.
 void im2col_packed(const ConvShape& cs, const float* x, index_t x_stride, index_t count,
-                   int width, float* dst);
+                   int width, float* dst, index_t q0 = 0, index_t q1 = -1);
 // The transpose of those columns, (count oh ow, c/groups r s), in the same
 // packed layout (panels of `width` taps): an operand of the weight gradient.
 void im2col_packed_transposed(const ConvShape& cs, const float* x, index_t x_stride,
