@@ -25,8 +25,8 @@ def test_matmul_random_shapes(m, n, k, seed):
 
 @pytest.mark.parametrize("m, n, k", [
     (64, 300, 288),    # 5 x 12 + 4 rows: the 4-row kernel
-    (32, 97, 576),     # 2 x 12 + 8 rows: the 8-row kernel; three k-blocks
-    (150, 3100, 70),   # past one A block (144 rows) and one B slab (3072 columns)
+    (32, 97, 1100),    # 2 x 12 + 8 rows: the 8-row kernel; three k-blocks
+    (300, 1700, 70),   # past one A block (264 rows) and two B slabs (768 columns)
     (7, 5000, 9),      # the first convolution layer's shape
 ])
 def test_matmul_block_edges(m, n, k, rng):

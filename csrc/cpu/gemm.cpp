@@ -6,7 +6,10 @@
 // micro-kernel multiplies one A~ panel by one B~ panel into an MR x NR tile of
 // C. Packing makes every micro-kernel load contiguous and aligned whatever
 // the transposition of the operands, so the backward passes never build a
-// transposed copy.
+// transposed copy. Each A~ micro-panel (12 broadcasts per step, 48 bytes)
+// stays in L1 while the B~ micro-panels of the slab (two vectors per step)
+// stream past it from L2: the smaller per-step operand is the resident one,
+// which allows a deep KC and so fewer read-modify-writes of C.
 //
 // The micro-kernel is picked at run time from the CPU's features: the build
 // stays portable (no -march=native) and the SIMD kernels carry target
@@ -157,9 +160,9 @@ const KernelInfo& kernel() {
 
 // ---------------------------------------------------------------- packing --
 
-constexpr index_t kKC = 256;   // depth of a packed block: A~ panel + B~ panel stay in L1
-constexpr index_t kMC = 264;   // rows of A~ per block (multiple of every MR): <= 264 KiB in L2
-constexpr index_t kNC = 3072;  // columns of B~ per slab (multiple of every NR): ~3 MiB in L3
+constexpr index_t kKC = 512;   // depth of a packed block: an A~ micro-panel (24 KiB) stays in L1
+constexpr index_t kMC = 264;   // rows of A~ per block (multiple of every MR), streamed from L3
+constexpr index_t kNC = 768;   // columns of B~ per slab (multiple of every NR): kc x 768 (1.5 MiB) in L2
 
 // Copies `count` contiguous runs of `len` floats (run r at src + r * ld) into
 // column r of dst (row stride `stride`): a transpose, done in 4 x 4 blocks in
@@ -312,7 +315,7 @@ void scale_c(index_t m, index_t n, float beta, float* c, index_t ldc) {
 }
 
 // Depth of the packed blocks: K split evenly into blocks of at most kKC, so
-// K = 288 runs as 2 x 144 rather than 256 + 32. Depends on K alone, never on
+// K = 576 runs as 2 x 288 rather than 512 + 64. Depends on K alone, never on
 // the thread partition, so every element of C sums in the same order.
 index_t block_depth(index_t k) {
   const index_t blocks = (k + kKC - 1) / kKC;
@@ -405,12 +408,12 @@ void gemm_serial(const KernelInfo& ker, index_t m, index_t n, index_t k, float a
         const index_t mc = std::min(kMC, m - i0);
         index_t a_stride;
         const float* a_panels = asrc.panels(i0, mc, p0, kc, mr, packed_a, &a_stride);
-        for (index_t jr = 0; jr < nc; jr += nr) {
-          const index_t cols = std::min<index_t>(nr, nc - jr);
-          const float* bp = b_panels + jr / nr * panel_stride;
-          for (index_t ir = 0; ir < mc; ir += mr) {
-            const index_t rows = std::min<index_t>(mr, mc - ir);
-            const float* ap = a_panels + ir / mr * a_stride;
+        for (index_t ir = 0; ir < mc; ir += mr) {
+          const index_t rows = std::min<index_t>(mr, mc - ir);
+          const float* ap = a_panels + ir / mr * a_stride;
+          for (index_t jr = 0; jr < nc; jr += nr) {
+            const index_t cols = std::min<index_t>(nr, nc - jr);
+            const float* bp = b_panels + jr / nr * panel_stride;
             float* cp = c + (i0 + ir) * ldc + j0 + jr;
             // A last panel of at most 4 or 8 rows runs a kernel of that many
             // rows where the CPU's kernel offers one (same per-element
