@@ -101,36 +101,28 @@ __attribute__((target("avx2"))) void gather_rows_avx2_16(const float* src, const
   }
 }
 
-__attribute__((target("avx512f"))) void gather_rows_avx512_32(const float* src,
-                                                              const index_t* bases,
-                                                              index_t depth,
-                                                              const std::int32_t* off, int,
-                                                              int valid, float* out) {
-  const __m512i i0 = _mm512_loadu_si512(off), i1 = _mm512_loadu_si512(off + 16);
-  const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-  const __mmask16 m1 = valid >= 32  ? 0xFFFF
-                       : valid <= 16 ? 0
-                                     : static_cast<__mmask16>((1u << (valid - 16)) - 1);
-  const __m512 zero = _mm512_setzero_ps();
-  for (index_t t = 0; t < depth; ++t, out += 32) {
-    const float* base = src + bases[t];
-    _mm512_store_ps(out, _mm512_mask_i32gather_ps(zero, m0, i0, base, 4));
-    _mm512_store_ps(out + 16, _mm512_mask_i32gather_ps(zero, m1, i1, base, 4));
+// Widths up to 32 (12-row A~ panels, 16- or 32-column B~ panels): one
+// masked gather per 16 lanes of a row; lanes past `valid` read nothing.
+__attribute__((target("avx512f"))) void gather_rows_avx512(const float* src,
+                                                          const index_t* bases, index_t depth,
+                                                          const std::int32_t* off, int width,
+                                                          int valid, float* out) {
+  const int halves = (width + 15) / 16;
+  __m512i idx[2];
+  __mmask16 take[2], store[2];
+  for (int h = 0; h < halves; ++h) {
+    idx[h] = _mm512_loadu_si512(off + 16 * h);
+    const int v = std::max(0, std::min(16, valid - 16 * h)), w = std::min(16, width - 16 * h);
+    take[h] = static_cast<__mmask16>((1u << v) - 1u);
+    store[h] = static_cast<__mmask16>((1u << w) - 1u);
   }
-}
-
-// Widths up to 16 (the A~ panels of 12 rows): one masked gather per row.
-__attribute__((target("avx512f"))) void gather_rows_avx512_16(const float* src,
-                                                              const index_t* bases,
-                                                              index_t depth,
-                                                              const std::int32_t* off,
-                                                              int width, int valid, float* out) {
-  const __m512i i0 = _mm512_loadu_si512(off);
-  const __mmask16 take = static_cast<__mmask16>((1u << valid) - 1);
-  const __mmask16 store = static_cast<__mmask16>((1u << width) - 1);
   const __m512 zero = _mm512_setzero_ps();
-  for (index_t t = 0; t < depth; ++t, out += width)
-    _mm512_mask_storeu_ps(out, store, _mm512_mask_i32gather_ps(zero, take, i0, src + bases[t], 4));
+  for (index_t t = 0; t < depth; ++t, out += width) {
+    const float* base = src + bases[t];
+    for (int h = 0; h < halves; ++h)
+      _mm512_mask_storeu_ps(out + 16 * h, store[h],
+                            _mm512_mask_i32gather_ps(zero, take[h], idx[h], base, 4));
+  }
 }
 
 using GatherRows = void (*)(const float*, const index_t*, index_t, const std::int32_t*, int,
@@ -142,8 +134,7 @@ GatherRows simd_gather(int width) {
   static const bool generic = std::strcmp(sgemm_kernel_name(), "generic") == 0;
   static const bool avx512 = !generic && __builtin_cpu_supports("avx512f");
   static const bool avx2 = !generic && __builtin_cpu_supports("avx2");
-  if (width == 32 && avx512) return gather_rows_avx512_32;
-  if (width <= 16 && avx512) return gather_rows_avx512_16;
+  if (width <= 32 && avx512) return gather_rows_avx512;
   if (width == 16 && avx2) return gather_rows_avx2_16;
   return nullptr;
 }
