@@ -4,9 +4,10 @@
 // side by side, cols (c/g r s, nb oh ow), so one GEMM per group covers the
 // chunk:  y[chunk, g] (k/g, nb oh ow) = w[g] (k/g, c/g r s) @ cols.
 // Small feature maps (14x14, 8x8) would otherwise give GEMMs a few hundred
-// columns wide, dominated by packing and partial edge tiles.
+// columns wide, dominated by packing and partial edge tiles. The columns
+// (and the output gradients) are never written as matrices: they are
+// gathered straight into the GEMM's packed panels (im2col.cpp).
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "fastcnn/cpu_kernels.h"

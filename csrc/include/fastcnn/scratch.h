@@ -11,8 +11,7 @@
 namespace fastcnn {
 
 enum class ScratchSlot : int {
-  Cols = 0,      // conv2d: im2col output
-  ColsGrad,      // conv2d: gradient of the columns
+  ColsGrad = 0,  // conv2d: gradient of the columns
   GradOut,       // conv2d: a chunk's output, before the bias and the scatter to images
   Packed,        // conv2d: a GEMM B~ operand gathered into packed panels
   PackedA,       // conv2d: a GEMM A~ operand gathered into packed panels
