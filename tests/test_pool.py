@@ -244,3 +244,20 @@ def test_pool_backward_rejects_out_of_range_indices_in_the_kernel_pass():
         for fn in (F.max_pool2d_backward, F.relu_max_pool2d_backward):
             with pytest.raises(ValueError, match=r"indices must lie in \[0, 16\)"):
                 fn(go, x, 2, indices=wrong)
+
+
+def test_pool_backward_follows_any_valid_index_even_outside_its_window(rng):
+    """Indices need not come from the forward: one pointing into another window
+    (or several at one position) still routes each gradient there."""
+    x = randn(rng, 2, 3, 6, 8)
+    _, idx = F.max_pool2d(x, 2, return_indices=True)
+    go = randn(rng, *idx.shape)
+    moved = idx.copy()
+    moved[0, 1, 2, 3] = 0          # into the first window
+    moved[1, 2, 0, 0] = 6 * 8 - 1  # into the last window
+    want = np.zeros(x.shape, np.float64)
+    for n, c, i, j in np.ndindex(*idx.shape):
+        want[n, c].reshape(-1)[moved[n, c, i, j]] += go[n, c, i, j]
+    np.testing.assert_allclose(F.max_pool2d_backward(go, x, 2, indices=moved), want, rtol=1e-6)
+    np.testing.assert_allclose(F.max_pool2d_backward(go, x, 2, indices=idx),
+                               ref.max_pool2d_backward(go, x, 2), rtol=1e-6)

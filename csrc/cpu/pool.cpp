@@ -171,6 +171,71 @@ void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int6
   });
 }
 
+namespace {
+
+// One plane's gradient for 2x2 windows of stride 2 without padding or
+// dilation, written window by window in AVX-512: every dx position gets its
+// window's gradient or 0 in one store, with no zero-fill first; positions
+// no window covers (an odd last row or column) are zeroed. Returns false,
+// for the general loop to redo the plane, when an index is not one of its
+// window's four taps (possible only for indices not made by the forward).
+__attribute__((target("avx512f"))) bool backward_2x2_avx512(const PoolShape& ps,
+                                                           const float* g,
+                                                           const std::int64_t* idx,
+                                                           const float* x, bool relu,
+                                                           float* grad) {
+  const index_t w = ps.w;
+  const __m512i lane2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_lanes = _mm512_add_epi32(lane2, _mm512_set1_epi32(1));
+  const __m512i zip_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i zip_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i one = _mm512_set1_epi32(1), down = _mm512_set1_epi32(static_cast<int>(w));
+  const __m512 zero = _mm512_setzero_ps();
+  for (index_t oy = 0; oy < ps.oh; ++oy) {
+    float* row[2] = {grad + 2 * oy * w, grad + (2 * oy + 1) * w};
+    const float* in[2] = {x + 2 * oy * w, x + (2 * oy + 1) * w};
+    for (index_t ox = 0; ox < ps.ow; ox += 16) {
+      const int n = static_cast<int>(std::min<index_t>(16, ps.ow - ox));
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+      const std::int64_t* at64 = idx + oy * ps.ow + ox;
+      const __m256i a = _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64(static_cast<__mmask8>(m), at64));
+      const __m256i b = _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64(static_cast<__mmask8>(m >> 8), at64 + 8));
+      const __m512i at = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      // offset of each index from its window's top-left tap: 0, 1, w or w + 1
+      const __m512i rel = _mm512_sub_epi32(
+          at, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(2 * oy * w + 2 * ox)), lane2));
+      __mmask16 tap[4] = {_mm512_cmpeq_epi32_mask(rel, _mm512_setzero_si512()),
+                          _mm512_cmpeq_epi32_mask(rel, one),
+                          _mm512_cmpeq_epi32_mask(rel, down),
+                          _mm512_cmpeq_epi32_mask(rel, _mm512_add_epi32(down, one))};
+      if (((tap[0] | tap[1] | tap[2] | tap[3]) & m) != m) return false;
+      const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1u);
+      const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1u);
+      if (relu) {
+        // relu_grad's rule at the chosen tap: passes unless x <= 0 (NaN passes).
+        for (int r = 0; r < 2; ++r) {
+          const __m512 v0 = _mm512_maskz_loadu_ps(lo, in[r] + 2 * ox);
+          const __m512 v1 = _mm512_maskz_loadu_ps(hi, in[r] + 2 * ox + 16);
+          tap[2 * r] &= _mm512_cmp_ps_mask(_mm512_permutex2var_ps(v0, lane2, v1), zero, _CMP_NLE_UQ);
+          tap[2 * r + 1] &= _mm512_cmp_ps_mask(_mm512_permutex2var_ps(v0, odd_lanes, v1), zero, _CMP_NLE_UQ);
+        }
+      }
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + oy * ps.ow + ox);
+      for (int r = 0; r < 2; ++r) {
+        const __m512 even = _mm512_maskz_mov_ps(tap[2 * r], gv);
+        const __m512 odd = _mm512_maskz_mov_ps(tap[2 * r + 1], gv);
+        _mm512_mask_storeu_ps(row[r] + 2 * ox, lo, _mm512_permutex2var_ps(even, zip_lo, odd));
+        _mm512_mask_storeu_ps(row[r] + 2 * ox + 16, hi, _mm512_permutex2var_ps(even, zip_hi, odd));
+      }
+    }
+    for (index_t ix = 2 * ps.ow; ix < w; ++ix) row[0][ix] = row[1][ix] = 0.0f;
+  }
+  std::fill(grad + 2 * ps.oh * w, grad + ps.h * w, 0.0f);
+  return true;
+}
+
+}  // namespace
+
 index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x,
                             const std::int64_t* indices, bool relu, std::int64_t min_index,
                             float* dx) {
@@ -183,9 +248,13 @@ index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x
   const InsideColumns cols(ps);
   const InteriorRow fast = interior_kernel(ps);
   index_t bad_indices = 0;
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool windows_2x2 = avx512 && ps.kh == 2 && ps.kw == 2 && ps.stride_h == 2 &&
+                           ps.stride_w == 2 && ps.pad_h == 0 && ps.pad_w == 0 && ps.dil_h == 1 &&
+                           ps.dil_w == 1 && 2 * ps.oh <= ps.h && 2 * ps.ow <= ps.w &&
+                           in_plane < (index_t(1) << 31);
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
     float* grad = dx + pl * in_plane;
-    std::fill(grad, grad + in_plane, 0.0f);
     const float* g = dy + pl * out_plane;
     const std::int64_t* idx = indices != nullptr ? indices + pl * out_plane : nullptr;
     if (idx == nullptr) {
@@ -196,9 +265,11 @@ index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x
       plane_max(ps, x + pl * in_plane, cols, fast, values.data(), argmax.data());
       idx = argmax.data();
     }
+    const float* in = x + pl * in_plane;
+    if (windows_2x2 && backward_2x2_avx512(ps, g, idx, in, relu, grad)) return;
+    std::fill(grad, grad + in_plane, 0.0f);
     // Given indices are checked here, in the pass that uses them: one
     // outside [min_index, h w) is counted and skipped, never followed.
-    const float* in = x + pl * in_plane;
     index_t bad = 0;
     for (index_t o = 0; o < out_plane; ++o) {
       const std::int64_t at = idx[o];
