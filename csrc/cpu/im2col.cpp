@@ -290,26 +290,34 @@ __attribute__((target("avx512f"))) void col2im_plane_unit_stride_avx512(const Co
                                                                        const float* cols,
                                                                        index_t ld,
                                                                        float* plane) {
-  for (index_t iy = 0; iy < cs.h; ++iy) {
+  // Four rows of 16 pixels at a time: four independent chains of adds (one
+  // chain of dependent adds per vector would wait on the add latency).
+  constexpr int kRows = 4;
+  for (index_t iy0 = 0; iy0 < cs.h; iy0 += kRows) {
+    const int rows = static_cast<int>(std::min<index_t>(kRows, cs.h - iy0));
     for (index_t x0 = 0; x0 < cs.w; x0 += 16) {
       const index_t n = std::min<index_t>(16, cs.w - x0);
-      __m512 acc = _mm512_setzero_ps();
+      __m512 acc[kRows];
+      for (int k = 0; k < kRows; ++k) acc[k] = _mm512_setzero_ps();
       for (index_t ri = 0; ri < cs.r; ++ri) {
-        const index_t oy = iy + cs.pad_h - ri * cs.dil_h;
-        if (oy < 0 || oy >= cs.oh) continue;
         for (index_t si = 0; si < cs.s; ++si) {
           const index_t ox0 = x0 + cs.pad_w - si * cs.dil_w;  // lane l reads ox0 + l
           const index_t lo = std::max<index_t>(0, -ox0), hi = std::min(n, cs.ow - ox0);
           if (lo >= hi) continue;
-          const __mmask16 lanes =
-              static_cast<__mmask16>(((1u << (hi - lo)) - 1u) << lo);
-          // Masked-off lanes are never read, even where ox0 + l < 0.
-          const float* row = cols + (ri * cs.s + si) * ld + oy * cs.ow;
-          const __m512 v = _mm512_maskz_loadu_ps(lanes, row + ox0);
-          acc = _mm512_mask_add_ps(acc, lanes, acc, v);
+          const __mmask16 lanes = static_cast<__mmask16>(((1u << (hi - lo)) - 1u) << lo);
+          const float* tap = cols + (ri * cs.s + si) * ld + ox0;
+          for (int k = 0; k < rows; ++k) {
+            const index_t oy = iy0 + k + cs.pad_h - ri * cs.dil_h;
+            if (oy < 0 || oy >= cs.oh) continue;
+            // Masked-off lanes are never read, even where ox0 + l < 0.
+            const __m512 v = _mm512_maskz_loadu_ps(lanes, tap + oy * cs.ow);
+            acc[k] = _mm512_mask_add_ps(acc[k], lanes, acc[k], v);
+          }
         }
       }
-      _mm512_mask_storeu_ps(plane + iy * cs.w + x0, static_cast<__mmask16>((1u << n) - 1u), acc);
+      const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1u);
+      for (int k = 0; k < rows; ++k)
+        _mm512_mask_storeu_ps(plane + (iy0 + k) * cs.w + x0, keep, acc[k]);
     }
   }
 }
