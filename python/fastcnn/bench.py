@@ -190,6 +190,10 @@ def _elementwise_rows(rng, torch):
          (lambda t: (lambda: torch.nn.functional.max_pool2d(t["x"], 2)))),
         ("max_pool2d 2x2 bwd", lambda: F.max_pool2d_backward(pooled_gy, x, 2),
          x.nbytes * 9 // 4, None),
+        ("relu+max_pool2d fused fwd", lambda: F.relu_max_pool2d(x, 2), x.nbytes * 5 // 4,
+         (lambda t: (lambda: torch.nn.functional.max_pool2d(torch.relu(t["x"]), 2)))),
+        ("relu+max_pool2d fused bwd", lambda: F.relu_max_pool2d_backward(pooled_gy, x, 2),
+         x.nbytes * 9 // 4, None),
         ("batch_norm train fwd", lambda: F.batch_norm(x, rm.copy(), rv.copy(), wgt, bias, True),
          3 * x.nbytes,
          (lambda t: (lambda: torch.nn.functional.batch_norm(
