@@ -83,3 +83,16 @@ def test_normalize_does_not_modify_input(rng):
     copy = x.copy()
     F.normalize(x, MEAN3, STD3)
     np.testing.assert_array_equal(x, copy)
+
+
+def test_repeated_statistics_are_reused_and_bad_ones_always_refused():
+    x = np.arange(3 * 2 * 4, dtype=np.uint8).reshape(3, 2, 4)  # (C, H, W)
+    first = F.normalize(x, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
+    again = F.normalize(x, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(F.normalize(x, 0.5, 2), F.normalize(x, 0.5, 2.0))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="std must be finite and non-zero"):
+            F.normalize(x, (0.1, 0.2, 0.3), (0.5, 0.0, 2.0))
+        with pytest.raises(ValueError, match="has 2 values but input has 3 channels"):
+            F.normalize(x, (0.1, 0.2), (0.5, 0.25))

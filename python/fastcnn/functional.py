@@ -791,6 +791,32 @@ def dropout_backward(grad_output, p=0.5, training=True, seed=None, offset=0):
 
 # -------------------------------------------------------------- normalize --
 
+_NORMALIZE_STATS = {}
+
+
+def _flat(v):
+    return tuple(v) if isinstance(v, tuple) else (v,)
+
+
+def _hashable_numbers(*values):
+    """Python ints/floats or tuples of them: the statistics a call passes
+    each batch, whose validated float32 arrays are kept (never mutated)."""
+    return all(type(e) in (int, float) for v in values for e in _flat(v))
+
+
+def _normalize_stats(op, mean, std, c, d, shape):
+    m = B.as_float(mean, "mean").reshape(-1)
+    s = B.as_float(std, "std").reshape(-1)
+    for name, arr in (("mean", m), ("std", s)):
+        if arr.size not in (1, c):
+            raise ValueError(f"{op}: {name} has {arr.size} values but input has {c} channels "
+                             f"along dim {d}; input shape {shape_str(shape)}")
+    if np.any(s == 0) or not np.all(np.isfinite(s)):
+        raise ValueError(f"{op}: std must be finite and non-zero, got {s.tolist()}")
+    return (np.ascontiguousarray(np.broadcast_to(m, (c,))),
+            np.ascontiguousarray(np.broadcast_to(s, (c,))))
+
+
 def normalize(input, mean=None, std=None, dim=-3):
     """uint8 images (0-255) to float32 in [0, 1], then, if mean / std are
     given, (x - mean[c]) / std[c] along axis ``dim`` (channels; -3 as in
@@ -816,16 +842,15 @@ def normalize(input, mean=None, std=None, dim=-3):
         else:
             d = B.normalize_dim(dim, x.ndim, op)
             outer, c, inner = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
-        m = B.as_float(mean, "mean").reshape(-1)
-        s = B.as_float(std, "std").reshape(-1)
-        for name, arr in (("mean", m), ("std", s)):
-            if arr.size not in (1, c):
-                raise ValueError(f"{op}: {name} has {arr.size} values but input has {c} channels "
-                                 f"along dim {d}; input shape {shape_str(x.shape)}")
-        if np.any(s == 0) or not np.all(np.isfinite(s)):
-            raise ValueError(f"{op}: std must be finite and non-zero, got {s.tolist()}")
-        m = xp.asarray(np.ascontiguousarray(np.broadcast_to(m, (c,))))
-        s = xp.asarray(np.ascontiguousarray(np.broadcast_to(s, (c,))))
+        key = (mean, std, c, tuple(map(type, _flat(mean) + _flat(std))))
+        cached = _NORMALIZE_STATS.get(key) if xp is np and _hashable_numbers(mean, std) else None
+        if cached is None:
+            cached = _normalize_stats(op, mean, std, c, d, x.shape)
+            if xp is np and _hashable_numbers(mean, std):
+                if len(_NORMALIZE_STATS) >= 64:
+                    _NORMALIZE_STATS.clear()
+                _NORMALIZE_STATS[key] = cached
+        m, s = (xp.asarray(v) for v in cached)
     y = _empty(xp, x.shape)
     if x.size:
         K.normalize_u8(x, m, s, y, outer, c, inner)
