@@ -396,8 +396,11 @@ def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilatio
     idx = None
     plane = x.shape[-1] * x.shape[-2]
     low = -1 if g.has_empty_windows() else 0
-    bad_indices = ValueError(f"{op}: indices must lie in [{low}, {plane}) (H * W of "
-                             f"input {shape_str(x.shape)})") if indices is not None else None
+
+    def bad_indices():
+        return ValueError(f"{op}: indices must lie in [{low}, {plane}) (H * W of "
+                          f"input {shape_str(x.shape)})")
+
     if indices is not None:
         idx = B.as_labels(indices, "indices", xp, what="an integer dtype (pooling indices)")
         if idx.shape != dy.shape:
@@ -411,10 +414,10 @@ def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilatio
         if xp is np:
             # The CPU kernel checks the indices in the pass that uses them.
             if K.max_pool2d_backward(dyb, xb, idxb, dx, *g.kernel_args(), relu, low):
-                raise bad_indices
+                raise bad_indices()
         else:
             if idx is not None and idx.size and (int(idx.min()) < low or int(idx.max()) >= plane):
-                raise bad_indices
+                raise bad_indices()
             K.max_pool2d_backward(dyb, xb, idxb, dx, *g.kernel_args())
             if relu:
                 K.relu_backward(dx, xb, False, dx)
