@@ -51,6 +51,10 @@ Chunk chunk_at(const ConvShape& cs, index_t nb, index_t i) {
 void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const float* bias,
                     float* y) {
   // x: (n, c, h, w), w: (k, c/g, r, s), bias: (k,) or null, y: (n, k, oh, ow)
+  if (winograd_applies(cs, false)) {
+    winograd_forward(cs, x, w, bias, y);
+    return;
+  }
   const index_t kg = cs.k_per_group(), cg = cs.c_per_group(), rows = cs.col_rows();
   const index_t pixels = cs.out_pixels(), x_image = cs.c * cs.h * cs.w, y_image = cs.k * pixels;
   const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;
@@ -143,6 +147,10 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
   }
   if (cs.n == 0 && dw != nullptr) std::fill(dw, dw + w_size, 0.0f);
   if ((dx == nullptr && dw == nullptr) || cs.n == 0) return;
+  if (winograd_applies(cs, true)) {
+    winograd_backward(cs, dy, x, w, dx, dw);
+    return;
+  }
 
   const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;
   const index_t slices = std::min(chunks, kWeightGradSlices);

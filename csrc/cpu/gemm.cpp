@@ -587,6 +587,18 @@ void sgemm_packed(index_t m, index_t n, index_t k, float alpha, const float* a_p
                 true);
 }
 
+void sgemm_prepacked_a(index_t m, index_t n, index_t k, float alpha, const float* a_packed,
+                       Trans tb, const float* b, index_t ldb, float beta, float* c,
+                       index_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0 || alpha == 0.0f) {
+    scale_c(m, n, beta, c, ldc);
+    return;
+  }
+  // Splitting N costs nothing here: the A~ panels are read, never packed again.
+  gemm_threaded(m, n, k, alpha, PrepackedA{a_packed, k}, PackB{tb, b, ldb}, beta, c, ldc, false);
+}
+
 int sgemm_panel_height() { return kernel().mr; }
 
 index_t sgemm_packed_a_floats(index_t m, index_t k) {

@@ -106,6 +106,8 @@ PYBIND11_MODULE(_cpu, m) {
   });
   m.def("get_num_threads", &fastcnn::num_threads);
   m.def("gemm_kernel", &fastcnn::sgemm_kernel_name);
+  m.def("set_conv_winograd", &fastcnn::cpu::set_winograd_enabled, py::arg("enabled"));
+  m.def("get_conv_winograd", &fastcnn::cpu::winograd_enabled);
 
   // c (m, n) = alpha op(a) op(b) + beta c for 2-D C-contiguous float32 arrays.
   m.def("sgemm", [](bool ta, bool tb, float alpha, py::object a_, py::object b_, float beta,

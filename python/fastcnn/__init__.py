@@ -14,8 +14,9 @@ _malloc.tune()
 
 from . import cuda, data, functional, io, models, nn, optim, train
 from . import functional as F
-from ._backend import get_num_threads, set_num_threads
+from ._backend import get_conv_winograd, get_num_threads, set_conv_winograd, set_num_threads
 from .functional import manual_seed
 
 __all__ = ["F", "cuda", "data", "functional", "io", "models", "nn", "optim", "train",
-           "get_num_threads", "set_num_threads", "manual_seed", "__version__"]
+           "get_num_threads", "set_num_threads", "get_conv_winograd", "set_conv_winograd",
+           "manual_seed", "__version__"]

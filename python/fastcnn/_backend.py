@@ -199,3 +199,22 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Threads used by the CPU kernels."""
     return _cpu.get_num_threads()
+
+
+def set_conv_winograd(enabled: bool) -> None:
+    """Let CPU conv2d take Winograd F(2x2, 3x3) for 3x3, stride-1, dilation-1,
+    one-group layers with at least 16 channels (on by default; the
+    environment variable FASTCNN_CONV_WINOGRAD=0 starts with it off).
+
+    Winograd needs 2.25x fewer multiplies than im2col + GEMM; results differ
+    from it by rounding only (relative errors ~1e-7 to 1e-6). Infinite inputs
+    can give NaN where a direct sum would give +-inf (the transforms subtract
+    input values). Off: every convolution is im2col + GEMM."""
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"set_conv_winograd: enabled must be a bool, got {type(enabled).__name__}")
+    _cpu.set_conv_winograd(bool(enabled))
+
+
+def get_conv_winograd() -> bool:
+    """Whether CPU conv2d may take the Winograd path (see set_conv_winograd)."""
+    return bool(_cpu.get_conv_winograd())

@@ -41,6 +41,18 @@ void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const f
 void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const float* w,
                      float* dx, float* dw, float* db);
 
+// ---- winograd.cpp: F(2x2, 3x3) for 3x3 / stride 1 / dilation 1 / one group,
+// taken by conv2d_forward / conv2d_backward where winograd_applies (which
+// depends on the layer's shape, the pass and the CPU, never on the batch size).
+bool winograd_applies(const ConvShape& cs, bool backward);
+bool winograd_enabled();
+void set_winograd_enabled(bool on);
+void winograd_forward(const ConvShape& cs, const float* x, const float* w, const float* bias,
+                      float* y);
+// dx (overwritten) and dw (overwritten), each may be null; the bias gradient is the caller's.
+void winograd_backward(const ConvShape& cs, const float* dy, const float* x, const float* w,
+                       float* dx, float* dw);
+
 // ---- linear.cpp: x: (n, in), w: (out, in), bias: (out,) or null -> y: (n, out)
 void linear_forward(index_t n, index_t in, index_t out, const float* x, const float* w,
                     const float* bias, float* y);

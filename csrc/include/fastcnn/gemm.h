@@ -41,6 +41,12 @@ int sgemm_panel_height();
 // floats at a_packed.
 index_t sgemm_packed_a_floats(index_t m, index_t k);
 void sgemm_pack_a(Trans ta, index_t m, index_t k, const float* a, index_t lda, float* a_packed);
+// op(A) packed by sgemm_pack_a (or written in its layout), op(B) as in sgemm:
+// a product repeated with the same A over many B (Winograd's transformed
+// weights over the tiles of a batch).
+void sgemm_prepacked_a(index_t m, index_t n, index_t k, float alpha, const float* a_packed,
+                       Trans tb, const float* b, index_t ldb, float beta, float* c,
+                       index_t ldc);
 
 // Name of the micro-kernel chosen for this CPU ("avx512", "avx2+fma" or
 // "generic"), for benchmarks and bug reports.

@@ -19,6 +19,8 @@ enum class ScratchSlot : int {
   Weights,       // conv2d: the weights (or their transpose) packed as A~ panels
   Padded,        // conv2d: a chunk's input with its zero padding
   Bases,         // conv2d: gather offsets along a packed panel's depth
+  WinogradTiles,     // winograd: a chunk's transformed input tiles (or their gradient)
+  WinogradProducts,  // winograd: a chunk's products before the output transform (or dM)
   GemmA,         // sgemm: packed A~
   GemmB,         // sgemm: packed B~
   Count
