@@ -143,6 +143,20 @@ def test_bench_runs_and_reports_ratios(tmp_path, capsys, monkeypatch):
     assert all(r["ratio"] > 0 for r in rows)
 
 
+def test_bench_no_winograd_applies_for_the_run_only(tmp_path, capsys, monkeypatch):
+    import fastcnn
+    from fastcnn import bench
+
+    monkeypatch.setattr(bench, "GEMM_SQUARES", (64,))
+    monkeypatch.setattr(bench, "GEMM_CONV_SHAPES", ((8, 9, 256),))
+    out = tmp_path / "bench.json"
+    assert fastcnn.get_conv_winograd()
+    assert cli.main(["bench", "gemm", "--quick", "--no-winograd", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["info"]["conv_winograd"] is False
+    assert "conv_winograd=False" in capsys.readouterr().out
+    assert fastcnn.get_conv_winograd()
+
+
 def test_bench_cuda_without_gpu_fails_cleanly(capsys):
     from fastcnn import cuda
 

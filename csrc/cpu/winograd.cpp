@@ -596,7 +596,11 @@ void winograd_forward(const ConvShape& cs, const float* x, const float* w, const
   };
   if (p.units >= threads_for(index_t(1) << 30)) {
     // Whole units per thread, each with its own buffers.
-    parallel_for(p.units, 1, [&](index_t unit) { run_unit(unit, chunk_buffers(cs, p)); });
+    // Units are independent (and slices write their own dU): handing them out
+    // dynamically evens out units of unequal size without changing a bit.
+    const int nt = threads_for(p.units);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (index_t unit = 0; unit < p.units; ++unit) run_unit(unit, chunk_buffers(cs, p));
   } else {
     // A small batch: every step of a chunk split over the threads.
     const Buffers buf = chunk_buffers(cs, p);
@@ -627,7 +631,9 @@ void winograd_backward(const ConvShape& cs, const float* dy, const float* x, con
       }
   };
   if (p.units >= threads_for(index_t(1) << 30)) {
-    parallel_for(slices, 1, [&](index_t s) { run_slice(s, chunk_buffers(cs, p)); });
+    const int nt = threads_for(slices);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (index_t s = 0; s < slices; ++s) run_slice(s, chunk_buffers(cs, p));
   } else {
     const Buffers buf = chunk_buffers(cs, p);
     for (index_t s = 0; s < slices; ++s) run_slice(s, buf);

@@ -324,6 +324,7 @@ def machine_info():
         "cpu": _cpu_name(),
         "threads": _backend.get_num_threads(),
         "gemm_kernel": _backend._cpu.gemm_kernel(),
+        "conv_winograd": _backend.get_conv_winograd(),
     }
     torch = _torch()
     if torch is not None:
@@ -342,19 +343,25 @@ def _cpu_name():
     return platform.processor() or "unknown"
 
 
-def run(sections=tuple(SECTIONS), quick=False, threads=None, seed=0, out=sys.stdout):
-    """Time ``sections``; returns (machine info, rows). ``threads`` applies
-    for the run only."""
+def run(sections=tuple(SECTIONS), quick=False, threads=None, seed=0, out=None,
+        winograd=True):
+    """Time ``sections``; returns (machine info, rows). ``threads`` and
+    ``winograd`` (conv2d's Winograd path, see fastcnn.set_conv_winograd)
+    apply for the run only."""
     previous = _backend.get_num_threads()
+    previous_winograd = _backend.get_conv_winograd()
     if threads is not None:
         _backend.set_num_threads(threads)
+    _backend.set_conv_winograd(bool(winograd))
     try:
         return _run(sections, quick, seed, out)
     finally:
         _backend.set_num_threads(previous)
+        _backend.set_conv_winograd(previous_winograd)
 
 
 def _run(sections, quick, seed, out):
+    out = sys.stdout if out is None else out  # looked up per call, not at import
     rng = np.random.default_rng(seed)
     info = machine_info()
     print("fastcnn bench: " + ", ".join(f"{k}={v}" for k, v in info.items()), file=out)
@@ -387,13 +394,16 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="fewer shapes, for a smoke test")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--no-winograd", dest="winograd", action="store_false",
+                        help="every convolution as im2col + GEMM (no Winograd F(2x2,3x3))")
 
 
 def run_args(args, parser):
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
-    info, rows = run(args.sections, quick=args.quick, threads=args.threads)
+    info, rows = run(args.sections, quick=args.quick, threads=args.threads,
+                     winograd=args.winograd)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": [
