@@ -67,6 +67,9 @@ def test_winograd_random_layers(cfg):
     ((2, 32, 14, 14), 64, 1),     # the MNIST CNN's second layer
     ((1, 32, 70, 66), 16, 1),     # a large image: chunks of tile rows, in order
     ((2, 40, 37, 90), 24, 2),     # rows of 46 tiles: three column groups
+    ((1, 32, 9, 32), 16, 1),      # 16 tiles a row: a full group, spilling past it
+    ((2, 32, 6, 64), 16, 1),      # two full groups
+    ((2, 32, 11, 16), 24, 1),     # 8 tiles a row: two rows a vector, 18 columns
     ((3, 16, 3, 3), 16, 0),       # one tile
     ((2, 32, 1, 1), 32, 1),       # a 1x1 image, all padding around it
     ((1, 32, 2, 9), 32, 3),       # padding wider than the image

@@ -425,26 +425,40 @@ __attribute__((target("avx512f"))) void output_grad_transform(const RowPacking& 
   }
 }
 
-// dd = B dV B^T added into one input-gradient plane (h x w; the padding's
-// share dropped), B = [1 0 0 0; 0 1 -1 1; -1 1 1 0; 0 0 0 -1]. Tiles
-// overlap by two rows and columns: their sums go in tile order.
+// Lanes [b[14], b[15], a[0] .. a[13]]: `a` moved up two lanes, the gap
+// filled from the top of `b` (the vector below it in a row).
+__attribute__((target("avx512f"))) inline __m512 shift_in_two(__m512 a, __m512 b) {
+  return _mm512_castsi512_ps(
+      _mm512_alignr_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b), 14));
+}
+
+// dd = B dV B^T added into one input-gradient plane (h x w, zeroed by the
+// caller; the padding's share dropped), B = [1 0 0 0; 0 1 -1 1; -1 1 1 0;
+// 0 0 0 -1]. Tiles overlap by two rows and columns. The contributions of a
+// step's R tile rows to their 2 R + 2 input rows are summed in registers
+// (32 columns a group: tile j's columns 2 j, 2 j + 1 from d0, d1 and
+// 2 j + 2, 2 j + 3 from d2, d3, the latter shifted in by two lanes), so
+// that each input row is read and written once per step: adding the two
+// halves to memory one after the other would make every load wait for the
+// masked store before it, which the CPU cannot forward.
 __attribute__((target("avx512f"))) void input_grad_transform(const RowPacking& rp,
                                                             const float* src, index_t xi_stride,
                                                             float* plane, index_t h, index_t w,
                                                             index_t ph, index_t pw, index_t ti0,
                                                             index_t ti1, index_t tw) {
   const __m512i hi_scatter = index_vector(rp.scatter[0][1]);
-  for (index_t g = 0; g < group_count(rp, tw); ++g) {
-    const index_t tj0 = 16 * g, x = 2 * tj0 - pw;
-    const index_t n = rp.rows == 1 ? std::min<index_t>(16, tw - tj0) : tw;  // tiles per row
-    // columns 2 tj, 2 tj + 1 get d0, d1 (at x); 2 tj + 2, 2 tj + 3 get d2, d3 (at x + 2)
-    const __mmask16 m0 = row_mask(w, x, std::min<index_t>(16, 2 * n));
-    const __mmask16 m1 = row_mask(w, x + 16, 2 * n - 16);
-    const __mmask16 m2 = row_mask(w, x + 2, std::min<index_t>(16, 2 * n));
-    const __mmask16 m3 = row_mask(w, x + 18, 2 * n - 16);
-    for (index_t ti = ti0; ti < ti1; ti += rp.rows) {
-      const index_t packed = std::min<index_t>(rp.rows, ti1 - ti);
+  const __m512 zero = _mm512_setzero_ps();
+  const index_t groups = group_count(rp, tw);
+  const int band_rows = 2 * rp.rows + 2;
+  for (index_t ti = ti0; ti < ti1; ti += rp.rows) {
+    const index_t packed = std::min<index_t>(rp.rows, ti1 - ti);
+    // spill[j]: row j's two columns past the previous group's 32 (R = 1 only)
+    __m512 spill[4] = {zero, zero, zero, zero};
+    for (index_t g = 0; g < groups; ++g) {
+      const index_t tj0 = 16 * g, x = 2 * tj0 - pw;
+      const index_t n = rp.rows == 1 ? std::min<index_t>(16, tw - tj0) : tw;  // tiles per row
       const __mmask16 keep = lane_mask(0, rp.rows == 1 ? n : packed * tw);
+      const __mmask16 e0 = lane_mask(0, 2 * n), e1 = lane_mask(0, 2 * n - 16);
       const float* in = src + (ti - ti0) * tw + tj0;
       __m512 s[4][4];  // B z
       for (int j = 0; j < 4; ++j) {
@@ -457,31 +471,55 @@ __attribute__((target("avx512f"))) void input_grad_transform(const RowPacking& r
         s[2][j] = _mm512_sub_ps(_mm512_add_ps(z1, z2), z0);
         s[3][j] = negate(z3);
       }
-      for (index_t r = 0; r < packed; ++r)
-        for (int u = 0; u < 4; ++u) {
-          const index_t iy = 2 * (ti + r) + u - ph;
-          if (iy < 0 || iy >= h) continue;
-          const __m512 d0 = s[u][0];
-          const __m512 d1 = _mm512_add_ps(_mm512_sub_ps(s[u][1], s[u][2]), s[u][3]);
-          const __m512 d2 = _mm512_sub_ps(_mm512_add_ps(s[u][1], s[u][2]), s[u][0]);
-          const __m512 d3 = negate(s[u][3]);
-          float* row = plane + iy * w + x;
+      __m512 band[10][2];  // input rows 2 ti + j - ph, columns [x, x + 32)
+      __m512 next_spill[4] = {zero, zero, zero, zero};
+      for (int j = 0; j < band_rows; ++j) band[j][0] = band[j][1] = zero;
+      for (int u = 0; u < 4; ++u) {
+        const __m512 d0 = s[u][0];
+        const __m512 d1 = _mm512_add_ps(_mm512_sub_ps(s[u][1], s[u][2]), s[u][3]);
+        const __m512 d2 = _mm512_sub_ps(_mm512_add_ps(s[u][1], s[u][2]), s[u][0]);
+        const __m512 d3 = negate(s[u][3]);
+        for (index_t r = 0; r < packed; ++r) {
           const __m512i lo = index_vector(rp.scatter[r][0]);
-          _mm512_mask_storeu_ps(row, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row),
-                                                       _mm512_permutex2var_ps(d0, lo, d1)));
-          if (rp.rows == 1)
-            _mm512_mask_storeu_ps(
-                row + 16, m1,
-                _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16),
-                              _mm512_permutex2var_ps(d0, hi_scatter, d1)));
-          _mm512_mask_storeu_ps(row + 2, m2, _mm512_add_ps(_mm512_maskz_loadu_ps(m2, row + 2),
-                                                           _mm512_permutex2var_ps(d2, lo, d3)));
-          if (rp.rows == 1)
-            _mm512_mask_storeu_ps(
-                row + 18, m3,
-                _mm512_add_ps(_mm512_maskz_loadu_ps(m3, row + 18),
-                              _mm512_permutex2var_ps(d2, hi_scatter, d3)));
+          const __m512 a0 = _mm512_maskz_permutex2var_ps(e0, d0, lo, d1);
+          const __m512 b0 = _mm512_maskz_permutex2var_ps(e0, d2, lo, d3);
+          __m512* row = band[2 * r + u];
+          row[0] = _mm512_add_ps(row[0], _mm512_add_ps(a0, shift_in_two(b0, zero)));
+          if (rp.rows == 1) {
+            const __m512 a1 = _mm512_maskz_permutex2var_ps(e1, d0, hi_scatter, d1);
+            const __m512 b1 = _mm512_maskz_permutex2var_ps(e1, d2, hi_scatter, d3);
+            row[1] = _mm512_add_ps(row[1], _mm512_add_ps(a1, shift_in_two(b1, b0)));
+            next_spill[u] = shift_in_two(zero, b1);  // b1's last two lanes
+          } else if (2 * tw + 2 > 16) {  // R = 2, 8 tiles: columns 16, 17
+            row[1] = _mm512_add_ps(row[1], shift_in_two(zero, b0));
+          }
         }
+      }
+      const index_t span = rp.rows == 1 ? std::min<index_t>(32, 2 * n + 2) : 2 * tw + 2;
+      const __mmask16 m0 = row_mask(w, x, std::min<index_t>(16, span));
+      const __mmask16 m1 = row_mask(w, x + 16, span - 16);
+      for (int j = 0; j < band_rows; ++j) {
+        const index_t iy = 2 * ti + j - ph;
+        if (iy < 0 || iy >= h) continue;
+        float* row = plane + iy * w + x;
+        const __m512 v0 = j < 4 ? _mm512_add_ps(band[j][0], spill[j]) : band[j][0];
+        _mm512_mask_storeu_ps(row, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), v0));
+        if (m1 != 0)
+          _mm512_mask_storeu_ps(row + 16, m1,
+                                _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row + 16), band[j][1]));
+      }
+      for (int j = 0; j < 4; ++j) spill[j] = next_spill[j];
+    }
+    if (rp.rows == 1 && tw % 16 == 0) {
+      // The last group was full: its spill lands on the two columns past it.
+      const index_t x = 2 * tw - pw;
+      const __mmask16 m = row_mask(w, x, 2);
+      for (int j = 0; j < 4 && m != 0; ++j) {
+        const index_t iy = 2 * ti + j - ph;
+        if (iy < 0 || iy >= h) continue;
+        float* row = plane + iy * w + x;
+        _mm512_mask_storeu_ps(row, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, row), spill[j]));
+      }
     }
   }
 }
