@@ -248,22 +248,23 @@ __attribute__((target("avx512f"))) inline __m512i index_vector(const std::int32_
 struct SourceMasks {
   __mmask16 p, q;
 };
-inline SourceMasks source_masks(const RowPacking& rp, index_t w, index_t x) {
-  if (rp.rows == 1) return {row_mask(w, x), row_mask(w, x + 16)};
-  if (rp.rows == 2) return {row_mask(w, x), row_mask(w, x)};
+template <int R>
+inline SourceMasks source_masks(index_t w, index_t x) {
+  if (R == 1) return {row_mask(w, x), row_mask(w, x + 16)};
+  if (R == 2) return {row_mask(w, x), row_mask(w, x)};
   const __mmask16 m8 = row_mask(w, x, 8);
   return {m8, static_cast<__mmask16>(m8 << 8)};
 }
 
 // P, Q for packed rows rows[0..R) (null: all zero) from column x.
-__attribute__((target("avx512f"))) inline void load_sources(const RowPacking& rp,
-                                                           const float* const rows[4], index_t x,
+template <int R>
+__attribute__((target("avx512f"))) inline void load_sources(const float* const rows[4], index_t x,
                                                            SourceMasks m, __m512* p, __m512* q) {
   const __m512 zero = _mm512_setzero_ps();
-  if (rp.rows == 1) {
+  if (R == 1) {
     *p = rows[0] != nullptr ? _mm512_maskz_loadu_ps(m.p, rows[0] + x) : zero;
     *q = rows[0] != nullptr ? _mm512_maskz_loadu_ps(m.q, rows[0] + x + 16) : zero;
-  } else if (rp.rows == 2) {
+  } else if (R == 2) {
     *p = rows[0] != nullptr ? _mm512_maskz_loadu_ps(m.p, rows[0] + x) : zero;
     *q = rows[1] != nullptr ? _mm512_maskz_loadu_ps(m.q, rows[1] + x) : zero;
   } else {
@@ -278,25 +279,27 @@ __attribute__((target("avx512f"))) inline void load_sources(const RowPacking& rp
 
 // Column groups of a tile row: (first tile, tiles) pairs; one group of the
 // whole row when rows are packed.
-inline index_t group_count(const RowPacking& rp, index_t tw) {
-  return rp.rows == 1 ? (tw + 15) / 16 : 1;
+template <int R>
+inline index_t group_count(index_t tw) {
+  return R == 1 ? (tw + 15) / 16 : 1;
 }
 
 // V = B^T d B, d the 4 x 4 blocks of one input plane (h x w, zero padded by
 // ph / pw), B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
-__attribute__((target("avx512f"))) void input_transform(const RowPacking& rp, const float* plane,
+template <int R>
+__attribute__((target("avx512f"))) void input_transform_rows(const RowPacking& rp, const float* plane,
                                                        index_t h, index_t w, index_t ph,
                                                        index_t pw, index_t ti0, index_t ti1,
                                                        index_t tw, float* dst,
                                                        index_t xi_stride) {
   const __m512i g0 = index_vector(rp.gather[0]), g1 = index_vector(rp.gather[1]);
-  for (index_t g = 0; g < group_count(rp, tw); ++g) {
+  for (index_t g = 0; g < group_count<R>( tw); ++g) {
     const index_t tj0 = 16 * g, x = 2 * tj0 - pw;  // input column of the group's first tap
-    const SourceMasks m0 = source_masks(rp, w, x), m2 = source_masks(rp, w, x + 2);
-    for (index_t ti = ti0; ti < ti1; ti += rp.rows) {
-      const index_t packed = std::min<index_t>(rp.rows, ti1 - ti);
+    const SourceMasks m0 = source_masks<R>( w, x), m2 = source_masks<R>( w, x + 2);
+    for (index_t ti = ti0; ti < ti1; ti += R) {
+      const index_t packed = std::min<index_t>(R, ti1 - ti);
       const __mmask16 keep =
-          lane_mask(0, rp.rows == 1 ? tw - tj0 : packed * tw);
+          lane_mask(0, R == 1 ? tw - tj0 : packed * tw);
       __m512 d[4][4];
       for (int u = 0; u < 4; ++u) {
         const float* rows[4] = {nullptr, nullptr, nullptr, nullptr};
@@ -305,8 +308,8 @@ __attribute__((target("avx512f"))) void input_transform(const RowPacking& rp, co
           if (iy >= 0 && iy < h) rows[r] = plane + iy * w;
         }
         __m512 p, q, p2, q2;
-        load_sources(rp, rows, x, m0, &p, &q);
-        load_sources(rp, rows, x + 2, m2, &p2, &q2);
+        load_sources<R>( rows, x, m0, &p, &q);
+        load_sources<R>( rows, x + 2, m2, &p2, &q2);
         d[u][0] = _mm512_permutex2var_ps(p, g0, q);
         d[u][1] = _mm512_permutex2var_ps(p, g1, q);
         d[u][2] = _mm512_permutex2var_ps(p2, g0, q2);
@@ -335,20 +338,21 @@ __attribute__((target("avx512f"))) void input_transform(const RowPacking& rp, co
 }
 
 // Y = A^T M A + bias into one output plane (oh x ow), A^T = [1 1 1 0; 0 1 -1 -1].
-__attribute__((target("avx512f"))) void output_transform(const RowPacking& rp, const float* src,
+template <int R>
+__attribute__((target("avx512f"))) void output_transform_rows(const RowPacking& rp, const float* src,
                                                         index_t xi_stride, float bias,
                                                         float* plane, index_t oh, index_t ow,
                                                         index_t ti0, index_t ti1, index_t tw) {
   const __m512i hi_scatter = index_vector(rp.scatter[0][1]);
   const __m512 vb = _mm512_set1_ps(bias);
-  for (index_t g = 0; g < group_count(rp, tw); ++g) {
+  for (index_t g = 0; g < group_count<R>( tw); ++g) {
     const index_t tj0 = 16 * g, x = 2 * tj0;
     // R = 1: output columns [x, x + 32) in two halves; packed: 2 tw columns per row
-    const __mmask16 s0 = row_mask(ow, x, rp.rows == 1 ? 16 : 2 * tw);
+    const __mmask16 s0 = row_mask(ow, x, R == 1 ? 16 : 2 * tw);
     const __mmask16 s1 = row_mask(ow, x + 16);
-    for (index_t ti = ti0; ti < ti1; ti += rp.rows) {
-      const index_t packed = std::min<index_t>(rp.rows, ti1 - ti);
-      const __mmask16 keep = lane_mask(0, rp.rows == 1 ? tw - tj0 : packed * tw);
+    for (index_t ti = ti0; ti < ti1; ti += R) {
+      const index_t packed = std::min<index_t>(R, ti1 - ti);
+      const __mmask16 keep = lane_mask(0, R == 1 ? tw - tj0 : packed * tw);
       const float* in = src + (ti - ti0) * tw + tj0;
       __m512 a[4][2];
       for (int i = 0; i < 4; ++i) {
@@ -372,7 +376,7 @@ __attribute__((target("avx512f"))) void output_transform(const RowPacking& rp, c
           float* row = plane + oy * ow + x;
           _mm512_mask_storeu_ps(row, s0,
                                 _mm512_permutex2var_ps(y[par][0], index_vector(rp.scatter[r][0]), y[par][1]));
-          if (rp.rows == 1)
+          if (R == 1)
             _mm512_mask_storeu_ps(
                 row + 16, s1, _mm512_permutex2var_ps(y[par][0], hi_scatter, y[par][1]));
         }
@@ -382,18 +386,19 @@ __attribute__((target("avx512f"))) void output_transform(const RowPacking& rp, c
 
 // dM = A dY A^T for one output-gradient plane (oh x ow; outputs past its
 // edge are zero), A = [1 0; 1 1; 1 -1; 0 -1].
-__attribute__((target("avx512f"))) void output_grad_transform(const RowPacking& rp,
+template <int R>
+__attribute__((target("avx512f"))) void output_grad_transform_rows(const RowPacking& rp,
                                                              const float* plane, index_t oh,
                                                              index_t ow, index_t ti0,
                                                              index_t ti1, index_t tw, float* dst,
                                                              index_t xi_stride) {
   const __m512i g0 = index_vector(rp.gather[0]), g1 = index_vector(rp.gather[1]);
-  for (index_t g = 0; g < group_count(rp, tw); ++g) {
+  for (index_t g = 0; g < group_count<R>( tw); ++g) {
     const index_t tj0 = 16 * g, x = 2 * tj0;
-    const SourceMasks m = source_masks(rp, ow, x);
-    for (index_t ti = ti0; ti < ti1; ti += rp.rows) {
-      const index_t packed = std::min<index_t>(rp.rows, ti1 - ti);
-      const __mmask16 keep = lane_mask(0, rp.rows == 1 ? tw - tj0 : packed * tw);
+    const SourceMasks m = source_masks<R>( ow, x);
+    for (index_t ti = ti0; ti < ti1; ti += R) {
+      const index_t packed = std::min<index_t>(R, ti1 - ti);
+      const __mmask16 keep = lane_mask(0, R == 1 ? tw - tj0 : packed * tw);
       __m512 gv[2][2];  // [row parity][column parity]
       for (int par = 0; par < 2; ++par) {
         const float* rows[4] = {nullptr, nullptr, nullptr, nullptr};
@@ -402,7 +407,7 @@ __attribute__((target("avx512f"))) void output_grad_transform(const RowPacking& 
           if (oy < oh) rows[r] = plane + oy * ow;
         }
         __m512 p, q;
-        load_sources(rp, rows, x, m, &p, &q);
+        load_sources<R>( rows, x, m, &p, &q);
         gv[par][0] = _mm512_permutex2var_ps(p, g0, q);
         gv[par][1] = _mm512_permutex2var_ps(p, g1, q);
       }
@@ -441,23 +446,24 @@ __attribute__((target("avx512f"))) inline __m512 shift_in_two(__m512 a, __m512 b
 // that each input row is read and written once per step: adding the two
 // halves to memory one after the other would make every load wait for the
 // masked store before it, which the CPU cannot forward.
-__attribute__((target("avx512f"))) void input_grad_transform(const RowPacking& rp,
+template <int R>
+__attribute__((target("avx512f"))) void input_grad_transform_rows(const RowPacking& rp,
                                                             const float* src, index_t xi_stride,
                                                             float* plane, index_t h, index_t w,
                                                             index_t ph, index_t pw, index_t ti0,
                                                             index_t ti1, index_t tw) {
   const __m512i hi_scatter = index_vector(rp.scatter[0][1]);
   const __m512 zero = _mm512_setzero_ps();
-  const index_t groups = group_count(rp, tw);
-  const int band_rows = 2 * rp.rows + 2;
-  for (index_t ti = ti0; ti < ti1; ti += rp.rows) {
-    const index_t packed = std::min<index_t>(rp.rows, ti1 - ti);
+  const index_t groups = group_count<R>( tw);
+  const int band_rows = 2 * R + 2;
+  for (index_t ti = ti0; ti < ti1; ti += R) {
+    const index_t packed = std::min<index_t>(R, ti1 - ti);
     // spill[j]: row j's two columns past the previous group's 32 (R = 1 only)
     __m512 spill[4] = {zero, zero, zero, zero};
     for (index_t g = 0; g < groups; ++g) {
       const index_t tj0 = 16 * g, x = 2 * tj0 - pw;
-      const index_t n = rp.rows == 1 ? std::min<index_t>(16, tw - tj0) : tw;  // tiles per row
-      const __mmask16 keep = lane_mask(0, rp.rows == 1 ? n : packed * tw);
+      const index_t n = R == 1 ? std::min<index_t>(16, tw - tj0) : tw;  // tiles per row
+      const __mmask16 keep = lane_mask(0, R == 1 ? n : packed * tw);
       const __mmask16 e0 = lane_mask(0, 2 * n), e1 = lane_mask(0, 2 * n - 16);
       const float* in = src + (ti - ti0) * tw + tj0;
       __m512 s[4][4];  // B z
@@ -485,7 +491,7 @@ __attribute__((target("avx512f"))) void input_grad_transform(const RowPacking& r
           const __m512 b0 = _mm512_maskz_permutex2var_ps(e0, d2, lo, d3);
           __m512* row = band[2 * r + u];
           row[0] = _mm512_add_ps(row[0], _mm512_add_ps(a0, shift_in_two(b0, zero)));
-          if (rp.rows == 1) {
+          if (R == 1) {
             const __m512 a1 = _mm512_maskz_permutex2var_ps(e1, d0, hi_scatter, d1);
             const __m512 b1 = _mm512_maskz_permutex2var_ps(e1, d2, hi_scatter, d3);
             row[1] = _mm512_add_ps(row[1], _mm512_add_ps(a1, shift_in_two(b1, b0)));
@@ -495,7 +501,7 @@ __attribute__((target("avx512f"))) void input_grad_transform(const RowPacking& r
           }
         }
       }
-      const index_t span = rp.rows == 1 ? std::min<index_t>(32, 2 * n + 2) : 2 * tw + 2;
+      const index_t span = R == 1 ? std::min<index_t>(32, 2 * n + 2) : 2 * tw + 2;
       const __mmask16 m0 = row_mask(w, x, std::min<index_t>(16, span));
       const __mmask16 m1 = row_mask(w, x + 16, span - 16);
       for (int j = 0; j < band_rows; ++j) {
@@ -510,7 +516,7 @@ __attribute__((target("avx512f"))) void input_grad_transform(const RowPacking& r
       }
       for (int j = 0; j < 4; ++j) spill[j] = next_spill[j];
     }
-    if (rp.rows == 1 && tw % 16 == 0) {
+    if (R == 1 && tw % 16 == 0) {
       // The last group was full: its spill lands on the two columns past it.
       const index_t x = 2 * tw - pw;
       const __mmask16 m = row_mask(w, x, 2);
@@ -523,6 +529,22 @@ __attribute__((target("avx512f"))) void input_grad_transform(const RowPacking& r
     }
   }
 }
+
+// The transforms for the packing at hand (R as a constant: unrolled, no mode branches).
+#define FASTCNN_WINOGRAD_DISPATCH(name)                                        \
+  template <typename... Args>                                                  \
+  void name(const RowPacking& rp, Args... args) {                              \
+    switch (rp.rows) {                                                         \
+      case 4: return name##_rows<4>(rp, args...);                              \
+      case 2: return name##_rows<2>(rp, args...);                              \
+      default: return name##_rows<1>(rp, args...);                             \
+    }                                                                          \
+  }
+FASTCNN_WINOGRAD_DISPATCH(input_transform)
+FASTCNN_WINOGRAD_DISPATCH(output_transform)
+FASTCNN_WINOGRAD_DISPATCH(output_grad_transform)
+FASTCNN_WINOGRAD_DISPATCH(input_grad_transform)
+#undef FASTCNN_WINOGRAD_DISPATCH
 
 // ------------------------------------------------------------------ chunks --
 
@@ -677,16 +699,21 @@ void winograd_backward(const ConvShape& cs, const float* dy, const float* x, con
     for (index_t s = 0; s < slices; ++s) run_slice(s, buf);
   }
   if (dw == nullptr) return;
-  // The slices in order, then dg = G^T dU G per filter.
+  // The slices in order (into slice 0), then dg = G^T dU G per filter.
+  constexpr index_t kBlock = 4096;
+  if (slices > 1)
+    parallel_for((du_size + kBlock - 1) / kBlock, 1, [&](index_t blk) {
+      float* sum = du.data();
+      const index_t i1 = std::min(du_size, (blk + 1) * kBlock);
+      for (index_t s = 1; s < slices; ++s) {
+        const float* part = du.data() + s * du_size;
+        for (index_t i = blk * kBlock; i < i1; ++i) sum[i] += part[i];
+      }
+    });
   parallel_for(cs.k, 1, [&](index_t ko) {
     float z[16];
     for (index_t ci = 0; ci < cs.c; ++ci) {
-      for (int xi = 0; xi < kPositions; ++xi) {
-        const index_t at = xi * cs.k * cs.c + ko * cs.c + ci;
-        float sum = du[at];
-        for (index_t s = 1; s < slices; ++s) sum += du[s * du_size + at];
-        z[xi] = sum;
-      }
+      for (int xi = 0; xi < kPositions; ++xi) z[xi] = du[xi * cs.k * cs.c + ko * cs.c + ci];
       filter_transform_grad(z, dw + (ko * cs.c + ci) * 9);
     }
   });
