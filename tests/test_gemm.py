@@ -52,15 +52,18 @@ def test_matmul_same_bits_for_any_thread_count(threads, rng):
 @pytest.mark.parametrize("kernel", ["generic", "avx2"])
 def test_gemm_users_under_each_kernel(kernel):
     """The GEMM, convolution (whose packed im2col follows the kernel's panel
-    width) and linear tests, with FASTCNN_GEMM_KERNEL forcing a micro-kernel
-    other than the one this CPU would pick."""
+    width; Winograd needs the AVX-512 kernel), linear and pooling (whose
+    AVX-512 loops give way to the plain ones under "generic") tests, with
+    FASTCNN_GEMM_KERNEL forcing a micro-kernel other than the one this CPU
+    would pick."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, FASTCNN_GEMM_KERNEL=kernel)
     probe = subprocess.run([sys.executable, "-c", "import fastcnn._cpu as c; "
                             "print(c.gemm_kernel())"], env=env, capture_output=True, text=True)
     if probe.returncode == 0 and not probe.stdout.startswith(kernel):
         pytest.skip(f"this CPU cannot run the {kernel} kernel ({probe.stdout.strip()})")
-    files = [os.path.join(here, f) for f in ("test_gemm.py", "test_conv2d.py", "test_linear.py")]
+    files = [os.path.join(here, f) for f in ("test_gemm.py", "test_conv2d.py", "test_linear.py",
+                                             "test_winograd.py", "test_pool.py")]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            *files], env=env, capture_output=True, text=True, cwd=here)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

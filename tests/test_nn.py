@@ -470,3 +470,4 @@ def test_relu_pool_fusion_backward_stops_and_guided_rules_fall_back():
                          model.backward(g, guided=True, param_grads=False))
     for a, b in zip(results[False], results[True]):
         np.testing.assert_array_equal(a, b)
+

@@ -6,6 +6,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastcnn.functional as F
+from fastcnn import nn
 import reference as ref
 from conftest import randn
 
@@ -261,3 +262,42 @@ def test_pool_backward_follows_any_valid_index_even_outside_its_window(rng):
     np.testing.assert_allclose(F.max_pool2d_backward(go, x, 2, indices=moved), want, rtol=1e-6)
     np.testing.assert_allclose(F.max_pool2d_backward(go, x, 2, indices=idx),
                                ref.max_pool2d_backward(go, x, 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9), (1, 2, 2, 3), (4, 5, 6),
+                                   (2, 3, 4, 40)])
+@pytest.mark.parametrize("relu_first", [False, True])
+def test_maxpool2x2_training_codes_match_indices(shape, relu_first):
+    """In training, MaxPool2d(2) on the CPU keeps one byte per window instead
+    of int64 indices: outputs and input gradients equal the index path's bit
+    for bit, with ties, NaNs, zeros and negative-only windows."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[::7] = 0.0
+    flat[::11] = -0.0
+    flat[3::13] = np.nan
+    flat[5::9] = flat[4::9][: len(flat[5::9])]  # ties between neighbours
+    x[..., :2, :2] = -1.0  # a window with nothing positive
+    pool = nn.MaxPool2d(2).train()
+    out = pool.forward_after_relu(x) if relu_first else pool.forward(x)
+    assert pool._codes is not None and pool._indices is None
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    gx = pool.backward_through_relu(g) if relu_first else pool.backward(g)
+    want_out, idx = (F.relu_max_pool2d if relu_first else F.max_pool2d)(x, 2, return_indices=True)
+    want_gx = (F.relu_max_pool2d_backward if relu_first else F.max_pool2d_backward)(
+        g, x, 2, indices=idx)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(gx, want_gx)
+
+
+def test_maxpool_training_keeps_indices_where_codes_do_not_apply():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 7, 7)).astype(np.float32)
+    for pool in (nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(3, 2), nn.MaxPool2d(2, padding=1)):
+        pool.train()
+        out = pool.forward(x)
+        assert pool._codes is None and pool._indices is not None
+        g = rng.standard_normal(out.shape).astype(np.float32)
+        want = F.max_pool2d_backward(g, x, *pool._args())
+        np.testing.assert_array_equal(pool.backward(g), want)

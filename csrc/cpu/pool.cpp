@@ -6,15 +6,26 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "fastcnn/cpu_kernels.h"
+#include "fastcnn/gemm.h"
 #include "fastcnn/kernel_math.h"
 #include "fastcnn/parallel.h"
 
 namespace fastcnn {
 namespace cpu {
 namespace {
+
+// The AVX-512 loops, unless the CPU lacks them or FASTCNN_GEMM_KERNEL=generic
+// asks for the plain ones (so that the tests run those on any machine).
+bool use_avx512() {
+  static const bool yes =
+      __builtin_cpu_supports("avx512f") && std::strcmp(sgemm_kernel_name(), "generic") != 0;
+  return yes;
+}
 
 // Outputs [ox_lo, ox_hi) of row oy when every window there lies wholly inside
 // the input, with the window known at compile time: K x K taps, stride S, no
@@ -101,7 +112,7 @@ using InteriorRow = void (*)(const PoolShape&, const float*, index_t, index_t, i
 InteriorRow interior_kernel(const PoolShape& ps) {
   if (ps.dil_h != 1 || ps.dil_w != 1 || ps.kh != ps.kw || ps.stride_h != ps.stride_w)
     return nullptr;
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx512 = use_avx512();
   if (ps.kh == 2 && ps.stride_h == 2) return avx512 ? interior_row_2x2_avx512 : interior_row<2, 2>;
   if (ps.kh == 3 && ps.stride_h == 2) return interior_row<3, 2>;
   if (ps.kh == 3 && ps.stride_h == 1) return interior_row<3, 1>;
@@ -248,7 +259,7 @@ index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x
   const InsideColumns cols(ps);
   const InteriorRow fast = interior_kernel(ps);
   index_t bad_indices = 0;
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx512 = use_avx512();
   const bool windows_2x2 = avx512 && ps.kh == 2 && ps.kw == 2 && ps.stride_h == 2 &&
                            ps.stride_w == 2 && ps.pad_h == 0 && ps.pad_w == 0 && ps.dil_h == 1 &&
                            ps.dil_w == 1 && 2 * ps.oh <= ps.h && 2 * ps.ow <= ps.w &&
@@ -285,6 +296,151 @@ index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x
     }
   });
   return bad_indices;
+}
+
+}  // namespace cpu
+}  // namespace fastcnn
+
+// ------------------------------------------------------- 2x2 window codes --
+// A training step's max-pool keeps one byte per window instead of an int64
+// index: 8x less to write in the forward pass and to read in the backward
+// pass, and with the ReLU rule folded in, the backward pass never reads x.
+
+namespace fastcnn {
+namespace cpu {
+namespace {
+
+constexpr std::uint8_t kGradientPasses = 4;
+
+// One output row: maxima (ReLU'd when `relu`) and codes of windows [0, ow).
+template <bool Relu>
+void codes_row_generic(const float* r0, const float* r1, index_t ow, float* out,
+                       std::uint8_t* codes) {
+  for (index_t ox = 0; ox < ow; ++ox) {
+    const float v[4] = {r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]};
+    float best = v[0];
+    int tap = 0;
+    for (int t = 1; t < 4; ++t) {
+      const bool take = (v[t] > best) | (v[t] != v[t]);
+      best = take ? v[t] : best;
+      tap = take ? t : tap;
+    }
+    const bool passes = !Relu || !(best <= 0.0f);  // relu_grad's rule: NaN passes
+    out[ox] = Relu ? relu_value(best) : best;
+    codes[ox] = static_cast<std::uint8_t>(tap | (passes ? kGradientPasses : 0));
+  }
+}
+
+template <bool Relu>
+__attribute__((target("avx512f"))) void codes_row_avx512(const float* r0, const float* r1,
+                                                        index_t ow, float* out,
+                                                        std::uint8_t* codes) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512 zero = _mm512_setzero_ps();
+  for (index_t ox = 0; ox < ow; ox += 16) {
+    const index_t n = std::min<index_t>(16, ow - ox);
+    const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1);
+    const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1);
+    const __m512 a0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * ox), b0 = _mm512_maskz_loadu_ps(hi, r0 + 2 * ox + 16);
+    const __m512 a1 = _mm512_maskz_loadu_ps(lo, r1 + 2 * ox), b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * ox + 16);
+    const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
+                         _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1)};
+    __m512 best = v[0];
+    __m512i code = _mm512_setzero_si512();
+    for (int t = 1; t < 4; ++t) {
+      const __mmask16 take = _mm512_cmp_ps_mask(v[t], best, _CMP_GT_OQ) |
+                             _mm512_cmp_ps_mask(v[t], v[t], _CMP_UNORD_Q);
+      best = _mm512_mask_mov_ps(best, take, v[t]);
+      code = _mm512_mask_mov_epi32(code, take, _mm512_set1_epi32(t));
+    }
+    const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
+    if (Relu) {
+      const __mmask16 passes = _mm512_cmp_ps_mask(best, zero, _CMP_NLE_UQ);
+      code = _mm512_mask_or_epi32(code, passes, code, _mm512_set1_epi32(kGradientPasses));
+      best = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(best, zero, _CMP_NLT_UQ), best);  // relu_value
+    } else {
+      code = _mm512_or_epi32(code, _mm512_set1_epi32(kGradientPasses));
+    }
+    _mm512_mask_storeu_ps(out + ox, keep, best);
+    _mm512_mask_cvtepi32_storeu_epi8(codes + ox, keep, code);
+  }
+}
+
+// One input row pair's gradient from a row of dy and codes; columns past
+// 2 ow (an odd width) are zero.
+void codes_backward_row_generic(const float* g, const std::uint8_t* codes, index_t ow,
+                                index_t w, float* r0, float* r1) {
+  for (index_t ox = 0; ox < ow; ++ox) {
+    const int code = codes[ox];
+    const float v = (code & kGradientPasses) != 0 ? g[ox] : 0.0f;
+    const int tap = code & 3;
+    r0[2 * ox] = tap == 0 ? v : 0.0f;
+    r0[2 * ox + 1] = tap == 1 ? v : 0.0f;
+    r1[2 * ox] = tap == 2 ? v : 0.0f;
+    r1[2 * ox + 1] = tap == 3 ? v : 0.0f;
+  }
+  for (index_t ix = 2 * ow; ix < w; ++ix) r0[ix] = r1[ix] = 0.0f;
+}
+
+__attribute__((target("avx512f"))) void codes_backward_row_avx512(const float* g,
+                                                                 const std::uint8_t* codes,
+                                                                 index_t ow, index_t w, float* r0,
+                                                                 float* r1) {
+  const __m512i zip_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i zip_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (index_t ox = 0; ox < ow; ox += 16) {
+    const index_t n = std::min<index_t>(16, ow - ox);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    alignas(16) std::uint8_t bytes[16] = {};
+    std::memcpy(bytes, codes + ox, static_cast<size_t>(n));
+    const __m512i code = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
+    __mmask16 tap[4];
+    for (int t = 0; t < 4; ++t)
+      tap[t] = _mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(t | kGradientPasses)) & m;
+    const __m512 gv = _mm512_maskz_loadu_ps(m, g + ox);
+    const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1u);
+    const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1u);
+    float* row[2] = {r0, r1};
+    for (int r = 0; r < 2; ++r) {
+      const __m512 e = _mm512_maskz_mov_ps(tap[2 * r], gv);
+      const __m512 o = _mm512_maskz_mov_ps(tap[2 * r + 1], gv);
+      _mm512_mask_storeu_ps(row[r] + 2 * ox, lo, _mm512_permutex2var_ps(e, zip_lo, o));
+      _mm512_mask_storeu_ps(row[r] + 2 * ox + 16, hi, _mm512_permutex2var_ps(e, zip_hi, o));
+    }
+  }
+  for (index_t ix = 2 * ow; ix < w; ++ix) r0[ix] = r1[ix] = 0.0f;
+}
+
+}  // namespace
+
+void max_pool2d_2x2_codes_forward(const PoolShape& ps, const float* x, bool relu, float* y,
+                                  std::uint8_t* codes) {
+  static const bool avx512 = use_avx512();
+  using Row = void (*)(const float*, const float*, index_t, float*, std::uint8_t*);
+  const Row row = avx512 ? (relu ? codes_row_avx512<true> : codes_row_avx512<false>)
+                         : (relu ? codes_row_generic<true> : codes_row_generic<false>);
+  const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
+  parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
+    const float* in = x + pl * in_plane;
+    for (index_t oy = 0; oy < ps.oh; ++oy)
+      row(in + 2 * oy * ps.w, in + (2 * oy + 1) * ps.w, ps.ow, y + pl * out_plane + oy * ps.ow,
+          codes + pl * out_plane + oy * ps.ow);
+  });
+}
+
+void max_pool2d_2x2_codes_backward(const PoolShape& ps, const float* dy,
+                                   const std::uint8_t* codes, float* dx) {
+  static const bool avx512 = use_avx512();
+  const auto row = avx512 ? codes_backward_row_avx512 : codes_backward_row_generic;
+  const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
+  parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
+    float* grad = dx + pl * in_plane;
+    for (index_t oy = 0; oy < ps.oh; ++oy)
+      row(dy + pl * out_plane + oy * ps.ow, codes + pl * out_plane + oy * ps.ow, ps.ow, ps.w,
+          grad + 2 * oy * ps.w, grad + (2 * oy + 1) * ps.w);
+    std::fill(grad + 2 * ps.oh * ps.w, grad + in_plane, 0.0f);  // an odd last row
+  });
 }
 
 }  // namespace cpu

@@ -229,6 +229,29 @@ PYBIND11_MODULE(_cpu, m) {
      py::arg("kh"), py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"),
      py::arg("dh"), py::arg("dw"), py::arg("relu") = false, py::arg("min_index") = -1);
 
+  // 2x2 / stride 2 windows with one code byte each (fastcnn.nn.MaxPool2d in training).
+  m.def("max_pool2d_2x2_codes_forward", [](py::object x_, py::object y_, py::object codes_,
+                                           bool relu) {
+    auto x = in<float>(x_, "input");
+    auto y = out<float>(y_, "output");
+    auto codes = out<std::uint8_t>(codes_, "codes");
+    expect_same_shape(codes, y, "codes", "output");
+    const fastcnn::PoolShape ps = pool_shape(x, y, 2, 2, 2, 2, 0, 0, 1, 1);
+    if (2 * ps.oh > ps.h || 2 * ps.ow > ps.w) fail("2x2 windows must lie inside the input");
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::max_pool2d_2x2_codes_forward(ps, x.data, relu, y.data, codes.data);
+  });
+  m.def("max_pool2d_2x2_codes_backward", [](py::object dy_, py::object codes_, py::object dx_) {
+    auto dy = in<float>(dy_, "grad_output");
+    auto codes = in<std::uint8_t>(codes_, "codes");
+    auto dx = out<float>(dx_, "grad_input");
+    expect_same_shape(codes, dy, "codes", "grad_output");
+    const fastcnn::PoolShape ps = pool_shape(dx, dy, 2, 2, 2, 2, 0, 0, 1, 1);
+    if (2 * ps.oh > ps.h || 2 * ps.ow > ps.w) fail("2x2 windows must lie inside the input");
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::max_pool2d_2x2_codes_backward(ps, dy.data, codes.data, dx.data);
+  });
+
   // x viewed as (outer, dim, inner)
   m.def("softmax_forward", [](py::object x_, py::object y_, index_t outer, index_t dim,
                               index_t inner, bool log) {

@@ -383,6 +383,40 @@ def relu_max_pool2d_backward(grad_output, input, kernel_size, stride=None, paddi
                           padding, dilation, ceil_mode, indices, True)
 
 
+def _max_pool2d_2x2_codes(input, relu):
+    """A training step's 2x2 / stride-2 max-pool (after a ReLU when ``relu``)
+    on the CPU: ``(y, codes)`` with one uint8 per window (its winning tap and
+    whether the gradient passes) in place of int64 indices, for
+    :func:`_max_pool2d_2x2_codes_backward`. None where that path does not
+    apply (not a 3-D / 4-D float32 NumPy array with 2 x 2 windows inside it):
+    the caller then takes :func:`max_pool2d` / :func:`relu_max_pool2d`."""
+    if type(input) is not np.ndarray or input.dtype != _F32 or input.ndim not in (3, 4):
+        return None
+    h, w = input.shape[-2:]
+    if h < 2 or w < 2:
+        return None
+    x = np.ascontiguousarray(input)
+    xb = x[None] if x.ndim == 3 else x
+    y = np.empty(xb.shape[:2] + (h // 2, w // 2), _F32)
+    codes = np.empty(y.shape, np.uint8)
+    B._cpu.max_pool2d_2x2_codes_forward(xb, y, codes, bool(relu))
+    return (y[0], codes[0]) if x.ndim == 3 else (y, codes)
+
+
+def _max_pool2d_2x2_codes_backward(grad_output, codes, input_shape):
+    """The input gradient of :func:`_max_pool2d_2x2_codes` from its codes."""
+    dy = B.as_float(grad_output, "grad_output", np)
+    if dy.shape != codes.shape:
+        raise ValueError(f"max_pool2d_backward: grad_output has shape {shape_str(dy.shape)}, "
+                         f"expected the output shape {shape_str(codes.shape)}")
+    dx = np.empty(input_shape, _F32)
+    unbatched = len(input_shape) == 3
+    B._cpu.max_pool2d_2x2_codes_backward(dy[None] if unbatched else dy,
+                                         codes[None] if unbatched else codes,
+                                         dx[None] if unbatched else dx)
+    return dx
+
+
 def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
                    indices, relu):
     xp, K = B.dispatch(grad_output, input, indices)

@@ -74,6 +74,16 @@ index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x
                             const std::int64_t* indices, bool relu, std::int64_t min_index,
                             float* dx);
 
+// 2x2 windows of stride 2, no padding, dilation 1 (oh = h / 2, ow = w / 2):
+// y = the maxima (ReLU'd with `relu`) and one byte per window, bits 0-1 the
+// winning tap in row-major order (the rule above), bit 2 set where the
+// gradient passes (always without relu; with relu where the maximum is > 0
+// or NaN). The backward pass needs only dy and those bytes.
+void max_pool2d_2x2_codes_forward(const PoolShape& ps, const float* x, bool relu, float* y,
+                                  std::uint8_t* codes);
+void max_pool2d_2x2_codes_backward(const PoolShape& ps, const float* dy,
+                                   const std::uint8_t* codes, float* dx);
+
 // ---- softmax.cpp: x viewed as (outer, dim, inner), softmax along dim.
 void softmax_forward(index_t outer, index_t dim, index_t inner, const float* x, bool log,
                      float* y);

@@ -261,10 +261,17 @@ class MaxPool2d(Module):
     def _forward(self, x, pool, relu_first):
         # Argmaxes are kept for a training step's backward; in eval mode a
         # backward (visualisation) recomputes them, so inference skips them.
-        if self.training:
+        # 2x2 / stride-2 pooling on the CPU keeps a byte per window instead
+        # of an int64 index (with the ReLU's rule folded in).
+        self._indices = self._codes = None
+        fast = self.training and self._args() == ((2, 2), (2, 2), (0, 0), (1, 1), False) and \
+            F._max_pool2d_2x2_codes(x, relu_first)
+        if fast:
+            out, self._codes = fast
+        elif self.training:
             out, self._indices = pool(x, *self._args(), return_indices=True)
         else:
-            out, self._indices = pool(x, *self._args()), None
+            out = pool(x, *self._args())
         self._input = x
         self._relu_first = relu_first
         return out
@@ -276,6 +283,8 @@ class MaxPool2d(Module):
             # indices are x's, which can differ from relu(x)'s where a window
             # holds no positive value, so the argmaxes are recomputed.
             return F.max_pool2d_backward(grad_out, F.relu(x), *self._args())
+        if self._codes is not None:
+            return F._max_pool2d_2x2_codes_backward(grad_out, self._codes, x.shape)
         return F.max_pool2d_backward(grad_out, x, *self._args(), indices=self._indices)
 
     def backward_through_relu(self, grad_out):
@@ -283,6 +292,8 @@ class MaxPool2d(Module):
         x = _cached(self, "_input")
         if not self._relu_first:
             raise RuntimeError("MaxPool2d.backward_through_relu needs forward_after_relu first")
+        if self._codes is not None:
+            return F._max_pool2d_2x2_codes_backward(grad_out, self._codes, x.shape)
         return F.relu_max_pool2d_backward(grad_out, x, *self._args(), indices=self._indices)
 
     def output_shape(self, input_shape):
