@@ -55,6 +55,10 @@ void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const f
     winograd_forward(cs, x, w, bias, y);
     return;
   }
+  if (direct_conv_applies(cs)) {
+    direct_conv_forward(cs, x, w, bias, y);
+    return;
+  }
   const index_t kg = cs.k_per_group(), cg = cs.c_per_group(), rows = cs.col_rows();
   const index_t pixels = cs.out_pixels(), x_image = cs.c * cs.h * cs.w, y_image = cs.k * pixels;
   const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;
@@ -150,6 +154,11 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
   if (winograd_applies(cs, true)) {
     winograd_backward(cs, dy, x, w, dx, dw);
     return;
+  }
+  if (dw != nullptr && direct_conv_applies(cs)) {
+    direct_conv_weight_grad(cs, dy, x, dw);
+    if (dx == nullptr) return;
+    dw = nullptr;  // the input gradient stays im2col + GEMM
   }
 
   const index_t nb = chunk_images(cs), chunks = (cs.n + nb - 1) / nb;

@@ -53,6 +53,14 @@ void winograd_forward(const ConvShape& cs, const float* x, const float* w, const
 void winograd_backward(const ConvShape& cs, const float* dy, const float* x, const float* w,
                        float* dx, float* dw);
 
+// ---- conv_direct.cpp: stride 1 / dilation 1 / one group with 4 to 27 taps
+// (c r s) per output, the first layers (AVX-512 CPUs).
+bool direct_conv_applies(const ConvShape& cs);
+void direct_conv_forward(const ConvShape& cs, const float* x, const float* w, const float* bias,
+                         float* y);
+// dw overwritten.
+void direct_conv_weight_grad(const ConvShape& cs, const float* dy, const float* x, float* dw);
+
 // ---- linear.cpp: x: (n, in), w: (out, in), bias: (out,) or null -> y: (n, out)
 void linear_forward(index_t n, index_t in, index_t out, const float* x, const float* w,
                     const float* bias, float* y);

@@ -21,6 +21,7 @@ enum class ScratchSlot : int {
   Bases,         // conv2d: gather offsets along a packed panel's depth
   WinogradTiles,     // winograd: a chunk's transformed input tiles (or their gradient)
   WinogradProducts,  // winograd: a chunk's products before the output transform (or dM)
+  DirectInput,       // direct conv: the batch's input with its zero padding
   GemmA,         // sgemm: packed A~
   GemmB,         // sgemm: packed B~
   Count
