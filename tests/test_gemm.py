@@ -62,8 +62,9 @@ def test_gemm_users_under_each_kernel(kernel):
                             "print(c.gemm_kernel())"], env=env, capture_output=True, text=True)
     if probe.returncode == 0 and not probe.stdout.startswith(kernel):
         pytest.skip(f"this CPU cannot run the {kernel} kernel ({probe.stdout.strip()})")
-    files = [os.path.join(here, f) for f in ("test_gemm.py", "test_conv2d.py", "test_linear.py",
-                                             "test_winograd.py", "test_conv_direct.py", "test_pool.py")]
+    files = [os.path.join(here, f) for f in (
+        "test_gemm.py", "test_conv2d.py", "test_linear.py", "test_winograd.py",
+        "test_conv_direct.py", "test_pool.py")]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            *files], env=env, capture_output=True, text=True, cwd=here)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

@@ -98,7 +98,8 @@ __attribute__((target("avx512f"))) void forward_row(const ConvShape& cs, const f
     __m512 x[T];
     // taps past `taps` are zero (and so are their weights): no 0 * inf
 #pragma GCC unroll 32
-    for (int t = 0; t < T; ++t) x[t] = t < taps ? _mm512_loadu_ps(base + off[t]) : _mm512_setzero_ps();
+    for (int t = 0; t < T; ++t)
+      x[t] = t < taps ? _mm512_load_ps(base + off[t]) : _mm512_setzero_ps();
     float* out = y + oy * cs.ow + ox;
     for (index_t k = 0; k < cs.k; ++k) {
       const float* wk = w + k * T;
@@ -238,7 +239,8 @@ bool use_avx512() {
 bool direct_conv_applies(const ConvShape& cs) {
   const index_t taps = cs.c * cs.r * cs.s;
   return cs.stride_h == 1 && cs.stride_w == 1 && cs.dil_h == 1 && cs.dil_w == 1 &&
-         cs.groups == 1 && cs.s <= 7 && taps >= kMinTaps && taps <= kMaxTaps && cs.oh > 0 && cs.ow > 0 &&
+         cs.groups == 1 && cs.s <= 7 && taps >= kMinTaps && taps <= kMaxTaps && cs.oh > 0 &&
+         cs.ow > 0 &&
          use_avx512();
 }
 

@@ -342,8 +342,10 @@ __attribute__((target("avx512f"))) void codes_row_avx512(const float* r0, const 
     const index_t n = std::min<index_t>(16, ow - ox);
     const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1);
     const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1);
-    const __m512 a0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * ox), b0 = _mm512_maskz_loadu_ps(hi, r0 + 2 * ox + 16);
-    const __m512 a1 = _mm512_maskz_loadu_ps(lo, r1 + 2 * ox), b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * ox + 16);
+    const __m512 a0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * ox);
+    const __m512 b0 = _mm512_maskz_loadu_ps(hi, r0 + 2 * ox + 16);
+    const __m512 a1 = _mm512_maskz_loadu_ps(lo, r1 + 2 * ox);
+    const __m512 b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * ox + 16);
     const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
                          _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1)};
     __m512 best = v[0];
@@ -388,13 +390,15 @@ __attribute__((target("avx512f"))) void codes_backward_row_avx512(const float* g
                                                                  index_t ow, index_t w, float* r0,
                                                                  float* r1) {
   const __m512i zip_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i zip_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i zip_hi =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (index_t ox = 0; ox < ow; ox += 16) {
     const index_t n = std::min<index_t>(16, ow - ox);
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
     alignas(16) std::uint8_t bytes[16] = {};
     std::memcpy(bytes, codes + ox, static_cast<size_t>(n));
-    const __m512i code = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512i code =
+        _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
     __mmask16 tap[4];
     for (int t = 0; t < 4; ++t)
       tap[t] = _mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(t | kGradientPasses)) & m;

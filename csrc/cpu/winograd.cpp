@@ -91,7 +91,8 @@ RowPacking row_packing(index_t tw) {
   for (int parity = 0; parity < 2; ++parity)
     for (int l = 0; l < 16; ++l) {
       const index_t r = l / rp.lanes, j = l % rp.lanes;
-      rp.gather[parity][l] = r < rp.rows ? static_cast<std::int32_t>(rp.seg * r + 2 * j + parity) : 0;
+      rp.gather[parity][l] =
+          r < rp.rows ? static_cast<std::int32_t>(rp.seg * r + 2 * j + parity) : 0;
     }
   for (int r = 0; r < 4; ++r)
     for (int h = 0; h < 2; ++h)
@@ -287,7 +288,8 @@ inline index_t group_count(index_t tw) {
 // V = B^T d B, d the 4 x 4 blocks of one input plane (h x w, zero padded by
 // ph / pw), B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
 template <int R>
-__attribute__((target("avx512f"))) void input_transform_rows(const RowPacking& rp, const float* plane,
+__attribute__((target("avx512f"))) void input_transform_rows(const RowPacking& rp,
+                                                            const float* plane,
                                                        index_t h, index_t w, index_t ph,
                                                        index_t pw, index_t ti0, index_t ti1,
                                                        index_t tw, float* dst,
@@ -339,7 +341,8 @@ __attribute__((target("avx512f"))) void input_transform_rows(const RowPacking& r
 
 // Y = A^T M A + bias into one output plane (oh x ow), A^T = [1 1 1 0; 0 1 -1 -1].
 template <int R>
-__attribute__((target("avx512f"))) void output_transform_rows(const RowPacking& rp, const float* src,
+__attribute__((target("avx512f"))) void output_transform_rows(const RowPacking& rp,
+                                                             const float* src,
                                                         index_t xi_stride, float bias,
                                                         float* plane, index_t oh, index_t ow,
                                                         index_t ti0, index_t ti1, index_t tw) {
@@ -375,7 +378,8 @@ __attribute__((target("avx512f"))) void output_transform_rows(const RowPacking& 
           if (oy >= oh) continue;
           float* row = plane + oy * ow + x;
           _mm512_mask_storeu_ps(row, s0,
-                                _mm512_permutex2var_ps(y[par][0], index_vector(rp.scatter[r][0]), y[par][1]));
+                                _mm512_permutex2var_ps(y[par][0], index_vector(rp.scatter[r][0]),
+                                                       y[par][1]));
           if (R == 1)
             _mm512_mask_storeu_ps(
                 row + 16, s1, _mm512_permutex2var_ps(y[par][0], hi_scatter, y[par][1]));
@@ -568,7 +572,8 @@ void transform_inputs(const ConvShape& cs, const Plan& p, const Chunk& ch, const
   const index_t t = chunk_tiles(p, ch), plane = cs.h * cs.w;
   parallel_for(ch.nb * cs.c, 1, [&](index_t bc) {
     const index_t b = ch.b0 + bc / cs.c, c = bc % cs.c;
-    input_transform(p.packing, x + (b * cs.c + c) * plane, cs.h, cs.w, cs.pad_h, cs.pad_w, ch.ti0, ch.ti1,
+    input_transform(p.packing, x + (b * cs.c + c) * plane, cs.h, cs.w, cs.pad_h, cs.pad_w, ch.ti0,
+                    ch.ti1,
                     p.tw, buf.tiles + c * t + tile_index(p, ch, b, ch.ti0), buf.v_stride);
   });
 }
@@ -600,7 +605,8 @@ void backward_chunk(const ConvShape& cs, const Plan& p, const Chunk& ch, const f
   float* dm = buf.products;
   parallel_for(ch.nb * cs.k, 1, [&](index_t bk) {
     const index_t b = ch.b0 + bk / cs.k, k = bk % cs.k;
-    output_grad_transform(p.packing, dy + (b * cs.k + k) * pixels, cs.oh, cs.ow, ch.ti0, ch.ti1, p.tw,
+    output_grad_transform(p.packing, dy + (b * cs.k + k) * pixels, cs.oh, cs.ow, ch.ti0, ch.ti1,
+                          p.tw,
                           dm + k * t + tile_index(p, ch, b, ch.ti0), buf.m_stride);
   });
   if (du != nullptr) {
@@ -620,7 +626,8 @@ void backward_chunk(const ConvShape& cs, const Plan& p, const Chunk& ch, const f
     const index_t b = ch.b0 + bc / cs.c, c = bc % cs.c;
     float* out = dx + (b * cs.c + c) * plane;
     if (ch.ti0 == 0) std::fill(out, out + plane, 0.0f);
-    input_grad_transform(p.packing, dv + c * t + tile_index(p, ch, b, ch.ti0), buf.v_stride, out, cs.h,
+    input_grad_transform(p.packing, dv + c * t + tile_index(p, ch, b, ch.ti0), buf.v_stride, out,
+                         cs.h,
                          cs.w, cs.pad_h, cs.pad_w, ch.ti0, ch.ti1, p.tw);
   });
 }
