@@ -471,3 +471,29 @@ def test_relu_pool_fusion_backward_stops_and_guided_rules_fall_back():
     for a, b in zip(results[False], results[True]):
         np.testing.assert_array_equal(a, b)
 
+
+
+def test_first_conv_grads_from_pool_codes_change_no_bit():
+    """With no input gradient asked for (training), the first convolution of
+    Conv-ReLU-MaxPool(2) takes its weight and bias gradients straight from the
+    pool's window codes: the same bits as the unfused run, and no entry for
+    the convolution's output gradient."""
+    rng = np.random.default_rng(3)
+    for n, size in ((5, 28), (2, 27)):  # 27: an odd conv output, a row and column no window has
+        x = rng.standard_normal((n, 1, size, size)).astype(np.float32)
+        x[:, :, :, :6] = -2.0
+        y = rng.integers(0, 10, n)
+        model = models.mnist_cnn(seed=4) if size == 28 else nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(8 * 13 * 13, 10))
+        if not hasattr(model, "dropout"):
+            model.dropout = nn.Dropout(0.0)
+        plain = _train_pass(model, x, y, fuse=False, input_grad=False)
+        fused = _train_pass(model, x, y, fuse=True, input_grad=False)
+        np.testing.assert_array_equal(plain[0], fused[0])
+        assert plain[1] is None and fused[1] is None
+        for a, b in zip(plain[2], fused[2]):
+            np.testing.assert_array_equal(a, b)
+        first = model.names[0]
+        if fastcnn._backend._cpu.gemm_kernel() == "avx512":  # the direct path took it
+            assert first not in model.gradients

@@ -13,7 +13,6 @@
 #include "fastcnn/cpu_kernels.h"
 #include "fastcnn/gemm.h"
 #include "fastcnn/parallel.h"
-#include "fastcnn/reduce.h"
 #include "fastcnn/scratch.h"
 
 namespace fastcnn {
@@ -144,7 +143,7 @@ void conv2d_backward(const ConvShape& cs, const float* dy, const float* x, const
       double sum = 0.0;
       for (index_t img = 0; img < cs.n; ++img) {
         const float* g = dy + img * y_image + ko * pixels;
-        sum += lane_sum(pixels, [&](index_t p) { return g[p]; });
+        sum += row_block_sum(g, cs.oh, cs.ow);
       }
       db[ko] = static_cast<float>(sum);
     });

@@ -151,6 +151,42 @@ PYBIND11_MODULE(_cpu, m) {
     fastcnn::cpu::conv2d_backward(cs, dy.data, x.data, w.data, dx, dwp, db);
   });
 
+  // The weight and bias gradients of a first-layer convolution followed by
+  // ReLU and a 2x2 max-pool that kept window codes, from the pooled gradient
+  // (fastcnn.nn.Sequential in training). False, computing nothing, where the
+  // direct path does not take the layer.
+  m.def("conv2d_grads_from_pool", [](py::object dp_, py::object codes_, py::object x_,
+                                     py::object w_, py::object dw_, py::object db_, index_t sh,
+                                     index_t sw, index_t ph, index_t pw, index_t dh, index_t dw,
+                                     index_t groups) {
+    auto dp = in<float>(dp_, "grad_output"), x = in<float>(x_, "input"),
+         w = in<float>(w_, "weight");
+    auto codes = in<std::uint8_t>(codes_, "codes");
+    expect_same_shape(codes, dp, "codes", "grad_output");
+    expect_ndim(x, 4, "input");
+    expect_ndim(w, 4, "weight");
+    expect_ndim(dp, 4, "grad_output");
+    fastcnn::ConvShape cs{};
+    cs.n = x.dim(0), cs.c = x.dim(1), cs.h = x.dim(2), cs.w = x.dim(3);
+    cs.k = w.dim(0), cs.r = w.dim(2), cs.s = w.dim(3);
+    cs.stride_h = sh, cs.stride_w = sw, cs.pad_h = ph, cs.pad_w = pw;
+    cs.dil_h = dh, cs.dil_w = dw, cs.groups = groups;
+    if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 || pw < 0 || groups < 1 ||
+        w.dim(1) * groups != cs.c || cs.k % groups != 0)
+      fail("invalid convolution arguments");
+    cs.oh = fastcnn::conv_out_size(cs.h, cs.r, sh, ph, dh);
+    cs.ow = fastcnn::conv_out_size(cs.w, cs.s, sw, pw, dw);
+    if (dp.dim(0) != cs.n || dp.dim(1) != cs.k || dp.dim(2) != cs.oh / 2 ||
+        dp.dim(3) != cs.ow / 2)
+      fail("grad_output " + dp.shape_string() + " is not the 2x2-pooled convolution output");
+    float* dwp = opt<float>(dw_, "grad_weight", true, w.size());
+    float* db = opt<float>(db_, "grad_bias", true, cs.k);
+    if (!fastcnn::cpu::direct_conv_applies(cs) || cs.oh < 2 || cs.ow < 2) return false;
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::direct_conv_grads_from_pool(cs, dp.data, codes.data, x.data, dwp, db);
+    return true;
+  });
+
   m.def("linear_forward", [](py::object x_, py::object w_, py::object b_, py::object y_) {
     auto x = in<float>(x_, "input"), w = in<float>(w_, "weight");
     auto y = out<float>(y_, "output");

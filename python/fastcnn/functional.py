@@ -417,6 +417,30 @@ def _max_pool2d_2x2_codes_backward(grad_output, codes, input_shape):
     return dx
 
 
+def _conv2d_grads_from_pool(grad_pooled, codes, input, weight, bias, stride, padding,
+                            dilation, groups, want_dw, want_db):
+    """The weight and bias gradients of a convolution whose output went
+    through ReLU and :func:`_max_pool2d_2x2_codes`, from the pooled gradient
+    and the codes, the output gradient never written: ``(dw, db)`` (None
+    where not wanted), or None when the CPU's direct first-layer path does
+    not take the layer. The same bits as :func:`conv2d_backward` on the
+    gradient :func:`_max_pool2d_2x2_codes_backward` would give."""
+    if type(input) is not np.ndarray or input.ndim != 4 or codes.ndim != 4:
+        return None
+    x = B.as_float(input, "input", np)
+    w = B.as_float(weight, "weight", np)
+    b = B.as_optional_float(bias, "bias", np)
+    g = _geometry(_ConvArgs, "conv2d_backward", (x, w, b), (stride, padding, dilation, groups))
+    if g.extra != (0, 0):
+        return None
+    dp = B.as_float(grad_pooled, "grad_output", np)
+    dw = np.empty(w.shape, _F32) if want_dw else None
+    db = np.empty(w.shape[:1], _F32) if (want_db and b is not None) else None
+    if not B._cpu.conv2d_grads_from_pool(dp, codes, x, w, dw, db, *g.kernel_args()):
+        return None
+    return dw, db
+
+
 def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
                    indices, relu):
     xp, K = B.dispatch(grad_output, input, indices)

@@ -60,6 +60,17 @@ void direct_conv_forward(const ConvShape& cs, const float* x, const float* w, co
                          float* y);
 // dw overwritten.
 void direct_conv_weight_grad(const ConvShape& cs, const float* dy, const float* x, float* dw);
+// dw and db (each may be null) of a direct-path convolution whose output went
+// through ReLU and a 2x2 / stride-2 max-pool that kept window codes
+// (max_pool2d_2x2_codes_forward, relu): from the pooled gradient dpool
+// (n, k, oh / 2, ow / 2), never writing the output gradient. The same bits as
+// conv2d_backward on the gradient the pool's backward pass would give.
+void direct_conv_grads_from_pool(const ConvShape& cs, const float* dpool,
+                                 const std::uint8_t* codes, const float* x, float* dw,
+                                 float* db);
+// A plane's sum for the bias gradient: 16 lanes over each row's 16-column
+// blocks, lanes added in order.
+float row_block_sum(const float* plane, index_t oh, index_t ow);
 
 // ---- linear.cpp: x: (n, in), w: (out, in), bias: (out,) or null -> y: (n, out)
 void linear_forward(index_t n, index_t in, index_t out, const float* x, const float* w,

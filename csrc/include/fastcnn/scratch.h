@@ -22,6 +22,7 @@ enum class ScratchSlot : int {
   WinogradTiles,     // winograd: a chunk's transformed input tiles (or their gradient)
   WinogradProducts,  // winograd: a chunk's products before the output transform (or dM)
   DirectInput,       // direct conv: the batch's input with its zero padding
+  DirectGrad,        // direct conv: one output-gradient plane routed from a pool
   GemmA,         // sgemm: packed A~
   GemmB,         // sgemm: packed B~
   Count

@@ -123,6 +123,27 @@ class Conv2d(Module):
             self.bias.accumulate(db)
         return dx
 
+    def backward_from_pool(self, grad_pooled, codes):
+        """The parameter gradients when this layer's output went through ReLU
+        and a MaxPool2d(2) that kept window codes (see Sequential), straight
+        from the pooled gradient; no input gradient. False when the fast path
+        does not take the layer (nothing is computed then)."""
+        x = _cached(self, "_input")
+        bias = None if self.bias is None else self.bias.data
+        want_dw = self.weight.requires_grad
+        want_db = bias is not None and self.bias.requires_grad
+        if not (want_dw or want_db):
+            return True
+        grads = F._conv2d_grads_from_pool(grad_pooled, codes, x, self.weight.data, bias,
+                                          *self._args(), want_dw, want_db)
+        if grads is None:
+            return False
+        if want_dw:
+            self.weight.accumulate(grads[0])
+        if want_db:
+            self.bias.accumulate(grads[1])
+        return True
+
     def output_shape(self, input_shape):
         n, c, h, w = input_shape
         if c != self.in_channels:
