@@ -31,7 +31,6 @@
 #include "fastcnn/gemm.h"
 #include "fastcnn/parallel.h"
 #include "fastcnn/scratch.h"
-#include "fastcnn/vec_math.h"
 
 namespace fastcnn {
 namespace cpu {
@@ -322,6 +321,11 @@ bool use_avx512() {
 
 bool direct_conv_applies(const ConvShape& cs) {
   const index_t taps = cs.c * cs.r * cs.s;
+  // The padded copy holds s shifted copies of each row: at most 256 KiB an
+  // image (MNIST and CIFAR sizes; a 224x224 first layer stays im2col). A
+  // bound on the image, never on the batch: the path must not depend on it.
+  const index_t padded = cs.c * (cs.h + 2 * cs.pad_h) * cs.s * ((cs.ow + 15) / 16 * 16);
+  if (padded > (index_t(1) << 16)) return false;
   return cs.stride_h == 1 && cs.stride_w == 1 && cs.dil_h == 1 && cs.dil_w == 1 &&
          cs.groups == 1 && cs.s <= 7 && taps >= kMinTaps && taps <= kMaxTaps && cs.oh > 0 &&
          cs.ow > 0 &&
@@ -367,8 +371,31 @@ void direct_conv_grads_from_pool(const ConvShape& cs, const float* dpool,
     }
 }
 
-FASTCNN_SIMD_CLONES float row_block_sum(const float* plane, index_t oh, index_t ow) {
-  float acc[16] = {};
+namespace {
+
+__attribute__((target("avx512f"))) float row_block_sum_avx512(const float* plane, index_t oh,
+                                                             index_t ow) {
+  __m512 acc = _mm512_setzero_ps();
+  const __mmask16 tail = static_cast<__mmask16>((1u << (ow % 16)) - 1u);
+  for (index_t oy = 0; oy < oh; ++oy) {
+    const float* row = plane + oy * ow;
+    index_t ox = 0;
+    for (; ox + 16 <= ow; ox += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(row + ox));
+    if (ox < ow) acc = _mm512_mask_add_ps(acc, tail, acc, _mm512_maskz_loadu_ps(tail, row + ox));
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc);
+  float total = 0.0f;
+  for (int j = 0; j < 16; ++j) total += lanes[j];
+  return total;
+}
+
+}  // namespace
+
+float row_block_sum(const float* plane, index_t oh, index_t ow) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return row_block_sum_avx512(plane, oh, ow);
+  float acc[16] = {};  // the same per-lane additions, in plain C++
   for (index_t oy = 0; oy < oh; ++oy) {
     const float* row = plane + oy * ow;
     index_t ox = 0;

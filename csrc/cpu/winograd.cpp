@@ -47,6 +47,9 @@ constexpr int kPositions = 16;  // the 4 x 4 transformed positions xi
 // 16 (C + K) floats per tile) for layers with many channels.
 constexpr index_t kTargetTiles = 256;
 constexpr index_t kMaxChunkFloats = index_t(1) << 18;
+// ... but never fewer tiles than this: each chunk re-reads all 16 transformed
+// weight matrices, which for many channels outweighs V and M spilling from L2.
+constexpr index_t kMinTiles = 64;
 // As conv2d's im2col path: the weight gradient sums fixed slices of the
 // batch, each in order, then the slices in order.
 constexpr index_t kWeightGradSlices = 8;
@@ -125,8 +128,8 @@ Plan make_plan(const ConvShape& cs) {
   p.th = (cs.oh + 1) / 2;
   p.tw = (cs.ow + 1) / 2;
   const index_t per_image = p.th * p.tw;
-  const index_t target = std::max<index_t>(
-      1, std::min(kTargetTiles, kMaxChunkFloats / (kPositions * (cs.c + cs.k))));
+  const index_t target = std::max(
+      kMinTiles, std::min(kTargetTiles, kMaxChunkFloats / (kPositions * (cs.c + cs.k))));
   if (per_image >= target) {
     p.images_per_chunk = 1;
     p.rows_per_chunk = std::min(p.th, std::max<index_t>(1, target / p.tw));
