@@ -64,6 +64,31 @@ void interior_row(const PoolShape& ps, const float* plane, index_t oy, index_t o
   }
 }
 
+// The maxima of n <= 16 consecutive 2x2 windows whose rows start at p0, p1
+// (2 n floats each) and their winning taps 0-3 (row-major): the first
+// maximum wins, a NaN wins over any number (pool_argmax's rule).
+__attribute__((target("avx512f"))) inline void windows_2x2_avx512(const float* p0,
+                                                                 const float* p1, index_t n,
+                                                                 __m512* best, __m512i* tap) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1);
+  const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1);
+  const __m512 a0 = _mm512_maskz_loadu_ps(lo, p0), b0 = _mm512_maskz_loadu_ps(hi, p0 + 16);
+  const __m512 a1 = _mm512_maskz_loadu_ps(lo, p1), b1 = _mm512_maskz_loadu_ps(hi, p1 + 16);
+  const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
+                       _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1)};
+  *best = v[0];
+  *tap = _mm512_setzero_si512();
+  for (int t = 1; t < 4; ++t) {
+    // take = v > best or v is NaN
+    const __mmask16 take = _mm512_cmp_ps_mask(v[t], *best, _CMP_GT_OQ) |
+                           _mm512_cmp_ps_mask(v[t], v[t], _CMP_UNORD_Q);
+    *best = _mm512_mask_mov_ps(*best, take, v[t]);
+    *tap = _mm512_mask_mov_epi32(*tap, take, _mm512_set1_epi32(t));
+  }
+}
+
 // interior_row<2, 2> in AVX-512: 16 outputs per step, the even and odd
 // columns of the two input rows split by permutes. Same taps in the same
 // order with the same rule, so the same results to the bit.
@@ -73,27 +98,11 @@ __attribute__((target("avx512f"))) void interior_row_2x2_avx512(
   const index_t start = (oy * 2 - ps.pad_h) * ps.w - ps.pad_w;
   const float* row0 = plane + start;
   const float* row1 = row0 + ps.w;
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (index_t ox = ox_lo; ox < ox_hi; ox += 16) {
     const index_t n = std::min<index_t>(16, ox_hi - ox);
-    const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1);
-    const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1);
-    const float* p0 = row0 + 2 * ox;
-    const float* p1 = row1 + 2 * ox;
-    const __m512 a0 = _mm512_maskz_loadu_ps(lo, p0), b0 = _mm512_maskz_loadu_ps(hi, p0 + 16);
-    const __m512 a1 = _mm512_maskz_loadu_ps(lo, p1), b1 = _mm512_maskz_loadu_ps(hi, p1 + 16);
-    const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
-                         _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1)};
-    __m512 best = v[0];
-    __m512i tap = _mm512_setzero_si512();
-    for (int t = 1; t < 4; ++t) {
-      // take = v > best or v is NaN
-      const __mmask16 take = _mm512_cmp_ps_mask(v[t], best, _CMP_GT_OQ) |
-                             _mm512_cmp_ps_mask(v[t], v[t], _CMP_UNORD_Q);
-      best = _mm512_mask_mov_ps(best, take, v[t]);
-      tap = _mm512_mask_mov_epi32(tap, take, _mm512_set1_epi32(t));
-    }
+    __m512 best;
+    __m512i tap;
+    windows_2x2_avx512(row0 + 2 * ox, row1 + 2 * ox, n, &best, &tap);
     const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
     _mm512_mask_storeu_ps(out + ox, keep, best);
     if (idx != nullptr) {
@@ -335,27 +344,12 @@ template <bool Relu>
 __attribute__((target("avx512f"))) void codes_row_avx512(const float* r0, const float* r1,
                                                         index_t ow, float* out,
                                                         std::uint8_t* codes) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   const __m512 zero = _mm512_setzero_ps();
   for (index_t ox = 0; ox < ow; ox += 16) {
     const index_t n = std::min<index_t>(16, ow - ox);
-    const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1);
-    const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1);
-    const __m512 a0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * ox);
-    const __m512 b0 = _mm512_maskz_loadu_ps(hi, r0 + 2 * ox + 16);
-    const __m512 a1 = _mm512_maskz_loadu_ps(lo, r1 + 2 * ox);
-    const __m512 b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * ox + 16);
-    const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
-                         _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1)};
-    __m512 best = v[0];
-    __m512i code = _mm512_setzero_si512();
-    for (int t = 1; t < 4; ++t) {
-      const __mmask16 take = _mm512_cmp_ps_mask(v[t], best, _CMP_GT_OQ) |
-                             _mm512_cmp_ps_mask(v[t], v[t], _CMP_UNORD_Q);
-      best = _mm512_mask_mov_ps(best, take, v[t]);
-      code = _mm512_mask_mov_epi32(code, take, _mm512_set1_epi32(t));
-    }
+    __m512 best;
+    __m512i code;
+    windows_2x2_avx512(r0 + 2 * ox, r1 + 2 * ox, n, &best, &code);
     const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
     if (Relu) {
       const __mmask16 passes = _mm512_cmp_ps_mask(best, zero, _CMP_NLE_UQ);
