@@ -109,7 +109,12 @@ def bench_gemm(rng, quick=False):
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
         c = np.empty((m, n), np.float32)
+        # OpenBLAS's threads spin for ~0.1 s after each NumPy product before
+        # they sleep (OpenMP's, after ours, more briefly): let each side's
+        # threads park before timing the other, or they take its cores.
+        time.sleep(0.25)
         ours = Timing.of(lambda: _backend._cpu.sgemm(False, False, 1.0, a, b, 0.0, c))
+        time.sleep(0.25)
         theirs = Timing.of(lambda: np.matmul(a, b, out=c))
         rows.append(Row("gemm", f"sgemm {m}x{k}x{n}", ours, theirs, "numpy", 2.0 * m * n * k))
     return rows
