@@ -1,4 +1,8 @@
-// conv2d forward and backward as im2col + GEMM.
+// conv2d forward and backward. Two special paths are taken first where they
+// apply (each decides on the layer's shape and the CPU, never on the batch):
+// Winograd F(2x2, 3x3) for 3x3 stride-1 layers with many channels
+// (winograd.cpp) and a direct kernel for first layers with few taps
+// (conv_direct.cpp). Everything else is im2col + GEMM, as below.
 //
 // Images are processed in chunks of `nb`: the column matrices of a chunk sit
 // side by side, cols (c/g r s, nb oh ow), so one GEMM per group covers the
