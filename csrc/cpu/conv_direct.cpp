@@ -138,44 +138,9 @@ struct PooledGrad {
   index_t k, oh, ow;  // the convolution's output plane
   index_t total;      // codes in all
 
-  __attribute__((target("avx512f"))) const float* plane(index_t b, index_t ch,
-                                                        float* buffer) const {
-    const index_t ph = oh / 2, pw = ow / 2, at = (b * k + ch) * ph * pw;
-    const __m512i zip_lo =
-        _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const __m512i zip_hi =
-        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    for (index_t py = 0; py < ph; ++py) {
-      float* r0 = buffer + 2 * py * ow;
-      float* r1 = r0 + ow;
-      for (index_t px = 0; px < pw; px += 16) {
-        const index_t n = std::min<index_t>(16, pw - px), from = at + py * pw + px;
-        const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-        __m128i bytes;
-        if (from + 16 <= total) {
-          bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + from));
-        } else {
-          alignas(16) std::uint8_t tail[16] = {};
-          std::memcpy(tail, codes + from, static_cast<size_t>(n));
-          bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
-        }
-        const __m512i c = _mm512_cvtepu8_epi32(bytes);
-        const __m512 g = _mm512_maskz_loadu_ps(m, dp + from);
-        const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1u);
-        const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1u);
-        float* row[2] = {r0, r1};
-        for (int r = 0; r < 2; ++r) {  // tap (r, 0) and (r, 1) of each window, if it passes
-          const __m512 e = _mm512_maskz_mov_ps(
-              _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(2 * r + 4)) & m, g);
-          const __m512 o = _mm512_maskz_mov_ps(
-              _mm512_cmpeq_epi32_mask(c, _mm512_set1_epi32(2 * r + 5)) & m, g);
-          _mm512_mask_storeu_ps(row[r] + 2 * px, lo, _mm512_permutex2var_ps(e, zip_lo, o));
-          _mm512_mask_storeu_ps(row[r] + 2 * px + 16, hi, _mm512_permutex2var_ps(e, zip_hi, o));
-        }
-      }
-      if (ow % 2 != 0) r0[ow - 1] = r1[ow - 1] = 0.0f;  // an odd last column: no window
-    }
-    if (oh % 2 != 0) std::fill(buffer + (oh - 1) * ow, buffer + oh * ow, 0.0f);
+  const float* plane(index_t b, index_t ch, float* buffer) const {
+    const index_t at = (b * k + ch) * (oh / 2) * (ow / 2);
+    max_pool2d_2x2_codes_backward_plane(dp + at, codes + at, oh, ow, total - at, buffer);
     return buffer;
   }
 };

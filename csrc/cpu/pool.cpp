@@ -366,7 +366,7 @@ __attribute__((target("avx512f"))) void codes_row_avx512(const float* r0, const 
 // One input row pair's gradient from a row of dy and codes; columns past
 // 2 ow (an odd width) are zero.
 void codes_backward_row_generic(const float* g, const std::uint8_t* codes, index_t ow,
-                                index_t w, float* r0, float* r1) {
+                                index_t w, index_t, float* r0, float* r1) {
   for (index_t ox = 0; ox < ow; ++ox) {
     const int code = codes[ox];
     const float v = (code & kGradientPasses) != 0 ? g[ox] : 0.0f;
@@ -379,9 +379,12 @@ void codes_backward_row_generic(const float* g, const std::uint8_t* codes, index
   for (index_t ix = 2 * ow; ix < w; ++ix) r0[ix] = r1[ix] = 0.0f;
 }
 
+// `readable`: how many code bytes may be read from `codes` on (16-byte loads
+// where that allows, else a copy of the row's last ones).
 __attribute__((target("avx512f"))) void codes_backward_row_avx512(const float* g,
                                                                  const std::uint8_t* codes,
-                                                                 index_t ow, index_t w, float* r0,
+                                                                 index_t ow, index_t w,
+                                                                 index_t readable, float* r0,
                                                                  float* r1) {
   const __m512i zip_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i zip_hi =
@@ -389,10 +392,15 @@ __attribute__((target("avx512f"))) void codes_backward_row_avx512(const float* g
   for (index_t ox = 0; ox < ow; ox += 16) {
     const index_t n = std::min<index_t>(16, ow - ox);
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-    alignas(16) std::uint8_t bytes[16] = {};
-    std::memcpy(bytes, codes + ox, static_cast<size_t>(n));
-    const __m512i code =
-        _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes)));
+    __m128i bytes;
+    if (ox + 16 <= readable) {
+      bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + ox));
+    } else {
+      alignas(16) std::uint8_t tail[16] = {};
+      std::memcpy(tail, codes + ox, static_cast<size_t>(n));
+      bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+    }
+    const __m512i code = _mm512_cvtepu8_epi32(bytes);
     __mmask16 tap[4];
     for (int t = 0; t < 4; ++t)
       tap[t] = _mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(t | kGradientPasses)) & m;
@@ -427,17 +435,24 @@ void max_pool2d_2x2_codes_forward(const PoolShape& ps, const float* x, bool relu
   });
 }
 
-void max_pool2d_2x2_codes_backward(const PoolShape& ps, const float* dy,
-                                   const std::uint8_t* codes, float* dx) {
+void max_pool2d_2x2_codes_backward_plane(const float* dy, const std::uint8_t* codes, index_t h,
+                                         index_t w, index_t readable, float* dx) {
   static const bool avx512 = use_avx512();
   const auto row = avx512 ? codes_backward_row_avx512 : codes_backward_row_generic;
+  const index_t oh = h / 2, ow = w / 2;
+  for (index_t oy = 0; oy < oh; ++oy)
+    row(dy + oy * ow, codes + oy * ow, ow, w, readable - oy * ow, dx + 2 * oy * w,
+        dx + (2 * oy + 1) * w);
+  std::fill(dx + 2 * oh * w, dx + h * w, 0.0f);  // an odd last row
+}
+
+void max_pool2d_2x2_codes_backward(const PoolShape& ps, const float* dy,
+                                   const std::uint8_t* codes, float* dx) {
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
+  const index_t total = ps.n * ps.c * out_plane;
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
-    float* grad = dx + pl * in_plane;
-    for (index_t oy = 0; oy < ps.oh; ++oy)
-      row(dy + pl * out_plane + oy * ps.ow, codes + pl * out_plane + oy * ps.ow, ps.ow, ps.w,
-          grad + 2 * oy * ps.w, grad + (2 * oy + 1) * ps.w);
-    std::fill(grad + 2 * ps.oh * ps.w, grad + in_plane, 0.0f);  // an odd last row
+    max_pool2d_2x2_codes_backward_plane(dy + pl * out_plane, codes + pl * out_plane, ps.h, ps.w,
+                                        total - pl * out_plane, dx + pl * in_plane);
   });
 }
 

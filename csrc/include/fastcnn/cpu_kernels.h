@@ -102,6 +102,10 @@ void max_pool2d_2x2_codes_forward(const PoolShape& ps, const float* x, bool relu
                                   std::uint8_t* codes);
 void max_pool2d_2x2_codes_backward(const PoolShape& ps, const float* dy,
                                    const std::uint8_t* codes, float* dx);
+// One plane of it: dx (h x w) from dy and codes ((h / 2) x (w / 2)); up to
+// `readable` code bytes may be read from `codes` on (>= the plane's).
+void max_pool2d_2x2_codes_backward_plane(const float* dy, const std::uint8_t* codes, index_t h,
+                                         index_t w, index_t readable, float* dx);
 
 // ---- softmax.cpp: x viewed as (outer, dim, inner), softmax along dim.
 void softmax_forward(index_t outer, index_t dim, index_t inner, const float* x, bool log,
