@@ -433,9 +433,11 @@ def _train_pass(model, x, y, fuse, **backward_kwargs):
 
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_relu_pool_fusion_changes_no_bit(batchnorm):
-    """Training mode runs ReLU + MaxPool2d as one op: output, input gradient and
-    every parameter gradient equal the unfused run bit for bit (negative-only
-    windows and ties included), and only the fused ReLUs go unrecorded."""
+    """Training mode runs ReLU + MaxPool2d as one op (a batch norm before them
+    taking its gradients from the pool's window codes): output, input gradient
+    and every parameter gradient equal the unfused run bit for bit
+    (negative-only windows and ties included); only the fused ReLUs (and the
+    batch norms' output gradients) go unrecorded."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 1, 28, 28)).astype(np.float32)
     x[:, :, :, :7] = -1.0  # all-negative windows after the first convolution's bias
@@ -449,7 +451,9 @@ def test_relu_pool_fusion_changes_no_bit(batchnorm):
     for a, b in zip(plain[2], fused[2]):
         np.testing.assert_array_equal(a, b)
     assert plain_names - set(model.activations) == {"relu1", "relu2"}
-    assert "relu1" not in model.gradients and ("bn1" if batchnorm else "conv1") in model.gradients
+    assert "relu1" not in model.gradients and "conv1" in model.gradients
+    if batchnorm:  # the batch norms took their gradients from the pools' window codes
+        assert "bn1" not in model.gradients and "bn2" not in model.gradients
 
 
 def test_relu_pool_fusion_backward_stops_and_guided_rules_fall_back():
@@ -497,3 +501,30 @@ def test_first_conv_grads_from_pool_codes_change_no_bit():
         first = model.names[0]
         if fastcnn._backend._cpu.gemm_kernel() == "avx512":  # the direct path took it
             assert first not in model.gradients
+
+
+def test_batchnorm_grads_from_pool_codes_change_no_bit():
+    """BatchNorm2d -> ReLU -> MaxPool2d(2) in training: the batch norm's
+    gradients from the pool's window codes equal the unfused run's bit for
+    bit, at odd sizes (a row and column no window covers) and with a frozen
+    affine weight."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 2, 13, 15)).astype(np.float32)
+    y = rng.integers(0, 10, 3)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 10))
+    model.dropout = nn.Dropout(0.0)
+    results = []
+    for fuse in (False, True):
+        for m in model:  # the same running statistics before each run
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean[...] = 0.0
+                m.running_var[...] = 1.0
+        results.append(_train_pass(model, x, y, fuse=fuse))
+    (out_a, gx_a, grads_a), (out_b, gx_b, grads_b) = results
+    np.testing.assert_array_equal(out_a, out_b)
+    np.testing.assert_array_equal(gx_a, gx_b)
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_array_equal(a, b)
+    assert "1" not in model.gradients and "5" not in model.gradients  # the batch norms' outputs

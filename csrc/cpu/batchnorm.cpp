@@ -8,6 +8,7 @@
 #include "fastcnn/cpu_kernels.h"
 #include "fastcnn/parallel.h"
 #include "fastcnn/reduce.h"
+#include "fastcnn/scratch.h"
 
 namespace fastcnn {
 namespace cpu {
@@ -83,40 +84,80 @@ void batch_norm_forward_eval(index_t n, index_t c, index_t l, const float* x,
   });
 }
 
-void batch_norm_backward(index_t n, index_t c, index_t l, const float* dy, const float* x,
-                         const float* mean, const float* invstd, const float* weight,
-                         bool training, float* dx, float* dweight, float* dbias) {
+namespace {
+
+// One channel's gradients; dy_row(i) gives image i's l values of this
+// channel's output gradient.
+template <typename DyRow>
+void backward_channel(index_t n, index_t c, index_t l, index_t ch, DyRow&& dy_row,
+                      const float* x, const float* mean, const float* invstd,
+                      const float* weight, bool training, float* dx, float* dweight,
+                      float* dbias) {
   // xhat = (x - mean) * invstd
   // dbias = sum dy, dweight = sum dy xhat
   // training: dx = w invstd (dy - dbias / m - xhat dweight / m);  eval: dx = w invstd dy
   const index_t count = n * l;
-  parallel_for(c, channel_grain(n, l), [&](index_t ch) {
-    const double mu = mean[ch], is = invstd[ch];
-    const float muf = static_cast<float>(mu);
-    double sum_dy = 0.0, sum_dy_xc = 0.0;  // sum dy, sum dy (x - mean)
-    for_channel_rows(n, c, l, ch, [&](index_t at) {
-      const float *g = dy + at, *row = x + at;
-      sum_dy += lane_sum(l, [&](index_t j) { return g[j]; });
-      sum_dy_xc += lane_sum(l, [&](index_t j) { return g[j] * (row[j] - muf); });
-    });
-    const double sum_dy_xhat = sum_dy_xc * is;
-    if (dbias != nullptr) dbias[ch] = static_cast<float>(sum_dy);
-    if (dweight != nullptr) dweight[ch] = static_cast<float>(sum_dy_xhat);
-    if (dx == nullptr) return;
-    const double w = weight != nullptr ? weight[ch] : 1.0;
-    const float k = static_cast<float>(w * is);
-    if (!training) {
-      for_channel_rows(n, c, l, ch, [&](index_t at) {
-        for (index_t j = 0; j < l; ++j) dx[at + j] = k * dy[at + j];
-      });
-      return;
+  const double mu = mean[ch], is = invstd[ch];
+  const float muf = static_cast<float>(mu);
+  double sum_dy = 0.0, sum_dy_xc = 0.0;  // sum dy, sum dy (x - mean)
+  for (index_t i = 0; i < n; ++i) {
+    const float *g = dy_row(i), *row = x + (i * c + ch) * l;
+    sum_dy += lane_sum(l, [&](index_t j) { return g[j]; });
+    sum_dy_xc += lane_sum(l, [&](index_t j) { return g[j] * (row[j] - muf); });
+  }
+  const double sum_dy_xhat = sum_dy_xc * is;
+  if (dbias != nullptr) dbias[ch] = static_cast<float>(sum_dy);
+  if (dweight != nullptr) dweight[ch] = static_cast<float>(sum_dy_xhat);
+  if (dx == nullptr) return;
+  const double w = weight != nullptr ? weight[ch] : 1.0;
+  const float k = static_cast<float>(w * is);
+  if (!training) {
+    for (index_t i = 0; i < n; ++i) {
+      const float* g = dy_row(i);
+      float* out = dx + (i * c + ch) * l;
+      for (index_t j = 0; j < l; ++j) out[j] = k * g[j];
     }
-    // dx = k * (dy - a - (x - mu) * b): a = mean(dy), b = invstd * mean(dy xhat)
-    const float a = static_cast<float>(sum_dy / count);
-    const float b = static_cast<float>(is * sum_dy_xhat / count);
-    for_channel_rows(n, c, l, ch, [&](index_t at) {
-      for (index_t j = 0; j < l; ++j) dx[at + j] = k * (dy[at + j] - a - (x[at + j] - muf) * b);
-    });
+    return;
+  }
+  // dx = k * (dy - a - (x - mu) * b): a = mean(dy), b = invstd * mean(dy xhat)
+  const float a = static_cast<float>(sum_dy / count);
+  const float b = static_cast<float>(is * sum_dy_xhat / count);
+  for (index_t i = 0; i < n; ++i) {
+    const float* g = dy_row(i);
+    const float* row = x + (i * c + ch) * l;
+    float* out = dx + (i * c + ch) * l;
+    for (index_t j = 0; j < l; ++j) out[j] = k * (g[j] - a - (row[j] - muf) * b);
+  }
+}
+
+}  // namespace
+
+void batch_norm_backward(index_t n, index_t c, index_t l, const float* dy, const float* x,
+                         const float* mean, const float* invstd, const float* weight,
+                         bool training, float* dx, float* dweight, float* dbias) {
+  parallel_for(c, channel_grain(n, l), [&](index_t ch) {
+    backward_channel(
+        n, c, l, ch, [&](index_t i) { return dy + (i * c + ch) * l; }, x, mean, invstd, weight,
+        training, dx, dweight, dbias);
+  });
+}
+
+void batch_norm_backward_from_pool(index_t n, index_t c, index_t h, index_t w, const float* dp,
+                                   const std::uint8_t* codes, const float* x, const float* mean,
+                                   const float* invstd, const float* weight, float* dx,
+                                   float* dweight, float* dbias) {
+  const index_t l = h * w, pooled = (h / 2) * (w / 2), total = n * c * pooled;
+  parallel_for(c, channel_grain(n, l), [&](index_t ch) {
+    // The channel's output gradient, routed by the pool's codes into this
+    // thread's buffer (L2-sized), never into a tensor.
+    float* routed = thread_scratch(ScratchSlot::BatchNormGrad, n * l);
+    for (index_t i = 0; i < n; ++i) {
+      const index_t at = (i * c + ch) * pooled;
+      max_pool2d_2x2_codes_backward_plane(dp + at, codes + at, h, w, total - at, routed + i * l);
+    }
+    backward_channel(
+        n, c, l, ch, [&](index_t i) { return routed + i * l; }, x, mean, invstd, weight, true,
+        dx, dweight, dbias);
   });
 }
 

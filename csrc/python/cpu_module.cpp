@@ -404,6 +404,33 @@ PYBIND11_MODULE(_cpu, m) {
                                             dx, dw, db);
         });
 
+  // A training batch norm's backward behind ReLU + 2x2 max-pool codes
+  // (fastcnn.nn.Sequential): dp and codes (n, c, h / 2, w / 2), x (n, c, h, w).
+  m.def("batch_norm_backward_from_pool",
+        [](py::object dp_, py::object codes_, py::object x_, py::object mean_,
+           py::object invstd_, py::object w_, py::object dx_, py::object dw_, py::object db_) {
+          auto dp = in<float>(dp_, "grad_output"), x = in<float>(x_, "input");
+          auto codes = in<std::uint8_t>(codes_, "codes");
+          expect_same_shape(codes, dp, "codes", "grad_output");
+          expect_ndim(x, 4, "input");
+          expect_ndim(dp, 4, "grad_output");
+          const index_t n = x.dim(0), c = x.dim(1), h = x.dim(2), w = x.dim(3);
+          if (c < 1 || dp.dim(0) != n || dp.dim(1) != c || dp.dim(2) != h / 2 ||
+              dp.dim(3) != w / 2)
+            fail("grad_output " + dp.shape_string() + " is not the 2x2-pooled input " +
+                 x.shape_string());
+          const float* mean = opt<float>(mean_, "mean", false, c);
+          const float* invstd = opt<float>(invstd_, "invstd", false, c);
+          if (mean == nullptr || invstd == nullptr) fail("mean / invstd required");
+          const float* wp = opt<float>(w_, "weight", false, c);
+          float* dx = opt<float>(dx_, "grad_input", true, x.size());
+          float* dw = opt<float>(dw_, "grad_weight", true, c);
+          float* db = opt<float>(db_, "grad_bias", true, c);
+          py::gil_scoped_release nogil;
+          fastcnn::cpu::batch_norm_backward_from_pool(n, c, h, w, dp.data, codes.data, x.data,
+                                                      mean, invstd, wp, dx, dw, db);
+        });
+
   m.def("dropout_apply", [](py::object x_, py::object y_, double p, std::uint64_t seed,
                             std::uint64_t offset) {
     auto y = out<float>(y_, "output");

@@ -441,6 +441,30 @@ def _conv2d_grads_from_pool(grad_pooled, codes, input, weight, bias, stride, pad
     return dw, db
 
 
+def _batch_norm_backward_from_pool(grad_pooled, codes, input, save_mean, save_invstd, weight,
+                                   bias, want_dx):
+    """The training backward of a batch norm whose output went through ReLU
+    and :func:`_max_pool2d_2x2_codes`, from the pooled gradient and the codes,
+    the output gradient never written: ``(dx, dw, db)`` (dx None unless
+    wanted; dw / db None without weight / bias), or None where this path does
+    not apply (not a 4-D NumPy input). The same bits as
+    :func:`batch_norm_backward` on the gradient
+    :func:`_max_pool2d_2x2_codes_backward` would give."""
+    if type(input) is not np.ndarray or input.ndim != 4 or codes.ndim != 4:
+        return None
+    x = B.as_float(input, "input", np)
+    c = x.shape[1]
+    w = B.as_optional_float(weight, "weight", np)
+    dp = B.as_float(grad_pooled, "grad_output", np)
+    dx = np.empty(x.shape, _F32) if want_dx else None
+    dw = np.empty((c,), _F32) if w is not None else None
+    db = np.empty((c,), _F32) if bias is not None else None
+    B._cpu.batch_norm_backward_from_pool(dp, codes, x, B.as_float(save_mean, "save_mean", np),
+                                         B.as_float(save_invstd, "save_invstd", np), w, dx,
+                                         dw, db)
+    return dx, dw, db
+
+
 def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
                    indices, relu):
     xp, K = B.dispatch(grad_output, input, indices)

@@ -140,6 +140,16 @@ void batch_norm_backward(index_t n, index_t c, index_t l, const float* dy, const
                          const float* mean, const float* invstd, const float* weight,
                          bool training, float* dx, float* dweight, float* dbias);
 
+// The training backward of a batch norm over (n, c, h, w) whose output went
+// through ReLU and a 2x2 / stride-2 max-pool that kept window codes: from the
+// pooled gradient dp (n, c, h / 2, w / 2), never writing the output gradient.
+// The same bits as batch_norm_backward on the gradient the pool's backward
+// pass would give.
+void batch_norm_backward_from_pool(index_t n, index_t c, index_t h, index_t w, const float* dp,
+                                   const std::uint8_t* codes, const float* x, const float* mean,
+                                   const float* invstd, const float* weight, float* dx,
+                                   float* dweight, float* dbias);
+
 // ---- dropout.cpp: y = x * multiplier(seed, offset, i), multiplier in {0, 1/(1-p)}.
 // With x == null, writes the multiplier itself (the mask).
 void dropout_apply(index_t count, const float* x, double p, std::uint64_t seed,

@@ -23,6 +23,7 @@ enum class ScratchSlot : int {
   WinogradProducts,  // winograd: a chunk's products before the output transform (or dM)
   DirectInput,       // direct conv: the batch's input with its zero padding
   DirectGrad,        // direct conv: one output-gradient plane routed from a pool
+  BatchNormGrad,     // batch norm: one channel's output gradient routed from a pool
   GemmA,         // sgemm: packed A~
   GemmB,         // sgemm: packed B~
   Count

@@ -123,26 +123,29 @@ class Conv2d(Module):
             self.bias.accumulate(db)
         return dx
 
-    def backward_from_pool(self, grad_pooled, codes):
-        """The parameter gradients when this layer's output went through ReLU
-        and a MaxPool2d(2) that kept window codes (see Sequential), straight
-        from the pooled gradient; no input gradient. False when the fast path
-        does not take the layer (nothing is computed then)."""
+    def backward_from_pool(self, grad_pooled, codes, *, input_grad=True):
+        """Backward when this layer's output went through ReLU and a
+        MaxPool2d(2) that kept window codes (see Sequential), straight from
+        the pooled gradient: the parameter gradients only, so NotImplemented
+        (nothing computed) when the input gradient is wanted or the fast path
+        does not take the layer; else None (no input gradient)."""
+        if input_grad:
+            return NotImplemented
         x = _cached(self, "_input")
         bias = None if self.bias is None else self.bias.data
         want_dw = self.weight.requires_grad
         want_db = bias is not None and self.bias.requires_grad
         if not (want_dw or want_db):
-            return True
+            return None
         grads = F._conv2d_grads_from_pool(grad_pooled, codes, x, self.weight.data, bias,
                                           *self._args(), want_dw, want_db)
         if grads is None:
-            return False
+            return NotImplemented
         if want_dw:
             self.weight.accumulate(grads[0])
         if want_db:
             self.bias.accumulate(grads[1])
-        return True
+        return None
 
     def output_shape(self, input_shape):
         n, c, h, w = input_shape
@@ -452,6 +455,27 @@ class _BatchNorm(Module):
                                                   batch_stats, momentum, self.eps)
         self._input, self._batch_stats, self._saved_stats = x, batch_stats, (mean, invstd)
         return out
+
+    def backward_from_pool(self, grad_pooled, codes, *, input_grad=True):
+        """Backward when this layer's output went through ReLU and a
+        MaxPool2d(2) that kept window codes (see Sequential), straight from
+        the pooled gradient: returns the input gradient (None when not
+        wanted), or NotImplemented (nothing computed) where this path does not
+        apply (batch statistics only; 4-D NumPy input)."""
+        x = _cached(self, "_input")
+        if not self._batch_stats:
+            return NotImplemented
+        mean, invstd = self._saved_stats
+        weight, bias = self._affine()
+        grads = F._batch_norm_backward_from_pool(grad_pooled, codes, x, mean, invstd, weight,
+                                                 bias, bool(input_grad))
+        if grads is None:
+            return NotImplemented
+        dx, dw, db = grads
+        if self.affine:
+            self.weight.accumulate(dw)
+            self.bias.accumulate(db)
+        return dx
 
     def backward(self, grad_out, *, input_grad=True):
         x = _cached(self, "_input")

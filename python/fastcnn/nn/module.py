@@ -368,12 +368,12 @@ class Sequential(Module):
     In training mode (``train()``) with ``fuse`` set (the default), a ReLU
     directly followed by a MaxPool2d runs as one op, forward and backward:
     the ReLU's output is never written, so that ReLU has no entry in
-    ``activations`` or ``gradients``. When the model starts with a
-    convolution, ReLU and MaxPool2d(2) and a backward pass asks for no input
-    gradient (training), the convolution's weight and bias gradients come
-    straight from the pool's window codes on the CPU, and ``gradients`` has
-    no entry for the convolution's output either. Results are otherwise the
-    same bits. Evaluation mode, and ``fuse = False``, record every layer.
+    ``activations`` or ``gradients``. On the CPU, before such a ReLU and a
+    MaxPool2d(2), a BatchNorm2d (training) and a model's first convolution
+    (when no input gradient is asked for) take their gradients straight from
+    the pool's window codes, and ``gradients`` has no entry for their output
+    either. Results are otherwise the same bits. Evaluation mode, and
+    ``fuse = False``, record every layer.
     """
 
     accepts_guided = True
@@ -504,15 +504,17 @@ class Sequential(Module):
                         not (layers[i - 1].guided if guided is None else guided)):
                     # A MaxPool2d that ran fused with the ReLU before it: both
                     # backward in one op, the ReLU's output gradient unrecorded.
-                    # When a first convolution precedes them and no input
-                    # gradient is wanted, its parameter gradients come straight
-                    # from the pool's window codes (its output gradient is not
-                    # written either).
-                    if (i == 2 and last < 0 and not input_grad and
-                            getattr(layer, "_codes", None) is not None and
-                            hasattr(layers[0], "backward_from_pool") and
-                            layers[0].backward_from_pool(g, layer._codes)):
-                        g, step = None, 3
+                    # The layer before the ReLU may take its gradients straight
+                    # from the pool's window codes (a batch norm; a first
+                    # convolution when no input gradient is wanted): its output
+                    # gradient is then neither written nor recorded.
+                    g_in = NotImplemented
+                    if (i - 2 > last and getattr(layer, "_codes", None) is not None and
+                            hasattr(layers[i - 2], "backward_from_pool")):
+                        g_in = layers[i - 2].backward_from_pool(
+                            g, layer._codes, input_grad=input_grad or i > 2)
+                    if g_in is not NotImplemented:
+                        g, step = g_in, 3
                     else:
                         g, step = layer.backward_through_relu(g), 2
                 else:
