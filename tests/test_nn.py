@@ -450,28 +450,32 @@ def test_relu_pool_fusion_changes_no_bit(batchnorm):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(plain[2], fused[2]):
         np.testing.assert_array_equal(a, b)
-    assert plain_names - set(model.activations) == {"relu1", "relu2"}
+    assert plain_names - set(model.activations) == (
+        {"relu1", "relu2", "bn1", "bn2"} if batchnorm else {"relu1", "relu2"})
     assert "relu1" not in model.gradients and "conv1" in model.gradients
     if batchnorm:  # the batch norms took their gradients from the pools' window codes
         assert "bn1" not in model.gradients and "bn2" not in model.gradients
 
 
-def test_relu_pool_fusion_backward_stops_and_guided_rules_fall_back():
-    """After a fused forward, a backward that stops at the ReLU's output, or
-    that applies the guided rule, runs the two layers apart: same results as
-    an unfused forward."""
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_relu_pool_fusion_backward_stops_and_guided_rules_fall_back(batchnorm):
+    """After a fused forward, a backward that stops at the ReLU's (or the
+    batch norm's) output, or that applies the guided rule, runs the layers
+    apart (the batch norm's output computed again, to the bit): same results
+    as an unfused forward."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
-    model = models.mnist_cnn(seed=2)
-    model.train()
-    model.dropout.eval()
     g = rng.standard_normal((3, 10)).astype(np.float32)
     results = {}
     for fuse in (False, True):
+        model = models.mnist_cnn(batchnorm=batchnorm, seed=2)  # fresh running statistics
+        model.train()
+        model.dropout.eval()
         model.fuse = fuse
-        model.forward(x)
-        results[fuse] = (model.backward(g, stop="relu2", param_grads=False),
-                         model.backward(g, guided=True, param_grads=False))
+        out = model.forward(x)
+        stops = ["relu2", "bn2"] if batchnorm else ["relu2"]
+        results[fuse] = [out] + [model.backward(g, stop=s, param_grads=False) for s in stops] + [
+            model.backward(g, guided=True, param_grads=False)]
     for a, b in zip(results[False], results[True]):
         np.testing.assert_array_equal(a, b)
 

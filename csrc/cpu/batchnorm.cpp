@@ -26,10 +26,29 @@ inline index_t channel_grain(index_t n, index_t l) {
 
 }  // namespace
 
+namespace {
+
+void normalize_channel(index_t n, index_t c, index_t l, index_t ch, const float* x, float scale,
+                       float shift, float* y) {
+  for_channel_rows(n, c, l, ch, [&](index_t at) {
+    for (index_t j = 0; j < l; ++j) y[at + j] = x[at + j] * scale + shift;
+  });
+}
+
+}  // namespace
+
+void batch_norm_normalize(index_t n, index_t c, index_t l, const float* x, const float* scale,
+                          const float* shift, float* y) {
+  parallel_for(c, channel_grain(n, l), [&](index_t ch) {
+    normalize_channel(n, c, l, ch, x, scale[ch], shift[ch], y);
+  });
+}
+
 void batch_norm_forward_train(index_t n, index_t c, index_t l, const float* x,
                               const float* weight, const float* bias, double eps,
                               double momentum, float* running_mean, float* running_var,
-                              float* y, float* save_mean, float* save_invstd) {
+                              float* y, float* save_mean, float* save_invstd, float* scale_out,
+                              float* shift_out) {
   const index_t count = n * l;
   parallel_for(c, channel_grain(n, l), [&](index_t ch) {
     double sum = 0.0;
@@ -63,9 +82,9 @@ void batch_norm_forward_train(index_t n, index_t c, index_t l, const float* x,
     const double b = bias != nullptr ? bias[ch] : 0.0;
     const float scale = static_cast<float>(invstd * w);
     const float shift = static_cast<float>(b - mean * invstd * w);
-    for_channel_rows(n, c, l, ch, [&](index_t at) {
-      for (index_t j = 0; j < l; ++j) y[at + j] = x[at + j] * scale + shift;
-    });
+    if (scale_out != nullptr) scale_out[ch] = scale;
+    if (shift_out != nullptr) shift_out[ch] = shift;
+    if (y != nullptr) normalize_channel(n, c, l, ch, x, scale, shift, y);
   });
 }
 

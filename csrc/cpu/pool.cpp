@@ -67,17 +67,27 @@ void interior_row(const PoolShape& ps, const float* plane, index_t oy, index_t o
 // The maxima of n <= 16 consecutive 2x2 windows whose rows start at p0, p1
 // (2 n floats each) and their winning taps 0-3 (row-major): the first
 // maximum wins, a NaN wins over any number (pool_argmax's rule).
+// With `affine`, each tap is first mapped to tap * a[0] + a[1] (rounded after
+// the multiply and after the add, as plain C++ on a CPU without FMA
+// computes it: a batch norm's normalisation, not written out).
 __attribute__((target("avx512f"))) inline void windows_2x2_avx512(const float* p0,
                                                                  const float* p1, index_t n,
-                                                                 __m512* best, __m512i* tap) {
+                                                                 __m512* best, __m512i* tap,
+                                                                 const float* affine = nullptr) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   const __mmask16 lo = n >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * n)) - 1);
   const __mmask16 hi = n <= 8 ? 0 : static_cast<__mmask16>((1u << (2 * (n - 8))) - 1);
   const __m512 a0 = _mm512_maskz_loadu_ps(lo, p0), b0 = _mm512_maskz_loadu_ps(hi, p0 + 16);
   const __m512 a1 = _mm512_maskz_loadu_ps(lo, p1), b1 = _mm512_maskz_loadu_ps(hi, p1 + 16);
-  const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
-                       _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1)};
+  __m512 v[4] = {_mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
+                 _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1)};
+  if (affine != nullptr) {
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 scale = _mm512_set1_ps(affine[0]), shift = _mm512_set1_ps(affine[1]);
+    for (int t = 0; t < 4; ++t)  // the _round forms: never contracted into an FMA
+      v[t] = _mm512_add_round_ps(_mm512_mul_round_ps(v[t], scale, kNearest), shift, kNearest);
+  }
   *best = v[0];
   *tap = _mm512_setzero_si512();
   for (int t = 1; t < 4; ++t) {
@@ -324,9 +334,11 @@ constexpr std::uint8_t kGradientPasses = 4;
 // One output row: maxima (ReLU'd when `relu`) and codes of windows [0, ow).
 template <bool Relu>
 void codes_row_generic(const float* r0, const float* r1, index_t ow, float* out,
-                       std::uint8_t* codes) {
+                       std::uint8_t* codes, const float* affine) {
   for (index_t ox = 0; ox < ow; ++ox) {
-    const float v[4] = {r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]};
+    float v[4] = {r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]};
+    if (affine != nullptr)
+      for (float& t : v) t = t * affine[0] + affine[1];  // batchnorm.cpp's normalisation
     float best = v[0];
     int tap = 0;
     for (int t = 1; t < 4; ++t) {
@@ -343,13 +355,14 @@ void codes_row_generic(const float* r0, const float* r1, index_t ow, float* out,
 template <bool Relu>
 __attribute__((target("avx512f"))) void codes_row_avx512(const float* r0, const float* r1,
                                                         index_t ow, float* out,
-                                                        std::uint8_t* codes) {
+                                                        std::uint8_t* codes,
+                                                        const float* affine) {
   const __m512 zero = _mm512_setzero_ps();
   for (index_t ox = 0; ox < ow; ox += 16) {
     const index_t n = std::min<index_t>(16, ow - ox);
     __m512 best;
     __m512i code;
-    windows_2x2_avx512(r0 + 2 * ox, r1 + 2 * ox, n, &best, &code);
+    windows_2x2_avx512(r0 + 2 * ox, r1 + 2 * ox, n, &best, &code, affine);
     const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
     if (Relu) {
       const __mmask16 passes = _mm512_cmp_ps_mask(best, zero, _CMP_NLE_UQ);
@@ -421,17 +434,19 @@ __attribute__((target("avx512f"))) void codes_backward_row_avx512(const float* g
 }  // namespace
 
 void max_pool2d_2x2_codes_forward(const PoolShape& ps, const float* x, bool relu, float* y,
-                                  std::uint8_t* codes) {
+                                  std::uint8_t* codes, const float* scale, const float* shift) {
   static const bool avx512 = use_avx512();
-  using Row = void (*)(const float*, const float*, index_t, float*, std::uint8_t*);
+  using Row = void (*)(const float*, const float*, index_t, float*, std::uint8_t*, const float*);
   const Row row = avx512 ? (relu ? codes_row_avx512<true> : codes_row_avx512<false>)
                          : (relu ? codes_row_generic<true> : codes_row_generic<false>);
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
     const float* in = x + pl * in_plane;
+    const float affine[2] = {scale != nullptr ? scale[pl % ps.c] : 1.0f,
+                             shift != nullptr ? shift[pl % ps.c] : 0.0f};
     for (index_t oy = 0; oy < ps.oh; ++oy)
       row(in + 2 * oy * ps.w, in + (2 * oy + 1) * ps.w, ps.ow, y + pl * out_plane + oy * ps.ow,
-          codes + pl * out_plane + oy * ps.ow);
+          codes + pl * out_plane + oy * ps.ow, scale != nullptr ? affine : nullptr);
   });
 }
 

@@ -85,6 +85,12 @@ void expect_same_shape(const View<T>& a, const View<U>& b, const char* na, const
   fastcnn::bindings::expect_same_shape(a, b, na, nb, fail);
 }
 
+// A batch norm's (n, c, l) view of x.
+void expect_view(const View<float>& x, index_t n, index_t c, index_t l) {
+  if (n < 0 || c < 1 || l < 0 || n * c * l != x.size())
+    fail("batch_norm view does not match the input size");
+}
+
 template <class... Args>
 fastcnn::ConvShape conv_shape(const Args&... args) {
   return fastcnn::bindings::conv_shape(args..., fail);
@@ -267,16 +273,21 @@ PYBIND11_MODULE(_cpu, m) {
 
   // 2x2 / stride 2 windows with one code byte each (fastcnn.nn.MaxPool2d in training).
   m.def("max_pool2d_2x2_codes_forward", [](py::object x_, py::object y_, py::object codes_,
-                                           bool relu) {
+                                           bool relu, py::object scale_, py::object shift_) {
     auto x = in<float>(x_, "input");
     auto y = out<float>(y_, "output");
     auto codes = out<std::uint8_t>(codes_, "codes");
     expect_same_shape(codes, y, "codes", "output");
     const fastcnn::PoolShape ps = pool_shape(x, y, 2, 2, 2, 2, 0, 0, 1, 1);
     if (2 * ps.oh > ps.h || 2 * ps.ow > ps.w) fail("2x2 windows must lie inside the input");
+    const float* scale = opt<float>(scale_, "scale", false, ps.c);
+    const float* shift = opt<float>(shift_, "shift", false, ps.c);
+    if ((scale == nullptr) != (shift == nullptr)) fail("scale and shift go together");
     py::gil_scoped_release nogil;
-    fastcnn::cpu::max_pool2d_2x2_codes_forward(ps, x.data, relu, y.data, codes.data);
-  });
+    fastcnn::cpu::max_pool2d_2x2_codes_forward(ps, x.data, relu, y.data, codes.data, scale,
+                                               shift);
+  }, py::arg("x"), py::arg("y"), py::arg("codes"), py::arg("relu"),
+     py::arg("scale") = py::none(), py::arg("shift") = py::none());
   m.def("max_pool2d_2x2_codes_backward", [](py::object dy_, py::object codes_, py::object dx_) {
     auto dy = in<float>(dy_, "grad_output");
     auto codes = in<std::uint8_t>(codes_, "codes");
@@ -346,15 +357,15 @@ PYBIND11_MODULE(_cpu, m) {
   });
 
   // x viewed as (n, c, l)
+  // y None: the statistics only; scale / shift (optional outputs, (c,)):
+  // the normalisation y = x * scale + shift.
   m.def("batch_norm_forward_train",
         [](py::object x_, py::object w_, py::object b_, py::object rm_, py::object rv_,
            py::object y_, py::object mean_, py::object invstd_, index_t n, index_t c, index_t l,
-           double eps, double momentum) {
+           double eps, double momentum, py::object scale_, py::object shift_) {
           auto x = in<float>(x_, "input");
-          auto y = out<float>(y_, "output");
-          expect_same_shape(x, y, "input", "output");
-          if (n < 0 || c < 1 || l < 0 || n * c * l != x.size())
-            fail("batch_norm view does not match the input size");
+          float* y = opt<float>(y_, "output", true, x.size());
+          expect_view(x, n, c, l);
           const float* w = opt<float>(w_, "weight", false, c);
           const float* b = opt<float>(b_, "bias", false, c);
           float* rm = opt<float>(rm_, "running_mean", true, c);
@@ -362,10 +373,28 @@ PYBIND11_MODULE(_cpu, m) {
           float* mean = opt<float>(mean_, "save_mean", true, c);
           float* invstd = opt<float>(invstd_, "save_invstd", true, c);
           if (mean == nullptr || invstd == nullptr) fail("save_mean / save_invstd required");
+          float* scale = opt<float>(scale_, "scale", true, c);
+          float* shift = opt<float>(shift_, "shift", true, c);
           py::gil_scoped_release nogil;
-          fastcnn::cpu::batch_norm_forward_train(n, c, l, x.data, w, b, eps, momentum, rm, rv,
-                                                 y.data, mean, invstd);
-        });
+          fastcnn::cpu::batch_norm_forward_train(n, c, l, x.data, w, b, eps, momentum, rm, rv, y,
+                                                 mean, invstd, scale, shift);
+        },
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("y"), py::arg("save_mean"), py::arg("save_invstd"),
+        py::arg("n"), py::arg("c"), py::arg("l"), py::arg("eps"), py::arg("momentum"),
+        py::arg("scale") = py::none(), py::arg("shift") = py::none());
+  m.def("batch_norm_normalize", [](py::object x_, py::object scale_, py::object shift_,
+                                   py::object y_, index_t n, index_t c, index_t l) {
+    auto x = in<float>(x_, "input");
+    auto y = out<float>(y_, "output");
+    expect_same_shape(x, y, "input", "output");
+    expect_view(x, n, c, l);
+    const float* scale = opt<float>(scale_, "scale", false, c);
+    const float* shift = opt<float>(shift_, "shift", false, c);
+    if (scale == nullptr || shift == nullptr) fail("scale / shift required");
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::batch_norm_normalize(n, c, l, x.data, scale, shift, y.data);
+  });
 
   m.def("batch_norm_forward_eval",
         [](py::object x_, py::object w_, py::object b_, py::object rm_, py::object rv_,
@@ -373,8 +402,7 @@ PYBIND11_MODULE(_cpu, m) {
           auto x = in<float>(x_, "input");
           auto y = out<float>(y_, "output");
           expect_same_shape(x, y, "input", "output");
-          if (n < 0 || c < 1 || l < 0 || n * c * l != x.size())
-            fail("batch_norm view does not match the input size");
+          expect_view(x, n, c, l);
           const float* w = opt<float>(w_, "weight", false, c);
           const float* b = opt<float>(b_, "bias", false, c);
           const float* rm = opt<float>(rm_, "running_mean", false, c);
@@ -390,8 +418,7 @@ PYBIND11_MODULE(_cpu, m) {
            index_t l) {
           auto dy = in<float>(dy_, "grad_output"), x = in<float>(x_, "input");
           expect_same_shape(dy, x, "grad_output", "input");
-          if (n < 0 || c < 1 || l < 0 || n * c * l != x.size())
-            fail("batch_norm view does not match the input size");
+          expect_view(x, n, c, l);
           const float* mean = opt<float>(mean_, "mean", false, c);
           const float* invstd = opt<float>(invstd_, "invstd", false, c);
           if (mean == nullptr || invstd == nullptr) fail("mean / invstd required");

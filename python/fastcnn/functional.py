@@ -736,17 +736,9 @@ def _batch_norm_forward(input, running_mean, running_var, weight, bias, training
     y = _empty(xp, x.shape)
     c = a.view[1]
     if training:
-        a.check_batch(op, x.shape)
-        momentum = 0.0 if momentum is None else float(momentum)
-        rm, copy_rm = _stat_buffer(running_mean, "running_mean", xp)
-        rv, copy_rv = _stat_buffer(running_var, "running_var", xp)
         mean, invstd = _empty(xp, (c,)), _empty(xp, (c,))
-        K.batch_norm_forward_train(x, w, b, rm, rv, y, mean, invstd, *a.view, eps,
-                                              momentum)
-        if copy_rm:
-            running_mean[...] = rm
-        if copy_rv:
-            running_var[...] = rv
+        _batch_norm_train_stats(K, a, x, running_mean, running_var, w, b, momentum, eps,
+                                xp, y, mean, invstd)
         return y, mean, invstd
     if running_mean is None or running_var is None:
         raise ValueError(f"{op}: running_mean and running_var are required when training=False")
@@ -756,6 +748,59 @@ def _batch_norm_forward(input, running_mean, running_var, weight, bias, training
         K.batch_norm_forward_eval(x, w, b, rm, rv, y, *a.view, eps)
     invstd = (1.0 / xp.sqrt(rv.astype(np.float64) + eps)).astype(_F32)
     return y, rm, invstd
+
+
+def _batch_norm_train_stats(K, a, x, running_mean, running_var, w, b, momentum, eps, xp, y,
+                            mean, invstd, scale=None, shift=None):
+    """The training forward's kernel call: batch statistics into mean /
+    invstd, running statistics updated in place, y normalised (or, with y
+    None, scale / shift of the normalisation y = x * scale + shift)."""
+    a.check_batch("batch_norm", x.shape)
+    momentum = 0.0 if momentum is None else float(momentum)
+    rm, copy_rm = _stat_buffer(running_mean, "running_mean", xp)
+    rv, copy_rv = _stat_buffer(running_var, "running_var", xp)
+    extra = () if scale is None else (scale, shift)  # CPU only
+    K.batch_norm_forward_train(x, w, b, rm, rv, y, mean, invstd, *a.view, eps, momentum, *extra)
+    if copy_rm:
+        running_mean[...] = rm
+    if copy_rv:
+        running_var[...] = rv
+
+
+def _batch_norm_relu_max_pool2d_2x2(input, running_mean, running_var, weight, bias, momentum,
+                                    eps):
+    """Training ``max_pool2d(relu(batch_norm(input)), 2)`` on the CPU in one
+    pass over the normalised values, which are never written:
+    ``(pooled, codes, mean, invstd, scale, shift)`` (codes as
+    :func:`_max_pool2d_2x2_codes`; the normalisation is input * scale +
+    shift, see :func:`_batch_norm_normalize`), or None where this path does
+    not apply (not a 4-D float NumPy input with 2 x 2 windows)."""
+    if type(input) is not np.ndarray or input.ndim != 4 or min(input.shape[2:]) < 2:
+        return None
+    x = B.as_float(input, "input", np)
+    w = B.as_optional_float(weight, "weight", np)
+    b = B.as_optional_float(bias, "bias", np)
+    a = _BatchNormArgs("batch_norm", x, running_mean, running_var, w, b)
+    eps = float(eps)
+    if eps < 0:
+        raise ValueError(f"batch_norm: eps must be >= 0, got {eps}")
+    n, c, h, wd = x.shape
+    mean, invstd, scale, shift = (np.empty((c,), _F32) for _ in range(4))
+    _batch_norm_train_stats(B._cpu, a, x, running_mean, running_var, w, b, momentum, eps, np,
+                            None, mean, invstd, scale, shift)
+    pooled = np.empty((n, c, h // 2, wd // 2), _F32)
+    codes = np.empty(pooled.shape, np.uint8)
+    B._cpu.max_pool2d_2x2_codes_forward(x, pooled, codes, True, scale, shift)
+    return pooled, codes, mean, invstd, scale, shift
+
+
+def _batch_norm_normalize(input, scale, shift):
+    """input * scale + shift per channel (dim 1) of a float32 CPU array: the
+    training batch norm's output, to the bit, from its scale and shift."""
+    y = np.empty(input.shape, _F32)
+    B._cpu.batch_norm_normalize(input, scale, shift, y, input.shape[0], input.shape[1],
+                                math.prod(input.shape[2:]))
+    return y
 
 
 def batch_norm_backward(grad_output, input, running_mean, running_var, weight=None, bias=None,

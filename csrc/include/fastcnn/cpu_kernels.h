@@ -98,8 +98,12 @@ index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x
 // winning tap in row-major order (the rule above), bit 2 set where the
 // gradient passes (always without relu; with relu where the maximum is > 0
 // or NaN). The backward pass needs only dy and those bytes.
+// With scale and shift (c,), each plane's input is first mapped to
+// x * scale[ch] + shift[ch] as batch_norm_normalize computes it: a batch
+// norm's output pooled without being written.
 void max_pool2d_2x2_codes_forward(const PoolShape& ps, const float* x, bool relu, float* y,
-                                  std::uint8_t* codes);
+                                  std::uint8_t* codes, const float* scale = nullptr,
+                                  const float* shift = nullptr);
 void max_pool2d_2x2_codes_backward(const PoolShape& ps, const float* dy,
                                    const std::uint8_t* codes, float* dx);
 // One plane of it: dx (h x w) from dy and codes ((h / 2) x (w / 2)); up to
@@ -126,10 +130,16 @@ void cross_entropy_backward(index_t n, index_t classes, const float* logits,
 // Training: batch statistics; writes save_mean / save_invstd (c,) and, when
 // running_mean / running_var are given, updates them with momentum and the
 // unbiased variance. weight / bias may be null (identity affine).
+// y may be null (statistics only); scale / shift (c,), when given, receive the
+// per-channel y = x * scale + shift that the normalisation applies.
 void batch_norm_forward_train(index_t n, index_t c, index_t l, const float* x,
                               const float* weight, const float* bias, double eps,
                               double momentum, float* running_mean, float* running_var,
-                              float* y, float* save_mean, float* save_invstd);
+                              float* y, float* save_mean, float* save_invstd,
+                              float* scale = nullptr, float* shift = nullptr);
+// y = x * scale[ch] + shift[ch]: the training forward's normalisation, bit for bit.
+void batch_norm_normalize(index_t n, index_t c, index_t l, const float* x, const float* scale,
+                          const float* shift, float* y);
 void batch_norm_forward_eval(index_t n, index_t c, index_t l, const float* x,
                              const float* running_mean, const float* running_var,
                              const float* weight, const float* bias, double eps, float* y);

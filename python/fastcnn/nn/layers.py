@@ -35,10 +35,21 @@ def _positive(value, name):
     return int(value)
 
 
+class _Deferred:
+    """A cached forward value computed only if a backward pass asks for it
+    (a batch norm's output that a fused pass never wrote)."""
+
+    def __init__(self, compute, shape):
+        self.compute, self.shape = compute, shape
+
+
 def _cached(layer, attr):
     value = layer.__dict__.get(attr)
     if value is None:
         raise RuntimeError(f"{type(layer).__name__}.backward called before forward")
+    if isinstance(value, _Deferred):
+        value = value.compute()
+        layer.__dict__[attr] = value
     return value
 
 
@@ -288,8 +299,7 @@ class MaxPool2d(Module):
         # 2x2 / stride-2 pooling on the CPU keeps a byte per window instead
         # of an int64 index (with the ReLU's rule folded in).
         self._indices = self._codes = None
-        fast = self.training and self._args() == ((2, 2), (2, 2), (0, 0), (1, 1), False) and \
-            F._max_pool2d_2x2_codes(x, relu_first)
+        fast = self.training and self.keeps_codes() and F._max_pool2d_2x2_codes(x, relu_first)
         if fast:
             out, self._codes = fast
         elif self.training:
@@ -311,8 +321,23 @@ class MaxPool2d(Module):
             return F._max_pool2d_2x2_codes_backward(grad_out, self._codes, x.shape)
         return F.max_pool2d_backward(grad_out, x, *self._args(), indices=self._indices)
 
+    _CODES_ARGS = ((2, 2), (2, 2), (0, 0), (1, 1), False)
+
+    def keeps_codes(self):
+        """Whether a training forward here keeps window codes (2x2, stride 2)."""
+        return self._args() == self._CODES_ARGS
+
+    def set_fused_forward(self, x, codes):
+        """Record a forward that a batch norm ran for this layer and the ReLU
+        before it (see _BatchNorm.forward_relu_pool): x, the ReLU's input, may
+        be a deferred value."""
+        self._input, self._codes, self._indices, self._relu_first = x, codes, None, True
+
     def backward_through_relu(self, grad_out):
         """After ``forward_after_relu(x)``: the gradient w.r.t. ``x``."""
+        x = self.__dict__.get("_input")
+        if self._codes is not None and self._relu_first:  # x's shape is all it needs
+            return F._max_pool2d_2x2_codes_backward(grad_out, self._codes, x.shape)
         x = _cached(self, "_input")
         if not self._relu_first:
             raise RuntimeError("MaxPool2d.backward_through_relu needs forward_after_relu first")
@@ -437,17 +462,45 @@ class _BatchNorm(Module):
     def _affine(self):
         return (None, None) if not self.affine else (self.weight.data, self.bias.data)
 
-    def forward(self, x):
+    def _check_input(self, x):
         if x.ndim not in self._ndims or x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expects input of "
                              f"{' or '.join(f'{d}-D' for d in self._ndims)} with "
                              f"{self.num_features} channels, got shape {tuple(x.shape)}")
-        batch_stats = self.training or not self.track_running_stats
+
+    def _step_momentum(self):
+        """The momentum of this forward's running-statistics update (counting
+        the batch when training)."""
         momentum = self.momentum if self.momentum is not None else 0.0
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
+        return momentum
+
+    def forward_relu_pool(self, x, relu, pool):
+        """Training forward of this layer, the ReLU and the MaxPool2d(2) after
+        it (Sequential in training) as one pass over the normalised values,
+        which are never written (computed again, to the bit, only if a
+        backward pass needs them). The pooled output, or NotImplemented where
+        this path does not apply (nothing done then)."""
+        if (not self.training or type(x) is not np.ndarray or x.ndim != 4 or
+                min(x.shape[2:]) < 2 or not pool.keeps_codes()):
+            return NotImplemented
+        self._check_input(x)
+        running_mean, running_var = self._stats()
+        pooled, codes, mean, invstd, scale, shift = F._batch_norm_relu_max_pool2d_2x2(
+            x, running_mean, running_var, *self._affine(), self._step_momentum(), self.eps)
+        self._input, self._batch_stats, self._saved_stats = x, True, (mean, invstd)
+        normalized = _Deferred(lambda: F._batch_norm_normalize(x, scale, shift), x.shape)
+        relu._input = normalized
+        pool.set_fused_forward(normalized, codes)
+        return pooled
+
+    def forward(self, x):
+        self._check_input(x)
+        batch_stats = self.training or not self.track_running_stats
+        momentum = self._step_momentum()
         running_mean, running_var = self._stats()
         # The statistics the forward normalised with, kept so that backward
         # need not recompute them.

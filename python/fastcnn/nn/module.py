@@ -369,11 +369,12 @@ class Sequential(Module):
     directly followed by a MaxPool2d runs as one op, forward and backward:
     the ReLU's output is never written, so that ReLU has no entry in
     ``activations`` or ``gradients``. On the CPU, before such a ReLU and a
-    MaxPool2d(2), a BatchNorm2d (training) and a model's first convolution
-    (when no input gradient is asked for) take their gradients straight from
-    the pool's window codes, and ``gradients`` has no entry for their output
-    either. Results are otherwise the same bits. Evaluation mode, and
-    ``fuse = False``, record every layer.
+    MaxPool2d(2), a BatchNorm2d (training) runs with them as one pass, and it
+    and a model's first convolution (when no input gradient is asked for)
+    take their gradients straight from the pool's window codes: their
+    outputs (and output gradients) are then not recorded either. Results are
+    otherwise the same bits. Evaluation mode, and ``fuse = False``, record
+    every layer.
     """
 
     accepts_guided = True
@@ -455,6 +456,17 @@ class Sequential(Module):
         i = first
         while i <= last:
             layer = layers[i]
+            if (fuse and i + 2 <= last and hasattr(layer, "forward_relu_pool") and
+                    getattr(layers[i + 1], "fuses_into_pool", False) and
+                    not layers[i + 1].guided and hasattr(layers[i + 2], "keeps_codes")):
+                # BatchNorm2d -> ReLU -> MaxPool2d(2): one pass, the batch
+                # norm's and the ReLU's outputs neither written nor recorded.
+                out = layer.forward_relu_pool(x, layers[i + 1], layers[i + 2])
+                if out is not NotImplemented:
+                    x = out
+                    self.activations[names[i + 2]] = x
+                    i += 3
+                    continue
             if (fuse and i < last and getattr(layer, "fuses_into_pool", False) and
                     not layer.guided and hasattr(layers[i + 1], "forward_after_relu")):
                 layer._input = x  # for an unfused ReLU backward (guided, or a stop there)
