@@ -53,6 +53,7 @@ constexpr index_t kMinTiles = 64;
 // As conv2d's im2col path: the weight gradient sums fixed slices of the
 // batch, each in order, then the slices in order.
 constexpr index_t kWeightGradSlices = 8;
+constexpr index_t kMaxWeightGradFloats = index_t(1) << 23;  // all slices' dU: 32 MiB
 // Fewer channels than this on either side: the GEMMs are too thin to pay
 // for the transforms (measured on the benchmark machine).
 constexpr index_t kMinChannels = 16;
@@ -688,8 +689,10 @@ void winograd_backward(const ConvShape& cs, const float* dy, const float* x, con
     ut_packed = thread_scratch(ScratchSlot::Weights, kPositions * ut_stride);
     pack_transformed_weights(cs.k, cs.c, w, true, ut_packed, ut_stride);
   }
-  const index_t slices = std::min(p.units, kWeightGradSlices);
   const index_t du_size = kPositions * cs.k * cs.c;
+  // Fewer slices for wide layers: each holds 16 K C floats (512 x 512: 16 MiB).
+  const index_t slices = std::max<index_t>(
+      1, std::min({p.units, kWeightGradSlices, kMaxWeightGradFloats / du_size}));
   std::vector<float> du(dw != nullptr ? static_cast<size_t>(slices * du_size) : 0);
   auto run_slice = [&](index_t s, const Buffers& buf) {
     const index_t first = p.units * s / slices, last = p.units * (s + 1) / slices;
