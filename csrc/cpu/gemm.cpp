@@ -169,40 +169,77 @@ constexpr index_t kNC = 768;   // columns of B~ per slab (multiple of every NR):
 // SSE registers (baseline x86-64) so that whole vectors are written rather
 // than one float per cache line. Packs A~ from an untransposed A and B~ from
 // a transposed B.
-// Transposes runs [0, rows) (rows <= 16, run i at src + i * ld) over depth
-// [0, len - len % 16) into dst: 16 x 16 blocks in zmm registers (absent runs
-// read as zero, their lanes not stored). Returns the depth done.
+// out[d] = depth p + d of runs [0, rows) (rows <= 16, run i at src + i * ld),
+// lane i for run i (absent runs read as zero): a 16 x 16 transpose in zmm
+// registers.
+__attribute__((target("avx512f"))) inline void transpose16_avx512(const float* src, index_t ld,
+                                                                 int rows, index_t p,
+                                                                 __m512 out[16]) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_loadu_ps(src + i * ld + p) : _mm512_setzero_ps();
+  // Pairs, then quads within each 128-bit lane ...
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[4 * j + 0] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0x44);
+    r[4 * j + 1] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0xEE);
+    r[4 * j + 2] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0x44);
+    r[4 * j + 3] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0xEE);
+  }
+  // ... now lane L of r[4 j + k] holds depth 4 L + k of runs 4 j .. 4 j + 3:
+  // gather the four lanes L of r[k], r[4 + k], r[8 + k], r[12 + k].
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+    const __m512 w0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 v1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    out[k] = _mm512_shuffle_f32x4(v0, v1, 0x88);
+    out[4 + k] = _mm512_shuffle_f32x4(w0, w1, 0x88);
+    out[8 + k] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
+    out[12 + k] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
+  }
+}
+
+// Transposes runs [0, rows) (rows <= 16) over depth [0, len - len % 16) into
+// dst (row stride `stride`), lanes of absent runs not stored. Returns the
+// depth done.
 __attribute__((target("avx512f"))) index_t transpose_runs_avx512(const float* src, index_t ld,
                                                                  int rows, index_t len,
                                                                  float* dst, index_t stride) {
   const __mmask16 keep = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
   index_t p = 0;
   for (; p + 16 <= len; p += 16) {
-    __m512 r[16], t[16];
-    for (int i = 0; i < 16; ++i)
-      r[i] = i < rows ? _mm512_loadu_ps(src + i * ld + p) : _mm512_setzero_ps();
-    // Pairs, then quads within each 128-bit lane ...
-    for (int i = 0; i < 8; ++i) {
-      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int j = 0; j < 4; ++j) {
-      r[4 * j + 0] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0x44);
-      r[4 * j + 1] = _mm512_shuffle_ps(t[4 * j], t[4 * j + 2], 0xEE);
-      r[4 * j + 2] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0x44);
-      r[4 * j + 3] = _mm512_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0xEE);
-    }
-    // ... now lane L of r[4 j + k] holds depth 4 L + k of runs 4 j .. 4 j + 3:
-    // gather the four lanes L of r[k], r[4 + k], r[8 + k], r[12 + k].
-    for (int k = 0; k < 4; ++k) {
-      const __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
-      const __m512 w0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
-      const __m512 v1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
-      const __m512 w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
-      _mm512_mask_storeu_ps(dst + (p + k) * stride, keep, _mm512_shuffle_f32x4(v0, v1, 0x88));
-      _mm512_mask_storeu_ps(dst + (p + 4 + k) * stride, keep, _mm512_shuffle_f32x4(w0, w1, 0x88));
-      _mm512_mask_storeu_ps(dst + (p + 8 + k) * stride, keep, _mm512_shuffle_f32x4(v0, v1, 0xDD));
-      _mm512_mask_storeu_ps(dst + (p + 12 + k) * stride, keep, _mm512_shuffle_f32x4(w0, w1, 0xDD));
+    __m512 out[16];
+    transpose16_avx512(src, ld, rows, p, out);
+    for (int d = 0; d < 16; ++d) _mm512_mask_storeu_ps(dst + (p + d) * stride, keep, out[d]);
+  }
+  return p;
+}
+
+// 12 runs into a 12-wide panel (A~ of the AVX-512 kernel), depth [0, len -
+// len % 16): each 16-deep block is 192 contiguous floats, written as 12 full
+// vectors compacted from the transpose's 16 twelve-lane ones (no masked or
+// overlapping stores). Returns the depth done.
+__attribute__((target("avx512f"))) index_t pack_12_runs_avx512(const float* src, index_t ld,
+                                                              index_t len, float* dst) {
+  // out q of each group of three takes lanes from two consecutive depths
+  const __m512i take0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19);
+  const __m512i take1 = _mm512_setr_epi32(4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i take2 = _mm512_setr_epi32(8, 9, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27);
+  index_t p = 0;
+  for (; p + 16 <= len; p += 16) {
+    __m512 t[16];
+    transpose16_avx512(src, ld, 12, p, t);
+    float* out = dst + p * 12;
+    for (int g = 0; g < 4; ++g) {  // depths 4 g .. 4 g + 3: 48 floats
+      _mm512_storeu_ps(out + 48 * g, _mm512_permutex2var_ps(t[4 * g], take0, t[4 * g + 1]));
+      _mm512_storeu_ps(out + 48 * g + 16,
+                       _mm512_permutex2var_ps(t[4 * g + 1], take1, t[4 * g + 2]));
+      _mm512_storeu_ps(out + 48 * g + 32,
+                       _mm512_permutex2var_ps(t[4 * g + 2], take2, t[4 * g + 3]));
     }
   }
   return p;
@@ -218,6 +255,12 @@ void pack_runs_as_columns(const float* src, index_t ld, index_t count, index_t l
       for (; p < len; ++p)
         for (int i = 0; i < rows; ++i) dst[p * stride + r + i] = src[(r + i) * ld + p];
     }
+  }
+  if (kernel().nr == 32 && count - r == 12 && stride == 12) {  // a whole 12-row A~ panel
+    index_t p = pack_12_runs_avx512(src + r * ld, ld, len, dst + r);
+    for (; p < len; ++p)
+      for (int i = 0; i < 12; ++i) dst[p * stride + r + i] = src[(r + i) * ld + p];
+    r += 12;
   }
   for (; r + 4 <= count; r += 4) {
     const float *s0 = src + r * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
