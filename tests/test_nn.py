@@ -532,3 +532,22 @@ def test_batchnorm_grads_from_pool_codes_change_no_bit():
     for a, b in zip(grads_a, grads_b):
         np.testing.assert_array_equal(a, b)
     assert "1" not in model.gradients and "5" not in model.gradients  # the batch norms' outputs
+
+
+def test_fused_batchnorm_output_is_never_computed_in_a_plain_step():
+    """A training step through BatchNorm2d -> ReLU -> MaxPool2d(2) neither
+    writes nor recomputes the batch norm's output: the ReLU and the pool keep
+    it deferred unless a backward pass stops there or is guided."""
+    from fastcnn.nn.layers import _Deferred
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
+    model = models.mnist_cnn(batchnorm=True, seed=3)
+    model.train()
+    model.dropout.eval()
+    out = model.forward(x)
+    model.backward(np.ones_like(out), input_grad=False)
+    assert isinstance(model["relu1"].__dict__["_input"], _Deferred)
+    assert isinstance(model["pool1"].__dict__["_input"], _Deferred)
+    model.backward(np.ones_like(out), guided=True, param_grads=False)
+    assert isinstance(model["relu1"].__dict__["_input"], np.ndarray)  # computed on demand
