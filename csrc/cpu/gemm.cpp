@@ -203,6 +203,32 @@ __attribute__((target("avx512f"))) inline void transpose16_avx512(const float* s
   }
 }
 
+// transpose16_avx512 for all 16 runs present, with half the shuffles: the
+// 128-bit quarters are placed by (masked) broadcast loads, which the load
+// ports and either vector port can do, and only the 4 x 4 transposes inside
+// each quarter take shuffles (32 on the one shuffle port, not 64).
+__attribute__((target("avx512f"))) inline void transpose16_full_avx512(const float* src,
+                                                                      index_t ld, index_t p,
+                                                                      __m512 out[16]) {
+  for (int q = 0; q < 4; ++q) {
+    __m512 x[4];
+    for (int i = 0; i < 4; ++i) {
+      // quarter j: depths 4 q .. 4 q + 3 of run i + 4 j
+      const float* at = src + i * ld + p + 4 * q;
+      x[i] = _mm512_castps128_ps512(_mm_loadu_ps(at));
+      x[i] = _mm512_mask_broadcast_f32x4(x[i], 0x00F0, _mm_loadu_ps(at + 4 * ld));
+      x[i] = _mm512_mask_broadcast_f32x4(x[i], 0x0F00, _mm_loadu_ps(at + 8 * ld));
+      x[i] = _mm512_mask_broadcast_f32x4(x[i], 0xF000, _mm_loadu_ps(at + 12 * ld));
+    }
+    const __m512 t0 = _mm512_unpacklo_ps(x[0], x[1]), t1 = _mm512_unpackhi_ps(x[0], x[1]);
+    const __m512 t2 = _mm512_unpacklo_ps(x[2], x[3]), t3 = _mm512_unpackhi_ps(x[2], x[3]);
+    out[4 * q + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
+    out[4 * q + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+    out[4 * q + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+    out[4 * q + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
+  }
+}
+
 // Transposes runs [0, rows) (rows <= 16) over depth [0, len - len % 16) into
 // dst (row stride `stride`), lanes of absent runs not stored. Returns the
 // depth done.
@@ -487,62 +513,133 @@ void gemm_serial(const KernelInfo& ker, index_t m, index_t n, index_t k, float a
 
 // C (m <= 4 rows) = op(A) op(B) + beta C for alpha = 1, beta in {0, 1}, with
 // no packing: op(B)'s 16-column vectors are loaded (B untransposed) or
-// gathered (B transposed: linear's weight) straight from B. Each element
-// of C sees exactly the packed path's arithmetic: per k-block (the same
-// block_depth split) a sequential FMA chain from zero, then C = acc
-// (beta 0, first block) or C + acc; so a sample's result is the same
-// whichever path its batch size takes.
-// Columns [j0, j0 + 16) of it (a lambda would lose the target attribute).
-__attribute__((target("avx512f"))) void small_m_columns_avx512(
-    Trans tb, index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b,
-    index_t ldb, float beta, float* c, index_t ldc, index_t j0) {
-  const index_t kc_max = block_depth(k);
+// transposed in registers (B transposed: linear's weight) straight from B.
+// Each element of C sees exactly the packed path's arithmetic: per k-block
+// (the same block_depth split) a sequential FMA chain from zero, then C =
+// acc (beta 0, first block) or C + acc; so a sample's result is the same
+// whichever path its batch size takes. The chains of different k-blocks are
+// independent, so the work is cut into (columns, k-block) units: both
+// threads stay busy on a single wide layer at batch 1 (fc1: 4 column pairs
+// x 7 blocks), and the FMA latency of a lone chain is hidden by running the
+// chains of two column groups side by side.
+
+// The chains of rows [0, M) x columns [j, j + 16 G) of a transposed B
+// whose 16 G columns all exist, over depths [p, p + 16 steps): the hot loop
+// of linear's forward at batch 1-4, nothing in it but the transposes and
+// the FMAs.
+template <int M, int G>
+__attribute__((target("avx512f"))) void small_m_transposed_avx512(
+    index_t steps, const float* a, index_t lda, const float* b, index_t ldb, __m512 (&acc)[G][M]) {
+  for (index_t s = 0; s < steps; ++s, a += 16, b += 16) {
+    for (int g = 0; g < G; ++g) {
+      __m512 col[16];
+      transpose16_full_avx512(b + 16 * g * ldb, ldb, 0, col);
+      for (int q = 0; q < 16; ++q)
+        for (int r = 0; r < M; ++r)
+          acc[g][r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + q]), col[q], acc[g][r]);
+    }
+  }
+}
+
+// Rows [0, M) x columns [j0, j0 + 16 G) over depth [p0, p1): each lane's
+// sequential chain, stored whole (columns past n as zeros) at out + r * ldo.
+template <int M, int G>
+__attribute__((target("avx512f"))) void small_m_block_avx512(
+    Trans tb, index_t n, index_t p0, index_t p1, const float* a, index_t lda,
+    const float* b, index_t ldb, index_t j0, float* out, index_t ldo) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i rows_apart = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(ldb)));
+  int cols[G];
+  __mmask16 mask[G];
+  __m512 acc[G][M];  // M and G compile-time, so the chains stay in registers
+  for (int g = 0; g < G; ++g) {
+    cols[g] = static_cast<int>(std::min<index_t>(16, n - j0 - 16 * g));
+    mask[g] = cols[g] >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols[g]) - 1);
+    for (int r = 0; r < M; ++r) acc[g][r] = _mm512_setzero_ps();
+  }
+  index_t p = p0;
+  if (tb == Trans::Yes && cols[G - 1] == 16) {
+    const index_t steps = (p1 - p0) / 16;
+    small_m_transposed_avx512<M, G>(steps, a + p0, lda, b + j0 * ldb + p0, ldb, acc);
+    p += 16 * steps;
+  } else if (tb == Trans::Yes) {
+    // a last group of fewer than 16 columns (G = 1: pairs are whole)
+    for (; p + 16 <= p1; p += 16) {
+      __m512 col[16];
+      transpose16_avx512(b + j0 * ldb, ldb, cols[0], p, col);
+      for (int q = 0; q < 16; ++q)
+        for (int r = 0; r < M; ++r)
+          acc[0][r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + p + q]), col[q], acc[0][r]);
+    }
+  }
+  for (; p < p1; ++p)
+    for (int g = 0; g < G; ++g) {
+      const index_t j = j0 + 16 * g;
+      const __m512 col = tb == Trans::Yes
+                             ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask[g], rows_apart,
+                                                        b + j * ldb + p, 4)
+                             : _mm512_maskz_loadu_ps(mask[g], b + p * ldb + j);
+      for (int r = 0; r < M; ++r)
+        acc[g][r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + p]), col, acc[g][r]);
+    }
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < M; ++r) _mm512_store_ps(out + r * ldo + 16 * g, acc[g][r]);
+}
+
+// Columns [j0, j0 + 16) of C from the k-blocks' partial products, in block order.
+__attribute__((target("avx512f"))) void small_m_combine_avx512(
+    index_t m, index_t n, index_t blocks, const float* part, index_t ldp, float beta, float* c,
+    index_t ldc, index_t j0) {
   const index_t cols = std::min<index_t>(16, n - j0);
   const __mmask16 mask = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  __m512 cv[4];
-  for (index_t r = 0; r < m; ++r)
-    cv[r] = beta == 0.0f ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, c + r * ldc + j0);
-  for (index_t p0 = 0; p0 < k; p0 += kc_max) {
-    const index_t p1 = std::min(k, p0 + kc_max);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    index_t p = p0;
-    if (tb == Trans::Yes) {
-      // B transposed (linear's weight): 16 columns x 16 depths at a time,
-      // transposed in registers through an L1 tile, cheaper than 16 gathers.
-      alignas(64) float tile[16 * 16] = {};  // lanes past `cols` stay 0
-      for (; p + 16 <= p1; p += 16) {
-        transpose_runs_avx512(b + j0 * ldb + p, ldb, static_cast<int>(cols), 16, tile, 16);
-        for (int q = 0; q < 16; ++q) {
-          const __m512 col = _mm512_load_ps(tile + 16 * q);
-          for (index_t r = 0; r < m; ++r)
-            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + p + q]), col, acc[r]);
-        }
-      }
+  for (index_t r = 0; r < m; ++r) {
+    __m512 cv = beta == 0.0f ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, c + r * ldc + j0);
+    for (index_t blk = 0; blk < blocks; ++blk) {
+      const __m512 acc = _mm512_load_ps(part + (blk * m + r) * ldp + j0);
+      cv = blk == 0 && beta == 0.0f ? acc : _mm512_add_ps(cv, acc);
     }
-    for (; p < p1; ++p) {
-      const __m512 col = tb == Trans::Yes
-                             ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows_apart,
-                                                        b + j0 * ldb + p, 4)
-                             : _mm512_maskz_loadu_ps(mask, b + p * ldb + j0);
-      for (index_t r = 0; r < m; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + p]), col, acc[r]);
-    }
-    for (index_t r = 0; r < m; ++r)
-      cv[r] = p0 == 0 && beta == 0.0f ? acc[r] : _mm512_add_ps(cv[r], acc[r]);
+    _mm512_mask_storeu_ps(c + r * ldc + j0, mask, cv);
   }
-  for (index_t r = 0; r < m; ++r) _mm512_mask_storeu_ps(c + r * ldc + j0, mask, cv[r]);
+}
+
+using SmallMBlock = void (*)(Trans, index_t, index_t, index_t, const float*, index_t,
+                            const float*, index_t, index_t, float*, index_t);
+
+SmallMBlock small_m_block(index_t m, int g) {
+  static const SmallMBlock table[4][2] = {
+      {small_m_block_avx512<1, 1>, small_m_block_avx512<1, 2>},
+      {small_m_block_avx512<2, 1>, small_m_block_avx512<2, 2>},
+      {small_m_block_avx512<3, 1>, small_m_block_avx512<3, 2>},
+      {small_m_block_avx512<4, 1>, small_m_block_avx512<4, 2>}};
+  return table[m - 1][g - 1];
 }
 
 void small_m_avx512(Trans tb, index_t m, index_t n, index_t k, const float* a, index_t lda,
                     const float* b, index_t ldb, float beta, float* c, index_t ldc) {
-  // ~256k multiply-adds per task before a second thread joins.
-  const index_t grain = std::max<index_t>(1, (index_t(1) << 18) / std::max<index_t>(1, 16 * k * m));
-  parallel_for((n + 15) / 16, grain, [&](index_t group) {
-    small_m_columns_avx512(tb, m, n, k, a, lda, b, ldb, beta, c, ldc, group * 16);
-  });
+  const index_t kc_max = block_depth(k), blocks = (k + kc_max - 1) / kc_max;
+  // Column blocks: whole pairs of 16-column groups, then single groups.
+  const index_t groups = (n + 15) / 16, pairs = n / 32, col_blocks = groups - pairs;
+  const index_t ldp = 16 * groups;
+  float* part = thread_scratch(ScratchSlot::GemmPartial, blocks * m * ldp);
+  const index_t units = col_blocks * blocks;
+  // ~64k multiply-adds per thread before a second one joins.
+  const int nt = std::min<int>(threads_for(m * n * k, index_t(1) << 16), static_cast<int>(units));
+  // Units in column-major order, split statically: each thread reads the
+  // same columns of B (rows of linear's weight) every call.
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#pragma omp for schedule(static)
+    for (index_t u = 0; u < units; ++u) {
+      const index_t cb = u / blocks, blk = u % blocks;
+      const int g = cb < pairs ? 2 : 1;
+      const index_t j0 = cb < pairs ? 32 * cb : 16 * (cb + pairs);
+      const index_t p0 = blk * kc_max, p1 = std::min(k, p0 + kc_max);
+      small_m_block(m, g)(tb, n, p0, p1, a, lda, b, ldb, j0, part + blk * m * ldp + j0, ldp);
+    }
+#pragma omp for schedule(static)
+    for (index_t g = 0; g < groups; ++g)
+      small_m_combine_avx512(m, n, blocks, part, ldp, beta, c, ldc, 16 * g);
+  }
 }
 
 // Splits C into one block per thread, aligned to micro-tiles, and runs the

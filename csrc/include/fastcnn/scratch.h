@@ -26,6 +26,7 @@ enum class ScratchSlot : int {
   BatchNormGrad,     // batch norm: one channel's output gradient routed from a pool
   GemmA,         // sgemm: packed A~
   GemmB,         // sgemm: packed B~
+  GemmPartial,   // sgemm, a few rows: each k-block's partial products
   Count
 };
 
