@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "fastcnn/cpu_kernels.h"
+#include "fastcnn/kernel_math.h"
 #include "fastcnn/parallel.h"
 #include "fastcnn/reduce.h"
 #include "fastcnn/scratch.h"
@@ -67,7 +68,7 @@ void batch_norm_forward_train(index_t n, index_t c, index_t l, const float* x,
       });
     });
     const double var = sq / static_cast<double>(count);
-    const double invstd = 1.0 / std::sqrt(var + eps);
+    const double invstd = batch_norm_invstd(var, eps);
     save_mean[ch] = static_cast<float>(mean);
     save_invstd[ch] = static_cast<float>(invstd);
     if (running_mean != nullptr)
@@ -77,29 +78,31 @@ void batch_norm_forward_train(index_t n, index_t c, index_t l, const float* x,
       running_var[ch] =
           static_cast<float>((1.0 - momentum) * running_var[ch] + momentum * unbiased);
     }
-    // y = (x - mean) * invstd * w + b  ==  x * scale + shift
-    const double w = weight != nullptr ? weight[ch] : 1.0;
-    const double b = bias != nullptr ? bias[ch] : 0.0;
-    const float scale = static_cast<float>(invstd * w);
-    const float shift = static_cast<float>(b - mean * invstd * w);
-    if (scale_out != nullptr) scale_out[ch] = scale;
-    if (shift_out != nullptr) shift_out[ch] = shift;
-    if (y != nullptr) normalize_channel(n, c, l, ch, x, scale, shift, y);
+    const ChannelAffine a = batch_norm_affine(mean, invstd, weight, bias, ch);
+    if (scale_out != nullptr) scale_out[ch] = a.scale;
+    if (shift_out != nullptr) shift_out[ch] = a.shift;
+    if (y != nullptr) normalize_channel(n, c, l, ch, x, a.scale, a.shift, y);
   });
+}
+
+void batch_norm_eval_affine(index_t c, const float* running_mean, const float* running_var,
+                            const float* weight, const float* bias, double eps, float* scale,
+                            float* shift) {
+  for (index_t ch = 0; ch < c; ++ch) {
+    const ChannelAffine a = batch_norm_affine(
+        running_mean[ch], batch_norm_invstd(running_var[ch], eps), weight, bias, ch);
+    scale[ch] = a.scale;
+    shift[ch] = a.shift;
+  }
 }
 
 void batch_norm_forward_eval(index_t n, index_t c, index_t l, const float* x,
                              const float* running_mean, const float* running_var,
                              const float* weight, const float* bias, double eps, float* y) {
   parallel_for(c, channel_grain(n, l), [&](index_t ch) {
-    const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[ch]) + eps);
-    const double w = weight != nullptr ? weight[ch] : 1.0;
-    const double b = bias != nullptr ? bias[ch] : 0.0;
-    const float scale = static_cast<float>(invstd * w);
-    const float shift = static_cast<float>(b - running_mean[ch] * invstd * w);
-    for_channel_rows(n, c, l, ch, [&](index_t at) {
-      for (index_t j = 0; j < l; ++j) y[at + j] = x[at + j] * scale + shift;
-    });
+    const ChannelAffine a = batch_norm_affine(
+        running_mean[ch], batch_norm_invstd(running_var[ch], eps), weight, bias, ch);
+    normalize_channel(n, c, l, ch, x, a.scale, a.shift, y);
   });
 }
 

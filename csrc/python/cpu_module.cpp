@@ -412,6 +412,20 @@ PYBIND11_MODULE(_cpu, m) {
           fastcnn::cpu::batch_norm_forward_eval(n, c, l, x.data, rm, rv, w, b, eps, y.data);
         });
 
+  m.def("batch_norm_eval_affine",
+        [](py::object w_, py::object b_, py::object rm_, py::object rv_, double eps,
+           py::object scale_, py::object shift_) {
+          auto scale = out<float>(scale_, "scale"), shift = out<float>(shift_, "shift");
+          const index_t c = scale.size();
+          expect_same_shape(scale, shift, "scale", "shift");
+          const float* w = opt<float>(w_, "weight", false, c);
+          const float* b = opt<float>(b_, "bias", false, c);
+          const float* rm = opt<float>(rm_, "running_mean", false, c);
+          const float* rv = opt<float>(rv_, "running_var", false, c);
+          if (rm == nullptr || rv == nullptr) fail("running_mean / running_var required");
+          fastcnn::cpu::batch_norm_eval_affine(c, rm, rv, w, b, eps, scale.data, shift.data);
+        });
+
   m.def("batch_norm_backward",
         [](py::object dy_, py::object x_, py::object mean_, py::object invstd_, py::object w_,
            bool training, py::object dx_, py::object dw_, py::object db_, index_t n, index_t c,

@@ -303,15 +303,20 @@ def bench_net(rng, quick=False):
         model.eval()
         for batch in (1, 256):
             x = rng.standard_normal((batch, 1, 28, 28), dtype=np.float32)
-            ours = Timing.of(lambda: model.forward(x), repeats=5, min_time=0.2)
             theirs = None
             if torch is not None:
                 tm = _torch_mnist_cnn(torch, batchnorm).eval()
                 tx = torch.from_numpy(x)
                 with torch.no_grad():
                     theirs = Timing.of(lambda: tm(tx), repeats=5, min_time=0.2)
-            rows.append(Row("net", f"{tag} inference b{batch}", ours, theirs, "torch",
-                            extra={"images_per_s": batch / ours.median}))
+            # Inference proper (torch.no_grad's counterpart: nothing recorded,
+            # layers fused), then a forward that records every activation
+            # (what the visualisations run), both against torch.no_grad.
+            for label, record in (("inference", False), ("eval forward, recorded,", True)):
+                ours = Timing.of(lambda: model.forward(x, record=record), repeats=5,
+                                 min_time=0.2)
+                rows.append(Row("net", f"{tag} {label} b{batch}", ours, theirs, "torch",
+                                extra={"images_per_s": batch / ours.median}))
     return rows
 
 

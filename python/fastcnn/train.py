@@ -26,7 +26,7 @@ import numpy as np
 from . import functional as F
 from . import io
 from .data import DataLoader, Dataset
-from .nn import CrossEntropyLoss
+from .nn import CrossEntropyLoss, Sequential
 from .optim import Adam
 
 __all__ = ["Trainer", "Evaluation", "evaluate", "predict", "plot_history"]
@@ -88,6 +88,12 @@ class Evaluation:
                 "confusion": self.confusion.tolist(), "classes": list(self.classes)}
 
 
+def _infer(model, x):
+    """model(x) for inference: a Sequential records nothing (and may fuse its
+    layers, see Sequential.forward's record=False); other Modules run as is."""
+    return model(x, record=False) if isinstance(model, Sequential) else model(x)
+
+
 def evaluate(model, data, batch_size=500):
     """Evaluate ``model`` (in eval mode; its mode is restored) on a Dataset or DataLoader."""
     loader = _as_loader(data, batch_size)
@@ -97,7 +103,7 @@ def evaluate(model, data, batch_size=500):
     loss_sum, labels, preds = 0.0, [], []
     try:
         for x, y in loader:
-            logits = model(_to_device(x, device))
+            logits = _infer(model, _to_device(x, device))
             y_dev = _to_device(y, device)
             loss_sum += float(F.cross_entropy(logits, y_dev, reduction="sum"))
             preds.append(_to_host(logits.argmax(axis=1)))
@@ -143,7 +149,7 @@ def predict(model, data, batch_size=500, mean=None, std=None):
                 array = F.normalize(array, mean, std, dim=-3)
             batches = (array[i:i + batch_size] for i in range(0, len(array), batch_size))
         for x in batches:
-            out.append(F.softmax(model(_to_device(x, device)), dim=1))
+            out.append(F.softmax(_infer(model, _to_device(x, device)), dim=1))
     finally:
         model.train(was_training)
     if not out:

@@ -143,6 +143,11 @@ void batch_norm_normalize(index_t n, index_t c, index_t l, const float* x, const
 void batch_norm_forward_eval(index_t n, index_t c, index_t l, const float* x,
                              const float* running_mean, const float* running_var,
                              const float* weight, const float* bias, double eps, float* y);
+// The y = x * scale + shift (c,) that batch_norm_forward_eval applies, for a
+// fused pass that normalises without writing y (max_pool2d_2x2_codes_forward).
+void batch_norm_eval_affine(index_t c, const float* running_mean, const float* running_var,
+                            const float* weight, const float* bias, double eps, float* scale,
+                            float* shift);
 // mean / invstd: the statistics the forward normalised with (batch ones when
 // training, running ones in eval). training adds the terms through the batch
 // statistics. dx, dweight, dbias may be null.

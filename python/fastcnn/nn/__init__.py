@@ -6,6 +6,7 @@
 >>> logits = model(x)                   # x: (N, 1, 28, 28) float32
 >>> loss = loss_fn(logits, labels)      # loss_fn = nn.CrossEntropyLoss()
 >>> model.backward(loss_fn.backward())  # fills every parameter's .grad
+>>> probs = model.eval()(x, record=False)  # inference: nothing kept, layers fused
 """
 
 from . import init

@@ -13,7 +13,27 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .._backend import as_float as _as_float
+
 __all__ = ["Parameter", "Module", "Sequential", "from_spec"]
+
+
+# Bumped whenever a module's structure or settings change: an attribute set
+# (but the private ones a layer keeps its last forward in), a parameter's
+# data replaced, train() / eval(), a buffer, parameter or layer (re)placed.
+# Sequential's inference plans are valid while it stands still (the
+# arrays' contents are read on every call, so in-place updates need none).
+_state_version = 0
+
+
+def _touch():
+    global _state_version
+    _state_version += 1
+
+
+def state_version():
+    """The counter above (fastcnn.nn.inference checks it before each plan call)."""
+    return _state_version
 
 
 def _array_module(a):
@@ -30,13 +50,22 @@ class Parameter:
     to None. Layers skip gradients of parameters with ``requires_grad`` False.
     """
 
-    __slots__ = ("data", "grad", "requires_grad")
+    __slots__ = ("_data", "grad", "requires_grad")
 
     def __init__(self, data, requires_grad=True):
         xp = _array_module(data)
-        self.data = xp.ascontiguousarray(data, dtype=xp.float32)
+        self._data = xp.ascontiguousarray(data, dtype=xp.float32)
         self.grad = None
         self.requires_grad = bool(requires_grad)
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data = value
+        _touch()
 
     @property
     def shape(self):
@@ -73,6 +102,9 @@ class Module:
     _registry = {}
     #: True for modules whose backward takes ``guided=`` (ReLU and containers).
     accepts_guided = False
+    # Public attributes that hold results of a pass, not settings (setting
+    # them leaves the state version alone).
+    _results = frozenset()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -89,11 +121,17 @@ class Module:
     def __setattr__(self, name, value):
         if "_parameters" not in self.__dict__:
             raise AttributeError("Module.__init__() must be called before assigning attributes")
+        if ((name[0] != "_" and name not in self._results) or
+                isinstance(value, (Parameter, Module)) or name in self._buffers):
+            _touch()
+        # A replaced parameter or layer keeps its place (a Sequential's order).
         if isinstance(value, Parameter):
-            self._discard(name)
+            if name not in self._parameters:
+                self._discard(name)
             self._parameters[name] = value
         elif isinstance(value, Module):
-            self._discard(name)
+            if name not in self._modules:
+                self._discard(name)
             self._modules[name] = value
         elif name in self._buffers:
             self._buffers[name] = value
@@ -120,6 +158,7 @@ class Module:
         """Register ``array`` as state saved in ``state_dict`` but not trained."""
         self._discard(name)
         self._buffers[name] = array
+        _touch()
 
     def add_module(self, name, module):
         if not isinstance(module, Module):
@@ -167,6 +206,7 @@ class Module:
         """Training mode (dropout active, batch norm on batch statistics). Returns self."""
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
+        _touch()
         return self
 
     def eval(self):
@@ -289,6 +329,7 @@ class Module:
             for name, buf in module._buffers.items():
                 if buf is not None and buf.dtype.kind == "f":
                     module._buffers[name] = move(buf)
+        _touch()
         return self
 
     # ------------------------------------------------------------ computation
@@ -378,6 +419,7 @@ class Sequential(Module):
     """
 
     accepts_guided = True
+    _results = frozenset({"activations", "gradients", "input", "input_gradient"})
 
     def __init__(self, *layers):
         super().__init__()
@@ -396,6 +438,8 @@ class Sequential(Module):
         # In training, a ReLU directly followed by a MaxPool2d runs as one op
         # (the ReLU's output is then neither written nor recorded).
         self.fuse = True
+        self._unrecorded = False  # the last forward kept nothing for a backward
+        self._plan = None  # forward(record=False)'s steps, for one input shape
 
     def append(self, module, name=None):
         name = str(len(self._modules)) if name is None else str(name)
@@ -405,6 +449,7 @@ class Sequential(Module):
         if not name or "." in name or name in self._modules:
             raise ValueError(f"Sequential: invalid or duplicate layer name {name!r}")
         self._modules[name] = module
+        _touch()
         return self
 
     @property
@@ -436,11 +481,17 @@ class Sequential(Module):
 
     # ------------------------------------------------------------ computation
 
-    def forward(self, x, *, start=None, stop=None):
+    def forward(self, x, *, start=None, stop=None, record=True):
         """Run the layers on ``x``; record every layer's output in ``activations``.
 
         start: ``x`` is the output of layer ``start`` and the layers after it run.
         stop:  run up to and including layer ``stop`` and return its output.
+        record: False for inference (``torch.no_grad()``'s use): nothing is
+                recorded or kept for a backward pass (``activations`` is left
+                empty, and ``backward`` refuses to run until a recorded
+                forward), which lets a model in evaluation mode run its layers
+                as a few fused kernel calls (see ``fastcnn.nn.inference``).
+                The output is the same, bit for bit.
         """
         first = 0 if start is None else self.index(start) + 1
         last = len(self) - 1 if stop is None else self.index(stop)
@@ -448,6 +499,10 @@ class Sequential(Module):
             raise ValueError(f"forward: stop layer {stop!r} comes before start layer {start!r}")
         names, layers = self.names, list(self._modules.values())
         self.activations = OrderedDict()
+        self._unrecorded = not record
+        if not record:
+            self.input = None
+            return self._forward_unrecorded(x, layers, first, last)
         if start is None:
             self.input = x
         else:
@@ -479,6 +534,26 @@ class Sequential(Module):
             i += 1
         return x
 
+    def _forward_unrecorded(self, x, layers, first, last):
+        whole = first == 0 and last == len(layers) - 1
+        if not (whole and not self.training and type(x) is np.ndarray and x.size):
+            for layer in layers[first:last + 1]:
+                x = layer.forward(x)
+            return x
+        x = _as_float(x, "input", np)
+        plan = self._plan
+        if plan is not None and plan.matches(layers, x):
+            return plan(x)
+        # A new shape or a changed layer: the layers' own forwards (which
+        # validate their arguments) give the output and the plan's inputs.
+        from .inference import InferencePlan  # layers (and so it) import this module
+        inputs = []
+        for layer in layers:
+            inputs.append(x)
+            x = layer.forward(x)
+        object.__setattr__(self, "_plan", InferencePlan(layers, inputs))
+        return x
+
     def backward(self, grad_out, *, input_grad=True, start=None, stop=None, guided=None,
                  param_grads=True):
         """Backpropagate ``grad_out``; record the gradient at every layer in ``gradients``.
@@ -493,6 +568,9 @@ class Sequential(Module):
         param_grads: when False no parameter gradient is computed or changed.
         Returns the gradient w.r.t. the model input (or w.r.t. ``stop``'s output).
         """
+        if self._unrecorded:
+            raise RuntimeError("Sequential.backward: the last forward ran with record=False, "
+                               "which keeps nothing for a backward pass; run forward(x) first")
         names, layers = self.names, list(self._modules.values())
         first = len(self) - 1 if start is None else self.index(start)
         last = -1 if stop is None else self.index(stop)
