@@ -155,7 +155,7 @@ struct InsideColumns {
 };
 
 inline index_t plane_grain(const PoolShape& ps) {
-  return std::max<index_t>(1, 4096 / std::max<index_t>(ps.oh * ps.ow, 1));
+  return std::max<index_t>(1, 1024 / std::max<index_t>(ps.oh * ps.ow, 1));
 }
 
 }  // namespace

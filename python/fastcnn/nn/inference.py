@@ -45,29 +45,33 @@ def _eval_batch_norm(layer):
             _plain(layer))
 
 
+# A step captures the arrays it reads (replacing one bumps the state version,
+# so the plan is rebuilt); their contents are read on every call.
+
 def _conv_step(conv, x):
     """conv2d as F.conv2d calls it (x: an input it validated), into a fresh array."""
-    weight, bias = conv.weight, conv.bias
-    g = F._geometry(F._ConvArgs, "conv2d",
-                    (x, weight.data, None if bias is None else bias.data), conv._args())
+    weight, bias = conv.weight.data, None if conv.bias is None else conv.bias.data
+    g = F._geometry(F._ConvArgs, "conv2d", (x, weight, bias), conv._args())
     out_shape, kernel_args, padded = g.out_shape, g.kernel_args(), g.extra != (0, 0)
 
     def run(x):
         y = np.empty(out_shape, _F32)
-        _cpu.conv2d_forward(g.batched(x) if padded else x, weight.data,
-                            None if bias is None else bias.data, y, *kernel_args)
+        _cpu.conv2d_forward(g.batched(x) if padded else x, weight, bias, y, *kernel_args)
         return y
     return run
 
 
+def _batch_norm_arrays(bn):
+    return (*bn._affine(), bn.running_mean, bn.running_var)
+
+
 def _affine_step(bn):
     """The batch norm's y = x * scale + shift, as the eval kernel computes it."""
-    c = bn.num_features
+    c, arrays, eps = bn.num_features, _batch_norm_arrays(bn), bn.eps
 
     def affine():
         scale, shift = np.empty(c, _F32), np.empty(c, _F32)
-        _cpu.batch_norm_eval_affine(*bn._affine(), bn.running_mean, bn.running_var, bn.eps,
-                                    scale, shift)
+        _cpu.batch_norm_eval_affine(*arrays, eps, scale, shift)
         return scale, shift
     return affine
 
@@ -86,10 +90,11 @@ def _pool_step(relu, affine):
 
 def _normalize_relu_step(bn, relu):
     """eval batch_norm (and ReLU), in place on an array the plan owns."""
+    arrays, eps = _batch_norm_arrays(bn), bn.eps
+
     def run(x):
         n, c = x.shape[:2]
-        _cpu.batch_norm_forward_eval(x, *bn._affine(), bn.running_mean, bn.running_var, x, n, c,
-                                     x.size // max(n * c, 1), bn.eps)
+        _cpu.batch_norm_forward_eval(x, *arrays, x, n, c, x.size // max(n * c, 1), eps)
         if relu:
             _cpu.relu_forward(x, x)
         return x
@@ -97,11 +102,12 @@ def _normalize_relu_step(bn, relu):
 
 
 def _linear_step(linear, relu):
-    weight, bias, out = linear.weight, linear.bias, linear.out_features
+    weight, out = linear.weight.data, linear.out_features
+    bias = None if linear.bias is None else linear.bias.data
 
     def run(x):
         y = np.empty((x.shape[0], out), _F32)
-        _cpu.linear_forward(x, weight.data, None if bias is None else bias.data, y)
+        _cpu.linear_forward(x, weight, bias, y)
         if relu:
             _cpu.relu_forward(y, y)
         return y
