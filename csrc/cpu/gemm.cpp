@@ -203,32 +203,6 @@ __attribute__((target("avx512f"))) inline void transpose16_avx512(const float* s
   }
 }
 
-// transpose16_avx512 for all 16 runs present, with half the shuffles: the
-// 128-bit quarters are placed by (masked) broadcast loads, which the load
-// ports and either vector port can do, and only the 4 x 4 transposes inside
-// each quarter take shuffles (32 on the one shuffle port, not 64).
-__attribute__((target("avx512f"))) inline void transpose16_full_avx512(const float* src,
-                                                                      index_t ld, index_t p,
-                                                                      __m512 out[16]) {
-  for (int q = 0; q < 4; ++q) {
-    __m512 x[4];
-    for (int i = 0; i < 4; ++i) {
-      // quarter j: depths 4 q .. 4 q + 3 of run i + 4 j
-      const float* at = src + i * ld + p + 4 * q;
-      x[i] = _mm512_castps128_ps512(_mm_loadu_ps(at));
-      x[i] = _mm512_mask_broadcast_f32x4(x[i], 0x00F0, _mm_loadu_ps(at + 4 * ld));
-      x[i] = _mm512_mask_broadcast_f32x4(x[i], 0x0F00, _mm_loadu_ps(at + 8 * ld));
-      x[i] = _mm512_mask_broadcast_f32x4(x[i], 0xF000, _mm_loadu_ps(at + 12 * ld));
-    }
-    const __m512 t0 = _mm512_unpacklo_ps(x[0], x[1]), t1 = _mm512_unpackhi_ps(x[0], x[1]);
-    const __m512 t2 = _mm512_unpacklo_ps(x[2], x[3]), t3 = _mm512_unpackhi_ps(x[2], x[3]);
-    out[4 * q + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
-    out[4 * q + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
-    out[4 * q + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
-    out[4 * q + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
-  }
-}
-
 // Transposes runs [0, rows) (rows <= 16) over depth [0, len - len % 16) into
 // dst (row stride `stride`), lanes of absent runs not stored. Returns the
 // depth done.
@@ -533,7 +507,7 @@ __attribute__((target("avx512f"))) void small_m_transposed_avx512(
   for (index_t s = 0; s < steps; ++s, a += 16, b += 16) {
     for (int g = 0; g < G; ++g) {
       __m512 col[16];
-      transpose16_full_avx512(b + 16 * g * ldb, ldb, 0, col);
+      transpose16_avx512(b + 16 * g * ldb, ldb, 16, 0, col);
       for (int q = 0; q < 16; ++q)
         for (int r = 0; r < M; ++r)
           acc[g][r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + q]), col[q], acc[g][r]);
