@@ -14,8 +14,10 @@ errors) and is used again while the input shape and the layers stay the
 same and no module has changed since (``module.state_version``: any
 public attribute set, parameter data or buffer replaced, train() / eval()).
 The arrays' contents are read on every call, so weights updated in place (an
-optimizer step) take effect. Every step calls the kernel the layer itself would, with the same
-arguments, so the output is bitwise the layer path's.
+optimizer step) take effect. Each step does the layers' arithmetic in the same
+order (convolutions and linears through the same kernels; the pooling pass is
+the training path's, bit-identical to the eval pool, the batch norm's affine
+the eval kernel's), so the output is bitwise the layer path's.
 """
 
 import numpy as np
