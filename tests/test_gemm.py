@@ -47,6 +47,52 @@ def test_matmul_same_bits_for_any_thread_count(threads, rng):
         fastcnn.set_num_threads(before)
 
 
+# Shapes whose A (M x K >= 2^18 floats) the threads pack together, each
+# thread owning a range of C's columns: several row blocks, k-blocks and
+# slabs, a last A~ panel of 4 rows, partial B~ panels, and a thread count (3)
+# that deals the panels out unevenly.
+SHARED_A_SHAPES = [
+    (600, 700, 450),    # 50 A~ panels in 3 row blocks, one k-block
+    (1000, 1700, 1100),  # 83 panels + 4 rows; 3 k-blocks; 2 slabs a thread
+    (280, 300, 1000),   # 10 B~ panels only, 2 k-blocks
+]
+
+
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("m, n, k", SHARED_A_SHAPES)
+def test_sgemm_with_a_packed_by_all_threads(m, n, k, ta, tb, rng):
+    """alpha, beta and both transpositions against float64, on 1, 2 and 3
+    threads: the same bits whichever threads packed which panels."""
+    a = randn(rng, *((k, m) if ta else (m, k)))
+    b = randn(rng, *((n, k) if tb else (k, n)))
+    c0 = randn(rng, m, n)
+    a64 = a.astype(np.float64).T if ta else a.astype(np.float64)
+    b64 = b.astype(np.float64).T if tb else b.astype(np.float64)
+    want = 0.5 * (a64 @ b64) - 2.0 * c0
+    before = fastcnn.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            fastcnn.set_num_threads(threads)
+            c = c0.copy()
+            fastcnn._backend._cpu.sgemm(ta, tb, 0.5, a, b, -2.0, c)
+            results.append(c)
+    finally:
+        fastcnn.set_num_threads(before)
+    assert_close(results[0], want, red=k)
+    for c in results[1:]:
+        np.testing.assert_array_equal(c, results[0])
+
+
+def test_linear_backward_with_a_packed_by_all_threads(rng):
+    """linear's weight gradient dY^T X has a transposed A (dY, 600 x 500)
+    large enough to be packed by all threads together."""
+    x, w, dy = randn(rng, 600, 700), randn(rng, 500, 700), randn(rng, 600, 500)
+    dx, dw, db = F.linear_backward(dy, x, w, None)
+    assert_close(dw, dy.astype(np.float64).T @ x, red=600)
+    assert_close(dx, dy.astype(np.float64) @ w, red=500)
+
+
 @pytest.mark.skipif(os.environ.get("FASTCNN_GEMM_KERNEL") is not None,
                     reason="already running under a forced kernel")
 @pytest.mark.parametrize("kernel", ["generic", "avx2"])

@@ -17,8 +17,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
 
 #include "fastcnn/gemm.h"
 #include "fastcnn/parallel.h"
@@ -95,6 +99,19 @@ __attribute__((target("avx2,fma"))) void micro_kernel_avx2_6x16(
   }
 }
 
+// Asks for the lines of a ROWS x 32 tile of C: three a row, as a row of C
+// need not start on a line.
+template <int ROWS, int HINT>
+__attribute__((target("avx512f"), always_inline)) inline void prefetch_tile(const float* c,
+                                                                            index_t ldc) {
+  for (int i = 0; i < ROWS; ++i) {
+    const char* row = reinterpret_cast<const char*>(c + i * ldc);
+    _mm_prefetch(row, static_cast<_mm_hint>(HINT));
+    _mm_prefetch(row + 64, static_cast<_mm_hint>(HINT));
+    _mm_prefetch(row + 124, static_cast<_mm_hint>(HINT));
+  }
+}
+
 // ROWS x 32 tile from A~ panels 12 rows wide: 2 * ROWS accumulators, 2 B
 // vectors and 1 broadcast in at most 32 zmm registers. ROWS = 12 is the main
 // kernel; 4 and 8 do the last panel of an M that is not a multiple of 12
@@ -105,7 +122,15 @@ __attribute__((target("avx512f"))) void micro_kernel_avx512_rows(
     float beta) {
   __m512 acc[ROWS][2];
   for (int i = 0; i < ROWS; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  // The tile of C is touched only after the loop, and in a large product it
+  // is far away (L3 or memory): a deep loop first asks for its lines into
+  // L2 (the B~ panel streaming through L1 would evict them there), then,
+  // 24 steps before the end, into L1, so that the update does not wait.
+  constexpr index_t kTail = 24;
+  const index_t prefetch_l1 = kc >= 4 * kTail ? kc - kTail : -1;
+  if (prefetch_l1 >= 0) prefetch_tile<ROWS, _MM_HINT_T1>(c, ldc);
   for (index_t p = 0; p < kc; ++p) {
+    if (p == prefetch_l1) prefetch_tile<ROWS, _MM_HINT_T0>(c, ldc);
     const __m512 b0 = _mm512_load_ps(b);
     const __m512 b1 = _mm512_load_ps(b + 16);
     for (int i = 0; i < ROWS; ++i) {
@@ -163,6 +188,9 @@ const KernelInfo& kernel() {
 constexpr index_t kKC = 512;   // depth of a packed block: an A~ micro-panel (24 KiB) stays in L1
 constexpr index_t kMC = 264;   // rows of A~ per block (multiple of every MR), streamed from L3
 constexpr index_t kNC = 768;   // columns of B~ per slab (multiple of every NR): kc x 768 (1.5 MiB) in L2
+// An A~ of at least this many floats (1 MiB: beyond what packing from L2
+// makes cheap) is packed once for all threads rather than once per thread.
+constexpr index_t kSharedAFloats = index_t(1) << 18;
 
 // Copies `count` contiguous runs of `len` floats (run r at src + r * ld) into
 // column r of dst (row stride `stride`): a transpose, done in 4 x 4 blocks in
@@ -430,6 +458,45 @@ struct PrepackedA {
   bool needs_buffer() const { return false; }
 };
 
+// C block (mc x nc) = alpha * A~ B~ + beta C from packed panels of depth kc:
+// each A~ micro-panel (`a_stride` apart) meets every B~ micro-panel
+// (`b_stride` apart) while it stays in L1.
+void multiply_panels(const KernelInfo& ker, index_t mc, index_t nc, index_t kc, float alpha,
+                     const float* a_panels, index_t a_stride, const float* b_panels,
+                     index_t b_stride, float beta, float* c, index_t ldc) {
+  const int mr = ker.mr, nr = ker.nr;
+  alignas(64) float edge[16 * 32];  // one micro-tile, for partial tiles at the edges
+  for (index_t ir = 0; ir < mc; ir += mr) {
+    const index_t rows = std::min<index_t>(mr, mc - ir);
+    const float* ap = a_panels + ir / mr * a_stride;
+    // A last panel of at most 4 or 8 rows runs a kernel of that many rows
+    // where the CPU's kernel offers one (same per-element order, fewer
+    // padding rows computed); a tile it does not fill exactly goes through
+    // `edge`.
+    MicroKernel fn = ker.fn;
+    index_t fn_rows = mr;
+    if (rows <= 8 && ker.rows4[(rows - 1) / 4] != nullptr) {
+      fn = ker.rows4[(rows - 1) / 4];
+      fn_rows = (rows + 3) / 4 * 4;
+    }
+    for (index_t jr = 0; jr < nc; jr += nr) {
+      const index_t cols = std::min<index_t>(nr, nc - jr);
+      const float* bp = b_panels + jr / nr * b_stride;
+      float* cp = c + ir * ldc + jr;
+      if (rows == fn_rows && cols == nr) {
+        fn(kc, ap, bp, cp, ldc, alpha, beta);
+      } else {
+        fn(kc, ap, bp, edge, nr, 1.0f, 0.0f);
+        for (index_t i = 0; i < rows; ++i)
+          for (index_t j = 0; j < cols; ++j) {
+            const float v = alpha * edge[i * nr + j];
+            cp[i * ldc + j] = beta == 0.0f ? v : v + beta * cp[i * ldc + j];
+          }
+      }
+    }
+  }
+}
+
 // The whole product on the calling thread.
 template <typename ASource, typename BSource>
 void gemm_serial(const KernelInfo& ker, index_t m, index_t n, index_t k, float alpha,
@@ -439,46 +506,116 @@ void gemm_serial(const KernelInfo& ker, index_t m, index_t n, index_t k, float a
   float* packed_a = asrc.needs_buffer() ? thread_scratch(ScratchSlot::GemmA, kMC * kc_max) : nullptr;
   const index_t b_floats = bsrc.buffer_floats(n, kc_max, nr);
   float* packed_b = b_floats > 0 ? thread_scratch(ScratchSlot::GemmB, b_floats) : nullptr;
-  alignas(64) float edge[16 * 32];  // one micro-tile, for partial tiles at the edges
   for (index_t j0 = 0; j0 < n; j0 += kNC) {
     const index_t nc = std::min(kNC, n - j0);
     for (index_t p0 = 0; p0 < k; p0 += kc_max) {
       const index_t kc = std::min(kc_max, k - p0);
       const float beta_block = p0 == 0 ? beta : 1.0f;
-      index_t panel_stride;
-      const float* b_panels = bsrc.panels(j0, nc, p0, kc, nr, packed_b, &panel_stride);
+      index_t b_stride;
+      const float* b_panels = bsrc.panels(j0, nc, p0, kc, nr, packed_b, &b_stride);
       for (index_t i0 = 0; i0 < m; i0 += kMC) {
         const index_t mc = std::min(kMC, m - i0);
         index_t a_stride;
         const float* a_panels = asrc.panels(i0, mc, p0, kc, mr, packed_a, &a_stride);
-        for (index_t ir = 0; ir < mc; ir += mr) {
-          const index_t rows = std::min<index_t>(mr, mc - ir);
-          const float* ap = a_panels + ir / mr * a_stride;
-          for (index_t jr = 0; jr < nc; jr += nr) {
-            const index_t cols = std::min<index_t>(nr, nc - jr);
-            const float* bp = b_panels + jr / nr * panel_stride;
-            float* cp = c + (i0 + ir) * ldc + j0 + jr;
-            // A last panel of at most 4 or 8 rows runs a kernel of that many
-            // rows where the CPU's kernel offers one (same per-element
-            // order, fewer padding rows computed); a tile it does not fill
-            // exactly goes through `edge`.
-            MicroKernel fn = ker.fn;
-            index_t fn_rows = mr;
-            if (rows <= 8 && ker.rows4[(rows - 1) / 4] != nullptr) {
-              fn = ker.rows4[(rows - 1) / 4];
-              fn_rows = (rows + 3) / 4 * 4;
-            }
-            if (rows == fn_rows && cols == nr) {
-              fn(kc, ap, bp, cp, ldc, alpha, beta_block);
+        multiply_panels(ker, mc, nc, kc, alpha, a_panels, a_stride, b_panels, b_stride,
+                        beta_block, c + i0 * ldc + j0, ldc);
+      }
+    }
+  }
+}
+
+// Waits (spinning, then yielding) until `ready()`.
+template <typename Ready>
+void spin_until(Ready ready) {
+  for (int spins = 0; !ready(); ++spins) {
+    if (spins < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+// The product on `nt` threads, each owning a range of C's columns, with the
+// A~ panels packed once for all of them (splitting N otherwise has every
+// thread pack all of A: for an A far beyond L2, ~5% of a 2048^3 product).
+// Every thread walks the same sequence of A~ blocks (slab, k-block, rows)
+// and multiplies every panel of each block by its own B~ slab; a block's
+// panels are dealt out among the threads, each packs its share into a
+// shared buffer and publishes each panel as it is done. A thread starts a
+// block on its own share (packing as it goes) and then takes the others'
+// panels, waiting only for a panel not yet published: no barrier, so a
+// thread delayed a little costs the others nothing.
+// Two buffers alternate: a thread packs block b into the buffer of block
+// b - 2 once every thread has finished block b - 2 (a per-buffer count), and
+// a panel's flag holds the number of the block it was packed for. A thread
+// finishes a block only after packing its share of it, so no wait is
+// circular. Per element of C the arithmetic is that of gemm_serial (same
+// k-blocks, same kernel), so the result does not depend on the path.
+template <typename BSource>
+void gemm_shared_a(const KernelInfo& ker, int nt, index_t m, index_t n, index_t k, float alpha,
+                   const PackA& asrc, const BSource& bsrc, float beta, float* c, index_t ldc) {
+  const int mr = ker.mr, nr = ker.nr;
+  const index_t kc_max = block_depth(k);
+  const index_t n_panels = (n + nr - 1) / nr;
+  // The same number of slabs on every thread (they walk the same blocks),
+  // as wide as kNC allows.
+  const index_t thread_panels = (n_panels + nt - 1) / nt;
+  const index_t slabs = (thread_panels * nr + kNC - 1) / kNC;
+  const index_t slab_panels = (thread_panels + slabs - 1) / slabs;
+  // Row blocks of about kMC rows, cut evenly: a block stays in L2.
+  const index_t m_panels = (m + mr - 1) / mr;
+  const index_t row_blocks = (m_panels * mr + kMC - 1) / kMC;
+  const index_t block_panels = (m_panels + row_blocks - 1) / row_blocks;
+  const index_t a_floats = block_panels * mr * kc_max;
+  float* shared = thread_scratch(ScratchSlot::GemmSharedA, 2 * a_floats);
+  std::unique_ptr<std::atomic<index_t>[]> packed_for(new std::atomic<index_t>[2 * block_panels]);
+  for (index_t q = 0; q < 2 * block_panels; ++q) packed_for[q].store(-1, std::memory_order_relaxed);
+  std::atomic<index_t> finished[2];
+  finished[0].store(0, std::memory_order_relaxed);
+  finished[1].store(0, std::memory_order_relaxed);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    const index_t j_begin = std::min(n, n_panels * t / nt * nr);
+    const index_t j_end = std::min(n, n_panels * (t + 1) / nt * nr);
+    const index_t b_floats = bsrc.buffer_floats(slab_panels * nr, kc_max, nr);
+    float* packed_b = b_floats > 0 ? thread_scratch(ScratchSlot::GemmB, b_floats) : nullptr;
+    index_t block = 0;
+    for (index_t s = 0; s < slabs; ++s) {
+      const index_t j0 = std::min(j_end, j_begin + s * slab_panels * nr);
+      const index_t nc = std::min(j_end, j0 + slab_panels * nr) - j0;
+      for (index_t p0 = 0; p0 < k; p0 += kc_max) {
+        const index_t kc = std::min(kc_max, k - p0);
+        const float beta_block = p0 == 0 ? beta : 1.0f;
+        index_t b_stride = 0;
+        const float* b_panels =
+            nc > 0 ? bsrc.panels(j0, nc, p0, kc, nr, packed_b, &b_stride) : nullptr;
+        for (index_t i0 = 0; i0 < m; i0 += block_panels * mr, ++block) {
+          const int buf = static_cast<int>(block % 2);
+          const index_t mc = std::min(block_panels * mr, m - i0);
+          const index_t panels = (mc + mr - 1) / mr;
+          const index_t q0 = panels * t / nt, q1 = panels * (t + 1) / nt;
+          float* a_panels = shared + buf * a_floats;
+          std::atomic<index_t>* flags = packed_for.get() + buf * block_panels;
+          // Every thread is done with block - 2, the buffer's last block.
+          const index_t uses = block / 2 * nt;
+          spin_until([&] { return finished[buf].load(std::memory_order_acquire) >= uses; });
+          for (index_t step = 0; step < panels; ++step) {
+            const index_t q = (q0 + step) % panels;
+            float* panel = a_panels + q * mr * kc;
+            const index_t rows = std::min<index_t>(mr, mc - q * mr);
+            if (q >= q0 && q < q1) {
+              pack_a(asrc.ta, asrc.a, asrc.lda, i0 + q * mr, rows, p0, kc, mr, panel);
+              flags[q].store(block, std::memory_order_release);
             } else {
-              fn(kc, ap, bp, edge, nr, 1.0f, 0.0f);
-              for (index_t i = 0; i < rows; ++i)
-                for (index_t j = 0; j < cols; ++j) {
-                  const float v = alpha * edge[i * nr + j];
-                  cp[i * ldc + j] = beta_block == 0.0f ? v : v + beta_block * cp[i * ldc + j];
-                }
+              spin_until([&] { return flags[q].load(std::memory_order_acquire) == block; });
             }
+            if (nc > 0)
+              multiply_panels(ker, rows, nc, kc, alpha, panel, kc * mr, b_panels, b_stride,
+                              beta_block, c + (i0 + q * mr) * ldc + j0, ldc);
           }
+          finished[buf].fetch_add(1, std::memory_order_acq_rel);
         }
       }
     }
@@ -642,6 +779,13 @@ void gemm_threaded(index_t m, index_t n, index_t k, float alpha, const ASource& 
   } else {
     tn = std::min<index_t>(nt, n_panels);
     tm = std::max<index_t>(1, std::min<index_t>(nt / tn, m_panels));
+  }
+  if constexpr (std::is_same_v<ASource, PackA>) {
+    // A large A that every thread would pack: pack it once, together.
+    if (tm == 1 && tn > 1 && m * k >= kSharedAFloats) {
+      gemm_shared_a(ker, static_cast<int>(tn), m, n, k, alpha, asrc, bsrc, beta, c, ldc);
+      return;
+    }
   }
   const index_t tiles = tm * tn;
 #pragma omp parallel for num_threads(static_cast<int>(tiles)) schedule(static)

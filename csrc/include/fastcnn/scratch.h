@@ -27,6 +27,7 @@ enum class ScratchSlot : int {
   GemmA,         // sgemm: packed A~
   GemmB,         // sgemm: packed B~
   GemmPartial,   // sgemm, a few rows: each k-block's partial products
+  GemmSharedA,   // sgemm: A~ blocks packed by all threads together (two)
   Count
 };
 
