@@ -156,3 +156,23 @@ def test_winograd_nan_propagates(rng):
 def test_set_conv_winograd_rejects_non_bool():
     with pytest.raises(TypeError, match="enabled must be a bool"):
         fastcnn.set_conv_winograd(1)
+
+
+def test_transformed_weights_follow_changes_in_place(rng):
+    """The transformed weights are kept between calls and found by content:
+    weights changed in place (same array, one float, first or last), six
+    layers of one shape taking turns (more than the cache holds), and the
+    backward's transposed layout after the forward's all give the fresh
+    result."""
+    x = randn(rng, 2, 32, 9, 9)
+    layers = [randn(rng, 24, 32, 3, 3) for _ in range(6)]
+    for _ in range(2):
+        for w in layers:
+            assert_close(F.conv2d(x, w, padding=1), ref.conv2d(x, w, padding=1), red=9 * 32)
+    w = layers[0]
+    gy = randn(rng, 2, 24, 9, 9)
+    for where in ((0, 0, 0, 0), (23, 31, 2, 2), (11, 7, 1, 0)):
+        w[where] += 0.5
+        assert_close(F.conv2d(x, w, padding=1), ref.conv2d(x, w, padding=1), red=9 * 32)
+        gx, _, _ = F.conv2d_backward(gy, x, w, None, padding=1)
+        assert_close(gx, ref.conv2d_backward(gy, x, w, None, padding=1)[0], red=9 * 24)
