@@ -57,6 +57,32 @@ class Timing:
             samples.append((time.perf_counter() - start) / loops)
         return cls(statistics.median(samples), min(samples), max(samples))
 
+    @classmethod
+    def pair(cls, ours, theirs, repeats=7, min_time=0.05, warmup=2, settle=0.25):
+        """Timings of ``ours`` and ``theirs`` with their repeats interleaved
+        (ours, theirs, ours, ...), each after ``settle`` seconds of sleep (see
+        :meth:`of`): a drift in the machine's speed during the run (clock,
+        neighbours on a shared host) then falls on both sides alike rather
+        than on whichever ran second."""
+        loops = []
+        for fn in (ours, theirs):
+            time.sleep(settle)
+            for _ in range(warmup):
+                fn()
+            start = time.perf_counter()
+            fn()
+            loops.append(max(1, int(min_time / max(time.perf_counter() - start, 1e-7))))
+        samples = ([], [])
+        for _ in range(repeats):
+            for side, fn in enumerate((ours, theirs)):
+                time.sleep(settle)
+                fn()
+                start = time.perf_counter()
+                for _ in range(loops[side]):
+                    fn()
+                samples[side].append((time.perf_counter() - start) / loops[side])
+        return tuple(cls(statistics.median(s), min(s), max(s)) for s in samples)
+
     def ms(self):
         return f"{self.median * 1e3:8.3f} ms ({self.low * 1e3:.3f}-{self.high * 1e3:.3f})"
 
@@ -109,13 +135,11 @@ def bench_gemm(rng, quick=False):
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
         c = np.empty((m, n), np.float32)
-        # OpenBLAS's threads spin for ~0.1 s after each NumPy product before
-        # they sleep (OpenMP's, after ours, more briefly): let each side's
-        # threads park before timing the other, or they take its cores.
-        time.sleep(0.25)
-        ours = Timing.of(lambda: _backend._cpu.sgemm(False, False, 1.0, a, b, 0.0, c))
-        time.sleep(0.25)
-        theirs = Timing.of(lambda: np.matmul(a, b, out=c))
+        # Interleaved repeats, each after a sleep: OpenBLAS's threads spin for
+        # ~0.1 s after each NumPy product before they sleep (OpenMP's, after
+        # ours, more briefly) and would take the other side's cores.
+        ours, theirs = Timing.pair(lambda: _backend._cpu.sgemm(False, False, 1.0, a, b, 0.0, c),
+                                   lambda: np.matmul(a, b, out=c))
         rows.append(Row("gemm", f"sgemm {m}x{k}x{n}", ours, theirs, "numpy", 2.0 * m * n * k))
     return rows
 
