@@ -524,11 +524,14 @@ void gemm_serial(const KernelInfo& ker, index_t m, index_t n, index_t k, float a
   }
 }
 
-// Waits (spinning, then yielding) until `ready()`.
+// Waits until `ready()`: a few microseconds of spinning (a panel takes
+// about that to pack), then yielding the core, which matters when there are
+// more threads than cores (4 threads on 2 cores: 1024^3 in 12.6 ms with
+// 4096 spins, 7.7 ms with 64).
 template <typename Ready>
 void spin_until(Ready ready) {
   for (int spins = 0; !ready(); ++spins) {
-    if (spins < 4096) {
+    if (spins < 64) {
       _mm_pause();
     } else {
       std::this_thread::yield();
