@@ -493,6 +493,19 @@ class Sequential(Module):
                 as a few fused kernel calls (see ``fastcnn.nn.inference``).
                 The output is the same, bit for bit.
         """
+        if not record and start is None and stop is None:
+            # Inference again on the shape of the last call, nothing changed
+            # since (the plan checks the state version): straight to the
+            # plan, without the bookkeeping below (~10 us of a 0.1 ms call).
+            plan = self._plan
+            if (plan is not None and type(x) is np.ndarray and x.dtype == np.float32 and
+                    x.flags.c_contiguous and plan.shape == x.shape and
+                    plan.version == state_version() and x.size):
+                if self.activations or self.input is not None or not self._unrecorded:
+                    self.activations = OrderedDict()
+                    self.input = None
+                    self._unrecorded = True
+                return plan(x)
         first = 0 if start is None else self.index(start) + 1
         last = len(self) - 1 if stop is None else self.index(stop)
         if last < first - 1:
