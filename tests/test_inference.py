@@ -87,6 +87,12 @@ def test_nothing_is_recorded_and_backward_refuses():
         model.backward(np.ones((2, 10), np.float32))
     model.forward(x)  # a recorded forward makes backward available again
     assert model.backward(np.ones((2, 10), np.float32)).shape == x.shape
+    # ... and the next record=False call (the plan is built: its fast path)
+    # forgets the recording again.
+    model.forward(x, record=False)
+    assert len(model.activations) == 0 and model.input is None
+    with pytest.raises(RuntimeError, match="record=False"):
+        model.backward(np.ones((2, 10), np.float32))
 
 
 def test_the_plan_follows_every_change_to_the_model():
