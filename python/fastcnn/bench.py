@@ -28,6 +28,22 @@ from . import _backend
 from . import functional as F
 
 
+def _loops_lasting(fn, min_time, warmup):
+    """After ``warmup`` calls, how many calls of ``fn`` last ``min_time``."""
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    fn()
+    return max(1, int(min_time / max(time.perf_counter() - start, 1e-7)))
+
+
+def _seconds_per_call(fn, loops):
+    start = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    return (time.perf_counter() - start) / loops
+
+
 @dataclass
 class Timing:
     median: float
@@ -43,19 +59,8 @@ class Timing:
         ran just before (OpenBLAS, PyTorch's OpenMP, ours) keep spinning for a
         while after their last call and would steal the cores from ``fn``."""
         time.sleep(settle)
-        for _ in range(warmup):
-            fn()
-        start = time.perf_counter()
-        fn()
-        once = max(time.perf_counter() - start, 1e-7)
-        loops = max(1, int(min_time / once))
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(loops):
-                fn()
-            samples.append((time.perf_counter() - start) / loops)
-        return cls(statistics.median(samples), min(samples), max(samples))
+        loops = _loops_lasting(fn, min_time, warmup)
+        return cls._of_samples([_seconds_per_call(fn, loops) for _ in range(repeats)])
 
     @classmethod
     def pair(cls, ours, theirs, repeats=7, min_time=0.05, warmup=2, settle=0.25):
@@ -64,24 +69,22 @@ class Timing:
         :meth:`of`): a drift in the machine's speed during the run (clock,
         neighbours on a shared host) then falls on both sides alike rather
         than on whichever ran second."""
+        sides = (ours, theirs)
         loops = []
-        for fn in (ours, theirs):
+        for fn in sides:
             time.sleep(settle)
-            for _ in range(warmup):
-                fn()
-            start = time.perf_counter()
-            fn()
-            loops.append(max(1, int(min_time / max(time.perf_counter() - start, 1e-7))))
+            loops.append(_loops_lasting(fn, min_time, warmup))
         samples = ([], [])
         for _ in range(repeats):
-            for side, fn in enumerate((ours, theirs)):
+            for side, fn in enumerate(sides):
                 time.sleep(settle)
                 fn()
-                start = time.perf_counter()
-                for _ in range(loops[side]):
-                    fn()
-                samples[side].append((time.perf_counter() - start) / loops[side])
-        return tuple(cls(statistics.median(s), min(s), max(s)) for s in samples)
+                samples[side].append(_seconds_per_call(fn, loops[side]))
+        return tuple(cls._of_samples(s) for s in samples)
+
+    @classmethod
+    def _of_samples(cls, samples):
+        return cls(statistics.median(samples), min(samples), max(samples))
 
     def ms(self):
         return f"{self.median * 1e3:8.3f} ms ({self.low * 1e3:.3f}-{self.high * 1e3:.3f})"
