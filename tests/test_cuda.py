@@ -498,6 +498,140 @@ def test_normalize_bitwise(dev, rng, outer, c, inner, stats):
     bitwise(got["y"], cpu["y"], "normalize")
 
 
+# --------------------------------------------------------------------------- optimizers
+
+# Sizes around the kernel's 2048-element chunks; 35 tensors take two launches
+# (at most 32 tensors per launch); an empty one is skipped.
+OPTIM_SIZES = [1, 5, 2047, 2048, 2049, 4100, 0] + [3 + i for i in range(28)]
+SGD_OPTIONS = [  # lr, momentum, weight_decay, dampening, nesterov
+    (0.1, 0.0, 0.0, 0.0, False), (0.1, 0.9, 0.0, 0.0, False), (0.05, 0.9, 0.0, 0.3, False),
+    (0.05, 0.9, 0.01, 0.0, True), (0.1, 0.0, 0.1, 0.0, False)]
+ADAM_OPTIONS = [  # lr, b1, b2, eps, weight_decay, decoupled
+    (1e-2, 0.9, 0.999, 1e-8, 0.0, False), (1e-2, 0.8, 0.99, 1e-6, 0.05, False),
+    (1e-2, 0.9, 0.999, 1e-8, 0.1, True)]
+
+
+def _tensors(rng, sizes, scale=1.0):
+    return [randn(rng, n, scale=scale) for n in sizes]
+
+
+@pytest.mark.parametrize("lr,momentum,wd,dampening,nesterov", SGD_OPTIONS)
+def test_sgd_step_multi_bitwise(dev, rng, lr, momentum, wd, dampening, nesterov):
+    """One launch per 32 tensors gives _cpu.sgd_step's bits, tensor by tensor, over
+    a first step (buffer = gradient) and a later one; tensors may differ in it."""
+    params, grads = _tensors(rng, OPTIM_SIZES), _tensors(rng, OPTIM_SIZES)
+    bufs = _tensors(rng, OPTIM_SIZES) if momentum else None
+    first = [bool(i % 3 == 0) for i in range(len(params))]
+    share = float(F32(1.0 - dampening))
+    want_p = [p.copy() for p in params]
+    want_b = None if bufs is None else [b.copy() for b in bufs]
+    for i in range(len(params)):
+        _cpu.sgd_step(want_p[i], grads[i], None if bufs is None else want_b[i], lr, momentum, wd,
+                      share, dampening != 0, nesterov, first[i])
+    got_p = [dev._put(p) for p in params]
+    got_b = None if bufs is None else [dev._put(b) for b in bufs]
+    dev.module.sgd_step_multi(got_p, [dev._put(g) for g in grads], got_b,
+                              first, lr, momentum, wd, share, dampening != 0, nesterov)
+    for i in range(len(params)):
+        bitwise(dev._get(got_p[i]), want_p[i], f"param {i}")
+        if bufs is not None:
+            bitwise(dev._get(got_b[i]), want_b[i], f"momentum buffer {i}")
+
+
+@pytest.mark.parametrize("lr,b1,b2,eps,wd,decoupled", ADAM_OPTIONS)
+def test_adam_step_multi_bitwise(dev, rng, lr, b1, b2, eps, wd, decoupled):
+    """Each tensor has its own step count (bias corrections): _cpu.adam_step's bits."""
+    params, grads = _tensors(rng, OPTIM_SIZES), _tensors(rng, OPTIM_SIZES)
+    m = _tensors(rng, OPTIM_SIZES, 0.1)
+    v = [np.abs(a) for a in _tensors(rng, OPTIM_SIZES, 0.01)]
+    steps = [1 + i % 4 for i in range(len(params))]
+    bias2 = [math.sqrt(1 - b2 ** t) for t in steps]
+    sizes = [lr / (1 - b1 ** t) for t in steps]
+    l2 = wd if wd and not decoupled else 0.0
+    scale = 1 - lr * wd if wd and decoupled else 1.0
+    want = [[a.copy() for a in arrays] for arrays in (params, m, v)]
+    for i in range(len(params)):
+        _cpu.adam_step(want[0][i], grads[i], want[1][i], want[2][i], b1, b2, 1 - b1, 1 - b2, eps,
+                       l2, scale, bias2[i], sizes[i])
+    got = [[dev._put(a) for a in arrays] for arrays in (params, m, v)]
+    dev.module.adam_step_multi(got[0], [dev._put(g) for g in grads], got[1], got[2], b1, b2,
+                               1 - b1, 1 - b2, eps, l2, scale, bias2, sizes)
+    for name, g_list, w_list in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
+        for i in range(len(params)):
+            bitwise(dev._get(g_list[i]), w_list[i], f"{name} {i}")
+
+
+@needs_module
+def test_optim_multi_checks_arguments():
+    emu = _cuda.emulator
+    p, g = np.zeros(4, F32), np.zeros(4, F32)
+    with pytest.raises(ValueError, match="same length"):
+        emu.sgd_step_multi([p], [g, g], None, [False], 0.1, 0.0, 0.0, 1.0, False, False)
+    with pytest.raises(ValueError, match="grad has shape"):
+        emu.sgd_step_multi([p], [np.zeros(5, F32)], None, [False], 0.1, 0.0, 0.0, 1.0, False,
+                           False)
+    with pytest.raises(ValueError, match="momentum_buffer has shape"):
+        emu.sgd_step_multi([p], [g], [np.zeros(3, F32)], [True], 0.1, 0.9, 0.0, 1.0, False, False)
+    with pytest.raises(ValueError, match="None"):
+        emu.sgd_step_multi([p], [g], [None], [True], 0.1, 0.9, 0.0, 1.0, False, False)
+    with pytest.raises(ValueError, match="float32"):
+        emu.adam_step_multi([p.astype(np.float64)], [g], [p], [p], 0.9, 0.99, 0.1, 0.01, 1e-8,
+                            0.0, 1.0, [1.0], [0.1])
+    with pytest.raises(ValueError, match="same length"):
+        emu.adam_step_multi([p], [g], [p.copy()], [p.copy()], 0.9, 0.99, 0.1, 0.01, 1e-8, 0.0,
+                            1.0, [1.0, 1.0], [0.1])
+
+
+def _optimizer_cases():
+    from fastcnn import optim
+
+    return [(optim.SGD, dict(lr=0.1)), (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True,
+                                                        weight_decay=0.01)),
+            (optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.2)),
+            (optim.Adam, dict(lr=1e-2, weight_decay=0.05)), (optim.AdamW, dict(lr=1e-2))]
+
+
+@needs_module
+@pytest.mark.parametrize("case", range(5))
+def test_optimizers_gpu_path_gives_cpu_bits(case, monkeypatch):
+    """fastcnn.optim's GPU path (one multi-tensor call per group, buffers and step
+    counts kept per parameter), run through the emulator on NumPy arrays: the same
+    bits as the CPU path, with two groups and a parameter that misses a step."""
+    from fastcnn import nn, optim
+
+    cls, kwargs = _optimizer_cases()[case]
+    rng = np.random.default_rng(case)
+    shapes = [(3, 4), (5,), (40, 60), (7,)]
+    start = [rng.standard_normal(s).astype(F32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(F32) for s in shapes] for _ in range(4)]
+
+    def run(gpu_path):
+        params = [nn.Parameter(a.copy()) for a in start]
+        groups = [{"params": params[:2]}, {"params": params[2:], "lr": kwargs["lr"] / 2}]
+        opt = cls(groups, **kwargs)
+        with monkeypatch.context() as patch:
+            patch.setattr(optim, "_fused_cuda", lambda ps: _cuda.emulator if gpu_path else None)
+            for step, step_grads in enumerate(grads):
+                opt.zero_grad()
+                for i, (p, g) in enumerate(zip(params, step_grads)):
+                    if not (i == 1 and step == 1):  # parameter 1 has no gradient at step 1
+                        p.accumulate(g.copy())
+                opt.step()
+        return params, opt
+
+    cpu_params, cpu_opt = run(False)
+    gpu_params, gpu_opt = run(True)
+    for i, (a, b) in enumerate(zip(gpu_params, cpu_params)):
+        bitwise(a.data, b.data, f"param {i}")
+    for i, state in cpu_opt.state.items():
+        for name, value in state.items():
+            other = gpu_opt.state[i][name]
+            if isinstance(value, np.ndarray):
+                bitwise(other, value, f"state {name} of {i}")
+            else:
+                assert other == value, (name, i)
+
+
 # --------------------------------------------------------------------------- GPU only
 
 def _cupy():

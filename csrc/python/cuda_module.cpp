@@ -602,6 +602,74 @@ void bind_ops(py::module_& m) {
     cuda::normalize_u8(ex, outer, c, inner, x.data, mean, sd, y.data);
   });
 
+  // Optimizer updates of a list of parameters, in place, in one launch per
+  // cuda::kMaxTensors of them; the per-element maths of _cpu.sgd_step /
+  // _cpu.adam_step (same bits).
+  m.def("sgd_step_multi", [](py::list params, py::list grads, py::object bufs_,
+                             py::list first_steps, float lr, float momentum, float weight_decay,
+                             float undamped_share, bool damped, bool nesterov) {
+    M mem;
+    const bool with_momentum = !bufs_.is_none();
+    const size_t n = params.size();
+    if (grads.size() != n || first_steps.size() != n ||
+        (with_momentum && py::len(bufs_) != n))
+      fail("sgd_step_multi: params, grads, momentum buffers and first_steps must have the same "
+           "length");
+    std::vector<cuda::OptimTensor> tensors(n);
+    for (size_t i = 0; i < n; ++i) {
+      auto p = out<M, f32>(mem, params[i], "param");
+      auto g = in<M, f32>(mem, grads[i], "grad");
+      expect_same_shape(g, p, "grad", "param");
+      tensors[i].p = p.data;
+      tensors[i].g = g.data;
+      tensors[i].size = p.size();
+      tensors[i].first_step = first_steps[i].cast<bool>();
+      if (with_momentum) {
+        const py::object buf = py::reinterpret_borrow<py::list>(bufs_)[i];
+        if (buf.is_none()) fail("sgd_step_multi: a momentum buffer is None");
+        tensors[i].state0 = opt<M, f32>(mem, buf, "momentum_buffer", true, p.size());
+      }
+    }
+    const fastcnn::SgdOptions o{lr, momentum, weight_decay, undamped_share, damped, nesterov,
+                                false};
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::sgd_step_multi(ex, tensors.data(), static_cast<int>(n), with_momentum, o);
+  });
+
+  m.def("adam_step_multi", [](py::list params, py::list grads, py::list exp_avgs,
+                              py::list exp_avg_sqs, float beta1, float beta2,
+                              float one_minus_beta1, float one_minus_beta2, float eps,
+                              float weight_decay, float decay_scale, py::list bias2_sqrts,
+                              py::list step_sizes) {
+    M mem;
+    const size_t n = params.size();
+    if (grads.size() != n || exp_avgs.size() != n || exp_avg_sqs.size() != n ||
+        bias2_sqrts.size() != n || step_sizes.size() != n)
+      fail("adam_step_multi: params, grads, exp_avgs, exp_avg_sqs, bias2_sqrts and step_sizes "
+           "must have the same length");
+    std::vector<cuda::OptimTensor> tensors(n);
+    for (size_t i = 0; i < n; ++i) {
+      auto p = out<M, f32>(mem, params[i], "param");
+      auto g = in<M, f32>(mem, grads[i], "grad");
+      expect_same_shape(g, p, "grad", "param");
+      tensors[i].p = p.data;
+      tensors[i].g = g.data;
+      tensors[i].size = p.size();
+      tensors[i].state0 = opt<M, f32>(mem, exp_avgs[i], "exp_avg", true, p.size());
+      tensors[i].state1 = opt<M, f32>(mem, exp_avg_sqs[i], "exp_avg_sq", true, p.size());
+      if (tensors[i].state0 == nullptr || tensors[i].state1 == nullptr)
+        fail("adam_step_multi: exp_avg and exp_avg_sq are required");
+      tensors[i].bias2_sqrt = bias2_sqrts[i].cast<float>();
+      tensors[i].step_size = step_sizes[i].cast<float>();
+    }
+    const fastcnn::AdamOptions o{beta1, beta2,        one_minus_beta1, one_minus_beta2, eps,
+                                 weight_decay, decay_scale, 1.0f, 0.0f};
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::adam_step_multi(ex, tensors.data(), static_cast<int>(n), o);
+  });
+
   m.def("gemm_kernel", &cuda::gemm_kernel_name);
 }
 

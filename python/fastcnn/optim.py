@@ -1,7 +1,10 @@
 """Optimizers (SGD, Adam, AdamW) and learning-rate schedules.
 
 The update rules are PyTorch's, computed in place on the parameters' float32
-arrays with vectorised NumPy (or CuPy) operations. ``state_dict()`` holds
+arrays: in one pass per parameter on the CPU (fastcnn._cpu), in one launch for
+all of a group's parameters on the GPU (fastcnn._cuda's multi-tensor
+updates), with the same bits as the NumPy (or CuPy) expressions written out
+below, which remain the fallback for other arrays. ``state_dict()`` holds
 everything needed to resume; parameters are referred to by their position in
 the optimizer's parameter list.
 """
@@ -21,6 +24,19 @@ def _fused_cpu(*arrays):
     """Whether the one-pass CPU update applies: NumPy float32 arrays, C-contiguous."""
     return all(type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous
                and a.shape == arrays[0].shape for a in arrays)
+
+
+def _fused_cuda(params):
+    """fastcnn._cuda when the multi-tensor GPU update applies to every (parameter,
+    gradient) pair: CuPy float32 arrays, C-contiguous, matching shapes; else None."""
+    for p in params:
+        for a in (p.data, p.grad):
+            if not (type(a).__module__.startswith("cupy") and a.dtype == np.float32
+                    and a.flags.c_contiguous and a.shape == p.data.shape):
+                return None
+    from . import cuda
+
+    return cuda._cuda()
 
 
 class Optimizer:
@@ -78,12 +94,30 @@ class Optimizer:
 
     def step(self):
         """Update every parameter that has a gradient."""
-        for i, p, group in self._indexed_params():
-            if p.grad is not None:
-                self._update(p, self.state.setdefault(i, {}), group)
+        start = 0
+        for group in self.param_groups:
+            items = [(start + j, p) for j, p in enumerate(group["params"]) if p.grad is not None]
+            start += len(group["params"])
+            if items:
+                self._step_group(group, items)
+
+    def _step_group(self, group, items):
+        """Update one group's parameters that have gradients: (position, Parameter) pairs."""
+        kernels = _fused_cuda([p for _, p in items])
+        if kernels is not None:
+            self._update_cuda(kernels, group, [(p, self.state.setdefault(i, {}))
+                                               for i, p in items])
+            return
+        for i, p in items:
+            self._update(p, self.state.setdefault(i, {}), group)
 
     def _update(self, param, state, group):
         raise NotImplementedError
+
+    def _update_cuda(self, kernels, group, items):
+        """The GPU update of (Parameter, state) pairs in one call (default: one by one)."""
+        for p, state in items:
+            self._update(p, state, group)
 
     def state_dict(self):
         """{"state": {position: {name: value}}, "param_groups": [options + "params": positions]}."""
@@ -171,6 +205,22 @@ class SGD(Optimizer):
             g = g + xp.float32(momentum) * buf if group["nesterov"] else buf
         p -= xp.float32(group["lr"]) * g
 
+    def _update_cuda(self, kernels, group, items):
+        momentum = group["momentum"]
+        bufs = firsts = None
+        if momentum:
+            bufs, firsts = [], []
+            for p, state in items:
+                buf = state.get("momentum_buffer")
+                firsts.append(buf is None)
+                if buf is None:
+                    buf = state["momentum_buffer"] = _array_module(p.data).empty_like(p.data)
+                bufs.append(buf)
+        kernels.sgd_step_multi([p.data for p, _ in items], [p.grad for p, _ in items], bufs,
+                               firsts or [False] * len(items), group["lr"], momentum,
+                               group["weight_decay"], 1.0 - group["dampening"],
+                               group["dampening"] != 0, bool(group["nesterov"]))
+
 
 class Adam(Optimizer):
     """Adam (Kingma & Ba) as torch.optim.Adam; weight_decay is L2 added to the gradient.
@@ -222,6 +272,24 @@ class Adam(Optimizer):
         step = m / denom
         step *= xp.float32(lr / (1 - b1 ** t))
         p -= step
+
+    def _update_cuda(self, kernels, group, items):
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        bias2, steps = [], []
+        for p, state in items:
+            if not state:
+                state["step"] = 0
+                xp = _array_module(p.data)
+                state["exp_avg"], state["exp_avg_sq"] = xp.zeros_like(p.data), xp.zeros_like(p.data)
+            state["step"] += 1
+            t = state["step"]
+            bias2.append(math.sqrt(1 - b2 ** t))
+            steps.append(lr / (1 - b1 ** t))
+        kernels.adam_step_multi([p.data for p, _ in items], [p.grad for p, _ in items],
+                                [s["exp_avg"] for _, s in items],
+                                [s["exp_avg_sq"] for _, s in items], b1, b2, 1 - b1, 1 - b2,
+                                eps, wd if wd and not self.decoupled else 0.0,
+                                1 - lr * wd if wd and self.decoupled else 1.0, bias2, steps)
 
 
 class AdamW(Adam):

@@ -7,6 +7,7 @@
 
 #include "fastcnn/common.h"
 #include "fastcnn/conv_geometry.h"
+#include "fastcnn/optim_math.h"
 
 namespace fastcnn {
 namespace cpu {
@@ -175,21 +176,12 @@ void dropout_apply(index_t count, const float* x, double p, std::uint64_t seed,
 void normalize_u8(index_t outer, index_t c, index_t inner, const std::uint8_t* x,
                   const float* mean, const float* stdev, float* y);
 
-// ---- optim.cpp: one parameter's update, in place (fastcnn.optim's rules).
-struct SgdOptions {
-  float lr, momentum, weight_decay;
-  float undamped_share;  // float32(1 - dampening), used when `damped`
-  bool damped, nesterov, first_step;  // first_step: the buffer starts as the gradient
-};
+// ---- optim.cpp: one parameter's update, in place (fastcnn.optim's rules;
+// the per-element maths and the options are in fastcnn/optim_math.h).
+using fastcnn::AdamOptions;
+using fastcnn::SgdOptions;
 // buf: the momentum buffer, or null without momentum
 void sgd_step(index_t count, float* p, const float* g, float* buf, const SgdOptions& o);
-struct AdamOptions {
-  // The float32 constants of the NumPy expression, computed in Python:
-  // decay_scale = 1 - lr wd (AdamW, else 1), weight_decay (Adam's L2, else 0),
-  // bias2_sqrt = sqrt(1 - beta2^t), step_size = lr / (1 - beta1^t).
-  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, decay_scale,
-      bias2_sqrt, step_size;
-};
 void adam_step(index_t count, float* p, const float* g, float* exp_avg, float* exp_avg_sq,
                const AdamOptions& o);
 

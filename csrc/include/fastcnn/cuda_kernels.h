@@ -19,6 +19,7 @@
 #include "fastcnn/common.h"
 #include "fastcnn/conv_geometry.h"
 #include "fastcnn/gemm.h"
+#include "fastcnn/optim_math.h"
 
 namespace fastcnn {
 namespace cuda {
@@ -183,6 +184,25 @@ void dropout_apply(const Exec& ex, index_t count, const float* x, double p, std:
 // ---- normalize.cu (bit-identical to the CPU kernel)
 void normalize_u8(const Exec& ex, index_t outer, index_t c, index_t inner, const std::uint8_t* x,
                   const float* mean, const float* stdev, float* y);
+
+// ---- optim.cu: optimizer updates of many parameters, in place, one launch
+// per kMaxTensors of them (fastcnn/optim_math.h's maths: the CPU's bits).
+constexpr int kMaxTensors = 32;
+struct OptimTensor {
+  float* p = nullptr;
+  const float* g = nullptr;
+  float* state0 = nullptr;  // SGD: the momentum buffer (null: no momentum); Adam: exp_avg
+  float* state1 = nullptr;  // Adam: exp_avg_sq
+  index_t size = 0;
+  bool first_step = false;  // SGD: the buffer starts as the gradient
+  float bias2_sqrt = 1.0f, step_size = 0.0f;  // Adam: this tensor's (its step count's)
+};
+// SGD with momentum when `momentum` (every tensor has a buffer), else plain.
+// The options' first_step is ignored: each tensor says its own.
+void sgd_step_multi(const Exec& ex, const OptimTensor* tensors, int n, bool momentum,
+                    const SgdOptions& o);
+// The options' bias2_sqrt and step_size are ignored: each tensor has its own.
+void adam_step_multi(const Exec& ex, const OptimTensor* tensors, int n, const AdamOptions& o);
 
 }  // namespace cuda
 }  // namespace fastcnn
