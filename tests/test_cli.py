@@ -164,3 +164,51 @@ def test_bench_cuda_without_gpu_fails_cleanly(capsys):
         pytest.skip("a GPU is present: this checks the message on machines without one")
     assert cli.main(["bench", "--device", "cuda", "gemm", "--quick"]) == 1
     assert "no usable GPU" in capsys.readouterr().err
+
+
+def test_train_device_cuda_without_gpu_fails_cleanly(tmp_path, capsys):
+    from fastcnn import cuda
+
+    if cuda.is_available():
+        pytest.skip("a GPU is present: this checks the message on machines without one")
+    folder = _idx_folder(tmp_path / "digits", n=16)
+    assert cli.main(["train", "--data", str(folder), "--out", str(tmp_path / "o"), "--epochs",
+                     "1", "--device", "cuda", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no usable GPU" in err
+    assert not (tmp_path / "o").exists()
+
+
+def _gpu_skip():
+    from fastcnn import cuda
+
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "CuPy is not installed"
+    return None if cuda.is_available() else "no CUDA GPU"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_gpu_skip() is not None, reason=str(_gpu_skip()))
+@pytest.mark.parametrize("command,optimizer", [("demo", None), ("train", "adam")])
+def test_training_on_the_gpu_from_the_cli(tmp_path, capsys, command, optimizer):
+    """demo (BN model, SGD + cosine schedule, explanations) and train (Adam) with
+    --device cuda: outputs written, the saved model loads on the CPU and predicts."""
+    folder = _idx_folder(tmp_path / "digits", n=64)
+    out = tmp_path / "run"
+    args = [command, "--data", str(folder), "--out", str(out), "--epochs", "2",
+            "--batch-size", "16", "--device", "cuda", "--no-progress"]
+    if optimizer:
+        args += ["--optimizer", optimizer, "--val-size", "0"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "GPU" in text and "test accuracy" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"].startswith("GPU") and results["epochs_run"] == 2
+    model = io.load(out / "model.npz")
+    assert model.device == "cpu"
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    assert model(x).shape == (2, 10)
+    if command == "demo":
+        assert (out / "explain").is_dir() and any((out / "explain").iterdir())

@@ -739,3 +739,99 @@ class TestFunctionalOnGpu:
         got = step(*(cp.asarray(v) for v in (x, t, w1, b1, w2, b2)))
         for g, c in zip(got, want):
             close(np.asarray(cp.asnumpy(g)), np.asarray(c), 300, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+class TestModelsOnGpu:
+    """model.to("cuda"): training steps, the optimizers' multi-tensor path, the
+    trainer, inference and the visualisations, against the same model on the CPU."""
+
+    @staticmethod
+    def _models(batchnorm, seed=0):
+        from fastcnn import models
+
+        cpu = models.mnist_cnn(batchnorm=batchnorm, channels=(4, 8), hidden=16, input_size=12,
+                               seed=seed)
+        gpu = models.mnist_cnn(batchnorm=batchnorm, channels=(4, 8), hidden=16, input_size=12,
+                               seed=seed).to("cuda")
+        return cpu, gpu
+
+    @pytest.mark.parametrize("batchnorm", [False, True])
+    @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+    def test_training_steps_agree_with_cpu(self, rng, batchnorm, opt_name, monkeypatch):
+        from fastcnn import nn, optim
+
+        cp = _cupy()
+        calls = []
+        fused = optim._fused_cuda
+        monkeypatch.setattr(optim, "_fused_cuda",
+                            lambda ps: calls.append(len(ps)) or fused(ps))
+        cpu, gpu = self._models(batchnorm)
+        assert gpu.device == "cuda"
+        opts = [optim.build_optimizer(opt_name, m.parameters(), 0.05 if opt_name == "sgd"
+                                      else 1e-2, weight_decay=1e-3) for m in (cpu, gpu)]
+        loss_fns = [nn.CrossEntropyLoss(), nn.CrossEntropyLoss()]
+        for step in range(3):
+            x, t = randn(rng, 6, 1, 12, 12), rng.integers(0, 10, 6)
+            losses = []
+            for model, opt, loss_fn, put in zip((cpu, gpu), opts, loss_fns,
+                                                (np.asarray, cp.asarray)):
+                opt.zero_grad()
+                losses.append(loss_fn(model(put(x)), put(t)))
+                model.backward(loss_fn.backward(), input_grad=False)
+                opt.step()
+            assert isinstance(losses[1], cp.ndarray)
+            close(np.asarray(cp.asnumpy(losses[1])), np.asarray(losses[0]), 1, rtol=1e-4,
+                  atol=1e-5, name=f"loss at step {step}")
+        assert calls and all(n > 0 for n in calls)  # the GPU took the multi-tensor path
+        for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+            close(cp.asnumpy(b), a, 100, rtol=1e-3, atol=1e-4, name=name)
+
+    def test_trainer_evaluate_predict_and_inference(self, rng):
+        from fastcnn import data, train
+
+        cp = _cupy()
+        images = rng.integers(0, 256, (40, 12, 12)).astype(np.uint8)
+        labels = rng.integers(0, 10, 40)
+        dataset = data.Dataset(images, labels, name="random")
+        cpu, gpu = self._models(True)
+        trainer = train.Trainer(progress=True, log=None)
+        history = trainer.fit(gpu, dataset, epochs=2, batch_size=8)
+        assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+        assert 0 <= history[-1]["accuracy"] <= 1
+        result = train.evaluate(gpu, dataset)
+        assert math.isfinite(result.loss) and result.confusion.sum() == 40
+        probs = train.predict(gpu, dataset)
+        assert isinstance(probs, cp.ndarray) and probs.shape == (40, 10)
+        cpu.load_state_dict({k: cp.asnumpy(v) for k, v in gpu.state_dict().items()})
+        close(cp.asnumpy(probs), train.predict(cpu, dataset), 10, rtol=1e-4, atol=1e-5)
+        gpu.eval()
+        x = cp.asarray(randn(rng, 3, 1, 12, 12))
+        close(cp.asnumpy(gpu.forward(x, record=False)), cp.asnumpy(gpu.forward(x)), 10)
+
+    def test_visualisations_agree_with_cpu(self, rng):
+        from fastcnn import viz
+
+        cp = _cupy()
+        cpu, gpu = self._models(True, seed=1)
+        for m in (cpu, gpu):
+            m.eval()
+        x = randn(rng, 2, 1, 12, 12)
+        gx = cp.asarray(x)
+        cases = {
+            "saliency": lambda m, a: viz.saliency(m, a),
+            "guided_backprop": lambda m, a: viz.guided_backprop(m, a),
+            "grad_cam": lambda m, a: viz.grad_cam(m, a),
+            "guided_grad_cam": lambda m, a: viz.guided_grad_cam(m, a),
+            "smooth_grad": lambda m, a: viz.smooth_grad(m, a, n_samples=4, seed=3),
+            "feature_maps": lambda m, a: viz.feature_maps(m, a, "relu2"),
+            "occlusion": lambda m, a: viz.occlusion(m, a, window=3, stride=2).heatmap,
+        }
+        for name, fn in cases.items():
+            got = fn(gpu, gx)
+            assert isinstance(got, cp.ndarray), name
+            close(cp.asnumpy(got), np.asarray(fn(cpu, x)), 50, rtol=1e-3, atol=1e-4, name=name)
+        bitwise(cp.asnumpy(viz.filters(gpu)), np.asarray(viz.filters(cpu)), "filters")
+        report = viz.explain(gpu, gx[0], methods="all", n_samples=4)
+        assert report is not None

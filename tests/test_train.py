@@ -173,3 +173,23 @@ def test_plot_history_writes_a_picture(tmp_path):
         assert img.size == (1000, 400)
         pixels = np.asarray(img.convert("L"))
     assert pixels.std() > 10  # not blank
+
+
+def test_epoch_stats_deferred_reads_give_the_same_sums():
+    """The GPU trainer keeps each step's loss and hits on the device and reads them
+    every few steps: the sums must be those of reading every step."""
+    from fastcnn.train import _EpochStats
+
+    rng = np.random.default_rng(3)
+    now, later = _EpochStats(), _EpochStats(defer=True)
+    for step in range(23):
+        n = int(rng.integers(1, 9))
+        logits = rng.standard_normal((n, 5)).astype(np.float32)
+        y = rng.integers(0, 5, n)
+        loss = np.float32(rng.uniform(0, 3))
+        now.add(np.asarray(loss), logits, y)
+        later.add(np.asarray(loss), logits, y)
+        if step % 7 == 0:
+            assert later.read() == now.read()
+    assert later.read() == now.read() and now.read()[0] > 0
+    assert later._pending == []

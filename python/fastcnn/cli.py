@@ -63,6 +63,9 @@ def _add_training_arguments(parser, defaults):
                              "(default: %(default)s)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for the kernels (default: fastcnn's default)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="train on the CPU or on the GPU (CuPy and fastcnn's CUDA module; "
+                             "default: %(default)s)")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="use only the first N training and N test images (quick runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -120,6 +123,25 @@ def _set_threads(threads):
         fastcnn.set_num_threads(threads)
 
 
+def _move_to_device(model, device):
+    """Put ``model`` on --device; returns where it trains, in words."""
+    import fastcnn
+    import fastcnn.cuda
+
+    if device == "cpu":
+        return f"{fastcnn.get_num_threads()} CPU threads"
+    if not fastcnn.cuda.is_available():
+        why = ("fastcnn was built without its CUDA module" if fastcnn.cuda._cuda() is None
+               else "no CUDA GPU or driver on this machine")
+        raise CommandError(f"--device cuda: no usable GPU ({why})")
+    try:
+        model.to("cuda")
+    except RuntimeError as exc:  # CuPy missing: the message says what to install
+        raise CommandError(f"--device cuda: {exc}") from None
+    device_id = int(importlib.import_module("cupy").cuda.runtime.getDevice())
+    return f"GPU {device_id} ({fastcnn.cuda.device_name(device_id)})"
+
+
 def _load_data(args, demo):
     from . import data
 
@@ -158,6 +180,7 @@ def _train_and_report(args, recipe, demo):
                       "mean": list(train_set.mean), "std": list(train_set.std),
                       "dataset": train_set.name.replace(" train", ""), "arch": recipe["arch"]}
     print(model.summary())
+    where = _move_to_device(model, args.device)
     augment = data.Augment(shift=recipe["shift"], hflip=recipe["hflip"])
     loader = data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                              seed=args.seed, drop_last=len(train_set) > args.batch_size,
@@ -175,7 +198,7 @@ def _train_and_report(args, recipe, demo):
         scheduler = optim.StepLR(optimizer, step_size=max(1, -(-args.epochs // 3)), gamma=0.1)
     print(f"training {recipe['arch']} for {args.epochs} epochs: {recipe['optimizer']} "
           f"lr {recipe['lr']}, batch {args.batch_size}, schedule {recipe['schedule']}, "
-          f"augmentation {augment!r}, {fastcnn.get_num_threads()} threads")
+          f"augmentation {augment!r}, {where}")
     out = Path(args.out)
     patience = recipe.get("patience")
     trainer = Trainer(out_dir=out, progress=not args.no_progress,
@@ -195,7 +218,7 @@ def _train_and_report(args, recipe, demo):
     summary = {"test": result.to_dict(), "recipe": recipe, "epochs_run": len(history),
                "train_time_s": train_time, "train_images_per_s": images / max(train_time, 1e-9),
                "total_time_s": time.perf_counter() - began,
-               "threads": fastcnn.get_num_threads()}
+               "threads": fastcnn.get_num_threads(), "device": where}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print()
     print(f"test accuracy {100 * result.accuracy:.2f}% after {len(history)} epochs; "

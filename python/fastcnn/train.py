@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import functional as F
+from ._backend import array_module
 from . import io
 from .data import DataLoader, Dataset
 from .nn import CrossEntropyLoss, Sequential
@@ -262,26 +263,26 @@ class Trainer:
             model.train()
             train.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
-            seen, correct, loss_sum = 0, 0, 0.0
+            stats = _EpochStats(defer=device != "cpu")
             bar = _progress(train, f"epoch {epoch + 1}/{epochs}", not self.progress)
             began = time.perf_counter()
             for i, (x, y) in enumerate(bar):
                 x, y = _to_device(x, device), _to_device(y, device)
                 logits = model(x)
-                loss = float(loss_fn(logits, y))
+                loss = loss_fn(logits, y)
                 optimizer.zero_grad()
                 model.backward(loss_fn.backward(), input_grad=False)
                 optimizer.step()
                 if per_step:
                     scheduler.step()
-                seen += len(y)
-                correct += int((logits.argmax(axis=1) == y).sum())
-                loss_sum += loss * len(y)
-                if i % 10 == 0 or i == len(train) - 1:
+                stats.add(loss, logits, y)
+                if self.progress and (i % 10 == 0 or i == len(train) - 1):
+                    seen, loss_sum, correct = stats.read()
                     rate = seen / max(time.perf_counter() - began, 1e-9)
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                                     img_s=f"{rate:.0f}", refresh=False)
             bar.close()
+            seen, loss_sum, correct = stats.read()
             elapsed = time.perf_counter() - began
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"epoch {epoch + 1}: the training loss is {loss_sum}; "
@@ -319,6 +320,43 @@ class Trainer:
             self.log(f"restored the weights of epoch {best_epoch} ({self.monitor} {best:.4f})")
         self.history = history
         return history
+
+
+class _EpochStats:
+    """An epoch's running loss and accuracy. With ``defer`` (training on the GPU)
+    each step's results stay on the device until ``read()`` fetches the pending
+    ones in one transfer, so that the host does not wait for the GPU after every
+    step; otherwise they are read at once. The sums are the same either way: each
+    step's float32 loss times its batch size, added in step order in double."""
+
+    def __init__(self, defer=False):
+        self.seen, self.loss_sum, self.correct = 0, 0.0, 0
+        self._defer = defer
+        self._pending = []  # (loss, hits, batch size) not read yet
+
+    def add(self, loss, logits, y):
+        hits = (logits.argmax(axis=1) == y).sum()
+        if self._defer:
+            self._pending.append((loss, hits, len(y)))
+        else:
+            self._count(float(loss), int(hits), len(y))
+
+    def _count(self, loss, hits, n):
+        self.seen += n
+        self.correct += hits
+        self.loss_sum += loss * n
+
+    def read(self):
+        """(images seen, sum of loss x batch size, correct predictions) so far."""
+        if self._pending:
+            xp = array_module(self._pending[0][0])
+            losses = _to_host(xp.stack([xp.asarray(p[0], dtype=np.float32).reshape(())
+                                        for p in self._pending]))
+            hits = _to_host(xp.stack([xp.asarray(p[1]).reshape(()) for p in self._pending]))
+            for loss, h, (_, _, n) in zip(losses.tolist(), hits.tolist(), self._pending):
+                self._count(loss, int(h), n)
+            self._pending = []
+        return self.seen, self.loss_sum, self.correct
 
 
 def _record_training_data(model, loader):
