@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one call, with logs under $OUT
+# (the device tool brings $OUT back) and a short summary printed last.
+#
+#   bash benchmarks/gpu_session.sh [STAGE ...]      (default: info build cuda bench demo)
+#
+# Stages, in the order given:
+#   info    GPU, driver, nvcc, Python packages
+#   build   pip install --no-build-isolation --no-deps . (CMake, nvcc; ~1 min on 16 cores)
+#   cuda    pytest -m cuda: every GPU test (CPU vs GPU per op, models, trainer, viz, CLI)
+#   bench   fastcnn bench --device cuda: GEMM, conv, ops, training step vs PyTorch + cuDNN,
+#           TF32 off then on (JSON + Markdown for benchmarks/RESULTS.md)
+#   demo    fastcnn demo --device cuda, $DEMO_EPOCHS epochs (default 2; 15 is the full run)
+#   suite   the whole test suite (CPU and GPU tests)
+#
+# The demo needs Fashion-MNIST, which the device machine lacks: copy it into the
+# repository's ignored build folder here and carry it, e.g. with the device tool
+#   mkdir -p build/device-data && cp /usr/share/datasets/fashion-mnist/*.gz build/device-data/
+#   run(command="bash benchmarks/gpu_session.sh", carry=["build/device-data"], timeout_s=590)
+# Every stage has its own time limit, so that the logs come back within one call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fastcnn-gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build cuda bench demo)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME LIMIT_S COMMAND...: runs the command with a time limit, log in $OUT/NAME.log
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local began=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  note "$name: exit $rc in $((SECONDS - began)) s"
+  return $rc
+}
+
+for s in "${STAGES[@]}"; do
+  case $s in
+    info)
+      {
+        date -u
+        git rev-parse HEAD 2>/dev/null || echo "commit unknown"
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+        nvcc --version | tail -2
+        nproc
+        $PY -c "import sys, numpy, cupy, torch; print(sys.version); print('numpy', numpy.__version__, 'cupy', cupy.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
+      } > "$OUT/info.log" 2>&1
+      head -12 "$OUT/info.log" | tee -a "$SUMMARY"
+      ;;
+    build)
+      export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+      if ! stage build 420 $PY -m pip install --no-build-isolation --no-deps -v .; then
+        grep -n -i -E "error|fatal" "$OUT/build.log" | head -40 | tee -a "$SUMMARY"
+        tail -20 "$OUT/build.log"
+        exit 1
+      fi
+      $PY -c "import fastcnn, fastcnn.cuda as c; from fastcnn import _cuda; print('import ok; cuda available:', c.is_available(), c.device_name(0) if c.is_available() else '', '|', _cuda.gemm_kernel())" 2>&1 | tee -a "$SUMMARY"
+      ;;
+    cuda)
+      stage cuda 300 $PY -m pytest -q -m cuda -rfE -p no:cacheprovider tests
+      grep -E "passed|failed|error|skipped" "$OUT/cuda.log" | tail -3 | tee -a "$SUMMARY"
+      grep -E "^(FAILED|ERROR)" "$OUT/cuda.log" | head -40 | tee -a "$SUMMARY"
+      ;;
+    bench)
+      stage bench 330 $PY -m fastcnn.cli bench --device cuda --json "$OUT/bench_cuda.json" \
+        --markdown "$OUT/bench_cuda.md"
+      grep -E "vs cuBLAS|vs cuDNN|train step|inference" "$OUT/bench.log" | tee -a "$SUMMARY"
+      tail -3 "$OUT/bench.log" | grep -i -E "error|Traceback" | tee -a "$SUMMARY"
+      ;;
+    demo)
+      export FASTCNN_DATA=${FASTCNN_DATA:-$PWD/build/device-data}
+      stage demo 420 $PY -m fastcnn.cli demo --device cuda --epochs "${DEMO_EPOCHS:-2}" \
+        --no-progress --out "$OUT/demo"
+      grep -E "^epoch|test accuracy|training .* on|error" "$OUT/demo.log" | tail -20 | tee -a "$SUMMARY"
+      ;;
+    suite)
+      stage suite 420 $PY -m pytest -q -rfE -p no:cacheprovider tests
+      grep -E "passed|failed|error|skipped" "$OUT/suite.log" | tail -3 | tee -a "$SUMMARY"
+      grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40 | tee -a "$SUMMARY"
+      ;;
+    *)
+      echo "unknown stage '$s' (info build cuda bench demo suite)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+echo
+echo "===== summary ($SUMMARY)"
+cat "$SUMMARY"
