@@ -378,7 +378,10 @@ POOL_CASES = [
 
 @pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[:4])))
 @pytest.mark.parametrize("data", ["ties", "nan", "normal"])
-def test_max_pool2d_bitwise(dev, rng, case, data):
+@pytest.mark.parametrize("relu", [False, True])
+def test_max_pool2d_bitwise(dev, rng, case, data, relu):
+    """relu: max_pool2d(relu(x)) and its gradient in one launch each, as the CPU's
+    relu flag (with ties at 0, NaN, and -0.0 inputs)."""
     n, c, h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode = case
     oh = ref.pool_out_size(h, kh, sh, ph, dh, ceil_mode)
     ow = ref.pool_out_size(w, kw, sw, pw, dw, ceil_mode)
@@ -388,19 +391,28 @@ def test_max_pool2d_bitwise(dev, rng, case, data):
         x = randn(rng, n, c, h, w)
         if data == "nan":
             x.reshape(-1)[rng.integers(0, x.size, 3)] = np.nan
+            x.reshape(-1)[rng.integers(0, x.size, 3)] = -0.0
     args = (kh, kw, sh, sw, ph, pw, dh, dw)
-    cpu, got = both(dev, lambda mod, x, y, idx: mod.max_pool2d_forward(x, y, idx, *args),
+    cpu, got = both(dev, lambda mod, x, y, idx: mod.max_pool2d_forward(x, y, idx, *args,
+                                                                       relu=relu),
                     {"x": x}, {"y": ((n, c, oh, ow), F32, np.nan), "idx": ((n, c, oh, ow), I64, -7)})
     bitwise(got["y"], cpu["y"], "max_pool2d")
     bitwise(got["idx"], cpu["idx"], "indices")
+    if relu:
+        plain = CPU(lambda mod, x, y: mod.max_pool2d_forward(x, y, None, *args), {"x": x},
+                    {"y": ((n, c, oh, ow), F32, np.nan)})
+        bitwise(got["y"], np.where(plain["y"] < 0, F32(0), plain["y"]), "relu of the maximum")
     if ref.max_pool_has_empty_window(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode):
-        assert (got["idx"] == -1).any() and np.isneginf(got["y"]).any()
+        assert (got["idx"] == -1).any()
+        assert np.isneginf(got["y"]).any() != relu  # relu(-inf) = 0
     gy = randn(rng, n, c, oh, ow)
     for indices in (cpu["idx"], None):
         cpu_dx, got_dx = both(dev, lambda mod, gy, x, idx, dx: mod.max_pool2d_backward(
-            gy, x, idx, dx, *args), {"gy": gy, "x": x, "idx": indices},
+            gy, x, idx, dx, *args, relu=relu), {"gy": gy, "x": x, "idx": indices},
             {"dx": (x.shape, F32, np.nan)})
         bitwise(got_dx["dx"], cpu_dx["dx"], "max_pool2d_backward")
+        if relu:  # the gradient passes only where relu_grad's rule lets it (x > 0 or NaN)
+            assert not got_dx["dx"][x <= 0].any()
 
 
 # --------------------------------------------------------------------------- softmax
@@ -687,6 +699,23 @@ class TestFunctionalOnGpu:
         got = F.conv2d_backward(cp.asarray(dy), gx, gw, gb, padding=1)
         for g, c in zip(got, want):
             close(cp.asnumpy(g), c, 300)
+
+    def test_relu_max_pool2d_in_one_launch_each_way(self, rng):
+        cp = _cupy()
+        x = randn(rng, 2, 3, 9, 9)
+        x[0, 0, :3, :3] = -1.0  # a window with no positive value
+        y, idx = F.relu_max_pool2d(x, 3, 2, 1, return_indices=True)
+        gy, gidx = F.relu_max_pool2d(cp.asarray(x), 3, 2, 1, return_indices=True)
+        bitwise(cp.asnumpy(gy), y, "relu_max_pool2d")
+        bitwise(cp.asnumpy(gidx), idx, "indices")
+        g = randn(rng, *y.shape)
+        want = F.relu_max_pool2d_backward(g, x, 3, 2, 1, indices=idx)
+        for indices in (gidx, None):
+            got = F.relu_max_pool2d_backward(cp.asarray(g), cp.asarray(x), 3, 2, 1,
+                                             indices=indices)
+            bitwise(cp.asnumpy(got), want, "relu_max_pool2d_backward")
+        with pytest.raises(ValueError, match="indices must lie"):
+            F.relu_max_pool2d_backward(cp.asarray(g), cp.asarray(x), 3, 2, 1, indices=gidx + 81)
 
     def test_dropout_masks_identical(self):
         cp = _cupy()

@@ -2,7 +2,9 @@
 // fastcnn/kernel_math.h (first maximum wins, NaN wins). Backward: a thread per
 // input pixel gathers the gradients of the windows whose argmax it is, in
 // output order: no atomics, and bitwise the CPU's sums (the CPU scatters in
-// the same order).
+// the same order). With `relu` both are those of max_pool2d(relu(x)) in the
+// same launch (the ReLU of the maximum; the gradient only where x passes
+// relu_grad's rule), as the CPU kernels.
 #include <cstdint>
 
 #include "fastcnn/cuda_launch.h"
@@ -24,6 +26,7 @@ struct PoolForwardRows {
   const float* x;
   float* y;               // null: indices only
   std::int64_t* indices;  // null: values only
+  bool relu;              // y = relu(max); the indices stay those of x
 
   FASTCNN_HD PoolForwardRow row(index_t plane) const {
     const index_t out = plane * ps.oh * ps.ow;
@@ -35,7 +38,7 @@ struct PoolForwardRows {
     const index_t oy = div_rem(o, ps.ow, &ox);
     float value;
     const index_t at = pool_argmax(ps, r.plane, oy, ox, &value);
-    if (r.y != nullptr) r.y[o] = value;
+    if (r.y != nullptr) r.y[o] = relu ? relu_value(value) : value;
     if (r.idx != nullptr) r.idx[o] = at;
   }
 };
@@ -43,6 +46,7 @@ struct PoolForwardRows {
 struct PoolBackwardRow {
   const float* dy;
   const std::int64_t* idx;
+  const float* x;
   float* dx;
 };
 
@@ -51,11 +55,13 @@ struct PoolBackwardRows {
   PoolShape ps;
   const float* dy;
   const std::int64_t* indices;
+  const float* x;  // read only with `relu`
+  bool relu;       // the gradient of max_pool2d(relu(x)) w.r.t. x
   float* dx;
 
   FASTCNN_HD PoolBackwardRow row(index_t plane) const {
-    const index_t out = plane * ps.oh * ps.ow;
-    return PoolBackwardRow{dy + out, indices + out, dx + plane * ps.h * ps.w};
+    const index_t out = plane * ps.oh * ps.ow, in = plane * ps.h * ps.w;
+    return PoolBackwardRow{dy + out, indices + out, x + in, dx + in};
   }
   FASTCNN_HD void operator()(const PoolBackwardRow& r, index_t pix) const {
     index_t ix;
@@ -71,31 +77,31 @@ struct PoolBackwardRows {
         const index_t o = oy * ps.ow + ox;
         if (r.idx[o] == pix) sum += r.dy[o];
       }
-    r.dx[pix] = sum;
+    r.dx[pix] = relu ? relu_grad(sum, r.x[pix], false) : sum;
   }
 };
 
 }  // namespace
 
 void max_pool2d_forward(const Exec& ex, const PoolShape& ps, const float* x, float* y,
-                        std::int64_t* indices) {
+                        std::int64_t* indices, bool relu) {
   // x: (n, c, h, w) -> y, indices: (n, c, oh, ow)
   for_each_in_rows(ex, "max_pool2d_forward", ps.n * ps.c, ps.oh * ps.ow,
-                   PoolForwardRows{ps, x, y, indices});
+                   PoolForwardRows{ps, x, y, indices, relu});
 }
 
 void max_pool2d_backward(const Exec& ex, const PoolShape& ps, const float* dy, const float* x,
-                         const std::int64_t* indices, float* dx) {
+                         const std::int64_t* indices, bool relu, float* dx) {
   // dy: (n, c, oh, ow) -> dx: (n, c, h, w); argmaxes from `indices`, else recomputed from x
   Workspace argmax(ex, indices == nullptr
                            ? static_cast<size_t>(ps.n * ps.c * ps.oh * ps.ow) * sizeof(std::int64_t)
                            : 0);
   if (indices == nullptr) {
-    max_pool2d_forward(ex, ps, x, nullptr, argmax.as<std::int64_t>());
+    max_pool2d_forward(ex, ps, x, nullptr, argmax.as<std::int64_t>(), false);
     indices = argmax.as<std::int64_t>();
   }
   for_each_in_rows(ex, "max_pool2d_backward", ps.n * ps.c, ps.h * ps.w,
-                   PoolBackwardRows{ps, dy, indices, dx});
+                   PoolBackwardRows{ps, dy, indices, x, relu, dx});
 }
 
 }  // namespace cuda

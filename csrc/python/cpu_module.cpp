@@ -243,16 +243,20 @@ PYBIND11_MODULE(_cpu, m) {
     fastcnn::cpu::relu_backward(x.size(), dy.data, x.data, guided, dx.data);
   });
 
+  // relu: max_pool2d(relu(x)), the indices those of x
   m.def("max_pool2d_forward", [](py::object x_, py::object y_, py::object idx_, index_t kh,
                                  index_t kw, index_t sh, index_t sw, index_t ph, index_t pw,
-                                 index_t dh, index_t dw) {
+                                 index_t dh, index_t dw, bool relu) {
     auto x = in<float>(x_, "input");
     auto y = out<float>(y_, "output");
     const fastcnn::PoolShape ps = pool_shape(x, y, kh, kw, sh, sw, ph, pw, dh, dw);
     std::int64_t* idx = opt<std::int64_t>(idx_, "indices", true, y.size());
     py::gil_scoped_release nogil;
     fastcnn::cpu::max_pool2d_forward(ps, x.data, y.data, idx);
-  });
+    if (relu) fastcnn::cpu::relu_forward(y.size(), y.data, y.data);
+  }, py::arg("input"), py::arg("output"), py::arg("indices"), py::arg("kh"), py::arg("kw"),
+     py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
+     py::arg("relu") = false);
 
   m.def("max_pool2d_backward", [](py::object dy_, py::object x_, py::object idx_,
                                   py::object dx_, index_t kh, index_t kw, index_t sh,

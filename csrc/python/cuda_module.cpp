@@ -422,9 +422,10 @@ void bind_ops(py::module_& m) {
     cuda::relu_backward(ex, x.size(), dy.data, x.data, guided, dx.data);
   });
 
+  // relu: max_pool2d(relu(x)), the indices those of x (one launch)
   m.def("max_pool2d_forward", [](py::object x_, py::object y_, py::object idx_, index_t kh,
                                  index_t kw, index_t sh, index_t sw, index_t ph, index_t pw,
-                                 index_t dh, index_t dw) {
+                                 index_t dh, index_t dw, bool relu) {
     M mem;
     auto x = in<M, f32>(mem, x_, "input");
     auto y = out<M, f32>(mem, y_, "output");
@@ -432,12 +433,17 @@ void bind_ops(py::module_& m) {
     i64* idx = opt<M, i64>(mem, idx_, "indices", true, y.size());
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
-    cuda::max_pool2d_forward(ex, ps, x.data, y.data, idx);
-  });
+    cuda::max_pool2d_forward(ex, ps, x.data, y.data, idx, relu);
+  }, py::arg("input"), py::arg("output"), py::arg("indices"), py::arg("kh"), py::arg("kw"),
+     py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
+     py::arg("relu") = false);
 
+  // relu: the gradient of max_pool2d(relu(x)) w.r.t. x (one launch). Indices
+  // outside the plane match no pixel (the Python layer range-checks them).
   m.def("max_pool2d_backward", [](py::object dy_, py::object x_, py::object idx_,
                                   py::object dx_, index_t kh, index_t kw, index_t sh,
-                                  index_t sw, index_t ph, index_t pw, index_t dh, index_t dw) {
+                                  index_t sw, index_t ph, index_t pw, index_t dh, index_t dw,
+                                  bool relu) {
     M mem;
     auto dy = in<M, f32>(mem, dy_, "grad_output");
     auto x = in<M, f32>(mem, x_, "input");
@@ -447,8 +453,10 @@ void bind_ops(py::module_& m) {
     const i64* idx = opt<M, i64>(mem, idx_, "indices", false, dy.size());
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
-    cuda::max_pool2d_backward(ex, ps, dy.data, x.data, idx, dx.data);
-  });
+    cuda::max_pool2d_backward(ex, ps, dy.data, x.data, idx, relu, dx.data);
+  }, py::arg("grad_output"), py::arg("input"), py::arg("indices"), py::arg("grad_input"),
+     py::arg("kh"), py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"),
+     py::arg("dh"), py::arg("dw"), py::arg("relu") = false);
 
   // x viewed as (outer, dim, inner)
   m.def("softmax_forward", [](py::object x_, py::object y_, index_t outer, index_t dim,

@@ -340,14 +340,20 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     (h * W + w), as PyTorch; a window lying wholly in the padding (possible
     with dilation) gives -inf and index -1.
     """
+    return _max_pool2d("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode,
+                       return_indices, False)
+
+
+def _max_pool2d(op, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                relu):
     xp, K = B.dispatch(input)
     x = B.as_float(input, "input", xp)
-    g = _geometry(_PoolArgs, "max_pool2d", (x,), (kernel_size, stride, padding, dilation, ceil_mode))
+    g = _geometry(_PoolArgs, op, (x,), (kernel_size, stride, padding, dilation, ceil_mode))
     xb = x[None] if g.unbatched else x
     y = _empty(xp, g.out_shape)
     idx = xp.empty(g.out_shape, dtype=np.int64) if return_indices else None
     if y.size:
-        K.max_pool2d_forward(xb, y, idx, *g.kernel_args())
+        K.max_pool2d_forward(xb, y, idx, *g.kernel_args(), relu)
     if g.unbatched:
         y = y[0]
         idx = idx[0] if idx is not None else None
@@ -369,10 +375,8 @@ def relu_max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil
     ``max_pool2d(input)``; pass them, with ``input``, to
     :func:`relu_max_pool2d_backward`. fastcnn.nn.Sequential runs a ReLU
     followed by a MaxPool2d this way in training."""
-    out = max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-    y = out[0] if return_indices else out
-    B.dispatch(y)[1].relu_forward(y, y)  # in place, on the pooled (smaller) array
-    return out
+    return _max_pool2d("relu_max_pool2d", input, kernel_size, stride, padding, dilation,
+                       ceil_mode, return_indices, True)
 
 
 def relu_max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
@@ -381,6 +385,14 @@ def relu_max_pool2d_backward(grad_output, input, kernel_size, stride=None, paddi
     gradient goes to its argmax where the input there is > 0."""
     return _pool_backward("relu_max_pool2d_backward", grad_output, input, kernel_size, stride,
                           padding, dilation, ceil_mode, indices, True)
+
+
+def _pool_backward_own_indices(grad_output, input, args, indices, relu):
+    """(relu_)max_pool2d_backward for fastcnn.nn.MaxPool2d, with the indices its
+    own forward returned: they are valid by construction, so on the GPU they are
+    not range-checked (a check there waits for the GPU, twice, every step)."""
+    op = "relu_max_pool2d_backward" if relu else "max_pool2d_backward"
+    return _pool_backward(op, grad_output, input, *args, indices, relu, check_indices=False)
 
 
 def _max_pool2d_2x2_codes(input, relu):
@@ -466,7 +478,7 @@ def _batch_norm_backward_from_pool(grad_pooled, codes, input, save_mean, save_in
 
 
 def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
-                   indices, relu):
+                   indices, relu, check_indices=True):
     xp, K = B.dispatch(grad_output, input, indices)
     x = B.as_float(input, "input", xp)
     g = _geometry(_PoolArgs, op, (x,), (kernel_size, stride, padding, dilation, ceil_mode))
@@ -498,11 +510,12 @@ def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilatio
             if K.max_pool2d_backward(dyb, xb, idxb, dx, *g.kernel_args(), relu, low):
                 raise bad_indices()
         else:
-            if idx is not None and idx.size and (int(idx.min()) < low or int(idx.max()) >= plane):
+            # An index outside the plane would match no pixel (the kernel gathers by
+            # comparison), so the check is for the error message, not for memory safety.
+            if (check_indices and idx is not None and idx.size and
+                    (int(idx.min()) < low or int(idx.max()) >= plane)):
                 raise bad_indices()
-            K.max_pool2d_backward(dyb, xb, idxb, dx, *g.kernel_args())
-            if relu:
-                K.relu_backward(dx, xb, False, dx)
+            K.max_pool2d_backward(dyb, xb, idxb, dx, *g.kernel_args(), relu)
     else:
         dx.fill(0)
     return dx[0] if g.unbatched else dx

@@ -146,10 +146,12 @@ void relu_backward(const Exec& ex, index_t count, const float* dy, const float* 
 
 // ---- pool.cu (indices are read only where they match a window: the
 // gradient is gathered per input pixel, as PyTorch's CUDA kernel does)
+// With `relu`: max_pool2d(relu(x)) (indices stay those of x) and its gradient
+// w.r.t. x, each in one launch.
 void max_pool2d_forward(const Exec& ex, const PoolShape& ps, const float* x, float* y,
-                        std::int64_t* indices);
+                        std::int64_t* indices, bool relu = false);
 void max_pool2d_backward(const Exec& ex, const PoolShape& ps, const float* dy, const float* x,
-                         const std::int64_t* indices, float* dx);
+                         const std::int64_t* indices, bool relu, float* dx);
 
 // ---- softmax.cu (a target outside [0, classes) that is not ignore_index
 // gives NaN: the caller validates, the kernel only stays in bounds)

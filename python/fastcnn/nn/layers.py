@@ -319,7 +319,7 @@ class MaxPool2d(Module):
             return F.max_pool2d_backward(grad_out, F.relu(x), *self._args())
         if self._codes is not None:
             return F._max_pool2d_2x2_codes_backward(grad_out, self._codes, x.shape)
-        return F.max_pool2d_backward(grad_out, x, *self._args(), indices=self._indices)
+        return F._pool_backward_own_indices(grad_out, x, self._args(), self._indices, False)
 
     _CODES_ARGS = ((2, 2), (2, 2), (0, 0), (1, 1), False)
 
@@ -343,7 +343,7 @@ class MaxPool2d(Module):
             raise RuntimeError("MaxPool2d.backward_through_relu needs forward_after_relu first")
         if self._codes is not None:
             return F._max_pool2d_2x2_codes_backward(grad_out, self._codes, x.shape)
-        return F.relu_max_pool2d_backward(grad_out, x, *self._args(), indices=self._indices)
+        return F._pool_backward_own_indices(grad_out, x, self._args(), self._indices, True)
 
     def output_shape(self, input_shape):
         *lead, h, w = input_shape
