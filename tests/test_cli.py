@@ -189,15 +189,34 @@ def _gpu_skip():
     return None if cuda.is_available() else "no CUDA GPU"
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(_gpu_skip() is not None, reason=str(_gpu_skip()))
+def _has_cuda_module():
+    try:
+        from fastcnn import _cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("gpu", [
+    pytest.param("fake", marks=pytest.mark.skipif(not _has_cuda_module(),
+                                                  reason="fastcnn._cuda was not built")),
+    pytest.param("gpu", marks=[pytest.mark.cuda,
+                               pytest.mark.skipif(_gpu_skip() is not None,
+                                                  reason=str(_gpu_skip()))])])
 @pytest.mark.parametrize("command,optimizer", [("demo", None), ("train", "adam")])
-def test_training_on_the_gpu_from_the_cli(tmp_path, capsys, command, optimizer):
+def test_training_on_the_gpu_from_the_cli(tmp_path, capsys, monkeypatch, command, optimizer,
+                                          gpu):
     """demo (BN model, SGD + cosine schedule, explanations) and train (Adam) with
-    --device cuda: outputs written, the saved model loads on the CPU and predicts."""
-    folder = _idx_folder(tmp_path / "digits", n=64)
+    --device cuda: outputs written, the saved model loads on the CPU and predicts
+    (on the GPU, and through tests/fake_cupy.py on the emulated kernels)."""
+    if gpu == "fake":
+        import fake_cupy
+
+        fake_cupy.install(monkeypatch)
+    epochs = 1 if gpu == "fake" else 2  # the emulated kernels are slow
+    folder = _idx_folder(tmp_path / "digits", n=32 if gpu == "fake" else 64)
     out = tmp_path / "run"
-    args = [command, "--data", str(folder), "--out", str(out), "--epochs", "2",
+    args = [command, "--data", str(folder), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", "16", "--device", "cuda", "--no-progress"]
     if optimizer:
         args += ["--optimizer", optimizer, "--val-size", "0"]
@@ -205,7 +224,7 @@ def test_training_on_the_gpu_from_the_cli(tmp_path, capsys, command, optimizer):
     text = capsys.readouterr().out
     assert "GPU" in text and "test accuracy" in text
     results = json.loads((out / "results.json").read_text())
-    assert results["device"].startswith("GPU") and results["epochs_run"] == 2
+    assert results["device"].startswith("GPU") and results["epochs_run"] == epochs
     model = io.load(out / "model.npz")
     assert model.device == "cpu"
     x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)

@@ -65,6 +65,71 @@ struct CrossEntropyGradRows {
   }
 };
 
+// One block over all rows: status[0] = targets that are not ignore_index (the
+// mean's divisor), status[1] = those outside [0, classes); with a total,
+// *total = the rows' float32 losses (row_loss) summed in double in a fixed order (the
+// threads' strided partial sums, then block_sum's tree), over status[0] for
+// the mean (NaN when 0). Counting in double is exact (below 2^53 rows).
+struct CrossEntropyTotal {
+  static constexpr int kThreads = 256;
+  static constexpr bool kCooperative = true;
+  index_t n, classes;
+  const std::int64_t* target;
+  std::int64_t ignore_index;
+  const float* row_loss;  // the rows' losses, when total is not null
+  bool mean;
+  float* total;  // null: the status only
+  std::int64_t* status;
+
+  template <class Ctx>
+  FASTCNN_HD void operator()(Ctx& ctx) const {
+    double* scratch = reinterpret_cast<double*>(ctx.smem());
+    double valid = 0.0, bad = 0.0, sum = 0.0;
+    for (index_t i = ctx.tid(); i < n; i += kThreads) {
+      const std::int64_t t = target[i];
+      if (t != ignore_index) {
+        valid += 1.0;
+        if (t < 0 || t >= classes) bad += 1.0;
+      }
+      if (total != nullptr) sum += row_loss[i];
+    }
+    valid = block_sum<kThreads>(ctx, scratch, valid);
+    bad = block_sum<kThreads>(ctx, scratch, bad);
+    if (total != nullptr) sum = block_sum<kThreads>(ctx, scratch, sum);
+    if (ctx.tid() != 0) return;
+    status[0] = static_cast<std::int64_t>(valid);
+    status[1] = static_cast<std::int64_t>(bad);
+    if (total != nullptr)
+      *total = !mean ? static_cast<float>(sum)
+                     : (valid > 0.0 ? static_cast<float>(sum / valid) : quiet_nan());
+  }
+};
+
+// The gradient for a scalar upstream gradient g (read from *grad, or
+// grad_value): every row's scale is float32(g / status[0]) for the mean (NaN
+// when no target counts), float32(g) for the sum, computed in double as the
+// CPU path does.
+struct CrossEntropyGradScalar {
+  index_t classes;
+  const float* logits;
+  const std::int64_t* target;
+  std::int64_t ignore_index;
+  float label_smoothing;
+  const float* grad;
+  float grad_value;
+  const std::int64_t* status;
+  bool mean;
+  float* dx;
+  FASTCNN_HD void operator()(index_t i) const {
+    const double g = grad != nullptr ? *grad : grad_value;
+    const double valid = static_cast<double>(status[0]);
+    const float scale = !mean ? static_cast<float>(g)
+                              : (valid > 0.0 ? static_cast<float>(g / valid) : quiet_nan());
+    cross_entropy_row_grad(classes, logits + i * classes, target[i], ignore_index,
+                           label_smoothing, scale, dx + i * classes);
+  }
+};
+
 }  // namespace
 
 void softmax_forward(const Exec& ex, index_t outer, index_t dim, index_t inner, const float* x,
@@ -96,6 +161,29 @@ void cross_entropy_backward(const Exec& ex, index_t n, index_t classes, const fl
   for_each(ex, "cross_entropy_backward", n,
            CrossEntropyGradRows{classes, logits, target, ignore_index, label_smoothing,
                                 grad_scale, dx});
+}
+
+void cross_entropy_total(const Exec& ex, index_t n, index_t classes, const float* logits,
+                         const std::int64_t* target, std::int64_t ignore_index,
+                         float label_smoothing, bool mean, float* total, std::int64_t* status) {
+  Workspace rows(ex, total != nullptr ? static_cast<std::size_t>(n) * sizeof(float) : 0);
+  if (total != nullptr) {
+    cross_entropy_forward(ex, n, classes, logits, target, ignore_index, label_smoothing,
+                          rows.as<float>());
+  }
+  launch(ex, "cross_entropy_total", Grid{1}, CrossEntropyTotal::kThreads * sizeof(double),
+         CrossEntropyTotal{n, classes, target, ignore_index, rows.as<float>(), mean, total,
+                           status});
+}
+
+void cross_entropy_backward_scalar(const Exec& ex, index_t n, index_t classes,
+                                   const float* logits, const std::int64_t* target,
+                                   std::int64_t ignore_index, float label_smoothing,
+                                   const float* grad, float grad_value,
+                                   const std::int64_t* status, bool mean, float* dx) {
+  for_each(ex, "cross_entropy_backward", n,
+           CrossEntropyGradScalar{classes, logits, target, ignore_index, label_smoothing, grad,
+                                  grad_value, status, mean, dx});
 }
 
 }  // namespace cuda

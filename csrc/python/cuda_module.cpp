@@ -519,6 +519,49 @@ void bind_ops(py::module_& m) {
                                  g.data, dx.data);
   });
 
+  // status (2 int64): targets counted, targets out of range; total (a float32
+  // scalar, or None for the status only): the 'sum' or 'mean' loss.
+  m.def("cross_entropy_total", [](py::object x_, py::object t_, std::int64_t ignore_index,
+                                  float label_smoothing, bool mean, py::object total_,
+                                  py::object status_) {
+    M mem;
+    auto x = in<M, f32>(mem, x_, "input");
+    auto t = in<M, i64>(mem, t_, "target");
+    auto status = out<M, i64>(mem, status_, "status");
+    expect_ndim(x, 2, "input");
+    const index_t n = x.dim(0), classes = x.dim(1);
+    if (t.size() != n) fail("target size does not match input");
+    if (status.size() != 2) fail("status must have 2 elements");
+    float* total = opt<M, f32>(mem, total_, "total", true, 1);
+    const cuda::Exec ex = mem.exec();
+    py::gil_scoped_release nogil;
+    cuda::cross_entropy_total(ex, n, classes, x.data, t.data, ignore_index, label_smoothing,
+                              mean, total, status.data);
+  });
+
+  // The gradient for a scalar upstream gradient: grad (a float32 scalar on the
+  // device) or, when None, grad_value; status from cross_entropy_total.
+  m.def("cross_entropy_backward_scalar",
+        [](py::object x_, py::object t_, std::int64_t ignore_index, float label_smoothing,
+           bool mean, py::object g_, float grad_value, py::object status_, py::object dx_) {
+          M mem;
+          auto x = in<M, f32>(mem, x_, "input");
+          auto t = in<M, i64>(mem, t_, "target");
+          auto status = in<M, i64>(mem, status_, "status");
+          auto dx = out<M, f32>(mem, dx_, "grad_input");
+          expect_ndim(x, 2, "input");
+          expect_same_shape(dx, x, "grad_input", "input");
+          const index_t n = x.dim(0), classes = x.dim(1);
+          if (t.size() != n) fail("target size does not match input");
+          if (status.size() != 2) fail("status must have 2 elements");
+          const float* g = opt<M, f32>(mem, g_, "grad_output", false, 1);
+          const cuda::Exec ex = mem.exec();
+          py::gil_scoped_release nogil;
+          cuda::cross_entropy_backward_scalar(ex, n, classes, x.data, t.data, ignore_index,
+                                              label_smoothing, g, grad_value, status.data, mean,
+                                              dx.data);
+        });
+
   // x viewed as (n, c, l)
   m.def("batch_norm_forward_train",
         [](py::object x_, py::object w_, py::object b_, py::object rm_, py::object rv_,

@@ -76,7 +76,7 @@ def dispatch(*arrays):
     gpu = [a for a in arrays if is_gpu_array(a)]
     if not gpu:
         return np, _cpu
-    cpu = [a for a in arrays if isinstance(a, np.ndarray)]
+    cpu = [a for a in arrays if isinstance(a, np.ndarray) and not is_gpu_array(a)]
     if cpu:
         raise ValueError("arguments are on different devices: some are NumPy (CPU) arrays and "
                          "some are GPU arrays; move them to one device first")

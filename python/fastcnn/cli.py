@@ -7,6 +7,7 @@ Heavy imports happen inside the run functions so ``fastcnn --help`` is quick.
 """
 
 import argparse
+import importlib
 import json
 import sys
 import time

@@ -580,7 +580,7 @@ class _CrossEntropyArgs:
     """Logits as (rows, classes) and targets as (rows,), from torch's layouts:
     (N, C) with (N,), (C,) with (), or (N, C, d1, ...) with (N, d1, ...)."""
 
-    def __init__(self, op, x, t, reduction, ignore_index, label_smoothing):
+    def __init__(self, op, x, t, reduction, ignore_index, label_smoothing, on_host=True):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.ignore_index = B.as_int(ignore_index, "ignore_index")
@@ -596,16 +596,24 @@ class _CrossEntropyArgs:
         classes = x.shape[1] if x.ndim >= 2 else x.shape[0]
         if classes == 0:
             raise ValueError(f"{op}: input has no classes; shape {shape_str(x.shape)}")
-        bad = (t != self.ignore_index) & ((t < 0) | (t >= classes))
-        if bool(bad.any()):
-            value = int(t[bad].ravel()[0])
-            raise ValueError(f"{op}: target contains {value}, outside [0, {classes}) (input has "
-                             f"{classes} classes; ignore_index={self.ignore_index})")
+        self.op = op
         self.reduction = reduction
         self.classes = classes
         self.input_shape = x.shape
         self.target_shape = t.shape
-        self.valid = int((t != self.ignore_index).sum())
+        self.valid = None  # GPU arrays: counted on the device (_cross_entropy_gpu_status)
+        if on_host:
+            if (self.bad_targets(t)).any():
+                self.raise_bad_target(t)
+            self.valid = int((t != self.ignore_index).sum())
+
+    def bad_targets(self, t):
+        return (t != self.ignore_index) & ((t < 0) | (t >= self.classes))
+
+    def raise_bad_target(self, t):
+        value = int(t[self.bad_targets(t)].ravel()[0])
+        raise ValueError(f"{self.op}: target contains {value}, outside [0, {self.classes}) "
+                         f"(input has {self.classes} classes; ignore_index={self.ignore_index})")
 
     def rows(self, x):
         if x.ndim == 1:
@@ -633,21 +641,52 @@ def cross_entropy(input, target, reduction="mean", ignore_index=-100, label_smoo
     to ``ignore_index`` contribute nothing; ``label_smoothing`` mixes the target
     with the uniform distribution.
     """
+    return _cross_entropy(input, target, reduction, ignore_index, label_smoothing)[0]
+
+
+def _cross_entropy(input, target, reduction, ignore_index, label_smoothing):
+    """(loss, status): status is the GPU's target counts (for
+    :func:`_cross_entropy_backward`), None on the CPU."""
     xp, K = B.dispatch(input, target)
     x = B.as_float(input, "input", xp)
     t = B.as_labels(target, "target", xp)
-    a = _CrossEntropyArgs("cross_entropy", x, t, reduction, ignore_index, label_smoothing)
+    a = _CrossEntropyArgs("cross_entropy", x, t, reduction, ignore_index, label_smoothing,
+                          on_host=xp is np)
     rows = a.rows(x)
+    if xp is not np:
+        # Two launches and one wait for the GPU (the target check): the loss, its
+        # sum and the mean's divisor stay on the device.
+        status = xp.empty(2, np.int64)
+        tflat = t.reshape(-1)
+        if reduction == "none":
+            K.cross_entropy_total(rows, tflat, a.ignore_index, a.label_smoothing, False, None,
+                                  status)
+            _check_gpu_targets(a, t, status)
+            loss = _empty(xp, rows.shape[:1])
+            if rows.shape[0]:
+                K.cross_entropy_forward(rows, tflat, a.ignore_index, a.label_smoothing, loss)
+            return loss.reshape(a.target_shape), status
+        loss = _empty(xp, ())
+        K.cross_entropy_total(rows, tflat, a.ignore_index, a.label_smoothing,
+                              reduction == "mean", loss, status)
+        _check_gpu_targets(a, t, status)
+        return loss, status
     loss = _empty(xp, rows.shape[:1])
     if rows.shape[0]:
         K.cross_entropy_forward(rows, t.reshape(-1), a.ignore_index,
                                            a.label_smoothing, loss)
     if reduction == "none":
-        return loss.reshape(a.target_shape)
+        return loss.reshape(a.target_shape), None
     total = loss.sum(dtype=np.float64)
     if reduction == "mean":
         total = total / a.valid if a.valid else xp.asarray(np.nan)
-    return total.astype(_F32)
+    return total.astype(_F32), None
+
+
+def _check_gpu_targets(a, t, status):
+    """Raise for targets out of range, from the device's counts (one wait for the GPU)."""
+    if int(status[1].get()):
+        a.raise_bad_target(t)
 
 
 def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_index=-100,
@@ -656,13 +695,42 @@ def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_
 
     grad_output is a scalar for 'mean' / 'sum' and shaped like target for 'none'.
     """
+    return _cross_entropy_backward(grad_output, input, target, reduction, ignore_index,
+                                   label_smoothing)
+
+
+def _cross_entropy_backward(grad_output, input, target, reduction, ignore_index,
+                            label_smoothing, status=None):
+    """status: what :func:`_cross_entropy` returned for these targets, if known (the
+    GPU then neither recounts nor rechecks them)."""
     xp, K = B.dispatch(grad_output, input, target)
     x = B.as_float(input, "input", xp)
     t = B.as_labels(target, "target", xp)
     a = _CrossEntropyArgs("cross_entropy_backward", x, t, reduction, ignore_index,
-                          label_smoothing)
-    g = B.as_float(grad_output, "grad_output", xp)
+                          label_smoothing, on_host=xp is np)
     rows = a.rows(x)
+    if xp is not np:
+        if status is None:
+            status = xp.empty(2, np.int64)
+            K.cross_entropy_total(rows, t.reshape(-1), a.ignore_index, a.label_smoothing, False,
+                                  None, status)
+            _check_gpu_targets(a, t, status)
+        if reduction != "none":
+            # A Python number is passed as it is, a device scalar by pointer: no transfer.
+            if isinstance(grad_output, (int, float, np.number, np.bool_)):
+                g, value = None, float(grad_output)
+            else:
+                g, value = B.as_float(grad_output, "grad_output", xp), 0.0
+                if g.size != 1:
+                    raise ValueError(f"cross_entropy_backward: grad_output must be a scalar for "
+                                     f"reduction={reduction!r}, got shape {shape_str(g.shape)}")
+            dx = _empty(xp, rows.shape)
+            if rows.shape[0]:
+                K.cross_entropy_backward_scalar(rows, t.reshape(-1), a.ignore_index,
+                                                a.label_smoothing, reduction == "mean", g, value,
+                                                status, dx)
+            return a.unrows(dx)
+    g = B.as_float(grad_output, "grad_output", xp)
     if reduction == "none":
         if g.shape != a.target_shape:
             raise ValueError(f"cross_entropy_backward: grad_output has shape {shape_str(g.shape)}, "

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from . import _backend as B
 from . import _cpu
 from .nn.module import Parameter, _array_module
 
@@ -34,9 +35,10 @@ def _fused_cuda(params):
             if not (type(a).__module__.startswith("cupy") and a.dtype == np.float32
                     and a.flags.c_contiguous and a.shape == p.data.shape):
                 return None
-    from . import cuda
-
-    return cuda._cuda()
+    try:
+        return B._cuda_kernels()[1]
+    except TypeError:  # CuPy arrays but no CUDA module: the CuPy expressions below
+        return None
 
 
 class Optimizer:

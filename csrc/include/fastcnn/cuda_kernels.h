@@ -166,6 +166,21 @@ void cross_entropy_backward(const Exec& ex, index_t n, index_t classes, const fl
                             const std::int64_t* target, std::int64_t ignore_index,
                             float label_smoothing, const float* grad_scale, float* dx);
 
+// The reductions without a host round trip (one block; status and total in
+// device memory): status[0] = targets != ignore_index, status[1] = those
+// outside [0, classes); when total is not null, also *total = the sum of the
+// rows' losses (double, fixed order), over status[0] when `mean` (NaN when 0).
+void cross_entropy_total(const Exec& ex, index_t n, index_t classes, const float* logits,
+                         const std::int64_t* target, std::int64_t ignore_index,
+                         float label_smoothing, bool mean, float* total, std::int64_t* status);
+// The gradient for a scalar upstream gradient (*grad on the device, or
+// grad_value when grad is null), the mean's divisor read from `status`.
+void cross_entropy_backward_scalar(const Exec& ex, index_t n, index_t classes,
+                                   const float* logits, const std::int64_t* target,
+                                   std::int64_t ignore_index, float label_smoothing,
+                                   const float* grad, float grad_value,
+                                   const std::int64_t* status, bool mean, float* dx);
+
 // ---- batchnorm.cu
 void batch_norm_forward_train(const Exec& ex, index_t n, index_t c, index_t l, const float* x,
                               const float* weight, const float* bias, double eps,

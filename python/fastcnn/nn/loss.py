@@ -31,11 +31,15 @@ class CrossEntropyLoss(Module):
 
     def forward(self, logits, target):
         self._input, self._target = logits, target
-        return F.cross_entropy(logits, target, *self._args())
+        # On the GPU the targets' counts stay on the device for the backward,
+        # which then neither recounts nor rechecks them.
+        loss, self._status = F._cross_entropy(logits, target, *self._args())
+        return loss
 
     def backward(self, grad_out=1.0, *, input_grad=True):
         logits = _cached(self, "_input")
-        return F.cross_entropy_backward(grad_out, logits, self._target, *self._args())
+        return F._cross_entropy_backward(grad_out, logits, self._target, *self._args(),
+                                         status=self._status)
 
     def get_config(self):
         return {"reduction": self.reduction, "ignore_index": self.ignore_index,

@@ -1,0 +1,161 @@
+"""A stand-in for CuPy, so that fastcnn's GPU code paths run on machines with no GPU.
+
+``install(monkeypatch)`` puts a module named ``cupy`` in ``sys.modules`` whose
+arrays are NumPy arrays of a subclass that fastcnn takes for CuPy arrays (its
+``__module__`` is ``cupy`` and it has a ``__cuda_array_interface__``), and
+points fastcnn's GPU dispatch at ``fastcnn._cuda.emulator``, which runs the
+CUDA kernels' code on the host. Every Python branch that a CuPy array takes
+(functional's GPU paths, model.to("cuda"), the optimizers' multi-tensor update,
+the trainer's deferred reads, visualisation, the CLI's --device cuda) then runs
+for real, against the emulated kernels.
+
+As in CuPy, ``asarray`` of a host array copies (so a "GPU" array never shares
+memory with a NumPy one), reductions and scalar indexing give 0-d arrays, and
+``.get()`` / ``asnumpy`` give NumPy arrays. What it cannot show: anything of
+the real device (streams, memory, speed, the GPU's own arithmetic).
+"""
+import sys
+import types
+
+import numpy as np
+
+
+class ndarray(np.ndarray):
+    """A host array that fastcnn treats as a CuPy array."""
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        return np.asarray(arr).view(ndarray)  # reductions give 0-d arrays, as CuPy's
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        return out if isinstance(out, np.ndarray) else np.asarray(out).view(ndarray)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "version": 3,
+                "data": (self.__array_interface__["data"][0], not self.flags.writeable),
+                "strides": None if self.flags.c_contiguous else self.strides}
+
+    def get(self, stream=None):
+        return np.array(self.view(np.ndarray))
+
+    def __repr__(self):
+        return "fake_cupy." + repr(self.view(np.ndarray))
+
+
+ndarray.__module__ = "cupy"
+
+
+def _device(a):
+    return a.view(ndarray) if isinstance(a, np.ndarray) else a
+
+
+def _wrap(value):
+    if isinstance(value, np.ndarray):
+        return value.view(ndarray)
+    if isinstance(value, np.generic):
+        return np.asarray(value).view(ndarray)
+    if isinstance(value, tuple):
+        return tuple(_wrap(v) for v in value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+def _host(value):
+    if isinstance(value, ndarray):
+        return value.view(np.ndarray)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host(v) for v in value)
+    return value
+
+
+def asarray(a, dtype=None, order=None):
+    if isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype)) and (
+            order != "C" or a.flags.c_contiguous):
+        return a
+    if isinstance(a, ndarray):
+        return np.asarray(a.view(np.ndarray), dtype=dtype, order=order).view(ndarray)
+    return np.array(a, dtype=dtype, order=order or "K", copy=True).view(ndarray)
+
+
+def array(a, dtype=None, copy=True, order="K"):
+    return np.array(_host(a), dtype=dtype, copy=True, order=order).view(ndarray)
+
+
+def ascontiguousarray(a, dtype=None):
+    return asarray(a, dtype=dtype, order="C")
+
+
+def asnumpy(a, stream=None):
+    return a.get() if isinstance(a, ndarray) else np.asarray(a)
+
+
+def from_dlpack(a):
+    return asarray(np.from_dlpack(a))
+
+
+def _as_strided(x, shape=None, strides=None, **kwargs):
+    return np.lib.stride_tricks.as_strided(x, shape, strides, subok=True, **kwargs)
+
+
+class _Stream:
+    ptr = 0
+
+    def synchronize(self):
+        pass
+
+
+class _Device:
+    def __init__(self, device=0):
+        self.id = device
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _FakeCupy(types.ModuleType):
+    """numpy's functions with their array results as the fake device's arrays."""
+
+    ndarray = ndarray
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        if callable(attr) and not isinstance(attr, type):
+            def call(*args, **kwargs):
+                return _wrap(attr(*_host(args), **{k: _host(v) for k, v in kwargs.items()}))
+
+            call.__name__ = name
+            return call
+        return attr
+
+
+def module():
+    cp = _FakeCupy("cupy")
+    cp.__version__ = "fake"
+    for f in (asarray, array, ascontiguousarray, asnumpy, from_dlpack):
+        setattr(cp, f.__name__, f)
+    cp.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
+    runtime = types.SimpleNamespace(getDevice=lambda: 0)
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=_Device,
+                                    get_current_stream=lambda: _Stream())
+    return cp
+
+
+def install(monkeypatch):
+    """Fake CuPy + the emulated kernels for the duration of a test; returns the module."""
+    from fastcnn import _backend as B
+    from fastcnn import _cuda
+    import fastcnn.cuda
+
+    cp = module()
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(B, "_cuda_kernels", lambda: (cp, _cuda.emulator))
+    real_is_gpu = B.is_gpu_array
+    monkeypatch.setattr(B, "is_gpu_array", lambda x: isinstance(x, ndarray) or real_is_gpu(x))
+    monkeypatch.setattr(fastcnn.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fastcnn.cuda, "device_name", lambda device=0: "fake GPU (emulator)")
+    return cp
