@@ -21,7 +21,30 @@ import numpy as np
 
 
 class ndarray(np.ndarray):
-    """A host array that fastcnn treats as a CuPy array."""
+    """A host array that fastcnn treats as a CuPy array. ``host_reads`` counts what
+    would be a device-to-host copy on a GPU (and a wait for it): .get(), float(),
+    int(), bool(), .item(), .tolist()."""
+
+    host_reads = 0
+
+    def _read(self):
+        ndarray.host_reads += 1
+        return self.view(np.ndarray)
+
+    def __float__(self):
+        return float(self._read())
+
+    def __int__(self):
+        return int(self._read())
+
+    def __bool__(self):
+        return bool(self._read())
+
+    def item(self, *args):
+        return self._read().item(*args)
+
+    def tolist(self):
+        return self._read().tolist()
 
     def __array_wrap__(self, arr, context=None, return_scalar=False):
         return np.asarray(arr).view(ndarray)  # reductions give 0-d arrays, as CuPy's
@@ -37,7 +60,7 @@ class ndarray(np.ndarray):
                 "strides": None if self.flags.c_contiguous else self.strides}
 
     def get(self, stream=None):
-        return np.array(self.view(np.ndarray))
+        return np.array(self._read())
 
     def __repr__(self):
         return "fake_cupy." + repr(self.view(np.ndarray))

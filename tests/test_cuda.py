@@ -899,6 +899,38 @@ class TestModelsOnGpu:
                 continue
             close(cp.asnumpy(b), a, 100, rtol=1e-3, atol=1e-4, name=name)
 
+    @pytest.mark.parametrize("cp", ["fake"], indirect=True)
+    @pytest.mark.parametrize("batchnorm,most", [(False, 36), (True, 40)])
+    def test_training_step_launches_and_host_reads(self, rng, cp, batchnorm, most, monkeypatch):
+        """A training step of the reference CNN on the GPU path: how many kernels it
+        launches (small CNNs are launch-bound) and how often it waits for the GPU,
+        counted on the emulator with the GPU's workspace budget. Once for the
+        target check; the optimizer is one launch, cross-entropy three."""
+        from fastcnn import models, nn, optim
+
+        emu = _cuda.emulator
+        emu.use_gpu_workspace_budget(True)
+        try:
+            model = models.mnist_cnn(batchnorm=batchnorm, seed=0).to("cuda")
+            loss_fn, opt = nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01,
+                                                            momentum=0.9)
+            x = cp.asarray(randn(rng, 16, 1, 28, 28))
+            y = cp.asarray(rng.integers(0, 10, 16))
+            for step in range(2):  # the first creates the momentum buffers
+                before, reads = dict(emu.launches()), fake_cupy.ndarray.host_reads
+                opt.zero_grad()
+                loss_fn(model(x), y)
+                model.backward(loss_fn.backward(), input_grad=False)
+                opt.step()
+                after = emu.launches()
+                launched = {k: v - before.get(k, 0) for k, v in after.items()
+                            if v != before.get(k, 0)}
+                assert sum(launched.values()) <= most, launched
+                assert launched["sgd_step"] == 1, launched
+                assert fake_cupy.ndarray.host_reads - reads == 1
+        finally:
+            emu.use_gpu_workspace_budget(False)
+
     def test_trainer_evaluate_predict_and_inference(self, rng, cp):
         from fastcnn import data, train
 

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -146,8 +147,18 @@ Workspace::~Workspace() {
   }
 }
 
+namespace {
+constexpr std::size_t kGpuBudget = std::size_t{256} << 20;
+constexpr std::size_t kEmulatedBudget = std::size_t{64} << 10;
+std::atomic<std::size_t> g_emulated_budget{kEmulatedBudget};
+}  // namespace
+
 std::size_t workspace_budget(const Exec& ex) {
-  return ex.emulated ? (std::size_t{64} << 10) : (std::size_t{256} << 20);
+  return ex.emulated ? g_emulated_budget.load() : kGpuBudget;
+}
+
+void set_emulated_workspace_budget(bool gpu) {
+  g_emulated_budget.store(gpu ? kGpuBudget : kEmulatedBudget);
 }
 
 // ---------------------------------------------------------------- emulator --
@@ -314,8 +325,22 @@ void emulated_mma_tf32(HostCtx& ctx, float* d, const std::uint32_t* a, const std
   f.wait(ctx.thread, Fibers::State::AtWarp);  // nobody overwrites a slot still being read
 }
 
+namespace {
+std::mutex g_launch_mutex;
+std::map<std::string, std::int64_t> g_launches;
+}  // namespace
+
+std::map<std::string, std::int64_t> emulated_launches() {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  return g_launches;
+}
+
 void emulate(const char* kernel, Grid grid, int threads, std::size_t smem_bytes,
              bool cooperative, const std::function<void(HostCtx&)>& body) {
+  {
+    std::lock_guard<std::mutex> lock(g_launch_mutex);
+    ++g_launches[kernel];
+  }
   try {
     // Exactly smem_bytes (a sanitizer then sees overruns), 16-byte aligned by operator new.
     std::vector<std::uint64_t> smem((smem_bytes + 7) / 8 + (smem_bytes == 0));

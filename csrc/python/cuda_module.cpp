@@ -17,6 +17,7 @@
 #include <cuda_runtime_api.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -763,4 +764,9 @@ PYBIND11_MODULE(_cuda, m) {
       "The CUDA kernels run on the host (slow; for testing without a GPU): the functions of "
       "fastcnn._cpu on NumPy arrays.");
   bind_ops<HostArrays>(emulator);
+  emulator.def("launches", &cuda::emulated_launches,
+               "Kernels emulated so far, by name: {kernel: count} (each one a launch on a GPU).");
+  emulator.def("use_gpu_workspace_budget", &cuda::set_emulated_workspace_budget, py::arg("on"),
+               "Chunk convolutions by the GPU's workspace budget (True) rather than the "
+               "emulator's small one (False, the default), so as to launch what a GPU would.");
 }

@@ -15,6 +15,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <map>
+#include <string>
 
 #include "fastcnn/common.h"
 #include "fastcnn/conv_geometry.h"
@@ -38,6 +40,13 @@ int device_count() noexcept;
 // like torch.backends.cuda.matmul.allow_tf32.
 void set_allow_tf32(bool allow);
 bool allow_tf32();
+// Kernels emulated so far, by name (each one a launch on a GPU): tests count
+// a training step's launches with it.
+std::map<std::string, std::int64_t> emulated_launches();
+// The emulator cuts convolutions into chunks of images by a small workspace
+// budget (so that tests exercise the chunking); `gpu` gives it the GPU's, so
+// that it launches what a GPU would.
+void set_emulated_workspace_budget(bool gpu);
 
 // ---- gemm.cu
 // One operand of a GEMM seen as an (outer x k) matrix, outer being m for A
