@@ -478,7 +478,7 @@ def _batch_norm_backward_from_pool(grad_pooled, codes, input, save_mean, save_in
 
 
 def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilation, ceil_mode,
-                   indices, relu, check_indices=False):
+                   indices, relu, check_indices=True):
     xp, K = B.dispatch(grad_output, input, indices)
     x = B.as_float(input, "input", xp)
     g = _geometry(_PoolArgs, op, (x,), (kernel_size, stride, padding, dilation, ceil_mode))
