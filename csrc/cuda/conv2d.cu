@@ -2,7 +2,8 @@
 // images of a chunk side by side along the GEMM's n:
 //   forward  y[:, g] (k/g, images oh ow) = w[g] (k/g, c/g r s) @ im2col(x)[g]
 //            im2col is implicit (computed in the GEMM's tile loads), the
-//            bias added in its epilogue, the output written straight to NCHW.
+//            bias (and a following ReLU) applied in its epilogue, the output
+//            written straight to NCHW.
 //   dx       dcols[g] (c/g r s, images oh ow) = w[g]^T @ dy[:, g], then col2im
 //            (a gather per input pixel, no atomics); a pointwise convolution
 //            writes dx directly.
@@ -53,7 +54,7 @@ index_t images_per_chunk(const Exec& ex, index_t n, index_t pixels, index_t byte
 }  // namespace
 
 void conv2d_forward(const Exec& ex, const ConvShape& cs, const float* x, const float* w,
-                    const float* bias, float* y) {
+                    const float* bias, float* y, bool relu) {
   // x: (n, c, h, w), w: (k, c/g, r, s), bias: (k,) or null -> y: (n, k, oh, ow)
   const index_t kg = cs.k_per_group(), cg = cs.c_per_group(), rows = cs.col_rows();
   const index_t pixels = cs.out_pixels(), x_image = cs.c * cs.h * cs.w;
@@ -73,6 +74,7 @@ void conv2d_forward(const Exec& ex, const ConvShape& cs, const float* x, const f
     p.bias = bias;
     p.bias_batch_stride = kg;
     p.bias_per_row = true;
+    p.relu = relu;
     if (cs.is_pointwise()) {
       // B (channel, image pixel) = x itself: no im2col at all.
       p.b = make_operand(xs, 1, pixels, cg * pixels, pixels, cs.c * pixels);

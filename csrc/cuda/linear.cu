@@ -21,7 +21,7 @@ struct ColumnSum {
 }  // namespace
 
 void linear_forward(const Exec& ex, index_t n, index_t in, index_t out, const float* x,
-                    const float* w, const float* bias, float* y) {
+                    const float* w, const float* bias, float* y, bool relu) {
   // x: (n, in), w: (out, in), bias: (out,) or null -> y: (n, out)
   GemmProblem p;
   p.m = n;
@@ -32,6 +32,7 @@ void linear_forward(const Exec& ex, index_t n, index_t in, index_t out, const fl
   p.c = make_output(y, out);
   p.bias = bias;
   p.bias_per_row = false;
+  p.relu = relu;
   gemm(ex, p);
 }
 

@@ -133,16 +133,20 @@ PYBIND11_MODULE(_cpu, m) {
                    alpha, a.data, a.dim(1), b.data, b.dim(1), beta, c.data, n);
   });
 
+  // relu: y = relu(conv), as fastcnn._cuda's (here a second pass)
   m.def("conv2d_forward", [](py::object x_, py::object w_, py::object b_, py::object y_,
                              index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
-                             index_t dw, index_t groups) {
+                             index_t dw, index_t groups, bool relu) {
     auto x = in<float>(x_, "input"), w = in<float>(w_, "weight");
     auto y = out<float>(y_, "output");
     const fastcnn::ConvShape cs = conv_shape(x, w, y, sh, sw, ph, pw, dh, dw, groups);
     const float* bias = opt<float>(b_, "bias", false, cs.k);
     py::gil_scoped_release nogil;
     fastcnn::cpu::conv2d_forward(cs, x.data, w.data, bias, y.data);
-  });
+    if (relu) fastcnn::cpu::relu_forward(y.size(), y.data, y.data);
+  }, py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"), py::arg("sh"),
+     py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
+     py::arg("groups"), py::arg("relu") = false);
 
   m.def("conv2d_backward", [](py::object dy_, py::object x_, py::object w_, py::object dx_,
                               py::object dw_, py::object db_, index_t sh, index_t sw, index_t ph,
@@ -193,7 +197,9 @@ PYBIND11_MODULE(_cpu, m) {
     return true;
   });
 
-  m.def("linear_forward", [](py::object x_, py::object w_, py::object b_, py::object y_) {
+  // relu: y = relu(x w^T + b), as fastcnn._cuda's (here a second pass)
+  m.def("linear_forward", [](py::object x_, py::object w_, py::object b_, py::object y_,
+                             bool relu) {
     auto x = in<float>(x_, "input"), w = in<float>(w_, "weight");
     auto y = out<float>(y_, "output");
     expect_ndim(x, 2, "input");
@@ -206,7 +212,9 @@ PYBIND11_MODULE(_cpu, m) {
     const float* bias = opt<float>(b_, "bias", false, fout);
     py::gil_scoped_release nogil;
     fastcnn::cpu::linear_forward(n, fin, fout, x.data, w.data, bias, y.data);
-  });
+    if (relu) fastcnn::cpu::relu_forward(y.size(), y.data, y.data);
+  }, py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"),
+     py::arg("relu") = false);
 
   m.def("linear_backward", [](py::object dy_, py::object x_, py::object w_, py::object dx_,
                               py::object dw_, py::object db_) {

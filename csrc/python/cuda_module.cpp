@@ -332,9 +332,10 @@ void bind_ops(py::module_& m) {
                 alpha, a.data, a.dim(1), b.data, b.dim(1), beta, c.data, n);
   });
 
+  // relu: y = relu(conv), the ReLU in the GEMM's epilogue
   m.def("conv2d_forward", [](py::object x_, py::object w_, py::object b_, py::object y_,
                              index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
-                             index_t dw, index_t groups) {
+                             index_t dw, index_t groups, bool relu) {
     M mem;
     auto x = in<M, f32>(mem, x_, "input");
     auto w = in<M, f32>(mem, w_, "weight");
@@ -343,8 +344,10 @@ void bind_ops(py::module_& m) {
     const float* bias = opt<M, f32>(mem, b_, "bias", false, cs.k);
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
-    cuda::conv2d_forward(ex, cs, x.data, w.data, bias, y.data);
-  });
+    cuda::conv2d_forward(ex, cs, x.data, w.data, bias, y.data, relu);
+  }, py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"), py::arg("sh"),
+     py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
+     py::arg("groups"), py::arg("relu") = false);
 
   m.def("conv2d_backward", [](py::object dy_, py::object x_, py::object w_, py::object dx_,
                               py::object dw_, py::object db_, index_t sh, index_t sw, index_t ph,
@@ -362,7 +365,9 @@ void bind_ops(py::module_& m) {
     cuda::conv2d_backward(ex, cs, dy.data, x.data, w.data, dx, dwp, db);
   });
 
-  m.def("linear_forward", [](py::object x_, py::object w_, py::object b_, py::object y_) {
+  // relu: y = relu(x w^T + b), the ReLU in the GEMM's epilogue
+  m.def("linear_forward", [](py::object x_, py::object w_, py::object b_, py::object y_,
+                             bool relu) {
     M mem;
     auto x = in<M, f32>(mem, x_, "input");
     auto w = in<M, f32>(mem, w_, "weight");
@@ -377,8 +382,9 @@ void bind_ops(py::module_& m) {
     const float* bias = opt<M, f32>(mem, b_, "bias", false, fout);
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
-    cuda::linear_forward(ex, n, fin, fout, x.data, w.data, bias, y.data);
-  });
+    cuda::linear_forward(ex, n, fin, fout, x.data, w.data, bias, y.data, relu);
+  }, py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("output"),
+     py::arg("relu") = false);
 
   m.def("linear_backward", [](py::object dy_, py::object x_, py::object w_, py::object dx_,
                               py::object dw_, py::object db_) {

@@ -146,6 +146,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     None. stride, padding, dilation: an int or a pair; padding may also be
     'valid' or 'same'. Returns (N, K, OH, OW) (or (K, OH, OW) when unbatched).
     """
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, False)
+
+
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, relu):
+    """conv2d, followed by a ReLU when ``relu`` (in the GPU GEMM's epilogue)."""
     xp, K = B.dispatch(input, weight, bias)
     x = B.as_float(input, "input", xp)
     w = B.as_float(weight, "weight", xp)
@@ -153,7 +158,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     g = _geometry(_ConvArgs, "conv2d", (x, w, b), (stride, padding, dilation, groups))
     y = _empty(xp, g.out_shape)
     if y.size:
-        K.conv2d_forward(g.batched(x), w, b, y, *g.kernel_args())
+        K.conv2d_forward(g.batched(x), w, b, y, *g.kernel_args(), relu)
     return y[0] if g.unbatched else y
 
 
@@ -212,6 +217,11 @@ def _linear_args(op, x, w, b):
 
 def linear(input, weight, bias=None):
     """y = input @ weight.T + bias. input (*, in_features), weight (out, in), bias (out,)."""
+    return _linear(input, weight, bias, False)
+
+
+def _linear(input, weight, bias, relu):
+    """linear, followed by a ReLU when ``relu`` (in the GPU GEMM's epilogue)."""
     xp, K = B.dispatch(input, weight, bias)
     x = B.as_float(input, "input", xp)
     w = B.as_float(weight, "weight", xp)
@@ -220,7 +230,7 @@ def linear(input, weight, bias=None):
     x2 = x.reshape(-1, w.shape[1])
     y = _empty(xp, (x2.shape[0], w.shape[0]))
     if y.size:
-        K.linear_forward(x2, w, b, y)
+        K.linear_forward(x2, w, b, y, relu)
     return y.reshape(x.shape[:-1] + (w.shape[0],))
 
 

@@ -137,14 +137,16 @@ void col2im(const Exec& ex, const ConvShape& cs, const float* cols, float* dx);
 void nchw_to_cnhw(const Exec& ex, index_t n, index_t c, index_t p, const float* x, float* y);
 
 // ---- conv2d.cu
+// relu: y = relu(conv + bias), the ReLU applied in the GEMM's epilogue.
 void conv2d_forward(const Exec& ex, const ConvShape& cs, const float* x, const float* w,
-                    const float* bias, float* y);
+                    const float* bias, float* y, bool relu = false);
 void conv2d_backward(const Exec& ex, const ConvShape& cs, const float* dy, const float* x,
                      const float* w, float* dx, float* dw, float* db);
 
 // ---- linear.cu
+// relu: y = relu(x w^T + bias), the ReLU applied in the GEMM's epilogue.
 void linear_forward(const Exec& ex, index_t n, index_t in, index_t out, const float* x,
-                    const float* w, const float* bias, float* y);
+                    const float* w, const float* bias, float* y, bool relu = false);
 void linear_backward(const Exec& ex, index_t n, index_t in, index_t out, const float* dy,
                      const float* x, const float* w, float* dx, float* dw, float* db);
 

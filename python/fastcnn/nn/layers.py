@@ -120,6 +120,13 @@ class Conv2d(Module):
         bias = None if self.bias is None else self.bias.data
         return F.conv2d(x, self.weight.data, bias, *self._args())
 
+    def forward_relu(self, x):
+        """relu(forward(x)) in one op, the ReLU in the GEMM's epilogue (Sequential
+        runs a Conv2d and the ReLU after it this way on the GPU)."""
+        self._input = x
+        bias = None if self.bias is None else self.bias.data
+        return F._conv2d(x, self.weight.data, bias, *self._args(), True)
+
     def backward(self, grad_out, *, input_grad=True):
         x = _cached(self, "_input")
         bias = None if self.bias is None else self.bias.data
@@ -211,6 +218,13 @@ class Linear(Module):
         self._input = x
         return F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
 
+    def forward_relu(self, x):
+        """relu(forward(x)) in one op, the ReLU in the GEMM's epilogue (Sequential
+        runs a Linear and the ReLU after it this way on the GPU)."""
+        self._input = x
+        return F._linear(x, self.weight.data, None if self.bias is None else self.bias.data,
+                         True)
+
     def backward(self, grad_out, *, input_grad=True):
         x = _cached(self, "_input")
         bias = None if self.bias is None else self.bias.data
@@ -260,6 +274,13 @@ class ReLU(Module):
     def backward(self, grad_out, *, input_grad=True, guided=None):
         x = _cached(self, "_input")
         return F.relu_backward(grad_out, x, guided=self.guided if guided is None else bool(guided))
+
+    def set_fused_forward(self, y):
+        """Record a forward that the layer before ran with this ReLU (forward_relu):
+        the backward's mask comes from the output y, which gives the same gradient
+        as the input would, guided or not (y > 0 exactly where x > 0, y is NaN
+        where x is, and y is +-0 where x <= 0)."""
+        self._input = y
 
     def get_config(self):
         return {"guided": self.guided} if self.guided else {}

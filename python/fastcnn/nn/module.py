@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .. import _backend as B
 from .._backend import as_float as _as_float
 
 __all__ = ["Parameter", "Module", "Sequential", "from_spec"]
@@ -393,6 +394,14 @@ def from_spec(spec):
     return cls.from_config(args)
 
 
+def _fuses_relu_on_gpu(layer, after, x):
+    """Whether ``layer`` (a Conv2d or Linear) and the ReLU ``after`` it run as one
+    GEMM with the ReLU in its epilogue: on GPU arrays, for a plain ReLU (the
+    guided rule is for visualisation, which records every layer)."""
+    return (hasattr(layer, "forward_relu") and getattr(after, "fuses_into_pool", False) and
+            not after.guided and type(x) is not np.ndarray and B.is_gpu_array(x))
+
+
 class Sequential(Module):
     """Layers applied in order, each under a name.
 
@@ -413,9 +422,12 @@ class Sequential(Module):
     MaxPool2d(2), a BatchNorm2d (training) runs with them as one pass, and it
     and a model's first convolution (when no input gradient is asked for)
     take their gradients straight from the pool's window codes: their
-    outputs (and output gradients) are then not recorded either. Results are
-    otherwise the same bits. Evaluation mode, and ``fuse = False``, record
-    every layer.
+    outputs (and output gradients) are then not recorded either. On the GPU,
+    a Conv2d or Linear directly followed by a ReLU (and no MaxPool2d after
+    it) runs as one GEMM with the ReLU in its epilogue, in training and in
+    ``forward(x, record=False)``: the layer's own output is then not
+    recorded. Results are otherwise the same bits. Evaluation mode, and
+    ``fuse = False``, record every layer.
     """
 
     accepts_guided = True
@@ -535,6 +547,16 @@ class Sequential(Module):
                     self.activations[names[i + 2]] = x
                     i += 3
                     continue
+            if (fuse and i < last and _fuses_relu_on_gpu(layer, layers[i + 1], x) and
+                    not (i + 2 <= last and hasattr(layers[i + 2], "forward_after_relu"))):
+                # On the GPU, a Conv2d or Linear and the ReLU after it: one GEMM with
+                # the ReLU in its epilogue (unless a MaxPool2d follows, which takes the
+                # ReLU instead); the layer's own output is neither written nor recorded.
+                x = layer.forward_relu(x)
+                layers[i + 1].set_fused_forward(x)
+                self.activations[names[i + 1]] = x
+                i += 2
+                continue
             if (fuse and i < last and getattr(layer, "fuses_into_pool", False) and
                     not layer.guided and hasattr(layers[i + 1], "forward_after_relu")):
                 layer._input = x  # for an unfused ReLU backward (guided, or a stop there)
@@ -550,8 +572,14 @@ class Sequential(Module):
     def _forward_unrecorded(self, x, layers, first, last):
         whole = first == 0 and last == len(layers) - 1
         if not (whole and not self.training and type(x) is np.ndarray and x.size):
-            for layer in layers[first:last + 1]:
-                x = layer.forward(x)
+            i = first
+            while i <= last:
+                if i < last and _fuses_relu_on_gpu(layers[i], layers[i + 1], x):
+                    x = layers[i].forward_relu(x)  # nothing is kept: the ReLU has no record
+                    i += 2
+                else:
+                    x = layers[i].forward(x)
+                    i += 1
             return x
         x = _as_float(x, "input", np)
         plan = self._plan
