@@ -14,6 +14,7 @@ memory with a NumPy one), reductions and scalar indexing give 0-d arrays, and
 ``.get()`` / ``asnumpy`` give NumPy arrays. What it cannot show: anything of
 the real device (streams, memory, speed, the GPU's own arithmetic).
 """
+import contextlib
 import sys
 import types
 
@@ -26,6 +27,10 @@ class ndarray(np.ndarray):
     int(), bool(), .item(), .tolist()."""
 
     host_reads = 0
+
+    def __array_finalize__(self, obj):
+        if _kept is not None and self.base is None:  # new memory (copy, astype, ...)
+            _kept.append(self)
 
     def _read(self):
         ndarray.host_reads += 1
@@ -47,7 +52,7 @@ class ndarray(np.ndarray):
         return self._read().tolist()
 
     def __array_wrap__(self, arr, context=None, return_scalar=False):
-        return np.asarray(arr).view(ndarray)  # reductions give 0-d arrays, as CuPy's
+        return _wrap(arr)  # reductions give 0-d arrays, as CuPy's
 
     def __getitem__(self, key):
         out = super().__getitem__(key)
@@ -62,6 +67,9 @@ class ndarray(np.ndarray):
     def get(self, stream=None):
         return np.array(self._read())
 
+    def set(self, arr, stream=None):
+        self.view(np.ndarray)[...] = arr
+
     def __repr__(self):
         return "fake_cupy." + repr(self.view(np.ndarray))
 
@@ -73,11 +81,15 @@ def _device(a):
     return a.view(ndarray) if isinstance(a, np.ndarray) else a
 
 
+_kept = None  # the list of the memory pool in use (using_allocator), if any
+
+
 def _wrap(value):
-    if isinstance(value, np.ndarray):
-        return value.view(ndarray)
-    if isinstance(value, np.generic):
-        return np.asarray(value).view(ndarray)
+    if isinstance(value, (np.ndarray, np.generic)):
+        out = np.asarray(value).view(ndarray)
+        if _kept is not None:
+            _kept.append(out)
+        return out
     if isinstance(value, tuple):
         return tuple(_wrap(v) for v in value)
     if isinstance(value, list):
@@ -98,12 +110,12 @@ def asarray(a, dtype=None, order=None):
             order != "C" or a.flags.c_contiguous):
         return a
     if isinstance(a, ndarray):
-        return np.asarray(a.view(np.ndarray), dtype=dtype, order=order).view(ndarray)
-    return np.array(a, dtype=dtype, order=order or "K", copy=True).view(ndarray)
+        return _wrap(np.asarray(a.view(np.ndarray), dtype=dtype, order=order))
+    return _wrap(np.array(a, dtype=dtype, order=order or "K", copy=True))
 
 
 def array(a, dtype=None, copy=True, order="K"):
-    return np.array(_host(a), dtype=dtype, copy=True, order=order).view(ndarray)
+    return _wrap(np.array(_host(a), dtype=dtype, copy=True, order=order))
 
 
 def ascontiguousarray(a, dtype=None):
@@ -123,10 +135,44 @@ def _as_strided(x, shape=None, strides=None, **kwargs):
 
 
 class _Stream:
+    """A stream: a context manager (kernels here run in order anyway)."""
+
     ptr = 0
+
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
     def synchronize(self):
         pass
+
+
+class _MemoryPool:
+    """A pool of its own: what is allocated while it is in use stays allocated as
+    long as the pool lives (as a CuPy pool keeps freed blocks for itself), so a
+    captured graph's memory is never handed to anything else."""
+
+    def __init__(self):
+        self.kept = []
+
+    def malloc(self, nbytes):
+        raise NotImplementedError("the fake device allocates through NumPy")
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    global _kept
+    pool = getattr(allocator, "__self__", None)
+    saved, _kept = _kept, (pool.kept if isinstance(pool, _MemoryPool) else None)
+    try:
+        yield
+    finally:
+        _kept = saved
 
 
 class _Device:
@@ -163,7 +209,8 @@ def module():
         setattr(cp, f.__name__, f)
     cp.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
     runtime = types.SimpleNamespace(getDevice=lambda: 0)
-    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=_Device,
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, Stream=_Stream,
+                                    MemoryPool=_MemoryPool, using_allocator=_using_allocator,
                                     get_current_stream=lambda: _Stream())
     return cp
 

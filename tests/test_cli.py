@@ -177,6 +177,9 @@ def test_train_device_cuda_without_gpu_fails_cleanly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--device cuda: no usable GPU" in err
     assert not (tmp_path / "o").exists()
+    assert cli.main(["train", "--data", str(folder), "--out", str(tmp_path / "o"), "--epochs",
+                     "1", "--cuda-graph", "--no-progress"]) == 2
+    assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
 
 
 def _gpu_skip():
@@ -206,8 +209,9 @@ def _has_cuda_module():
 @pytest.mark.parametrize("command,optimizer", [("demo", None), ("train", "adam")])
 def test_training_on_the_gpu_from_the_cli(tmp_path, capsys, monkeypatch, command, optimizer,
                                           gpu):
-    """demo (BN model, SGD + cosine schedule, explanations) and train (Adam) with
-    --device cuda: outputs written, the saved model loads on the CPU and predicts
+    """demo (BN model, SGD + cosine schedule, explanations) and train (Adam, as a
+    replayed CUDA graph) with --device cuda: outputs written, the saved model
+    loads on the CPU and predicts
     (on the GPU, and through tests/fake_cupy.py on the emulated kernels)."""
     if gpu == "fake":
         import fake_cupy
@@ -218,8 +222,8 @@ def test_training_on_the_gpu_from_the_cli(tmp_path, capsys, monkeypatch, command
     out = tmp_path / "run"
     args = [command, "--data", str(folder), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", "16", "--device", "cuda", "--no-progress"]
-    if optimizer:
-        args += ["--optimizer", optimizer, "--val-size", "0"]
+    if optimizer:  # train: Adam, its steps replayed as a CUDA graph
+        args += ["--optimizer", optimizer, "--val-size", "0", "--cuda-graph"]
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     assert "GPU" in text and "test accuracy" in text

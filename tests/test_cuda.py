@@ -991,6 +991,119 @@ class TestModelsOnGpu:
             m.eval()
         bitwise(cp.asnumpy(fused.forward(x, record=False)), cp.asnumpy(plain(x)), "record=False")
 
+    @staticmethod
+    def _train(cp, graph, opt_name, batchnorm, steps=5, check=None):
+        """`steps` training steps of a small CNN (dropout, optional batch norm, a
+        per-step cosine schedule), eager or through a CapturedStep."""
+        import fastcnn.cuda
+        from fastcnn import models, nn, optim
+
+        model = models.mnist_cnn(batchnorm=batchnorm, channels=(4, 8), hidden=16, input_size=12,
+                                 seed=0).to("cuda")
+        opt = optim.build_optimizer(opt_name, model.parameters(),
+                                    0.05 if opt_name == "sgd" else 1e-2, weight_decay=1e-3)
+        sched = optim.CosineAnnealingLR(opt, T_max=10, warmup=2, interval="step")
+        loss_fn = nn.CrossEntropyLoss()
+        step = fastcnn.cuda.CapturedStep(model, loss_fn, opt) if graph else None
+        data = np.random.default_rng(1)
+        losses = []
+        for i in range(steps):
+            x, y = randn(data, 6, 1, 12, 12), data.integers(0, 10, 6)
+            if i % 2:  # device batches as well as host ones
+                x, y = cp.asarray(x), cp.asarray(y)
+            if step is not None:
+                loss = step(x, y)
+            else:
+                opt.zero_grad()
+                loss = loss_fn(model(cp.asarray(x)), cp.asarray(y))
+                model.backward(loss_fn.backward(), input_grad=False)
+                opt.step()
+            losses.append(float(loss))
+            sched.step()
+            if check is not None:
+                check(i, step)
+        return model, opt, losses, step
+
+    @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+    @pytest.mark.parametrize("batchnorm", [False, True])
+    def test_captured_step_gives_the_eager_steps_bits(self, rng, cp, opt_name, batchnorm):
+        """Replays of one captured graph train as eager steps do, to the bit: losses,
+        weights, BN statistics and counters, Dropout offsets (a new mask each step),
+        optimizer state, with the lr changed by the schedule at every step."""
+        emu = _cuda.emulator
+        replays = []
+
+        def count(i, step):
+            replays.append(dict(emu.launches()).get("sgd_step" if opt_name == "sgd"
+                                                    else "adam_step", 0))
+
+        eager, eager_opt, eager_losses, _ = self._train(cp, False, opt_name, batchnorm)
+        model, opt, losses, step = self._train(cp, True, opt_name, batchnorm, check=count)
+        assert step.captures == 1
+        assert losses == eager_losses
+        for (name, a), (_, b) in zip(eager.state_dict().items(), model.state_dict().items()):
+            bitwise(cp.asnumpy(b), cp.asnumpy(a), name)
+        for i, state in eager_opt.state.items():
+            for key, value in state.items():
+                if isinstance(value, (int, float)):
+                    assert opt.state[i][key] == value, (i, key)
+                else:
+                    bitwise(cp.asnumpy(opt.state[i][key]), cp.asnumpy(value), f"{key} of {i}")
+        if isinstance(cp.ndarray, type) and cp.ndarray.__module__ == "cupy" and hasattr(
+                cp.ndarray, "host_reads"):  # the stand-in: every step updated once
+            assert np.diff(replays).tolist() == [1] * (len(replays) - 1)
+
+    def test_captured_step_recaptures_checks_and_refuses(self, rng, cp):
+        import fastcnn.cuda
+        from fastcnn import models, nn, optim
+
+        model = models.mnist_cnn(channels=(4, 8), hidden=16, input_size=12, seed=0).to("cuda")
+        step = fastcnn.cuda.CapturedStep(model, nn.CrossEntropyLoss(),
+                                         optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+        batch = lambda n: (randn(rng, n, 1, 12, 12), rng.integers(0, 10, n))  # noqa: E731
+        for n in (4, 4, 4, 5, 5):
+            assert math.isfinite(float(step(*batch(n))))
+        assert step.captures == 2  # the first call is eager; a new batch size recaptures
+        model.eval()
+        model.train()
+        step(*batch(5))
+        assert step.captures == 2  # back to the same state: the same graph
+        model.dropout.p = 0.25
+        step(*batch(5))
+        assert step.captures == 3  # a layer's setting changed
+        x, y = batch(5)
+        y[2] = 10
+        with pytest.raises(ValueError, match="target contains 10"):
+            step(x, y)
+        with pytest.raises(ValueError, match="target contains 10"):
+            step(cp.asarray(x), cp.asarray(y))
+        bn = models.mnist_cnn(batchnorm=True, channels=(4, 8), hidden=16, input_size=12).to("cuda")
+        bn.bn1.momentum = None
+        cumulative = fastcnn.cuda.CapturedStep(bn, optimizer=optim.Adam(bn.parameters()))
+        cumulative(*batch(4))  # eager
+        with pytest.raises(fastcnn.cuda.CaptureError, match="momentum=None"):
+            cumulative(*batch(4))
+        with pytest.raises(ValueError, match="on the GPU"):
+            fastcnn.cuda.CapturedStep(models.mnist_cnn())
+
+    def test_trainer_with_cuda_graph_trains_as_eager(self, rng, cp):
+        from fastcnn import data, models, optim, train
+
+        images = rng.integers(0, 256, (44, 12, 12)).astype(np.uint8)
+        dataset = data.Dataset(images, rng.integers(0, 10, 44), name="random")
+        runs = []
+        for graph in (False, True):
+            model = models.mnist_cnn(batchnorm=True, channels=(4, 8), hidden=16, input_size=12,
+                                     seed=0).to("cuda")
+            opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            history = train.Trainer(progress=False, log=None, cuda_graph=graph).fit(
+                model, dataset, epochs=2, optimizer=opt, batch_size=8)  # 5 full + 1 of 4
+            runs.append((history, {k: cp.asnumpy(v) for k, v in model.state_dict().items()}))
+        for key in ("loss", "accuracy"):
+            assert [h[key] for h in runs[0][0]] == [h[key] for h in runs[1][0]], key
+        for name in runs[0][1]:
+            bitwise(runs[1][1][name], runs[0][1][name], name)
+
     def test_trainer_evaluate_predict_and_inference(self, rng, cp):
         from fastcnn import data, train
 

@@ -16,11 +16,15 @@ struct DropoutQuad {
   float* y;
   index_t count;
   std::uint64_t seed, offset;
+  const std::int64_t* offset_on_device;  // null: `offset`
   std::uint32_t threshold;
   float scale;
 
   FASTCNN_HD void operator()(index_t quad) const {
-    const Philox4 r = philox4x32_10(static_cast<std::uint64_t>(quad), offset, seed);
+    const std::uint64_t at = offset_on_device != nullptr
+                                 ? static_cast<std::uint64_t>(*offset_on_device)
+                                 : offset;
+    const Philox4 r = philox4x32_10(static_cast<std::uint64_t>(quad), at, seed);
     const index_t first = quad * 4;
     const index_t lanes = count - first < 4 ? count - first : 4;
     for (index_t j = 0; j < lanes; ++j) {
@@ -33,8 +37,8 @@ struct DropoutQuad {
 }  // namespace
 
 void dropout_apply(const Exec& ex, index_t count, const float* x, double p, std::uint64_t seed,
-                   std::uint64_t offset, float* y) {
-  const DropoutQuad quad{x,      y, count, seed, offset, dropout_threshold(p),
+                   std::uint64_t offset, float* y, const std::int64_t* offset_on_device) {
+  const DropoutQuad quad{x,      y, count, seed, offset, offset_on_device, dropout_threshold(p),
                          static_cast<float>(1.0 / (1.0 - p))};
   for_each(ex, "dropout", (count + 3) / 4, quad);
 }

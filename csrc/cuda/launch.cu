@@ -21,6 +21,12 @@
 namespace fastcnn {
 namespace cuda {
 
+namespace {
+// Kernels emulated (and recorded) so far, by name: emulated_launches().
+std::mutex g_launch_mutex;
+std::map<std::string, std::int64_t> g_launches;
+}  // namespace
+
 // ------------------------------------------------------------------ errors --
 
 [[noreturn]] void throw_cuda_error(cudaError_t err, const std::string& what) {
@@ -117,12 +123,29 @@ DevicePool pool_for(int device) {
 
 }  // namespace
 
+namespace {
+void keep_for_graph(void* ptr);
+}
+
 Workspace::Workspace(const Exec& ex, std::size_t bytes) : ex_(ex) {
   if (bytes == 0) return;
   if (ex.emulated) {
     ptr_ = std::malloc(bytes);
     if (ptr_ == nullptr) throw std::bad_alloc();
     std::memset(ptr_, 0xFF, bytes);  // NaN: a read of unwritten scratch shows up
+    if (emulated_recording()) {
+      keep_for_graph(ptr_);  // the recorded kernels use it at every replay
+      kept_ = true;
+    }
+    return;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  FASTCNN_CUDA_CHECK(cudaStreamIsCapturing(ex.stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    // Captured: an allocation node of the graph (the default pool's
+    // stream-ordered allocator, which graphs support), freed by a free node.
+    FASTCNN_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, ex.stream));
+    pooled_ = true;
     return;
   }
   int device = 0;
@@ -137,7 +160,7 @@ Workspace::Workspace(const Exec& ex, std::size_t bytes) : ex_(ex) {
 }
 
 Workspace::~Workspace() {
-  if (ptr_ == nullptr) return;
+  if (ptr_ == nullptr || kept_) return;
   if (ex_.emulated) {
     std::free(ptr_);
   } else if (pooled_) {
@@ -152,6 +175,102 @@ constexpr std::size_t kGpuBudget = std::size_t{256} << 20;
 constexpr std::size_t kEmulatedBudget = std::size_t{64} << 10;
 std::atomic<std::size_t> g_emulated_budget{kEmulatedBudget};
 }  // namespace
+
+// ------------------------------------------------------------------ graphs --
+
+namespace {
+
+struct Recording {
+  struct Launch {
+    std::string kernel;
+    Grid grid;
+    int threads;
+    std::size_t smem_bytes;
+    bool cooperative;
+    std::function<void(HostCtx&)> body;
+  };
+  std::vector<Launch> launches;
+  std::vector<void*> kept;  // scratch memory the launches use
+  ~Recording() {
+    for (void* p : kept) std::free(p);
+  }
+};
+
+thread_local std::unique_ptr<Recording> t_recording;
+
+void keep_for_graph(void* ptr) { t_recording->kept.push_back(ptr); }
+
+class EmulatedGraph final : public Graph {
+ public:
+  explicit EmulatedGraph(std::unique_ptr<Recording> r) : r_(std::move(r)) {}
+  void launch(const Exec&) override {
+    for (const Recording::Launch& l : r_->launches)
+      emulate(l.kernel.c_str(), l.grid, l.threads, l.smem_bytes, l.cooperative, l.body);
+  }
+  bool emulated() const override { return true; }
+  std::int64_t kernels() const override { return static_cast<std::int64_t>(r_->launches.size()); }
+
+ private:
+  std::unique_ptr<Recording> r_;
+};
+
+class DeviceGraph final : public Graph {
+ public:
+  explicit DeviceGraph(cudaGraph_t graph) : graph_(graph) {
+    const cudaError_t err = cudaGraphInstantiate(&exec_, graph_, 0);
+    if (err != cudaSuccess) {
+      (void)cudaGraphDestroy(graph_);
+      throw_cuda_error(err, "cudaGraphInstantiate");
+    }
+  }
+  ~DeviceGraph() override {
+    (void)cudaGraphExecDestroy(exec_);
+    (void)cudaGraphDestroy(graph_);
+  }
+  void launch(const Exec& ex) override {
+    FASTCNN_CUDA_CHECK(cudaGraphLaunch(exec_, ex.stream));
+  }
+  bool emulated() const override { return false; }
+  std::int64_t kernels() const override { return -1; }
+
+ private:
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
+
+}  // namespace
+
+bool emulated_recording() { return t_recording != nullptr; }
+
+void record_emulated(const char* kernel, Grid grid, int threads, std::size_t smem_bytes,
+                     bool cooperative, std::function<void(HostCtx&)> body) {
+  {
+    std::lock_guard<std::mutex> lock(g_launch_mutex);
+    ++g_launches[std::string("captured ") + kernel];
+  }
+  t_recording->launches.push_back(
+      Recording::Launch{kernel, grid, threads, smem_bytes, cooperative, std::move(body)});
+}
+
+void graph_begin(const Exec& ex) {
+  if (ex.emulated) {
+    if (t_recording != nullptr) throw CudaError("graph_begin: already recording a graph");
+    t_recording.reset(new Recording());
+    return;
+  }
+  FASTCNN_CUDA_CHECK(cudaStreamBeginCapture(ex.stream, cudaStreamCaptureModeRelaxed));
+}
+
+std::unique_ptr<Graph> graph_end(const Exec& ex) {
+  if (ex.emulated) {
+    if (t_recording == nullptr) throw CudaError("graph_end: no graph is being recorded");
+    return std::unique_ptr<Graph>(new EmulatedGraph(std::move(t_recording)));
+  }
+  cudaGraph_t graph = nullptr;
+  FASTCNN_CUDA_CHECK(cudaStreamEndCapture(ex.stream, &graph));
+  if (graph == nullptr) throw CudaError("cudaStreamEndCapture: the capture was invalidated");
+  return std::unique_ptr<Graph>(new DeviceGraph(graph));
+}
 
 std::size_t workspace_budget(const Exec& ex) {
   return ex.emulated ? g_emulated_budget.load() : kGpuBudget;
@@ -325,10 +444,6 @@ void emulated_mma_tf32(HostCtx& ctx, float* d, const std::uint32_t* a, const std
   f.wait(ctx.thread, Fibers::State::AtWarp);  // nobody overwrites a slot still being read
 }
 
-namespace {
-std::mutex g_launch_mutex;
-std::map<std::string, std::int64_t> g_launches;
-}  // namespace
 
 std::map<std::string, std::int64_t> emulated_launches() {
   std::lock_guard<std::mutex> lock(g_launch_mutex);

@@ -26,6 +26,7 @@ struct TensorTable {
   const float* g[kMaxTensors];
   float* state[kStates][kMaxTensors];
   float bias2_sqrt[kMaxTensors], step_size[kMaxTensors];  // Adam: per tensor (its step count)
+  int index[kMaxTensors];                                  // the tensor's place in the call
   bool first[kMaxTensors];                                // SGD: the buffer starts as g
   index_t size[kMaxTensors];
   index_t first_block[kMaxTensors + 1];
@@ -57,16 +58,19 @@ struct SgdBody {
   TensorTable<1> table;
   SgdOptions o;
   bool decay, momentum;
+  const float* scalars;  // lr at [0], or null
 
   template <class Ctx>
   FASTCNN_HD void operator()(Ctx& ctx) const {
     const ChunkRange<1> r(table, ctx);
+    SgdOptions mine = o;
+    if (scalars != nullptr) mine.lr = scalars[0];
     float* p = table.p[r.t];
     const float* g = table.g[r.t];
     float* buf = table.state[0][r.t];
     const bool first = table.first[r.t];
     for (index_t i = r.begin + ctx.tid(); i < r.end; i += kThreads)
-      sgd_element(o, decay, momentum, first, o.nesterov, o.damped, p + i, g[i],
+      sgd_element(mine, decay, momentum, first, o.nesterov, o.damped, p + i, g[i],
                   momentum ? buf + i : nullptr);
   }
 };
@@ -77,13 +81,21 @@ struct AdamBody {
   TensorTable<2> table;
   AdamOptions o;
   bool decoupled, l2;
+  const float* scalars;  // decay_scale, then (bias2_sqrt, step_size) per tensor; or null
 
   template <class Ctx>
   FASTCNN_HD void operator()(Ctx& ctx) const {
     const ChunkRange<2> r(table, ctx);
     AdamOptions mine = o;
-    mine.bias2_sqrt = table.bias2_sqrt[r.t];
-    mine.step_size = table.step_size[r.t];
+    if (scalars != nullptr) {
+      const int i = table.index[r.t];
+      mine.decay_scale = scalars[0];
+      mine.bias2_sqrt = scalars[1 + 2 * i];
+      mine.step_size = scalars[2 + 2 * i];
+    } else {
+      mine.bias2_sqrt = table.bias2_sqrt[r.t];
+      mine.step_size = table.step_size[r.t];
+    }
     float* p = table.p[r.t];
     const float* g = table.g[r.t];
     float* m = table.state[0][r.t];
@@ -112,6 +124,7 @@ void in_launches(const OptimTensor* tensors, int n, Fill fill, Launch run) {
     table.p[slot] = tensors[i].p;
     table.g[slot] = tensors[i].g;
     table.size[slot] = tensors[i].size;
+    table.index[slot] = i;
     table.first_block[slot] = blocks;
     fill(table, slot, tensors[i]);
     blocks += (tensors[i].size + kChunk - 1) / kChunk;
@@ -123,7 +136,7 @@ void in_launches(const OptimTensor* tensors, int n, Fill fill, Launch run) {
 }  // namespace
 
 void sgd_step_multi(const Exec& ex, const OptimTensor* tensors, int n, bool momentum,
-                    const SgdOptions& o) {
+                    const SgdOptions& o, const float* scalars) {
   const bool decay = o.weight_decay != 0.0f;
   in_launches<TensorTable<1>>(
       tensors, n,
@@ -133,12 +146,16 @@ void sgd_step_multi(const Exec& ex, const OptimTensor* tensors, int n, bool mome
         table.bias2_sqrt[slot] = table.step_size[slot] = 0.0f;
       },
       [&](const TensorTable<1>& table, index_t blocks) {
-        launch(ex, "sgd_step", Grid{blocks}, 0, SgdBody{table, o, decay, momentum});
+        launch(ex, "sgd_step", Grid{blocks}, 0, SgdBody{table, o, decay, momentum, scalars});
       });
 }
 
-void adam_step_multi(const Exec& ex, const OptimTensor* tensors, int n, const AdamOptions& o) {
-  const bool decoupled = o.decay_scale != 1.0f, l2 = o.weight_decay != 0.0f;
+void adam_step_multi(const Exec& ex, const OptimTensor* tensors, int n, const AdamOptions& o,
+                     const float* scalars) {
+  // With device scalars the decay scale is always applied (it is 1 for Adam:
+  // p * 1 is p, to the bit), since it is not known here.
+  const bool decoupled = scalars != nullptr || o.decay_scale != 1.0f;
+  const bool l2 = o.weight_decay != 0.0f;
   in_launches<TensorTable<2>>(
       tensors, n,
       [](TensorTable<2>& table, int slot, const OptimTensor& t) {
@@ -149,7 +166,7 @@ void adam_step_multi(const Exec& ex, const OptimTensor* tensors, int n, const Ad
         table.first[slot] = false;
       },
       [&](const TensorTable<2>& table, index_t blocks) {
-        launch(ex, "adam_step", Grid{blocks}, 0, AdamBody{table, o, decoupled, l2});
+        launch(ex, "adam_step", Grid{blocks}, 0, AdamBody{table, o, decoupled, l2, scalars});
       });
 }
 

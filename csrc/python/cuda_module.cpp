@@ -635,16 +635,20 @@ void bind_ops(py::module_& m) {
                                     dw, db);
         });
 
+  // offset_on_device: a 1-element int64 array whose value replaces `offset`
+  // when the kernel runs (a captured graph's per-replay offset)
   m.def("dropout_apply", [](py::object x_, py::object y_, double p, std::uint64_t seed,
-                            std::uint64_t offset) {
+                            std::uint64_t offset, py::object offset_on_device_) {
     M mem;
     auto y = out<M, f32>(mem, y_, "output");
     const float* x = opt<M, f32>(mem, x_, "input", false, y.size());
     if (!(p >= 0.0 && p < 1.0)) fail("p must be in [0, 1)");
+    const i64* offset_on_device = opt<M, i64>(mem, offset_on_device_, "offset_on_device", false, 1);
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
-    cuda::dropout_apply(ex, y.size(), x, p, seed, offset, y.data);
-  });
+    cuda::dropout_apply(ex, y.size(), x, p, seed, offset, y.data, offset_on_device);
+  }, py::arg("input"), py::arg("output"), py::arg("p"), py::arg("seed"), py::arg("offset"),
+     py::arg("offset_on_device") = py::none());
 
   m.def("normalize_u8", [](py::object x_, py::object mean_, py::object std_, py::object y_,
                            index_t outer, index_t c, index_t inner) {
@@ -663,9 +667,11 @@ void bind_ops(py::module_& m) {
   // Optimizer updates of a list of parameters, in place, in one launch per
   // cuda::kMaxTensors of them; the per-element maths of _cpu.sgd_step /
   // _cpu.adam_step (same bits).
+  // scalars: None, or a 1-element float32 array holding lr (read when the kernel runs)
   m.def("sgd_step_multi", [](py::list params, py::list grads, py::object bufs_,
                              py::list first_steps, float lr, float momentum, float weight_decay,
-                             float undamped_share, bool damped, bool nesterov) {
+                             float undamped_share, bool damped, bool nesterov,
+                             py::object scalars_) {
     M mem;
     const bool with_momentum = !bufs_.is_none();
     const size_t n = params.size();
@@ -690,16 +696,21 @@ void bind_ops(py::module_& m) {
     }
     const fastcnn::SgdOptions o{lr, momentum, weight_decay, undamped_share, damped, nesterov,
                                 false};
+    const float* scalars = opt<M, f32>(mem, scalars_, "scalars", false, 1);
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
-    cuda::sgd_step_multi(ex, tensors.data(), static_cast<int>(n), with_momentum, o);
-  });
+    cuda::sgd_step_multi(ex, tensors.data(), static_cast<int>(n), with_momentum, o, scalars);
+  }, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("first_steps"),
+     py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("undamped_share"),
+     py::arg("damped"), py::arg("nesterov"), py::arg("scalars") = py::none());
 
+  // scalars: None, or a float32 array of 1 + 2 len(params): decay_scale, then
+  // each parameter's bias2_sqrt and step_size (read when the kernel runs)
   m.def("adam_step_multi", [](py::list params, py::list grads, py::list exp_avgs,
                               py::list exp_avg_sqs, float beta1, float beta2,
                               float one_minus_beta1, float one_minus_beta2, float eps,
                               float weight_decay, float decay_scale, py::list bias2_sqrts,
-                              py::list step_sizes) {
+                              py::list step_sizes, py::object scalars_) {
     M mem;
     const size_t n = params.size();
     if (grads.size() != n || exp_avgs.size() != n || exp_avg_sqs.size() != n ||
@@ -723,9 +734,25 @@ void bind_ops(py::module_& m) {
     }
     const fastcnn::AdamOptions o{beta1, beta2,        one_minus_beta1, one_minus_beta2, eps,
                                  weight_decay, decay_scale, 1.0f, 0.0f};
+    const float* scalars =
+        opt<M, f32>(mem, scalars_, "scalars", false, 1 + 2 * static_cast<index_t>(n));
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
-    cuda::adam_step_multi(ex, tensors.data(), static_cast<int>(n), o);
+    cuda::adam_step_multi(ex, tensors.data(), static_cast<int>(n), o, scalars);
+  }, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+     py::arg("beta1"), py::arg("beta2"), py::arg("one_minus_beta1"), py::arg("one_minus_beta2"),
+     py::arg("eps"), py::arg("weight_decay"), py::arg("decay_scale"), py::arg("bias2_sqrts"),
+     py::arg("step_sizes"), py::arg("scalars") = py::none());
+
+  // Graphs: launches on the current stream between graph_begin() and
+  // graph_end() are captured (not run); the Graph's launch() replays them.
+  m.def("graph_begin", [] {
+    M mem;
+    cuda::graph_begin(mem.exec());
+  });
+  m.def("graph_end", [] {
+    M mem;
+    return cuda::graph_end(mem.exec());
   });
 
   m.def("gemm_kernel", &cuda::gemm_kernel_name);
@@ -763,6 +790,21 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("set_allow_tf32", &cuda::set_allow_tf32, py::arg("allow"),
         "Let every GEMM (matmul, linear, conv2d) use TF32 tensor cores (off by default).");
   m.def("get_allow_tf32", &cuda::allow_tf32);
+  py::class_<cuda::Graph>(m, "Graph",
+                          "A captured sequence of kernel launches (graph_begin / graph_end).")
+      .def("launch", [](cuda::Graph& g) {
+        cuda::Exec ex;
+        if (g.emulated()) {
+          ex.emulated = true;
+        } else {
+          DeviceArrays mem;
+          ex = mem.exec();
+        }
+        py::gil_scoped_release nogil;
+        g.launch(ex);
+      }, "Replay the launches on the current stream (CuPy's), in capture order.")
+      .def_property_readonly("kernels", &cuda::Graph::kernels,
+                             "Launches recorded (emulated graphs; -1 on a GPU).");
   bind_ops<DeviceArrays>(m);
 
   py::module_ emulator = m.def_submodule(

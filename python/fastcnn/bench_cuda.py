@@ -17,9 +17,9 @@ Sections:
   conv  conv2d forward, backward and forward+backward on fastcnn.bench's
         CONV_SHAPES against cuDNN (torch.backends.cudnn.benchmark on);
   ops   the memory-bound ops on MNIST-CNN-sized activations;
-  net   a training step (forward, loss, backward, SGD with momentum) and
-        inference of the reference MNIST CNN, batch 64 and 256, against
-        PyTorch eager.
+  net   a training step (forward, loss, backward, SGD with momentum), eager
+        and captured as a CUDA graph (fastcnn.cuda.CapturedStep), and inference
+        of the reference MNIST CNN, batch 64 and 256, against PyTorch eager.
 """
 from __future__ import annotations
 
@@ -259,6 +259,19 @@ class Bench:
                 row = self.row("net", f"{tag} train step b{batch}", step, theirs, repeats=7)
                 row.extra["images_per_s"] = batch / row.ours.median
                 rows.append(row)
+                # The same step captured once as a CUDA graph and replayed
+                # (fastcnn.cuda.CapturedStep), against the same PyTorch eager step.
+                try:
+                    captured = fcuda.CapturedStep(model, loss_fn, opt)
+                    captured(x, y)  # the eager warm-up step
+                    captured(x, y)  # the capture
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    print(f"  {tag}: CUDA-graph step unavailable ({type(exc).__name__}: {exc})")
+                else:
+                    row = self.row("net", f"{tag} train step b{batch} [graph]",
+                                   lambda: captured(x, y), theirs, repeats=7)
+                    row.extra["images_per_s"] = batch / row.ours.median
+                    rows.append(row)
                 model.eval()
                 inf_theirs = None
                 if self.torch is not None:

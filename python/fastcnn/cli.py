@@ -67,6 +67,9 @@ def _add_training_arguments(parser, defaults):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="train on the CPU or on the GPU (CuPy and fastcnn's CUDA module; "
                              "default: %(default)s)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="with --device cuda: run each training step as a replayed CUDA "
+                             "graph (the same results, without the per-kernel launch cost)")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="use only the first N training and N test images (quick runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -202,9 +205,12 @@ def _train_and_report(args, recipe, demo):
           f"augmentation {augment!r}, {where}")
     out = Path(args.out)
     patience = recipe.get("patience")
+    if args.cuda_graph and args.device != "cuda":
+        raise CommandError("--cuda-graph needs --device cuda")
     trainer = Trainer(out_dir=out, progress=not args.no_progress,
                       early_stopping=patience if val_set is not None else None,
-                      restore_best=bool(patience and val_set is not None))
+                      restore_best=bool(patience and val_set is not None),
+                      cuda_graph=args.cuda_graph)
     history = trainer.fit(model, loader, val_set, epochs=args.epochs, optimizer=optimizer,
                           scheduler=scheduler, resume=bool(getattr(args, "resume", False)))
     result = evaluate(model, test_set)

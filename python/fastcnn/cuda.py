@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import importlib
 
+from .capture import CaptureError, CapturedStep
+
 __all__ = ["is_available", "device_count", "device_name", "synchronize", "matmul",
-           "set_allow_tf32", "get_allow_tf32"]
+           "set_allow_tf32", "get_allow_tf32", "CapturedStep", "CaptureError"]
 
 _module = None
 _import_error = None

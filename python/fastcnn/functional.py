@@ -694,8 +694,11 @@ def _cross_entropy(input, target, reduction, ignore_index, label_smoothing):
 
 
 def _check_gpu_targets(a, t, status):
-    """Raise for targets out of range, from the device's counts (one wait for the GPU)."""
-    if int(status[1].get()):
+    """Raise for targets out of range, from the device's counts (one wait for the GPU).
+    Not while a graph is captured: fastcnn.capture checks each replay's targets."""
+    from . import capture
+
+    if capture.recording() is None and int(status[1].get()):
         a.raise_bad_target(t)
 
 
@@ -976,6 +979,18 @@ def dropout(input, p=0.5, training=True, seed=None, offset=0):
     seed = int(_seed_source.integers(0, 2**63)) if seed is None else B.seed_value(seed)
     y = _empty(xp, x.shape)
     K.dropout_apply(x, y, p, seed, B.seed_value(offset, "offset"))
+    return y
+
+
+def _dropout_offset_on_device(input, p, seed, offset_on_device):
+    """dropout (training) with the offset read from a 1-element int64 GPU array when
+    the kernel runs (fastcnn.capture: a graph replayed with a new offset each step);
+    applied to a gradient, it is dropout_backward."""
+    xp, K = B.dispatch(input, offset_on_device)
+    x = B.as_float(input, "input", xp)
+    y = _empty(xp, x.shape)
+    K.dropout_apply(x, y, _check_p("dropout", p), B.seed_value(seed), 0,
+                    offset_on_device=offset_on_device)
     return y
 
 

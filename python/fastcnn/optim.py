@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _backend as B
 from . import _cpu
+from . import capture
 from .nn.module import Parameter, _array_module
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR",
@@ -218,10 +219,14 @@ class SGD(Optimizer):
                 if buf is None:
                     buf = state["momentum_buffer"] = _array_module(p.data).empty_like(p.data)
                 bufs.append(buf)
+        if firsts and any(firsts) and capture.recording() is not None:
+            raise capture.CaptureError("SGD: a momentum buffer would be made inside the graph; "
+                                       "run an eager step first (warmup)")
         kernels.sgd_step_multi([p.data for p, _ in items], [p.grad for p, _ in items], bufs,
                                firsts or [False] * len(items), group["lr"], momentum,
                                group["weight_decay"], 1.0 - group["dampening"],
-                               group["dampening"] != 0, bool(group["nesterov"]))
+                               group["dampening"] != 0, bool(group["nesterov"]),
+                               scalars=capture.sgd_scalars(group))
 
 
 class Adam(Optimizer):
@@ -277,6 +282,21 @@ class Adam(Optimizer):
 
     def _update_cuda(self, kernels, group, items):
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if capture.recording() is not None:
+            # A graph being captured: the step counts advance, and the bias
+            # corrections are computed, at every replay (device scalars).
+            if not all(state for _, state in items):
+                raise capture.CaptureError("Adam: state would be made inside the graph; run an "
+                                           "eager step first (warmup)")
+            scalars = capture.adam_scalars(group, [s for _, s in items], self.decoupled)
+            n = len(items)
+            kernels.adam_step_multi([p.data for p, _ in items], [p.grad for p, _ in items],
+                                    [s["exp_avg"] for _, s in items],
+                                    [s["exp_avg_sq"] for _, s in items], b1, b2, 1 - b1, 1 - b2,
+                                    eps, wd if wd and not self.decoupled else 0.0,
+                                    1 - lr * wd if wd and self.decoupled else 1.0, [1.0] * n,
+                                    [0.0] * n, scalars=scalars)
+            return
         bias2, steps = [], []
         for p, state in items:
             if not state:

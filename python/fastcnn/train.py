@@ -198,11 +198,14 @@ class Trainer:
     epochs (None: never stop early), on ``monitor`` ('val_accuracy', 'val_loss',
     'accuracy' or 'loss'; 'val_*' needs validation data); restore_best: load the
     best epoch's weights at the end. progress: show the tqdm bar. log: a
-    function for one-line epoch summaries (None: silent).
+    function for one-line epoch summaries (None: silent). cuda_graph: for a
+    model on the GPU, run the training steps of full batches as a replayed
+    CUDA graph (fastcnn.cuda.CapturedStep: the same results, without the
+    per-kernel launch cost); a last, smaller batch runs eagerly.
     """
 
     def __init__(self, loss_fn=None, out_dir=None, early_stopping=None, monitor="val_accuracy",
-                 min_delta=0.0, restore_best=False, progress=True, log=print):
+                 min_delta=0.0, restore_best=False, progress=True, log=print, cuda_graph=False):
         self.loss_fn = loss_fn if loss_fn is not None else CrossEntropyLoss()
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.early_stopping = early_stopping
@@ -211,6 +214,7 @@ class Trainer:
         self.restore_best = restore_best
         self.progress = progress
         self.log = log or (lambda *_: None)
+        self.cuda_graph = bool(cuda_graph)
         self.history = []
 
     evaluate = staticmethod(evaluate)
@@ -259,6 +263,11 @@ class Trainer:
             self.log(f"resumed from {path} after epoch {start}")
         device = model.device
         loss_fn = self.loss_fn
+        captured = None
+        if self.cuda_graph and device != "cpu":
+            from .capture import CapturedStep
+
+            captured = CapturedStep(model, loss_fn, optimizer)
         for epoch in range(start, epochs):
             model.train()
             train.set_epoch(epoch)
@@ -267,12 +276,16 @@ class Trainer:
             bar = _progress(train, f"epoch {epoch + 1}/{epochs}", not self.progress)
             began = time.perf_counter()
             for i, (x, y) in enumerate(bar):
-                x, y = _to_device(x, device), _to_device(y, device)
-                logits = model(x)
-                loss = loss_fn(logits, y)
-                optimizer.zero_grad()
-                model.backward(loss_fn.backward(), input_grad=False)
-                optimizer.step()
+                if captured is not None and len(y) == train.batch_size:
+                    loss = captured(x, y)  # the host batch goes straight to the graph's buffers
+                    logits, y = captured.logits, captured.targets
+                else:
+                    x, y = _to_device(x, device), _to_device(y, device)
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                    optimizer.zero_grad()
+                    model.backward(loss_fn.backward(), input_grad=False)
+                    optimizer.step()
                 if per_step:
                     scheduler.step()
                 stats.add(loss, logits, y)

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 
 #include "fastcnn/common.h"
@@ -43,6 +44,21 @@ bool allow_tf32();
 // Kernels emulated so far, by name (each one a launch on a GPU): tests count
 // a training step's launches with it.
 std::map<std::string, std::int64_t> emulated_launches();
+// ---- launch.cu: graphs. Between graph_begin and graph_end, the launches on
+// ex's stream are captured (relaxed mode: CuPy may still allocate), not run;
+// the Graph replays them, with the same arguments and memory, on any stream.
+// Scratch memory taken while capturing belongs to the graph. Emulated, the
+// kernels are recorded on the host and replayed the same way.
+class Graph {
+ public:
+  virtual ~Graph() = default;
+  virtual void launch(const Exec& ex) = 0;
+  virtual bool emulated() const = 0;
+  virtual std::int64_t kernels() const = 0;  // launches recorded (emulated; -1 on a GPU)
+};
+void graph_begin(const Exec& ex);
+std::unique_ptr<Graph> graph_end(const Exec& ex);
+
 // The emulator cuts convolutions into chunks of images by a small workspace
 // budget (so that tests exercise the chunking); `gpu` gives it the GPU's, so
 // that it launches what a GPU would.
@@ -206,8 +222,10 @@ void batch_norm_backward(const Exec& ex, index_t n, index_t c, index_t l, const 
                          float* dbias);
 
 // ---- dropout.cu (bit-identical masks to the CPU kernel)
+// offset_on_device: read the offset there instead (a graph replayed with a new
+// offset each time, see fastcnn.capture).
 void dropout_apply(const Exec& ex, index_t count, const float* x, double p, std::uint64_t seed,
-                   std::uint64_t offset, float* y);
+                   std::uint64_t offset, float* y, const std::int64_t* offset_on_device = nullptr);
 
 // ---- normalize.cu (bit-identical to the CPU kernel)
 void normalize_u8(const Exec& ex, index_t outer, index_t c, index_t inner, const std::uint8_t* x,
@@ -225,12 +243,17 @@ struct OptimTensor {
   bool first_step = false;  // SGD: the buffer starts as the gradient
   float bias2_sqrt = 1.0f, step_size = 0.0f;  // Adam: this tensor's (its step count's)
 };
+// The scalars an update reads from device memory instead of its arguments, so
+// that a captured graph replays with new ones (see fastcnn.capture); null: none.
+//   SGD: lr at scalars[0].  Adam: decay_scale at scalars[0], tensor i's
+//   bias2_sqrt and step_size at scalars[1 + 2 i] and scalars[2 + 2 i].
 // SGD with momentum when `momentum` (every tensor has a buffer), else plain.
 // The options' first_step is ignored: each tensor says its own.
 void sgd_step_multi(const Exec& ex, const OptimTensor* tensors, int n, bool momentum,
-                    const SgdOptions& o);
+                    const SgdOptions& o, const float* scalars = nullptr);
 // The options' bias2_sqrt and step_size are ignored: each tensor has its own.
-void adam_step_multi(const Exec& ex, const OptimTensor* tensors, int n, const AdamOptions& o);
+void adam_step_multi(const Exec& ex, const OptimTensor* tensors, int n, const AdamOptions& o,
+                     const float* scalars = nullptr);
 
 }  // namespace cuda
 }  // namespace fastcnn

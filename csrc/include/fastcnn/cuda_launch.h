@@ -116,6 +116,12 @@ struct HostCtx {
   }
 };
 
+// Whether emulated launches are being recorded into a graph (graph_begin on an
+// emulated Exec), and the recorder: the launch, its body copied.
+bool emulated_recording();
+void record_emulated(const char* kernel, Grid grid, int threads, std::size_t smem_bytes,
+                     bool cooperative, std::function<void(HostCtx&)> body);
+
 // Runs body(ctx) for every thread of every block of `grid` on the host.
 void emulate(const char* kernel, Grid grid, int threads, std::size_t smem_bytes,
              bool cooperative, const std::function<void(HostCtx&)>& body);
@@ -148,6 +154,11 @@ void launch(const Exec& ex, const char* kernel, Grid grid, std::size_t smem_byte
             const Body& body) {
   if (grid.x <= 0 || grid.y <= 0 || grid.z <= 0) return;
   if (ex.emulated) {
+    if (emulated_recording()) {
+      record_emulated(kernel, grid, Body::kThreads, smem_bytes, Body::kCooperative,
+                      [body](HostCtx& ctx) { body(ctx); });
+      return;
+    }
     emulate(kernel, grid, Body::kThreads, smem_bytes, Body::kCooperative,
             [&body](HostCtx& ctx) { body(ctx); });
     return;
@@ -257,6 +268,7 @@ class Workspace {
   Exec ex_;
   void* ptr_ = nullptr;
   bool pooled_ = false;
+  bool kept_ = false;  // taken while recording a graph, which keeps it
 };
 
 // Bytes of workspace a convolution may use before it is cut into chunks of

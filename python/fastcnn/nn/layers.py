@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from .. import capture
 from .. import functional as F
 from . import init
 from .module import Module, Parameter
@@ -439,6 +440,10 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._used = None
             return x
+        on_device = capture.dropout_offset(self)  # a graph being captured: a device slot
+        if on_device is not None:
+            self._used = int(self.seed), on_device
+            return F._dropout_offset_on_device(x, self.p, int(self.seed), on_device)
         self._used = int(self.seed), int(self.offset)
         self.offset += 1
         seed, offset = self._used
@@ -448,6 +453,8 @@ class Dropout(Module):
         if self._used is None:
             return grad_out
         seed, offset = self._used
+        if not isinstance(offset, int):  # the device slot of a captured forward
+            return F._dropout_offset_on_device(grad_out, self.p, seed, offset)
         return F.dropout_backward(grad_out, self.p, training=True, seed=seed, offset=offset)
 
     def get_config(self):
@@ -493,7 +500,7 @@ class _BatchNorm(Module):
         """The momentum of this forward's running-statistics update (counting
         the batch when training)."""
         momentum = self.momentum if self.momentum is not None else 0.0
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and not capture.batch_norm_count(self):
             self.num_batches_tracked += 1
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)

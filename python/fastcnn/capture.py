@@ -1,0 +1,299 @@
+"""A training step captured once as a CUDA graph and replayed: no Python, no
+per-kernel launch cost after the first steps.
+
+    step = fastcnn.cuda.CapturedStep(model, loss_fn, optimizer)
+    for x, y in batches:            # NumPy or CuPy; the same shapes every time
+        loss = step(x, y)           # one training step; loss is a CuPy scalar
+    # or: Trainer(cuda_graph=True).fit(model, ...)
+
+A small CNN's training step is some 35 kernel launches, each costing the host
+more than the GPU needs to run it; a graph replays all of them in one launch.
+What changes from step to step without a Python call is read from device
+memory at every replay: the batch (copied into the graph's input buffers),
+each Dropout's offset, the learning rate (schedules keep working) and Adam's
+bias corrections. The Python-side counters (Dropout offsets, Adam step counts,
+BatchNorm's num_batches_tracked) advance as in eager steps, so the results are
+the eager steps' bits and a checkpoint taken in between resumes exactly.
+
+The first ``warmup`` calls (default 1) run eagerly (they create the optimizer's
+state); the next one captures and replays. A change the graph cannot follow
+(another input shape, a layer or parameter replaced, train()/eval(), an
+optimizer option other than lr) captures again. Not capturable (a clear
+``CaptureError`` at capture): BatchNorm with ``momentum=None`` (its factor
+changes every step), parameters missing a gradient.
+
+The loss returned is a copy; ``step.logits`` and ``step.targets`` are the
+graph's buffers (the logits and the batch's labels on the GPU), overwritten by
+the next replay.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import _backend as B
+
+__all__ = ["CapturedStep", "CaptureError"]
+
+
+class CaptureError(RuntimeError):
+    """The training step cannot be captured as a graph (and why)."""
+
+
+# ------------------------------------------------------------ device scalars
+
+class _Scalars:
+    """The device scalars a captured step reads at every replay, and the Python
+    that computes them. Each registered function runs once per replay, in
+    registration (= execution) order, and may advance its own counters (a
+    Dropout's offset, Adam's step count), as the eager step would."""
+
+    _FLOATS, _INTS = 4096, 512
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.floats = xp.zeros(self._FLOATS, np.float32)
+        self.ints = xp.zeros(self._INTS, np.int64)
+        self._host_floats = np.zeros(self._FLOATS, np.float32)
+        self._host_ints = np.zeros(self._INTS, np.int64)
+        self._entries = []  # (kind, start, count, fn)
+        self._used = {"f": 0, "i": 0}
+
+    def _take(self, kind, count, fn):
+        start = self._used[kind]
+        limit = self._FLOATS if kind == "f" else self._INTS
+        if start + count > limit:
+            raise CaptureError(f"the step needs more than {limit} device scalars")
+        self._used[kind] = start + count
+        self._entries.append((kind, start, count, fn))
+        return (self.floats if kind == "f" else self.ints)[start:start + count]
+
+    def floats_for(self, count, fn):
+        """A float32 view of ``count`` device scalars, ``fn()`` (a list) at every replay."""
+        return self._take("f", count, fn)
+
+    def int_for(self, fn):
+        """A 1-element int64 view, ``fn()`` at every replay."""
+        return self._take("i", 1, lambda: [fn()])
+
+    def each_replay(self, fn):
+        """Run ``fn()`` at every replay (bookkeeping with no device value)."""
+        self._entries.append(("", 0, 0, fn))
+
+    def refresh(self):
+        """Compute every value for the coming replay and copy them to the device."""
+        for kind, start, count, fn in self._entries:
+            if kind == "f":
+                self._host_floats[start:start + count] = fn()
+            elif kind == "i":
+                self._host_ints[start:start + count] = fn()
+            else:
+                fn()
+        if self._used["f"]:
+            self.floats[:self._used["f"]].set(self._host_floats[:self._used["f"]])
+        if self._used["i"]:
+            self.ints[:self._used["i"]].set(self._host_ints[:self._used["i"]])
+
+
+_recording = None  # the _Scalars of the capture in progress, if any
+
+
+def recording():
+    """The capture in progress (its _Scalars), or None: layers and optimizers ask,
+    to read what changes per step from device memory instead of their arguments."""
+    return _recording
+
+
+@contextmanager
+def _capturing(scalars):
+    global _recording
+    _recording = scalars
+    try:
+        yield
+    finally:
+        _recording = None
+
+
+# ------------------------------------------------------------ the captured step
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+class CapturedStep:
+    """One training step (zero_grad, forward, loss, backward, optimizer step) of a
+    model on the GPU, captured as a CUDA graph on first use and replayed after."""
+
+    def __init__(self, model, loss_fn=None, optimizer=None, warmup=1):
+        from .nn import CrossEntropyLoss
+        from .optim import Adam
+
+        if model.device != "cuda":
+            raise ValueError("CapturedStep: the model must be on the GPU (model.to('cuda'))")
+        self.model = model
+        self.loss_fn = loss_fn if loss_fn is not None else CrossEntropyLoss()
+        self.optimizer = optimizer if optimizer is not None else Adam(model.parameters())
+        if int(warmup) < 1:
+            raise ValueError(f"CapturedStep: warmup must be >= 1 (the optimizer's state is "
+                             f"made by an eager step), got {warmup}")
+        self.warmup = int(warmup)
+        self.logits = self.targets = None
+        self.captures = 0  # graphs captured so far (a changed model or shape recaptures)
+        self._eager_left = self.warmup
+        self._graph = None
+
+    # -- what a graph depends on: shapes, the layers and their settings, the
+    # arrays it reads and writes (by identity), the optimizer's options but lr
+    def _key(self, x, y):
+        plain = (int, float, bool, str, tuple, type(None))
+        layers = tuple((id(m), m.training, tuple(sorted(
+            (k, v) for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, plain))))
+            for m in self.model.modules())
+        arrays = tuple(id(a) for a in self.model.buffers()) + tuple(
+            id(p.data) for g in self.optimizer.param_groups for p in g["params"])
+        groups = tuple(tuple(sorted((k, repr(v)) for k, v in g.items()
+                                    if k not in ("params", "lr", "initial_lr")))
+                       for g in self.optimizer.param_groups)
+        return x.shape, y.shape, layers, arrays, groups
+
+    def _eager(self, x, y):
+        opt, loss_fn = self.optimizer, self.loss_fn
+        opt.zero_grad()
+        logits = self.model(x)
+        loss = loss_fn(logits, y)
+        self.model.backward(loss_fn.backward(), input_grad=False)
+        opt.step()
+        return loss, logits
+
+    def _check_targets(self, y):
+        """The eager step's target check, before a replay: on the host for host
+        labels; for GPU labels one kernel (the loss's own target count) and one wait."""
+        classes = self.logits.shape[1]
+        ignore = getattr(self.loss_fn, "ignore_index", -100)
+        if not isinstance(y, np.ndarray) and y.ndim == 1 and self.logits.ndim == 2:
+            _, K = B._cuda_kernels()
+            K.cross_entropy_total(self.logits, y, ignore, 0.0, False, None, self._status)
+            if not int(self._status[1].get()):
+                return
+        bad = (y != ignore) & ((y < 0) | (y >= classes))
+        if bool(bad.any()):
+            value = int(y[bad].ravel()[0])
+            raise ValueError(f"CapturedStep: target contains {value}, outside [0, {classes}) "
+                             f"(ignore_index={ignore})")
+
+    def _capture(self, x, y):
+        cp = _cupy()
+        _, K = B._cuda_kernels()
+        self._graph = None
+        self._x, self._y = cp.empty_like(x), cp.empty_like(y)
+        self._x[...] = x
+        self._y[...] = y
+        scalars = _Scalars(cp)
+        # Arrays made while capturing come from a pool of their own, on a stream
+        # of their own: nothing allocated later can be handed the graph's memory.
+        self._pool = cp.cuda.MemoryPool()
+        stream = cp.cuda.Stream(non_blocking=True)
+        with cp.cuda.using_allocator(self._pool.malloc), stream:
+            K.graph_begin()
+            try:
+                with _capturing(scalars):
+                    loss, logits = self._eager(self._x, self._y)
+            except BaseException:
+                K.graph_end()  # end the capture; the partial graph is dropped
+                raise
+            graph = K.graph_end()
+        stream.synchronize()
+        self._loss, self.logits, self._scalars, self._graph = loss, logits, scalars, graph
+        self.targets = self._y
+        self._status = cp.empty(2, np.int64)
+        self._key_now = self._key(x, y)
+        self.captures += 1
+
+    def __call__(self, x, y):
+        cp = _cupy()
+        if self._eager_left > 0:
+            self._eager_left -= 1
+            self.targets = cp.asarray(y, dtype=np.int64, order="C")
+            loss, self.logits = self._eager(cp.asarray(x, dtype=np.float32, order="C"),
+                                            self.targets)
+            return loss
+        if self._graph is None or self._key(x, y) != self._key_now:
+            self._capture(cp.asarray(x, dtype=np.float32, order="C"),
+                          cp.asarray(y, dtype=np.int64, order="C"))
+        else:
+            _fill(self._x, x, np.float32)
+            _fill(self._y, y, np.int64)
+        self._check_targets(y if isinstance(y, np.ndarray) else self._y)
+        self._scalars.refresh()
+        self._graph.launch()
+        return self._loss.copy()
+
+
+def _fill(buffer, value, dtype):
+    """Copy a batch into a graph's input buffer: from the host (one transfer) or the GPU."""
+    if isinstance(value, np.ndarray):
+        buffer.set(np.ascontiguousarray(value, dtype=dtype))
+    else:
+        buffer[...] = value
+
+
+# ------------------------------------------------ hooks for layers and optimizers
+
+def dropout_offset(layer):
+    """In a capture: the device slot of a Dropout layer's offset for this step
+    (the layer's counter advances at every replay); else None."""
+    scalars = recording()
+    if scalars is None:
+        return None
+
+    def next_offset():
+        value = int(layer.offset)
+        layer.offset += 1
+        return value
+
+    return scalars.int_for(next_offset)
+
+
+def batch_norm_count(layer):
+    """In a capture: count the batch at every replay instead of now; True if so."""
+    scalars = recording()
+    if scalars is None:
+        return False
+    if layer.momentum is None:
+        raise CaptureError(f"{type(layer).__name__} with momentum=None (a cumulative average) "
+                           "changes its factor every step; give it a momentum to capture")
+
+    def count():
+        layer.num_batches_tracked += 1
+
+    scalars.each_replay(count)
+    return True
+
+
+def sgd_scalars(group):
+    """In a capture: the device slot holding a group's lr at every replay."""
+    scalars = recording()
+    return None if scalars is None else scalars.floats_for(1, lambda: [group["lr"]])
+
+
+def adam_scalars(group, states, decoupled):
+    """In a capture: decay_scale and each parameter's bias2_sqrt and step_size,
+    its step count advancing at every replay (fastcnn.optim.Adam's arithmetic)."""
+    scalars = recording()
+    if scalars is None:
+        return None
+
+    def values():
+        lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+        out = [1 - lr * wd if wd and decoupled else 1.0]
+        for state in states:
+            state["step"] += 1
+            t = state["step"]
+            out += [math.sqrt(1 - b2 ** t), lr / (1 - b1 ** t)]
+        return out
+
+    return scalars.floats_for(1 + 2 * len(states), values)
