@@ -11,7 +11,9 @@ for real, against the emulated kernels.
 
 As in CuPy, ``asarray`` of a host array copies (so a "GPU" array never shares
 memory with a NumPy one), reductions and scalar indexing give 0-d arrays, and
-``.get()`` / ``asnumpy`` give NumPy arrays. What it cannot show: anything of
+``.get()`` / ``asnumpy`` give NumPy arrays. As in a CUDA graph capture, a
+transfer between host and device while fastcnn.capture records is an error,
+and memory allocated under ``using_allocator(pool.malloc)`` stays the pool's. What it cannot show: anything of
 the real device (streams, memory, speed, the GPU's own arithmetic).
 """
 import contextlib
@@ -33,6 +35,7 @@ class ndarray(np.ndarray):
             _kept.append(self)
 
     def _read(self):
+        _no_transfer_while_capturing("a device-to-host read")
         ndarray.host_reads += 1
         return self.view(np.ndarray)
 
@@ -68,6 +71,7 @@ class ndarray(np.ndarray):
         return np.array(self._read())
 
     def set(self, arr, stream=None):
+        _no_transfer_while_capturing("a host-to-device copy")
         self.view(np.ndarray)[...] = arr
 
     def __repr__(self):
@@ -105,16 +109,28 @@ def _host(value):
     return value
 
 
+def _no_transfer_while_capturing(what):
+    """A CUDA graph capture is invalidated by a transfer from or to pageable host
+    memory on the capturing stream: so is the stand-in's."""
+    from fastcnn import capture
+
+    if capture.recording() is not None:
+        raise RuntimeError(f"{what} while a CUDA graph is being captured")
+
+
 def asarray(a, dtype=None, order=None):
     if isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype)) and (
             order != "C" or a.flags.c_contiguous):
         return a
     if isinstance(a, ndarray):
         return _wrap(np.asarray(a.view(np.ndarray), dtype=dtype, order=order))
+    _no_transfer_while_capturing("a host-to-device copy")
     return _wrap(np.array(a, dtype=dtype, order=order or "K", copy=True))
 
 
 def array(a, dtype=None, copy=True, order="K"):
+    if not isinstance(a, ndarray):
+        _no_transfer_while_capturing("a host-to-device copy")
     return _wrap(np.array(_host(a), dtype=dtype, copy=True, order=order))
 
 
