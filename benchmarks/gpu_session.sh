@@ -2,7 +2,7 @@
 # Everything a lent GPU machine should run, in one call, with logs under $OUT
 # (the device tool brings $OUT back) and a short summary printed last.
 #
-#   bash benchmarks/gpu_session.sh [STAGE ...]      (default: info build cuda bench demo)
+#   bash benchmarks/gpu_session.sh [STAGE ...]  (default: info build cuda bench demo graph)
 #
 # Stages, in the order given:
 #   info    GPU, driver, nvcc, Python packages
@@ -11,6 +11,7 @@
 #   bench   fastcnn bench --device cuda: GEMM, conv, ops, training step vs PyTorch + cuDNN,
 #           TF32 off then on (JSON + Markdown for benchmarks/RESULTS.md)
 #   demo    fastcnn demo --device cuda, $DEMO_EPOCHS epochs (default 2; 15 is the full run)
+#   graph   the same with --cuda-graph (each training step a replayed CUDA graph)
 #   suite   the whole test suite (CPU and GPU tests)
 #
 # The demo needs Fashion-MNIST, which the device machine lacks: copy it into the
@@ -24,7 +25,7 @@ OUT=${OUT:-/tmp/fastcnn-gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build cuda bench demo)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info build cuda bench demo graph)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
@@ -75,11 +76,13 @@ for s in "${STAGES[@]}"; do
       grep -E "vs cuBLAS|vs cuDNN|train step|inference" "$OUT/bench.log" | tee -a "$SUMMARY"
       tail -3 "$OUT/bench.log" | grep -i -E "error|Traceback" | tee -a "$SUMMARY"
       ;;
-    demo)
+    demo|graph)
       export FASTCNN_DATA=${FASTCNN_DATA:-$PWD/build/device-data}
-      stage demo 420 $PY -m fastcnn.cli demo --device cuda --epochs "${DEMO_EPOCHS:-2}" \
-        --no-progress --out "$OUT/demo"
-      grep -E "^epoch|test accuracy|training .* on|error" "$OUT/demo.log" | tail -20 | tee -a "$SUMMARY"
+      extra=()
+      [ "$s" = graph ] && extra=(--cuda-graph)
+      stage "$s" 420 $PY -m fastcnn.cli demo --device cuda --epochs "${DEMO_EPOCHS:-2}" \
+        --no-progress --out "$OUT/$s" "${extra[@]}"
+      grep -E "^epoch|test accuracy|error" "$OUT/$s.log" | tail -20 | tee -a "$SUMMARY"
       ;;
     suite)
       stage suite 420 $PY -m pytest -q -rfE -p no:cacheprovider tests
@@ -87,7 +90,7 @@ for s in "${STAGES[@]}"; do
       grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40 | tee -a "$SUMMARY"
       ;;
     *)
-      echo "unknown stage '$s' (info build cuda bench demo suite)" >&2
+      echo "unknown stage '$s' (info build cuda bench demo graph suite)" >&2
       exit 2
       ;;
   esac

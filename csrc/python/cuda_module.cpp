@@ -304,6 +304,22 @@ void check_targets(const Array<std::int64_t>& t, std::int64_t ignore_index, inde
       fail("target value " + std::to_string(t.data[i]) + " out of range");
 }
 
+// The (param, grad) pairs of a multi-tensor optimizer update, checked.
+template <class M>
+std::vector<cuda::OptimTensor> optim_tensors(M& mem, const py::list& params,
+                                             const py::list& grads) {
+  std::vector<cuda::OptimTensor> tensors(params.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    auto p = out<M, float>(mem, params[i], "param");
+    auto g = in<M, float>(mem, grads[i], "grad");
+    expect_same_shape(g, p, "grad", "param");
+    tensors[i].p = p.data;
+    tensors[i].g = g.data;
+    tensors[i].size = p.size();
+  }
+  return tensors;
+}
+
 // ---------------------------------------------------------------- bindings --
 
 template <class M>
@@ -666,7 +682,7 @@ void bind_ops(py::module_& m) {
 
   // Optimizer updates of a list of parameters, in place, in one launch per
   // cuda::kMaxTensors of them; the per-element maths of _cpu.sgd_step /
-  // _cpu.adam_step (same bits).
+  // _cpu.adam_step (same bits). optim_tensors checks each (param, grad) pair.
   // scalars: None, or a 1-element float32 array holding lr (read when the kernel runs)
   m.def("sgd_step_multi", [](py::list params, py::list grads, py::object bufs_,
                              py::list first_steps, float lr, float momentum, float weight_decay,
@@ -679,19 +695,13 @@ void bind_ops(py::module_& m) {
         (with_momentum && py::len(bufs_) != n))
       fail("sgd_step_multi: params, grads, momentum buffers and first_steps must have the same "
            "length");
-    std::vector<cuda::OptimTensor> tensors(n);
+    std::vector<cuda::OptimTensor> tensors = optim_tensors(mem, params, grads);
     for (size_t i = 0; i < n; ++i) {
-      auto p = out<M, f32>(mem, params[i], "param");
-      auto g = in<M, f32>(mem, grads[i], "grad");
-      expect_same_shape(g, p, "grad", "param");
-      tensors[i].p = p.data;
-      tensors[i].g = g.data;
-      tensors[i].size = p.size();
       tensors[i].first_step = first_steps[i].cast<bool>();
       if (with_momentum) {
         const py::object buf = py::reinterpret_borrow<py::list>(bufs_)[i];
         if (buf.is_none()) fail("sgd_step_multi: a momentum buffer is None");
-        tensors[i].state0 = opt<M, f32>(mem, buf, "momentum_buffer", true, p.size());
+        tensors[i].state0 = opt<M, f32>(mem, buf, "momentum_buffer", true, tensors[i].size);
       }
     }
     const fastcnn::SgdOptions o{lr, momentum, weight_decay, undamped_share, damped, nesterov,
@@ -717,16 +727,11 @@ void bind_ops(py::module_& m) {
         bias2_sqrts.size() != n || step_sizes.size() != n)
       fail("adam_step_multi: params, grads, exp_avgs, exp_avg_sqs, bias2_sqrts and step_sizes "
            "must have the same length");
-    std::vector<cuda::OptimTensor> tensors(n);
+    std::vector<cuda::OptimTensor> tensors = optim_tensors(mem, params, grads);
     for (size_t i = 0; i < n; ++i) {
-      auto p = out<M, f32>(mem, params[i], "param");
-      auto g = in<M, f32>(mem, grads[i], "grad");
-      expect_same_shape(g, p, "grad", "param");
-      tensors[i].p = p.data;
-      tensors[i].g = g.data;
-      tensors[i].size = p.size();
-      tensors[i].state0 = opt<M, f32>(mem, exp_avgs[i], "exp_avg", true, p.size());
-      tensors[i].state1 = opt<M, f32>(mem, exp_avg_sqs[i], "exp_avg_sq", true, p.size());
+      const index_t size = tensors[i].size;
+      tensors[i].state0 = opt<M, f32>(mem, exp_avgs[i], "exp_avg", true, size);
+      tensors[i].state1 = opt<M, f32>(mem, exp_avg_sqs[i], "exp_avg_sq", true, size);
       if (tensors[i].state0 == nullptr || tensors[i].state1 == nullptr)
         fail("adam_step_multi: exp_avg and exp_avg_sq are required");
       tensors[i].bias2_sqrt = bias2_sqrts[i].cast<float>();
