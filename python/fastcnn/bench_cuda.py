@@ -261,15 +261,18 @@ class Bench:
                 rows.append(row)
                 # The same step captured once as a CUDA graph and replayed
                 # (fastcnn.cuda.CapturedStep), against the same PyTorch eager step.
+                # Labels from the host, as a training loop's (checked there,
+                # copied in), so that no step waits for the GPU.
+                y_host = cp.asnumpy(y)
                 try:
                     captured = fcuda.CapturedStep(model, loss_fn, opt)
-                    captured(x, y)  # the eager warm-up step
-                    captured(x, y)  # the capture
+                    captured(x, y_host)  # the eager warm-up step
+                    captured(x, y_host)  # the capture
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     print(f"  {tag}: CUDA-graph step unavailable ({type(exc).__name__}: {exc})")
                 else:
                     row = self.row("net", f"{tag} train step b{batch} [graph]",
-                                   lambda: captured(x, y), theirs, repeats=7)
+                                   lambda: captured(x, y_host), theirs, repeats=7)
                     row.extra["images_per_s"] = batch / row.ours.median
                     rows.append(row)
                 model.eval()

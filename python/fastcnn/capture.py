@@ -147,7 +147,26 @@ class CapturedStep:
         self._graph = None
 
     # -- what a graph depends on: shapes, the layers and their settings, the
-    # arrays it reads and writes (by identity), the optimizer's options but lr
+    # arrays it reads and writes (by identity), the optimizer's options but lr.
+    # Any change to a layer bumps nn's state version, so while it stands still
+    # (replays count in place, without bumping it) the shapes and options suffice.
+    def _options(self):
+        return tuple(tuple(v for k, v in g.items() if k not in ("params", "lr", "initial_lr"))
+                     for g in self.optimizer.param_groups)
+
+    def _same_graph(self, x, y):
+        from .nn.module import state_version
+
+        if self._graph is None:
+            return False
+        if (state_version() == self._version and x.shape == self._x.shape and
+                y.shape == self._y.shape and self._options() == self._options_now):
+            return True
+        if self._key(x, y) != self._key_now:
+            return False
+        self._version, self._options_now = state_version(), self._options()
+        return True
+
     def _key(self, x, y):
         plain = (int, float, bool, str, tuple, type(None))
         layers = tuple((id(m), m.training, tuple(sorted(
@@ -210,7 +229,10 @@ class CapturedStep:
         self._loss, self.logits, self._scalars, self._graph = loss, logits, scalars, graph
         self.targets = self._y
         self._status = cp.empty(2, np.int64)
+        from .nn.module import state_version
+
         self._key_now = self._key(x, y)
+        self._version, self._options_now = state_version(), self._options()
         self.captures += 1
 
     def __call__(self, x, y):
@@ -221,7 +243,7 @@ class CapturedStep:
             loss, self.logits = self._eager(cp.asarray(x, dtype=np.float32, order="C"),
                                             self.targets)
             return loss
-        if self._graph is None or self._key(x, y) != self._key_now:
+        if not self._same_graph(x, y):
             self._capture(cp.asarray(x, dtype=np.float32, order="C"),
                           cp.asarray(y, dtype=np.int64, order="C"))
         else:
@@ -252,7 +274,7 @@ def dropout_offset(layer):
 
     def next_offset():
         value = int(layer.offset)
-        layer.offset += 1
+        layer.offset[...] += 1  # in place: not a change of the model (state_version)
         return value
 
     return scalars.int_for(next_offset)
@@ -268,7 +290,7 @@ def batch_norm_count(layer):
                            "changes its factor every step; give it a momentum to capture")
 
     def count():
-        layer.num_batches_tracked += 1
+        layer.num_batches_tracked[...] += 1  # in place, as next_offset
 
     scalars.each_replay(count)
     return True
