@@ -51,19 +51,6 @@ struct CrossEntropyRows {
   }
 };
 
-struct CrossEntropyGradRows {
-  index_t classes;
-  const float* logits;
-  const std::int64_t* target;
-  std::int64_t ignore_index;
-  float label_smoothing;
-  const float* grad_scale;
-  float* dx;
-  FASTCNN_HD void operator()(index_t i) const {
-    cross_entropy_row_grad(classes, logits + i * classes, target[i], ignore_index,
-                           label_smoothing, grad_scale[i], dx + i * classes);
-  }
-};
 
 // One block over all rows: status[0] = targets that are not ignore_index (the
 // mean's divisor), status[1] = those outside [0, classes); with a total,
@@ -105,28 +92,33 @@ struct CrossEntropyTotal {
   }
 };
 
-// The gradient for a scalar upstream gradient g (read from *grad, or
-// grad_value): every row's scale is float32(g / status[0]) for the mean (NaN
-// when no target counts), float32(g) for the sum, computed in double as the
-// CPU path does.
-struct CrossEntropyGradScalar {
+// d loss / d logits, a thread per row, each row's scale either given
+// (grad_scale, 'none') or from a scalar upstream gradient g (read from *grad,
+// or grad_value): float32(g / status[0]) for the mean (NaN when no target
+// counts), float32(g) for the sum, computed in double as the CPU path does.
+struct CrossEntropyGradRows {
   index_t classes;
   const float* logits;
   const std::int64_t* target;
   std::int64_t ignore_index;
   float label_smoothing;
+  const float* grad_scale;  // per row, or null: the scalar below
   const float* grad;
   float grad_value;
   const std::int64_t* status;
   bool mean;
   float* dx;
-  FASTCNN_HD void operator()(index_t i) const {
+
+  FASTCNN_HD float scale(index_t i) const {
+    if (grad_scale != nullptr) return grad_scale[i];
     const double g = grad != nullptr ? *grad : grad_value;
     const double valid = static_cast<double>(status[0]);
-    const float scale = !mean ? static_cast<float>(g)
-                              : (valid > 0.0 ? static_cast<float>(g / valid) : quiet_nan());
+    return !mean ? static_cast<float>(g)
+                 : (valid > 0.0 ? static_cast<float>(g / valid) : quiet_nan());
+  }
+  FASTCNN_HD void operator()(index_t i) const {
     cross_entropy_row_grad(classes, logits + i * classes, target[i], ignore_index,
-                           label_smoothing, scale, dx + i * classes);
+                           label_smoothing, scale(i), dx + i * classes);
   }
 };
 
@@ -160,7 +152,7 @@ void cross_entropy_backward(const Exec& ex, index_t n, index_t classes, const fl
   // grad_scale: (n,) -> dx: (n, classes)
   for_each(ex, "cross_entropy_backward", n,
            CrossEntropyGradRows{classes, logits, target, ignore_index, label_smoothing,
-                                grad_scale, dx});
+                                grad_scale, nullptr, 0.0f, nullptr, false, dx});
 }
 
 void cross_entropy_total(const Exec& ex, index_t n, index_t classes, const float* logits,
@@ -182,8 +174,8 @@ void cross_entropy_backward_scalar(const Exec& ex, index_t n, index_t classes,
                                    const float* grad, float grad_value,
                                    const std::int64_t* status, bool mean, float* dx) {
   for_each(ex, "cross_entropy_backward", n,
-           CrossEntropyGradScalar{classes, logits, target, ignore_index, label_smoothing, grad,
-                                  grad_value, status, mean, dx});
+           CrossEntropyGradRows{classes, logits, target, ignore_index, label_smoothing, nullptr,
+                                grad, grad_value, status, mean, dx});
 }
 
 }  // namespace cuda

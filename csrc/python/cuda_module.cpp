@@ -304,6 +304,25 @@ void check_targets(const Array<std::int64_t>& t, std::int64_t ignore_index, inde
       fail("target value " + std::to_string(t.data[i]) + " out of range");
 }
 
+// Cross-entropy's logits (n, classes) and targets (n,), checked.
+struct LogitRows {
+  Array<float> x;
+  Array<std::int64_t> t;
+  index_t n = 0, classes = 0;
+};
+
+template <class M>
+LogitRows logit_rows(M& mem, const py::object& x_, const py::object& t_) {
+  LogitRows r;
+  r.x = in<M, float>(mem, x_, "input");
+  r.t = in<M, std::int64_t>(mem, t_, "target");
+  expect_ndim(r.x, 2, "input");
+  r.n = r.x.dim(0);
+  r.classes = r.x.dim(1);
+  if (r.t.size() != r.n) fail("target size does not match input");
+  return r;
+}
+
 // The (param, grad) pairs of a multi-tensor optimizer update, checked.
 template <class M>
 std::vector<cuda::OptimTensor> optim_tensors(M& mem, const py::list& params,
@@ -548,18 +567,14 @@ void bind_ops(py::module_& m) {
                                   float label_smoothing, bool mean, py::object total_,
                                   py::object status_) {
     M mem;
-    auto x = in<M, f32>(mem, x_, "input");
-    auto t = in<M, i64>(mem, t_, "target");
+    const LogitRows r = logit_rows(mem, x_, t_);
     auto status = out<M, i64>(mem, status_, "status");
-    expect_ndim(x, 2, "input");
-    const index_t n = x.dim(0), classes = x.dim(1);
-    if (t.size() != n) fail("target size does not match input");
     if (status.size() != 2) fail("status must have 2 elements");
     float* total = opt<M, f32>(mem, total_, "total", true, 1);
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
-    cuda::cross_entropy_total(ex, n, classes, x.data, t.data, ignore_index, label_smoothing,
-                              mean, total, status.data);
+    cuda::cross_entropy_total(ex, r.n, r.classes, r.x.data, r.t.data, ignore_index,
+                              label_smoothing, mean, total, status.data);
   });
 
   // The gradient for a scalar upstream gradient: grad (a float32 scalar on the
@@ -568,21 +583,17 @@ void bind_ops(py::module_& m) {
         [](py::object x_, py::object t_, std::int64_t ignore_index, float label_smoothing,
            bool mean, py::object g_, float grad_value, py::object status_, py::object dx_) {
           M mem;
-          auto x = in<M, f32>(mem, x_, "input");
-          auto t = in<M, i64>(mem, t_, "target");
+          const LogitRows r = logit_rows(mem, x_, t_);
           auto status = in<M, i64>(mem, status_, "status");
           auto dx = out<M, f32>(mem, dx_, "grad_input");
-          expect_ndim(x, 2, "input");
-          expect_same_shape(dx, x, "grad_input", "input");
-          const index_t n = x.dim(0), classes = x.dim(1);
-          if (t.size() != n) fail("target size does not match input");
+          expect_same_shape(dx, r.x, "grad_input", "input");
           if (status.size() != 2) fail("status must have 2 elements");
           const float* g = opt<M, f32>(mem, g_, "grad_output", false, 1);
           const cuda::Exec ex = mem.exec();
           py::gil_scoped_release nogil;
-          cuda::cross_entropy_backward_scalar(ex, n, classes, x.data, t.data, ignore_index,
-                                              label_smoothing, g, grad_value, status.data, mean,
-                                              dx.data);
+          cuda::cross_entropy_backward_scalar(ex, r.n, r.classes, r.x.data, r.t.data,
+                                              ignore_index, label_smoothing, g, grad_value,
+                                              status.data, mean, dx.data);
         });
 
   // x viewed as (n, c, l)
