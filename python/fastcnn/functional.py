@@ -817,7 +817,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 def _batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum,
                         eps):
-    """batch_norm plus the statistics it normalised with: (out, mean, invstd)."""
+    """batch_norm plus the batch statistics it normalised with: (out, mean, invstd),
+    the statistics None in eval mode (a backward then derives them from the
+    running statistics)."""
     xp, K = B.dispatch(input, running_mean, running_var, weight, bias)
     op = "batch_norm"
     x = B.as_float(input, "input", xp)
@@ -840,8 +842,7 @@ def _batch_norm_forward(input, running_mean, running_var, weight, bias, training
     rv = B.as_float(running_var, "running_var", xp)
     if x.size:
         K.batch_norm_forward_eval(x, w, b, rm, rv, y, *a.view, eps)
-    invstd = (1.0 / xp.sqrt(rv.astype(np.float64) + eps)).astype(_F32)
-    return y, rm, invstd
+    return y, None, None
 
 
 def _batch_norm_train_stats(K, a, x, running_mean, running_var, w, b, momentum, eps, xp, y,
