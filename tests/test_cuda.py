@@ -1085,6 +1085,14 @@ class TestModelsOnGpu:
             cumulative(*batch(4))
         with pytest.raises(ValueError, match="on the GPU"):
             fastcnn.cuda.CapturedStep(models.mnist_cnn())
+        # fallback: the step that cannot be captured runs eagerly, as do the next ones
+        eager = fastcnn.cuda.CapturedStep(bn, optimizer=optim.Adam(bn.parameters()),
+                                          fallback=True)
+        counts = int(bn.bn2.num_batches_tracked)
+        for _ in range(3):
+            assert math.isfinite(float(eager(*batch(4))))
+        assert "momentum=None" in eager.disabled and eager.captures == 0
+        assert int(bn.bn2.num_batches_tracked) == counts + 3
 
     def test_trainer_with_cuda_graph_trains_as_eager(self, rng, cp):
         from fastcnn import data, models, optim, train

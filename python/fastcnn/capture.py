@@ -20,7 +20,9 @@ state); the next one captures and replays. A change the graph cannot follow
 (another input shape, a layer or parameter replaced, train()/eval(), an
 optimizer option other than lr) captures again. Not capturable (a clear
 ``CaptureError`` at capture): BatchNorm with ``momentum=None`` (its factor
-changes every step), parameters missing a gradient.
+changes every step), parameters missing a gradient. With ``fallback=True``
+(what the Trainer uses) a step that cannot be captured runs eagerly instead,
+and ``disabled`` says why.
 
 The loss returned is a copy; ``step.logits`` and ``step.targets`` are the
 graph's buffers (the logits and the batch's labels on the GPU), overwritten by
@@ -128,7 +130,7 @@ class CapturedStep:
     """One training step (zero_grad, forward, loss, backward, optimizer step) of a
     model on the GPU, captured as a CUDA graph on first use and replayed after."""
 
-    def __init__(self, model, loss_fn=None, optimizer=None, warmup=1):
+    def __init__(self, model, loss_fn=None, optimizer=None, warmup=1, fallback=False):
         from .nn import CrossEntropyLoss
         from .optim import Adam
 
@@ -141,6 +143,11 @@ class CapturedStep:
             raise ValueError(f"CapturedStep: warmup must be >= 1 (the optimizer's state is "
                              f"made by an eager step), got {warmup}")
         self.warmup = int(warmup)
+        # fallback: when capturing fails, say why (``disabled``) and go on eagerly.
+        # Nothing has run then (a capture executes no kernel, and the counters
+        # only advance at replays), so the eager step is the step.
+        self.fallback = bool(fallback)
+        self.disabled = None
         self.logits = self.targets = None
         self.captures = 0  # graphs captured so far (a changed model or shape recaptures)
         self._eager_left = self.warmup
@@ -222,7 +229,10 @@ class CapturedStep:
                 with _capturing(scalars):
                     loss, logits = self._eager(self._x, self._y)
             except BaseException:
-                K.graph_end()  # end the capture; the partial graph is dropped
+                try:
+                    K.graph_end()  # end the capture; the partial graph is dropped
+                except RuntimeError:
+                    pass  # an invalidated capture: ending it is all that was needed
                 raise
             graph = K.graph_end()
         stream.synchronize()
@@ -237,15 +247,21 @@ class CapturedStep:
 
     def __call__(self, x, y):
         cp = _cupy()
-        if self._eager_left > 0:
-            self._eager_left -= 1
+        if self._eager_left > 0 or self.disabled is not None:
+            self._eager_left = max(self._eager_left - 1, 0)
             self.targets = cp.asarray(y, dtype=np.int64, order="C")
             loss, self.logits = self._eager(cp.asarray(x, dtype=np.float32, order="C"),
                                             self.targets)
             return loss
         if not self._same_graph(x, y):
-            self._capture(cp.asarray(x, dtype=np.float32, order="C"),
-                          cp.asarray(y, dtype=np.int64, order="C"))
+            try:
+                self._capture(cp.asarray(x, dtype=np.float32, order="C"),
+                              cp.asarray(y, dtype=np.int64, order="C"))
+            except (CaptureError, RuntimeError) as exc:
+                if not self.fallback:
+                    raise
+                self.disabled = f"{type(exc).__name__}: {exc}"
+                return self(x, y)
         else:
             _fill(self._x, x, np.float32)
             _fill(self._y, y, np.int64)

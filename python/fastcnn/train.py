@@ -267,7 +267,7 @@ class Trainer:
         if self.cuda_graph and device != "cpu":
             from .capture import CapturedStep
 
-            captured = CapturedStep(model, loss_fn, optimizer)
+            captured = CapturedStep(model, loss_fn, optimizer, fallback=True)
         for epoch in range(start, epochs):
             model.train()
             train.set_epoch(epoch)
@@ -279,6 +279,9 @@ class Trainer:
                 if captured is not None and len(y) == train.batch_size:
                     loss = captured(x, y)  # the host batch goes straight to the graph's buffers
                     logits, y = captured.logits, captured.targets
+                    if captured.disabled is not None:
+                        self.log(f"cuda_graph: training eagerly ({captured.disabled})")
+                        captured = None
                 else:
                     x, y = _to_device(x, device), _to_device(y, device)
                     logits = model(x)
