@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastcnn
 import fastcnn.cuda
@@ -650,6 +652,63 @@ def test_adam_step_multi_bitwise(dev, rng, lr, b1, b2, eps, wd, decoupled):
     for name, g_list, w_list in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
         for i in range(len(params)):
             bitwise(dev._get(g_list[i]), w_list[i], f"{name} {i}")
+
+
+@needs_module
+@settings(max_examples=30)
+@given(sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=40),
+       nesterov=st.booleans(), decay=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_multi_tensor_updates_random_lists(sizes, nesterov, decay, seed):
+    """Random lists of tensor sizes (empty ones, chunk boundaries, more than one
+    launch): the emulated SGD and AdamW updates give the CPU's bits, tensor by tensor."""
+    rng = np.random.default_rng(seed)
+    emu = _cuda.emulator
+    wd = 0.01 if decay else 0.0
+    params, grads, bufs = (_tensors(rng, sizes) for _ in range(3))
+    first = [bool(b) for b in rng.integers(0, 2, len(sizes))]
+    want_p, want_b = [p.copy() for p in params], [b.copy() for b in bufs]
+    for i in range(len(sizes)):
+        _cpu.sgd_step(want_p[i], grads[i], want_b[i], 0.05, 0.9, wd, 1.0, False, nesterov,
+                      first[i])
+    emu.sgd_step_multi(params, grads, bufs, first, 0.05, 0.9, wd, 1.0, False, nesterov)
+    for i in range(len(sizes)):
+        bitwise(params[i], want_p[i], f"sgd param {i}")
+        bitwise(bufs[i], want_b[i], f"momentum buffer {i}")
+    m, v = _tensors(rng, sizes, 0.1), [np.abs(a) for a in _tensors(rng, sizes, 0.1)]
+    steps = rng.integers(1, 100, len(sizes))
+    bias2 = [math.sqrt(1 - 0.999 ** int(t)) for t in steps]
+    step_sizes = [1e-3 / (1 - 0.9 ** int(t)) for t in steps]
+    scale = 1 - 1e-3 * wd if decay else 1.0
+    want = [[a.copy() for a in arrays] for arrays in (params, m, v)]
+    for i in range(len(sizes)):
+        _cpu.adam_step(want[0][i], grads[i], want[1][i], want[2][i], 0.9, 0.999, 0.1, 0.001,
+                       1e-8, 0.0, scale, bias2[i], step_sizes[i])
+    emu.adam_step_multi(params, grads, m, v, 0.9, 0.999, 0.1, 0.001, 1e-8, 0.0, scale, bias2,
+                        step_sizes)
+    for name, got, exp in zip(("param", "exp_avg", "exp_avg_sq"), (params, m, v), want):
+        for i in range(len(sizes)):
+            bitwise(got[i], exp[i], f"adam {name} {i}")
+
+
+@needs_module
+@settings(max_examples=40)
+@given(n=st.integers(0, 700), classes=st.integers(1, 12), ignore=st.sampled_from([-100, 0, 3]),
+       smoothing=st.sampled_from([0.0, 0.15]), mean=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_cross_entropy_total_random(n, classes, ignore, smoothing, mean, seed):
+    """Random row counts (one block strides over them), class counts and ignore
+    indices: the emulated total and counts against functional's CPU cross-entropy."""
+    rng = np.random.default_rng(seed)
+    x = randn(rng, n, classes, scale=3.0)
+    t = rng.integers(-1, classes + 1, n).astype(I64)
+    valid = t != ignore
+    bad = valid & ((t < 0) | (t >= classes))
+    total, status = np.full((), np.nan, F32), np.full(2, -7, I64)
+    _cuda.emulator.cross_entropy_total(x, t, ignore, smoothing, mean, total, status)
+    assert status.tolist() == [int(valid.sum()), int(bad.sum())]
+    if bad.any():
+        return
+    want = F.cross_entropy(x, t, "mean" if mean else "sum", ignore, smoothing)
+    close(total, np.asarray(want), max(n, 1) * classes, rtol=1e-6, atol=1e-7)
 
 
 @needs_module
