@@ -16,7 +16,8 @@ BatchNorm's num_batches_tracked) advance as in eager steps, so the results are
 the eager steps' bits and a checkpoint taken in between resumes exactly.
 
 The first ``warmup`` calls (default 1) run eagerly (they create the optimizer's
-state); the next one captures and replays. A change the graph cannot follow
+state); the next one runs eagerly too and captures the step, and the calls after
+it replay. A change the graph cannot follow
 (another input shape, a layer or parameter replaced, train()/eval(), an
 optimizer option other than lr) captures again. Not capturable (a clear
 ``CaptureError`` at capture): BatchNorm with ``momentum=None`` (its factor
@@ -198,11 +199,11 @@ class CapturedStep:
     def _check_targets(self, y):
         """The eager step's target check, before a replay: on the host for host
         labels; for GPU labels one kernel (the loss's own target count) and one wait."""
-        classes = self.logits.shape[1]
+        classes = self._logits.shape[1]
         ignore = getattr(self.loss_fn, "ignore_index", -100)
-        if not isinstance(y, np.ndarray) and y.ndim == 1 and self.logits.ndim == 2:
+        if not isinstance(y, np.ndarray) and y.ndim == 1 and self._logits.ndim == 2:
             _, K = B._cuda_kernels()
-            K.cross_entropy_total(self.logits, y, ignore, 0.0, False, None, self._status)
+            K.cross_entropy_total(self._logits, y, ignore, 0.0, False, None, self._status)
             if not int(self._status[1].get()):
                 return
         bad = (y != ignore) & ((y < 0) | (y >= classes))
@@ -212,6 +213,9 @@ class CapturedStep:
                              f"(ignore_index={ignore})")
 
     def _capture(self, x, y):
+        """This call's step, run eagerly, then the capture of the next ones (which
+        runs nothing): returns the eager step's loss. Raises what the capture
+        raised, if it failed (with ``failed`` set: the step itself was done)."""
         cp = _cupy()
         _, K = B._cuda_kernels()
         self._graph = None
@@ -221,29 +225,37 @@ class CapturedStep:
         scalars = _Scalars(cp)
         # Arrays made while capturing come from a pool of their own, on a stream
         # of their own: nothing allocated later can be handed the graph's memory.
+        # The eager step on that stream fills the pool with the blocks the
+        # capture then takes, so that capturing allocates no device memory.
         self._pool = cp.cuda.MemoryPool()
         stream = cp.cuda.Stream(non_blocking=True)
+        cp.cuda.get_current_stream().synchronize()  # the inputs, for the other stream
         with cp.cuda.using_allocator(self._pool.malloc), stream:
+            eager_loss, self.logits = self._eager(self._x, self._y)
+            self.targets = self._y
             K.graph_begin()
             try:
                 with _capturing(scalars):
                     loss, logits = self._eager(self._x, self._y)
-            except BaseException:
+            except BaseException as exc:
                 try:
                     K.graph_end()  # end the capture; the partial graph is dropped
                 except RuntimeError:
                     pass  # an invalidated capture: ending it is all that was needed
+                stream.synchronize()
+                exc.step_loss = eager_loss
                 raise
             graph = K.graph_end()
         stream.synchronize()
-        self._loss, self.logits, self._scalars, self._graph = loss, logits, scalars, graph
-        self.targets = self._y
+        # The graph's output buffers (this call's results are the eager step's).
+        self._loss, self._logits, self._scalars, self._graph = loss, logits, scalars, graph
         self._status = cp.empty(2, np.int64)
         from .nn.module import state_version
 
         self._key_now = self._key(x, y)
         self._version, self._options_now = state_version(), self._options()
         self.captures += 1
+        return eager_loss
 
     def __call__(self, x, y):
         cp = _cupy()
@@ -255,19 +267,19 @@ class CapturedStep:
             return loss
         if not self._same_graph(x, y):
             try:
-                self._capture(cp.asarray(x, dtype=np.float32, order="C"),
-                              cp.asarray(y, dtype=np.int64, order="C"))
+                return self._capture(cp.asarray(x, dtype=np.float32, order="C"),
+                                     cp.asarray(y, dtype=np.int64, order="C"))
             except (CaptureError, RuntimeError) as exc:
-                if not self.fallback:
+                if not self.fallback or not hasattr(exc, "step_loss"):
                     raise
                 self.disabled = f"{type(exc).__name__}: {exc}"
-                return self(x, y)
-        else:
-            _fill(self._x, x, np.float32)
-            _fill(self._y, y, np.int64)
+                return exc.step_loss  # the step was done, eagerly
+        _fill(self._x, x, np.float32)
+        _fill(self._y, y, np.int64)
         self._check_targets(y if isinstance(y, np.ndarray) else self._y)
         self._scalars.refresh()
         self._graph.launch()
+        self.logits, self.targets = self._logits, self._y
         return self._loss.copy()
 
 
