@@ -8,7 +8,10 @@
 //            (a gather per input pixel, no atomics); a pointwise convolution
 //            writes dx directly.
 //   dw       dw[g] (k/g, c/g r s) = dy[:, g] (k/g, images oh ow) @ im2col(x)[g]^T,
-//            summed over chunks in order (deterministic), split-k inside.
+//            dy read in place (k running over images and pixels: a k-segmented
+//            operand), im2col(x)^T implicit in the tile loads (x itself for a
+//            pointwise convolution); summed over chunks in order
+//            (deterministic), split-k inside.
 //   db       per-channel sums in double, fixed order.
 #include <algorithm>
 
@@ -101,13 +104,11 @@ void conv2d_backward(const Exec& ex, const ConvShape& cs, const float* dy, const
     return;
   }
   const bool pointwise = cs.is_pointwise();
-  const bool need_cols = dw != nullptr || (dx != nullptr && !pointwise);
-  const index_t per_image = ((need_cols ? all_rows : 0) + (dw != nullptr ? cs.k : 0)) * pixels * 4;
-  const index_t chunk = images_per_chunk(ex, cs.n, pixels, per_image);
+  const bool need_cols = dx != nullptr && !pointwise;  // dx's columns, for col2im
+  const index_t chunk =
+      images_per_chunk(ex, cs.n, pixels, (need_cols ? all_rows : 0) * pixels * 4);
   Workspace cols_ws(ex, need_cols ? static_cast<size_t>(all_rows * chunk * pixels) * 4 : 0);
-  Workspace dyt_ws(ex, dw != nullptr ? static_cast<size_t>(cs.k * chunk * pixels) * 4 : 0);
   float* cols = cols_ws.as<float>();
-  float* dyt = dyt_ws.as<float>();
 
   for (index_t i0 = 0; i0 < cs.n; i0 += chunk) {
     ConvShape part = cs;
@@ -134,15 +135,23 @@ void conv2d_backward(const Exec& ex, const ConvShape& cs, const float* dy, const
       }
     }
     if (dw != nullptr) {
-      im2col(ex, part, xs, cols);                       // (c r s, span)
-      nchw_to_cnhw(ex, part.n, cs.k, pixels, dys, dyt);  // (k, span)
       GemmProblem p;
       p.m = kg;
       p.n = rows;
-      p.k = span;
+      p.k = span;  // (image, pixel): image segments of `pixels` columns
       p.batch = cs.groups;
-      p.a = make_operand(dyt, span, 1, kg * span);
-      p.b = make_operand(cols, span, 1, rows * span);
+      p.a = make_operand(dys, pixels, 1, kg * pixels);  // dy[image, g kg + o, pixel]
+      p.a.k_seg = pixels;
+      p.a.k_seg_stride = cs.k * pixels;
+      if (pointwise) {
+        p.b = make_operand(xs, pixels, 1, cg * pixels);  // x[image, g cg + ci, pixel]
+        p.b.k_seg = pixels;
+        p.b.k_seg_stride = cs.c * pixels;
+      } else {
+        p.implicit_conv = &part;
+        p.implicit_transposed = true;
+        p.conv_input = xs;
+      }
       p.c = make_output(dw, rows, kg * rows);
       p.beta = i0 == 0 ? 0.0f : 1.0f;  // chunks add up in order
       gemm(ex, p);

@@ -142,7 +142,7 @@ FASTCNN_HD index_t outer_offset(const GemmOperand& op, index_t o) {
 struct ImplicitConv {
   const float* x = nullptr;
   index_t image_stride = 0, group_stride = 0, plane = 0, pixels = 0;
-  int h = 0, w = 0, ow = 0, taps = 0, s = 0;
+  int h = 0, w = 0, oh = 0, ow = 0, taps = 0, s = 0;
   int stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
 };
 
@@ -213,13 +213,13 @@ struct StridedTile {
   const float* base;
   index_t off[4];  // k-contiguous: per pass; outer-contiguous: per outer index
   bool ok[4];
-  index_t k_stride;
+  index_t k_stride, k_seg, k_seg_stride;
   bool k_contig, vec;
 
   FASTCNN_HD StridedTile(const GemmOperand& op, bool vec_, index_t extent, index_t batch,
                          index_t o0, int tid)
-      : base(op.ptr + batch * op.batch_stride), k_stride(op.k_stride),
-        k_contig(op.k_stride == 1), vec(vec_) {
+      : base(op.ptr + batch * op.batch_stride), k_stride(op.k_stride), k_seg(op.k_seg),
+        k_seg_stride(op.k_seg_stride), k_contig(op.k_stride == 1), vec(vec_) {
     FASTCNN_UNROLL
     for (int q = 0; q < 4; ++q) {
       const index_t o = o0 + (k_contig ? (q < Map::kPasses ? Map::kc_outer(tid, q) : 0)
@@ -229,25 +229,39 @@ struct StridedTile {
     }
   }
 
+  // Where column k starts (relative to base and the outer offset).
+  FASTCNN_HD index_t k_offset(index_t k) const {
+    if (k_seg == 0) return k * k_stride;
+    index_t within;
+    const index_t segment = div_rem(k, k_seg, &within);
+    return segment * k_seg_stride + within * k_stride;
+  }
+
   // Registers for the tile starting at k0; zeros outside [.., k_end) and the extent.
   FASTCNN_HD void fetch(index_t k0, index_t k_end, int tid, float* r) const {
     if (k_contig) {
+      // vec: 4 consecutive k from a multiple of 4 stay in one k segment (k_seg % 4 == 0)
       const index_t k = k0 + Map::kc_k(tid);
+      const index_t at = k < k_end ? k_offset(k) : 0;
       FASTCNN_UNROLL
       for (int p = 0; p < Map::kPasses; ++p) {
-        const float* src = base + off[p] + k;
         if (ok[p] && vec && k + 4 <= k_end) {
-          load_vec4(src, r + 4 * p);
-        } else {
+          load_vec4(base + off[p] + at, r + 4 * p);
+        } else if (k_seg == 0) {
+          const float* src = base + off[p] + at;
           FASTCNN_UNROLL
           for (int q = 0; q < 4; ++q) r[4 * p + q] = ok[p] && k + q < k_end ? src[q] : 0.0f;
+        } else {
+          FASTCNN_UNROLL
+          for (int q = 0; q < 4; ++q)
+            r[4 * p + q] = ok[p] && k + q < k_end ? base[off[p] + k_offset(k + q)] : 0.0f;
         }
       }
     } else {
       FASTCNN_UNROLL
       for (int p = 0; p < Map::kPasses; ++p) {
         const index_t k = k0 + Map::oc_k(tid, p);
-        const float* src = base + k * k_stride;
+        const float* src = base + (k < k_end ? k_offset(k) : 0);
         if (k >= k_end) {
           FASTCNN_UNROLL
           for (int q = 0; q < 4; ++q) r[4 * p + q] = 0.0f;
@@ -321,6 +335,61 @@ struct Im2colTile {
   template <bool kTf32>
   FASTCNN_HD void stash(const float* r, float* tile, int ld, int tid) const {
     stash_tile<Map, kTf32>(false, r, tile, ld, tid);
+  }
+};
+
+// B = im2col(x)^T computed while loading (the weight gradient's): outer o =
+// (ci, ri, si), k = (image, oy, ox). Each thread loads 4 consecutive k of its
+// rows; the k position is decoded once per fetch and stepped along.
+template <class Map>
+struct Im2colRowsTile {
+  const float* src[4];  // the group's channel ci plane of image 0, per pass
+  int ry[4], rx[4];     // the tap's offset: iy = oy * stride_h + ry
+  bool ok[4];
+  ImplicitConv cv;
+
+  FASTCNN_HD Im2colRowsTile(const GemmArgs& args, index_t batch, index_t n0, int tid)
+      : cv(args.conv) {
+    FASTCNN_UNROLL
+    for (int p = 0; p < 4; ++p) {
+      const index_t o = n0 + (p < Map::kPasses ? Map::kc_outer(tid, p) : 0);
+      ok[p] = p < Map::kPasses && o < args.n;
+      const int row = ok[p] ? static_cast<int>(o) : 0;
+      const int ci = row / cv.taps, tap = row % cv.taps;
+      src[p] = cv.x + batch * cv.group_stride + ci * cv.plane;
+      ry[p] = (tap / cv.s) * cv.dil_h - cv.pad_h;
+      rx[p] = (tap % cv.s) * cv.dil_w - cv.pad_w;
+    }
+  }
+
+  FASTCNN_HD void fetch(index_t k0, index_t k_end, int tid, float* r) const {
+    const index_t k = k0 + Map::kc_k(tid);
+    index_t pix = 0, ox = 0;
+    index_t img = k < k_end ? div_rem(k, cv.pixels, &pix) : 0;
+    index_t oy = div_rem(pix, cv.ow, &ox);
+    FASTCNN_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const bool live = k + q < k_end;
+      FASTCNN_UNROLL
+      for (int p = 0; p < Map::kPasses; ++p) {
+        const int iy = static_cast<int>(oy) * cv.stride_h + ry[p];
+        const int ix = static_cast<int>(ox) * cv.stride_w + rx[p];
+        const bool inside = live && ok[p] && iy >= 0 && iy < cv.h && ix >= 0 && ix < cv.w;
+        r[4 * p + q] = inside ? src[p][img * cv.image_stride + iy * cv.w + ix] : 0.0f;
+      }
+      if (++ox == cv.ow) {  // the next column: (image, oy, ox) + 1
+        ox = 0;
+        if (++oy == cv.oh) {
+          oy = 0;
+          ++img;
+        }
+      }
+    }
+  }
+
+  template <bool kTf32>
+  FASTCNN_HD void stash(const float* r, float* tile, int ld, int tid) const {
+    stash_tile<Map, kTf32>(true, r, tile, ld, tid);
   }
 };
 
@@ -517,8 +586,10 @@ bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15
 
 // float4 loads are safe: every 4-group a thread loads is contiguous and aligned.
 bool operand_vec(const GemmOperand& op) {
-  if (!aligned16(op.ptr) || op.seg_stride % 4 != 0 || op.batch_stride % 4 != 0) return false;
-  if (op.k_stride == 1) return op.o_stride % 4 == 0;
+  if (!aligned16(op.ptr) || op.seg_stride % 4 != 0 || op.batch_stride % 4 != 0 ||
+      op.k_seg_stride % 4 != 0)
+    return false;
+  if (op.k_stride == 1) return op.o_stride % 4 == 0 && op.k_seg % 4 == 0;
   return op.o_stride == 1 && op.k_stride % 4 == 0 && op.seg % 4 == 0;
 }
 
@@ -548,6 +619,7 @@ ImplicitConv make_implicit(const ConvShape& cs, const float* x) {
   cv.pixels = cs.out_pixels();
   cv.h = static_cast<int>(cs.h);
   cv.w = static_cast<int>(cs.w);
+  cv.oh = static_cast<int>(cs.oh);
   cv.ow = static_cast<int>(cs.ow);
   cv.taps = static_cast<int>(cs.r * cs.s);
   cv.s = static_cast<int>(cs.s);
@@ -615,11 +687,13 @@ void run(const Exec& ex, const char* kernel, const GemmProblem& p, const Implici
 
 template <class T>
 void dispatch(const Exec& ex, const GemmProblem& p, const char* strided_name,
-              const char* im2col_name) {
-  if (p.implicit_conv != nullptr)
-    run<T, Im2colTile>(ex, im2col_name, p, make_implicit(*p.implicit_conv, p.conv_input));
-  else
+              const char* im2col_name, const char* im2col_t_name) {
+  if (p.implicit_conv == nullptr)
     run<T, StridedB>(ex, strided_name, p, ImplicitConv{});
+  else if (p.implicit_transposed)
+    run<T, Im2colRowsTile>(ex, im2col_t_name, p, make_implicit(*p.implicit_conv, p.conv_input));
+  else
+    run<T, Im2colTile>(ex, im2col_name, p, make_implicit(*p.implicit_conv, p.conv_input));
 }
 
 // TF32 mma.sync needs compute capability 8.0 (Ampere) or newer; older GPUs
@@ -643,12 +717,15 @@ void gemm(const Exec& ex, const GemmProblem& p) {
   if (p.m <= 0 || p.n <= 0 || p.batch <= 0) return;
   if (p.k < 0) throw std::invalid_argument("gemm: k must be >= 0");
   if (allow_tf32() && has_tf32_tensor_cores(ex)) {
-    dispatch<TensorLarge>(ex, p, "gemm_tf32_128x128x16", "gemm_tf32_128x128x16_im2col");
+    dispatch<TensorLarge>(ex, p, "gemm_tf32_128x128x16", "gemm_tf32_128x128x16_im2col",
+                          "gemm_tf32_128x128x16_im2col_t");
   } else if (p.m > 64 && p.n > 64 &&
              ceil_div(p.m, SimtLarge::BM) * ceil_div(p.n, SimtLarge::BN) * p.batch >= 64) {
-    dispatch<SimtLarge>(ex, p, "gemm_simt_128x128x8", "gemm_simt_128x128x8_im2col");
+    dispatch<SimtLarge>(ex, p, "gemm_simt_128x128x8", "gemm_simt_128x128x8_im2col",
+                        "gemm_simt_128x128x8_im2col_t");
   } else {
-    dispatch<SimtSmall>(ex, p, "gemm_simt_64x64x16", "gemm_simt_64x64x16_im2col");
+    dispatch<SimtSmall>(ex, p, "gemm_simt_64x64x16", "gemm_simt_64x64x16_im2col",
+                        "gemm_simt_64x64x16_im2col_t");
   }
 }
 

@@ -6,7 +6,7 @@ per-kernel launch cost after the first steps.
         loss = step(x, y)           # one training step; loss is a CuPy scalar
     # or: Trainer(cuda_graph=True).fit(model, ...)
 
-A small CNN's training step is some 35 kernel launches, each costing the host
+A small CNN's training step is some 30 kernel launches, each costing the host
 more than the GPU needs to run it; a graph replays all of them in one launch.
 What changes from step to step without a Python call is read from device
 memory at every replay: the batch (copied into the graph's input buffers),

@@ -67,16 +67,20 @@ void set_emulated_workspace_budget(bool gpu);
 // ---- gemm.cu
 // One operand of a GEMM seen as an (outer x k) matrix, outer being m for A
 // and n for B: element (o, k) of batch b lives at
-//   ptr + b * batch_stride + segment(o) + k * k_stride,
+//   ptr + b * batch_stride + segment(o) + k_segment(k),
 //   segment(o) = o * o_stride                                      (seg == 0)
 //              = (o / seg) * seg_stride + (o % seg) * o_stride     (seg > 0)
+//   k_segment(k) = k * k_stride                                    (k_seg == 0)
+//                = (k / k_seg) * k_seg_stride + (k % k_seg) * k_stride
 // Segments let the columns of a convolution run over several images of an
-// NCHW tensor without a copy.
+// NCHW tensor without a copy (along outer for the forward, along k for the
+// weight gradient, whose k runs over images and pixels).
 struct GemmOperand {
   const float* ptr = nullptr;
   index_t o_stride = 0, k_stride = 0;
   index_t seg = 0, seg_stride = 0;
   index_t batch_stride = 0;
+  index_t k_seg = 0, k_seg_stride = 0;
 };
 
 inline GemmOperand make_operand(const float* ptr, index_t o_stride, index_t k_stride,
@@ -119,7 +123,8 @@ inline GemmOutput make_output(float* ptr, index_t row_stride, index_t batch_stri
 // is ReLU when relu is set. When implicit_conv is set, B is not read from
 // memory: it is im2col of conv_input under that geometry (outer = image *
 // oh * ow + pixel, k = (channel in group, tap), batch = group), computed
-// while loading tiles.
+// while loading tiles; with implicit_transposed, its transpose (outer =
+// (channel in group, tap), k = image * oh * ow + pixel: the weight gradient's).
 struct GemmProblem {
   index_t m = 0, n = 0, k = 0, batch = 1;
   GemmOperand a, b;
@@ -130,6 +135,7 @@ struct GemmProblem {
   bool bias_per_row = true;
   bool relu = false;
   const ConvShape* implicit_conv = nullptr;
+  bool implicit_transposed = false;
   const float* conv_input = nullptr;
 };
 void gemm(const Exec& ex, const GemmProblem& p);
@@ -142,15 +148,12 @@ void sgemm(const Exec& ex, Trans ta, Trans tb, index_t m, index_t n, index_t k, 
 // Which GEMM kernel a large product uses now (it depends on allow_tf32).
 const char* gemm_kernel_name();
 
-// ---- im2col.cu: whole batches, all groups at once.
-// x: (n, c, h, w) -> cols: (c * r * s, n * oh * ow); row (ci, ri, si), column (image, pixel).
-// With groups, rows [g * c/groups * r * s, ...) belong to group g.
-void im2col(const Exec& ex, const ConvShape& cs, const float* x, float* cols);
-// cols as above -> dx: (n, c, h, w), overwritten: every input pixel gathers
-// the column entries copied from it, taps in (ri, si) order (no atomics).
+// ---- im2col.cu: whole batches, all groups at once. The column matrix
+// cols: (c * r * s, n * oh * ow); row (ci, ri, si), column (image, pixel);
+// with groups, rows [g * c/groups * r * s, ...) belong to group g.
+// cols -> dx: (n, c, h, w), overwritten: every input pixel gathers the
+// column entries copied from it, taps in (ri, si) order (no atomics).
 void col2im(const Exec& ex, const ConvShape& cs, const float* cols, float* dx);
-// x: (n, c, p) -> y: (c, n * p)
-void nchw_to_cnhw(const Exec& ex, index_t n, index_t c, index_t p, const float* x, float* y);
 
 // ---- conv2d.cu
 // relu: y = relu(conv + bias), the ReLU applied in the GEMM's epilogue.
