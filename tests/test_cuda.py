@@ -283,7 +283,8 @@ CONV_CASES = [
     (1, 2, 12, 11, 3, (5, 4), (3, 2), (2, 1), (2, 1), 1),     # dilation, big kernel
     (6, 1, 16, 16, 2, (3, 3), (1, 1), (1, 1), (1, 1), 1),     # split-k weight gradient
     (2, 1, 64, 64, 130, (2, 2), (1, 1), (0, 0), (1, 1), 1),   # 128 x 128 tiles, implicit im2col
-]
+    (2, 3, 9, 10, 4, (3, 2), (1, 1), (2, 2), (2, 1), 1),      # dx as a convolution: padding
+]                                                              # above dil (s - 1) (negative)
 
 
 def _conv_problem(rng, case):

@@ -4,8 +4,11 @@
 //            im2col is implicit (computed in the GEMM's tile loads), the
 //            bias (and a following ReLU) applied in its epilogue, the output
 //            written straight to NCHW.
-//   dx       dcols[g] (c/g r s, images oh ow) = w[g]^T @ dy[:, g], then col2im
-//            (a gather per input pixel, no atomics); a pointwise convolution
+//   dx       stride 1: dx is the convolution of dy with the flipped, transposed
+//            weights (padding dil (r - 1) - pad): the forward's implicit GEMM,
+//            its A operand w read backwards in place. Other strides:
+//            dcols[g] (c/g r s, images oh ow) = w[g]^T @ dy[:, g], then col2im
+//            (a gather per input pixel, no atomics). A pointwise convolution
 //            writes dx directly.
 //   dw       dw[g] (k/g, c/g r s) = dy[:, g] (k/g, images oh ow) @ im2col(x)[g]^T,
 //            dy read in place (k running over images and pixels: a k-segmented
@@ -104,7 +107,8 @@ void conv2d_backward(const Exec& ex, const ConvShape& cs, const float* dy, const
     return;
   }
   const bool pointwise = cs.is_pointwise();
-  const bool need_cols = dx != nullptr && !pointwise;  // dx's columns, for col2im
+  const bool transposed_conv = !pointwise && cs.stride_h == 1 && cs.stride_w == 1;
+  const bool need_cols = dx != nullptr && !pointwise && !transposed_conv;  // for col2im
   const index_t chunk =
       images_per_chunk(ex, cs.n, pixels, (need_cols ? all_rows : 0) * pixels * 4);
   Workspace cols_ws(ex, need_cols ? static_cast<size_t>(all_rows * chunk * pixels) * 4 : 0);
@@ -116,7 +120,34 @@ void conv2d_backward(const Exec& ex, const ConvShape& cs, const float* dy, const
     const index_t span = part.n * pixels;  // GEMM columns: the chunk's images side by side
     const float* xs = x + i0 * x_image;
     const float* dys = dy + i0 * cs.k * pixels;
-    if (dx != nullptr) {
+    if (dx != nullptr && transposed_conv) {
+      // dx[i, g cg + c, y, x] = sum over (kch, tap) of dy[i, g kg + kch] at the
+      // flipped tap times w[g kg + kch, c, flipped tap]: a stride-1 convolution
+      // of dy, whose input channels are the layer's outputs.
+      ConvShape t = part;
+      t.c = cs.k;
+      t.h = cs.oh;
+      t.w = cs.ow;
+      t.k = cs.c;
+      t.pad_h = cs.dil_h * (cs.r - 1) - cs.pad_h;
+      t.pad_w = cs.dil_w * (cs.s - 1) - cs.pad_w;
+      t.oh = cs.h;
+      t.ow = cs.w;
+      const index_t taps = cs.r * cs.s, plane = cs.h * cs.w;
+      GemmProblem p;
+      p.m = cg;
+      p.n = part.n * plane;
+      p.k = kg * taps;  // (kch, flipped tap)
+      p.batch = cs.groups;
+      // A(c, (kch, t)) = w[g kg + kch, c, taps - 1 - t]: taps read backwards
+      p.a = make_operand(w + (taps - 1), taps, -1, kg * cg * taps);
+      p.a.k_seg = taps;
+      p.a.k_seg_stride = cg * taps;
+      p.implicit_conv = &t;
+      p.conv_input = dys;
+      p.c = make_output(dx + i0 * x_image, plane, cg * plane, plane, cs.c * plane);
+      gemm(ex, p);
+    } else if (dx != nullptr) {
       float* dxs = dx + i0 * x_image;
       GemmProblem p;
       p.m = rows;
