@@ -319,6 +319,30 @@ def test_conv2d(dev, rng, case):
     _conv_check(dev, rng, case)
 
 
+@st.composite
+def _conv_geometry(draw):
+    g, cg, kg = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    r, s = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h = max(1, dh * (r - 1) + 1 - 2 * ph) + draw(st.integers(0, 7))
+    w = max(1, dw * (s - 1) + 1 - 2 * pw) + draw(st.integers(0, 7))
+    return (draw(st.integers(1, 4)), g * cg, h, w, g * kg, (r, s), (sh, sw), (ph, pw), (dh, dw),
+            g)
+
+
+@needs_module
+@settings(max_examples=60)
+@given(case=_conv_geometry(), seed=st.integers(0, 2**32 - 1))
+def test_conv2d_random_geometry(case, seed):
+    """Random convolutions (groups, strides, paddings up to 3, dilations, kernels up
+    to 4x4, odd sizes) on the emulated CUDA kernels against the CPU's: the forward's
+    implicit im2col, the weight gradient's implicit im2col^T over k-segmented dy,
+    the input gradient as a convolution of dy (stride 1) or GEMM + col2im."""
+    _conv_check(Device("emulator"), np.random.default_rng(seed), case)
+
+
 @pytest.mark.parametrize("want", [(True, False, False), (False, True, False), (False, False, True),
                                   (True, True, False)])
 def test_conv2d_backward_output_mask(dev, rng, want):
