@@ -1178,6 +1178,42 @@ class TestModelsOnGpu:
         assert "momentum=None" in eager.disabled and eager.captures == 0
         assert int(bn.bn2.num_batches_tracked) == counts + 3
 
+    @pytest.mark.parametrize("batchnorm", [False, True])
+    def test_inference_on_the_gpu_is_replayed_as_a_graph(self, rng, cp, batchnorm):
+        """forward(x, record=False) in eval mode on GPU arrays: the layers' bits at
+        every call, replayed as a graph from the third call of a shape; outputs are
+        copies; weights changed in place are read (no new capture), a replaced
+        parameter or another shape captures again."""
+        from fastcnn import models
+
+        model = models.mnist_cnn(batchnorm=batchnorm, channels=(4, 8), hidden=16,
+                                 input_size=12, seed=0).to("cuda")
+        model.eval()
+        xs = [cp.asarray(randn(rng, 3, 1, 12, 12)) for _ in range(5)]
+        outs = [model.forward(x, record=False) for x in xs]
+        for x, out in zip(xs, outs):  # earlier outputs are not overwritten by replays
+            bitwise(cp.asnumpy(out), cp.asnumpy(model(x)), "inference")
+        plan = model._gpu_plan
+        assert plan.disabled is None and plan._graph is not None
+        fake = hasattr(cp.ndarray, "host_reads")
+        if fake:
+            before = dict(_cuda.emulator.launches())
+        model.fc2.weight.data[...] = model.fc2.weight.data * 2  # in place: the graph reads it
+        again = model.forward(xs[0], record=False)
+        bitwise(cp.asnumpy(again), cp.asnumpy(model(xs[0])), "after an in-place change")
+        if fake:  # replayed, not captured again
+            after = _cuda.emulator.launches()
+            assert not any(after[k] != before.get(k) for k in after if k.startswith("captured"))
+        graph = plan._graph
+        model.fc2.weight.data = model.fc2.weight.data * 0.5  # replaced: state version bumped
+        bitwise(cp.asnumpy(model.forward(xs[1], record=False)), cp.asnumpy(model(xs[1])),
+                "after a replaced parameter")
+        assert plan._graph is not graph
+        small = cp.asarray(randn(rng, 2, 1, 12, 12))
+        for _ in range(3):
+            bitwise(cp.asnumpy(model.forward(small, record=False)), cp.asnumpy(model(small)),
+                    "another shape")
+
     def test_trainer_with_cuda_graph_trains_as_eager(self, rng, cp):
         from fastcnn import data, models, optim, train
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _backend as B
 
-__all__ = ["CapturedStep", "CaptureError"]
+__all__ = ["CapturedStep", "CaptureError", "CapturedForward"]
 
 
 class CaptureError(RuntimeError):
@@ -55,16 +55,19 @@ class _Scalars:
 
     _FLOATS, _INTS = 4096, 512
 
-    def __init__(self, xp):
-        self.xp = xp
-        self.floats = xp.zeros(self._FLOATS, np.float32)
-        self.ints = xp.zeros(self._INTS, np.int64)
+    def __init__(self, xp, allocate=True):
+        # allocate=False: an inference graph's, which reads none (made before the
+        # capture otherwise: made inside, their zero-fill would be captured too)
+        self.floats = xp.zeros(self._FLOATS, np.float32) if allocate else None
+        self.ints = xp.zeros(self._INTS, np.int64) if allocate else None
         self._host_floats = np.zeros(self._FLOATS, np.float32)
         self._host_ints = np.zeros(self._INTS, np.int64)
         self._entries = []  # (kind, start, count, fn)
         self._used = {"f": 0, "i": 0}
 
     def _take(self, kind, count, fn):
+        if self.floats is None:
+            raise CaptureError("this graph cannot read per-call values (an inference graph)")
         start = self._used[kind]
         limit = self._FLOATS if kind == "f" else self._INTS
         if start + count > limit:
@@ -281,6 +284,69 @@ class CapturedStep:
         self._graph.launch()
         self.logits, self.targets = self._logits, self._y
         return self._loss.copy()
+
+
+class CapturedForward:
+    """Inference of a Sequential in eval mode on GPU arrays of one shape, as a
+    replayed CUDA graph: what ``Sequential.forward(x, record=False)`` runs on the
+    GPU from the third call of a shape on (the first runs the layers, the second
+    runs them on the graph's stream and captures them). Valid while nn's state
+    version stands still (any change to the model bumps it: the next call
+    captures again); the output is a copy, as the layers' path returns a fresh
+    array. A capture that fails leaves ``disabled`` set and the layers' path."""
+
+    def __init__(self, layers, run):
+        self._layers, self._run = layers, run  # run(x): the layers' path
+        self._shape = self._version = self._graph = None
+        self._seen = 0
+        self.disabled = None
+
+    def __call__(self, x):
+        from .nn.module import state_version
+
+        if self.disabled is not None:
+            return self._run(x)
+        if x.shape != self._shape or state_version() != self._version:
+            self._shape, self._version, self._graph, self._seen = x.shape, state_version(), None, 0
+        if self._graph is not None:
+            self._x[...] = x
+            self._graph.launch()
+            return self._out.copy()
+        self._seen += 1
+        if self._seen < 2:
+            return self._run(x)
+        try:
+            return self._capture(x)
+        except (CaptureError, RuntimeError) as exc:
+            self.disabled = f"{type(exc).__name__}: {exc}"
+            return exc.step_output if hasattr(exc, "step_output") else self._run(x)
+
+    def _capture(self, x):
+        cp = _cupy()
+        _, K = B._cuda_kernels()
+        self._x = cp.empty_like(x)
+        self._x[...] = x
+        self._pool = cp.cuda.MemoryPool()
+        stream = cp.cuda.Stream(non_blocking=True)
+        cp.cuda.get_current_stream().synchronize()
+        with cp.cuda.using_allocator(self._pool.malloc), stream:
+            out = self._run(self._x).copy()  # this call's output; fills the pool
+            K.graph_begin()
+            try:
+                with _capturing(_Scalars(cp, allocate=False)):
+                    static = self._run(self._x)
+            except BaseException as exc:
+                try:
+                    K.graph_end()
+                except RuntimeError:
+                    pass
+                stream.synchronize()
+                exc.step_output = out
+                raise
+            graph = K.graph_end()
+        stream.synchronize()
+        self._out, self._graph = static, graph
+        return out
 
 
 def _fill(buffer, value, dtype):

@@ -571,16 +571,19 @@ class Sequential(Module):
 
     def _forward_unrecorded(self, x, layers, first, last):
         whole = first == 0 and last == len(layers) - 1
+        if (whole and not self.training and type(x) is not np.ndarray and B.is_gpu_array(x) and
+                x.size and getattr(x, "dtype", None) == np.float32 and x.flags.c_contiguous):
+            # On the GPU: the layers' path, replayed as a CUDA graph from the
+            # third call of a shape on (fastcnn.capture.CapturedForward).
+            graph = self.__dict__.get("_gpu_plan")
+            if graph is None:
+                from ..capture import CapturedForward
+
+                graph = CapturedForward(layers, lambda a: self._run_layers(a, layers, 0, last))
+                object.__setattr__(self, "_gpu_plan", graph)
+            return graph(x)
         if not (whole and not self.training and type(x) is np.ndarray and x.size):
-            i = first
-            while i <= last:
-                if i < last and _fuses_relu_on_gpu(layers[i], layers[i + 1], x):
-                    x = layers[i].forward_relu(x)  # nothing is kept: the ReLU has no record
-                    i += 2
-                else:
-                    x = layers[i].forward(x)
-                    i += 1
-            return x
+            return self._run_layers(x, layers, first, last)
         x = _as_float(x, "input", np)
         plan = self._plan
         if plan is not None and plan.matches(layers, x):
@@ -593,6 +596,20 @@ class Sequential(Module):
             inputs.append(x)
             x = layer.forward(x)
         object.__setattr__(self, "_plan", InferencePlan(layers, inputs))
+        return x
+
+    @staticmethod
+    def _run_layers(x, layers, first, last):
+        """Layers first..last, unrecorded (a Conv2d / Linear and its ReLU as one
+        GEMM on the GPU)."""
+        i = first
+        while i <= last:
+            if i < last and _fuses_relu_on_gpu(layers[i], layers[i + 1], x):
+                x = layers[i].forward_relu(x)  # nothing is kept: the ReLU has no record
+                i += 2
+            else:
+                x = layers[i].forward(x)
+                i += 1
         return x
 
     def backward(self, grad_out, *, input_grad=True, start=None, stop=None, guided=None,
