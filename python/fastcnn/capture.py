@@ -130,6 +130,37 @@ def _cupy():
     return cupy
 
 
+def _run_and_capture(run, scalars):
+    """``run()`` once for real, then captured: on a stream and a CuPy memory pool
+    of their own, so that nothing allocated later can be handed the graph's
+    memory (and the real run fills the pool with the blocks the capture then
+    takes, so that capturing allocates no device memory). Returns (pool, the real
+    run's result, the captured run's result, the graph). If the capture fails,
+    its exception is raised with ``done`` set to the real run's result."""
+    cp = _cupy()
+    _, K = B._cuda_kernels()
+    pool = cp.cuda.MemoryPool()
+    stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.get_current_stream().synchronize()  # the inputs, for the other stream
+    with cp.cuda.using_allocator(pool.malloc), stream:
+        done = run()
+        K.graph_begin()
+        try:
+            with _capturing(scalars):
+                captured = run()
+        except BaseException as exc:
+            try:
+                K.graph_end()  # end the capture; the partial graph is dropped
+            except RuntimeError:
+                pass  # an invalidated capture: ending it is all that was needed
+            stream.synchronize()
+            exc.done = done
+            raise
+        graph = K.graph_end()
+    stream.synchronize()
+    return pool, done, captured, graph
+
+
 class CapturedStep:
     """One training step (zero_grad, forward, loss, backward, optimizer step) of a
     model on the GPU, captured as a CUDA graph on first use and replayed after."""
@@ -217,39 +248,16 @@ class CapturedStep:
 
     def _capture(self, x, y):
         """This call's step, run eagerly, then the capture of the next ones (which
-        runs nothing): returns the eager step's loss. Raises what the capture
-        raised, if it failed (with ``failed`` set: the step itself was done)."""
+        runs nothing): returns the eager step's loss (see _run_and_capture)."""
         cp = _cupy()
-        _, K = B._cuda_kernels()
         self._graph = None
         self._x, self._y = cp.empty_like(x), cp.empty_like(y)
         self._x[...] = x
         self._y[...] = y
         scalars = _Scalars(cp)
-        # Arrays made while capturing come from a pool of their own, on a stream
-        # of their own: nothing allocated later can be handed the graph's memory.
-        # The eager step on that stream fills the pool with the blocks the
-        # capture then takes, so that capturing allocates no device memory.
-        self._pool = cp.cuda.MemoryPool()
-        stream = cp.cuda.Stream(non_blocking=True)
-        cp.cuda.get_current_stream().synchronize()  # the inputs, for the other stream
-        with cp.cuda.using_allocator(self._pool.malloc), stream:
-            eager_loss, self.logits = self._eager(self._x, self._y)
-            self.targets = self._y
-            K.graph_begin()
-            try:
-                with _capturing(scalars):
-                    loss, logits = self._eager(self._x, self._y)
-            except BaseException as exc:
-                try:
-                    K.graph_end()  # end the capture; the partial graph is dropped
-                except RuntimeError:
-                    pass  # an invalidated capture: ending it is all that was needed
-                stream.synchronize()
-                exc.step_loss = eager_loss
-                raise
-            graph = K.graph_end()
-        stream.synchronize()
+        self.targets = self._y
+        self._pool, (eager_loss, self.logits), (loss, logits), graph = _run_and_capture(
+            lambda: self._eager(self._x, self._y), scalars)
         # The graph's output buffers (this call's results are the eager step's).
         self._loss, self._logits, self._scalars, self._graph = loss, logits, scalars, graph
         self._status = cp.empty(2, np.int64)
@@ -273,10 +281,11 @@ class CapturedStep:
                 return self._capture(cp.asarray(x, dtype=np.float32, order="C"),
                                      cp.asarray(y, dtype=np.int64, order="C"))
             except (CaptureError, RuntimeError) as exc:
-                if not self.fallback or not hasattr(exc, "step_loss"):
+                if not self.fallback or not hasattr(exc, "done"):
                     raise
                 self.disabled = f"{type(exc).__name__}: {exc}"
-                return exc.step_loss  # the step was done, eagerly
+                self.logits = exc.done[1]
+                return exc.done[0]  # the step was done, eagerly
         _fill(self._x, x, np.float32)
         _fill(self._y, y, np.int64)
         self._check_targets(y if isinstance(y, np.ndarray) else self._y)
@@ -315,38 +324,16 @@ class CapturedForward:
         self._seen += 1
         if self._seen < 2:
             return self._run(x)
-        try:
-            return self._capture(x)
-        except (CaptureError, RuntimeError) as exc:
-            self.disabled = f"{type(exc).__name__}: {exc}"
-            return exc.step_output if hasattr(exc, "step_output") else self._run(x)
-
-    def _capture(self, x):
         cp = _cupy()
-        _, K = B._cuda_kernels()
         self._x = cp.empty_like(x)
         self._x[...] = x
-        self._pool = cp.cuda.MemoryPool()
-        stream = cp.cuda.Stream(non_blocking=True)
-        cp.cuda.get_current_stream().synchronize()
-        with cp.cuda.using_allocator(self._pool.malloc), stream:
-            out = self._run(self._x).copy()  # this call's output; fills the pool
-            K.graph_begin()
-            try:
-                with _capturing(_Scalars(cp, allocate=False)):
-                    static = self._run(self._x)
-            except BaseException as exc:
-                try:
-                    K.graph_end()
-                except RuntimeError:
-                    pass
-                stream.synchronize()
-                exc.step_output = out
-                raise
-            graph = K.graph_end()
-        stream.synchronize()
-        self._out, self._graph = static, graph
-        return out
+        try:
+            self._pool, out, self._out, self._graph = _run_and_capture(
+                lambda: self._run(self._x), _Scalars(cp, allocate=False))
+        except (CaptureError, RuntimeError) as exc:
+            self.disabled = f"{type(exc).__name__}: {exc}"
+            return exc.done if hasattr(exc, "done") else self._run(x)
+        return out.copy()  # the caller's, not the pool's
 
 
 def _fill(buffer, value, dtype):
