@@ -534,9 +534,10 @@ def test_cross_entropy_total_and_scalar_backward(dev, rng, n, smoothing, reducti
     cpu_loss = F.cross_entropy(x, t, reduction, -100, smoothing)
     got = dev(lambda mod, x, t, total, status: mod.cross_entropy_total(
         x, t, -100, smoothing, mean, total, status), {"x": x, "t": t},
-        {"total": ((), F32, np.nan), "status": ((2,), I64, -7)})
+        {"total": ((), F32, np.nan), "status": ((3,), I64, -7)})
     close(got["total"], np.asarray(cpu_loss), n * classes, rtol=1e-6, atol=1e-7, name="loss")
-    assert got["status"].tolist() == [int((t != -100).sum()), 0]
+    hits = int((x.argmax(axis=1) == t).sum()) if n else 0
+    assert got["status"].tolist() == [int((t != -100).sum()), 0, hits]
     if n == 0:
         assert np.isnan(got["total"]) == mean and (mean or got["total"] == 0)
     for grad in (None, np.asarray(0.75, F32)):
@@ -553,7 +554,7 @@ def test_cross_entropy_total_and_scalar_backward(dev, rng, n, smoothing, reducti
         t_bad[0] = -3
         got = dev(lambda mod, x, t, status: mod.cross_entropy_total(
             x, t, -100, smoothing, mean, None, status), {"x": x, "t": t_bad},
-            {"status": ((2,), I64, -7)})
+            {"status": ((3,), I64, -7)})
         assert got["status"][1] == len({0, n - 1})
 
 
@@ -721,16 +722,22 @@ def test_multi_tensor_updates_random_lists(sizes, nesterov, decay, seed):
        smoothing=st.sampled_from([0.0, 0.15]), mean=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_cross_entropy_total_random(n, classes, ignore, smoothing, mean, seed):
     """Random row counts (one block strides over them), class counts and ignore
-    indices: the emulated total and counts against functional's CPU cross-entropy."""
+    indices: the emulated total and counts (targets, bad ones, argmax hits with ties
+    and NaNs) against NumPy and functional's CPU cross-entropy."""
     rng = np.random.default_rng(seed)
     x = randn(rng, n, classes, scale=3.0)
     t = rng.integers(-1, classes + 1, n).astype(I64)
+    if n:  # ties and NaNs for the argmax (NumPy's rule: the first maximum, a NaN first)
+        x[rng.integers(0, n, 3), 0] = x[0, -1]
+        x[rng.integers(0, n, 2), rng.integers(0, classes, 2)] = np.nan
+        x[rng.integers(0, n), :] = 1.0
     valid = t != ignore
     bad = valid & ((t < 0) | (t >= classes))
-    total, status = np.full((), np.nan, F32), np.full(2, -7, I64)
+    total, status = np.full((), np.nan, F32), np.full(3, -7, I64)
     _cuda.emulator.cross_entropy_total(x, t, ignore, smoothing, mean, total, status)
-    assert status.tolist() == [int(valid.sum()), int(bad.sum())]
-    if bad.any():
+    hits = int((x.argmax(axis=1) == t).sum()) if n else 0
+    assert status.tolist() == [int(valid.sum()), int(bad.sum()), hits]
+    if bad.any() or np.isnan(x).any():
         return
     want = F.cross_entropy(x, t, "mean" if mean else "sum", ignore, smoothing)
     close(total, np.asarray(want), max(n, 1) * classes, rtol=1e-6, atol=1e-7)

@@ -53,7 +53,9 @@ struct CrossEntropyRows {
 
 
 // One block over all rows: status[0] = targets that are not ignore_index (the
-// mean's divisor), status[1] = those outside [0, classes); with a total,
+// mean's divisor), status[1] = those outside [0, classes), status[2] = rows
+// whose argmax (the first maximum, a NaN first of all, as NumPy's) is their
+// target (a training loop's hit count, with no launch of its own); with a total,
 // *total = the rows' float32 losses (row_loss) summed in double in a fixed order (the
 // threads' strided partial sums, then block_sum's tree), over status[0] for
 // the mean (NaN when 0). Counting in double is exact (below 2^53 rows).
@@ -61,6 +63,7 @@ struct CrossEntropyTotal {
   static constexpr int kThreads = 256;
   static constexpr bool kCooperative = true;
   index_t n, classes;
+  const float* logits;
   const std::int64_t* target;
   std::int64_t ignore_index;
   const float* row_loss;  // the rows' losses, when total is not null
@@ -71,7 +74,7 @@ struct CrossEntropyTotal {
   template <class Ctx>
   FASTCNN_HD void operator()(Ctx& ctx) const {
     double* scratch = reinterpret_cast<double*>(ctx.smem());
-    double valid = 0.0, bad = 0.0, sum = 0.0;
+    double valid = 0.0, bad = 0.0, hits = 0.0, sum = 0.0;
     for (index_t i = ctx.tid(); i < n; i += kThreads) {
       const std::int64_t t = target[i];
       if (t != ignore_index) {
@@ -79,13 +82,25 @@ struct CrossEntropyTotal {
         if (t < 0 || t >= classes) bad += 1.0;
       }
       if (total != nullptr) sum += row_loss[i];
+      const float* row = logits + i * classes;
+      index_t best = 0;
+      float best_value = row[0];
+      for (index_t c = 1; c < classes; ++c) {
+        const float v = row[c];
+        const bool take = (v > best_value) | ((v != v) & (best_value == best_value));
+        best_value = take ? v : best_value;
+        best = take ? c : best;
+      }
+      if (best == t) hits += 1.0;
     }
     valid = block_sum<kThreads>(ctx, scratch, valid);
     bad = block_sum<kThreads>(ctx, scratch, bad);
+    hits = block_sum<kThreads>(ctx, scratch, hits);
     if (total != nullptr) sum = block_sum<kThreads>(ctx, scratch, sum);
     if (ctx.tid() != 0) return;
     status[0] = static_cast<std::int64_t>(valid);
     status[1] = static_cast<std::int64_t>(bad);
+    status[2] = static_cast<std::int64_t>(hits);
     if (total != nullptr)
       *total = !mean ? static_cast<float>(sum)
                      : (valid > 0.0 ? static_cast<float>(sum / valid) : quiet_nan());
@@ -164,8 +179,8 @@ void cross_entropy_total(const Exec& ex, index_t n, index_t classes, const float
                           rows.as<float>());
   }
   launch(ex, "cross_entropy_total", Grid{1}, CrossEntropyTotal::kThreads * sizeof(double),
-         CrossEntropyTotal{n, classes, target, ignore_index, rows.as<float>(), mean, total,
-                           status});
+         CrossEntropyTotal{n, classes, logits, target, ignore_index, rows.as<float>(), mean,
+                           total, status});
 }
 
 void cross_entropy_backward_scalar(const Exec& ex, index_t n, index_t classes,

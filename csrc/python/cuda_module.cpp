@@ -561,15 +561,16 @@ void bind_ops(py::module_& m) {
                                  g.data, dx.data);
   });
 
-  // status (2 int64): targets counted, targets out of range; total (a float32
-  // scalar, or None for the status only): the 'sum' or 'mean' loss.
+  // status (3 int64): targets counted, targets out of range, rows predicted
+  // right; total (a float32 scalar, or None for the status only): the 'sum' or
+  // 'mean' loss.
   m.def("cross_entropy_total", [](py::object x_, py::object t_, std::int64_t ignore_index,
                                   float label_smoothing, bool mean, py::object total_,
                                   py::object status_) {
     M mem;
     const LogitRows r = logit_rows(mem, x_, t_);
     auto status = out<M, i64>(mem, status_, "status");
-    if (status.size() != 2) fail("status must have 2 elements");
+    if (status.size() != 3) fail("status must have 3 elements");
     float* total = opt<M, f32>(mem, total_, "total", true, 1);
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
@@ -587,7 +588,7 @@ void bind_ops(py::module_& m) {
           auto status = in<M, i64>(mem, status_, "status");
           auto dx = out<M, f32>(mem, dx_, "grad_input");
           expect_same_shape(dx, r.x, "grad_input", "input");
-          if (status.size() != 2) fail("status must have 2 elements");
+          if (status.size() != 3) fail("status must have 3 elements");
           const float* g = opt<M, f32>(mem, g_, "grad_output", false, 1);
           const cuda::Exec ex = mem.exec();
           py::gil_scoped_release nogil;

@@ -27,7 +27,9 @@ and ``disabled`` says why.
 
 The loss returned is a copy; ``step.logits`` and ``step.targets`` are the
 graph's buffers (the logits and the batch's labels on the GPU), overwritten by
-the next replay.
+the next replay; ``step.hits`` is the step's count of rows whose argmax is
+their target (a 0-d GPU array, from the cross-entropy's own kernel; None for
+another loss).
 """
 from __future__ import annotations
 
@@ -183,7 +185,7 @@ class CapturedStep:
         # only advance at replays), so the eager step is the step.
         self.fallback = bool(fallback)
         self.disabled = None
-        self.logits = self.targets = None
+        self.logits = self.targets = self.hits = None
         self.captures = 0  # graphs captured so far (a changed model or shape recaptures)
         self._eager_left = self.warmup
         self._graph = None
@@ -228,6 +230,7 @@ class CapturedStep:
         loss = loss_fn(logits, y)
         self.model.backward(loss_fn.backward(), input_grad=False)
         opt.step()
+        self.hits = device_hits(loss_fn)
         return loss, logits
 
     def _check_targets(self, y):
@@ -260,7 +263,8 @@ class CapturedStep:
             lambda: self._eager(self._x, self._y), scalars)
         # The graph's output buffers (this call's results are the eager step's).
         self._loss, self._logits, self._scalars, self._graph = loss, logits, scalars, graph
-        self._status = cp.empty(2, np.int64)
+        self._status = cp.empty(3, np.int64)
+        self._ce_status = getattr(self.loss_fn, "_status", None)  # the graph's CE counts
         from .nn.module import state_version
 
         self._key_now = self._key(x, y)
@@ -292,6 +296,7 @@ class CapturedStep:
         self._scalars.refresh()
         self._graph.launch()
         self.logits, self.targets = self._logits, self._y
+        self.hits = None if self._ce_status is None else self._ce_status[2].copy()
         return self._loss.copy()
 
 
@@ -334,6 +339,13 @@ class CapturedForward:
             self.disabled = f"{type(exc).__name__}: {exc}"
             return exc.done if hasattr(exc, "done") else self._run(x)
         return out.copy()  # the caller's, not the pool's
+
+
+def device_hits(loss_fn):
+    """The last GPU cross-entropy forward's count of rows predicted right (a 0-d
+    device array its kernel wrote), or None."""
+    status = getattr(loss_fn, "_status", None)
+    return None if status is None else status[2]
 
 
 def _fill(buffer, value, dtype):

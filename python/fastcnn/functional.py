@@ -666,7 +666,7 @@ def _cross_entropy(input, target, reduction, ignore_index, label_smoothing):
     if xp is not np:
         # Two launches and one wait for the GPU (the target check): the loss, its
         # sum and the mean's divisor stay on the device.
-        status = xp.empty(2, np.int64)
+        status = xp.empty(3, np.int64)
         tflat = t.reshape(-1)
         if reduction == "none":
             K.cross_entropy_total(rows, tflat, a.ignore_index, a.label_smoothing, False, None,
@@ -724,7 +724,7 @@ def _cross_entropy_backward(grad_output, input, target, reduction, ignore_index,
     rows = a.rows(x)
     if xp is not np:
         if status is None:
-            status = xp.empty(2, np.int64)
+            status = xp.empty(3, np.int64)
             K.cross_entropy_total(rows, t.reshape(-1), a.ignore_index, a.label_smoothing, False,
                                   None, status)
             _check_gpu_targets(a, t, status)

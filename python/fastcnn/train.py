@@ -25,6 +25,7 @@ import numpy as np
 
 from . import functional as F
 from ._backend import array_module
+from .capture import device_hits
 from . import io
 from .data import DataLoader, Dataset
 from .nn import CrossEntropyLoss, Sequential
@@ -278,7 +279,7 @@ class Trainer:
             for i, (x, y) in enumerate(bar):
                 if captured is not None and len(y) == train.batch_size:
                     loss = captured(x, y)  # the host batch goes straight to the graph's buffers
-                    logits, y = captured.logits, captured.targets
+                    logits, y, hits = captured.logits, captured.targets, captured.hits
                     if captured.disabled is not None:
                         self.log(f"cuda_graph: training eagerly ({captured.disabled})")
                         captured = None
@@ -289,9 +290,10 @@ class Trainer:
                     optimizer.zero_grad()
                     model.backward(loss_fn.backward(), input_grad=False)
                     optimizer.step()
+                    hits = device_hits(loss_fn)
                 if per_step:
                     scheduler.step()
-                stats.add(loss, logits, y)
+                stats.add(loss, logits, y, hits)
                 if self.progress and (i % 10 == 0 or i == len(train) - 1):
                     seen, loss_sum, correct = stats.read()
                     rate = seen / max(time.perf_counter() - began, 1e-9)
@@ -350,8 +352,11 @@ class _EpochStats:
         self._defer = defer
         self._pending = []  # (loss, hits, batch size) not read yet
 
-    def add(self, loss, logits, y):
-        hits = (logits.argmax(axis=1) == y).sum()
+    def add(self, loss, logits, y, hits=None):
+        """hits: the rows predicted right, if the loss counted them (the GPU's
+        cross-entropy does, in its own kernel); else counted here."""
+        if hits is None:
+            hits = (logits.argmax(axis=1) == y).sum()
         if self._defer:
             self._pending.append((loss, hits, len(y)))
         else:

@@ -198,7 +198,8 @@ void cross_entropy_backward(const Exec& ex, index_t n, index_t classes, const fl
 
 // The reductions without a host round trip (one block; status and total in
 // device memory): status[0] = targets != ignore_index, status[1] = those
-// outside [0, classes); when total is not null, also *total = the sum of the
+// outside [0, classes), status[2] = rows whose argmax is their target; when
+// total is not null, also *total = the sum of the
 // rows' losses (double, fixed order), over status[0] when `mean` (NaN when 0).
 void cross_entropy_total(const Exec& ex, index_t n, index_t classes, const float* logits,
                          const std::int64_t* target, std::int64_t ignore_index,
