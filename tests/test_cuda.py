@@ -1221,6 +1221,25 @@ class TestModelsOnGpu:
             bitwise(cp.asnumpy(model.forward(small, record=False)), cp.asnumpy(model(small)),
                     "another shape")
 
+    @pytest.mark.parametrize("cp", ["fake"], indirect=True)
+    @pytest.mark.parametrize("graph", [False, True])
+    def test_trainer_waits_for_the_gpu_only_at_the_end_of_an_epoch(self, rng, cp, graph):
+        """Labels from the host are checked there, losses and hits stay on the device:
+        an epoch of eager or replayed steps reads back twice (losses, hits) at its end."""
+        from fastcnn import data, models, optim, train
+
+        dataset = data.Dataset(rng.integers(0, 256, (40, 12, 12)).astype(np.uint8),
+                               rng.integers(0, 10, 40), name="random")
+        model = models.mnist_cnn(channels=(4, 8), hidden=16, input_size=12).to("cuda")
+        trainer = train.Trainer(progress=False, log=None, cuda_graph=graph)
+        reads = fake_cupy.ndarray.host_reads
+        trainer.fit(model, dataset, epochs=1, optimizer=optim.SGD(model.parameters(), lr=0.01),
+                    batch_size=8)
+        assert fake_cupy.ndarray.host_reads - reads == 2
+        bad = data.Dataset(dataset.images, np.full(40, 10), name="bad labels")
+        with pytest.raises(ValueError, match="target contains 10"):
+            trainer.fit(model, bad, epochs=1, batch_size=8)
+
     def test_trainer_with_cuda_graph_trains_as_eager(self, rng, cp):
         from fastcnn import data, models, optim, train
 

@@ -223,11 +223,20 @@ class CapturedStep:
                        for g in self.optimizer.param_groups)
         return x.shape, y.shape, layers, arrays, groups
 
-    def _eager(self, x, y):
+    def _eager(self, x, y, y_host=None):
+        """One step, run now (or captured). y_host: the labels as the host had them,
+        checked there rather than on the GPU (no wait)."""
+        from . import functional as F
+
         opt, loss_fn = self.optimizer, self.loss_fn
         opt.zero_grad()
         logits = self.model(x)
-        loss = loss_fn(logits, y)
+        if isinstance(y_host, np.ndarray) and logits.ndim == 2:
+            with F._checked_targets(y_host, logits.shape[1],
+                                    getattr(loss_fn, "ignore_index", -100)):
+                loss = loss_fn(logits, y)
+        else:
+            loss = loss_fn(logits, y)
         self.model.backward(loss_fn.backward(), input_grad=False)
         opt.step()
         self.hits = device_hits(loss_fn)
@@ -249,7 +258,7 @@ class CapturedStep:
             raise ValueError(f"CapturedStep: target contains {value}, outside [0, {classes}) "
                              f"(ignore_index={ignore})")
 
-    def _capture(self, x, y):
+    def _capture(self, x, y, y_host=None):
         """This call's step, run eagerly, then the capture of the next ones (which
         runs nothing): returns the eager step's loss (see _run_and_capture)."""
         cp = _cupy()
@@ -260,7 +269,7 @@ class CapturedStep:
         scalars = _Scalars(cp)
         self.targets = self._y
         self._pool, (eager_loss, self.logits), (loss, logits), graph = _run_and_capture(
-            lambda: self._eager(self._x, self._y), scalars)
+            lambda: self._eager(self._x, self._y, y_host), scalars)
         # The graph's output buffers (this call's results are the eager step's).
         self._loss, self._logits, self._scalars, self._graph = loss, logits, scalars, graph
         self._status = cp.empty(3, np.int64)
@@ -278,12 +287,12 @@ class CapturedStep:
             self._eager_left = max(self._eager_left - 1, 0)
             self.targets = cp.asarray(y, dtype=np.int64, order="C")
             loss, self.logits = self._eager(cp.asarray(x, dtype=np.float32, order="C"),
-                                            self.targets)
+                                            self.targets, y)
             return loss
         if not self._same_graph(x, y):
             try:
                 return self._capture(cp.asarray(x, dtype=np.float32, order="C"),
-                                     cp.asarray(y, dtype=np.int64, order="C"))
+                                     cp.asarray(y, dtype=np.int64, order="C"), y)
             except (CaptureError, RuntimeError) as exc:
                 if not self.fallback or not hasattr(exc, "done"):
                     raise

@@ -9,6 +9,7 @@ dtype rule. Every function validates its arguments first and raises
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -693,12 +694,37 @@ def _cross_entropy(input, target, reduction, ignore_index, label_smoothing):
     return total.astype(_F32), None
 
 
+_targets_checked_on_host = False  # see _checked_targets()
+
+
+@contextmanager
+def _checked_targets(target, classes, ignore_index=-100):
+    """Check class labels on the host, then, inside the block, let cross-entropy on
+    the GPU skip its own check of them (a wait for the GPU): what a training loop
+    whose labels come from the host does (fastcnn.train.Trainer). Raises the
+    ValueError cross_entropy would raise."""
+    global _targets_checked_on_host
+    t = np.asarray(target)
+    bad = (t != ignore_index) & ((t < 0) | (t >= classes))
+    if bad.any():
+        raise ValueError(f"cross_entropy: target contains {int(t[bad].ravel()[0])}, outside "
+                         f"[0, {classes}) (input has {classes} classes; "
+                         f"ignore_index={ignore_index})")
+    saved, _targets_checked_on_host = _targets_checked_on_host, True
+    try:
+        yield
+    finally:
+        _targets_checked_on_host = saved
+
+
 def _check_gpu_targets(a, t, status):
     """Raise for targets out of range, from the device's counts (one wait for the GPU).
-    Not while a graph is captured: fastcnn.capture checks each replay's targets."""
+    Not while a graph is captured (fastcnn.capture checks each replay's targets), nor
+    for targets checked on the host (_checked_targets)."""
     from . import capture
 
-    if capture.recording() is None and int(status[1].get()):
+    if (capture.recording() is None and not _targets_checked_on_host and
+            int(status[1].get())):
         a.raise_bad_target(t)
 
 

@@ -284,9 +284,16 @@ class Trainer:
                         self.log(f"cuda_graph: training eagerly ({captured.disabled})")
                         captured = None
                 else:
+                    y_host = y
                     x, y = _to_device(x, device), _to_device(y, device)
                     logits = model(x)
-                    loss = loss_fn(logits, y)
+                    if device != "cpu" and isinstance(y_host, np.ndarray) and logits.ndim == 2:
+                        # the labels are on the host: checked there, no wait for the GPU
+                        with F._checked_targets(y_host, logits.shape[1],
+                                               getattr(loss_fn, "ignore_index", -100)):
+                            loss = loss_fn(logits, y)
+                    else:
+                        loss = loss_fn(logits, y)
                     optimizer.zero_grad()
                     model.backward(loss_fn.backward(), input_grad=False)
                     optimizer.step()
