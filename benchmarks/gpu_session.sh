@@ -13,6 +13,8 @@
 #   demo    fastcnn demo --device cuda, $DEMO_EPOCHS epochs (default 2; 15 is the full run)
 #   graph   the same with --cuda-graph (each training step a replayed CUDA graph)
 #   suite   the whole test suite (CPU and GPU tests)
+#   profile Nsight Compute on our SGEMM (4096^3, SIMT and TF32) and a training step's
+#           GEMMs: speed of light, occupancy, launch statistics (for tuning)
 #
 # The demo needs Fashion-MNIST, which the device machine lacks: copy it into the
 # repository's ignored build folder here and carry it, e.g. with the device tool
@@ -84,13 +86,42 @@ for s in "${STAGES[@]}"; do
         --no-progress --out "$OUT/$s" "${extra[@]}"
       grep -E "^epoch|test accuracy|error" "$OUT/$s.log" | tail -20 | tee -a "$SUMMARY"
       ;;
+    profile)
+      cat > "$OUT/profile_case.py" <<'PYEOF'
+import cupy as cp
+import numpy as np
+import fastcnn.cuda
+from fastcnn import _cuda, models, nn, optim
+
+a, b = (cp.asarray(np.random.default_rng(i).standard_normal((4096, 4096), np.float32))
+        for i in (0, 1))
+c = cp.empty((4096, 4096), cp.float32)
+for tf32 in (False, True):
+    fastcnn.cuda.set_allow_tf32(tf32)
+    _cuda.sgemm(False, False, 1.0, a, b, 0.0, c)
+fastcnn.cuda.set_allow_tf32(False)
+model = models.mnist_cnn().to("cuda")
+loss_fn, opt = nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x = cp.asarray(np.random.default_rng(2).standard_normal((256, 1, 28, 28), np.float32))
+y = cp.asarray(np.random.default_rng(3).integers(0, 10, 256))
+loss_fn(model(x), y)
+model.backward(loss_fn.backward(), input_grad=False)
+opt.step()
+cp.cuda.runtime.deviceSynchronize()
+PYEOF
+      stage profile 300 ncu --kernel-name regex:GemmBody --launch-count 12 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        $PY "$OUT/profile_case.py"
+      grep -E "GemmBody|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
+        "$OUT/profile.log" | head -60 | tee -a "$SUMMARY"
+      ;;
     suite)
       stage suite 420 $PY -m pytest -q -rfE -p no:cacheprovider tests
       grep -E "passed|failed|error|skipped" "$OUT/suite.log" | tail -3 | tee -a "$SUMMARY"
       grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40 | tee -a "$SUMMARY"
       ;;
     *)
-      echo "unknown stage '$s' (info build cuda bench demo graph suite)" >&2
+      echo "unknown stage '$s' (info build cuda bench demo graph suite profile)" >&2
       exit 2
       ;;
   esac
