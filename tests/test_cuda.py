@@ -393,7 +393,7 @@ def test_conv2d_tf32(dev, rng, tf32, case):
 # --------------------------------------------------------------------------- linear
 
 @pytest.mark.parametrize("n,fin,fout", [(1, 1, 1), (5, 7, 3), (64, 392, 64), (3, 300, 10),
-                                        (0, 5, 3)])
+                                        (0, 5, 3), (40000, 2, 3)])  # db over 3 ranges
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear(dev, rng, n, fin, fout, bias):
     x, w = randn(rng, n, fin), randn(rng, fout, fin, scale=0.2)
@@ -408,8 +408,8 @@ def test_linear(dev, rng, n, fin, fout, bias):
                      "db": ((fout,), F32, np.nan) if bias else None})
     close(got["dx"], cpu["dx"], fout)
     close(got["dw"], cpu["dw"], n)
-    if bias:
-        bitwise(got["db"], cpu["db"], "grad_bias (same double sums)")
+    if bias:  # double sums in another order than the CPU's: equal to float32 rounding
+        close(got["db"], cpu["db"], n, rtol=1e-6, atol=1e-7, name="grad_bias")
 
 
 # --------------------------------------------------------------------------- relu
@@ -560,7 +560,8 @@ def test_cross_entropy_total_and_scalar_backward(dev, rng, n, smoothing, reducti
 
 # --------------------------------------------------------------------------- batch norm
 
-@pytest.mark.parametrize("n,c,l", [(4, 3, 25), (8, 5, 1), (2, 2, 300), (3, 4, 7)])
+@pytest.mark.parametrize("n,c,l", [(4, 3, 25), (8, 5, 1), (2, 2, 300), (3, 4, 7),
+                                   (3, 2, 12001), (40000, 3, 1)])  # 3 ranges of 16384
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm(dev, rng, n, c, l, affine):
     x = randn(rng, n, c, l, scale=2.0) + 5.0
@@ -1019,7 +1020,7 @@ class TestModelsOnGpu:
             close(cp.asnumpy(b), a, 100, rtol=1e-3, atol=1e-4, name=name)
 
     @pytest.mark.parametrize("cp", ["fake"], indirect=True)
-    @pytest.mark.parametrize("batchnorm,most", [(False, 31), (True, 35)])
+    @pytest.mark.parametrize("batchnorm,most", [(False, 31), (True, 41)])
     def test_training_step_launches_and_host_reads(self, rng, cp, batchnorm, most, monkeypatch):
         """A training step of the reference CNN on the GPU path: how many kernels it
         launches (small CNNs are launch-bound) and how often it waits for the GPU,

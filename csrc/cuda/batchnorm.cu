@@ -1,8 +1,10 @@
 // Batch normalisation over a tensor viewed as (n, c, l). Training and the
-// backward pass: a block per channel, every thread summing a fixed subset of
-// the channel's n l values in double, then a fixed tree across the block
-// (deterministic); the statistics are two-pass, as on the CPU. Eval: the
-// per-channel affine map, a block per (image, channel) row.
+// backward pass: per-channel sums spread over the GPU (channel_sums.h: each
+// channel's values in fixed ranges summed in double, the ranges in order, so
+// deterministic), the statistics two-pass as on the CPU, then an elementwise
+// pass with the channel's coefficients. Eval: the per-channel affine map, a
+// block per (image, channel) row.
+#include "channel_sums.h"
 #include "fastcnn/cuda_launch.h"
 #include "fastcnn/kernel_math.h"
 
@@ -10,56 +12,61 @@ namespace fastcnn {
 namespace cuda {
 namespace {
 
-constexpr int kChannelThreads = 256;
+// Pass 1: mean[ch] = sum x / count (double, scratch).
+struct MeanFinish {
+  double* mean;
+  double count;
+  FASTCNN_HD void operator()(index_t ch, const double* t) const { mean[ch] = t[0] / count; }
+};
 
-struct TrainForwardBody {
-  static constexpr int kThreads = kChannelThreads;
-  static constexpr bool kCooperative = true;
-  index_t n, c, l;
+// Pass 2: sum (x - float(mean))^2, no cancellation when |mean| >> std.
+struct SquaredDeviation {
   const float* x;
+  const double* mean;
+  index_t c, l;
+  FASTCNN_HD void operator()(index_t ch, index_t o, double* acc) const {
+    const float d = x[o] - static_cast<float>(mean[ch]);
+    acc[0] += d * d;
+  }
+};
+
+// The statistics, the running statistics and the normalisation's coefficients.
+struct VarianceFinish {
+  const double* mean;
+  index_t count;
+  double eps, momentum;
   const float* weight;
   const float* bias;
-  double eps, momentum;
   float* running_mean;
   float* running_var;
-  float* y;
   float* save_mean;
   float* save_invstd;
-
-  template <class Ctx>
-  FASTCNN_HD void operator()(Ctx& ctx) const {
-    const index_t ch = ctx.bx(), count = n * l;
-    const int tid = ctx.tid();
-    double* scratch = reinterpret_cast<double*>(ctx.smem());
-    double sum = 0.0;
-    if (l > 0)
-      for (ChannelCursor at(tid, kThreads, l); at.i < n; at.next()) sum += x[at.offset(c, ch)];
-    const double mean = block_sum<kThreads>(ctx, scratch, sum) / static_cast<double>(count);
-    const float mean_f = static_cast<float>(mean);
-    double sq = 0.0;  // two passes: no cancellation when |mean| >> std
-    if (l > 0)
-      for (ChannelCursor at(tid, kThreads, l); at.i < n; at.next()) {
-        const float d = x[at.offset(c, ch)] - mean_f;
-        sq += d * d;
-      }
-    sq = block_sum<kThreads>(ctx, scratch, sq);
+  ChannelAffine* affine;
+  FASTCNN_HD void operator()(index_t ch, const double* t) const {
+    const double sq = t[0], mu = mean[ch];
     const double var = sq / static_cast<double>(count);
     const double invstd = batch_norm_invstd(var, eps);
-    if (tid == 0) {
-      save_mean[ch] = static_cast<float>(mean);
-      save_invstd[ch] = static_cast<float>(invstd);
-      if (running_mean != nullptr) running_mean[ch] = running_update(running_mean[ch], mean, momentum);
-      if (running_var != nullptr) {
-        const double unbiased = count > 1 ? sq / static_cast<double>(count - 1) : var;
-        running_var[ch] = running_update(running_var[ch], unbiased, momentum);
-      }
+    save_mean[ch] = static_cast<float>(mu);
+    save_invstd[ch] = static_cast<float>(invstd);
+    if (running_mean != nullptr) running_mean[ch] = running_update(running_mean[ch], mu, momentum);
+    if (running_var != nullptr) {
+      const double unbiased = count > 1 ? sq / static_cast<double>(count - 1) : var;
+      running_var[ch] = running_update(running_var[ch], unbiased, momentum);
     }
-    const ChannelAffine a = batch_norm_affine(mean, invstd, weight, bias, ch);
-    if (l > 0)
-      for (ChannelCursor at(tid, kThreads, l); at.i < n; at.next()) {
-        const index_t o = at.offset(c, ch);
-        y[o] = x[o] * a.scale + a.shift;
-      }
+    affine[ch] = batch_norm_affine(mu, invstd, weight, bias, ch);
+  }
+};
+
+// y = x * scale[ch] + shift[ch], a thread per value.
+struct Normalize {
+  index_t c, l;
+  const float* x;
+  const ChannelAffine* affine;
+  float* y;
+  FASTCNN_HD void operator()(index_t o) const {
+    index_t ch, unused;
+    div_rem(div_rem(o, l, &unused), c, &ch);
+    y[o] = x[o] * affine[ch].scale + affine[ch].shift;
   }
 };
 
@@ -95,54 +102,57 @@ struct EvalRows {
 // xhat = (x - mean) invstd;  dbias = sum dy;  dweight = sum dy xhat;
 // training: dx = w invstd (dy - dbias / m - (x - mean) invstd dweight / m);
 // eval:     dx = w invstd dy.
-struct BackwardBody {
-  static constexpr int kThreads = kChannelThreads;
-  static constexpr bool kCooperative = true;
-  index_t n, c, l;
+struct BackwardSums {  // sum dy, sum dy (x - mean)
   const float* dy;
   const float* x;
   const float* mean;
-  const float* invstd;
-  const float* weight;
-  bool training;
-  float* dx;
-  float* dweight;
-  float* dbias;
-
-  template <class Ctx>
-  FASTCNN_HD void operator()(Ctx& ctx) const {
-    const index_t ch = ctx.bx(), count = n * l;
-    const int tid = ctx.tid();
-    double* scratch = reinterpret_cast<double*>(ctx.smem());
-    const double mu = mean[ch], is = invstd[ch];
-    const float muf = static_cast<float>(mu);
-    double sum_dy = 0.0, sum_dy_xc = 0.0;  // sum dy, sum dy (x - mean)
-    if (l > 0)
-      for (ChannelCursor at(tid, kThreads, l); at.i < n; at.next()) {
-        const index_t o = at.offset(c, ch);
-        sum_dy += dy[o];
-        sum_dy_xc += dy[o] * (x[o] - muf);
-      }
-    sum_dy = block_sum<kThreads>(ctx, scratch, sum_dy);
-    sum_dy_xc = block_sum<kThreads>(ctx, scratch, sum_dy_xc);
-    const double sum_dy_xhat = sum_dy_xc * is;
-    if (tid == 0) {
-      if (dbias != nullptr) dbias[ch] = static_cast<float>(sum_dy);
-      if (dweight != nullptr) dweight[ch] = static_cast<float>(sum_dy_xhat);
-    }
-    if (dx == nullptr || l == 0) return;
-    const double w = weight != nullptr ? weight[ch] : 1.0;
-    const float k = static_cast<float>(w * is);
-    const float a = training ? static_cast<float>(sum_dy / count) : 0.0f;
-    const float b = training ? static_cast<float>(is * sum_dy_xhat / count) : 0.0f;
-    for (ChannelCursor at(tid, kThreads, l); at.i < n; at.next()) {
-      const index_t o = at.offset(c, ch);
-      dx[o] = training ? k * (dy[o] - a - (x[o] - muf) * b) : k * dy[o];
-    }
+  FASTCNN_HD void operator()(index_t ch, index_t o, double* acc) const {
+    acc[0] += dy[o];
+    acc[1] += dy[o] * (x[o] - mean[ch]);
   }
 };
 
-constexpr size_t kScratchBytes = kChannelThreads * sizeof(double);
+struct BackwardCoefficients {
+  float k, a, b;
+};
+
+struct BackwardFinish {
+  const float* invstd;
+  const float* weight;
+  index_t count;
+  bool training;
+  float* dweight;
+  float* dbias;
+  BackwardCoefficients* coef;
+  FASTCNN_HD void operator()(index_t ch, const double* t) const {
+    const double sum_dy = t[0], is = invstd[ch];
+    const double sum_dy_xhat = t[1] * is;
+    if (dbias != nullptr) dbias[ch] = static_cast<float>(sum_dy);
+    if (dweight != nullptr) dweight[ch] = static_cast<float>(sum_dy_xhat);
+    if (coef == nullptr) return;
+    const double w = weight != nullptr ? weight[ch] : 1.0;
+    coef[ch] = BackwardCoefficients{
+        static_cast<float>(w * is), training ? static_cast<float>(sum_dy / count) : 0.0f,
+        training ? static_cast<float>(is * sum_dy_xhat / count) : 0.0f};
+  }
+};
+
+struct BackwardDx {
+  index_t c, l;
+  const float* dy;
+  const float* x;
+  const float* mean;
+  const BackwardCoefficients* coef;
+  bool training;
+  float* dx;
+  FASTCNN_HD void operator()(index_t o) const {
+    index_t ch, unused;
+    div_rem(div_rem(o, l, &unused), c, &ch);
+    const BackwardCoefficients q = coef[ch];
+    const float muf = mean[ch];
+    dx[o] = training ? q.k * (dy[o] - q.a - (x[o] - muf) * q.b) : q.k * dy[o];
+  }
+};
 
 }  // namespace
 
@@ -150,9 +160,18 @@ void batch_norm_forward_train(const Exec& ex, index_t n, index_t c, index_t l, c
                               const float* weight, const float* bias, double eps,
                               double momentum, float* running_mean, float* running_var,
                               float* y, float* save_mean, float* save_invstd) {
-  launch(ex, "batch_norm_forward_train", Grid{c}, kScratchBytes,
-         TrainForwardBody{n, c, l, x, weight, bias, eps, momentum, running_mean, running_var, y,
-                          save_mean, save_invstd});
+  Workspace mean(ex, static_cast<std::size_t>(c) * sizeof(double));
+  Workspace affine(ex, static_cast<std::size_t>(c) * sizeof(ChannelAffine));
+  const index_t count = n * l;
+  channel_sums<1>(ex, "batch_norm_mean", n, c, l, AddValue{x},
+                  MeanFinish{mean.as<double>(), static_cast<double>(count)});
+  channel_sums<1>(ex, "batch_norm_variance", n, c, l,
+                  SquaredDeviation{x, mean.as<double>(), c, l},
+                  VarianceFinish{mean.as<double>(), count, eps, momentum, weight, bias,
+                                 running_mean, running_var, save_mean, save_invstd,
+                                 affine.as<ChannelAffine>()});
+  for_each(ex, "batch_norm_normalize", count * c,
+           Normalize{c, l, x, affine.as<ChannelAffine>(), y});
 }
 
 void batch_norm_forward_eval(const Exec& ex, index_t n, index_t c, index_t l, const float* x,
@@ -166,8 +185,15 @@ void batch_norm_backward(const Exec& ex, index_t n, index_t c, index_t l, const 
                          const float* x, const float* mean, const float* invstd,
                          const float* weight, bool training, float* dx, float* dweight,
                          float* dbias) {
-  launch(ex, "batch_norm_backward", Grid{c}, kScratchBytes,
-         BackwardBody{n, c, l, dy, x, mean, invstd, weight, training, dx, dweight, dbias});
+  const index_t count = n * l;
+  Workspace coef(ex, dx != nullptr ? static_cast<std::size_t>(c) * sizeof(BackwardCoefficients)
+                                   : 0);
+  channel_sums<2>(ex, "batch_norm_backward_sums", n, c, l, BackwardSums{dy, x, mean},
+                  BackwardFinish{invstd, weight, count, training, dweight, dbias,
+                                 coef.as<BackwardCoefficients>()});
+  if (dx != nullptr && count > 0)
+    for_each(ex, "batch_norm_backward", count * c,
+             BackwardDx{c, l, dy, x, mean, coef.as<BackwardCoefficients>(), training, dx});
 }
 
 }  // namespace cuda

@@ -15,34 +15,16 @@
 //            operand), im2col(x)^T implicit in the tile loads (x itself for a
 //            pointwise convolution); summed over chunks in order
 //            (deterministic), split-k inside.
-//   db       per-channel sums in double, fixed order.
+//   db       per-channel sums in double, fixed order (channel_sums.h).
 #include <algorithm>
 
+#include "channel_sums.h"
 #include "fastcnn/cuda_launch.h"
 #include "fastcnn/kernel_math.h"
 
 namespace fastcnn {
 namespace cuda {
 namespace {
-
-// db[ch] = sum of channel ch of an (n, c, l) tensor: a block per channel.
-struct ChannelSumBody {
-  static constexpr int kThreads = 256;
-  static constexpr bool kCooperative = true;
-  const float* x;
-  float* out;
-  index_t n, c, l;
-
-  template <class Ctx>
-  FASTCNN_HD void operator()(Ctx& ctx) const {
-    const index_t ch = ctx.bx();
-    double sum = 0.0;
-    if (l > 0)
-      for (ChannelCursor at(ctx.tid(), kThreads, l); at.i < n; at.next()) sum += x[at.offset(c, ch)];
-    sum = block_sum<kThreads>(ctx, reinterpret_cast<double*>(ctx.smem()), sum);
-    if (ctx.tid() == 0) out[ch] = static_cast<float>(sum);
-  }
-};
 
 struct Fill {
   float* p;
@@ -99,8 +81,7 @@ void conv2d_backward(const Exec& ex, const ConvShape& cs, const float* dy, const
   const index_t pixels = cs.out_pixels(), x_image = cs.c * cs.h * cs.w;
   const index_t all_rows = cs.c * cs.r * cs.s;  // groups * rows
   if (db != nullptr)
-    launch(ex, "conv2d_bias_grad", Grid{cs.k}, ChannelSumBody::kThreads * sizeof(double),
-           ChannelSumBody{dy, db, cs.n, cs.k, pixels});
+    channel_sum(ex, "conv2d_bias_grad", cs.n, cs.k, pixels, dy, db);
   if (dx == nullptr && dw == nullptr) return;
   if (cs.n == 0) {
     if (dw != nullptr) for_each(ex, "fill", cs.k * rows, Fill{dw, 0.0f});

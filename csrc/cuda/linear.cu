@@ -1,22 +1,11 @@
 // Fully connected layer on our GEMM: y = x w^T + b, the bias added in the
-// GEMM's epilogue; the bias gradient sums columns in row order, in double.
+// GEMM's epilogue; the bias gradient sums columns in double (channel_sums.h).
+#include "channel_sums.h"
 #include "fastcnn/cuda_launch.h"
 
 namespace fastcnn {
 namespace cuda {
 namespace {
-
-// db[j] = sum_i dy[i, j]: a thread per column, rows in order (the CPU's order).
-struct ColumnSum {
-  const float* dy;
-  float* db;
-  index_t n, out;
-  FASTCNN_HD void operator()(index_t j) const {
-    double acc = 0.0;
-    for (index_t i = 0; i < n; ++i) acc += dy[i * out + j];
-    db[j] = static_cast<float>(acc);
-  }
-};
 
 }  // namespace
 
@@ -59,7 +48,8 @@ void linear_backward(const Exec& ex, index_t n, index_t in, index_t out, const f
     p.c = make_output(dw, in);
     gemm(ex, p);
   }
-  if (db != nullptr) for_each(ex, "linear_bias_grad", out, ColumnSum{dy, db, n, out});
+  if (db != nullptr)
+    channel_sum(ex, "linear_bias_grad", n, out, 1, dy, db);  // dy as (n, out, 1)
 }
 
 }  // namespace cuda
