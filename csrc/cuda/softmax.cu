@@ -4,6 +4,7 @@
 // log-softmax, a thread per row. The per-lane maths is fastcnn/kernel_math.h.
 #include <cstdint>
 
+#include "channel_sums.h"
 #include "fastcnn/cuda_launch.h"
 #include "fastcnn/kernel_math.h"
 
@@ -52,58 +53,52 @@ struct CrossEntropyRows {
 };
 
 
-// One block over all rows: status[0] = targets that are not ignore_index (the
-// mean's divisor), status[1] = those outside [0, classes), status[2] = rows
-// whose argmax (the first maximum, a NaN first of all, as NumPy's) is their
-// target (a training loop's hit count, with no launch of its own); with a total,
-// *total = the rows' float32 losses (row_loss) summed in double in a fixed order (the
-// threads' strided partial sums, then block_sum's tree), over status[0] for
-// the mean (NaN when 0). Counting in double is exact (below 2^53 rows).
-struct CrossEntropyTotal {
-  static constexpr int kThreads = 256;
-  static constexpr bool kCooperative = true;
-  index_t n, classes;
+// Over all rows (channel_sums.h with the rows as one channel's values: a
+// fixed order, spread over the GPU when there are many): status[0] = targets
+// that are not ignore_index (the mean's divisor), status[1] = those outside
+// [0, classes), status[2] = rows whose argmax (the first maximum, a NaN first
+// of all, as NumPy's) is their target (a training loop's hit count, with no
+// launch of its own); with a total, *total = the rows' float32 losses
+// (row_loss) summed in double, over status[0] for the mean (NaN when 0).
+// Counting in double is exact (below 2^53 rows).
+struct RowCounts {  // acc: valid, bad, hits, loss
+  index_t classes;
   const float* logits;
   const std::int64_t* target;
   std::int64_t ignore_index;
-  const float* row_loss;  // the rows' losses, when total is not null
+  const float* row_loss;  // null: no loss to add
+  FASTCNN_HD void operator()(index_t, index_t i, double* acc) const {
+    const std::int64_t t = target[i];
+    if (t != ignore_index) {
+      acc[0] += 1.0;
+      if (t < 0 || t >= classes) acc[1] += 1.0;
+    }
+    const float* row = logits + i * classes;
+    index_t best = 0;
+    float best_value = row[0];
+    for (index_t c = 1; c < classes; ++c) {
+      const float v = row[c];
+      const bool take = (v > best_value) | ((v != v) & (best_value == best_value));
+      best_value = take ? v : best_value;
+      best = take ? c : best;
+    }
+    if (best == t) acc[2] += 1.0;
+    if (row_loss != nullptr) acc[3] += row_loss[i];
+  }
+};
+
+struct RowTotals {
   bool mean;
   float* total;  // null: the status only
   std::int64_t* status;
-
-  template <class Ctx>
-  FASTCNN_HD void operator()(Ctx& ctx) const {
-    double* scratch = reinterpret_cast<double*>(ctx.smem());
-    double valid = 0.0, bad = 0.0, hits = 0.0, sum = 0.0;
-    for (index_t i = ctx.tid(); i < n; i += kThreads) {
-      const std::int64_t t = target[i];
-      if (t != ignore_index) {
-        valid += 1.0;
-        if (t < 0 || t >= classes) bad += 1.0;
-      }
-      if (total != nullptr) sum += row_loss[i];
-      const float* row = logits + i * classes;
-      index_t best = 0;
-      float best_value = row[0];
-      for (index_t c = 1; c < classes; ++c) {
-        const float v = row[c];
-        const bool take = (v > best_value) | ((v != v) & (best_value == best_value));
-        best_value = take ? v : best_value;
-        best = take ? c : best;
-      }
-      if (best == t) hits += 1.0;
-    }
-    valid = block_sum<kThreads>(ctx, scratch, valid);
-    bad = block_sum<kThreads>(ctx, scratch, bad);
-    hits = block_sum<kThreads>(ctx, scratch, hits);
-    if (total != nullptr) sum = block_sum<kThreads>(ctx, scratch, sum);
-    if (ctx.tid() != 0) return;
+  FASTCNN_HD void operator()(index_t, const double* t) const {
+    const double valid = t[0];
     status[0] = static_cast<std::int64_t>(valid);
-    status[1] = static_cast<std::int64_t>(bad);
-    status[2] = static_cast<std::int64_t>(hits);
+    status[1] = static_cast<std::int64_t>(t[1]);
+    status[2] = static_cast<std::int64_t>(t[2]);
     if (total != nullptr)
-      *total = !mean ? static_cast<float>(sum)
-                     : (valid > 0.0 ? static_cast<float>(sum / valid) : quiet_nan());
+      *total = !mean ? static_cast<float>(t[3])
+                     : (valid > 0.0 ? static_cast<float>(t[3] / valid) : quiet_nan());
   }
 };
 
@@ -178,9 +173,10 @@ void cross_entropy_total(const Exec& ex, index_t n, index_t classes, const float
     cross_entropy_forward(ex, n, classes, logits, target, ignore_index, label_smoothing,
                           rows.as<float>());
   }
-  launch(ex, "cross_entropy_total", Grid{1}, CrossEntropyTotal::kThreads * sizeof(double),
-         CrossEntropyTotal{n, classes, logits, target, ignore_index, rows.as<float>(), mean,
-                           total, status});
+  channel_sums<4>(ex, "cross_entropy_total", n, 1, 1,
+                  RowCounts{classes, logits, target, ignore_index,
+                            total != nullptr ? rows.as<float>() : nullptr},
+                  RowTotals{mean, total, status});
 }
 
 void cross_entropy_backward_scalar(const Exec& ex, index_t n, index_t classes,
