@@ -64,8 +64,7 @@ struct Normalize {
   const ChannelAffine* affine;
   float* y;
   FASTCNN_HD void operator()(index_t o) const {
-    index_t ch, unused;
-    div_rem(div_rem(o, l, &unused), c, &ch);
+    const index_t ch = channel_of(o, c, l);
     y[o] = x[o] * affine[ch].scale + affine[ch].shift;
   }
 };
@@ -146,8 +145,7 @@ struct BackwardDx {
   bool training;
   float* dx;
   FASTCNN_HD void operator()(index_t o) const {
-    index_t ch, unused;
-    div_rem(div_rem(o, l, &unused), c, &ch);
+    const index_t ch = channel_of(o, c, l);
     const BackwardCoefficients q = coef[ch];
     const float muf = mean[ch];
     dx[o] = training ? q.k * (dy[o] - q.a - (x[o] - muf) * q.b) : q.k * dy[o];

@@ -23,6 +23,13 @@ namespace cuda {
 constexpr int kSumThreads = 256;
 constexpr index_t kSumRange = 16384;  // values per block: 64 a thread
 
+// The channel of flat index o of an (n, c, l) tensor.
+FASTCNN_HD index_t channel_of(index_t o, index_t c, index_t l) {
+  index_t ch, within;
+  div_rem(div_rem(o, l, &within), c, &ch);
+  return ch;
+}
+
 inline index_t channel_splits(index_t count) {
   return std::min<index_t>(std::max<index_t>((count + kSumRange - 1) / kSumRange, 1), 1024);
 }
