@@ -587,6 +587,12 @@ def log_softmax_backward(grad_output, output, dim=-1):
 _REDUCTIONS = ("none", "mean", "sum")
 
 
+def _raise_bad_target(op, t, bad, classes, ignore_index):
+    value = int(t[bad].ravel()[0])
+    raise ValueError(f"{op}: target contains {value}, outside [0, {classes}) (input has "
+                     f"{classes} classes; ignore_index={ignore_index})")
+
+
 class _CrossEntropyArgs:
     """Logits as (rows, classes) and targets as (rows,), from torch's layouts:
     (N, C) with (N,), (C,) with (), or (N, C, d1, ...) with (N, d1, ...)."""
@@ -612,7 +618,7 @@ class _CrossEntropyArgs:
         self.classes = classes
         self.input_shape = x.shape
         self.target_shape = t.shape
-        self.valid = None  # GPU arrays: counted on the device (_cross_entropy_gpu_status)
+        self.valid = None  # GPU arrays: counted on the device (cross_entropy_total's status)
         if on_host:
             if (self.bad_targets(t)).any():
                 self.raise_bad_target(t)
@@ -622,9 +628,7 @@ class _CrossEntropyArgs:
         return (t != self.ignore_index) & ((t < 0) | (t >= self.classes))
 
     def raise_bad_target(self, t):
-        value = int(t[self.bad_targets(t)].ravel()[0])
-        raise ValueError(f"{self.op}: target contains {value}, outside [0, {self.classes}) "
-                         f"(input has {self.classes} classes; ignore_index={self.ignore_index})")
+        _raise_bad_target(self.op, t, self.bad_targets(t), self.classes, self.ignore_index)
 
     def rows(self, x):
         if x.ndim == 1:
@@ -707,9 +711,7 @@ def _checked_targets(target, classes, ignore_index=-100):
     t = np.asarray(target)
     bad = (t != ignore_index) & ((t < 0) | (t >= classes))
     if bad.any():
-        raise ValueError(f"cross_entropy: target contains {int(t[bad].ravel()[0])}, outside "
-                         f"[0, {classes}) (input has {classes} classes; "
-                         f"ignore_index={ignore_index})")
+        _raise_bad_target("cross_entropy", t, bad, classes, ignore_index)
     saved, _targets_checked_on_host = _targets_checked_on_host, True
     try:
         yield
