@@ -252,11 +252,11 @@ class CapturedStep:
             K.cross_entropy_total(self._logits, y, ignore, 0.0, False, None, self._status)
             if not int(self._status[1].get()):
                 return
+        from . import functional as F
+
         bad = (y != ignore) & ((y < 0) | (y >= classes))
         if bool(bad.any()):
-            value = int(y[bad].ravel()[0])
-            raise ValueError(f"CapturedStep: target contains {value}, outside [0, {classes}) "
-                             f"(ignore_index={ignore})")
+            F._raise_bad_target("cross_entropy", y, bad, classes, ignore)
 
     def _capture(self, x, y, y_host=None):
         """This call's step, run eagerly, then the capture of the next ones (which
