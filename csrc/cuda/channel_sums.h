@@ -47,7 +47,7 @@ struct ChannelPartials {
   FASTCNN_HD void operator()(Ctx& ctx) const {
     index_t s;
     const index_t ch = div_rem(ctx.bx(), splits, &s);
-    const index_t count = n * l, e0 = s * per, e1 = std::min(count, e0 + per);
+    const index_t count = n * l, e0 = s * per, e1 = index_min(count, e0 + per);
     const int tid = ctx.tid();
     double acc[K];
     FASTCNN_UNROLL

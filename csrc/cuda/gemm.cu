@@ -61,7 +61,6 @@ FASTCNN_HD float round_tf32(float x) {
 #endif
 }
 
-FASTCNN_HD index_t min_index(index_t a, index_t b) { return a < b ? a : b; }
 
 FASTCNN_HD index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 
@@ -531,7 +530,7 @@ struct GemmBody {
     const index_t batch = div_rem(z, args.splits, &split);
     const index_t m0 = tm * T::BM, n0 = tn * T::BN;
     const index_t k_begin = split * args.k_chunk;
-    const index_t k_end = min_index(args.k, k_begin + args.k_chunk);
+    const index_t k_end = index_min(args.k, k_begin + args.k_chunk);
 
     const StridedTile<MapA> a(args.a, args.a_vec, args.m, batch, m0, tid);
     const BTile<MapB> b(args, batch, n0, tid);
@@ -639,8 +638,8 @@ constexpr index_t kTargetBlocks = 256;
 index_t split_count(index_t tiles, index_t k_tiles, index_t batch) {
   if (tiles >= kTargetBlocks / 2 || k_tiles < 16) return 1;
   index_t s = ceil_div(kTargetBlocks, tiles);
-  s = min_index(s, k_tiles / 8);  // at least 8 k-steps per split
-  s = min_index(s, 65535 / batch);
+  s = index_min(s, k_tiles / 8);  // at least 8 k-steps per split
+  s = index_min(s, 65535 / batch);
   return s < 1 ? 1 : s;
 }
 

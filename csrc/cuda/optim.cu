@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "fastcnn/cuda_launch.h"
+#include "fastcnn/kernel_math.h"
 #include "fastcnn/optim_math.h"
 
 namespace fastcnn {
@@ -48,7 +49,7 @@ struct ChunkRange {
   FASTCNN_HD ChunkRange(const TensorTable<kStates>& table, Ctx& ctx) {
     t = table.tensor_of(ctx.bx());
     begin = (ctx.bx() - table.first_block[t]) * kChunk;
-    end = std::min(table.size[t], begin + kChunk);
+    end = index_min(table.size[t], begin + kChunk);
   }
 };
 

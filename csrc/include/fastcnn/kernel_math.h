@@ -65,6 +65,9 @@ FASTCNN_HD index_t div_rem(index_t a, index_t b, index_t* rem) {
   return q;
 }
 
+// min for device code too (std::min is a host function there).
+FASTCNN_HD index_t index_min(index_t a, index_t b) { return a < b ? a : b; }
+
 // ------------------------------------------------------------------ relu --
 
 // max(x, 0) with NaN kept and -0.0 kept (PyTorch's rule): zero where x < 0.
