@@ -4,8 +4,6 @@
 // fastcnn/optim_math.h, the same bits as the CPU update. A training step's
 // optimizer is then one launch per kMaxTensors parameters instead of a
 // handful of elementwise launches per parameter.
-#include <algorithm>
-
 #include "fastcnn/cuda_launch.h"
 #include "fastcnn/kernel_math.h"
 #include "fastcnn/optim_math.h"

@@ -47,6 +47,13 @@ class CaptureError(RuntimeError):
     """The training step cannot be captured as a graph (and why)."""
 
 
+def _state_version():
+    """nn's state version (imported here: fastcnn.nn's layers import this module)."""
+    from .nn.module import state_version
+
+    return state_version()
+
+
 # ------------------------------------------------------------ device scalars
 
 class _Scalars:
@@ -199,16 +206,14 @@ class CapturedStep:
                      for g in self.optimizer.param_groups)
 
     def _same_graph(self, x, y):
-        from .nn.module import state_version
-
         if self._graph is None:
             return False
-        if (state_version() == self._version and x.shape == self._x.shape and
+        if (_state_version() == self._version and x.shape == self._x.shape and
                 y.shape == self._y.shape and self._options() == self._options_now):
             return True
         if self._key(x, y) != self._key_now:
             return False
-        self._version, self._options_now = state_version(), self._options()
+        self._version, self._options_now = _state_version(), self._options()
         return True
 
     def _key(self, x, y):
@@ -274,10 +279,8 @@ class CapturedStep:
         self._loss, self._logits, self._scalars, self._graph = loss, logits, scalars, graph
         self._status = cp.empty(3, np.int64)
         self._ce_status = getattr(self.loss_fn, "_status", None)  # the graph's CE counts
-        from .nn.module import state_version
-
         self._key_now = self._key(x, y)
-        self._version, self._options_now = state_version(), self._options()
+        self._version, self._options_now = _state_version(), self._options()
         self.captures += 1
         return eager_loss
 
@@ -325,12 +328,10 @@ class CapturedForward:
         self.disabled = None
 
     def __call__(self, x):
-        from .nn.module import state_version
-
         if self.disabled is not None:
             return self._run(x)
-        if x.shape != self._shape or state_version() != self._version:
-            self._shape, self._version, self._graph, self._seen = x.shape, state_version(), None, 0
+        if x.shape != self._shape or _state_version() != self._version:
+            self._shape, self._version, self._graph, self._seen = x.shape, _state_version(), None, 0
         if self._graph is not None:
             self._x[...] = x
             self._graph.launch()
