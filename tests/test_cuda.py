@@ -16,6 +16,8 @@ mixed devices, streams, a whole training step.
 """
 
 import math
+import sys
+import types
 from collections import OrderedDict
 import os
 
@@ -160,6 +162,33 @@ def test_allow_tf32_switch():
     finally:
         fastcnn.cuda.set_allow_tf32(False)
     assert not _cuda.get_allow_tf32() and "simt" in _cuda.gemm_kernel()
+
+
+def test_gpu_arrays_are_recognised_without_building_their_interface(monkeypatch):
+    """CuPy builds __cuda_array_interface__ anew on each access: a CuPy array is
+    known by its type; other objects by the interface or a CUDA DLPack device."""
+    from fastcnn import _backend as B
+
+    class CupyArray:
+        built = 0
+
+        @property
+        def __cuda_array_interface__(self):
+            CupyArray.built += 1
+            return {}
+
+    class Dlpack:
+        def __init__(self, device):
+            self.device = device
+
+        def __dlpack_device__(self):
+            return (self.device, 0)
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ndarray=CupyArray))
+    assert B.is_gpu_array(CupyArray()) and CupyArray.built == 0
+    assert B.is_gpu_array(FakeGpuArray((2,)))
+    assert B.is_gpu_array(Dlpack(2)) and not B.is_gpu_array(Dlpack(1))  # kDLCUDA, kDLCPU
+    assert not any(B.is_gpu_array(v) for v in (np.zeros(2), np.float32(1), None, [1.0], 3))
 
 
 class FakeGpuArray:
@@ -837,6 +866,30 @@ def test_bindings_reject_host_and_bad_arrays(fn):
         call(x.astype(cp.float64), x)
     with pytest.raises(ValueError, match="C-contiguous"):
         call(cp.zeros((4, 8), cp.float32)[:, ::2], x)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
+def test_bindings_read_cupy_arrays_as_their_interface_describes_them():
+    """CuPy arrays are read through their attributes (data.ptr, shape, dtype,
+    _c_contiguous), not the interface dict: views at an offset, size-0 and
+    size-1-strided arrays land where __cuda_array_interface__ says they are."""
+    cp = _cupy()
+    base = cp.arange(-12, 12, dtype=cp.float32).reshape(6, 4)
+    out = cp.full((6, 4), 7.0, cp.float32)
+    view, dst = base[2:5], out[1:4]  # contiguous, offset data pointers
+    assert view.__cuda_array_interface__["data"][0] == view.data.ptr != base.data.ptr
+    _cuda.relu_forward(view, dst)
+    want = np.full((6, 4), 7.0, F32)
+    want[1:4] = np.maximum(cp.asnumpy(view), 0)
+    np.testing.assert_array_equal(cp.asnumpy(out), want)
+    _cuda.relu_forward(base[:0], out[:0])  # size 0: nothing to do
+    column = cp.asarray(np.array([[-1.0], [2.0], [-3.0]], F32))[:, :1]  # size-1 axis
+    dst = cp.zeros((3, 1), cp.float32)
+    _cuda.relu_forward(column, dst)
+    np.testing.assert_array_equal(cp.asnumpy(dst), [[0.0], [2.0], [0.0]])
+    with pytest.raises(ValueError, match="shape"):
+        _cuda.relu_forward(view, out)
 
 
 class TestFunctionalOnGpu:

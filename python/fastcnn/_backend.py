@@ -17,6 +17,7 @@ Dtype rule (documented in the README):
 from __future__ import annotations
 
 import operator
+import sys
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from . import _cpu
 
 _FLOAT_KINDS = "biuf"
 _INT_KINDS = "iu"
+_F32 = np.dtype(np.float32)
 
 
 def shape_str(shape) -> str:
@@ -42,6 +44,9 @@ def is_gpu_array(x) -> bool:
     (``__cuda_array_interface__``, or DLPack on a CUDA device)."""
     if isinstance(x, (np.ndarray, np.generic)) or x is None:
         return False
+    cupy = sys.modules.get("cupy")  # a CuPy array means CuPy is imported
+    if cupy is not None and isinstance(x, getattr(cupy, "ndarray", ())):
+        return True  # without building its interface dict (CuPy does, per access)
     if hasattr(x, "__cuda_array_interface__"):
         return True
     dev = getattr(x, "__dlpack_device__", None)
@@ -110,6 +115,8 @@ def _as_array(x, name, xp):
 def as_float(x, name: str, xp=np):
     """``x`` as a C-contiguous float32 array of module ``xp`` (copied only when needed)."""
     x = _as_array(x, name, xp)
+    if type(x) is xp.ndarray and x.dtype == _F32 and x.flags.c_contiguous:  # no library call
+        return x
     if x.dtype.kind not in _FLOAT_KINDS:
         raise _dtype_error(name, x.dtype, "a real numeric dtype (converted to float32)")
     return xp.asarray(x, dtype=np.float32, order="C")
