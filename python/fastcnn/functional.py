@@ -36,12 +36,19 @@ def _empty(xp, shape):
 _GEOMETRIES = {}
 
 
+_PLAIN_TYPES = frozenset((int, bool, str, type(None)))
+
+
 def _plain(value):
     """An exact int, bool, str or None, or a tuple of exact ints: hashable, and
     equal only to values that validate the same way (2.0 == 2 but is refused)."""
     kind = type(value)
-    return kind in (int, bool, str, type(None)) or (
-        kind is tuple and all(type(v) is int for v in value))
+    if kind is tuple:
+        for v in value:
+            if type(v) is not int:
+                return False
+        return True
+    return kind in _PLAIN_TYPES
 
 
 def _geometry(cls, op, arrays, params):
@@ -49,10 +56,11 @@ def _geometry(cls, op, arrays, params):
     depends only on the arrays' shapes and the parameters, so repeated calls
     (every layer, every step) reuse it. Failures are never stored: a bad
     call raises every time."""
-    if not all(_plain(p) for p in params):
-        return cls(op, *arrays, *params)
-    key = (cls, op, tuple(None if a is None else a.shape for a in arrays), params,
-           tuple(type(p) for p in params))
+    for p in params:
+        if not _plain(p):
+            return cls(op, *arrays, *params)
+    key = (cls, op, tuple([None if a is None else a.shape for a in arrays]), params,
+           tuple(map(type, params)))
     g = _GEOMETRIES.get(key)
     if g is None:
         g = cls(op, *arrays, *params)
