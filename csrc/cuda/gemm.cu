@@ -26,8 +26,20 @@ namespace {
 
 // ----------------------------------------------------------------- helpers --
 
-// 4 consecutive floats, 16-byte aligned: one vector access on the GPU.
+// 4 consecutive floats, 16-byte aligned: one vector access on the GPU. A
+// misaligned one faults there ("misaligned address"); the emulator raises.
+FASTCNN_HD void check_vec4(const float* p) {
+#ifndef __CUDA_ARCH__
+  if ((reinterpret_cast<std::uintptr_t>(p) & 15u) != 0)
+    throw std::logic_error("misaligned address: a float4 access at an address not a "
+                           "multiple of 16");
+#else
+  (void)p;
+#endif
+}
+
 FASTCNN_HD void load_vec4(const float* p, float* v) {
+  check_vec4(p);
 #ifdef __CUDA_ARCH__
   const float4 q = *reinterpret_cast<const float4*>(p);
   v[0] = q.x;
@@ -40,6 +52,7 @@ FASTCNN_HD void load_vec4(const float* p, float* v) {
 }
 
 FASTCNN_HD void store_vec4(float* p, const float* v) {
+  check_vec4(p);
 #ifdef __CUDA_ARCH__
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
 #else
