@@ -6,13 +6,15 @@
 #
 # Stages, in the order given:
 #   info    GPU, driver, nvcc, Python packages
-#   build   pip install --no-build-isolation --no-deps . (CMake, nvcc; ~1 min on 16 cores)
+#   build   pip install --no-build-isolation --no-deps . for this GPU's architecture
+#           (CUDAARCHS=native unless set; CMake, nvcc; ~1 min on 16 cores)
 #   cuda    pytest -m cuda: every GPU test (CPU vs GPU per op, models, trainer, viz, CLI)
 #   bench   fastcnn bench --device cuda: GEMM, conv, ops, training step vs PyTorch + cuDNN,
 #           TF32 off then on (JSON + Markdown for benchmarks/RESULTS.md)
 #   demo    fastcnn demo --device cuda, $DEMO_EPOCHS epochs (default 2; 15 is the full run)
 #   graph   the same with --cuda-graph (each training step a replayed CUDA graph)
 #   suite   the whole test suite (CPU and GPU tests)
+#   memcheck compute-sanitizer memcheck on the GPU tests of tests/test_cuda.py
 #   profile Nsight Compute on our SGEMM (4096^3, SIMT and TF32) and a training step's
 #           GEMMs: speed of light, occupancy, launch statistics (for tuning)
 #
@@ -60,6 +62,9 @@ for s in "${STAGES[@]}"; do
       ;;
     build)
       export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+      # This GPU's architecture only (the default 80 + 90 + PTX build is CI's,
+      # compiled everywhere nvcc is): a third of nvcc's work, on device time.
+      export CUDAARCHS=${CUDAARCHS:-native}
       if ! stage build 420 $PY -m pip install --no-build-isolation --no-deps -v .; then
         grep -n -i -E "error|fatal" "$OUT/build.log" | head -40 | tee -a "$SUMMARY"
         tail -20 "$OUT/build.log"
@@ -115,13 +120,21 @@ PYEOF
       grep -E "GemmBody|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
         "$OUT/profile.log" | head -60 | tee -a "$SUMMARY"
       ;;
+    memcheck)
+      # compute-sanitizer on the GPU tests of test_cuda.py (as many as the limit
+      # allows): out-of-bounds and misaligned device accesses, which the
+      # emulator's ASan run (.ci/sanitize) sees only in host memory
+      stage memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        $PY -m pytest -q -x -m cuda -p no:cacheprovider tests/test_cuda.py
+      grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/memcheck.log" | head -20 | tee -a "$SUMMARY"
+      ;;
     suite)
       stage suite 420 $PY -m pytest -q -rfE -p no:cacheprovider tests
       grep -E "passed|failed|error|skipped" "$OUT/suite.log" | tail -3 | tee -a "$SUMMARY"
       grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40 | tee -a "$SUMMARY"
       ;;
     *)
-      echo "unknown stage '$s' (info build cuda bench demo graph suite profile)" >&2
+      echo "unknown stage '$s' (info build cuda bench demo graph suite memcheck profile)" >&2
       exit 2
       ;;
   esac

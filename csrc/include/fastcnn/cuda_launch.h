@@ -152,6 +152,7 @@ void check_grid(const char* kernel, Grid grid, std::size_t smem_bytes);
 template <class Body>
 void launch(const Exec& ex, const char* kernel, Grid grid, std::size_t smem_bytes,
             const Body& body) {
+  static_assert(sizeof(Body) <= 4096, "a kernel's arguments (the body) must fit CUDA's 4 KiB");
   if (grid.x <= 0 || grid.y <= 0 || grid.z <= 0) return;
   if (ex.emulated) {
     if (emulated_recording()) {
