@@ -394,11 +394,18 @@ def from_spec(spec):
     return cls.from_config(args)
 
 
+def _has(layer, hook):
+    """Whether ``layer``'s class has the fusion hook (a method, or a true flag)
+    ``hook``: looked up on the class, as a miss on the instance would go through
+    Module.__getattr__ and an AttributeError, a few of them per layer per step."""
+    return bool(getattr(type(layer), hook, False))
+
+
 def _fuses_relu_on_gpu(layer, after, x):
     """Whether ``layer`` (a Conv2d or Linear) and the ReLU ``after`` it run as one
     GEMM with the ReLU in its epilogue: on GPU arrays, for a plain ReLU (the
     guided rule is for visualisation, which records every layer)."""
-    return (hasattr(layer, "forward_relu") and getattr(after, "fuses_into_pool", False) and
+    return (_has(layer, "forward_relu") and _has(after, "fuses_into_pool") and
             not after.guided and type(x) is not np.ndarray and B.is_gpu_array(x))
 
 
@@ -536,9 +543,9 @@ class Sequential(Module):
         i = first
         while i <= last:
             layer = layers[i]
-            if (fuse and i + 2 <= last and hasattr(layer, "forward_relu_pool") and
-                    getattr(layers[i + 1], "fuses_into_pool", False) and
-                    not layers[i + 1].guided and hasattr(layers[i + 2], "keeps_codes")):
+            if (fuse and i + 2 <= last and _has(layer, "forward_relu_pool") and
+                    _has(layers[i + 1], "fuses_into_pool") and
+                    not layers[i + 1].guided and _has(layers[i + 2], "keeps_codes")):
                 # BatchNorm2d -> ReLU -> MaxPool2d(2): one pass, the batch
                 # norm's and the ReLU's outputs neither written nor recorded.
                 out = layer.forward_relu_pool(x, layers[i + 1], layers[i + 2])
@@ -548,7 +555,7 @@ class Sequential(Module):
                     i += 3
                     continue
             if (fuse and i < last and _fuses_relu_on_gpu(layer, layers[i + 1], x) and
-                    not (i + 2 <= last and hasattr(layers[i + 2], "forward_after_relu"))):
+                    not (i + 2 <= last and _has(layers[i + 2], "forward_after_relu"))):
                 # On the GPU, a Conv2d or Linear and the ReLU after it: one GEMM with
                 # the ReLU in its epilogue (unless a MaxPool2d follows, which takes the
                 # ReLU instead); the layer's own output is neither written nor recorded.
@@ -557,8 +564,8 @@ class Sequential(Module):
                 self.activations[names[i + 1]] = x
                 i += 2
                 continue
-            if (fuse and i < last and getattr(layer, "fuses_into_pool", False) and
-                    not layer.guided and hasattr(layers[i + 1], "forward_after_relu")):
+            if (fuse and i < last and _has(layer, "fuses_into_pool") and
+                    not layer.guided and _has(layers[i + 1], "forward_after_relu")):
                 layer._input = x  # for an unfused ReLU backward (guided, or a stop there)
                 x = layers[i + 1].forward_after_relu(x)
                 self.activations[names[i + 1]] = x
@@ -648,7 +655,7 @@ class Sequential(Module):
             i = first
             while i > last:
                 layer, step = layers[i], 1
-                if (i - 1 > last and getattr(layer, "_relu_first", False) and
+                if (i - 1 > last and layer.__dict__.get("_relu_first", False) and
                         not (layers[i - 1].guided if guided is None else guided)):
                     # A MaxPool2d that ran fused with the ReLU before it: both
                     # backward in one op, the ReLU's output gradient unrecorded.
@@ -657,8 +664,8 @@ class Sequential(Module):
                     # convolution when no input gradient is wanted): its output
                     # gradient is then neither written nor recorded.
                     g_in = NotImplemented
-                    if (i - 2 > last and getattr(layer, "_codes", None) is not None and
-                            hasattr(layers[i - 2], "backward_from_pool")):
+                    if (i - 2 > last and layer.__dict__.get("_codes") is not None and
+                            _has(layers[i - 2], "backward_from_pool")):
                         g_in = layers[i - 2].backward_from_pool(
                             g, layer._codes, input_grad=input_grad or i > 2)
                     if g_in is not NotImplemented:
