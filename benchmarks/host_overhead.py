@@ -11,7 +11,9 @@ emulated, and times forward, loss, backward and optimizer separately.
     python benchmarks/host_overhead.py [--batchnorm] [--adam] [--steps N]
 
 CuPy's own costs (its allocator, array creation) are not CuPy's here but the
-stand-in's, which is roughly as fast; launch latency is not included.
+stand-in's (NumPy allocations, a few microseconds for a large array, about
+what CuPy's pool costs); launch latency and the bindings' reading of CuPy
+arrays are not included.
 """
 import argparse
 import pathlib

@@ -118,6 +118,14 @@ def _no_transfer_while_capturing(what):
         raise RuntimeError(f"{what} while a CUDA graph is being captured")
 
 
+def empty(shape, dtype=float, order="C"):
+    return _wrap(np.empty(shape, dtype, order))  # the allocation of every op: kept cheap
+
+
+def zeros(shape, dtype=float, order="C"):
+    return _wrap(np.zeros(shape, dtype, order))
+
+
 def asarray(a, dtype=None, order=None):
     if isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype)) and (
             order != "C" or a.flags.c_contiguous):
@@ -221,7 +229,7 @@ class _FakeCupy(types.ModuleType):
 def module():
     cp = _FakeCupy("cupy")
     cp.__version__ = "fake"
-    for f in (asarray, array, ascontiguousarray, asnumpy, from_dlpack):
+    for f in (empty, zeros, asarray, array, ascontiguousarray, asnumpy, from_dlpack):
         setattr(cp, f.__name__, f)
     cp.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
     runtime = types.SimpleNamespace(getDevice=lambda: 0)
