@@ -44,6 +44,34 @@ class _Deferred:
         self.compute, self.shape = compute, shape
 
 
+def _weight_and_bias(layer):
+    """A Conv2d's or Linear's weight Parameter and bias Parameter (or None), read
+    from the registry at once rather than through Module.__getattr__ at each use
+    (a dozen a training step)."""
+    params = layer._parameters
+    return params["weight"], params.get("bias")
+
+
+def _data(param):
+    return None if param is None else param.data
+
+
+def _gemm_layer_backward(layer, grad_out, input_grad, backward, *args):
+    """The backward of a Conv2d or Linear: ``backward(dy, x, w, b, *args,
+    output_mask=...)`` for the gradients wanted, accumulated into the parameters;
+    returns the input gradient (None when not wanted)."""
+    x = _cached(layer, "_input")
+    weight, bias = _weight_and_bias(layer)
+    mask = (bool(input_grad), weight.requires_grad, bias is not None and bias.requires_grad)
+    if not any(mask):
+        return None
+    dx, dw, db = backward(grad_out, x, weight.data, _data(bias), *args, output_mask=mask)
+    weight.accumulate(dw)
+    if bias is not None:
+        bias.accumulate(db)
+    return dx
+
+
 def _cached(layer, attr):
     value = layer.__dict__.get(attr)
     if value is None:
@@ -118,29 +146,19 @@ class Conv2d(Module):
 
     def forward(self, x):
         self._input = x
-        bias = None if self.bias is None else self.bias.data
-        return F.conv2d(x, self.weight.data, bias, *self._args())
+        weight, bias = _weight_and_bias(self)
+        return F.conv2d(x, weight.data, _data(bias), *self._args())
 
     def forward_relu(self, x):
         """relu(forward(x)) in one op, the ReLU in the GEMM's epilogue (Sequential
         runs a Conv2d and the ReLU after it this way on the GPU)."""
         self._input = x
-        bias = None if self.bias is None else self.bias.data
-        return F._conv2d(x, self.weight.data, bias, *self._args(), True)
+        weight, bias = _weight_and_bias(self)
+        return F._conv2d(x, weight.data, _data(bias), *self._args(), True)
 
     def backward(self, grad_out, *, input_grad=True):
-        x = _cached(self, "_input")
-        bias = None if self.bias is None else self.bias.data
-        mask = (bool(input_grad), self.weight.requires_grad,
-                bias is not None and self.bias.requires_grad)
-        if not any(mask):
-            return None
-        dx, dw, db = F.conv2d_backward(grad_out, x, self.weight.data, bias, *self._args(),
-                                       output_mask=mask)
-        self.weight.accumulate(dw)
-        if bias is not None:
-            self.bias.accumulate(db)
-        return dx
+        return _gemm_layer_backward(self, grad_out, input_grad, F.conv2d_backward,
+                                    *self._args())
 
     def backward_from_pool(self, grad_pooled, codes, *, input_grad=True):
         """Backward when this layer's output went through ReLU and a
@@ -151,19 +169,19 @@ class Conv2d(Module):
         if input_grad:
             return NotImplemented
         x = _cached(self, "_input")
-        bias = None if self.bias is None else self.bias.data
-        want_dw = self.weight.requires_grad
-        want_db = bias is not None and self.bias.requires_grad
+        weight, bias = _weight_and_bias(self)
+        want_dw = weight.requires_grad
+        want_db = bias is not None and bias.requires_grad
         if not (want_dw or want_db):
             return None
-        grads = F._conv2d_grads_from_pool(grad_pooled, codes, x, self.weight.data, bias,
+        grads = F._conv2d_grads_from_pool(grad_pooled, codes, x, weight.data, _data(bias),
                                           *self._args(), want_dw, want_db)
         if grads is None:
             return NotImplemented
         if want_dw:
-            self.weight.accumulate(grads[0])
+            weight.accumulate(grads[0])
         if want_db:
-            self.bias.accumulate(grads[1])
+            bias.accumulate(grads[1])
         return None
 
     def output_shape(self, input_shape):
@@ -217,27 +235,18 @@ class Linear(Module):
 
     def forward(self, x):
         self._input = x
-        return F.linear(x, self.weight.data, None if self.bias is None else self.bias.data)
+        weight, bias = _weight_and_bias(self)
+        return F.linear(x, weight.data, _data(bias))
 
     def forward_relu(self, x):
         """relu(forward(x)) in one op, the ReLU in the GEMM's epilogue (Sequential
         runs a Linear and the ReLU after it this way on the GPU)."""
         self._input = x
-        return F._linear(x, self.weight.data, None if self.bias is None else self.bias.data,
-                         True)
+        weight, bias = _weight_and_bias(self)
+        return F._linear(x, weight.data, _data(bias), True)
 
     def backward(self, grad_out, *, input_grad=True):
-        x = _cached(self, "_input")
-        bias = None if self.bias is None else self.bias.data
-        mask = (bool(input_grad), self.weight.requires_grad,
-                bias is not None and self.bias.requires_grad)
-        if not any(mask):
-            return None
-        dx, dw, db = F.linear_backward(grad_out, x, self.weight.data, bias, output_mask=mask)
-        self.weight.accumulate(dw)
-        if bias is not None:
-            self.bias.accumulate(db)
-        return dx
+        return _gemm_layer_backward(self, grad_out, input_grad, F.linear_backward)
 
     def output_shape(self, input_shape):
         if input_shape[-1] != self.in_features:
