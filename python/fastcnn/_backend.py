@@ -78,11 +78,17 @@ def dispatch(*arrays):
     """(array module, kernel module) for a call's array arguments: NumPy and
     fastcnn._cpu, or CuPy and fastcnn._cuda. None and Python scalars / lists
     go with whichever device the arrays are on; mixing devices is an error."""
-    gpu = [a for a in arrays if is_gpu_array(a)]
-    if not gpu:
+    on_gpu = on_cpu = False
+    for a in arrays:
+        if type(a) is np.ndarray:
+            on_cpu = True
+        elif a is not None and is_gpu_array(a):
+            on_gpu = True
+        elif isinstance(a, np.ndarray):
+            on_cpu = True
+    if not on_gpu:
         return np, _cpu
-    cpu = [a for a in arrays if isinstance(a, np.ndarray) and not is_gpu_array(a)]
-    if cpu:
+    if on_cpu:
         raise ValueError("arguments are on different devices: some are NumPy (CPU) arrays and "
                          "some are GPU arrays; move them to one device first")
     return _cuda_kernels()
