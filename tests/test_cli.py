@@ -182,6 +182,41 @@ def test_train_device_cuda_without_gpu_fails_cleanly(tmp_path, capsys):
     assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
 
 
+def test_info_says_what_runs_where(capsys):
+    """fastcnn info: the versions and CPU kernel, and whether the GPU is used,
+    with the reason when it is not; --json gives the same facts."""
+    import fastcnn
+    import fastcnn.cuda
+    from fastcnn import _backend
+
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fastcnn"] == fastcnn.__version__
+    assert info["gemm_kernel"] == _backend._cpu.gemm_kernel()
+    assert info["cuda_module"] == (fastcnn.cuda._cuda() is not None)
+    assert len(info["gpus"]) == fastcnn.cuda.device_count()
+    assert info["gpu"] == (_gpu_skip() is None)
+    assert info["gpu"] != ("gpu_unavailable" in info)
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"GEMM kernel {info['gemm_kernel']}" in text
+    if not info["gpu"]:
+        assert f"GPU: not used: {info['gpu_unavailable']}" in text
+
+
+@pytest.mark.skipif("not _has_cuda_module()", reason="fastcnn._cuda was not built")
+def test_info_names_the_gpu(capsys, monkeypatch):
+    import fake_cupy
+    import fastcnn.cuda
+
+    fake_cupy.install(monkeypatch)
+    monkeypatch.setattr(fastcnn.cuda, "device_count", lambda: 1)
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "GPU 0: fake GPU (emulator)" in text and "CuPy fake" in text
+    assert "GPU: used for CuPy arrays (cuda simt" in text and "TF32 off" in text
+
+
 def _gpu_skip():
     from fastcnn import cuda
 

@@ -1,4 +1,4 @@
-"""The ``fastcnn`` command line: ``fastcnn demo | train | predict | explain | bench``.
+"""The ``fastcnn`` command line: ``fastcnn demo | train | predict | explain | bench | info``.
 
 Each subcommand is a :class:`Command` in ``COMMANDS`` (name, help, a function
 adding its arguments to an argparse parser, and a function running it with
@@ -323,6 +323,74 @@ def _run_predict(args):
     return 0
 
 
+# ---------------------------------------------------------------- info
+
+def environment():
+    """What this installation of fastcnn runs on, as a dict: the versions, the
+    CPU kernels' settings, and whether (and if not, why not) the GPU is used."""
+    import platform
+
+    import fastcnn
+    import fastcnn.cuda
+    from . import _backend
+    from .bench import _cpu_name
+
+    import numpy as np
+
+    info = {
+        "fastcnn": fastcnn.__version__, "location": str(Path(fastcnn.__file__).parent),
+        "python": platform.python_version(), "numpy": np.__version__,
+        "cpu": _cpu_name(), "threads": _backend.get_num_threads(),
+        "gemm_kernel": _backend._cpu.gemm_kernel(),
+        "conv_winograd": _backend.get_conv_winograd(),
+    }
+    cuda = fastcnn.cuda._cuda()
+    info["cuda_module"] = cuda is not None
+    if cuda is None:
+        info["gpu_unavailable"] = (f"fastcnn._cuda was not built ({fastcnn.cuda._import_error}); "
+                                   "reinstall where nvcc is found (FASTCNN_CUDA=ON)")
+    count = fastcnn.cuda.device_count()
+    info["gpus"] = [fastcnn.cuda.device_name(i) for i in range(count)]
+    if not count:
+        info.setdefault("gpu_unavailable", "no CUDA device or driver found")
+    try:
+        import cupy
+        info["cupy"] = cupy.__version__
+    except Exception as exc:  # noqa: BLE001 - ImportError, or CuPy failing to load its CUDA
+        info["cupy"] = None
+        info.setdefault("gpu_unavailable", f"CuPy is not usable ({type(exc).__name__}: {exc}); "
+                                           "pip install 'fastcnn[cuda]'")
+    info["gpu"] = "gpu_unavailable" not in info
+    if cuda is not None:
+        info["gpu_gemm"] = cuda.gemm_kernel()
+    info["allow_tf32"] = fastcnn.cuda.get_allow_tf32()
+    return info
+
+
+def _add_info_arguments(parser):
+    parser.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+
+
+def _run_info(args):
+    info = environment()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"fastcnn {info['fastcnn']} ({info['location']})")
+    print(f"python {info['python']}, numpy {info['numpy']}, CuPy {info['cupy'] or 'not usable'}")
+    print(f"CPU: {info['cpu']}, {info['threads']} threads, GEMM kernel {info['gemm_kernel']}, "
+          f"Winograd {'on' if info['conv_winograd'] else 'off'}")
+    print(f"CUDA module: {'built' if info['cuda_module'] else 'not built'}")
+    for i, name in enumerate(info["gpus"]):
+        print(f"GPU {i}: {name}")
+    if info["gpu"]:
+        print(f"GPU: used for CuPy arrays ({info['gpu_gemm']}, TF32 "
+              f"{'on' if info['allow_tf32'] else 'off'})")
+    else:
+        print(f"GPU: not used: {info['gpu_unavailable']}")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
 register("demo", "train the reference CNN (with batch norm) on Fashion-MNIST and report "
@@ -332,6 +400,8 @@ register("train", "train a preset architecture on an MNIST-format data set",
          _add_train_arguments, _run_train)
 register("predict", "classify PNG/JPEG images with a saved model", _add_predict_arguments,
          _run_predict)
+register("info", "what fastcnn runs on: versions, CPU kernels, and whether the GPU is used "
+                 "(and if not, why not)", _add_info_arguments, _run_info)
 
 
 def build_parser():
