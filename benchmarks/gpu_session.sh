@@ -70,7 +70,7 @@ for s in "${STAGES[@]}"; do
         tail -20 "$OUT/build.log"
         exit 1
       fi
-      $PY -c "import fastcnn, fastcnn.cuda as c; from fastcnn import _cuda; print('import ok; cuda available:', c.is_available(), c.device_name(0) if c.is_available() else '', '|', _cuda.gemm_kernel())" 2>&1 | tee -a "$SUMMARY"
+      $PY -m fastcnn.cli info 2>&1 | tee -a "$SUMMARY"
       ;;
     cuda)
       stage cuda 300 $PY -m pytest -q -m cuda -rfE -p no:cacheprovider tests
