@@ -29,6 +29,7 @@ class ndarray(np.ndarray):
     int(), bool(), .item(), .tolist()."""
 
     host_reads = 0
+    host_waits = 0  # synchronous host-to-device copies (.set without a stream)
 
     def __array_finalize__(self, obj):
         if _kept is not None and self.base is None:  # new memory (copy, astype, ...)
@@ -71,7 +72,13 @@ class ndarray(np.ndarray):
         return np.array(self._read())
 
     def set(self, arr, stream=None):
+        """As CuPy's: without a stream, a synchronous cudaMemcpy, which from
+        pageable memory first waits for all queued work (counted in host_waits)."""
         _no_transfer_while_capturing("a host-to-device copy")
+        if not isinstance(arr, np.ndarray) or arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ValueError("set: a NumPy array of the same shape and dtype is needed")
+        if stream is None:
+            ndarray.host_waits += 1
         self.view(np.ndarray)[...] = arr
 
     def __repr__(self):
@@ -176,6 +183,22 @@ class _Stream:
         pass
 
 
+class _Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def synchronize(self):
+        if not self.recorded:
+            raise RuntimeError("Event.synchronize before record")  # CUDA: returns at once
+
+
+def _alloc_pinned_memory(nbytes):
+    return bytearray(nbytes)  # a buffer np.frombuffer can view, as CuPy's PinnedMemoryPointer
+
+
 class _MemoryPool:
     """A pool of its own: what is allocated while it is in use stays allocated as
     long as the pool lives (as a CuPy pool keeps freed blocks for itself), so a
@@ -235,6 +258,7 @@ def module():
     runtime = types.SimpleNamespace(getDevice=lambda: 0)
     cp.cuda = types.SimpleNamespace(runtime=runtime, Device=_Device, Stream=_Stream,
                                     MemoryPool=_MemoryPool, using_allocator=_using_allocator,
+                                    Event=_Event, alloc_pinned_memory=_alloc_pinned_memory,
                                     get_current_stream=lambda: _Stream())
     return cp
 

@@ -1176,11 +1176,12 @@ class TestModelsOnGpu:
         weights, BN statistics and counters, Dropout offsets (a new mask each step),
         optimizer state, with the lr changed by the schedule at every step."""
         emu = _cuda.emulator
-        replays = []
+        replays, waits = [], []
 
         def count(i, step):
             replays.append(dict(emu.launches()).get("sgd_step" if opt_name == "sgd"
                                                     else "adam_step", 0))
+            waits.append(getattr(cp.ndarray, "host_waits", 0))
 
         eager, eager_opt, eager_losses, _ = self._train(cp, False, opt_name, batchnorm)
         model, opt, losses, step = self._train(cp, True, opt_name, batchnorm, check=count)
@@ -1197,6 +1198,8 @@ class TestModelsOnGpu:
         if isinstance(cp.ndarray, type) and cp.ndarray.__module__ == "cupy" and hasattr(
                 cp.ndarray, "host_reads"):  # the stand-in: every step updated once
             assert np.diff(replays).tolist() == [1] * (len(replays) - 1)
+            # ... and no replay's inputs waited for the GPU (asynchronous uploads)
+            assert waits == [waits[0]] * len(waits), waits
 
     def test_captured_step_recaptures_checks_and_refuses(self, rng, cp):
         import fastcnn.cuda

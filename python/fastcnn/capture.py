@@ -54,6 +54,50 @@ def _state_version():
     return state_version()
 
 
+# ------------------------------------------------------------ uploads
+
+class _Upload:
+    """Host-to-device copies that do not wait for the GPU. ``ndarray.set(host)``
+    from pageable memory is a synchronous cudaMemcpy, which first waits for all
+    the work queued before it: each replay's inputs would wait for the previous
+    replay to finish, and the host could not prepare step n + 1 while the GPU
+    runs step n. Here each destination has two pinned host buffers used in turn;
+    the copy is asynchronous on the current stream, and a buffer is written again
+    only after the copy that read it has run (an event): the host waits only
+    when it is two steps ahead."""
+
+    def __init__(self, cp):
+        self._cp = cp
+        self._slots = {}  # key: [[pinned array, event after its last copy or None] x 2, turn]
+
+    def __call__(self, key, buffer, host):
+        """Copy the NumPy array ``host`` into the device array ``buffer``
+        (same shape; cast to its dtype), in stream order."""
+        cp = self._cp
+        slot = self._slots.get(key)
+        if slot is None or slot[0][0][0].shape != buffer.shape or (
+                slot[0][0][0].dtype != buffer.dtype):
+            slot = [[[self._pinned(buffer.shape, buffer.dtype), None] for _ in range(2)], 0]
+            self._slots[key] = slot
+        entry = slot[0][slot[1]]
+        slot[1] ^= 1
+        pinned, event = entry
+        if event is not None:
+            event.synchronize()  # its previous copy has read it
+        pinned[...] = host
+        stream = cp.cuda.get_current_stream()
+        buffer.set(pinned, stream=stream)
+        if event is None:
+            event = entry[1] = cp.cuda.Event(disable_timing=True)
+        event.record(stream)
+
+    def _pinned(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        memory = self._cp.cuda.alloc_pinned_memory(max(count, 1) * dtype.itemsize)
+        return np.frombuffer(memory, dtype, count).reshape(shape)  # keeps memory alive
+
+
 # ------------------------------------------------------------ device scalars
 
 class _Scalars:
@@ -73,6 +117,7 @@ class _Scalars:
         self._host_ints = np.zeros(self._INTS, np.int64)
         self._entries = []  # (kind, start, count, fn)
         self._used = {"f": 0, "i": 0}
+        self.upload = _Upload(xp)  # the replays' host-to-device copies
 
     def _take(self, kind, count, fn):
         if self.floats is None:
@@ -106,10 +151,11 @@ class _Scalars:
                 self._host_ints[start:start + count] = fn()
             else:
                 fn()
-        if self._used["f"]:
-            self.floats[:self._used["f"]].set(self._host_floats[:self._used["f"]])
-        if self._used["i"]:
-            self.ints[:self._used["i"]].set(self._host_ints[:self._used["i"]])
+        for kind, device, host in (("f", self.floats, self._host_floats),
+                                   ("i", self.ints, self._host_ints)):
+            n = self._used[kind]
+            if n:
+                self.upload(kind, device[:n], host[:n])
 
 
 _recording = None  # the _Scalars of the capture in progress, if any
@@ -302,8 +348,8 @@ class CapturedStep:
                 self.disabled = f"{type(exc).__name__}: {exc}"
                 self.logits = exc.done[1]
                 return exc.done[0]  # the step was done, eagerly
-        _fill(self._x, x, np.float32)
-        _fill(self._y, y, np.int64)
+        _fill(self._scalars.upload, "x", self._x, x)
+        _fill(self._scalars.upload, "y", self._y, y)
         self._check_targets(y if isinstance(y, np.ndarray) else self._y)
         self._scalars.refresh()
         self._graph.launch()
@@ -358,10 +404,11 @@ def device_hits(loss_fn):
     return None if status is None else status[2]
 
 
-def _fill(buffer, value, dtype):
-    """Copy a batch into a graph's input buffer: from the host (one transfer) or the GPU."""
+def _fill(upload, key, buffer, value):
+    """Copy a batch into a graph's input buffer: from the host (one asynchronous
+    transfer) or the GPU."""
     if isinstance(value, np.ndarray):
-        buffer.set(np.ascontiguousarray(value, dtype=dtype))
+        upload(key, buffer, value)
     else:
         buffer[...] = value
 
