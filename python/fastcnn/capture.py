@@ -68,27 +68,25 @@ class _Upload:
 
     def __init__(self, cp):
         self._cp = cp
-        self._slots = {}  # key: [[pinned array, event after its last copy or None] x 2, turn]
+        self._staging = {}  # key: its two [pinned host array, event of its last copy]
 
     def __call__(self, key, buffer, host):
         """Copy the NumPy array ``host`` into the device array ``buffer``
         (same shape; cast to its dtype), in stream order."""
         cp = self._cp
-        slot = self._slots.get(key)
-        if slot is None or slot[0][0][0].shape != buffer.shape or (
-                slot[0][0][0].dtype != buffer.dtype):
-            slot = [[[self._pinned(buffer.shape, buffer.dtype), None] for _ in range(2)], 0]
-            self._slots[key] = slot
-        entry = slot[0][slot[1]]
-        slot[1] ^= 1
-        pinned, event = entry
+        pair = self._staging.get(key)
+        if pair is None or pair[0][0].shape != buffer.shape or pair[0][0].dtype != buffer.dtype:
+            pair = self._staging[key] = [[self._pinned(buffer.shape, buffer.dtype), None]
+                                         for _ in range(2)]
+        pair.reverse()  # the other one than last time
+        pinned, event = pair[0]
         if event is not None:
-            event.synchronize()  # its previous copy has read it
+            event.synchronize()  # the copy that last read it has run
         pinned[...] = host
         stream = cp.cuda.get_current_stream()
         buffer.set(pinned, stream=stream)
         if event is None:
-            event = entry[1] = cp.cuda.Event(disable_timing=True)
+            event = pair[0][1] = cp.cuda.Event(disable_timing=True)
         event.record(stream)
 
     def _pinned(self, shape, dtype):
