@@ -238,9 +238,16 @@ class Bench:
                 loss_fn = nn.CrossEntropyLoss()
                 opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
+                y_host = cp.asnumpy(y)
+
                 def step():
+                    # A step as fastcnn.train.Trainer runs it: the labels checked on
+                    # the host (cross_entropy would otherwise wait for the GPU to
+                    # check them, which PyTorch's step does not do), all else eager.
                     opt.zero_grad()
-                    loss_fn.forward(model.forward(x), y)
+                    logits = model.forward(x)
+                    with F._checked_targets(y_host, logits.shape[1]):
+                        loss_fn.forward(logits, y)
                     model.backward(loss_fn.backward(), input_grad=False)
                     opt.step()
 
@@ -263,7 +270,6 @@ class Bench:
                 # (fastcnn.cuda.CapturedStep), against the same PyTorch eager step.
                 # Labels from the host, as a training loop's (checked there,
                 # copied in), so that no step waits for the GPU.
-                y_host = cp.asnumpy(y)
                 try:
                     captured = fcuda.CapturedStep(model, loss_fn, opt)
                     captured(x, y_host)  # the eager warm-up step
