@@ -10,7 +10,8 @@
 #           (CUDAARCHS=native unless set; CMake, nvcc; ~1 min on 16 cores)
 #   cuda    pytest -m cuda: every GPU test (CPU vs GPU per op, models, trainer, viz, CLI)
 #   bench   fastcnn bench --device cuda: GEMM, conv, ops, training step vs PyTorch + cuDNN,
-#           TF32 off then on (JSON + Markdown for benchmarks/RESULTS.md)
+#           TF32 off then on (JSON + Markdown for benchmarks/RESULTS.md); then
+#           benchmarks/host_overhead.py, the eager step's Python side on this host
 #   demo    fastcnn demo --device cuda, $DEMO_EPOCHS epochs (default 2; 15 is the full run)
 #   graph   the same with --cuda-graph (each training step a replayed CUDA graph)
 #   suite   the whole test suite (CPU and GPU tests)
@@ -82,6 +83,9 @@ for s in "${STAGES[@]}"; do
         --markdown "$OUT/bench_cuda.md"
       grep -E "vs cuBLAS|vs cuDNN|train step|inference" "$OUT/bench.log" | tee -a "$SUMMARY"
       tail -3 "$OUT/bench.log" | grep -i -E "error|Traceback" | tee -a "$SUMMARY"
+      # The Python side of the eager step on this host (fake CuPy, no kernels):
+      # the eager row minus this is CuPy's, the bindings' and the launches' share.
+      timeout 60 $PY benchmarks/host_overhead.py 2>&1 | tail -1 | tee -a "$SUMMARY"
       ;;
     demo|graph)
       export FASTCNN_DATA=${FASTCNN_DATA:-$PWD/build/device-data}
