@@ -352,9 +352,9 @@ def bench_net(rng, quick=False):
 SECTIONS = {"gemm": bench_gemm, "ops": bench_ops, "net": bench_net}
 
 
-def machine_info():
-    info = {
-        "date": time.strftime("%Y-%m-%d"),
+def cpu_info():
+    """The Python, NumPy and CPU-kernel facts a result depends on (also `fastcnn info`'s)."""
+    return {
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),
@@ -363,6 +363,10 @@ def machine_info():
         "gemm_kernel": _backend._cpu.gemm_kernel(),
         "conv_winograd": _backend.get_conv_winograd(),
     }
+
+
+def machine_info():
+    info = {"date": time.strftime("%Y-%m-%d"), **cpu_info()}
     torch = _torch()
     if torch is not None:
         info["torch"] = torch.__version__

@@ -328,22 +328,12 @@ def _run_predict(args):
 def environment():
     """What this installation of fastcnn runs on, as a dict: the versions, the
     CPU kernels' settings, and whether (and if not, why not) the GPU is used."""
-    import platform
-
     import fastcnn
     import fastcnn.cuda
-    from . import _backend
-    from .bench import _cpu_name
+    from .bench import cpu_info
 
-    import numpy as np
-
-    info = {
-        "fastcnn": fastcnn.__version__, "location": str(Path(fastcnn.__file__).parent),
-        "python": platform.python_version(), "numpy": np.__version__,
-        "cpu": _cpu_name(), "threads": _backend.get_num_threads(),
-        "gemm_kernel": _backend._cpu.gemm_kernel(),
-        "conv_winograd": _backend.get_conv_winograd(),
-    }
+    info = {"fastcnn": fastcnn.__version__, "location": str(Path(fastcnn.__file__).parent),
+            **cpu_info()}
     cuda = fastcnn.cuda._cuda()
     info["cuda_module"] = cuda is not None
     if cuda is None:
