@@ -1258,7 +1258,7 @@ class TestModelsOnGpu:
         for x, out in zip(xs, outs):  # earlier outputs are not overwritten by replays
             bitwise(cp.asnumpy(out), cp.asnumpy(model(x)), "inference")
         plan = model._gpu_plan
-        assert plan.disabled is None and plan._graph is not None
+        assert plan.disabled is None and plan.shapes == [(3, 1, 12, 12)]
         fake = hasattr(cp.ndarray, "host_reads")
         if fake:
             before = dict(_cuda.emulator.launches())
@@ -1268,15 +1268,30 @@ class TestModelsOnGpu:
         if fake:  # replayed, not captured again
             after = _cuda.emulator.launches()
             assert not any(after[k] != before.get(k) for k in after if k.startswith("captured"))
-        graph = plan._graph
+        graph = plan._graphs[(3, 1, 12, 12)]
         model.fc2.weight.data = model.fc2.weight.data * 0.5  # replaced: state version bumped
-        bitwise(cp.asnumpy(model.forward(xs[1], record=False)), cp.asnumpy(model(xs[1])),
-                "after a replaced parameter")
-        assert plan._graph is not graph
+        for _ in range(2):
+            bitwise(cp.asnumpy(model.forward(xs[1], record=False)), cp.asnumpy(model(xs[1])),
+                    "after a replaced parameter")
+        assert plan._graphs[(3, 1, 12, 12)] is not graph
+        # An evaluation loop's full batches and its last one, epoch after epoch:
+        # a graph for each shape, each captured once.
         small = cp.asarray(randn(rng, 2, 1, 12, 12))
-        for _ in range(3):
-            bitwise(cp.asnumpy(model.forward(small, record=False)), cp.asnumpy(model(small)),
-                    "another shape")
+        for epoch in range(4):
+            for x in (xs[2], xs[3], small):
+                bitwise(cp.asnumpy(model.forward(x, record=False)), cp.asnumpy(model(x)),
+                        "two shapes in turn")
+            if epoch == 1:  # small's second call captured it
+                graphs = dict(plan._graphs)
+        assert plan.shapes == [(3, 1, 12, 12), (2, 1, 12, 12)]
+        assert all(plan._graphs[k] is v for k, v in graphs.items()) and len(graphs) == 2
+        # At most max_shapes graphs, the least recently used dropped first.
+        for n in range(4, 4 + plan.max_shapes):
+            x = cp.asarray(randn(rng, n, 1, 12, 12))
+            for _ in range(3):
+                bitwise(cp.asnumpy(model.forward(x, record=False)), cp.asnumpy(model(x)),
+                        "more shapes")
+        assert plan.shapes == [(n, 1, 12, 12) for n in range(4, 4 + plan.max_shapes)]
 
     @pytest.mark.parametrize("cp", ["fake"], indirect=True)
     @pytest.mark.parametrize("graph", [False, True])

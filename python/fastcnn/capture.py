@@ -357,42 +357,63 @@ class CapturedStep:
 
 
 class CapturedForward:
-    """Inference of a Sequential in eval mode on GPU arrays of one shape, as a
-    replayed CUDA graph: what ``Sequential.forward(x, record=False)`` runs on the
-    GPU from the third call of a shape on (the first runs the layers, the second
-    runs them on the graph's stream and captures them). Valid while nn's state
-    version stands still (any change to the model bumps it: the next call
-    captures again); the output is a copy, as the layers' path returns a fresh
-    array. A capture that fails leaves ``disabled`` set and the layers' path."""
+    """Inference of a Sequential in eval mode on GPU arrays, as replayed CUDA
+    graphs: what ``Sequential.forward(x, record=False)`` runs on the GPU from the
+    third call of a shape on (the first runs the layers, the second runs them on
+    the graph's stream and captures them). A graph is kept for each of the last
+    ``max_shapes`` input shapes used (an evaluation loop's full batches and its
+    last, smaller one replay both, epoch after epoch), each with its own memory
+    pool. Valid while nn's state version stands still (any change to the model
+    bumps it: every graph is dropped, the next calls capture again); the output
+    is a copy, as the layers' path returns a fresh array. A capture that fails
+    leaves ``disabled`` set and the layers' path."""
+
+    max_shapes = 4
 
     def __init__(self, layers, run):
         self._layers, self._run = layers, run  # run(x): the layers' path
-        self._shape = self._version = self._graph = None
-        self._seen = 0
+        self._version = None
+        self._graphs = {}  # shape: (input buffer, output buffer, pool, graph), last used last
+        self._seen = {}  # shape: calls so far without a graph
         self.disabled = None
 
     def __call__(self, x):
         if self.disabled is not None:
             return self._run(x)
-        if x.shape != self._shape or _state_version() != self._version:
-            self._shape, self._version, self._graph, self._seen = x.shape, _state_version(), None, 0
-        if self._graph is not None:
-            self._x[...] = x
-            self._graph.launch()
-            return self._out.copy()
-        self._seen += 1
-        if self._seen < 2:
+        if _state_version() != self._version:
+            self._version, self._graphs, self._seen = _state_version(), {}, {}
+        shape = x.shape
+        entry = self._graphs.pop(shape, None)
+        if entry is not None:
+            self._graphs[shape] = entry  # now the most recently used
+            buffer, out, _, graph = entry
+            buffer[...] = x
+            graph.launch()
+            return out.copy()
+        seen = self._seen.pop(shape, 0) + 1
+        if seen < 2:
+            self._seen[shape] = seen
+            while len(self._seen) > self.max_shapes:
+                del self._seen[next(iter(self._seen))]
             return self._run(x)
         cp = _cupy()
-        self._x = cp.empty_like(x)
-        self._x[...] = x
+        buffer = cp.empty_like(x)
+        buffer[...] = x
         try:
-            self._pool, out, self._out, self._graph = _run_and_capture(
-                lambda: self._run(self._x), _Scalars(cp, allocate=False))
+            pool, out, captured, graph = _run_and_capture(
+                lambda: self._run(buffer), _Scalars(cp, allocate=False))
         except (CaptureError, RuntimeError) as exc:
             self.disabled = f"{type(exc).__name__}: {exc}"
             return exc.done if hasattr(exc, "done") else self._run(x)
+        self._graphs[shape] = (buffer, captured, pool, graph)
+        while len(self._graphs) > self.max_shapes:
+            del self._graphs[next(iter(self._graphs))]  # the least recently used
         return out.copy()  # the caller's, not the pool's
+
+    @property
+    def shapes(self):
+        """The input shapes with a graph, least recently used first."""
+        return list(self._graphs)
 
 
 def device_hits(loss_fn):
