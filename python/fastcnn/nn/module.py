@@ -120,8 +120,14 @@ class Module:
     # ------------------------------------------------------------ registration
 
     def __setattr__(self, name, value):
-        if "_parameters" not in self.__dict__:
+        d = self.__dict__
+        if "_parameters" not in d:
             raise AttributeError("Module.__init__() must be called before assigning attributes")
+        if (name[0] == "_" and not isinstance(value, (Parameter, Module)) and
+                name not in d["_buffers"] and name not in d["_parameters"] and
+                name not in d["_modules"]):
+            object.__setattr__(self, name, value)  # what a pass keeps for its backward
+            return
         if ((name[0] != "_" and name not in self._results) or
                 isinstance(value, (Parameter, Module)) or name in self._buffers):
             _touch()
