@@ -457,8 +457,8 @@ def philox_uniform(numel, seed, offset=0):
 
 
 def dropout_scale(p):
-    """1 / (1 - p) computed in double, rounded to float32."""
-    return np.float32(1.0 / (1.0 - float(p)))
+    """1 / (1 - p) computed in double, rounded to float32 (unused for p = 1: 0)."""
+    return np.float32(1.0 / (1.0 - float(p))) if p < 1 else np.float32(0)
 
 
 def dropout_mask(shape, p, seed, offset=0):

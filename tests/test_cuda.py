@@ -624,7 +624,7 @@ def test_batch_norm(dev, rng, n, c, l, affine):
 
 @pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 1000, 4099])
 @pytest.mark.parametrize("p,seed,offset", [(0.5, 0, 0), (0.3, 2**64 - 1, 7), (0.999, 12345, 2**40),
-                                           (0.0, 1, 0)])
+                                           (0.0, 1, 0), (1.0, 3, 1)])
 def test_dropout_masks_identical(dev, rng, count, p, seed, offset):
     x = randn(rng, count)
     cpu, got = both(dev, lambda mod, y: mod.dropout_apply(None, y, p, seed, offset), {},

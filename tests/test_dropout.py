@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import fastcnn
 import fastcnn.functional as F
+from fastcnn import nn
 import reference as ref
 from conftest import assert_bitwise, randn
 
@@ -114,6 +115,26 @@ def test_dropout_p_zero_training_is_identity_copy(rng):
     assert not np.shares_memory(out, x)
     assert_bitwise(F.dropout_backward(x, 0.0, training=True, seed=1), x)
     np.testing.assert_array_equal(F.dropout_mask((4, 5), 0.0, 1), 1)
+
+
+def test_dropout_p_one_is_times_zero_as_torch(rng):
+    """p = 1 drops everything: x * 0 (NaN where x is NaN or infinite, as
+    PyTorch's), a zero gradient and a zero mask; the module too."""
+    x = randn(rng, 3, 70)
+    x[0, :3] = [np.nan, np.inf, -np.inf]
+    with np.errstate(invalid="ignore"):
+        zero = x * np.float32(0)
+    out = F.dropout(x, 1.0, seed=5)
+    assert_bitwise(out, zero)
+    assert np.isnan(out[0, :3]).all() and (out[1:] == 0).all()
+    assert_bitwise(F.dropout_backward(x, 1.0, seed=5), zero)
+    np.testing.assert_array_equal(F.dropout_mask((4, 5), 1.0, 1), 0)
+    layer = nn.Dropout(1.0, seed=2)
+    y = layer(x[1:])
+    assert (y == 0).all()
+    assert (layer.backward(np.ones_like(y)) == 0).all()
+    layer.eval()
+    assert_bitwise(layer(x), x)
 
 
 def test_dropout_seed_none_uses_global_generator(rng):

@@ -360,7 +360,7 @@ def test_layer_argument_errors():
     with pytest.raises(ValueError, match="in_channels"):
         nn.Conv2d(0, 4, 3)
     with pytest.raises(ValueError, match="p must be in"):
-        nn.Dropout(1.0)
+        nn.Dropout(1.5)
     with pytest.raises(ValueError, match="padding must be between"):
         nn.MaxPool2d(2, padding=2)
     with pytest.raises(ValueError, match="4-D with 3 channels"):

@@ -80,7 +80,7 @@ __attribute__((target("avx512f"))) void dropout_64_avx512(index_t i, const float
 void dropout_apply(index_t count, const float* x, double p, std::uint64_t seed,
                    std::uint64_t offset, float* y) {
   const std::uint32_t threshold = dropout_threshold(p);
-  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  const float scale = dropout_scale(p);
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   constexpr index_t kBlock = 1 << 14;  // a multiple of 4: blocks start on a Philox boundary
   parallel_for((count + kBlock - 1) / kBlock, 1, [&](index_t blk) {

@@ -39,7 +39,7 @@ struct DropoutQuad {
 void dropout_apply(const Exec& ex, index_t count, const float* x, double p, std::uint64_t seed,
                    std::uint64_t offset, float* y, const std::int64_t* offset_on_device) {
   const DropoutQuad quad{x,      y, count, seed, offset, offset_on_device, dropout_threshold(p),
-                         static_cast<float>(1.0 / (1.0 - p))};
+                         dropout_scale(p)};
   for_each(ex, "dropout", (count + 3) / 4, quad);
 }
 

@@ -488,7 +488,7 @@ PYBIND11_MODULE(_cpu, m) {
                             std::uint64_t offset) {
     auto y = out<float>(y_, "output");
     const float* x = opt<float>(x_, "input", false, y.size());
-    if (!(p >= 0.0 && p < 1.0)) fail("p must be in [0, 1)");
+    if (!(p >= 0.0 && p <= 1.0)) fail("p must be in [0, 1]");
     py::gil_scoped_release nogil;
     fastcnn::cpu::dropout_apply(y.size(), x, p, seed, offset, y.data);
   });

@@ -720,7 +720,7 @@ void bind_ops(py::module_& m) {
     M mem;
     auto y = out<M, f32>(mem, y_, "output");
     const float* x = opt<M, f32>(mem, x_, "input", false, y.size());
-    if (!(p >= 0.0 && p < 1.0)) fail("p must be in [0, 1)");
+    if (!(p >= 0.0 && p <= 1.0)) fail("p must be in [0, 1]");
     const i64* offset_on_device = opt<M, i64>(mem, offset_on_device_, "offset_on_device", false, 1);
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;

@@ -992,14 +992,14 @@ def manual_seed(seed):
 
 def _check_p(op, p):
     p = float(p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{op}: p must be in [0, 1), got {p}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{op}: p must be in [0, 1], got {p}")
     return p
 
 
 def dropout(input, p=0.5, training=True, seed=None, offset=0):
     """Inverted dropout: each element is zeroed with probability ``p`` and the
-    rest scaled by 1 / (1 - p).
+    rest scaled by 1 / (1 - p) (``p`` = 1: ``input * 0``, as PyTorch's).
 
     The mask comes from a counter-based generator (Philox4x32-10) keyed by
     ``seed`` and ``offset``: the same (seed, offset, shape) gives the same mask
@@ -1032,7 +1032,7 @@ def _dropout_offset_on_device(input, p, seed, offset_on_device):
 
 
 def dropout_mask(shape, p, seed, offset=0, device="cpu"):
-    """The multiplier :func:`dropout` applies: 0 or 1 / (1 - p), float32, as a
+    """The multiplier :func:`dropout` applies: 0 or 1 / (1 - p) (all 0 for p = 1), float32, as a
     NumPy array (``device="cpu"``) or a CuPy array (``device="cuda"``)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"dropout_mask: device must be 'cpu' or 'cuda', got {device!r}")

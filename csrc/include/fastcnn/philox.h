@@ -52,11 +52,17 @@ FASTCNN_HD float dropout_multiplier(std::uint64_t seed, std::uint64_t offset, st
   return (r.v[index & 3] >> 8) >= threshold ? scale : 0.0f;
 }
 
-// ceil(p * 2^24) for p in [0, 1).
+// ceil(p * 2^24) for p in [0, 1]: 2^24 (every element dropped) for p = 1.
 inline std::uint32_t dropout_threshold(double p) {
   const double t = p * 16777216.0;
   std::uint32_t i = static_cast<std::uint32_t>(t);
   return static_cast<double>(i) < t ? i + 1 : i;
+}
+
+// The kept elements' multiplier 1 / (1 - p); 0 for p = 1, which keeps none
+// (the output is x * 0, as PyTorch's: NaN where x is NaN or infinite).
+inline float dropout_scale(double p) {
+  return p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.0f;
 }
 
 }  // namespace fastcnn

@@ -436,8 +436,8 @@ class Dropout(Module):
     def __init__(self, p=0.5, seed=None):
         super().__init__()
         p = float(p)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
         self.p = p
         if seed is None:
             seed = int(init.get_generator().integers(0, 2 ** 32))
