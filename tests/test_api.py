@@ -333,7 +333,14 @@ def test_results_do_not_depend_on_the_batch(batch, rng):
     fc = randn(rng, 7, 36)
     full_conv = F.conv2d(x, w, padding=1)
     full_fc = F.linear(x[:, :, :6, :6].reshape(16, -1)[:, :36], fc)
+    # With a bias and a product deeper than one of the GEMM's blocks (64 x 3 x 3
+    # = 576 inputs an output; stride 2: im2col + GEMM, not Winograd), which once
+    # added the bias first for a single image and last for several.
+    deep_x, deep_w, deep_b = randn(rng, 16, 64, 7, 7), randn(rng, 8, 64, 3, 3), randn(rng, 8)
+    full_deep = F.conv2d(deep_x, deep_w, deep_b, stride=2, padding=1)
     for start in range(0, 16, batch):
         part = slice(start, start + batch)
         assert_bitwise(F.conv2d(x[part], w, padding=1), full_conv[part])
         assert_bitwise(F.linear(x[part, :, :6, :6].reshape(-1, 108)[:, :36], fc), full_fc[part])
+        assert_bitwise(F.conv2d(deep_x[part], deep_w, deep_b, stride=2, padding=1),
+                       full_deep[part])

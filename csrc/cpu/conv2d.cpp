@@ -87,12 +87,21 @@ void conv2d_forward(const ConvShape& cs, const float* x, const float* w, const f
       const float* b_panels = packed + q0 * rows * width;
       float* y_g = y + ch.first * y_image + g * kg * pixels;
       if (ch.count == 1) {
-        // Straight into y; the bias is the GEMM's initial C.
-        if (bias != nullptr)
+        // Straight into y. The bias is the GEMM's initial C where the product
+        // sums in one block (acc + b, as the scatter below adds it); deeper, it
+        // is added after the GEMM, as below, or a sample's output would depend
+        // on its batch ((b + acc1) + acc2 here, (acc1 + acc2) + b there).
+        const bool bias_first = bias != nullptr && sgemm_single_block(rows);
+        if (bias_first)
           for (index_t ko = 0; ko < kg; ++ko)
             std::fill(y_g + ko * pixels + j0, y_g + ko * pixels + j1, bias[g * kg + ko]);
-        sgemm_packed(kg, j1 - j0, rows, 1.0f, w_g, b_panels, bias != nullptr ? 1.0f : 0.0f,
+        sgemm_packed(kg, j1 - j0, rows, 1.0f, w_g, b_panels, bias_first ? 1.0f : 0.0f,
                      y_g + j0, pixels);
+        if (bias != nullptr && !bias_first)
+          for (index_t ko = 0; ko < kg; ++ko) {
+            const float add = bias[g * kg + ko];
+            for (float* p = y_g + ko * pixels + j0; p != y_g + ko * pixels + j1; ++p) *p += add;
+          }
         continue;
       }
       // Into the (k/g, nb pixels) buffer, then scattered to the images with the bias.

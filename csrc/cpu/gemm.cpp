@@ -862,6 +862,8 @@ void sgemm_prepacked_a(index_t m, index_t n, index_t k, float alpha, const float
 
 int sgemm_panel_height() { return kernel().mr; }
 
+bool sgemm_single_block(index_t k) { return k <= kKC; }
+
 index_t sgemm_packed_a_floats(index_t m, index_t k) {
   const int mr = kernel().mr;
   return (m + mr - 1) / mr * mr * k;

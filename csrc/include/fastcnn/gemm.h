@@ -36,6 +36,9 @@ int sgemm_panel_width();
 void sgemm_packed(index_t m, index_t n, index_t k, float alpha, const float* a_packed,
                   const float* b_packed, float beta, float* c, index_t ldc);
 int sgemm_panel_height();
+// Whether a product of depth k sums in one block: C = beta C + acc, once per
+// element (deeper, each further block adds to C).
+bool sgemm_single_block(index_t k);
 // op(A) (m x k) packed in that layout, for a product repeated with the same A
 // (a convolution's weights over its image chunks): sgemm_packed_a_floats(m, k)
 // floats at a_packed.
