@@ -148,8 +148,9 @@ def linear(x, w, b=None):
 def linear_backward(grad_out, x, w, b=None):
     go, x, w = _f64(grad_out), _f64(x), _f64(w)
     gx = np.einsum("...o,oi->...i", go, w)
-    gw = np.einsum("no,ni->oi", go.reshape(-1, w.shape[0]), x.reshape(-1, w.shape[1]))
-    gb = go.reshape(-1, w.shape[0]).sum(axis=0) if b is not None else None
+    lead = tuple(range(x.ndim - 1))  # the batch axes (any may be 0, as may in or out)
+    gw = np.tensordot(go, x, axes=(lead, lead))
+    gb = go.sum(axis=lead) if b is not None else None
     return gx, gw, gb
 
 

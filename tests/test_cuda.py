@@ -422,7 +422,8 @@ def test_conv2d_tf32(dev, rng, tf32, case):
 # --------------------------------------------------------------------------- linear
 
 @pytest.mark.parametrize("n,fin,fout", [(1, 1, 1), (5, 7, 3), (64, 392, 64), (3, 300, 10),
-                                        (0, 5, 3), (40000, 2, 3)])  # db over 3 ranges
+                                        (0, 5, 3), (4, 0, 3), (3, 5, 0),
+                                        (40000, 2, 3)])  # db over 3 ranges
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear(dev, rng, n, fin, fout, bias):
     x, w = randn(rng, n, fin), randn(rng, fout, fin, scale=0.2)

@@ -224,6 +224,11 @@ def _linear_args(op, x, w, b):
                          f"{shape_str(w.shape)}, got {shape_str(b.shape)}")
 
 
+def _rows(x):
+    """The rows of an (*, features) array (not -1: features may be 0)."""
+    return math.prod(x.shape[:-1])
+
+
 def linear(input, weight, bias=None):
     """y = input @ weight.T + bias. input (*, in_features), weight (out, in), bias (out,)."""
     return _linear(input, weight, bias, False)
@@ -236,7 +241,7 @@ def _linear(input, weight, bias, relu):
     w = B.as_float(weight, "weight", xp)
     b = B.as_optional_float(bias, "bias", xp)
     _linear_args("linear", x, w, b)
-    x2 = x.reshape(-1, w.shape[1])
+    x2 = x.reshape(_rows(x), w.shape[1])
     y = _empty(xp, (x2.shape[0], w.shape[0]))
     if y.size:
         K.linear_forward(x2, w, b, y, relu)
@@ -258,11 +263,11 @@ def linear_backward(grad_output, input, weight, bias=None, output_mask=(True, Tr
         raise ValueError(f"linear_backward: grad_output has shape {shape_str(dy.shape)}, expected "
                          f"{shape_str(expected)}")
     want_dx, want_dw, want_db = (bool(m) for m in output_mask)
-    x2 = x.reshape(-1, w.shape[1])
+    x2 = x.reshape(_rows(x), w.shape[1])
     dx = _empty(xp, x2.shape) if want_dx else None
     dw = _empty(xp, w.shape) if want_dw else None
     db = _empty(xp, w.shape[:1]) if (want_db and b is not None) else None
-    K.linear_backward(dy.reshape(-1, w.shape[0]), x2, w, dx, dw, db)
+    K.linear_backward(dy.reshape(x2.shape[0], w.shape[0]), x2, w, dx, dw, db)
     return (None if dx is None else dx.reshape(x.shape)), dw, db
 
 
