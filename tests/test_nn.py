@@ -9,6 +9,7 @@ import pytest
 import fastcnn
 import fastcnn.functional as F
 from fastcnn import models, nn
+from conftest import randn
 from nn_reference import cross_entropy64, forward64, params64
 
 
@@ -352,6 +353,28 @@ def test_to_device():
     except ImportError:
         with pytest.raises(RuntimeError, match="CuPy"):
             model.to("cuda")
+
+
+def test_flatten_dims_as_torch(rng):
+    """start_dim / end_dim: negative from the end, out of range a ValueError naming
+    them (torch: IndexError), a 0-d input flattened to (1,); the backward restores
+    the shape."""
+    x = randn(rng, 2, 3, 4, 5)
+    for dims, shape in [((), (2, 60)), ((0,), (120,)), ((1, 2), (2, 12, 5)),
+                        ((-3, -2), (2, 12, 5)), ((3,), (2, 3, 4, 5)), ((-1, -1), (2, 3, 4, 5))]:
+        layer = nn.Flatten(*dims)
+        out = layer(x)
+        assert out.shape == shape, dims
+        assert layer.backward(out).shape == x.shape
+    for dims, name in [((4,), "start_dim"), ((-5,), "start_dim"), ((1, 4), "end_dim"),
+                       ((1, -7), "end_dim")]:
+        with pytest.raises(ValueError, match=f"{name}=-?\\d+ is out of range"):
+            nn.Flatten(*dims)(x)
+    with pytest.raises(ValueError, match="start_dim=1 is out of range"):
+        nn.Flatten()(randn(rng, 5))  # a 1-D input has no dimension 1
+    with pytest.raises(ValueError, match="after end_dim"):
+        nn.Flatten(2, 1)(x)
+    assert nn.Flatten(0)(np.float32(3.0)).shape == (1,)
 
 
 def test_layer_argument_errors():

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from .. import _backend as B
 from .. import capture
 from .. import functional as F
 from . import init
@@ -402,8 +403,9 @@ class Flatten(Module):
         self.start_dim, self.end_dim = int(start_dim), int(end_dim)
 
     def _flat_shape(self, shape):
-        ndim = len(shape)
-        start, end = self.start_dim % ndim, self.end_dim % ndim
+        ndim = len(shape)  # 0-d: flattened to (1,), as torch.flatten does
+        start = B.normalize_dim(self.start_dim, ndim, "Flatten", "start_dim")
+        end = B.normalize_dim(self.end_dim, ndim, "Flatten", "end_dim")
         if start > end:
             raise ValueError(f"Flatten: start_dim {self.start_dim} is after end_dim "
                              f"{self.end_dim} for input shape {tuple(shape)}")
