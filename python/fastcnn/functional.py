@@ -9,6 +9,7 @@ dtype rule. Every function validates its arguments first and raises
 from __future__ import annotations
 
 import math
+import numbers
 from contextlib import contextmanager
 
 import numpy as np
@@ -892,7 +893,11 @@ def _batch_norm_train_stats(K, a, x, running_mean, running_var, w, b, momentum, 
     invstd, running statistics updated in place, y normalised (or, with y
     None, scale / shift of the normalisation y = x * scale + shift)."""
     a.check_batch("batch_norm", x.shape)
-    momentum = 0.0 if momentum is None else float(momentum)
+    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"batch_norm: momentum must be a number, got {momentum!r} (a cumulative "
+                        "average, momentum=None, needs the batch count: "
+                        "nn.BatchNorm2d(momentum=None) keeps it)")
+    momentum = float(momentum)
     rm, copy_rm = _stat_buffer(running_mean, "running_mean", xp)
     rv, copy_rv = _stat_buffer(running_var, "running_var", xp)
     extra = () if scale is None else (scale, shift)  # CPU only
