@@ -235,6 +235,25 @@ def test_relu_max_pool2d_equals_relu_then_pool(cfg):
     np.testing.assert_array_equal(F.relu_max_pool2d_backward(go, x, **kw, indices=idx), want_dx)
 
 
+@pytest.mark.parametrize("kw", [  # on 2 x 8 planes: rows of windows with no tap inside
+    dict(kernel_size=(2, 3), padding=(1, 1), dilation=(3, 3), ceil_mode=True),
+    dict(kernel_size=2, stride=1, padding=1, dilation=3),
+    dict(kernel_size=(2, 2), stride=(1, 2), padding=(1, 0), dilation=(3, 1))])
+def test_relu_max_pool2d_window_wholly_in_the_padding(kw, rng):
+    """A window with no tap inside the input is -inf (index -1) in max_pool2d(relu(x)):
+    the fused op gives that too, not relu(-inf) = 0, so that a model's fused
+    training forward equals its unfused one; such a window takes no gradient."""
+    x = randn(rng, 2, 3, 2, 8)
+    want = F.max_pool2d(F.relu(x), **kw)
+    assert np.isneginf(want).any()
+    out, idx = F.relu_max_pool2d(x, **kw, return_indices=True)
+    np.testing.assert_array_equal(out, want)
+    assert (idx[np.isneginf(want)] == -1).all()
+    go = randn(rng, *want.shape)
+    want_dx = F.relu_backward(F.max_pool2d_backward(go, F.relu(x), **kw), x)
+    np.testing.assert_array_equal(F.relu_max_pool2d_backward(go, x, **kw, indices=idx), want_dx)
+
+
 def test_pool_backward_rejects_out_of_range_indices_in_the_kernel_pass():
     x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
     _, idx = F.max_pool2d(x, 2, return_indices=True)

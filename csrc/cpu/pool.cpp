@@ -166,7 +166,7 @@ namespace {
 // be null. The fast kernel takes the rows and columns whose windows lie
 // wholly inside the input; pool_argmax the rest.
 void plane_max(const PoolShape& ps, const float* plane, const InsideColumns& cols,
-               InteriorRow fast, float* out, std::int64_t* idx) {
+               InteriorRow fast, bool relu, float* out, std::int64_t* idx) {
   for (index_t oy = 0; oy < ps.oh; ++oy, out += ps.ow) {
     std::int64_t* idx_row = idx != nullptr ? idx + oy * ps.ow : nullptr;
     index_t a = 0, b = 0;  // [a, b): outputs handled by the fast kernel
@@ -177,12 +177,15 @@ void plane_max(const PoolShape& ps, const float* plane, const InsideColumns& col
         a = cols.lo;
         b = cols.hi;
         fast(ps, plane, oy, a, b, out, idx_row);
+        if (relu)
+          for (index_t ox = a; ox < b; ++ox) out[ox] = relu_value(out[ox]);
       }
     }
     for (index_t ox = 0; ox < ps.ow; ++ox) {
       if (ox == a && a < b) ox = b;
       if (ox >= ps.ow) break;
       const index_t at = pool_argmax(ps, plane, oy, ox, &out[ox]);
+      if (relu) out[ox] = relu_window_max(out[ox], at);
       if (idx_row != nullptr) idx_row[ox] = at;
     }
   }
@@ -190,13 +193,14 @@ void plane_max(const PoolShape& ps, const float* plane, const InsideColumns& col
 
 }  // namespace
 
-void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices) {
+void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices,
+                        bool relu) {
   // x: (n, c, h, w) -> y, indices: (n, c, oh, ow)
   const index_t in_plane = ps.h * ps.w, out_plane = ps.oh * ps.ow;
   const InsideColumns cols(ps);
   const InteriorRow fast = interior_kernel(ps);
   parallel_for(ps.n * ps.c, plane_grain(ps), [&](index_t pl) {
-    plane_max(ps, x + pl * in_plane, cols, fast, y + pl * out_plane,
+    plane_max(ps, x + pl * in_plane, cols, fast, relu, y + pl * out_plane,
               indices != nullptr ? indices + pl * out_plane : nullptr);
   });
 }
@@ -292,7 +296,7 @@ index_t max_pool2d_backward(const PoolShape& ps, const float* dy, const float* x
       thread_local std::vector<std::int64_t> argmax;
       values.resize(static_cast<size_t>(out_plane));
       argmax.resize(static_cast<size_t>(out_plane));
-      plane_max(ps, x + pl * in_plane, cols, fast, values.data(), argmax.data());
+      plane_max(ps, x + pl * in_plane, cols, fast, false, values.data(), argmax.data());
       idx = argmax.data();
     }
     const float* in = x + pl * in_plane;

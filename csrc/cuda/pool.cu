@@ -26,7 +26,7 @@ struct PoolForwardRows {
   const float* x;
   float* y;               // null: indices only
   std::int64_t* indices;  // null: values only
-  bool relu;              // y = relu(max); the indices stay those of x
+  bool relu;              // y = max of relu(x) (relu_window_max); the indices stay those of x
 
   FASTCNN_HD PoolForwardRow row(index_t plane) const {
     const index_t out = plane * ps.oh * ps.ow;
@@ -38,7 +38,7 @@ struct PoolForwardRows {
     const index_t oy = div_rem(o, ps.ow, &ox);
     float value;
     const index_t at = pool_argmax(ps, r.plane, oy, ox, &value);
-    if (r.y != nullptr) r.y[o] = relu ? relu_value(value) : value;
+    if (r.y != nullptr) r.y[o] = relu ? relu_window_max(value, at) : value;
     if (r.idx != nullptr) r.idx[o] = at;
   }
 };

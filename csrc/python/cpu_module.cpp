@@ -260,8 +260,7 @@ PYBIND11_MODULE(_cpu, m) {
     const fastcnn::PoolShape ps = pool_shape(x, y, kh, kw, sh, sw, ph, pw, dh, dw);
     std::int64_t* idx = opt<std::int64_t>(idx_, "indices", true, y.size());
     py::gil_scoped_release nogil;
-    fastcnn::cpu::max_pool2d_forward(ps, x.data, y.data, idx);
-    if (relu) fastcnn::cpu::relu_forward(y.size(), y.data, y.data);
+    fastcnn::cpu::max_pool2d_forward(ps, x.data, y.data, idx, relu);
   }, py::arg("input"), py::arg("output"), py::arg("indices"), py::arg("kh"), py::arg("kw"),
      py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
      py::arg("relu") = false);

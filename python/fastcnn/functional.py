@@ -395,7 +395,8 @@ def max_pool2d_backward(grad_output, input, kernel_size, stride=None, padding=0,
 
 def relu_max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                     return_indices=False):
-    """``max_pool2d(relu(input), ...)`` as one op (equal to ``relu(max_pool2d(input))``):
+    """``max_pool2d(relu(input), ...)`` as one op (``relu(max_pool2d(input))``, but -inf for
+    a window wholly in the padding, as ``max_pool2d(relu(input))`` gives there):
     the ReLU'd input is never written out. ``indices`` are those of
     ``max_pool2d(input)``; pass them, with ``input``, to
     :func:`relu_max_pool2d_backward`. fastcnn.nn.Sequential runs a ReLU

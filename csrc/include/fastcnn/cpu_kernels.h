@@ -85,7 +85,9 @@ void relu_forward(index_t count, const float* x, float* y);
 void relu_backward(index_t count, const float* dy, const float* x, bool guided, float* dx);
 
 // ---- pool.cpp: x: (n, c, h, w) -> y: (n, c, oh, ow), indices (flat h * w + w) or null
-void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices);
+// relu: y = max_pool2d(relu(x)) (relu_window_max); the indices stay those of x.
+void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices,
+                        bool relu = false);
 // dx (like x) = 0, then dy routed to each window's argmax: from `indices` when
 // given, else recomputed from x. relu: the gradient of relu(max_pool2d(x)),
 // which routes a window's gradient only where x > 0. Returns the number of

@@ -144,6 +144,13 @@ FASTCNN_HD index_t pool_argmax(const PoolShape& ps, const float* plane, index_t 
   return best_idx;
 }
 
+// max_pool2d(relu(x)) of a window from its max and argmax in x: the ReLU'd
+// maximum, but -inf (the maximum of nothing) for a window with no tap inside
+// the input (index -1), as max_pool2d of the ReLU'd input gives.
+FASTCNN_HD float relu_window_max(float value, index_t at) {
+  return at < 0 ? value : relu_value(value);
+}
+
 // Output positions [lo, hi) along one axis whose window spans input
 // coordinate `in` (o * stride - pad <= in <= o * stride - pad + (k - 1) dil);
 // with dilation a window may span `in` without a tap on it.
