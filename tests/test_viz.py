@@ -288,6 +288,31 @@ def test_grad_cam_matches_definition():
     guided = viz.guided_backprop(model, x, target)
     np.testing.assert_allclose(viz.guided_grad_cam(model, x, target), guided * up[:, None],
                                rtol=1e-5, atol=1e-7)
+    # relu=False: the signed map (Captum's LayerGradCam default); nearest resizing
+    signed = np.einsum("nk,nkhw->nhw", weights, a)
+    np.testing.assert_allclose(viz.grad_cam(model, x, target, "relu2", upsample=False,
+                                            relu=False), signed, rtol=1e-4, atol=1e-6)
+    near = viz.grad_cam(model, x, target, "relu2", interpolate="nearest")
+    np.testing.assert_allclose(near, want.repeat(2, axis=1).repeat(2, axis=2), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(viz.guided_grad_cam(model, x, target, interpolate="nearest"),
+                               guided * near[:, None], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="interpolate must be one of"):
+        viz.grad_cam(model, x, interpolate="bicubic")
+
+
+def test_nearest_resize_picks_floor_of_the_scaled_index():
+    """interpolate='nearest' as torch's interpolate(mode='nearest'): output pixel i
+    takes the map's pixel floor(i * in / out), also when shrinking."""
+    from fastcnn.viz.attribution import _upsample
+
+    m = np.arange(5 * 7, dtype=np.float32).reshape(1, 5, 7)
+    for size in [(13, 9), (5, 7), (3, 4), (10, 14)]:
+        rows = [min(int(np.floor(np.float32(i) * np.float32(5 / size[0]))), 4)
+                for i in range(size[0])]
+        cols = [min(int(np.floor(np.float32(j) * np.float32(7 / size[1]))), 6)
+                for j in range(size[1])]
+        np.testing.assert_array_equal(_upsample(m, size, "nearest"), m[:, rows][:, :, cols])
 
 
 def test_upsample_bilinear_matches_pixel_formula():
@@ -297,14 +322,77 @@ def test_upsample_bilinear_matches_pixel_formula():
                                    rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------- SmoothGrad
+
+def smooth_grad_reference(model, x, target, method, nt_type, n_samples, scale, seed):
+    """Every noisy copy one at a time through viz.gradient (checked against finite
+    differences above), aggregated in float64 as Captum's NoiseTunnel does."""
+    noise = np.random.default_rng(seed).standard_normal((n_samples,) + x.shape[1:],
+                                                        dtype=np.float32)
+    out = []
+    for i in range(len(x)):
+        a = np.stack([viz.gradient(model, x[i] + np.float32(scale[i]) * noise[s],
+                                   int(target[i]), guided=method == "guided")
+                      for s in range(n_samples)]).astype(np.float64)
+        if method == "saliency":
+            a = np.abs(a)
+        mean, sq = a.mean(axis=0), (a * a).mean(axis=0)
+        agg = {"smoothgrad": mean, "smoothgrad_sq": sq, "vargrad": sq - mean * mean}[nt_type]
+        out.append(agg.max(axis=0) if method == "saliency" else agg)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradient", "guided"])
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+@pytest.mark.parametrize("noise", ["sigma", "stdev"])
+def test_smooth_grad_matches_noisy_copies(method, nt_type, noise):
+    """The aggregate of the per-copy attributions (saliency: |gradient| per channel,
+    aggregated, then the channel max), the noise relative to each image's range
+    (sigma) or absolute (stdev), whatever the batch size."""
+    model = small_cnn()
+    x = images(3)
+    x[1] *= 3.0  # another range: another noise scale under sigma
+    target = np.array([1, 4, 0])
+    kwargs = dict(sigma=0.2) if noise == "sigma" else dict(stdev=0.3)
+    span = x.reshape(3, -1).max(axis=1) - x.reshape(3, -1).min(axis=1)
+    scale = 0.2 * span if noise == "sigma" else np.full(3, 0.3)
+    want = smooth_grad_reference(model, x, target, method, nt_type, 4, scale, seed=5)
+    for batch_size in (1, 5, 64):
+        got = viz.smooth_grad(model, x, target, method=method, nt_type=nt_type, n_samples=4,
+                              batch_size=batch_size, seed=5, **kwargs)
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7, err_msg=str(batch_size))
+
+
+def test_smooth_grad_arguments():
+    model = small_cnn()
+    x = images(2)
+    with pytest.raises(ValueError, match="not both"):
+        viz.smooth_grad(model, x, sigma=0.1, stdev=0.1)
+    with pytest.raises(ValueError, match="nt_type"):
+        viz.smooth_grad(model, x, nt_type="mean")
+    for bad, name in [(2.5, "n_samples"), ("3", "n_samples"), (True, "n_samples"),
+                      (0, "n_samples"), (1.5, "batch_size")]:
+        with pytest.raises((TypeError, ValueError), match=name):
+            viz.smooth_grad(model, x, **{name: bad})
+    for bad, name in [("a", "sigma"), (-0.1, "sigma"), (float("nan"), "stdev")]:
+        with pytest.raises((TypeError, ValueError), match=name):
+            viz.smooth_grad(model, x, **{name: bad})
+    # an empty batch: an empty result
+    assert viz.smooth_grad(model, x[:0]).shape == (0, 8, 8)
+    assert viz.smooth_grad(model, x[:0], method="gradient").shape == (0, 2, 8, 8)
+
+
 # ---------------------------------------------------------------- occlusion
 
 def occlusion_brute_force(model, image, target, window, stride, fill):
-    """One occluded image per forward pass."""
+    """One occluded image per forward pass; Captum's windows: corners 0, s, 2s, ...
+    while the one before has not reached the edge (the last one clipped there),
+    none starting past it."""
     c, h, w = image.shape
     base = model(image[None])[0].astype(np.float64)
-    ys = range(0, h - window[0] + 1, stride[0])
-    xs = range(0, w - window[1] + 1, stride[1])
+    ys = [y for y in range(0, h, stride[0]) if y == 0 or y - stride[0] + window[0] < h]
+    xs = [x for x in range(0, w, stride[1]) if x == 0 or x - stride[1] + window[1] < w]
     logit = np.zeros((len(ys), len(xs)))
     prob = np.zeros_like(logit)
     pred = np.zeros(logit.shape, np.int64)
@@ -329,6 +417,8 @@ def occlusion_brute_force(model, image, target, window, stride, fill):
     (small_cnn, 8, (2, 3), (1, 2), "image"),
     (odd_cnn, 11, (3, 2), (1, 1), -1.0),
     (odd_cnn, 11, (4, 4), (3, 2), "image"),
+    (odd_cnn, 11, (3, 3), (3, 3), 0.5),     # 11 - 3 = 8 rows: a clipped window at 9
+    (small_cnn, 8, (3, 2), (2, 4), "image"),   # a stride above the window: gaps
 ])
 def test_occlusion_matches_brute_force(build, size, window, stride, fill, incremental):
     model = build()
@@ -529,3 +619,33 @@ def test_errors_name_the_problem():
         viz.smooth_grad(model, x, method="occlusion")
     with pytest.raises(ValueError, match="not a Conv2d"):
         viz.filters(model, "bn1")
+    with pytest.raises(ValueError, match="position must be"):
+        viz.gradient(model, x, layer="relu1", channel=0, position=(1.7, 2.2))
+    for fill in ("zero", None):
+        with pytest.raises(TypeError, match="fill"):
+            viz.occlusion(model, x, fill=fill)
+    with pytest.raises(TypeError, match="batch_size"):
+        viz.occlusion(model, x, batch_size=2.5)
+    with pytest.raises(ValueError, match="empty list"):
+        viz.feature_maps(model, x, [])
+    with pytest.raises(ValueError, match="not one of this Sequential"):
+        viz.grad_cam(model, x, layer=nn.ReLU())
+
+
+def test_layers_given_as_modules_and_empty_batches():
+    """layer= takes the layer itself (Captum's way) as well as a name or index; an
+    empty batch gives empty results."""
+    model = small_cnn()
+    x = images(2)
+    np.testing.assert_array_equal(viz.grad_cam(model, x, layer=model["relu1"]),
+                                  viz.grad_cam(model, x, layer="relu1"))
+    np.testing.assert_array_equal(viz.feature_maps(model, x, model["conv2"]),
+                                  viz.feature_maps(model, x, "conv2"))
+    np.testing.assert_array_equal(
+        viz.guided_backprop(model, x, layer=model["relu2"], channel=1, position="max"),
+        viz.guided_backprop(model, x, layer="relu2", channel=1, position="max"))
+    empty = x[:0]
+    assert viz.saliency(model, empty).shape == (0, 8, 8)
+    r = viz.occlusion(model, empty, window=3, stride=2)
+    assert r.heatmap.shape == (0, 8, 8) and r.logit.shape == (0, 4, 4)
+    assert r.target.shape == (0,) and r.predicted.shape == (0, 4, 4)

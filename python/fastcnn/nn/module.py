@@ -494,7 +494,8 @@ class Sequential(Module):
         return self._modules[self.names[self.index(key)]]
 
     def index(self, key):
-        """Position of the layer ``key`` (an int, negative allowed, or a name)."""
+        """Position of the layer ``key``: an int (negative allowed), a name, or the
+        layer itself (one of this Sequential's modules, as Captum takes layers)."""
         names = self.names
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
             if not -len(names) <= key < len(names):
@@ -502,6 +503,12 @@ class Sequential(Module):
             return int(key) % len(names)
         if isinstance(key, str) and key in self._modules:
             return names.index(key)
+        if isinstance(key, Module):
+            for i, layer in enumerate(self._modules.values()):
+                if layer is key:
+                    return i
+            raise KeyError(f"the layer {key!r} is not one of this Sequential's; layers are "
+                           f"{names}")
         raise KeyError(f"no layer {key!r}; layers are {names}")
 
     # ------------------------------------------------------------ computation

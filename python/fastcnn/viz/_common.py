@@ -100,11 +100,11 @@ def score_seed(logits, target, score):
 
 
 def layer_name(model, layer, op):
-    """The name of layer ``layer`` (a name or an index) of ``model``."""
+    """The name of layer ``layer`` (a name, an index or the layer itself) of ``model``."""
     try:
         return model.names[model.index(layer)]
     except (KeyError, IndexError) as exc:
-        raise ValueError(f"{op}: no layer {layer!r}; the layers are {model.names}") from exc
+        raise ValueError(f"{op}: {exc.args[0]}") from exc
 
 
 def default_cam_layer(model, op):

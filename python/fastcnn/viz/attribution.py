@@ -59,11 +59,12 @@ def _neuron_seed(activation, channel, position, op):
         flat = xp.argmax(activation[:, channel].reshape(n, -1), axis=1)
         seed[xp.arange(n), channel, flat // shape[3], flat % shape[3]] = 1.0
     else:
-        try:
-            y, x = (int(v) for v in position)
-        except (TypeError, ValueError):
-            raise ValueError(f"{op}: position must be None, 'max' or (y, x), got "
-                             f"{position!r}") from None
+        pair = tuple(position) if isinstance(position, (tuple, list)) else ()
+        if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and
+                                     not isinstance(v, (bool, np.bool_)) for v in pair):
+            raise ValueError(f"{op}: position must be None, 'max' or (y, x) with int y and x, "
+                             f"got {position!r}")
+        y, x = (int(v) for v in pair)
         if not (0 <= y < shape[2] and 0 <= x < shape[3]):
             raise ValueError(f"{op}: position {(y, x)} is outside the layer's "
                              f"{shape[2]}x{shape[3]} map")
@@ -162,7 +163,35 @@ def upsample_bilinear(maps, size):
     return xp.matmul(xp.matmul(rows, maps), cols.T)
 
 
-def _cam(model, x, target, layer, score, op):
+def _nearest_sources(size_in, size_out):
+    """Source index of each output of a nearest-neighbour resize, as torch's
+    ``interpolate(mode='nearest')``: floor(i * in / out), the scale in float32."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    src = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, size_in - 1)
+
+
+_INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def _check_interpolate(mode, op):
+    if not isinstance(mode, str) or mode not in _INTERPOLATIONS:
+        raise ValueError(f"{op}: interpolate must be one of {_INTERPOLATIONS}, got {mode!r}")
+
+
+def _upsample(maps, size, mode):
+    """(..., h, w) maps resized to ``size`` by ``mode``: 'bilinear' (upsample_bilinear)
+    or 'nearest' (each output pixel the map's value at floor(i * h / H), as torch's and
+    Captum's 'nearest')."""
+    if mode == "bilinear":
+        return upsample_bilinear(maps, size)
+    xp = B.array_module(maps)
+    rows = xp.asarray(_nearest_sources(maps.shape[-2], int(size[0])))
+    cols = xp.asarray(_nearest_sources(maps.shape[-1], int(size[1])))
+    return xp.ascontiguousarray(maps[..., rows[:, None], cols[None, :]])
+
+
+def _cam(model, x, target, layer, score, op, relu=True):
     """Grad-CAM at layer-resolution (N, h, w) and the logits; leaves the forward and
     the plain backward's records on the model."""
     check_score(score, op)
@@ -179,83 +208,139 @@ def _cam(model, x, target, layer, score, op):
     xp = B.array_module(activation)
     weights = grad.mean(axis=(2, 3))                               # (N, K)
     cam = xp.einsum("nk,nkhw->nhw", weights, activation)
-    return xp.maximum(cam, 0.0), logits, t
+    return (xp.maximum(cam, 0.0) if relu else cam), logits, t
 
 
-def grad_cam(model, x, target=None, layer=None, *, score="logit", upsample=True, train=False):
+def grad_cam(model, x, target=None, layer=None, *, score="logit", upsample=True,
+             interpolate="bilinear", relu=True, train=False):
     """Grad-CAM (Selvaraju et al.) for a conv layer (default: the last conv block's
     output, e.g. 'relu2').
 
     With A the layer's output (K maps) and g the gradient of the target score at it:
-    w_k = mean over space of g_k, map = ReLU(sum_k w_k A_k), upsampled bilinearly to
-    the input's size (``upsample=False``: at the layer's resolution).
-    Returns (H, W) for one image, (N, H, W) for a batch.
+    w_k = mean over space of g_k, map = ReLU(sum_k w_k A_k) (``relu=False``: the signed
+    sum, as Captum's LayerGradCam by default), resized to the input's size by
+    ``interpolate`` ('bilinear' or 'nearest'; ``upsample=False``: at the layer's
+    resolution). Returns (H, W) for one image, (N, H, W) for a batch.
     """
-    x, single, _ = as_input(model, x, "grad_cam")
+    op = "grad_cam"
+    x, single, _ = as_input(model, x, op)
+    _check_interpolate(interpolate, op)
     with preserved(model, train):
-        cam, _, _ = _cam(model, x, target, layer, score, "grad_cam")
+        cam, _, _ = _cam(model, x, target, layer, score, op, bool(relu))
     if upsample:
-        cam = upsample_bilinear(cam, x.shape[2:])
+        cam = _upsample(cam, x.shape[2:], interpolate)
     return unbatch(cam, single)
 
 
-def guided_grad_cam(model, x, target=None, layer=None, *, score="logit", train=False):
-    """Guided Grad-CAM: guided backpropagation times the upsampled Grad-CAM map, per
-    pixel and channel. Signed, shaped like x."""
-    x, single, _ = as_input(model, x, "guided_grad_cam")
+def guided_grad_cam(model, x, target=None, layer=None, *, score="logit",
+                    interpolate="bilinear", train=False):
+    """Guided Grad-CAM: guided backpropagation times the Grad-CAM map resized to the
+    input by ``interpolate`` ('bilinear', or 'nearest' as Captum's GuidedGradCam
+    by default), per pixel and channel. Signed, shaped like x."""
+    op = "guided_grad_cam"
+    x, single, _ = as_input(model, x, op)
+    _check_interpolate(interpolate, op)
     with preserved(model, train):
-        cam, logits, t = _cam(model, x, target, layer, score, "guided_grad_cam")
+        cam, logits, t = _cam(model, x, target, layer, score, op)
         guided = model.backward(score_seed(logits, t, score), guided=True, param_grads=False)
-    cam = upsample_bilinear(cam, x.shape[2:])
+    cam = _upsample(cam, x.shape[2:], interpolate)
     return unbatch(guided * cam[:, None], single)
 
 
 # ---------------------------------------------------------------- SmoothGrad
 
 _SMOOTH_METHODS = ("saliency", "gradient", "guided")
+_NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma=0.15,
-                batch_size=128, seed=0, score="logit", train=False):
-    """SmoothGrad (Smilkov et al.): ``method`` averaged over ``n_samples`` noisy copies.
+def _count_arg(value, name, op):
+    """A positive int argument (a count or a batch size): bools, floats and strings
+    are a TypeError, not truncated."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{op}: {name} must be >= 1, got {value}")
+    return int(value)
 
-    method: 'saliency' (the mean saliency map, (H, W)), 'gradient' (the mean signed
-    gradient, shaped like x) or 'guided' (the mean guided backpropagation).
-    sigma: the noise's standard deviation as a fraction of each image's range
-    (max - min). The copies go through the model ``batch_size`` at a time. The
-    noise is drawn from ``seed`` once, (n_samples, C, H, W), and scaled per image,
-    so an image gets the same result alone or in any batch. ``target`` defaults to
-    the prediction on the clean image.
+
+def _real_arg(value, name, op):
+    """A finite, non-negative real number argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise TypeError(f"{op}: {name} must be a number, got {value!r}")
+    if not 0 <= float(value) < np.inf:
+        raise ValueError(f"{op}: {name} must be finite and >= 0, got {value}")
+    return float(value)
+
+
+def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma=None,
+                stdev=None, nt_type="smoothgrad", batch_size=128, seed=0, score="logit",
+                train=False):
+    """SmoothGrad (Smilkov et al.): ``method``'s attribution over ``n_samples`` noisy
+    copies of each image, aggregated by ``nt_type``, as Captum's NoiseTunnel.
+
+    method: 'gradient' (the signed gradient), 'guided' (guided backpropagation), both
+    shaped like x, or 'saliency': |gradient| per channel, aggregated, then the max over
+    channels ((H, W); Captum's NoiseTunnel(Saliency) followed by that max).
+    nt_type: 'smoothgrad' (the mean), 'smoothgrad_sq' (the mean of the squares) or
+    'vargrad' (their variance: mean of squares minus the squared mean).
+    Noise: Gaussian, with standard deviation ``stdev`` (absolute, in the input's units,
+    as Captum's ``stdevs``) or ``sigma`` times each image's range (max - min; the
+    paper's noise level; the default, 0.15, when neither is given; an image of one
+    value then gets no noise). The copies go through the model ``batch_size`` at a
+    time. The noise is drawn from ``seed`` once, (n_samples, C, H, W), and scaled per
+    image, and the samples are summed in order, so an image gets the same result
+    alone or in any batch. ``target`` defaults to the prediction on the clean image.
     """
     op = "smooth_grad"
     x, single, xp = as_input(model, x, op)
     check_score(score, op)
-    if method not in _SMOOTH_METHODS:
+    if not isinstance(method, str) or method not in _SMOOTH_METHODS:
         raise ValueError(f"{op}: method must be one of {_SMOOTH_METHODS}, got {method!r}")
-    if int(n_samples) < 1 or int(batch_size) < 1:
-        raise ValueError(f"{op}: n_samples and batch_size must be >= 1, got {n_samples} "
-                         f"and {batch_size}")
-    if not float(sigma) >= 0:
-        raise ValueError(f"{op}: sigma must be >= 0, got {sigma}")
-    n_samples, batch_size = int(n_samples), int(batch_size)
+    if not isinstance(nt_type, str) or nt_type not in _NT_TYPES:
+        raise ValueError(f"{op}: nt_type must be one of {_NT_TYPES}, got {nt_type!r}")
+    n_samples = _count_arg(n_samples, "n_samples", op)
+    batch_size = _count_arg(batch_size, "batch_size", op)
     n = x.shape[0]
-    noise = np.random.default_rng(seed).standard_normal((n_samples,) + x.shape[1:],
-                                                        dtype=np.float32)
-    noise = xp.asarray(noise)
-    scale = (float(sigma) * (x.reshape(n, -1).max(axis=1) - x.reshape(n, -1).min(axis=1)))
+    if stdev is not None:
+        if sigma is not None:
+            raise ValueError(f"{op}: give the noise as sigma (relative to each image's "
+                             f"range) or stdev (absolute), not both")
+        scale = xp.full(n, _real_arg(stdev, "stdev", op), np.float32)
+    else:
+        sigma = 0.15 if sigma is None else _real_arg(sigma, "sigma", op)
+        flat = x.reshape(n, x[0].size) if n else None
+        scale = sigma * (flat.max(axis=1) - flat.min(axis=1)) if n else xp.zeros(0)
+    noise = xp.asarray(np.random.default_rng(seed).standard_normal(
+        (n_samples,) + x.shape[1:], dtype=np.float32))
+    total = xp.zeros(x.shape, np.float64)
+    squares = None if nt_type == "smoothgrad" else xp.zeros(x.shape, np.float64)
     with preserved(model, train):
-        logits = model.forward(x)
-        check_logits(logits, op)
-        t = resolve_targets(target, logits, op)
-        results = []
-        for start in range(0, n * n_samples, batch_size):
-            index = np.arange(start, min(start + batch_size, n * n_samples))
-            image, sample = xp.asarray(index // n_samples), xp.asarray(index % n_samples)
-            noisy = x[image] + scale[image][:, None, None, None] * noise[sample]
-            grad, _, _ = _class_backward(model, noisy, t[image], score, method == "guided", op)
-            results.append(xp.abs(grad).max(axis=1) if method == "saliency" else grad)
-    mean = xp.concatenate(results).reshape((n, n_samples) + results[0].shape[1:]).mean(axis=1)
-    return unbatch(mean, single)
+        if n:
+            logits = model.forward(x)
+            check_logits(logits, op)
+            t = resolve_targets(target, logits, op)
+        for first in range(0, n * n_samples, batch_size):
+            index = np.arange(first, min(first + batch_size, n * n_samples))
+            image, sample = index // n_samples, index % n_samples
+            noisy = x[xp.asarray(image)] + (scale[xp.asarray(image)][:, None, None, None] *
+                                            noise[xp.asarray(sample)])
+            grad, _, _ = _class_backward(model, noisy, t[xp.asarray(image)], score,
+                                         method == "guided", op)
+            values = (xp.abs(grad) if method == "saliency" else grad).astype(np.float64)
+            for row, i in enumerate(image):  # each image's samples in order, whatever the batch
+                total[i] += values[row]
+                if squares is not None:
+                    squares[i] += values[row] * values[row]
+    mean = total / n_samples
+    if nt_type == "smoothgrad_sq":
+        mean = squares / n_samples
+    elif nt_type == "vargrad":
+        mean = squares / n_samples - mean * mean
+    out = mean.astype(np.float32)
+    if method == "saliency":
+        out = out.max(axis=1)
+    return unbatch(out, single)
 
 
 # ---------------------------------------------------------------- occlusion
@@ -270,10 +355,11 @@ class OcclusionResult:
       image's (positive = the window hid evidence for the target);
     predicted: the predicted class with the window at each position;
     heatmap, logit_heatmap: drop and logit_drop at each pixel, averaged over the
-      windows covering it (0 where none does);
+      windows covering it (0 where none does); logit_heatmap is Captum's Occlusion
+      attribution of the logit with the same window, stride and baseline;
     base_probability, base_logit: the unoccluded image's; target: the class scored;
     window, stride: (height, width) pairs; positions: (ys, xs), the windows' top-left
-      corners along each axis.
+      corners along each axis (the last windows may be clipped at the image's edge).
     """
 
     probability: object
@@ -469,7 +555,11 @@ def _pair_arg(value, name, op):
 
 def _fill_images(fill, x, xp, op):
     """The replacement pixels, (N, C, H, W): a value, an image or one image per sample."""
+    if fill is None or isinstance(fill, (str, bytes)):
+        raise TypeError(f"{op}: fill must be a number or an image array, got {fill!r}")
     if np.ndim(fill) == 0 and not B.is_gpu_array(fill):
+        if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, (int, float, np.number)):
+            raise TypeError(f"{op}: fill must be a number or an image array, got {fill!r}")
         fill = xp.full(x.shape[1:], float(fill), np.float32)
     fill = B.as_float(fill, "fill", xp)
     if fill.shape == x.shape[1:]:
@@ -482,14 +572,17 @@ def _fill_images(fill, x, xp, op):
 
 
 def _window_average(values, ys, xs, window, size, xp):
-    """Each pixel's mean of ``values`` (N, PH, PW) over the windows covering it."""
+    """Each pixel's mean of ``values`` (N, PH, PW) over the windows covering it (the
+    windows at (ys, xs), clipped at the image's edge)."""
     n = values.shape[0]
     total = xp.zeros((n,) + tuple(size), np.float32)
     count = np.zeros(tuple(size), np.float32)
     for dy in range(window[0]):
+        in_y = ys + dy < size[0]
         for dx in range(window[1]):
-            rows, cols = ys[:, None] + dy, xs[None, :] + dx
-            total[:, xp.asarray(rows), xp.asarray(cols)] += values
+            in_x = xs + dx < size[1]
+            rows, cols = (ys[in_y] + dy)[:, None], (xs[in_x] + dx)[None, :]
+            total[:, xp.asarray(rows), xp.asarray(cols)] += values[:, in_y][:, :, in_x]
             count[rows, cols] += 1
     count = xp.asarray(count)
     return xp.where(count > 0, total / xp.maximum(count, 1), 0.0).astype(np.float32)
@@ -500,8 +593,11 @@ def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size
     """Occlusion sensitivity (Zeiler & Fergus): slide a window over the image, replace
     the pixels under it by ``fill`` and score the target class at every position.
 
-    window, stride: an int or (height, width); windows lie inside the image, their
-    top-left corners at 0, stride, 2*stride, ... (PH = (H - window) // stride + 1).
+    window, stride: an int or (height, width); the windows' top-left corners at 0,
+    stride, 2*stride, ... until a window reaches the image's far edge, the last ones
+    clipped there (PH = ceil((H - window) / stride) + 1), as Captum's Occlusion: every
+    pixel is covered when stride <= window (a larger stride leaves gaps, 0 in the
+    heatmaps).
     fill: a value (in the model's input units: 0.0 is the mean pixel for standardised
     input), a baseline image (C, H, W), or one per sample (N, C, H, W).
     batch_size: occluded copies per forward pass.
@@ -515,31 +611,45 @@ def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size
     x, single, xp = as_input(model, x, op)
     window = _pair_arg(window, "window", op)
     stride = _pair_arg(stride, "stride", op)
-    if int(batch_size) < 1:
-        raise ValueError(f"{op}: batch_size must be >= 1, got {batch_size}")
-    batch_size = int(batch_size)
+    batch_size = _count_arg(batch_size, "batch_size", op)
     n, c, h, w = x.shape
     if window[0] > h or window[1] > w:
         raise ValueError(f"{op}: window {window} is larger than the {h}x{w} image")
     fills = _fill_images(fill, x, xp, op)
-    ys = np.arange(0, h - window[0] + 1, stride[0])
-    xs = np.arange(0, w - window[1] + 1, stride[1])
-    corner_y, corner_x = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
-    positions = len(corner_y)
+    # Corners up to the first window that reaches the edge (a clipped last one).
+    # (A stride above the window leaves gaps, and no window starts past the edge.)
+    ys = np.arange(0, min(h - window[0] + stride[0], h), stride[0])
+    xs = np.arange(0, min(w - window[1] + stride[1], w), stride[1])
+    start_y, start_x = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
+    positions = len(start_y)
+    # A clipped window is a whole one moved back inside the image, whose first
+    # rows / columns (``keep``) keep the image's pixels.
+    corner_y, corner_x = np.minimum(start_y, h - window[0]), np.minimum(start_x, w - window[1])
+    keep = ((np.arange(window[0])[None, :, None] < (start_y - corner_y)[:, None, None]) |
+            (np.arange(window[1])[None, None, :] < (start_x - corner_x)[:, None, None]))
+    keep = xp.asarray(keep[:, None]) if keep.any() else None
     base, logits = [], []
     with preserved(model, train):
         plan = _OcclusionPlan(model, incremental)
+        if n == 0:  # an empty batch: empty results (the model gives the classes)
+            empty = model.forward(x)
+            check_logits(empty, op)
         for i in range(n):
             base_logits = plan.set_image(x[i])
             check_logits(base_logits, op)
             base.append(base_logits[0])
             patches = _windows(fills[i], corner_y, corner_x, *window)
+            if keep is not None:
+                patches = xp.where(keep, _windows(x[i], corner_y, corner_x, *window), patches)
             logits.append(xp.concatenate([
                 plan.logits(patches[lo:lo + batch_size], corner_y[lo:lo + batch_size],
                             corner_x[lo:lo + batch_size])
                 for lo in range(0, positions, batch_size)]))
-    logits = xp.stack(logits)                                       # (N, positions, classes)
-    base = xp.stack(base)
+    if n:
+        logits = xp.stack(logits)                                   # (N, positions, classes)
+        base = xp.stack(base)
+    else:
+        base, logits = empty, xp.zeros((0, positions, empty.shape[1]), np.float32)
     t = resolve_targets(target, base, op)
     rows = xp.arange(n)
     base_logit = base[rows, t]

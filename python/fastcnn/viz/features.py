@@ -13,7 +13,7 @@ __all__ = ["feature_maps", "conv_layers", "filters", "filter_images"]
 def feature_maps(model, x, layer=None, *, train=False):
     """The output of ``layer`` for input ``x`` (one image (C, H, W) or a batch).
 
-    layer: a name or index -> that layer's output ((C, h, w) for one image,
+    layer: a name, index or the layer itself -> that layer's output ((C, h, w) for one image,
     (N, C, h, w) for a batch; (features,) / (N, features) after Flatten);
     a list of them -> an OrderedDict name -> output; None -> every layer's output.
     The forward pass stops at the last layer asked for.
@@ -23,6 +23,9 @@ def feature_maps(model, x, layer=None, *, train=False):
     if layer is None:
         names = model.names
     elif isinstance(layer, (list, tuple)):
+        if not layer:
+            raise ValueError(f"{op}: layer is an empty list; give layer names or indices, or "
+                             f"None for every layer")
         names = [layer_name(model, item, op) for item in layer]
     else:
         names = [layer_name(model, layer, op)]
