@@ -1,0 +1,150 @@
+"""fastcnn.viz against Captum on the same model and weights (torch in float64).
+Skipped when torch or Captum is not installed; tests/test_viz.py checks every
+method against its definition without them."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from fastcnn import nn, viz
+
+torch = pytest.importorskip("torch")
+captum_attr = pytest.importorskip("captum.attr")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+tnn = torch.nn
+
+
+def _copy(param, array):
+    with torch.no_grad():
+        param.copy_(torch.from_numpy(np.asarray(array, dtype=np.float64)))
+
+
+def to_torch(model):
+    """The same layers and weights as a float64 torch Sequential, in eval mode."""
+    layers = []
+    for name, layer in model.named_children():
+        if isinstance(layer, nn.Conv2d):
+            t = tnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                           layer.stride, layer.padding, layer.dilation, layer.groups,
+                           bias=layer.bias is not None).double()
+            _copy(t.weight, layer.weight.data)
+            if layer.bias is not None:
+                _copy(t.bias, layer.bias.data)
+        elif isinstance(layer, nn.Linear):
+            t = tnn.Linear(layer.in_features, layer.out_features).double()
+            _copy(t.weight, layer.weight.data)
+            _copy(t.bias, layer.bias.data)
+        elif isinstance(layer, nn.BatchNorm2d):
+            t = tnn.BatchNorm2d(layer.num_features, eps=layer.eps).double()
+            for attr in ("running_mean", "running_var"):
+                _copy(getattr(t, attr), getattr(layer, attr))
+            _copy(t.weight, layer.weight.data)
+            _copy(t.bias, layer.bias.data)
+        elif isinstance(layer, nn.ReLU):
+            t = tnn.ReLU()
+        elif isinstance(layer, nn.MaxPool2d):
+            t = tnn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                              ceil_mode=layer.ceil_mode)
+        elif isinstance(layer, nn.Flatten):
+            t = tnn.Flatten()
+        else:
+            raise TypeError(type(layer))
+        layers.append((name, t))
+    return tnn.Sequential(OrderedDict(layers)).eval()
+
+
+def cnn(seed, channels=3, size=(11, 9)):
+    """conv (padded) - BN - ReLU - pool - conv - ReLU - fc, with batch-norm
+    statistics that are not the identity."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    h1, w1 = (h + 2 - 3) // 1 + 1, (w + 2 - 3) // 1 + 1
+    h2, w2 = (h1 - 2) // 2 + 1, (w1 - 2) // 2 + 1
+    model = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(channels, 6, 3, padding=1, rng=rng)),
+        ("bn1", nn.BatchNorm2d(6)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(6, 8, 3, padding=1, rng=rng)), ("relu2", nn.ReLU()),
+        ("flatten", nn.Flatten()), ("fc", nn.Linear(8 * h2 * w2, 5, rng=rng))]))
+    bn = model["bn1"]
+    bn.running_mean[...] = rng.normal(0, 0.2, 6)
+    bn.running_var[...] = rng.uniform(0.5, 1.5, 6)
+    bn.weight.data[...] = rng.uniform(0.5, 1.5, 6)
+    bn.bias.data[...] = rng.normal(0, 0.1, 6)
+    return model.eval()
+
+
+def inputs(seed, n=3, channels=3, size=(11, 9)):
+    return np.random.default_rng(seed).standard_normal((n, channels) + size).astype(np.float32)
+
+
+def attr(method, x, **kwargs):
+    return method.attribute(torch.from_numpy(x.astype(np.float64)), **kwargs).detach().numpy()
+
+
+def close(got, want, rtol=1e-4, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol,
+                               atol=atol * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradients_vs_captum(seed):
+    model, x = cnn(seed), inputs(seed)
+    tm, target = to_torch(model), [0, 3, 1]
+    np.testing.assert_allclose(model(x), tm(torch.from_numpy(x.astype(np.float64)))
+                               .detach().numpy(), rtol=1e-4, atol=1e-5)
+    close(viz.gradient(model, x, target),
+          attr(captum_attr.Saliency(tm), x, target=target, abs=False))
+    close(viz.saliency(model, x, target),
+          attr(captum_attr.Saliency(tm), x, target=target).max(axis=1))
+    close(viz.guided_backprop(model, x, target),
+          attr(captum_attr.GuidedBackprop(tm), x, target=target))
+
+
+@pytest.mark.parametrize("layer", ["relu1", "conv2", "relu2"])
+def test_grad_cam_vs_captum(layer):
+    model, x = cnn(2), inputs(2)
+    tm, target = to_torch(model), [4, 0, 2]
+    cam = captum_attr.LayerGradCam(tm, tm[model.index(layer)])
+    signed = attr(cam, x, target=target)                          # (N, 1, h, w)
+    rectified = attr(cam, x, target=target, relu_attributions=True)
+    close(viz.grad_cam(model, x, target, layer, upsample=False, relu=False), signed[:, 0])
+    close(viz.grad_cam(model, x, target, layer, upsample=False), rectified[:, 0])
+    for mode in ("bilinear", "nearest"):
+        up = captum_attr.LayerAttribution.interpolate(torch.from_numpy(rectified), x.shape[2:],
+                                                      interpolate_mode=mode).numpy()
+        close(viz.grad_cam(model, x, target, model[layer], interpolate=mode), up[:, 0])
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_guided_grad_cam_vs_captum(mode):
+    model, x = cnn(3), inputs(3)
+    tm, target = to_torch(model), [1, 1, 4]
+    want = attr(captum_attr.GuidedGradCam(tm, tm[model.index("relu1")]), x, target=target,
+                interpolate_mode=mode)
+    close(viz.guided_grad_cam(model, x, target, "relu1", interpolate=mode), want)
+
+
+@pytest.mark.parametrize("size,window,stride", [
+    ((11, 9), (3, 3), (1, 1)),
+    ((11, 9), (3, 3), (3, 3)),      # 8 and 6 rows / columns left: clipped last windows
+    ((11, 9), (4, 2), (3, 2)),
+    ((11, 9), (11, 4), (1, 3)),     # a window the image's height
+])
+@pytest.mark.parametrize("fill", ["zero", "image"])
+def test_occlusion_vs_captum(size, window, stride, fill):
+    """logit_heatmap is Captum's Occlusion attribution of the logit (the window over
+    every channel); heatmap is the same for the softmax probability."""
+    model, x = cnn(4, size=size), inputs(4, size=size)
+    tm, target = to_torch(model), [2, 0, 3]
+    base = (np.zeros(x.shape[1:], np.float32) if fill == "zero"
+            else inputs(9, n=1, size=size)[0])
+    r = viz.occlusion(model, x, target, window=window, stride=stride, fill=base, batch_size=17)
+    kwargs = dict(target=target, sliding_window_shapes=(x.shape[1],) + window,
+                  strides=(x.shape[1],) + stride,
+                  baselines=torch.from_numpy(base.astype(np.float64)))
+    want = attr(captum_attr.Occlusion(tm), x, **kwargs)
+    close(r.logit_heatmap, want[:, 0], rtol=1e-4, atol=1e-5)
+    probs = tnn.Sequential(tm, tnn.Softmax(dim=1))
+    close(r.heatmap, attr(captum_attr.Occlusion(probs), x, **kwargs)[:, 0], rtol=1e-4,
+          atol=1e-5)
