@@ -171,9 +171,10 @@ class SGD(Optimizer):
 
     As torch.optim.SGD: g = grad + wd * p; buf = momentum * buf + (1 - dampening) * g
     (buf = g on the first step); g = g + momentum * buf (nesterov) or buf; p -= lr * g.
+    The default lr is torch's (1e-3).
     """
 
-    def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0,
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum needs momentum > 0 and dampening 0")
