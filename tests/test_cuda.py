@@ -1366,7 +1366,11 @@ class TestModelsOnGpu:
             "guided_backprop": lambda m, a: viz.guided_backprop(m, a),
             "grad_cam": lambda m, a: viz.grad_cam(m, a),
             "guided_grad_cam": lambda m, a: viz.guided_grad_cam(m, a),
+            "grad_cam_nearest": lambda m, a: viz.grad_cam(m, a, relu=False,
+                                                          interpolate="nearest"),
             "smooth_grad": lambda m, a: viz.smooth_grad(m, a, n_samples=4, seed=3),
+            "vargrad": lambda m, a: viz.smooth_grad(m, a, method="gradient", n_samples=3,
+                                                    stdev=0.2, nt_type="vargrad"),
             "feature_maps": lambda m, a: viz.feature_maps(m, a, "relu2"),
             "occlusion": lambda m, a: viz.occlusion(m, a, window=3, stride=2).heatmap,
         }
