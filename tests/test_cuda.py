@@ -802,11 +802,14 @@ def _optimizer_cases():
     return [(optim.SGD, dict(lr=0.1)), (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True,
                                                         weight_decay=0.01)),
             (optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.2)),
-            (optim.Adam, dict(lr=1e-2, weight_decay=0.05)), (optim.AdamW, dict(lr=1e-2))]
+            (optim.Adam, dict(lr=1e-2, weight_decay=0.05)), (optim.AdamW, dict(lr=1e-2)),
+            (optim.SGD, dict(lr=0.05, momentum=0.9, maximize=True)),
+            (optim.Adam, dict(lr=1e-2, maximize=True)),
+            (optim.AdamW, dict(lr=1e-2, amsgrad=True))]
 
 
 @needs_module
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(8))
 def test_optimizers_gpu_path_gives_cpu_bits(case, monkeypatch):
     """fastcnn.optim's GPU path (one multi-tensor call per group, buffers and step
     counts kept per parameter), run through the emulator on NumPy arrays: the same
@@ -1235,6 +1238,11 @@ class TestModelsOnGpu:
             cumulative(*batch(4))
         with pytest.raises(ValueError, match="on the GPU"):
             fastcnn.cuda.CapturedStep(models.mnist_cnn())
+        ams = fastcnn.cuda.CapturedStep(model, optimizer=optim.Adam(model.parameters(),
+                                                                    amsgrad=True))
+        ams(*batch(4))  # eager
+        with pytest.raises(fastcnn.cuda.CaptureError, match="amsgrad"):
+            ams(*batch(4))
         # fallback: the step that cannot be captured runs eagerly, as do the next ones
         eager = fastcnn.cuda.CapturedStep(bn, optimizer=optim.Adam(bn.parameters()),
                                           fallback=True)

@@ -19,12 +19,13 @@ def _grads(seed, params, steps):
             for _ in range(steps)]
 
 
-def sgd_reference(p, grads, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+def sgd_reference(p, grads, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False):
     """torch.optim.SGD's rule in float64."""
     p = p.astype(np.float64)
     buf = None
     for g in grads:
-        g = g.astype(np.float64) + weight_decay * p
+        g = (-1 if maximize else 1) * g.astype(np.float64) + weight_decay * p
         if momentum:
             buf = g.copy() if buf is None else momentum * buf + (1 - dampening) * g
             g = g + momentum * buf if nesterov else buf
@@ -33,21 +34,23 @@ def sgd_reference(p, grads, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, n
 
 
 def adam_reference(p, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                   decoupled=False):
+                   decoupled=False, amsgrad=False, maximize=False):
     """torch.optim.Adam / AdamW's rule in float64."""
     p = p.astype(np.float64)
     m = np.zeros_like(p)
     v = np.zeros_like(p)
+    v_max = np.zeros_like(p)
     b1, b2 = betas
     for t, g in enumerate(grads, 1):
-        g = g.astype(np.float64)
+        g = (-1 if maximize else 1) * g.astype(np.float64)
         if decoupled:
             p = p * (1 - lr * weight_decay)
         else:
             g = g + weight_decay * p
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        v_max = np.maximum(v_max, v)
+        m_hat, v_hat = m / (1 - b1 ** t), (v_max if amsgrad else v) / (1 - b2 ** t)
         p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
     return p
 
@@ -72,6 +75,7 @@ SGD_CASES = [
     dict(lr=0.05, momentum=0.9, nesterov=True),
     dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
     dict(lr=0.1, weight_decay=0.1),
+    dict(lr=0.05, momentum=0.9, weight_decay=0.01, maximize=True),
 ]
 
 
@@ -90,11 +94,15 @@ ADAM_CASES = [
     (optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05), False),
     (optim.AdamW, dict(lr=1e-2), True),
     (optim.AdamW, dict(lr=1e-2, weight_decay=0.1), True),
+    (optim.Adam, dict(lr=1e-2, weight_decay=0.05, amsgrad=True), False),
+    (optim.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True), True),
+    (optim.Adam, dict(lr=1e-2, maximize=True), False),
 ]
 
 
 @pytest.mark.parametrize("cls,kwargs,decoupled", ADAM_CASES,
-                         ids=["adam", "adam-wd", "adamw", "adamw-wd"])
+                         ids=["adam", "adam-wd", "adamw", "adamw-wd", "adam-amsgrad",
+                              "adamw-amsgrad-maximize", "adam-maximize"])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_adam_and_adamw_match_reference(cls, kwargs, decoupled, steps):
     params, start, grads = _run(cls, kwargs, steps)
@@ -127,6 +135,35 @@ def test_matches_pytorch_when_installed(name):
         theirs.step()
     for p, tp in zip(params, tparams):
         np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)),
+    ("Adam", dict(lr=0.05, weight_decay=0.01, amsgrad=True)),
+    ("AdamW", dict(lr=0.05, betas=(0.8, 0.95), amsgrad=True, maximize=True)),
+])
+def test_options_match_pytorch_when_installed(name, kwargs):
+    """amsgrad and maximize, as torch's, over five steps; the gradients are left alone."""
+    torch = pytest.importorskip("torch")
+    params = _params(2)
+    start = [p.data.copy() for p in params]
+    grads = _grads(2, params, 5)
+    ours = getattr(optim, name)(params, **kwargs)
+    tparams = [torch.tensor(s, requires_grad=True) for s in start]
+    theirs = getattr(torch.optim, name)(tparams, **kwargs)
+    for step_grads in grads:
+        ours.zero_grad()
+        for p, tp, g in zip(params, tparams, step_grads):
+            p.accumulate(g.copy())
+            tp.grad = torch.tensor(g)
+        ours.step()
+        theirs.step()
+        for p, g in zip(params, step_grads):
+            np.testing.assert_array_equal(p.grad, g)
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+    if kwargs.get("amsgrad"):
+        assert "max_exp_avg_sq" in ours.state_dict()["state"][0]
 
 
 def test_params_without_grad_are_skipped_and_groups_have_their_options():

@@ -22,6 +22,12 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR",
            "CosineAnnealingLR", "build_optimizer"]
 
 
+def _ascent(grad, group):
+    """The gradient an update descends: negated for ``maximize`` (a new array; the
+    parameter's own gradient is left as it is, as in torch)."""
+    return -grad if group.get("maximize") else grad
+
+
 def _fused_cpu(*arrays):
     """Whether the one-pass CPU update applies: NumPy float32 arrays, C-contiguous."""
     return all(type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous
@@ -171,21 +177,22 @@ class SGD(Optimizer):
 
     As torch.optim.SGD: g = grad + wd * p; buf = momentum * buf + (1 - dampening) * g
     (buf = g on the first step); g = g + momentum * buf (nesterov) or buf; p -= lr * g.
-    The default lr is torch's (1e-3).
+    maximize: ascend (grad negated first). The default lr is torch's (1e-3).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False):
+                 nesterov=False, maximize=False):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum needs momentum > 0 and dampening 0")
         if momentum < 0:
             raise ValueError(f"momentum must be >= 0, got {momentum}")
         super().__init__(params, dict(lr=float(lr), momentum=float(momentum),
                                       dampening=float(dampening),
-                                      weight_decay=float(weight_decay), nesterov=bool(nesterov)))
+                                      weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                                      maximize=bool(maximize)))
 
     def _update(self, param, state, group):
-        p, g = param.data, param.grad
+        p, g = param.data, _ascent(param.grad, group)
         xp = _array_module(p)
         wd, momentum = group["weight_decay"], group["momentum"]
         if _fused_cpu(p, g):
@@ -223,7 +230,8 @@ class SGD(Optimizer):
         if firsts and any(firsts) and capture.recording() is not None:
             raise capture.CaptureError("SGD: a momentum buffer would be made inside the graph; "
                                        "run an eager step first (warmup)")
-        kernels.sgd_step_multi([p.data for p, _ in items], [p.grad for p, _ in items], bufs,
+        kernels.sgd_step_multi([p.data for p, _ in items],
+                               [_ascent(p.grad, group) for p, _ in items], bufs,
                                firsts or [False] * len(items), group["lr"], momentum,
                                group["weight_decay"], 1.0 - group["dampening"],
                                group["dampening"] != 0, bool(group["nesterov"]),
@@ -235,31 +243,47 @@ class Adam(Optimizer):
 
     m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    amsgrad: v in the denominator replaced by its running maximum (``max_exp_avg_sq``);
+    maximize: ascend (grad negated first). With amsgrad the update runs as array
+    expressions (not the one-pass kernels), and a training step is not captured as a
+    CUDA graph.
     """
 
     decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, maximize=False):
         b1, b2 = (float(b) for b in betas)
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         super().__init__(params, dict(lr=float(lr), betas=[b1, b2], eps=float(eps),
-                                      weight_decay=float(weight_decay)))
+                                      weight_decay=float(weight_decay), amsgrad=bool(amsgrad),
+                                      maximize=bool(maximize)))
+
+    @staticmethod
+    def _init_state(state, p, group):
+        xp = _array_module(p)
+        state["step"] = 0
+        state["exp_avg"], state["exp_avg_sq"] = xp.zeros_like(p), xp.zeros_like(p)
+        if group.get("amsgrad"):
+            state["max_exp_avg_sq"] = xp.zeros_like(p)
 
     def _update(self, param, state, group):
-        p, g = param.data, param.grad
+        p, g = param.data, _ascent(param.grad, group)
         xp = _array_module(p)
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = xp.zeros_like(p)
-            state["exp_avg_sq"] = xp.zeros_like(p)
+        amsgrad = group.get("amsgrad", False)
+        if not state or (amsgrad and "max_exp_avg_sq" not in state):
+            if not state:
+                self._init_state(state, p, group)
+            else:  # amsgrad switched on after steps without it: the maximum from now
+                state["max_exp_avg_sq"] = state["exp_avg_sq"].copy()
         state["step"] += 1
         t = state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if _fused_cpu(p, g, m, v):
+        if not amsgrad and _fused_cpu(p, g, m, v):
             # The same expression in one pass (fastcnn._cpu.adam_step, same bits).
             _cpu.adam_step(p, g, m, v, b1, b2, 1 - b1, 1 - b2, eps,
                            wd if wd and not self.decoupled else 0.0,
@@ -274,6 +298,9 @@ class Adam(Optimizer):
         m += xp.float32(1 - b1) * g
         v *= xp.float32(b2)
         v += xp.float32(1 - b2) * (g * g)
+        if amsgrad:
+            v = state["max_exp_avg_sq"]
+            xp.maximum(v, state["exp_avg_sq"], out=v)
         denom = xp.sqrt(v)
         denom /= xp.float32(math.sqrt(1 - b2 ** t))
         denom += xp.float32(eps)
@@ -283,6 +310,14 @@ class Adam(Optimizer):
 
     def _update_cuda(self, kernels, group, items):
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if group.get("amsgrad"):
+            if capture.recording() is not None:
+                raise capture.CaptureError(f"{type(self).__name__}(amsgrad=True) updates "
+                                           "through array expressions, not captured")
+            for p, state in items:
+                self._update(p, state, group)
+            return
+        grads = [_ascent(p.grad, group) for p, _ in items]
         if capture.recording() is not None:
             # A graph being captured: the step counts advance, and the bias
             # corrections are computed, at every replay (device scalars).
@@ -291,7 +326,7 @@ class Adam(Optimizer):
                                            "eager step first (warmup)")
             scalars = capture.adam_scalars(group, [s for _, s in items], self.decoupled)
             n = len(items)
-            kernels.adam_step_multi([p.data for p, _ in items], [p.grad for p, _ in items],
+            kernels.adam_step_multi([p.data for p, _ in items], grads,
                                     [s["exp_avg"] for _, s in items],
                                     [s["exp_avg_sq"] for _, s in items], b1, b2, 1 - b1, 1 - b2,
                                     eps, wd if wd and not self.decoupled else 0.0,
@@ -301,14 +336,12 @@ class Adam(Optimizer):
         bias2, steps = [], []
         for p, state in items:
             if not state:
-                state["step"] = 0
-                xp = _array_module(p.data)
-                state["exp_avg"], state["exp_avg_sq"] = xp.zeros_like(p.data), xp.zeros_like(p.data)
+                self._init_state(state, p.data, group)
             state["step"] += 1
             t = state["step"]
             bias2.append(math.sqrt(1 - b2 ** t))
             steps.append(lr / (1 - b1 ** t))
-        kernels.adam_step_multi([p.data for p, _ in items], [p.grad for p, _ in items],
+        kernels.adam_step_multi([p.data for p, _ in items], grads,
                                 [s["exp_avg"] for _, s in items],
                                 [s["exp_avg_sq"] for _, s in items], b1, b2, 1 - b1, 1 - b2,
                                 eps, wd if wd and not self.decoupled else 0.0,
@@ -321,8 +354,10 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                 amsgrad=False, maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize)
 
 
 def build_optimizer(name, params, lr, momentum=0.9, weight_decay=0.0, nesterov=True):
