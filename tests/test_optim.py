@@ -114,44 +114,13 @@ def test_adam_and_adamw_match_reference(cls, kwargs, decoupled, steps):
         np.testing.assert_allclose(p.data, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
-def test_matches_pytorch_when_installed(name):
-    torch = pytest.importorskip("torch")
-    params = _params(1)
-    start = [p.data.copy() for p in params]
-    grads = _grads(1, params, 3)
-    ours = optim.build_optimizer(name, params, lr=0.05, momentum=0.9, weight_decay=0.01)
-    tparams = [torch.tensor(s, requires_grad=True) for s in start]
-    theirs = {"sgd": lambda: torch.optim.SGD(tparams, lr=0.05, momentum=0.9, nesterov=True,
-                                             weight_decay=0.01),
-              "adam": lambda: torch.optim.Adam(tparams, lr=0.05, weight_decay=0.01),
-              "adamw": lambda: torch.optim.AdamW(tparams, lr=0.05, weight_decay=0.01)}[name]()
-    for step_grads in grads:
-        ours.zero_grad()
-        for p, tp, g in zip(params, tparams, step_grads):
-            p.accumulate(g.copy())
-            tp.grad = torch.tensor(g)
-        ours.step()
-        theirs.step()
-    for p, tp in zip(params, tparams):
-        np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("name,kwargs", [
-    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)),
-    ("Adam", dict(lr=0.05, weight_decay=0.01, amsgrad=True)),
-    ("AdamW", dict(lr=0.05, betas=(0.8, 0.95), amsgrad=True, maximize=True)),
-])
-def test_options_match_pytorch_when_installed(name, kwargs):
-    """amsgrad and maximize, as torch's, over five steps; the gradients are left alone."""
-    torch = pytest.importorskip("torch")
-    params = _params(2)
-    start = [p.data.copy() for p in params]
-    grads = _grads(2, params, 5)
-    ours = getattr(optim, name)(params, **kwargs)
-    tparams = [torch.tensor(s, requires_grad=True) for s in start]
-    theirs = getattr(torch.optim, name)(tparams, **kwargs)
-    for step_grads in grads:
+def _step_beside_torch(torch, seed, steps, ours, make_theirs):
+    """Run fastcnn's optimizer (over _params(seed)) and torch's (over copies) on the
+    same gradients; check the gradients are left alone and the weights agree."""
+    params = [p for group in ours.param_groups for p in group["params"]]
+    tparams = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
+    theirs = make_theirs(tparams)
+    for step_grads in _grads(seed, params, steps):
         ours.zero_grad()
         for p, tp, g in zip(params, tparams, step_grads):
             p.accumulate(g.copy())
@@ -162,6 +131,29 @@ def test_options_match_pytorch_when_installed(name, kwargs):
             np.testing.assert_array_equal(p.grad, g)
     for p, tp in zip(params, tparams):
         np.testing.assert_allclose(p.data, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_matches_pytorch_when_installed(name):
+    torch = pytest.importorskip("torch")
+    ours = optim.build_optimizer(name, _params(1), lr=0.05, momentum=0.9, weight_decay=0.01)
+    theirs = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True,
+                                                weight_decay=0.01),
+              "adam": lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.01),
+              "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.01)}[name]
+    _step_beside_torch(torch, 1, 3, ours, theirs)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)),
+    ("Adam", dict(lr=0.05, weight_decay=0.01, amsgrad=True)),
+    ("AdamW", dict(lr=0.05, betas=(0.8, 0.95), amsgrad=True, maximize=True)),
+])
+def test_options_match_pytorch_when_installed(name, kwargs):
+    """amsgrad and maximize, as torch's, over five steps."""
+    torch = pytest.importorskip("torch")
+    ours = getattr(optim, name)(_params(2), **kwargs)
+    _step_beside_torch(torch, 2, 5, ours, lambda ps: getattr(torch.optim, name)(ps, **kwargs))
     if kwargs.get("amsgrad"):
         assert "max_exp_avg_sq" in ours.state_dict()["state"][0]
 
