@@ -270,3 +270,68 @@ def test_training_on_the_gpu_from_the_cli(tmp_path, capsys, monkeypatch, command
     assert model(x).shape == (2, 10)
     if command == "demo":
         assert (out / "explain").is_dir() and any((out / "explain").iterdir())
+
+
+def test_bad_options_fail_before_any_work(tmp_path, capsys):
+    """Each out-of-range option is a one-line error (exit 2) naming it, before data is read."""
+    folder = _idx_folder(tmp_path / "digits", n=32)
+    base = ["train", "--data", str(folder), "--epochs", "1", "--no-progress",
+            "--out", str(tmp_path / "o")]
+    for extra, message in [(["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
+                           (["--momentum", "-1"], "--momentum"),
+                           (["--weight-decay", "-0.1"], "--weight-decay"),
+                           (["--warmup-epochs", "-1"], "--warmup-epochs"),
+                           (["--val-size", "-5"], "--val-size"), (["--limit", "0"], "--limit"),
+                           (["--patience", "0"], "--patience"), (["--shift", "-2"], "--shift"),
+                           (["--val-size", "0", "--patience", "2"], "--val-size > 0"),
+                           (["--val-size", "16"], "hold out less than half"),
+                           (["--classes", "a,b"], "classes")]:
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("fastcnn train: error:") and message in err, (extra, err)
+        assert "Traceback" not in err
+    (tmp_path / "file").write_text("x")
+    assert cli.main(base[:-1] + [str(tmp_path / "file")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error: usage and exit 2
+        cli.main(["bench", "gemm", "--quick", "--json", str(tmp_path / "no" / "x.json")])
+    assert exit_info.value.code == 2 and "cannot write" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_run_s_options(tmp_path, capsys):
+    folder = _idx_folder(tmp_path / "digits", n=48)
+    base = ["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--batch-size", "16",
+            "--arch", "mnist_cnn", "--val-size", "8", "--no-progress"]
+    assert cli.main(base + ["--epochs", "1"]) == 0
+    for extra, named in [(["--optimizer", "adam"], "--optimizer sgd (now adam)"),
+                         (["--seed", "9"], "--seed 0 (now 9)"), (["--lr", "0.5"], "--lr")]:
+        assert cli.main(base + ["--epochs", "2", "--resume"] + extra) == 2
+        assert named in capsys.readouterr().err
+    assert cli.main(base + ["--epochs", "2", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert cli.main(["train", "--data", str(folder), "--out", str(tmp_path / "none"),
+                     "--resume", "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_pictures_are_read_as_they_look(tmp_path):
+    """16-bit grey scaled (not clipped), transparency laid on white, EXIF orientation
+    applied: each gives the same input as the plain 8-bit picture."""
+    g = np.random.default_rng(0)
+    plain = np.full((28, 28), 255, np.uint8)
+    plain[6:22, 9:19] = g.integers(0, 60, (16, 10))
+    Image.fromarray(plain).save(tmp_path / "plain.png")
+    want = cli.load_image(tmp_path / "plain.png", [1, 28, 28])
+    Image.fromarray(plain.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., :3] = plain[..., None]
+    rgba[..., 3] = np.where(plain == 255, 0, 255)  # the background transparent
+    rgba[plain == 255, :3] = 0                     # and black under the transparency
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
+    rotated = Image.fromarray(np.rot90(plain, 1).copy())  # stored turned, tagged to turn back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "rotated.png", exif=exif)
+    for name in ("grey16.png", "transparent.png", "rotated.png"):
+        np.testing.assert_array_equal(cli.load_image(tmp_path / name, [1, 28, 28]), want,
+                                      err_msg=name)

@@ -270,6 +270,12 @@ def test_random_hflip_and_augment():
     assert (same | mirrored).all() and same.any() and mirrored.any()
     aug = data.Augment(shift=1, hflip=True)
     assert aug and not data.Augment()
+    for bad, error in [(-1, ValueError), (1.7, TypeError), ("2", TypeError)]:
+        with pytest.raises(error, match="shift"):
+            data.Augment(shift=bad)
+    for bad, error in [(0, ValueError), (2.5, TypeError)]:
+        with pytest.raises(error, match="batch_size"):
+            data.DataLoader(_toy(), bad)
     out = aug(images, np.random.default_rng(0))
     assert out.shape == images.shape
     ds = _toy()

@@ -150,6 +150,30 @@ def test_mismatched_files_give_a_clear_error(tmp_path):
     with pytest.raises(io.ModelFileError, match="header is corrupt"):
         io.load(broken)
 
+    # hand-edited headers of the wrong types
+    for key, value, message in [("version", "1", "version"), ("state", 5, "state list"),
+                                ("metadata", [1], "metadata")]:
+        def edit(header, key=key, value=value):
+            if key == "version":
+                header["version"] = value
+            else:
+                header["model"][key] = value
+
+        with pytest.raises(io.ModelFileError, match=message):
+            io.load(_rewrite(path, tmp_path / f"{key}.npz", edit_header=edit))
+
+
+def test_checkpoint_of_another_optimizer_or_schedule_is_refused(tmp_path):
+    model = models.mnist_cnn()
+    sgd = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cosine = optim.CosineAnnealingLR(sgd, T_max=10)
+    path = io.save_checkpoint(tmp_path / "c.npz", model, sgd, cosine)
+    with pytest.raises(io.ModelFileError, match="another optimizer"):
+        io.load_checkpoint(path, model, optim.Adam(model.parameters()))
+    with pytest.raises(io.ModelFileError, match="CosineAnnealingLR"):
+        io.load_checkpoint(path, model, sgd, optim.StepLR(sgd, step_size=2))
+    io.load_checkpoint(path, model, optim.SGD(model.parameters()), cosine)  # the same kinds
+
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "m.npz"

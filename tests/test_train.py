@@ -122,6 +122,31 @@ def test_early_stopping_and_restore_best(tmp_path):
     assert any("early stopping" in line for line in lines)
     with pytest.raises(ValueError, match="needs validation data"):
         Trainer(early_stopping=1).fit(model, loader, None, epochs=1)
+    with pytest.raises(ValueError, match="needs validation data"):
+        Trainer(restore_best=True).fit(model, loader, None, epochs=1)
+
+
+def test_trainer_arguments_and_empty_data(tmp_path):
+    """A misspelt monitor, a patience below 1, resume without a folder, and empty data
+    sets are errors naming the problem, not fake numbers; predict on no images is
+    (0, classes)."""
+    model = toy_model()
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        Trainer(monitor="val_acc")
+    for patience in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="early_stopping"):
+            Trainer(early_stopping=patience)
+    with pytest.raises(ValueError, match="out_dir"):
+        Trainer(progress=False).fit(model, toy_dataset(32), epochs=1, resume=True)
+    empty = toy_dataset(32)[:0]
+    with pytest.raises(ValueError, match="no batches"):
+        Trainer(progress=False, log=None).fit(model, empty, epochs=1)
+    with pytest.raises(ValueError, match="no images"):
+        Trainer(progress=False, log=None).fit(model, toy_dataset(32), empty, epochs=1)
+    with pytest.raises(ValueError, match="no images"):
+        evaluate(model, empty)
+    assert predict(model, empty).shape == (0, 4)
+    assert predict(model, np.zeros((0, 1, 16, 16), np.float32)).shape == (0, 4)
 
 
 def test_progress_bar_runs(capsys):

@@ -439,10 +439,26 @@ def add_arguments(parser):
                         help="every convolution as im2col + GEMM (no Winograd F(2x2,3x3))")
 
 
+def check_output_files(parser, *paths):
+    """Fail at once (not after the whole run) on an output file that cannot be written."""
+    import os
+    from pathlib import Path
+
+    for path in paths:
+        if path is None:
+            continue
+        folder = Path(path).parent
+        if Path(path).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"cannot write {path}")
+
+
 def run_args(args, parser):
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    check_output_files(parser, args.json)
     info, rows = run(args.sections, quick=args.quick, threads=args.threads,
                      winograd=args.winograd)
     if args.json:

@@ -35,7 +35,8 @@ import numpy as np
 from . import cuda as fcuda
 from . import functional as F
 from . import __version__
-from .bench import CONV_SHAPES, GEMM_CONV_SHAPES, Row, Timing, _torch_mnist_cnn
+from .bench import (CONV_SHAPES, GEMM_CONV_SHAPES, Row, Timing, _torch_mnist_cnn,
+                    check_output_files)
 
 GEMM_SQUARES = (1024, 2048, 4096, 8192)
 MIN_MS = 5.0  # each repeat lasts at least this long
@@ -346,6 +347,7 @@ def main(argv=None):
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    check_output_files(parser, args.json, args.markdown)
     if not fcuda.is_available():
         print("fastcnn bench --device cuda: no usable GPU (fastcnn.cuda.is_available() is False)",
               file=sys.stderr)

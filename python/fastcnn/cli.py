@@ -9,6 +9,8 @@ Heavy imports happen inside the run functions so ``fastcnn --help`` is quick.
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -77,6 +79,8 @@ def _add_training_arguments(parser, defaults):
 
 def _add_demo_arguments(parser):
     _add_training_arguments(parser, {**DEMO_RECIPE, "out": "fastcnn-demo"})
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted demo from OUT/checkpoint.npz")
 
 
 def _add_train_arguments(parser):
@@ -127,6 +131,15 @@ def _set_threads(threads):
         fastcnn.set_num_threads(threads)
 
 
+def _check_gpu():
+    import fastcnn.cuda
+
+    if not fastcnn.cuda.is_available():
+        why = ("fastcnn was built without its CUDA module" if fastcnn.cuda._cuda() is None
+               else "no CUDA GPU or driver on this machine")
+        raise CommandError(f"--device cuda: no usable GPU ({why})")
+
+
 def _move_to_device(model, device):
     """Put ``model`` on --device; returns where it trains, in words."""
     import fastcnn
@@ -134,10 +147,7 @@ def _move_to_device(model, device):
 
     if device == "cpu":
         return f"{fastcnn.get_num_threads()} CPU threads"
-    if not fastcnn.cuda.is_available():
-        why = ("fastcnn was built without its CUDA module" if fastcnn.cuda._cuda() is None
-               else "no CUDA GPU or driver on this machine")
-        raise CommandError(f"--device cuda: no usable GPU ({why})")
+    _check_gpu()
     try:
         model.to("cuda")
     except RuntimeError as exc:  # CuPy missing: the message says what to install
@@ -154,9 +164,59 @@ def _load_data(args, demo):
     else:
         names = args.classes.split(",") if args.classes else None
         train, test = data.load_idx_dataset(data.find_data_dir(args.data), names)
-    if args.limit:
+    if args.limit is not None:
         train, test = train[:args.limit], test[:args.limit]
     return train, test
+
+
+def _check_training_arguments(args, recipe):
+    """Every option's range, before any data is read or model built."""
+    def need(ok, what):
+        if not ok:
+            raise CommandError(what)
+
+    finite = math.isfinite
+    need(args.epochs >= 1 and args.batch_size >= 1, "--epochs and --batch-size must be >= 1")
+    need(args.limit is None or args.limit >= 1, f"--limit must be >= 1, got {args.limit}")
+    need(finite(recipe["lr"]) and recipe["lr"] >= 0,
+         f"--lr must be a finite number >= 0, got {recipe['lr']}")
+    need(finite(recipe["momentum"]) and recipe["momentum"] >= 0,
+         f"--momentum must be >= 0, got {recipe['momentum']}")
+    need(finite(recipe["weight_decay"]) and recipe["weight_decay"] >= 0,
+         f"--weight-decay must be >= 0, got {recipe['weight_decay']}")
+    need(finite(recipe["warmup_epochs"]) and recipe["warmup_epochs"] >= 0,
+         f"--warmup-epochs must be >= 0, got {recipe['warmup_epochs']}")
+    need(recipe["shift"] >= 0, f"--shift must be >= 0, got {recipe['shift']}")
+    need(recipe["val_size"] >= 0, f"--val-size must be >= 0, got {recipe['val_size']}")
+    patience = recipe.get("patience")
+    need(patience is None or patience >= 1, f"--patience must be >= 1, got {patience}")
+    need(patience is None or recipe["val_size"] > 0,
+         "--patience stops on the validation accuracy: give --val-size > 0")
+    need(not args.cuda_graph or args.device == "cuda", "--cuda-graph needs --device cuda")
+    if args.device == "cuda":
+        _check_gpu()
+
+
+def _check_resume(path, recipe):
+    """--resume continues the run the checkpoint was made by: the same recipe (the
+    seed decides the validation split, the options the schedule). --epochs may
+    grow; the schedule then follows the new length."""
+    from . import io
+
+    if not path.is_file():
+        raise CommandError(f"--resume: no checkpoint at {path}")
+    saved = (io.load_checkpoint(path)[0].metadata or {}).get("recipe")
+    if saved is None:
+        return
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {recipe.get(k)})"
+               for k in sorted(set(saved) | set(recipe))
+               if k != "epochs" and saved.get(k) != recipe.get(k)]
+    if changed:
+        raise CommandError(f"--resume: {path} was made with other options: "
+                           f"{', '.join(changed)}; resume with the run's own options")
+    if saved.get("epochs") != recipe["epochs"]:
+        print(f"note: resuming a {saved.get('epochs')}-epoch run for {recipe['epochs']} epochs: "
+              f"the schedule follows the new length")
 
 
 def _train_and_report(args, recipe, demo):
@@ -168,13 +228,26 @@ def _train_and_report(args, recipe, demo):
 
     began = time.perf_counter()
     _set_threads(args.threads)
-    if args.epochs < 1 or args.batch_size < 1:
-        raise CommandError("--epochs and --batch-size must be >= 1")
+    recipe = {**recipe, "limit": args.limit}
+    _check_training_arguments(args, recipe)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: exists and is not a folder")
+    resume = bool(getattr(args, "resume", False))
+    if resume:
+        _check_resume(out / "checkpoint.npz", recipe)
     train_set, test_set = _load_data(args, demo)
     print(f"data: {train_set!r}, {test_set!r}")
+    val_size = recipe["val_size"]
+    if demo:  # at most the full demo's share, 5000 of 60000 (--limit, a smaller --data set)
+        val_size = min(val_size, len(train_set) // 12)
     val_set = None
-    if recipe["val_size"] and len(train_set) > 2 * recipe["val_size"]:
-        train_set, val_set = train_set.split(recipe["val_size"], seed=args.seed)
+    if val_size:
+        if 2 * val_size >= len(train_set):
+            raise CommandError(f"--val-size {val_size} would leave {len(train_set) - val_size} "
+                               f"of {len(train_set)} images to train on; hold out less than "
+                               f"half")
+        train_set, val_set = train_set.split(val_size, seed=args.seed)
     c, h, w = train_set.image_shape
     if h != w:
         raise CommandError(f"the presets need square images, got {h}x{w}")
@@ -182,7 +255,8 @@ def _train_and_report(args, recipe, demo):
                          input_size=h, seed=args.seed)
     model.metadata = {"input_shape": [c, h, w], "classes": list(train_set.classes),
                       "mean": list(train_set.mean), "std": list(train_set.std),
-                      "dataset": train_set.name.replace(" train", ""), "arch": recipe["arch"]}
+                      "dataset": train_set.name.replace(" train", ""), "arch": recipe["arch"],
+                      "recipe": recipe}
     print(model.summary())
     where = _move_to_device(model, args.device)
     augment = data.Augment(shift=recipe["shift"], hflip=recipe["hflip"])
@@ -203,16 +277,13 @@ def _train_and_report(args, recipe, demo):
     print(f"training {recipe['arch']} for {args.epochs} epochs: {recipe['optimizer']} "
           f"lr {recipe['lr']}, batch {args.batch_size}, schedule {recipe['schedule']}, "
           f"augmentation {augment!r}, {where}")
-    out = Path(args.out)
     patience = recipe.get("patience")
-    if args.cuda_graph and args.device != "cuda":
-        raise CommandError("--cuda-graph needs --device cuda")
     trainer = Trainer(out_dir=out, progress=not args.no_progress,
                       early_stopping=patience if val_set is not None else None,
                       restore_best=bool(patience and val_set is not None),
                       cuda_graph=args.cuda_graph)
     history = trainer.fit(model, loader, val_set, epochs=args.epochs, optimizer=optimizer,
-                          scheduler=scheduler, resume=bool(getattr(args, "resume", False)))
+                          scheduler=scheduler, resume=resume)
     result = evaluate(model, test_set)
     print()
     print(f"test set ({len(test_set)} images):")
@@ -279,8 +350,10 @@ def load_image(path, input_shape, invert="auto"):
     c, h, w = input_shape
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if c == 1 else "RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+            img = _as_8bit(img, c)
+    except Image.DecompressionBombError as exc:
+        raise CommandError(f"{path}: too large to read safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise CommandError(f"{path}: not a readable image ({exc})") from exc
     pixels = np.asarray(img)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).reshape(-1, c)
@@ -297,6 +370,27 @@ def load_image(path, input_shape, invert="auto"):
     return np.ascontiguousarray(array)
 
 
+def _as_8bit(img, channels):
+    """A picture as 8-bit grey ('L') or 'RGB': turned upright by its EXIF orientation,
+    transparent parts laid on white (paper), 16- and 32-bit grey scaled to 8 bits
+    rather than clipped."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and values.max(initial=0) <= 1.0 else (
+            255.0 if values.max(initial=0) <= 255 else 65535.0)
+        scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(scaled)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
 def _run_predict(args):
     import numpy as np
 
@@ -304,6 +398,8 @@ def _run_predict(args):
     from .train import predict
 
     _set_threads(args.threads)
+    if args.top_k < 1:
+        raise CommandError(f"--top-k must be >= 1, got {args.top_k}")
     model = io.load(args.model)
     meta = model.metadata
     missing = [k for k in ("input_shape", "mean", "std") if k not in meta]
@@ -313,7 +409,8 @@ def _run_predict(args):
                            f"'mean': [...], 'std': [...], 'classes': [...]}})")
     batch = np.stack([load_image(p, meta["input_shape"], args.invert) for p in args.images])
     probs = predict(model, batch)
-    classes = meta.get("classes") or [str(i) for i in range(probs.shape[1])]
+    named = list(meta.get("classes") or [])
+    classes = [str(named[i]) if i < len(named) else str(i) for i in range(probs.shape[1])]
     k = max(1, min(args.top_k, probs.shape[1]))
     width = max(len(str(c)) for c in classes)
     for path, p in zip(args.images, probs):
@@ -412,19 +509,22 @@ def main(argv=None):
         # The benchmark parses its own options (the GPU one has others).
         from . import bench
 
-        return bench.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    from .data import DataNotFoundError
-    from .io import ModelFileError
-
+        name, run = "bench", lambda: bench.main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        name, run = args.command, lambda: COMMANDS[args.command].run(args)
     try:
-        return COMMANDS[args.command].run(args)
-    except (CommandError, DataNotFoundError, ModelFileError, FileNotFoundError) as exc:
-        print(f"fastcnn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return run()
     except KeyboardInterrupt:
-        print(f"fastcnn {args.command}: interrupted", file=sys.stderr)
+        print(f"fastcnn {name}: interrupted", file=sys.stderr)
         return 130
+    except (CommandError, OSError, ValueError, TypeError, FloatingPointError) as exc:
+        # What fastcnn (or the system) says about a bad argument, input file or
+        # output path; FASTCNN_TRACEBACK=1 shows where it came from.
+        if os.environ.get("FASTCNN_TRACEBACK"):
+            raise
+        print(f"fastcnn {name}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------- explain (fastcnn.viz)

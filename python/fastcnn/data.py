@@ -334,12 +334,22 @@ def random_hflip(images, rng, p=0.5):
     return out
 
 
+def _count(value, name, least):
+    """An int argument >= ``least`` (floats, bools and strings are a TypeError, not
+    truncated)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    return int(value)
+
+
 class Augment:
     """Light augmentation on uint8 batches: random shifts of up to ``shift`` pixels
     and (``hflip``) random left-right mirroring."""
 
     def __init__(self, shift=0, hflip=False):
-        self.shift, self.hflip = int(shift), bool(hflip)
+        self.shift, self.hflip = _count(shift, "Augment: shift", 0), bool(hflip)
 
     def __call__(self, images, rng):
         images = random_shift(images, self.shift, rng)
@@ -367,8 +377,7 @@ class DataLoader:
         if not isinstance(dataset, Dataset):
             raise TypeError(f"DataLoader needs a fastcnn.data.Dataset, "
                             f"got {type(dataset).__name__}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _count(batch_size, "DataLoader: batch_size", 1)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)

@@ -117,7 +117,10 @@ def _read(path, expected_formats):
     fmt = header.get("format") if isinstance(header, dict) else None
     if fmt not in expected_formats:
         raise ModelFileError(f"{path}: format {fmt!r}, expected {' or '.join(expected_formats)}")
-    if header.get("version", 0) > FORMAT_VERSION:
+    version = header.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ModelFileError(f"{path}: the header's version is {version!r}, not an int")
+    if version > FORMAT_VERSION:
         raise ModelFileError(f"{path}: format version {header['version']} is newer than this "
                              f"fastcnn reads ({FORMAT_VERSION}); upgrade fastcnn")
     return header, arrays
@@ -140,6 +143,8 @@ def _build_model(record, arrays, prefix, path):
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: cannot rebuild the architecture: {exc}") from exc
     names = record.get("state", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelFileError(f"{path}: the header's state list is corrupt ({names!r:.80})")
     missing = [n for n in names if f"{prefix}/{n}" not in arrays]
     if missing:
         raise ModelFileError(f"{path}: the file lacks arrays {missing}")
@@ -147,7 +152,10 @@ def _build_model(record, arrays, prefix, path):
         model.load_state_dict({n: arrays[f"{prefix}/{n}"] for n in names})
     except (ValueError, TypeError) as exc:
         raise ModelFileError(f"{path}: the weights do not match the architecture: {exc}") from exc
-    model.metadata = record.get("metadata") or {}
+    metadata = record.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"{path}: the header's metadata is not a dict ({metadata!r:.80})")
+    model.metadata = metadata
     return model
 
 
@@ -202,6 +210,8 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None):
     given (the model's architecture must match). Returns ``(model, state)``, the model
     rebuilt from the file when none was given."""
     header, arrays = _read(path, (CHECKPOINT_FORMAT,))
+    if not isinstance(header.get("model"), dict):
+        raise ModelFileError(f"{path}: the header has no model record")
     saved = _build_model(header["model"], arrays, "model", path)
     if model is None:
         model = saved

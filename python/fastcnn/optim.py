@@ -145,6 +145,10 @@ class Optimizer:
             raise ValueError(f"optimizer state has {len(groups)} parameter groups, "
                              f"this optimizer {len(self.param_groups)}")
         for saved, group in zip(groups, self.param_groups):
+            foreign = sorted(set(saved) - set(group) - {"initial_lr"})  # (a schedule's)
+            if foreign:  # another optimizer's state (SGD's momentum in an Adam, ...)
+                raise ValueError(f"the saved state has options {foreign} that "
+                                 f"{type(self).__name__} does not: it is another optimizer's")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"optimizer state has a group of {len(saved['params'])} "
                                  f"parameters where this optimizer has {len(group['params'])}")
@@ -410,9 +414,13 @@ class LRScheduler:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self):
-        return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
+        return {"type": type(self).__name__, "last_step": self.last_step,
+                "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state):
+        saved = state.get("type", type(self).__name__)  # older states did not say
+        if saved != type(self).__name__:
+            raise ValueError(f"the saved state is a {saved}'s, not a {type(self).__name__}'s")
         self.last_step = int(state["last_step"])
         self.base_lrs = [float(b) for b in state["base_lrs"]]
         self._apply()

@@ -97,8 +97,11 @@ def _infer(model, x):
 
 
 def evaluate(model, data, batch_size=500):
-    """Evaluate ``model`` (in eval mode; its mode is restored) on a Dataset or DataLoader."""
+    """Evaluate ``model`` (in eval mode; its mode is restored) on a Dataset or DataLoader
+    (not an empty one: its loss and accuracy would mean nothing)."""
     loader = _as_loader(data, batch_size)
+    if len(loader.dataset) == 0:
+        raise ValueError(f"evaluate: {loader.dataset!r} has no images")
     was_training = model.training
     model.eval()
     device = model.device
@@ -154,10 +157,29 @@ def predict(model, data, batch_size=500, mean=None, std=None):
             out.append(F.softmax(_infer(model, _to_device(x, device)), dim=1))
     finally:
         model.train(was_training)
-    if not out:
-        return np.zeros((0, 0), np.float32)
     xp = importlib.import_module("cupy") if device != "cpu" else np
+    if not out:  # no images: (0, classes), the classes from the model's output
+        return _empty_prediction(model, data, device, xp)
     return xp.concatenate(out)
+
+
+def _empty_prediction(model, data, device, xp):
+    """predict's (0, classes) for no images: the model run on an empty batch of their
+    shape (a Dataset's images, or the array's trailing axes)."""
+    if isinstance(data, (Dataset, DataLoader)):
+        dataset = data if isinstance(data, Dataset) else data.dataset
+        shape = tuple(dataset.image_shape)
+    else:
+        shape = tuple(data.shape[1:])
+    if not shape:
+        raise ValueError("predict: the images have no shape; give an (N, C, H, W) array")
+    was_training = model.training
+    model.eval()
+    try:
+        logits = _infer(model, _to_device(np.zeros((0,) + shape, np.float32), device))
+    finally:
+        model.train(was_training)
+    return xp.zeros((0, logits.shape[-1]), np.float32)
 
 
 def plot_history(history, path, title=None):
@@ -205,8 +227,18 @@ class Trainer:
     per-kernel launch cost); a last, smaller batch runs eagerly.
     """
 
+    MONITORS = ("val_accuracy", "val_loss", "accuracy", "loss")
+
     def __init__(self, loss_fn=None, out_dir=None, early_stopping=None, monitor="val_accuracy",
                  min_delta=0.0, restore_best=False, progress=True, log=print, cuda_graph=False):
+        if monitor not in self.MONITORS:
+            raise ValueError(f"Trainer: monitor must be one of {self.MONITORS}, got {monitor!r}")
+        if early_stopping is not None and (
+                isinstance(early_stopping, bool) or
+                not isinstance(early_stopping, (int, np.integer)) or
+                early_stopping < 1):
+            raise ValueError(f"Trainer: early_stopping is a patience in epochs, an int >= 1 "
+                             f"(or None), got {early_stopping!r}")
         self.loss_fn = loss_fn if loss_fn is not None else CrossEntropyLoss()
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.early_stopping = early_stopping
@@ -242,9 +274,19 @@ class Trainer:
         """
         train = _as_loader(train, batch_size, shuffle=True, seed=seed)
         val = None if val is None else _as_loader(val, 500)
+        if len(train) == 0:
+            raise ValueError(f"fit: the training data ({train.dataset!r}) gives no batches")
+        if val is not None and len(val.dataset) == 0:
+            raise ValueError(f"fit: the validation data ({val.dataset!r}) has no images; "
+                             f"pass val=None for none")
+        if resume is True and self.out_dir is None:
+            raise ValueError("fit: resume=True reads out_dir/checkpoint.npz; give the Trainer an "
+                             "out_dir, or resume= a checkpoint path")
         _record_training_data(model, train)
-        if self.monitor.startswith("val_") and val is None and self.early_stopping:
-            raise ValueError(f"early stopping on {self.monitor!r} needs validation data")
+        if self.monitor.startswith("val_") and val is None and (self.early_stopping or
+                                                                 self.restore_best):
+            raise ValueError(f"{'early stopping' if self.early_stopping else 'restore_best'} "
+                             f"on {self.monitor!r} needs validation data")
         optimizer = optimizer if optimizer is not None else Adam(model.parameters(), lr=1e-3)
         per_step = scheduler is not None and getattr(scheduler, "interval", "epoch") == "step"
         if self.out_dir is not None:

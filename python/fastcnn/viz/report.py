@@ -333,7 +333,8 @@ def add_cli_arguments(parser):
                              "predicted class)")
     parser.add_argument("--out", metavar="DIR", default="fastcnn-explain",
                         help="output folder for the PNGs and report.html (default: %(default)s)")
-    parser.add_argument("--layer", help="Grad-CAM layer (default: the last conv block's output)")
+    parser.add_argument("--layer", help="Grad-CAM layer, a name or an index (default: the last "
+                                        "conv block's output)")
     parser.add_argument("--window", type=int, default=4,
                         help="occlusion window size in pixels (default: %(default)s)")
     parser.add_argument("--stride", type=int, default=1,
@@ -427,7 +428,9 @@ def run_cli(args):
         explanations = explain(
             model, x, target, methods=methods, classes=classes, labels=labels,
             display=batch[:, 0] if batch.shape[1] == 1 else batch.transpose(0, 2, 3, 1),
-            names=names, layer=args.layer, window=args.window, stride=args.stride)
+            names=names, window=args.window, stride=args.stride,
+            layer=int(args.layer) if args.layer and args.layer.lstrip("-").isdigit()
+            else args.layer)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
     for e in explanations:
