@@ -48,7 +48,7 @@ def _gpu_skip_reason():
     except ImportError:
         return "CuPy is not installed (pip install 'fastcnn[cuda]')"
     if not _cuda.is_available():
-        return "no CUDA GPU or driver on this machine"
+        return _cuda.unavailable_reason()
     return None
 
 
@@ -1224,6 +1224,10 @@ class TestModelsOnGpu:
         model.dropout.p = 0.25
         step(*batch(5))
         assert step.captures == 3  # a layer's setting changed
+        step.optimizer.load_state_dict(step.optimizer.state_dict())
+        step(*batch(5))
+        assert step.captures == 4  # new momentum buffers: the old graph would update the old ones
+        assert len(step._pools) == 4  # each capture's pool kept (results may outlive a graph)
         x, y = batch(5)
         y[2] = 10
         with pytest.raises(ValueError, match="target contains 10"):

@@ -147,6 +147,8 @@ def test_trainer_arguments_and_empty_data(tmp_path):
         evaluate(model, empty)
     assert predict(model, empty).shape == (0, 4)
     assert predict(model, np.zeros((0, 1, 16, 16), np.float32)).shape == (0, 4)
+    with pytest.raises(ValueError, match="batch axis"):
+        predict(model, np.zeros((1, 16, 16), np.uint8))
 
 
 def test_progress_bar_runs(capsys):

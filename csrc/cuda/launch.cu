@@ -30,7 +30,16 @@ std::map<std::string, std::int64_t> g_launches;
 // ------------------------------------------------------------------ errors --
 
 [[noreturn]] void throw_cuda_error(cudaError_t err, const std::string& what) {
-  throw CudaError(what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  // The failed call also set the runtime's last error, which the next
+  // check_launch would read and blame on an unrelated kernel: clear it (a
+  // sticky error, a fault in a kernel, stays and is reported again).
+  (void)cudaGetLastError();
+  std::string hint;
+  if (err == cudaErrorMemoryAllocation)
+    hint = "; free cached GPU memory (cupy.get_default_memory_pool().free_all_blocks()) or "
+           "use smaller batches";
+  throw CudaError(what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")" +
+                  hint);
 }
 
 namespace {
@@ -79,7 +88,39 @@ int device_count() noexcept {
   return n;
 }
 
-bool is_available() noexcept { return device_count() > 0; }
+namespace {
+// A kernel that does nothing: whether the runtime finds code for the current
+// device in this build (compiled for CMAKE_CUDA_ARCHITECTURES, as every kernel).
+__global__ void probe_kernel() {}
+}  // namespace
+
+std::string unavailable_reason() {
+  if (device_count() == 0) return "no CUDA device or driver found";
+  int device = 0;
+  cudaFuncAttributes attr{};
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, probe_kernel);
+  if (err == cudaSuccess) return "";
+  (void)cudaGetLastError();
+  cudaDeviceProp prop{};
+  std::string what = "GPU " + std::to_string(device);
+  if (cudaGetDeviceProperties(&prop, device) == cudaSuccess)
+    what += " (" + std::string(prop.name) + ", compute capability " +
+            std::to_string(prop.major) + "." + std::to_string(prop.minor) + ")";
+  else
+    (void)cudaGetLastError();
+  return what + " cannot run this build's kernels (" + cudaGetErrorName(err) +
+         "): rebuild fastcnn for it, e.g. CUDAARCHS=" + std::to_string(prop.major) +
+         std::to_string(prop.minor) + " pip install .";
+}
+
+bool is_available() noexcept {
+  try {
+    return unavailable_reason().empty();
+  } catch (...) {
+    return false;
+  }
+}
 
 namespace {
 std::atomic<bool> g_allow_tf32{false};
@@ -112,8 +153,10 @@ DevicePool pool_for(int device) {
       props.location.type = cudaMemLocationTypeDevice;
       props.location.id = device;
       FASTCNN_CUDA_CHECK(cudaMemPoolCreate(&p.pool, &props));
-      // Keep freed memory in the pool: the next step reuses it.
-      std::uint64_t keep = UINT64_MAX;
+      // Keep freed memory in the pool, up to a bound: the next step reuses it,
+      // and more than that goes back to the device at synchronisations (so that
+      // CuPy, whose out-of-memory retry frees only its own cache, can have it).
+      std::uint64_t keep = std::uint64_t{512} << 20;
       FASTCNN_CUDA_CHECK(cudaMemPoolSetAttribute(p.pool, cudaMemPoolAttrReleaseThreshold, &keep));
     }
     p.ready = true;
@@ -164,9 +207,11 @@ Workspace::~Workspace() {
   if (ex_.emulated) {
     std::free(ptr_);
   } else if (pooled_) {
-    (void)cudaFreeAsync(ptr_, ex_.stream);  // stream-ordered: after the kernels using it
-  } else {
-    (void)cudaFree(ptr_);  // synchronises the device first
+    // stream-ordered: after the kernels using it; a failure (a destructor cannot
+    // throw) must not stay behind as the runtime's last error
+    if (cudaFreeAsync(ptr_, ex_.stream) != cudaSuccess) (void)cudaGetLastError();
+  } else if (cudaFree(ptr_) != cudaSuccess) {  // synchronises the device first
+    (void)cudaGetLastError();
   }
 }
 

@@ -251,8 +251,14 @@ class DeviceArrays {
   }
 
   // The array's producer stream (CUDA array interface v3): our stream waits for it.
+  // Not while our stream is captured into a graph: waiting there on an event
+  // recorded outside the capture would invalidate it, and the inputs of a
+  // capture were made before it began (fastcnn.capture synchronises first).
   void wait_for(std::uintptr_t producer) const {
     if (producer == interface_stream_id(cupy_.stream)) return;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    FASTCNN_CUDA_CHECK(cudaStreamIsCapturing(cupy_.stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return;
     const cudaStream_t other =
         producer == 1 ? cudaStreamLegacy : reinterpret_cast<cudaStream_t>(producer);
     cudaEvent_t done;
@@ -836,7 +842,10 @@ PYBIND11_MODULE(_cuda, m) {
   py::register_exception<cuda::CudaError>(m, "CudaError", PyExc_RuntimeError);
 
   m.def("is_available", &cuda::is_available,
-        "True when a CUDA device and driver are usable (never raises).");
+        "True when a CUDA device and driver are usable, with code for the device's "
+        "architecture in this build (never raises).");
+  m.def("unavailable_reason", &cuda::unavailable_reason,
+        "Why is_available() is False ('' when it is True).");
   m.def("device_count", &cuda::device_count, "Number of CUDA devices (0 without a driver).");
   m.def(
       "device_name",

@@ -349,7 +349,7 @@ def main(argv=None):
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     check_output_files(parser, args.json, args.markdown)
     if not fcuda.is_available():
-        print("fastcnn bench --device cuda: no usable GPU (fastcnn.cuda.is_available() is False)",
+        print(f"fastcnn bench --device cuda: no usable GPU ({fcuda.unavailable_reason()})",
               file=sys.stderr)
         return 1
     info = machine_info()

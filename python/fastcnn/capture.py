@@ -189,7 +189,10 @@ def _run_and_capture(run, scalars):
     memory (and the real run fills the pool with the blocks the capture then
     takes, so that capturing allocates no device memory). Returns (pool, the real
     run's result, the captured run's result, the graph). If the capture fails,
-    its exception is raised with ``done`` set to the real run's result."""
+    its exception is raised with ``done`` set to the real run's result and
+    ``pool`` to the pool holding it. Whoever keeps a result keeps its pool: with
+    CuPy 13 an array does not keep its pool alive, and a pool that goes frees
+    its memory under the arrays still using it."""
     cp = _cupy()
     _, K = B._cuda_kernels()
     pool = cp.cuda.MemoryPool()
@@ -207,7 +210,7 @@ def _run_and_capture(run, scalars):
             except RuntimeError:
                 pass  # an invalidated capture: ending it is all that was needed
             stream.synchronize()
-            exc.done = done
+            exc.done, exc.pool = done, pool
             raise
         graph = K.graph_end()
     stream.synchronize()
@@ -240,6 +243,10 @@ class CapturedStep:
         self.captures = 0  # graphs captured so far (a changed model or shape recaptures)
         self._eager_left = self.warmup
         self._graph = None
+        # Every pool a capture made, kept for the step's lifetime: the results and
+        # any optimizer state made in them (see _run_and_capture) may outlive the
+        # graph (a recapture, a fallback).
+        self._pools = []
 
     # -- what a graph depends on: shapes, the layers and their settings, the
     # arrays it reads and writes (by identity), the optimizer's options but lr.
@@ -266,7 +273,9 @@ class CapturedStep:
             (k, v) for k, v in vars(m).items() if not k.startswith("_") and isinstance(v, plain))))
             for m in self.model.modules())
         arrays = tuple(id(a) for a in self.model.buffers()) + tuple(
-            id(p.data) for g in self.optimizer.param_groups for p in g["params"])
+            id(p.data) for g in self.optimizer.param_groups for p in g["params"]) + tuple(
+            id(v) for s in self.optimizer.state.values() for v in s.values()
+            if hasattr(v, "shape"))  # the state the graph updates (load_state_dict replaces it)
         groups = tuple(tuple(sorted((k, repr(v)) for k, v in g.items()
                                     if k not in ("params", "lr", "initial_lr")))
                        for g in self.optimizer.param_groups)
@@ -317,8 +326,9 @@ class CapturedStep:
         self._y[...] = y
         scalars = _Scalars(cp)
         self.targets = self._y
-        self._pool, (eager_loss, self.logits), (loss, logits), graph = _run_and_capture(
+        pool, (eager_loss, self.logits), (loss, logits), graph = _run_and_capture(
             lambda: self._eager(self._x, self._y, y_host), scalars)
+        self._pools.append(pool)
         # The graph's output buffers (this call's results are the eager step's).
         self._loss, self._logits, self._scalars, self._graph = loss, logits, scalars, graph
         self._status = cp.empty(3, np.int64)
@@ -341,6 +351,8 @@ class CapturedStep:
                 return self._capture(cp.asarray(x, dtype=np.float32, order="C"),
                                      cp.asarray(y, dtype=np.int64, order="C"), y)
             except (CaptureError, RuntimeError) as exc:
+                if hasattr(exc, "pool"):
+                    self._pools.append(exc.pool)  # it holds the eager step's results
                 if not self.fallback or not hasattr(exc, "done"):
                     raise
                 self.disabled = f"{type(exc).__name__}: {exc}"
@@ -404,7 +416,8 @@ class CapturedForward:
                 lambda: self._run(buffer), _Scalars(cp, allocate=False))
         except (CaptureError, RuntimeError) as exc:
             self.disabled = f"{type(exc).__name__}: {exc}"
-            return exc.done if hasattr(exc, "done") else self._run(x)
+            # a copy out of the pool, which goes with the exception
+            return exc.done.copy() if hasattr(exc, "done") else self._run(x)
         self._graphs[shape] = (buffer, captured, pool, graph)
         while len(self._graphs) > self.max_shapes:
             del self._graphs[next(iter(self._graphs))]  # the least recently used

@@ -135,9 +135,7 @@ def _check_gpu():
     import fastcnn.cuda
 
     if not fastcnn.cuda.is_available():
-        why = ("fastcnn was built without its CUDA module" if fastcnn.cuda._cuda() is None
-               else "no CUDA GPU or driver on this machine")
-        raise CommandError(f"--device cuda: no usable GPU ({why})")
+        raise CommandError(f"--device cuda: no usable GPU ({fastcnn.cuda.unavailable_reason()})")
 
 
 def _move_to_device(model, device):
@@ -438,8 +436,8 @@ def environment():
                                    "reinstall where nvcc is found (FASTCNN_CUDA=ON)")
     count = fastcnn.cuda.device_count()
     info["gpus"] = [fastcnn.cuda.device_name(i) for i in range(count)]
-    if not count:
-        info.setdefault("gpu_unavailable", "no CUDA device or driver found")
+    if not fastcnn.cuda.is_available():
+        info.setdefault("gpu_unavailable", fastcnn.cuda.unavailable_reason())
     try:
         import cupy
         info["cupy"] = cupy.__version__

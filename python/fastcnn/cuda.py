@@ -21,7 +21,8 @@ import importlib
 
 from .capture import CaptureError, CapturedStep
 
-__all__ = ["is_available", "device_count", "device_name", "synchronize", "matmul",
+__all__ = ["is_available", "unavailable_reason", "device_count", "device_name", "synchronize",
+           "matmul",
            "set_allow_tf32", "get_allow_tf32", "CapturedStep", "CaptureError"]
 
 _module = None
@@ -41,9 +42,19 @@ def _cuda():
 
 
 def is_available() -> bool:
-    """True when fastcnn was built with CUDA and a GPU with a driver is present."""
+    """True when fastcnn was built with CUDA and a GPU with a driver is present
+    whose architecture the build has code for."""
     mod = _cuda()
     return mod is not None and bool(mod.is_available())
+
+
+def unavailable_reason() -> str:
+    """Why :func:`is_available` is False, in a sentence ('' when it is True)."""
+    mod = _cuda()
+    if mod is None:
+        return (f"fastcnn._cuda was not built ({_import_error}); reinstall where nvcc is found "
+                f"(FASTCNN_CUDA=ON)")
+    return str(mod.unavailable_reason())
 
 
 def device_count() -> int:

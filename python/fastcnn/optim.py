@@ -16,7 +16,7 @@ import numpy as np
 from . import _backend as B
 from . import _cpu
 from . import capture
-from .nn.module import Parameter, _array_module
+from .nn.module import Parameter, _array_module, _touch
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR",
            "CosineAnnealingLR", "build_optimizer"]
@@ -174,6 +174,7 @@ class Optimizer:
         for saved, group in zip(groups, self.param_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.state = state
+        _touch()  # new state arrays: a captured step (fastcnn.capture) captures again
 
 
 class SGD(Optimizer):

@@ -144,6 +144,11 @@ def predict(model, data, batch_size=500, mean=None, std=None):
             batches = (x for x, _ in _as_loader(data, batch_size))
         else:
             array = np.asarray(data) if not type(data).__module__.startswith("cupy") else data
+            if array.ndim != 4:
+                raise ValueError(f"predict: images must be a batch (N, C, H, W), got shape "
+                                 f"{tuple(array.shape)}" + ("; one image (C, H, W) needs a "
+                                                             "batch axis: x[None]"
+                                                             if array.ndim == 3 else ""))
             if array.dtype == np.uint8:
                 meta = getattr(model, "metadata", {}) or {}
                 mean = meta.get("mean") if mean is None else mean

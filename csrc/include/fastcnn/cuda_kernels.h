@@ -35,8 +35,12 @@ struct Exec {
 // ---- launch.cu: the runtime
 // A CUDA device is present and usable. Never throws; makes no CUDA call
 // until first asked (importing the module needs no driver).
+// A CUDA device whose architecture this build has code for is present.
 bool is_available() noexcept;
 int device_count() noexcept;
+// Why the current device cannot run this build's kernels ("" when it can):
+// no device, or an architecture the build has no code for (cudaErrorNoKernelImageForDevice).
+std::string unavailable_reason();
 // TF32 tensor cores for every GEMM (matmul, linear, conv2d), off by default,
 // like torch.backends.cuda.matmul.allow_tf32.
 void set_allow_tf32(bool allow);
