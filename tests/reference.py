@@ -327,6 +327,31 @@ def cross_entropy(x, target, reduction="mean", ignore_index=-100, label_smoothin
         return np.float64(loss.sum()) / np.float64(keep.sum())
 
 
+def weighted_cross_entropy(x, target, weight, reduction="mean", ignore_index=-100,
+                           label_smoothing=0.0):
+    """torch's class-weighted cross-entropy, element by element: (1-eps) w[y] (-logp[y])
+    + eps/C sum_c w[c] (-logp[c]), 0 where ignored; 'mean' divides the sum by the
+    weights of the counted targets, sum_i w[y_i]."""
+    x, t, keep, safe = _ce_parts(x, target, ignore_index)
+    logp = np.moveaxis(log_softmax(x, dim=1), 1, -1).reshape(-1, x.shape[1])
+    w, eps, c = _f64(weight), float(label_smoothing), x.shape[1]
+    losses, total_weight = [], 0.0
+    for row, y, counted in zip(logp, safe.reshape(-1), keep.reshape(-1)):
+        if not counted:
+            losses.append(0.0)
+            continue
+        smooth = sum(w[k] * -row[k] for k in range(c))
+        losses.append((1 - eps) * w[y] * -row[y] + eps / c * smooth)
+        total_weight += w[y]
+    loss = np.array(losses).reshape(t.shape)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return np.float64(loss.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.float64(loss.sum()) / np.float64(total_weight)
+
+
 def cross_entropy_backward(grad_out, x, target, reduction="mean", ignore_index=-100,
                            label_smoothing=0.0):
     """d loss_i / d x_ic = softmax_ic - (1-eps) [c == y_i] - eps / C, times the

@@ -562,7 +562,7 @@ def test_cross_entropy_total_and_scalar_backward(dev, rng, n, smoothing, reducti
     t = rng.integers(0, classes, n).astype(I64)
     t[::5] = -100
     mean = reduction == "mean"
-    cpu_loss = F.cross_entropy(x, t, reduction, -100, smoothing)
+    cpu_loss = F.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing)
     got = dev(lambda mod, x, t, total, status: mod.cross_entropy_total(
         x, t, -100, smoothing, mean, total, status), {"x": x, "t": t},
         {"total": ((), F32, np.nan), "status": ((3,), I64, -7)})
@@ -771,7 +771,8 @@ def test_cross_entropy_total_random(n, classes, ignore, smoothing, mean, seed):
     assert status.tolist() == [int(valid.sum()), int(bad.sum()), hits]
     if bad.any() or np.isnan(x).any():
         return
-    want = F.cross_entropy(x, t, "mean" if mean else "sum", ignore, smoothing)
+    want = F.cross_entropy(x, t, reduction="mean" if mean else "sum", ignore_index=ignore,
+                           label_smoothing=smoothing)
     close(total, np.asarray(want), max(n, 1) * classes, rtol=1e-6, atol=1e-7)
 
 
@@ -936,8 +937,8 @@ class TestFunctionalOnGpu:
         t[0, 0] = -100
         gx, gt = cp.asarray(x), cp.asarray(t)
         for smoothing in (0.0, 0.1):
-            want = F.cross_entropy(x, t, reduction, label_smoothing=smoothing)
-            got = F.cross_entropy(gx, gt, reduction, label_smoothing=smoothing)
+            want = F.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing)
+            got = F.cross_entropy(gx, gt, reduction=reduction, label_smoothing=smoothing)
             assert isinstance(got, cp.ndarray) and got.shape == np.shape(want)
             close(cp.asnumpy(got), np.asarray(want), 30, rtol=1e-6, atol=1e-7)
             g = 1.5 if reduction != "none" else randn(rng, 9, 3)
@@ -948,15 +949,15 @@ class TestFunctionalOnGpu:
         bad = t.copy()
         bad[1, 1] = 5
         with pytest.raises(ValueError, match="target contains 5"):
-            F.cross_entropy(gx, cp.asarray(bad), reduction)
+            F.cross_entropy(gx, cp.asarray(bad), reduction=reduction)
         with pytest.raises(ValueError, match="target contains 5"):
             F.cross_entropy_backward(1.0 if reduction != "none" else cp.ones((9, 3), cp.float32),
                                      gx, cp.asarray(bad), reduction)
         ignored = cp.full((9, 3), -100)
-        assert (np.isnan(float(F.cross_entropy(gx, ignored, reduction).sum()))
+        assert (np.isnan(float(F.cross_entropy(gx, ignored, reduction=reduction).sum()))
                 == (reduction == "mean"))
-        loss_fn, cpu_fn = nn.CrossEntropyLoss(reduction, label_smoothing=0.1), \
-            nn.CrossEntropyLoss(reduction, label_smoothing=0.1)
+        loss_fn, cpu_fn = nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1), \
+            nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1)
         close(cp.asnumpy(loss_fn(gx, gt)), np.asarray(cpu_fn(x, t)), 30, rtol=1e-6, atol=1e-7)
         g = 1.0 if reduction != "none" else randn(rng, 9, 3)
         close(cp.asnumpy(loss_fn.backward(g if reduction != "none" else cp.asarray(g))),
@@ -1076,6 +1077,30 @@ class TestModelsOnGpu:
                 # there follow its rounding, and the running mean follows the bias.
                 continue
             close(cp.asnumpy(b), a, 100, rtol=1e-3, atol=1e-4, name=name)
+
+    def test_class_weighted_loss_on_the_gpu(self, rng, cp):
+        """CrossEntropyLoss(weight=) on CuPy arrays gives the CPU's loss and gradient;
+        the Trainer moves such a loss's weights beside the model."""
+        from fastcnn import data, models, nn, optim, train
+
+        x, t = randn(rng, 6, 10), rng.integers(0, 10, 6)
+        t[1] = -100
+        w = rng.uniform(0.2, 2.0, 10).astype(F32)
+        for kw in (dict(), dict(label_smoothing=0.2), dict(reduction="none")):
+            on_cpu = nn.CrossEntropyLoss(weight=w, **kw)
+            on_gpu = nn.CrossEntropyLoss(weight=w, **kw).to("cuda")
+            close(cp.asnumpy(on_gpu(cp.asarray(x), cp.asarray(t))), np.asarray(on_cpu(x, t)),
+                  10, rtol=1e-5, atol=1e-6, name=f"weighted loss {kw}")
+            g = randn(rng, 6) if kw.get("reduction") == "none" else 1.0
+            close(cp.asnumpy(on_gpu.backward(cp.asarray(g) if kw else g)), on_cpu.backward(g),
+                  10, rtol=1e-5, atol=1e-6, name=f"weighted gradient {kw}")
+        dataset = data.Dataset(rng.integers(0, 256, (16, 12, 12)).astype(np.uint8),
+                               rng.integers(0, 10, 16), name="random")
+        model = models.mnist_cnn(channels=(4, 8), hidden=16, input_size=12).to("cuda")
+        history = train.Trainer(nn.CrossEntropyLoss(weight=w), progress=False, log=None).fit(
+            model, dataset, epochs=1, optimizer=optim.SGD(model.parameters(), lr=0.01),
+            batch_size=8)
+        assert math.isfinite(history[0]["loss"])
 
     @pytest.mark.parametrize("cp", ["fake"], indirect=True)
     @pytest.mark.parametrize("batchnorm,most", [(False, 31), (True, 41)])

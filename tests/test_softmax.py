@@ -140,6 +140,52 @@ def check_ce(x, t, reduction, ignore_index, eps, rng):
                  atol=1e-6, err_msg=f"cross_entropy_backward {kw}")
 
 
+@given(ce_configs(), st.integers(0, 2 ** 32 - 1))
+def test_weighted_cross_entropy_random(cfg, wseed):
+    """weight= against the element-by-element reference; the gradient against central
+    differences of that reference (float64)."""
+    n, c, extra, reduction, ignore_index, eps, frac, label_dtype, seed = cfg
+    rng = np.random.default_rng(seed)
+    x, t = make_ce(n, c, extra, ignore_index, frac, rng)
+    t = t.astype(label_dtype)
+    w = np.random.default_rng(wseed).uniform(0.1, 3.0, c).astype(np.float32)
+    kw = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=eps)
+    want = ref.weighted_cross_entropy(x, t, w, **kw)
+    got = np.asarray(F.cross_entropy(x, t, w, **kw))
+    assert got.dtype == np.float32 and got.shape == np.shape(want)
+    assert_close(got, want, red=t.size * c, err_msg=f"weighted cross_entropy {kw}")
+    go = randn(rng, *t.shape) if reduction == "none" else np.float32(rng.uniform(0.5, 2))
+    gx = F.cross_entropy_backward(go, x, t, weight=w, **kw)
+    x64, h = x.astype(np.float64), 1e-6
+    numeric = np.zeros_like(x64)
+    for i in np.ndindex(x.shape):
+        up, down = x64.copy(), x64.copy()
+        up[i] += h
+        down[i] -= h
+        diff = (ref.weighted_cross_entropy(up, t, w, **kw) -
+                ref.weighted_cross_entropy(down, t, w, **kw)) / (2 * h)
+        numeric[i] = np.sum(np.asarray(go, np.float64) * diff)
+    if not np.isnan(want).any():  # all ignored: NaN loss, zero gradient (as torch)
+        assert_close(gx, numeric, red=c, atol=1e-5, err_msg=f"weighted backward {kw}")
+    else:
+        assert not gx.any()
+
+
+def test_weighted_cross_entropy_checks_the_weights(rng):
+    x, t = randn(rng, 4, 3), np.array([0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"one value per class, shape \(3,\)"):
+        F.cross_entropy(x, t, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="target contains 3"):
+        F.cross_entropy(x, np.array([0, 1, 3, 1]), np.ones(3, np.float32))
+    from fastcnn import nn
+
+    loss = nn.CrossEntropyLoss(weight=[1.0, 2.0, 0.5], label_smoothing=0.1)
+    value = loss(x, t)
+    assert_close(np.asarray(value), ref.weighted_cross_entropy(x, t, [1, 2, 0.5],
+                                                               label_smoothing=0.1), red=12)
+    assert loss.backward().shape == x.shape and loss.get_config()["weight"] == [1.0, 2.0, 0.5]
+
+
 @given(ce_configs())
 def test_cross_entropy_random(cfg):
     n, c, extra, reduction, ignore_index, eps, frac, label_dtype, seed = cfg

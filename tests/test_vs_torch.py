@@ -131,6 +131,30 @@ def test_cross_entropy_vs_torch(reduction, eps, ignore_index, xs, rng):
     close(ref.cross_entropy_backward(go, x, t, reduction, ignore_index, eps), tx.grad)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("xs", [(6, 4), (3, 4, 2, 3)])
+def test_weighted_cross_entropy_vs_torch(reduction, eps, xs, rng):
+    """The reference's class-weighted loss, and fastcnn's loss and gradient, against torch."""
+    F = pytest.importorskip("fastcnn.functional")
+    x = rng.standard_normal(xs) * 2
+    t = rng.integers(0, xs[1], (xs[0],) + xs[2:])
+    t.reshape(-1)[:2] = -100
+    w = rng.uniform(0.2, 2.0, xs[1])
+    tx = t64(x)
+    tl = TF.cross_entropy(tx, torch.tensor(t), weight=torch.tensor(w), reduction=reduction,
+                          label_smoothing=eps)
+    close(ref.weighted_cross_entropy(x, t, w, reduction, -100, eps), tl)
+    go = rng.standard_normal(t.shape) if reduction == "none" else 0.7
+    tl.backward(torch.tensor(np.asarray(go, dtype=np.float64)))
+    x32, w32, go32 = x.astype(np.float32), w.astype(np.float32), np.float32(go)
+    np.testing.assert_allclose(F.cross_entropy(x32, t, w32, reduction, label_smoothing=eps),
+                               tl.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(F.cross_entropy_backward(go32, x32, t, reduction,
+                                                        label_smoothing=eps, weight=w32),
+                               tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 def test_cross_entropy_all_ignored_vs_torch(eps):
     x = np.ones((3, 4))

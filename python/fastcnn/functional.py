@@ -663,26 +663,73 @@ class _CrossEntropyArgs:
         return xp.ascontiguousarray(xp.moveaxis(dx.reshape(n, *rest, c), -1, 1))
 
 
-def cross_entropy(input, target, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+def cross_entropy(input, target, weight=None, reduction="mean", ignore_index=-100,
+                  label_smoothing=0.0):
     """Cross-entropy of logits against integer class labels, fused with log-softmax.
 
     As ``torch.nn.functional.cross_entropy`` with class-index targets:
-    reduction 'mean' (over non-ignored targets), 'sum' or 'none'; targets equal
-    to ``ignore_index`` contribute nothing; ``label_smoothing`` mixes the target
-    with the uniform distribution.
+    ``weight`` (one per class) scales each target's term; reduction 'mean' (over
+    non-ignored targets, weighted: divided by the sum of their classes' weights),
+    'sum' or 'none'; targets equal to ``ignore_index`` contribute nothing;
+    ``label_smoothing`` mixes the target with the uniform distribution.
     """
-    return _cross_entropy(input, target, reduction, ignore_index, label_smoothing)[0]
+    return _cross_entropy(input, target, reduction, ignore_index, label_smoothing, weight)[0]
 
 
-def _cross_entropy(input, target, reduction, ignore_index, label_smoothing):
+def _class_weights(weight, a, xp):
+    w = B.as_float(weight, "weight", xp)
+    if w.shape != (a.classes,):
+        raise ValueError(f"{a.op}: weight must have one value per class, shape ({a.classes},); "
+                         f"got shape {shape_str(w.shape)}")
+    return w.astype(np.float64)
+
+
+def _weighted_terms(a, rows, t, w, xp):
+    """Class-weighted cross-entropy, as torch computes it, in float64: the rows'
+    losses, the sum of their targets' weights (the mean's divisor), and the
+    softmax, target rows and weights the gradient needs."""
+    logp = _softmax("log_softmax", rows, 1, True).astype(np.float64)
+    valid = t != a.ignore_index
+    target = xp.where(valid, t, 0)
+    weights = w[target] * valid                      # w[t_i], 0 where ignored
+    n = rows.shape[0]
+    loss = (1.0 - a.label_smoothing) * -logp[xp.arange(n), target] * weights
+    if a.label_smoothing:
+        loss += (a.label_smoothing / a.classes) * -(logp * w).sum(axis=1) * valid
+    return loss, weights.sum(), (logp, valid, target, weights)
+
+
+def _check_weighted_targets(a, t, xp):
+    """The class-weighted path's target check (on the GPU: one wait, as
+    _check_gpu_targets; none while captured or for targets checked on the host)."""
+    from . import capture
+
+    if xp is np or capture.recording() is not None or _targets_checked_on_host:
+        return  # (NumPy targets were checked by _CrossEntropyArgs)
+    if bool(a.bad_targets(t).any()):
+        a.raise_bad_target(t)
+
+
+def _cross_entropy(input, target, reduction, ignore_index, label_smoothing, weight=None):
     """(loss, status): status is the GPU's target counts (for
     :func:`_cross_entropy_backward`), None on the CPU."""
-    xp, K = B.dispatch(input, target)
+    xp, K = B.dispatch(input, target, weight)
     x = B.as_float(input, "input", xp)
     t = B.as_labels(target, "target", xp)
     a = _CrossEntropyArgs("cross_entropy", x, t, reduction, ignore_index, label_smoothing,
                           on_host=xp is np)
     rows = a.rows(x)
+    if weight is not None:
+        w = _class_weights(weight, a, xp)
+        _check_weighted_targets(a, t, xp)
+        loss, total_weight, _ = _weighted_terms(a, rows, t.reshape(-1), w, xp)
+        if reduction == "none":
+            return loss.astype(_F32).reshape(a.target_shape), None
+        total = loss.sum()
+        if reduction == "mean":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                total = total / total_weight  # NaN when no target counts, as torch
+        return xp.asarray(total, dtype=_F32), None
     if xp is not np:
         # Two launches and one wait for the GPU (the target check): the loss, its
         # sum and the mean's divisor stay on the device.
@@ -746,25 +793,60 @@ def _check_gpu_targets(a, t, status):
 
 
 def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_index=-100,
-                           label_smoothing=0.0):
+                           label_smoothing=0.0, weight=None):
     """Gradient of :func:`cross_entropy` with respect to the logits.
 
     grad_output is a scalar for 'mean' / 'sum' and shaped like target for 'none'.
     """
     return _cross_entropy_backward(grad_output, input, target, reduction, ignore_index,
-                                   label_smoothing)
+                                   label_smoothing, weight=weight)
+
+
+def _weighted_backward(grad_output, a, rows, t, w, xp):
+    """d loss / d logits of the class-weighted cross-entropy (float64, as the forward)."""
+    _, total_weight, (logp, valid, target, weights) = _weighted_terms(a, rows, t, w, xp)
+    g = B.as_float(grad_output, "grad_output", xp)
+    if a.reduction == "none":
+        if g.shape != a.target_shape:
+            raise ValueError(f"cross_entropy_backward: grad_output has shape "
+                             f"{shape_str(g.shape)}, expected {shape_str(a.target_shape)} "
+                             f"(reduction='none')")
+        scale = g.reshape(-1).astype(np.float64)
+    else:
+        if g.size != 1:
+            raise ValueError(f"cross_entropy_backward: grad_output must be a scalar for "
+                             f"reduction={a.reduction!r}, got shape {shape_str(g.shape)}")
+        scale = g.reshape(()).astype(np.float64)
+        if a.reduction == "mean":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                scale = scale / total_weight  # NaN when no target counts, as torch
+    p = xp.exp(logp)
+    n = rows.shape[0]
+    grad = (1.0 - a.label_smoothing) * weights[:, None] * p
+    grad[xp.arange(n), target] -= (1.0 - a.label_smoothing) * weights
+    if a.label_smoothing:
+        grad += (a.label_smoothing / a.classes) * valid[:, None] * (w.sum() * p - w)
+    with np.errstate(invalid="ignore"):
+        grad *= scale[:, None] if a.reduction == "none" else scale
+    grad = xp.where(valid[:, None], grad, 0.0)  # ignored rows: 0 (all ignored too, as torch)
+    return a.unrows(xp.ascontiguousarray(grad.astype(_F32)))
 
 
 def _cross_entropy_backward(grad_output, input, target, reduction, ignore_index,
-                            label_smoothing, status=None):
+                            label_smoothing, status=None, weight=None):
     """status: what :func:`_cross_entropy` returned for these targets, if known (the
     GPU then neither recounts nor rechecks them)."""
-    xp, K = B.dispatch(grad_output, input, target)
+    xp, K = B.dispatch(grad_output, input, target, weight)
     x = B.as_float(input, "input", xp)
     t = B.as_labels(target, "target", xp)
     a = _CrossEntropyArgs("cross_entropy_backward", x, t, reduction, ignore_index,
                           label_smoothing, on_host=xp is np)
     rows = a.rows(x)
+    if weight is not None:
+        w = _class_weights(weight, a, xp)
+        if status is None:
+            _check_weighted_targets(a, t, xp)
+        return _weighted_backward(grad_output, a, rows, t.reshape(-1), w, xp)
     if xp is not np:
         if status is None:
             status = xp.empty(3, np.int64)

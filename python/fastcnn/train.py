@@ -28,7 +28,7 @@ from ._backend import array_module
 from .capture import device_hits
 from . import io
 from .data import DataLoader, Dataset
-from .nn import CrossEntropyLoss, Sequential
+from .nn import CrossEntropyLoss, Module, Sequential
 from .optim import Adam
 
 __all__ = ["Trainer", "Evaluation", "evaluate", "predict", "plot_history"]
@@ -311,6 +311,8 @@ class Trainer:
             self.log(f"resumed from {path} after epoch {start}")
         device = model.device
         loss_fn = self.loss_fn
+        if isinstance(loss_fn, Module) and any(b is not None for b in loss_fn.buffers()):
+            loss_fn.to(device)  # a class-weighted loss's weights, beside the model's
         captured = None
         if self.cuda_graph and device != "cpu":
             from .capture import CapturedStep
