@@ -150,6 +150,14 @@ def as_int(value, name: str) -> int:
     raise TypeError(f"{name} must be an int, got {value!r}")
 
 
+def as_count(value, name: str, least: int = 1) -> int:
+    """as_int, at least ``least`` (a ValueError naming ``name`` otherwise)."""
+    n = as_int(value, name)
+    if n < least:
+        raise ValueError(f"{name} must be >= {least}, got {n}")
+    return n
+
+
 def pair(value, name: str) -> tuple[int, int]:
     """An int or a pair of ints, as torch accepts for stride, padding, ..."""
     if isinstance(value, (tuple, list, np.ndarray)):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import functional as F
+from ._backend import as_count
 
 __all__ = ["FASHION_MNIST_CLASSES", "DEBIAN_FASHION_MNIST", "DataNotFoundError",
            "read_idx", "write_idx", "Dataset", "find_data_dir", "load_idx_dataset",
@@ -334,22 +335,12 @@ def random_hflip(images, rng, p=0.5):
     return out
 
 
-def _count(value, name, least):
-    """An int argument >= ``least`` (floats, bools and strings are a TypeError, not
-    truncated)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
-    return int(value)
-
-
 class Augment:
     """Light augmentation on uint8 batches: random shifts of up to ``shift`` pixels
     and (``hflip``) random left-right mirroring."""
 
     def __init__(self, shift=0, hflip=False):
-        self.shift, self.hflip = _count(shift, "Augment: shift", 0), bool(hflip)
+        self.shift, self.hflip = as_count(shift, "Augment: shift", 0), bool(hflip)
 
     def __call__(self, images, rng):
         images = random_shift(images, self.shift, rng)
@@ -377,7 +368,7 @@ class DataLoader:
         if not isinstance(dataset, Dataset):
             raise TypeError(f"DataLoader needs a fastcnn.data.Dataset, "
                             f"got {type(dataset).__name__}")
-        _count(batch_size, "DataLoader: batch_size", 1)
+        as_count(batch_size, "DataLoader: batch_size")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import functional as F
-from ._backend import array_module
+from ._backend import array_module, as_count
 from .capture import device_hits
 from . import io
 from .data import DataLoader, Dataset
@@ -238,12 +238,8 @@ class Trainer:
                  min_delta=0.0, restore_best=False, progress=True, log=print, cuda_graph=False):
         if monitor not in self.MONITORS:
             raise ValueError(f"Trainer: monitor must be one of {self.MONITORS}, got {monitor!r}")
-        if early_stopping is not None and (
-                isinstance(early_stopping, bool) or
-                not isinstance(early_stopping, (int, np.integer)) or
-                early_stopping < 1):
-            raise ValueError(f"Trainer: early_stopping is a patience in epochs, an int >= 1 "
-                             f"(or None), got {early_stopping!r}")
+        if early_stopping is not None:  # a patience in epochs
+            early_stopping = as_count(early_stopping, "Trainer: early_stopping")
         self.loss_fn = loss_fn if loss_fn is not None else CrossEntropyLoss()
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.early_stopping = early_stopping

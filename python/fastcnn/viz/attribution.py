@@ -253,16 +253,6 @@ _SMOOTH_METHODS = ("saliency", "gradient", "guided")
 _NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-def _count_arg(value, name, op):
-    """A positive int argument (a count or a batch size): bools, floats and strings
-    are a TypeError, not truncated."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{op}: {name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _real_arg(value, name, op):
     """A finite, non-negative real number argument."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
@@ -299,8 +289,8 @@ def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma
         raise ValueError(f"{op}: method must be one of {_SMOOTH_METHODS}, got {method!r}")
     if not isinstance(nt_type, str) or nt_type not in _NT_TYPES:
         raise ValueError(f"{op}: nt_type must be one of {_NT_TYPES}, got {nt_type!r}")
-    n_samples = _count_arg(n_samples, "n_samples", op)
-    batch_size = _count_arg(batch_size, "batch_size", op)
+    n_samples = B.as_count(n_samples, f"{op}: n_samples")
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
     n = x.shape[0]
     if stdev is not None:
         if sigma is not None:
@@ -611,7 +601,7 @@ def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size
     x, single, xp = as_input(model, x, op)
     window = _pair_arg(window, "window", op)
     stride = _pair_arg(stride, "stride", op)
-    batch_size = _count_arg(batch_size, "batch_size", op)
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
     n, c, h, w = x.shape
     if window[0] > h or window[1] > w:
         raise ValueError(f"{op}: window {window} is larger than the {h}x{w} image")
