@@ -1078,6 +1078,24 @@ class TestModelsOnGpu:
                 continue
             close(cp.asnumpy(b), a, 100, rtol=1e-3, atol=1e-4, name=name)
 
+    def test_gradient_clipping_on_the_gpu(self, rng, cp):
+        """nn.utils.clip_grad_norm_ / clip_grad_value_ on CuPy gradients, as on the CPU."""
+        from fastcnn import nn
+
+        cpu, gpu = self._models(False)
+        x, t = randn(rng, 4, 1, 12, 12), rng.integers(0, 10, 4)
+        for model, put in ((cpu, np.asarray), (gpu, cp.asarray)):
+            loss_fn = nn.CrossEntropyLoss()
+            loss_fn(model(put(x)), put(t))
+            model.backward(loss_fn.backward(), input_grad=False)
+        totals = [nn.utils.clip_grad_norm_(m.parameters(), 0.05) for m in (cpu, gpu)]
+        assert isinstance(totals[1], cp.ndarray)
+        close(cp.asnumpy(totals[1]), np.asarray(totals[0]), 10, rtol=1e-4, atol=1e-6)
+        for m in (cpu, gpu):
+            nn.utils.clip_grad_value_(m.parameters(), 1e-3)
+        for (name, a), b in zip(cpu.named_parameters(), gpu.parameters()):
+            close(cp.asnumpy(b.grad), a.grad, 10, rtol=1e-4, atol=1e-7, name=name)
+
     def test_class_weighted_loss_on_the_gpu(self, rng, cp):
         """CrossEntropyLoss(weight=) on CuPy arrays gives the CPU's loss and gradient;
         the Trainer moves such a loss's weights beside the model."""

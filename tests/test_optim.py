@@ -259,3 +259,68 @@ def test_one_pass_cpu_update_equals_numpy_expression(cls, kwargs, monkeypatch):
     plain, _, _ = _run(cls, kwargs, 3)
     for a, b in zip(fused, plain):
         np.testing.assert_array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, float("inf")])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_grad_norm_matches_its_definition(norm_type, max_norm):
+    """The total norm of the per-parameter norms (float64 reference), and every gradient
+    scaled by min(1, max_norm / (total + 1e-6)); parameters without a gradient skipped."""
+    from fastcnn import nn
+
+    params = _params(3)
+    grads = _grads(3, params, 1)[0]
+    for p, g in zip(params[1:], grads[1:]):
+        p.accumulate(g.copy())
+    flat = np.concatenate([g.astype(np.float64).ravel() for g in grads[1:]])
+    want = np.abs(flat).max() if np.isinf(norm_type) else \
+        (np.abs(flat) ** norm_type).sum() ** (1 / norm_type)
+    total = nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+    assert total.dtype == np.float32 and total.shape == ()
+    np.testing.assert_allclose(float(total), want, rtol=1e-6)
+    scale = min(1.0, max_norm / (want + 1e-6))
+    assert params[0].grad is None
+    for p, g in zip(params[1:], grads[1:]):
+        np.testing.assert_allclose(p.grad, g * scale, rtol=1e-6, atol=1e-8)
+
+
+def test_clip_grad_value_and_errors():
+    from fastcnn import nn
+
+    params = _params(4)
+    grads = _grads(4, params, 1)[0]
+    grads[0].reshape(-1)[0] = np.nan  # stays NaN, as torch's clamp leaves it
+    for p, g in zip(params, grads):
+        p.accumulate(g.copy())
+    nn.utils.clip_grad_value_(params, 0.3)
+    for p, g in zip(params, grads):
+        np.testing.assert_array_equal(p.grad, np.clip(g, -0.3, 0.3))
+    with pytest.raises(RuntimeError, match="nan"):
+        nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    with pytest.raises(ValueError, match="norm_type"):
+        nn.utils.clip_grad_norm_(params, 1.0, norm_type=0)
+    with pytest.raises(TypeError, match="max_norm"):
+        nn.utils.clip_grad_norm_(params, "1")
+    with pytest.raises(ValueError, match="clip_value"):
+        nn.utils.clip_grad_value_(params, -1)
+    with pytest.raises(TypeError, match="Parameters"):
+        nn.utils.clip_grad_norm_([np.zeros(3)], 1.0)
+    assert float(nn.utils.clip_grad_norm_([], 1.0)) == 0.0
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_clip_grad_norm_matches_pytorch_when_installed(norm_type):
+    torch = pytest.importorskip("torch")
+    from fastcnn import nn
+
+    params = _params(5)
+    grads = _grads(5, params, 1)[0]
+    tparams = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
+    for p, tp, g in zip(params, tparams, grads):
+        p.accumulate(g.copy())
+        tp.grad = torch.tensor(g)
+    ours = nn.utils.clip_grad_norm_(params, 0.7, norm_type)
+    theirs = torch.nn.utils.clip_grad_norm_(tparams, 0.7, norm_type)
+    np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-6)
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-6, atol=1e-9)

@@ -9,13 +9,13 @@
 >>> probs = model.eval()(x, record=False)  # inference: nothing kept, layers fused
 """
 
-from . import init
+from . import init, utils
 from .init import manual_seed
 from .layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, LogSoftmax,
                      MaxPool2d, ReLU, Softmax)
 from .loss import CrossEntropyLoss
 from .module import Module, Parameter, Sequential, from_spec
 
-__all__ = ["init", "manual_seed", "Parameter", "Module", "Sequential", "from_spec",
+__all__ = ["init", "utils", "manual_seed", "Parameter", "Module", "Sequential", "from_spec",
            "Conv2d", "Linear", "ReLU", "MaxPool2d", "Flatten", "Dropout", "BatchNorm1d",
            "BatchNorm2d", "Softmax", "LogSoftmax", "CrossEntropyLoss"]
