@@ -352,6 +352,27 @@ def weighted_cross_entropy(x, target, weight, reduction="mean", ignore_index=-10
         return np.float64(loss.sum()) / np.float64(total_weight)
 
 
+def soft_cross_entropy(x, probs, weight=None, reduction="mean", label_smoothing=0.0):
+    """torch's cross-entropy with class-probability targets, row by row:
+    -sum_c w[c] y[c] log softmax(x)[c], y = (1 - eps) probs + eps / C; 'mean' over rows."""
+    x, y = _f64(x), _f64(probs)
+    c = x.shape[0] if x.ndim == 1 else x.shape[1]
+    rows = x[None] if x.ndim == 1 else np.moveaxis(x, 1, -1).reshape(-1, c)
+    targets = y[None] if y.ndim == 1 else np.moveaxis(y, 1, -1).reshape(-1, c)
+    w = np.ones(c) if weight is None else _f64(weight)
+    eps = float(label_smoothing)
+    losses = []
+    for row, p in zip(rows, targets):
+        lse = np.log(np.sum(np.exp(row - row.max()))) + row.max()
+        losses.append(sum(-w[k] * ((1 - eps) * p[k] + eps / c) * (row[k] - lse)
+                          for k in range(c)))
+    shape = () if x.ndim == 1 else (x.shape[0],) + x.shape[2:]
+    loss = np.array(losses).reshape(shape)
+    if reduction == "none":
+        return loss
+    return np.float64(loss.sum() if reduction == "sum" else loss.mean())
+
+
 def cross_entropy_backward(grad_out, x, target, reduction="mean", ignore_index=-100,
                            label_smoothing=0.0):
     """d loss_i / d x_ic = softmax_ic - (1-eps) [c == y_i] - eps / C, times the

@@ -1112,6 +1112,17 @@ class TestModelsOnGpu:
             g = randn(rng, 6) if kw.get("reduction") == "none" else 1.0
             close(cp.asnumpy(on_gpu.backward(cp.asarray(g) if kw else g)), on_cpu.backward(g),
                   10, rtol=1e-5, atol=1e-6, name=f"weighted gradient {kw}")
+        probs = rng.random((6, 10)).astype(F32)
+        probs /= probs.sum(axis=1, keepdims=True)
+        for weight in (None, w):  # class probabilities as targets, on the GPU too
+            close(cp.asnumpy(F.cross_entropy(cp.asarray(x), cp.asarray(probs),
+                                             None if weight is None else cp.asarray(weight))),
+                  np.asarray(F.cross_entropy(x, probs, weight)), 10, rtol=1e-5, atol=1e-6)
+            close(cp.asnumpy(F.cross_entropy_backward(
+                1.0, cp.asarray(x), cp.asarray(probs),
+                weight=None if weight is None else cp.asarray(weight))),
+                F.cross_entropy_backward(1.0, x, probs, weight=weight), 10, rtol=1e-5,
+                atol=1e-6, name="soft gradient")
         dataset = data.Dataset(rng.integers(0, 256, (16, 12, 12)).astype(np.uint8),
                                rng.integers(0, 10, 16), name="random")
         model = models.mnist_cnn(channels=(4, 8), hidden=16, input_size=12).to("cuda")

@@ -171,6 +171,41 @@ def test_weighted_cross_entropy_random(cfg, wseed):
         assert not gx.any()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(5, 4), (3, 4, 2, 3), (4,)])
+@pytest.mark.parametrize("eps,weighted", [(0.0, False), (0.3, False), (0.1, True)])
+def test_cross_entropy_with_probability_targets(reduction, shape, eps, weighted, rng):
+    """A float target shaped like the input is class probabilities (torch's soft labels):
+    against the row-by-row reference, the gradient against central differences."""
+    x = randn(rng, *shape)
+    probs = rng.random(shape).astype(np.float32)
+    probs /= probs.sum(axis=0 if len(shape) == 1 else 1, keepdims=True)
+    c = shape[0] if len(shape) == 1 else shape[1]
+    w = rng.uniform(0.2, 2.0, c).astype(np.float32) if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=eps)
+    want = ref.soft_cross_entropy(x, probs, w, **kw)
+    got = np.asarray(F.cross_entropy(x, probs, w, **kw))
+    assert got.dtype == np.float32 and got.shape == np.shape(want)
+    assert_close(got, want, red=x.size, err_msg=f"soft cross_entropy {kw}")
+    go = randn(rng, *np.shape(want)) if reduction == "none" else np.float32(0.8)
+    gx = F.cross_entropy_backward(go, x, probs, weight=w, **kw)
+    x64, h = x.astype(np.float64), 1e-6
+    numeric = np.zeros_like(x64)
+    for i in np.ndindex(x.shape):
+        up, down = x64.copy(), x64.copy()
+        up[i] += h
+        down[i] -= h
+        diff = (ref.soft_cross_entropy(up, probs, w, **kw) -
+                ref.soft_cross_entropy(down, probs, w, **kw)) / (2 * h)
+        numeric[i] = np.sum(np.asarray(go, np.float64) * diff)
+    assert_close(gx, numeric, red=c, atol=1e-5, err_msg=f"soft backward {kw}")
+    from fastcnn import nn
+
+    loss = nn.CrossEntropyLoss(weight=w, **kw)
+    np.testing.assert_array_equal(np.asarray(loss(x, probs)), got)
+    np.testing.assert_array_equal(loss.backward(go), gx)
+
+
 def test_weighted_cross_entropy_checks_the_weights(rng):
     x, t = randn(rng, 4, 3), np.array([0, 1, 2, 1])
     with pytest.raises(ValueError, match=r"one value per class, shape \(3,\)"):

@@ -155,6 +155,29 @@ def test_weighted_cross_entropy_vs_torch(reduction, eps, xs, rng):
                                tx.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_probability_targets_vs_torch(reduction, weighted, rng):
+    F = pytest.importorskip("fastcnn.functional")
+    x = rng.standard_normal((3, 4, 2, 3)) * 2
+    y = rng.random(x.shape)
+    y /= y.sum(axis=1, keepdims=True)
+    w = rng.uniform(0.2, 2.0, 4) if weighted else None
+    tx = t64(x)
+    tl = TF.cross_entropy(tx, torch.tensor(y), weight=None if w is None else torch.tensor(w),
+                          reduction=reduction, label_smoothing=0.1)
+    close(ref.soft_cross_entropy(x, y, w, reduction, 0.1), tl)
+    go = rng.standard_normal(tl.shape) if reduction == "none" else 0.7
+    tl.backward(torch.tensor(np.asarray(go, dtype=np.float64)))
+    x32, y32 = x.astype(np.float32), y.astype(np.float32)
+    w32 = None if w is None else w.astype(np.float32)
+    np.testing.assert_allclose(F.cross_entropy(x32, y32, w32, reduction, label_smoothing=0.1),
+                               tl.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(F.cross_entropy_backward(np.float32(go), x32, y32, reduction,
+                                                        label_smoothing=0.1, weight=w32),
+                               tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 def test_cross_entropy_all_ignored_vs_torch(eps):
     x = np.ones((3, 4))

@@ -672,6 +672,10 @@ def cross_entropy(input, target, weight=None, reduction="mean", ignore_index=-10
     non-ignored targets, weighted: divided by the sum of their classes' weights),
     'sum' or 'none'; targets equal to ``ignore_index`` contribute nothing;
     ``label_smoothing`` mixes the target with the uniform distribution.
+
+    Or, as torch, with class probabilities: a float ``target`` shaped like
+    ``input`` (soft labels, mixup, distillation): -sum_c w_c y_c log softmax(x)_c
+    per row ('mean': over the rows; ``ignore_index`` does not apply).
     """
     return _cross_entropy(input, target, reduction, ignore_index, label_smoothing, weight)[0]
 
@@ -710,11 +714,78 @@ def _check_weighted_targets(a, t, xp):
         a.raise_bad_target(t)
 
 
+def _probability_targets(x, target, xp):
+    """``target`` as float64 class probabilities when it is a float array shaped like
+    the logits ``x`` (else None: class indices)."""
+    dtype = getattr(target, "dtype", None)
+    if dtype is None or np.dtype(dtype).kind != "f" or tuple(target.shape) != tuple(x.shape):
+        return None
+    return B.as_float(target, "target", xp).astype(np.float64)
+
+
+class _SoftArgs(_CrossEntropyArgs):
+    """_CrossEntropyArgs for probability targets: their shape is the input's."""
+
+    def __init__(self, op, x, reduction, label_smoothing):
+        super().__init__(op, x, np.zeros(x.shape[:1] + x.shape[2:] if x.ndim >= 2 else ()),
+                         reduction, -100, label_smoothing, on_host=False)
+
+
+def _soft_terms(a, rows, y, w):
+    """The rows' losses -sum_c w_c y_c log p_c (y smoothed), float64, and what the
+    gradient needs: p and the weighted targets."""
+    logp = _softmax("log_softmax", rows, 1, True).astype(np.float64)
+    if a.label_smoothing:
+        y = y * (1.0 - a.label_smoothing) + a.label_smoothing / a.classes
+    if w is not None:
+        y = y * w
+    return -(y * logp).sum(axis=1), logp, y
+
+
+def _soft_cross_entropy(x, y, reduction, label_smoothing, weight, xp):
+    a = _SoftArgs("cross_entropy", x, reduction, label_smoothing)
+    w = None if weight is None else _class_weights(weight, a, xp)
+    loss, _, _ = _soft_terms(a, a.rows(x), a.rows(y), w)
+    if reduction == "none":
+        return loss.astype(_F32).reshape(a.target_shape)
+    total = loss.sum()
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = total / loss.shape[0]
+    return xp.asarray(total, dtype=_F32)
+
+
+def _soft_cross_entropy_backward(grad_output, x, y, reduction, label_smoothing, weight, xp):
+    a = _SoftArgs("cross_entropy_backward", x, reduction, label_smoothing)
+    w = None if weight is None else _class_weights(weight, a, xp)
+    _, logp, yw = _soft_terms(a, a.rows(x), a.rows(y), w)
+    g = B.as_float(grad_output, "grad_output", xp)
+    if reduction == "none":
+        if g.shape != a.target_shape:
+            raise ValueError(f"cross_entropy_backward: grad_output has shape "
+                             f"{shape_str(g.shape)}, expected {shape_str(a.target_shape)} "
+                             f"(reduction='none')")
+        scale = g.reshape(-1, 1).astype(np.float64)
+    else:
+        if g.size != 1:
+            raise ValueError(f"cross_entropy_backward: grad_output must be a scalar for "
+                             f"reduction={reduction!r}, got shape {shape_str(g.shape)}")
+        scale = g.reshape(()).astype(np.float64)
+        if reduction == "mean":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                scale = scale / logp.shape[0]
+    grad = (xp.exp(logp) * yw.sum(axis=1, keepdims=True) - yw) * scale
+    return a.unrows(xp.ascontiguousarray(grad.astype(_F32)))
+
+
 def _cross_entropy(input, target, reduction, ignore_index, label_smoothing, weight=None):
     """(loss, status): status is the GPU's target counts (for
     :func:`_cross_entropy_backward`), None on the CPU."""
     xp, K = B.dispatch(input, target, weight)
     x = B.as_float(input, "input", xp)
+    y = _probability_targets(x, target, xp)
+    if y is not None:
+        return _soft_cross_entropy(x, y, reduction, label_smoothing, weight, xp), None
     t = B.as_labels(target, "target", xp)
     a = _CrossEntropyArgs("cross_entropy", x, t, reduction, ignore_index, label_smoothing,
                           on_host=xp is np)
@@ -838,6 +909,10 @@ def _cross_entropy_backward(grad_output, input, target, reduction, ignore_index,
     GPU then neither recounts nor rechecks them)."""
     xp, K = B.dispatch(grad_output, input, target, weight)
     x = B.as_float(input, "input", xp)
+    y = _probability_targets(x, target, xp)
+    if y is not None:
+        return _soft_cross_entropy_backward(grad_output, x, y, reduction, label_smoothing,
+                                            weight, xp)
     t = B.as_labels(target, "target", xp)
     a = _CrossEntropyArgs("cross_entropy_backward", x, t, reduction, ignore_index,
                           label_smoothing, on_host=xp is np)
