@@ -1078,6 +1078,19 @@ class TestModelsOnGpu:
                 continue
             close(cp.asnumpy(b), a, 100, rtol=1e-3, atol=1e-4, name=name)
 
+    def test_layers_made_on_the_gpu(self, rng, cp):
+        """device='cuda' as torch's factory argument: the parameters and float buffers
+        are CuPy arrays from the start, the same values as made on the CPU then moved."""
+        from fastcnn import nn
+
+        for make in (lambda **kw: nn.Conv2d(1, 4, 3, rng=3, **kw),
+                     lambda **kw: nn.Linear(6, 2, rng=3, **kw),
+                     lambda **kw: nn.BatchNorm2d(4, **kw)):
+            gpu, cpu = make(device="cuda"), make()
+            assert gpu.device == "cuda" and isinstance(gpu.weight.data, cp.ndarray)
+            for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+                bitwise(cp.asnumpy(b) if isinstance(b, cp.ndarray) else b, a, name)
+
     def test_gradient_clipping_on_the_gpu(self, rng, cp):
         """nn.utils.clip_grad_norm_ / clip_grad_value_ on CuPy gradients, as on the CPU."""
         from fastcnn import nn

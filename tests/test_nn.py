@@ -377,6 +377,19 @@ def test_flatten_dims_as_torch(rng):
     assert nn.Flatten(0)(np.float32(3.0)).shape == (1,)
 
 
+def test_layers_take_torch_s_device_and_dtype_arguments():
+    """device= / dtype= as torch's factory arguments: float32 only, 'cpu' (or 'cuda',
+    tested with the GPU paths); not part of the saved configuration."""
+    for make in (lambda **kw: nn.Conv2d(2, 3, 3, **kw), lambda **kw: nn.Linear(4, 5, **kw),
+                 lambda **kw: nn.BatchNorm2d(3, **kw), lambda **kw: nn.BatchNorm1d(3, **kw)):
+        layer = make(device="cpu", dtype=np.float32)
+        assert layer.device == "cpu" and "device" not in layer.get_config()
+        assert make(dtype="float32").weight.data.dtype == np.float32
+        for bad in (np.float64, "float16", object()):
+            with pytest.raises(TypeError, match="dtype must be float32"):
+                make(dtype=bad)
+
+
 def test_layer_argument_errors():
     with pytest.raises(ValueError, match="divisible by groups"):
         nn.Conv2d(3, 4, 3, groups=2)

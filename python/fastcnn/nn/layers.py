@@ -37,6 +37,21 @@ def _positive(value, name):
     return int(value)
 
 
+def _place(module, device, dtype):
+    """torch's factory arguments of a layer with parameters: ``dtype`` float32 only
+    (fastcnn's layers compute in float32), ``device`` 'cpu' or 'cuda' (moved there)."""
+    if dtype is not None:
+        try:
+            ok = np.dtype(dtype) == np.float32
+        except TypeError:
+            ok = False
+        if not ok:
+            raise TypeError(f"{type(module).__name__}: dtype must be float32 (fastcnn's layers "
+                            f"compute in float32), got {dtype!r}")
+    if device is not None and str(device) != "cpu":
+        module.to(device)
+
+
 class _Deferred:
     """A cached forward value computed only if a backward pass asks for it
     (a batch norm's output that a fused pass never wrote)."""
@@ -103,7 +118,7 @@ class Conv2d(Module):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, bias=True, rng=None):
+                 dilation=1, groups=1, bias=True, rng=None, device=None, dtype=None):
         super().__init__()
         self.in_channels = _positive(in_channels, "in_channels")
         self.out_channels = _positive(out_channels, "out_channels")
@@ -133,6 +148,7 @@ class Conv2d(Module):
                                          np.float32))
         self.bias = Parameter(np.empty(out_channels, np.float32)) if bias else None
         self.reset_parameters(rng)
+        _place(self, device, dtype)
 
     def reset_parameters(self, rng=None):
         rng = init.get_generator(rng)
@@ -219,13 +235,14 @@ class Conv2d(Module):
 class Linear(Module):
     """y = x W^T + b over (*, in_features) input (torch.nn.Linear's arguments and init)."""
 
-    def __init__(self, in_features, out_features, bias=True, rng=None):
+    def __init__(self, in_features, out_features, bias=True, rng=None, device=None, dtype=None):
         super().__init__()
         self.in_features = _positive(in_features, "in_features")
         self.out_features = _positive(out_features, "out_features")
         self.weight = Parameter(np.empty((out_features, in_features), np.float32))
         self.bias = Parameter(np.empty(out_features, np.float32)) if bias else None
         self.reset_parameters(rng)
+        _place(self, device, dtype)
 
     def reset_parameters(self, rng=None):
         rng = init.get_generator(rng)
@@ -476,7 +493,7 @@ class _BatchNorm(Module):
     _ndims = ()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True):
+                 track_running_stats=True, device=None, dtype=None):
         super().__init__()
         self.num_features = _positive(num_features, "num_features")
         self.eps = float(eps)
@@ -492,6 +509,7 @@ class _BatchNorm(Module):
             self.register_buffer("running_mean", np.zeros(num_features, np.float32))
             self.register_buffer("running_var", np.ones(num_features, np.float32))
             self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+        _place(self, device, dtype)
 
     def _stats(self):
         if not self.track_running_stats:
