@@ -759,21 +759,7 @@ def _soft_cross_entropy_backward(grad_output, x, y, reduction, label_smoothing, 
     a = _SoftArgs("cross_entropy_backward", x, reduction, label_smoothing)
     w = None if weight is None else _class_weights(weight, a, xp)
     _, logp, yw = _soft_terms(a, a.rows(x), a.rows(y), w)
-    g = B.as_float(grad_output, "grad_output", xp)
-    if reduction == "none":
-        if g.shape != a.target_shape:
-            raise ValueError(f"cross_entropy_backward: grad_output has shape "
-                             f"{shape_str(g.shape)}, expected {shape_str(a.target_shape)} "
-                             f"(reduction='none')")
-        scale = g.reshape(-1, 1).astype(np.float64)
-    else:
-        if g.size != 1:
-            raise ValueError(f"cross_entropy_backward: grad_output must be a scalar for "
-                             f"reduction={reduction!r}, got shape {shape_str(g.shape)}")
-        scale = g.reshape(()).astype(np.float64)
-        if reduction == "mean":
-            with np.errstate(invalid="ignore", divide="ignore"):
-                scale = scale / logp.shape[0]
+    scale = _grad_scale(grad_output, a, xp, logp.shape[0])
     grad = (xp.exp(logp) * yw.sum(axis=1, keepdims=True) - yw) * scale
     return a.unrows(xp.ascontiguousarray(grad.astype(_F32)))
 
@@ -873,24 +859,30 @@ def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_
                                    label_smoothing, weight=weight)
 
 
-def _weighted_backward(grad_output, a, rows, t, w, xp):
-    """d loss / d logits of the class-weighted cross-entropy (float64, as the forward)."""
-    _, total_weight, (logp, valid, target, weights) = _weighted_terms(a, rows, t, w, xp)
+def _grad_scale(grad_output, a, xp, divisor):
+    """grad_output as each row's factor (float64): (rows, 1) for 'none', a scalar for
+    'sum', over ``divisor`` for 'mean' (NaN when it is 0, as torch)."""
     g = B.as_float(grad_output, "grad_output", xp)
     if a.reduction == "none":
         if g.shape != a.target_shape:
             raise ValueError(f"cross_entropy_backward: grad_output has shape "
                              f"{shape_str(g.shape)}, expected {shape_str(a.target_shape)} "
                              f"(reduction='none')")
-        scale = g.reshape(-1).astype(np.float64)
-    else:
-        if g.size != 1:
-            raise ValueError(f"cross_entropy_backward: grad_output must be a scalar for "
-                             f"reduction={a.reduction!r}, got shape {shape_str(g.shape)}")
-        scale = g.reshape(()).astype(np.float64)
-        if a.reduction == "mean":
-            with np.errstate(invalid="ignore", divide="ignore"):
-                scale = scale / total_weight  # NaN when no target counts, as torch
+        return g.reshape(-1, 1).astype(np.float64)
+    if g.size != 1:
+        raise ValueError(f"cross_entropy_backward: grad_output must be a scalar for "
+                         f"reduction={a.reduction!r}, got shape {shape_str(g.shape)}")
+    scale = g.reshape(()).astype(np.float64)
+    if a.reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = scale / divisor
+    return scale
+
+
+def _weighted_backward(grad_output, a, rows, t, w, xp):
+    """d loss / d logits of the class-weighted cross-entropy (float64, as the forward)."""
+    _, total_weight, (logp, valid, target, weights) = _weighted_terms(a, rows, t, w, xp)
+    scale = _grad_scale(grad_output, a, xp, total_weight)
     p = xp.exp(logp)
     n = rows.shape[0]
     grad = (1.0 - a.label_smoothing) * weights[:, None] * p
@@ -898,7 +890,7 @@ def _weighted_backward(grad_output, a, rows, t, w, xp):
     if a.label_smoothing:
         grad += (a.label_smoothing / a.classes) * valid[:, None] * (w.sum() * p - w)
     with np.errstate(invalid="ignore"):
-        grad *= scale[:, None] if a.reduction == "none" else scale
+        grad *= scale
     grad = xp.where(valid[:, None], grad, 0.0)  # ignored rows: 0 (all ignored too, as torch)
     return a.unrows(xp.ascontiguousarray(grad.astype(_F32)))
 
