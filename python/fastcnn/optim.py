@@ -280,11 +280,10 @@ class Adam(Optimizer):
         xp = _array_module(p)
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         amsgrad = group.get("amsgrad", False)
-        if not state or (amsgrad and "max_exp_avg_sq" not in state):
-            if not state:
-                self._init_state(state, p, group)
-            else:  # amsgrad switched on after steps without it: the maximum from now
-                state["max_exp_avg_sq"] = state["exp_avg_sq"].copy()
+        if not state:
+            self._init_state(state, p, group)
+        elif amsgrad and "max_exp_avg_sq" not in state:  # switched on after steps without it
+            state["max_exp_avg_sq"] = state["exp_avg_sq"].copy()
         state["step"] += 1
         t = state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]

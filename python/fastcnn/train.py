@@ -160,31 +160,20 @@ def predict(model, data, batch_size=500, mean=None, std=None):
             batches = (array[i:i + batch_size] for i in range(0, len(array), batch_size))
         for x in batches:
             out.append(F.softmax(_infer(model, _to_device(x, device)), dim=1))
+        if not out:  # no images: (0, classes), the model run on an empty batch of their shape
+            empty = np.zeros((0,) + _image_shape(data), np.float32)
+            out.append(F.softmax(_infer(model, _to_device(empty, device)), dim=1))
     finally:
         model.train(was_training)
     xp = importlib.import_module("cupy") if device != "cpu" else np
-    if not out:  # no images: (0, classes), the classes from the model's output
-        return _empty_prediction(model, data, device, xp)
     return xp.concatenate(out)
 
 
-def _empty_prediction(model, data, device, xp):
-    """predict's (0, classes) for no images: the model run on an empty batch of their
-    shape (a Dataset's images, or the array's trailing axes)."""
-    if isinstance(data, (Dataset, DataLoader)):
-        dataset = data if isinstance(data, Dataset) else data.dataset
-        shape = tuple(dataset.image_shape)
-    else:
-        shape = tuple(data.shape[1:])
-    if not shape:
-        raise ValueError("predict: the images have no shape; give an (N, C, H, W) array")
-    was_training = model.training
-    model.eval()
-    try:
-        logits = _infer(model, _to_device(np.zeros((0,) + shape, np.float32), device))
-    finally:
-        model.train(was_training)
-    return xp.zeros((0, logits.shape[-1]), np.float32)
+def _image_shape(data):
+    """(C, H, W) of a Dataset's, a DataLoader's or an (N, C, H, W) array's images."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    return tuple(data.image_shape) if isinstance(data, Dataset) else tuple(data.shape[1:])
 
 
 def plot_history(history, path, title=None):
