@@ -1452,6 +1452,12 @@ class TestModelsOnGpu:
                                                     stdev=0.2, nt_type="vargrad"),
             "feature_maps": lambda m, a: viz.feature_maps(m, a, "relu2"),
             "occlusion": lambda m, a: viz.occlusion(m, a, window=3, stride=2).heatmap,
+            "deconvolution": lambda m, a: viz.deconvolution(m, a),
+            "input_x_gradient": lambda m, a: viz.input_x_gradient(m, a, score="probability"),
+            "integrated_gradients": lambda m, a: viz.integrated_gradients(
+                m, a, n_steps=5, batch_size=3, baseline=a[:1]),
+            "integrated_delta": lambda m, a: viz.integrated_gradients(
+                m, a, n_steps=4, method="riemann_trapezoid", return_convergence_delta=True)[1],
         }
         for name, fn in cases.items():
             got = fn(gpu, gx)

@@ -242,6 +242,190 @@ def test_guided_backprop_on_cnn_zeroes_negative_paths():
     assert (at_relu1 >= 0).all() and (at_relu1 > 0).any()
 
 
+def test_deconvolution_hand_computed():
+    """tiny_guided_net, class 0: the deconvnet rule passes max(g_h, 0) = [2, 0, 5] whatever
+    h's sign (the third unit is dead, h = -7), so dx = W1^T [2, 0, 5] = [7, 5]."""
+    model = tiny_guided_net(guided_flag=True)      # the ReLU's own flag does not matter
+    x = np.array([[[1.0, 2.0]]], np.float32)
+    np.testing.assert_array_equal(viz.deconvolution(model, x, 0), [[[7.0, 5.0]]])
+    # a unit of a layer: relu1's dead unit 2 still passes its seed of 1: dx = W1[2] = [1, 1]
+    np.testing.assert_array_equal(viz.deconvolution(model, x, layer="relu1", channel=2),
+                                  [[[1.0, 1.0]]])
+    assert model.relu1.guided is True
+    model.forward(x[None])
+    with pytest.raises(ValueError, match="guided must be"):
+        model.backward(np.ones((1, 2), np.float32), guided="deconv")
+
+
+def deconvolution64(model, x, target):
+    """The deconvnet's backward in float64, layer by layer: max(g, 0) at every ReLU, each
+    max pool's gradient to the first maximum of its window (the forward's switch; after
+    a ReLU, windows of zeros tie), every other layer's true backward (central
+    differences: they are affine)."""
+    outputs = forward64(model, x)
+    names = list(outputs)
+    g = np.zeros_like(outputs[names[-1]])
+    g[np.arange(len(x)), target] = 1.0
+    for k in range(len(names) - 1, -1, -1):
+        layer = model[names[k]]
+        before = outputs[names[k - 1]] if k else np.asarray(x, np.float64)
+        if isinstance(layer, nn.ReLU):
+            g = np.maximum(g, 0.0)
+        elif isinstance(layer, nn.MaxPool2d):
+            g = _pool_switches64(layer, before, g)
+        else:
+            g = _vjp64(lambda a, layer=layer: _layer64(layer, a), before, g)
+    return g
+
+
+def _pool_switches64(layer, a, g):
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    assert layer.dilation == (1, 1)
+    out = np.zeros_like(a)
+    for n, c, oy, ox in np.ndindex(g.shape):
+        window = [(y, x) for y in range(oy * sh - ph, oy * sh - ph + kh)
+                  for x in range(ox * sw - pw, ox * sw - pw + kw)
+                  if 0 <= y < a.shape[2] and 0 <= x < a.shape[3]]
+        y, x = max(window, key=lambda p: (a[n, c][p], -window.index(p)))
+        out[n, c, y, x] += g[n, c, oy, ox]
+    return out
+
+
+def _layer64(layer, a):
+    model = nn.Sequential(OrderedDict(only=layer))
+    return forward64(model, a)["only"]
+
+
+def _vjp64(f, a, g, eps=1e-6):
+    """g^T J_f(a) by central differences, a batch at a time."""
+    out = np.zeros_like(a)
+    for i in np.ndindex(a.shape[1:]):
+        up, down = a.copy(), a.copy()
+        up[(slice(None),) + i] += eps
+        down[(slice(None),) + i] -= eps
+        diff = (f(up) - f(down)) / (2 * eps)
+        out[(slice(None),) + i] = (diff * g).reshape(len(a), -1).sum(axis=1)
+    return out
+
+
+def test_deconvolution_matches_layer_by_layer_reference():
+    model = small_cnn()
+    x = images(2)
+    target = np.array([2, 4])
+    got = viz.deconvolution(model, x, target)
+    want = deconvolution64(model, x, target)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+    assert not np.allclose(got, viz.guided_backprop(model, x, target))
+
+
+def test_input_x_gradient_is_input_times_finite_differences():
+    model = small_cnn()
+    x = images(1)[0]
+    want = x * numerical_input_grad(lambda xi: forward64(model, xi[None])["fc2"][0, 3], x)
+    got = viz.input_x_gradient(model, x, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------- integrated gradients
+
+def linear_net(seed=0):
+    """Flatten + Linear: the gradient is W[t] everywhere, so integrated gradients are
+    exactly (x - baseline) * W[t] times the quadrature's total width."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc=nn.Linear(2 * 4 * 3, 3, rng=rng)))
+
+
+@pytest.mark.parametrize("method,width", [
+    ("gausslegendre", 1.0), ("riemann_left", 1.0), ("riemann_middle", 1.0),
+    ("riemann_right", 1.0),
+    ("riemann_trapezoid", 6 / 7),    # Captum's widths: 1/n each, the two ends halved
+])
+def test_integrated_gradients_of_a_linear_model(method, width):
+    model = linear_net()
+    x = np.random.default_rng(1).standard_normal((2, 2, 4, 3)).astype(np.float32)
+    base = np.random.default_rng(2).standard_normal((2, 4, 3)).astype(np.float32)
+    w = model.fc.weight.data.astype(np.float64)
+    got, delta = viz.integrated_gradients(model, x, [0, 2], baseline=base, n_steps=7,
+                                          method=method, return_convergence_delta=True)
+    want = (x - base.astype(np.float64)) * w[[0, 2]].reshape(2, 2, 4, 3) * width
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    change = ((x - base).reshape(2, -1).astype(np.float64) * w[[0, 2]]).sum(axis=1)
+    np.testing.assert_allclose(delta, change * (width - 1.0), atol=1e-5)
+
+
+def integrated_gradients64(model, x, target, baseline, alphas, widths):
+    """sum_k width_k * d score / d x at baseline + alpha_k (x - baseline), by central
+    differences of the float64 forward, times (x - baseline)."""
+    x, baseline = np.asarray(x, np.float64), np.asarray(baseline, np.float64)
+    total = np.zeros_like(x)
+    for alpha, width in zip(alphas, widths):
+        point = baseline + alpha * (x - baseline)
+        total += width * numerical_input_grad(
+            lambda xi: forward64(model, xi[None])["fc2"][0, target], point)
+    return total * (x - baseline)
+
+
+def test_integrated_gradients_match_path_of_finite_differences():
+    """On the CNN, with the Gauss-Legendre nodes written out here for 3 steps, and the
+    left Riemann sum; and the convergence delta against the float64 forward."""
+    model = small_cnn()
+    x = images(1)[0]
+    base = images(1, seed=7)[0] * 0.2
+    r = np.sqrt(3 / 5)
+    legendre = ([(1 - r) / 2, 0.5, (1 + r) / 2], [5 / 18, 8 / 18, 5 / 18])
+    for method, (alphas, widths) in [("gausslegendre", legendre),
+                                     ("riemann_left", ([0, 1 / 3, 2 / 3], [1 / 3] * 3))]:
+        got, delta = viz.integrated_gradients(model, x, 1, baseline=base, n_steps=3,
+                                              method=method, return_convergence_delta=True)
+        want = integrated_gradients64(model, x, 1, base, alphas, widths)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=method)
+        ends = forward64(model, np.stack([x, base]))["fc2"][:, 1]
+        assert delta.shape == ()
+        np.testing.assert_allclose(delta, want.sum() - (ends[0] - ends[1]), atol=1e-4)
+
+
+def test_integrated_gradients_complete_with_many_steps():
+    """Completeness: the attributions add up to score(x) - score(baseline), for the
+    probability too, closer with more steps (a ReLU network's kinks keep Gauss-Legendre
+    from being exact); the delta is that shortfall."""
+    model = small_cnn()
+    x = images(3)
+    for score in ("logit", "probability"):
+        scores = forward64(model, np.concatenate([x, np.zeros_like(x)]))["fc2"]
+        if score == "probability":
+            scores = softmax64(scores)
+        t = scores[:3].argmax(axis=1)
+        change = scores[np.arange(3), t] - scores[np.arange(3) + 3, t]
+        errors = []
+        for n_steps in (8, 128):
+            attributions, delta = viz.integrated_gradients(
+                model, x, n_steps=n_steps, score=score, return_convergence_delta=True)
+            total = attributions.reshape(3, -1).astype(np.float64).sum(axis=1)
+            np.testing.assert_allclose(delta, total - change, atol=1e-5)
+            errors.append(np.abs(delta).max())
+        assert errors[1] < errors[0] / 4 and errors[1] < 1e-2 * np.abs(change).max(), errors
+
+
+def test_integrated_gradients_arguments():
+    model = small_cnn()
+    x = images(2)
+    with pytest.raises(ValueError, match="method must be one of"):
+        viz.integrated_gradients(model, x, method="simpson")
+    with pytest.raises(ValueError, match="n_steps >= 2"):
+        viz.integrated_gradients(model, x, n_steps=1, method="riemann_left")
+    with pytest.raises(ValueError, match="n_steps"):
+        viz.integrated_gradients(model, x, n_steps=0)
+    with pytest.raises(ValueError, match="baseline must be"):
+        viz.integrated_gradients(model, x, baseline=np.zeros((1, 8, 8)))
+    with pytest.raises(TypeError, match="baseline"):
+        viz.integrated_gradients(model, x, baseline="black")
+    # one step of Gauss-Legendre: the gradient at the midpoint times (x - baseline)
+    mid = viz.gradient(model, x * 0.5, [0, 1])
+    np.testing.assert_allclose(viz.integrated_gradients(model, x, [0, 1], n_steps=1),
+                               mid * x, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- Grad-CAM
 
 def cam_net(seed=0):
@@ -471,6 +655,12 @@ def _all_methods(model, x, target):
         "guided_gradcam": viz.guided_grad_cam(model, x, target, layer="relu1"),
         "smoothgrad": viz.smooth_grad(model, x, target, n_samples=5, batch_size=4),
         "smooth_guided": viz.smooth_grad(model, x, target, method="guided", n_samples=3),
+        "deconvolution": viz.deconvolution(model, x, target),
+        "input_x_gradient": viz.input_x_gradient(model, x, target),
+        "integrated": viz.integrated_gradients(model, x, target, n_steps=6, batch_size=5,
+                                               baseline=0.1),
+        "integrated_delta": viz.integrated_gradients(model, x, target, n_steps=4,
+                                                     return_convergence_delta=True)[1],
         "occlusion": r.heatmap, "occlusion_logit": r.logit, "occlusion_pred": r.predicted,
         "features": viz.feature_maps(model, x, "relu2"),
     }
@@ -532,6 +722,9 @@ def test_model_state_unchanged(train):
         lambda: viz.grad_cam(model, x, train=train),
         lambda: viz.guided_grad_cam(model, x, train=train),
         lambda: viz.smooth_grad(model, x, n_samples=2, train=train),
+        lambda: viz.deconvolution(model, x, train=train),
+        lambda: viz.input_x_gradient(model, x, train=train),
+        lambda: viz.integrated_gradients(model, x, n_steps=3, train=train),
         lambda: viz.occlusion(model, x, window=4, stride=4, train=train),
         lambda: viz.feature_maps(model, x, train=train),
         lambda: viz.filters(model),
@@ -646,6 +839,9 @@ def test_layers_given_as_modules_and_empty_batches():
         viz.guided_backprop(model, x, layer="relu2", channel=1, position="max"))
     empty = x[:0]
     assert viz.saliency(model, empty).shape == (0, 8, 8)
+    attributions, delta = viz.integrated_gradients(model, empty, return_convergence_delta=True)
+    assert attributions.shape == (0, 2, 8, 8) and delta.shape == (0,)
+    assert viz.deconvolution(model, empty).shape == (0, 2, 8, 8)
     r = viz.occlusion(model, empty, window=3, stride=2)
     assert r.heatmap.shape == (0, 8, 8) and r.logit.shape == (0, 4, 4)
     assert r.target.shape == (0,) and r.predicted.shape == (0, 4, 4)

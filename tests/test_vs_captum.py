@@ -101,6 +101,41 @@ def test_gradients_vs_captum(seed):
           attr(captum_attr.GuidedBackprop(tm), x, target=target))
 
 
+def test_deconvolution_and_input_x_gradient_vs_captum():
+    model, x = cnn(5), inputs(5)
+    tm, target = to_torch(model), [2, 2, 0]
+    close(viz.deconvolution(model, x, target),
+          attr(captum_attr.Deconvolution(tm), x, target=target))
+    close(viz.input_x_gradient(model, x, target),
+          attr(captum_attr.InputXGradient(tm), x, target=target))
+    probs = tnn.Sequential(tm, tnn.Softmax(dim=1))
+    close(viz.input_x_gradient(model, x, target, score="probability"),
+          attr(captum_attr.InputXGradient(probs), x, target=target))
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_left",
+                                    "riemann_middle", "riemann_right"])
+@pytest.mark.parametrize("baseline", ["zero", "image", "per_sample"])
+def test_integrated_gradients_vs_captum(method, baseline):
+    model, x = cnn(6), inputs(6)
+    tm, target = to_torch(model), [1, 4, 3]
+    base = {"zero": 0.0, "image": inputs(7, n=1)[0] * 0.5, "per_sample": inputs(8) * 0.5}
+    base = base[baseline]
+    captum_base = (torch.from_numpy(np.asarray(base, np.float64))
+                   if np.ndim(base) else base)
+    if np.ndim(base) == 3:
+        captum_base = captum_base[None]
+    for score, net in (("logit", tm), ("probability", tnn.Sequential(tm, tnn.Softmax(dim=1)))):
+        got, delta = viz.integrated_gradients(model, x, target, baseline=base, n_steps=9,
+                                              method=method, batch_size=10, score=score,
+                                              return_convergence_delta=True)
+        want, want_delta = captum_attr.IntegratedGradients(net).attribute(
+            torch.from_numpy(x.astype(np.float64)), baselines=captum_base, target=target,
+            n_steps=9, method=method, internal_batch_size=4, return_convergence_delta=True)
+        close(got, want.detach().numpy())
+        np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5, err_msg=score)
+
+
 @pytest.mark.parametrize("layer", ["relu1", "conv2", "relu2"])
 def test_grad_cam_vs_captum(layer):
     model, x = cnn(2), inputs(2)

@@ -13,7 +13,7 @@ from .. import _backend as B
 from .. import capture
 from .. import functional as F
 from . import init
-from .module import Module, Parameter
+from .module import DECONVOLUTION, Module, Parameter
 
 __all__ = ["Conv2d", "Linear", "ReLU", "MaxPool2d", "Flatten", "Dropout",
            "BatchNorm1d", "BatchNorm2d", "Softmax", "LogSoftmax"]
@@ -284,7 +284,9 @@ class Linear(Module):
 class ReLU(Module):
     """max(x, 0). With ``guided`` (or ``backward(g, guided=True)``) the backward pass
     uses the guided-backpropagation rule: gradient passes only where the forward
-    input is > 0 *and* the incoming gradient is > 0."""
+    input is > 0 *and* the incoming gradient is > 0. ``backward(g,
+    guided="deconvolution")`` uses the deconvnet rule (Zeiler & Fergus): max(g, 0),
+    whatever the forward input."""
 
     accepts_guided = True
     # Sequential may run this ReLU and a MaxPool2d right after it as one op
@@ -300,8 +302,14 @@ class ReLU(Module):
         return F.relu(x)
 
     def backward(self, grad_out, *, input_grad=True, guided=None):
+        rule = self.guided if guided is None else guided
+        if isinstance(rule, str):
+            if rule != DECONVOLUTION:
+                raise ValueError(f"ReLU.backward: guided must be True, False, None or "
+                                 f"{DECONVOLUTION!r}, got {rule!r}")
+            return F.relu(grad_out)
         x = _cached(self, "_input")
-        return F.relu_backward(grad_out, x, guided=self.guided if guided is None else bool(guided))
+        return F.relu_backward(grad_out, x, guided=bool(rule))
 
     def set_fused_forward(self, y):
         """Record a forward that the layer before ran with this ReLU (forward_relu):

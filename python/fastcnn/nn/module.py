@@ -18,6 +18,9 @@ from .._backend import as_float as _as_float
 
 __all__ = ["Parameter", "Module", "Sequential", "from_spec"]
 
+#: Sequential.backward's and ReLU.backward's ``guided`` value for the deconvnet rule.
+DECONVOLUTION = "deconvolution"
+
 
 # Bumped whenever a module's structure or settings change: an attribute set
 # (but the private ones a layer keeps its last forward in), a parameter's
@@ -642,13 +645,19 @@ class Sequential(Module):
                 and return it (layer ``stop`` itself is not run backward).
         input_grad: compute the gradient w.r.t. the model input (the first layer may
                 skip it when False, as in training; None is returned then).
-        guided: True/False overrides every ReLU's ``guided`` rule for this pass.
+        guided: True/False overrides every ReLU's ``guided`` rule for this pass;
+                'deconvolution' makes every ReLU pass max(gradient, 0) whatever
+                its input (the deconvnet rule of Zeiler & Fergus).
         param_grads: when False no parameter gradient is computed or changed.
         Returns the gradient w.r.t. the model input (or w.r.t. ``stop``'s output).
         """
         if self._unrecorded:
             raise RuntimeError("Sequential.backward: the last forward ran with record=False, "
                                "which keeps nothing for a backward pass; run forward(x) first")
+        if not (guided is None or isinstance(guided, (bool, np.bool_)) or
+                isinstance(guided, str) and guided == DECONVOLUTION):
+            raise ValueError(f"Sequential.backward: guided must be None, True, False or "
+                             f"{DECONVOLUTION!r}, got {guided!r}")
         names, layers = self.names, list(self._modules.values())
         first = len(self) - 1 if start is None else self.index(start)
         last = -1 if stop is None else self.index(stop)

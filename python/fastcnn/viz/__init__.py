@@ -5,6 +5,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> from fastcnn import viz
 >>> viz.saliency(model, x)                       # max_c |d logit / d x|, (H, W)
 >>> viz.guided_backprop(model, x, layer="relu2", channel=5, position="max")
+>>> viz.integrated_gradients(model, x, baseline=0.0, n_steps=50)   # shaped like x
 >>> viz.grad_cam(model, x, layer="relu2")        # (H, W), upsampled
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
@@ -18,14 +19,15 @@ Pictures (matplotlib on the Agg canvas) and the HTML report:
 >>> viz.write_report([e], "out")                 # out/report.html, images inlined
 """
 
-from .attribution import (OcclusionResult, gradient, grad_cam, guided_backprop, guided_grad_cam,
-                          occlusion, saliency, smooth_grad, upsample_bilinear)
+from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, guided_backprop,
+                          guided_grad_cam, input_x_gradient, integrated_gradients, occlusion,
+                          saliency, smooth_grad, upsample_bilinear)
 from .features import conv_layers, feature_maps, filter_images, filters
 from .plot import plot_explanation, plot_feature_maps, plot_filters, plot_heatmap
 from .report import METHODS, Explanation, demo_report, explain, write_report
 
-__all__ = ["gradient", "saliency", "guided_backprop", "grad_cam", "guided_grad_cam",
-           "smooth_grad", "occlusion", "OcclusionResult", "upsample_bilinear",
+__all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
+           "integrated_gradients", "grad_cam", "guided_grad_cam", "smooth_grad", "occlusion", "OcclusionResult", "upsample_bilinear",
            "feature_maps", "conv_layers", "filters", "filter_images",
            "plot_heatmap", "plot_feature_maps", "plot_filters", "plot_explanation",
            "METHODS", "Explanation", "explain", "write_report", "demo_report"]

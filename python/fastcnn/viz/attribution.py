@@ -15,6 +15,11 @@ default) or 'probability' (its softmax).
 - :func:`saliency`: max over channels of |gradient| (Simonyan et al., 2014).
 - :func:`guided_backprop`: the gradient with ReLU's guided rule (Springenberg et
   al., 2015), of a class score or of any neuron / channel of any layer.
+- :func:`deconvolution`: the gradient with the deconvnet's ReLU rule (Zeiler &
+  Fergus, 2014).
+- :func:`input_x_gradient`: input times gradient (Shrikumar et al., 2016).
+- :func:`integrated_gradients`: the gradient integrated along the straight path
+  from a baseline to the input, times their difference (Sundararajan et al., 2017).
 - :func:`grad_cam`, :func:`guided_grad_cam` (Selvaraju et al., 2017).
 - :func:`smooth_grad`: the average over noisy copies (Smilkov et al., 2017).
 - :func:`occlusion`: the score as a window slides over the image (Zeiler &
@@ -29,11 +34,13 @@ import numpy as np
 from .. import _backend as B
 from .. import functional as F
 from ..nn import BatchNorm2d, Conv2d, Dropout, MaxPool2d, ReLU
+from ..nn.module import DECONVOLUTION
 from ._common import (as_input, check_logits, check_score, default_cam_layer, layer_name,
                       preserved, resolve_targets, score_seed, unbatch)
 
-__all__ = ["gradient", "saliency", "guided_backprop", "grad_cam", "guided_grad_cam",
-           "smooth_grad", "occlusion", "OcclusionResult", "upsample_bilinear"]
+__all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
+           "integrated_gradients", "grad_cam", "guided_grad_cam", "smooth_grad", "occlusion",
+           "OcclusionResult", "upsample_bilinear"]
 
 
 # ---------------------------------------------------------------- gradients
@@ -84,6 +91,8 @@ def _class_backward(model, x, target, score, guided, op):
 
 
 def _input_gradient(model, x, target, score, guided, layer, channel, position, op):
+    """d score / d x, or of a unit of a layer; ``guided``: the ReLUs' rule (False,
+    True or DECONVOLUTION, as Sequential.backward)."""
     check_score(score, op)
     if layer is None:
         if channel is not None or position is not None:
@@ -135,6 +144,124 @@ def guided_backprop(model, x, target=None, *, score="logit", layer=None, channel
     and the incoming gradient are both positive. Signed, shaped like x."""
     return gradient(model, x, target, score=score, layer=layer, channel=channel,
                     position=position, guided=True, train=train)
+
+
+def deconvolution(model, x, target=None, *, score="logit", layer=None, channel=None,
+                  position=None, train=False):
+    """The deconvnet's reconstruction (Zeiler & Fergus; Captum's Deconvolution): the
+    input gradient of the target score, or of a unit of any layer (layer / channel /
+    position as in :func:`gradient`), where every ReLU passes max(gradient, 0)
+    whatever its forward input (max pooling keeps its switches). Signed, shaped
+    like x."""
+    op = "deconvolution"
+    x, single, _ = as_input(model, x, op)
+    with preserved(model, train):
+        grad = _input_gradient(model, x, target, score, DECONVOLUTION, layer, channel,
+                               position, op)
+    return unbatch(grad, single)
+
+
+def input_x_gradient(model, x, target=None, *, score="logit", train=False):
+    """Input times gradient (Shrikumar et al.; Captum's InputXGradient): x * d score / d x,
+    signed, shaped like x: the first-order share of each pixel in the score, for a
+    baseline of 0."""
+    op = "input_x_gradient"
+    x, single, _ = as_input(model, x, op)
+    with preserved(model, train):
+        grad = _input_gradient(model, x, target, score, False, None, None, None, op)
+    return unbatch(x * grad, single)
+
+
+def _batched_gradients(model, n, per_image, batch_size, points, target, score, guided, op):
+    """The gradient of each image's target score at ``per_image`` points of each of the
+    ``n`` images, ``batch_size`` points per pass, image by image and in order:
+    yields (images, steps, gradients), where ``points(images, steps)`` (device index
+    arrays) builds the batch and the host arrays images / steps say whose rows
+    the gradients are."""
+    xp = B.array_module(target)
+    for first in range(0, n * per_image, batch_size):
+        index = np.arange(first, min(first + batch_size, n * per_image))
+        image, step = index // per_image, index % per_image
+        on_device = xp.asarray(image)
+        grad, _, _ = _class_backward(model, points(on_device, xp.asarray(step)),
+                                     target[on_device], score, guided, op)
+        yield image, step, grad
+
+
+_PATH_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_middle",
+                 "riemann_right")
+
+
+def _path_steps(method, n_steps, op):
+    """Captum's quadrature for integrated gradients: (alphas, widths) over [0, 1]."""
+    if not isinstance(method, str) or method not in _PATH_METHODS:
+        raise ValueError(f"{op}: method must be one of {_PATH_METHODS}, got {method!r}")
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+        return 0.5 * (1.0 + nodes), 0.5 * weights
+    if n_steps < 2:
+        raise ValueError(f"{op}: {method} needs n_steps >= 2, got {n_steps}")
+    n = n_steps
+    widths = np.full(n, 1.0 / n)
+    if method == "riemann_trapezoid":
+        widths[[0, -1]] /= 2
+        return np.linspace(0.0, 1.0, n), widths
+    lo = {"riemann_left": 0.0, "riemann_middle": 0.5 / n, "riemann_right": 1.0 / n}[method]
+    return np.linspace(lo, lo + 1.0 - 1.0 / n, n), widths
+
+
+def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
+                         method="gausslegendre", batch_size=128, score="logit",
+                         return_convergence_delta=False, train=False):
+    """Integrated gradients (Sundararajan et al.; Captum's IntegratedGradients):
+    (x - baseline) times the gradient of the target score averaged along the straight
+    path from the baseline to x, signed, shaped like x. The attributions add up to
+    score(x) - score(baseline), up to the quadrature's error.
+
+    baseline: a value (in the model's input units), an image (C, H, W) or one per
+    sample (N, C, H, W). n_steps / method: the integral's quadrature, Captum's:
+    'gausslegendre' (the default; exact for polynomials of degree < 2 * n_steps),
+    'riemann_left', 'riemann_middle', 'riemann_right' or 'riemann_trapezoid' (as
+    Captum's: n_steps points from 0 to 1, widths 1 / n_steps with the end ones
+    halved). batch_size: path points per forward pass; the points are summed image
+    by image in order (float64), so an image gets the same result alone or in a
+    batch. ``target`` defaults to the prediction on x.
+    return_convergence_delta: also return, per image, the attributions' sum minus
+    (score(x) - score(baseline)): how far the quadrature is from exact.
+    """
+    op = "integrated_gradients"
+    x, single, xp = as_input(model, x, op)
+    check_score(score, op)
+    n_steps = B.as_count(n_steps, f"{op}: n_steps")
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    alphas, widths = _path_steps(method, n_steps, op)
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    diff = x - base
+    n = x.shape[0]
+    total = xp.zeros(x.shape, np.float64)
+    alpha = xp.asarray(alphas.astype(np.float32))
+    with preserved(model, train):
+        ends = model.forward(xp.concatenate([x, base]))          # (2N, classes)
+        check_logits(ends, op)
+        t = resolve_targets(target, ends[:n], op)
+
+        def points(image, step):
+            return base[image] + alpha[step][:, None, None, None] * diff[image]
+
+        for image, step, grad in _batched_gradients(model, n, n_steps, batch_size, points, t,
+                                                    score, False, op):
+            weighted = grad.astype(np.float64) * xp.asarray(widths[step])[:, None, None, None]
+            for row, i in enumerate(image):  # each image's steps in order, whatever the batch
+                total[i] += weighted[row]
+    attributions = total * diff
+    out = attributions.astype(np.float32)
+    if not return_convergence_delta:
+        return unbatch(out, single)
+    rows = xp.arange(n)
+    scores = ends if score == "logit" else F.softmax(ends, dim=1)
+    change = scores[rows, t].astype(np.float64) - scores[rows + n, t]
+    delta = (attributions.sum(axis=(1, 2, 3)) - change).astype(np.float32)
+    return unbatch((out, delta), single)
 
 
 # ---------------------------------------------------------------- Grad-CAM
@@ -306,17 +433,15 @@ def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma
     total = xp.zeros(x.shape, np.float64)
     squares = None if nt_type == "smoothgrad" else xp.zeros(x.shape, np.float64)
     with preserved(model, train):
-        if n:
-            logits = model.forward(x)
-            check_logits(logits, op)
-            t = resolve_targets(target, logits, op)
-        for first in range(0, n * n_samples, batch_size):
-            index = np.arange(first, min(first + batch_size, n * n_samples))
-            image, sample = index // n_samples, index % n_samples
-            noisy = x[xp.asarray(image)] + (scale[xp.asarray(image)][:, None, None, None] *
-                                            noise[xp.asarray(sample)])
-            grad, _, _ = _class_backward(model, noisy, t[xp.asarray(image)], score,
-                                         method == "guided", op)
+        logits = model.forward(x)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+
+        def noisy(image, sample):
+            return x[image] + scale[image][:, None, None, None] * noise[sample]
+
+        for image, _, grad in _batched_gradients(model, n, n_samples, batch_size, noisy, t,
+                                                 score, method == "guided", op):
             values = (xp.abs(grad) if method == "saliency" else grad).astype(np.float64)
             for row, i in enumerate(image):  # each image's samples in order, whatever the batch
                 total[i] += values[row]
@@ -543,19 +668,20 @@ def _pair_arg(value, name, op):
     return tuple(int(v) for v in pair)
 
 
-def _fill_images(fill, x, xp, op):
-    """The replacement pixels, (N, C, H, W): a value, an image or one image per sample."""
+def _fill_images(fill, x, xp, op, name="fill"):
+    """The replacement pixels (or baseline ``name``), (N, C, H, W): a value, an image or
+    one image per sample."""
     if fill is None or isinstance(fill, (str, bytes)):
-        raise TypeError(f"{op}: fill must be a number or an image array, got {fill!r}")
+        raise TypeError(f"{op}: {name} must be a number or an image array, got {fill!r}")
     if np.ndim(fill) == 0 and not B.is_gpu_array(fill):
         if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, (int, float, np.number)):
-            raise TypeError(f"{op}: fill must be a number or an image array, got {fill!r}")
+            raise TypeError(f"{op}: {name} must be a number or an image array, got {fill!r}")
         fill = xp.full(x.shape[1:], float(fill), np.float32)
-    fill = B.as_float(fill, "fill", xp)
+    fill = B.as_float(fill, name, xp)
     if fill.shape == x.shape[1:]:
         fill = fill[None]
     if fill.ndim != 4 or fill.shape[1:] != x.shape[1:] or fill.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"{op}: fill must be a value, an image {B.shape_str(x.shape[1:])} or "
+        raise ValueError(f"{op}: {name} must be a value, an image {B.shape_str(x.shape[1:])} or "
                          f"one per sample {B.shape_str(x.shape)}; got shape "
                          f"{B.shape_str(fill.shape)}")
     return xp.broadcast_to(fill, x.shape)

@@ -17,6 +17,7 @@ METHOD_TITLES = {
     "occlusion": "Occlusion: probability drop",
     "saliency": "Saliency: max |gradient|",
     "smoothgrad": "SmoothGrad saliency",
+    "integrated": "Integrated gradients",
     "guided": "Guided backprop",
     "gradcam": "Grad-CAM",
     "guided_gradcam": "Guided Grad-CAM",

@@ -13,7 +13,7 @@ import numpy as np
 from .. import _backend as B
 from .. import functional as F
 from .attribution import (OcclusionResult, grad_cam, guided_backprop, guided_grad_cam,
-                          occlusion, saliency, smooth_grad)
+                          integrated_gradients, occlusion, saliency, smooth_grad)
 from ._common import as_input, default_cam_layer, layer_name, to_host
 from .features import feature_maps
 from .plot import (METHOD_TITLES, OVERLAID, class_name, display_image, figure_png,
@@ -26,7 +26,8 @@ __all__ = ["METHODS", "Explanation", "explain", "write_report", "demo_report",
 #: window moves the probability by this much.
 OCCLUSION_MIN_DROP = 1e-3
 #: Every method :func:`explain` knows, in the order a report shows them.
-METHODS = ("occlusion", "saliency", "smoothgrad", "guided", "gradcam", "guided_gradcam")
+METHODS = ("occlusion", "saliency", "smoothgrad", "integrated", "guided", "gradcam",
+           "guided_gradcam")
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Explanation:
 
     image: the model input (C, H, W); display: the picture shown, (H, W) or (H, W, 3)
     in [0, 1]; probabilities (classes,); predicted and target class indices;
-    maps: method name -> map ((H, W), or (C, H, W) for the signed guided maps);
+    maps: method name -> map ((H, W), or (C, H, W) for the signed guided and integrated
+    gradients maps);
     occlusion: the full :class:`~fastcnn.viz.OcclusionResult` when computed;
     classes: class names (or None); label: the true class when known; layer: the
     Grad-CAM layer; name: what the report calls the image; settings: the methods'
@@ -58,7 +60,7 @@ class Explanation:
 
 def explain(model, x, target=None, *, methods="all", classes=None, labels=None, display=None,
             names=None, layer=None, window=4, stride=1, fill=None, n_samples=25, sigma=0.15,
-            seed=0, batch_size=256):
+            seed=0, n_steps=50, batch_size=256):
     """Run ``methods`` ('all' or a list from :data:`METHODS`) on one image (C, H, W)
     -> an :class:`Explanation`, or on a batch (N, C, H, W) -> a list of them (each
     method runs once over the batch).
@@ -70,7 +72,9 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     layer: the Grad-CAM layer. window / stride / fill: occlusion's (fill None: each
     image's background, the median of its border pixels per channel, so that a window
     hides what it covers rather than painting a grey square on a black background).
-    n_samples / sigma / seed: SmoothGrad's. batch_size: copies per forward pass.
+    n_samples / sigma / seed: SmoothGrad's. n_steps: integrated gradients' (whose
+    baseline is ``fill``, the background by default). batch_size: copies per forward
+    pass.
     """
     methods = list(METHODS) if methods == "all" else list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -91,7 +95,7 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         if len(labels) != n:
             raise ValueError(f"explain: {len(labels)} labels for {n} images")
     maps, occluded = OrderedDict(), None
-    if fill is None and "occlusion" in methods:
+    if fill is None and ("occlusion" in methods or "integrated" in methods):
         fill = _background(batch)
     for method in methods:
         if method == "occlusion":
@@ -103,6 +107,9 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         elif method == "smoothgrad":
             maps[method] = smooth_grad(model, batch, targets, n_samples=n_samples, sigma=sigma,
                                        seed=seed, batch_size=batch_size)
+        elif method == "integrated":
+            maps[method] = integrated_gradients(model, batch, targets, baseline=fill,
+                                                n_steps=n_steps, batch_size=batch_size)
         elif method == "guided":
             maps[method] = guided_backprop(model, batch, targets)
         elif method == "gradcam":
@@ -113,7 +120,7 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         classes = (getattr(model, "metadata", None) or {}).get("classes")
     settings = {"window": window, "stride": stride,
                 "fill": "background" if np.ndim(fill) else fill, "n_samples": n_samples,
-                "sigma": sigma, "seed": seed}
+                "sigma": sigma, "seed": seed, "n_steps": n_steps}
     explanations = []
     for i in range(n):
         image_maps = OrderedDict((m, v[i]) for m, v in maps.items())
@@ -169,6 +176,11 @@ _CAPTIONS = {
                 "change of the pixel moves the <b>{target}</b> logit most.",
     "smoothgrad": "Saliency averaged over {n_samples} copies with Gaussian noise of "
                   "{sigma_pct}% of the image range (Smilkov et al.): less speckle.",
+    "integrated": "Integrated gradients (Sundararajan et al.): the gradient averaged along "
+                  "the straight path from the baseline (filled with: {fill}) to the image "
+                  "({n_steps} steps), times their difference: each pixel's share of how much "
+                  "higher the <b>{target}</b> logit is on the image than on the baseline (the "
+                  "shares add up to it). Red: the pixel raises the score.",
     "guided": "Guided backpropagation (Springenberg et al.): the gradient passed back only "
               "through ReLUs whose input and gradient are both positive. Red: brightening the "
               "pixel raises the score.",
@@ -221,8 +233,8 @@ def _caption(explanation, method):
     return _CAPTIONS.get(method, "").format(
         target=html.escape(class_name(explanation, explanation.target)), window=window,
         fill=s.get("fill", 0.0), score=s.get("occlusion_score", "probability"),
-        n_samples=s.get("n_samples"), sigma_pct=round(100 * float(s.get("sigma", 0))),
-        layer=html.escape(str(explanation.layer)))
+        n_samples=s.get("n_samples"), n_steps=s.get("n_steps"),
+        sigma_pct=round(100 * float(s.get("sigma", 0))), layer=html.escape(str(explanation.layer)))
 
 
 def _stem(explanation, index):
@@ -339,6 +351,9 @@ def add_cli_arguments(parser):
                         help="occlusion window size in pixels (default: %(default)s)")
     parser.add_argument("--stride", type=int, default=1,
                         help="occlusion stride in pixels (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, metavar="N",
+                        help="integrated gradients' steps along the path (default: "
+                             "%(default)s)")
     parser.add_argument("--data", metavar="DIR",
                         help="folder with the MNIST-format IDX set for test:INDEX (default: "
                              "Fashion-MNIST from $FASTCNN_DATA or Debian's package)")
@@ -370,6 +385,10 @@ def run_cli(args):
     from .. import data, io
     from ..cli import CommandError, load_image
 
+    for option, value in (("--window", args.window), ("--stride", args.stride),
+                          ("--steps", args.steps)):
+        if value < 1:
+            raise CommandError(f"{option} must be >= 1, got {value}")
     if args.threads is not None:
         if args.threads < 1:
             raise CommandError(f"--threads must be >= 1, got {args.threads}")
@@ -428,7 +447,7 @@ def run_cli(args):
         explanations = explain(
             model, x, target, methods=methods, classes=classes, labels=labels,
             display=batch[:, 0] if batch.shape[1] == 1 else batch.transpose(0, 2, 3, 1),
-            names=names, window=args.window, stride=args.stride,
+            names=names, window=args.window, stride=args.stride, n_steps=args.steps,
             layer=int(args.layer) if args.layer and args.layer.lstrip("-").isdigit()
             else args.layer)
     except ValueError as exc:
