@@ -242,3 +242,31 @@ def test_fastcnn_spot_checks_vs_torch(rng):
     want = TF.cross_entropy(torch.tensor(logits), torch.tensor(t), label_smoothing=0.1).item()
     np.testing.assert_allclose(float(F.cross_entropy(logits, t, label_smoothing=0.1)), want,
                                rtol=1e-5)
+
+
+def test_torch_state_dict_loads_as_it_is(rng):
+    """A torch model of the same layers: its state_dict() (tensors, torch's names,
+    num_batches_tracked included) loads straight into fastcnn's, which then gives
+    torch's outputs."""
+    models = pytest.importorskip("fastcnn.models")
+    tnn = torch.nn
+    theirs = tnn.Sequential(tnn.Conv2d(1, 32, 3, padding=1), tnn.BatchNorm2d(32), tnn.ReLU(),
+                            tnn.MaxPool2d(2), tnn.Conv2d(32, 64, 3, padding=1),
+                            tnn.BatchNorm2d(64), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
+                            tnn.Linear(3136, 128), tnn.ReLU(), tnn.Dropout(0.5),
+                            tnn.Linear(128, 10))
+    x = rng.standard_normal((16, 1, 28, 28)).astype(np.float32)
+    theirs.train()(torch.from_numpy(x))             # running statistics that are not 0 / 1
+    theirs.eval()
+    ours = models.mnist_cnn_bn()
+    names = [k for k in ours.state_dict() if not k.startswith("dropout.")]
+    state = dict(zip(names, theirs.state_dict().values()))   # ours are named
+    missing, unexpected = ours.load_state_dict(state)
+    assert missing == ["dropout.seed", "dropout.offset"] and unexpected == []
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours.eval()(x), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="'conv1.weight' cannot be read as a NumPy array"):
+        ours.load_state_dict({**state, "conv1.weight": theirs[0].weight})   # requires grad
+    with pytest.raises(TypeError, match="'conv1.bias' has non-numeric dtype object"):
+        ours.load_state_dict({**state, "conv1.bias": object()})

@@ -460,6 +460,8 @@ class Dropout(Module):
     the sequence. ``seed`` None draws one from ``fastcnn.nn.init``'s generator.
     """
 
+    optional_state = frozenset({"seed", "offset"})
+
     def __init__(self, p=0.5, seed=None):
         super().__init__()
         p = float(p)
@@ -499,6 +501,7 @@ class Dropout(Module):
 
 class _BatchNorm(Module):
     _ndims = ()
+    optional_state = frozenset({"num_batches_tracked"})
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None):

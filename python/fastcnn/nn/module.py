@@ -109,6 +109,10 @@ class Module:
     # Public attributes that hold results of a pass, not settings (setting
     # them leaves the state version alone).
     _results = frozenset()
+    #: Buffers a state dict from elsewhere may lack (a PyTorch model's has no dropout
+    #: generator position): ``load_state_dict(strict=True)`` keeps their values and
+    #: lists them as missing instead of refusing the state.
+    optional_state = frozenset()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -260,37 +264,45 @@ class Module:
     def load_state_dict(self, state, strict=True):
         """Copy ``state`` ({name: array}) into this module's parameters and buffers, in place.
 
-        Every shape is checked before anything is copied, so a mismatch leaves the
-        module untouched. With ``strict``, missing and unexpected names are errors
-        too. Returns ``(missing, unexpected)`` name lists.
+        The values may be NumPy or CuPy arrays, or anything NumPy / CuPy can read as
+        one: a PyTorch ``state_dict()`` of the same layers loads as it is (the names
+        are torch's). Every shape is checked before anything is copied, so a mismatch
+        leaves the module untouched. With ``strict``, missing and unexpected names
+        are errors too, bar the buffers a module lists in ``optional_state``
+        (Dropout's generator position, batch norm's ``num_batches_tracked``), which
+        keep their values. Returns ``(missing, unexpected)`` name lists.
         """
         slots = self._state_slots()
         missing = [k for k in slots if k not in state]
         unexpected = [k for k in state if k not in slots]
-        if strict and (missing or unexpected):
+        required = [k for k in missing if slots[k][1] not in type(slots[k][0]).optional_state]
+        if strict and (required or unexpected):
             parts = []
-            if missing:
-                parts.append(f"missing {missing}")
+            if required:
+                parts.append(f"missing {required}")
             if unexpected:
                 parts.append(f"unexpected {unexpected}")
             raise ValueError(f"load_state_dict: state does not match the model: {'; '.join(parts)}")
         current = self.state_dict()
+        values = {}
         for name, value in state.items():
             if name not in slots:
                 continue
-            shape = tuple(getattr(value, "shape", np.shape(value)))
-            if shape != tuple(current[name].shape):
-                raise ValueError(f"load_state_dict: {name!r} has shape {shape} in the state "
-                                 f"but {tuple(current[name].shape)} in the model")
-            kind = getattr(value, "dtype", np.asarray(value).dtype).kind
-            if kind not in "biuf":
-                raise TypeError(f"load_state_dict: {name!r} has non-numeric dtype "
-                                f"{getattr(value, 'dtype', type(value))}")
-        for name, value in state.items():
-            if name in slots:
-                target = current[name]
-                xp = _array_module(target)
-                target[...] = xp.asarray(value)
+            xp = _array_module(current[name])
+            try:
+                value = xp.asarray(value)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"load_state_dict: {name!r} cannot be read as a "
+                                f"{'NumPy' if xp is np else 'CuPy'} array "
+                                f"({type(value).__name__}: {exc})") from exc
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"load_state_dict: {name!r} has non-numeric dtype {value.dtype}")
+            if value.shape != current[name].shape:
+                raise ValueError(f"load_state_dict: {name!r} has shape {value.shape} in the "
+                                 f"state but {current[name].shape} in the model")
+            values[name] = value
+        for name, value in values.items():
+            current[name][...] = value
         return missing, unexpected
 
     # ------------------------------------------------------------ devices

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .. import _backend as B
 from ._common import to_host
 from .features import filter_images, filters
 
@@ -301,12 +302,15 @@ def method_title(explanation, method):
     return title
 
 
-def plot_explanation(explanation, *, methods=None, ncols=4, cell=2.4, title=None, path=None):
+def plot_explanation(explanation, *, methods=None, ncols=None, cell=2.4, title=None, path=None):
     """All of an explanation's maps for one image side by side: the input, the class
-    probabilities, then each method's map (see :func:`fastcnn.viz.explain`)."""
+    probabilities, then each method's map (see :func:`fastcnn.viz.explain`), in rows
+    of ``ncols`` panels (default: as even rows as five columns at most allow)."""
     methods = [m for m in (methods or explanation.maps) if m in explanation.maps]
     panels = 2 + len(methods)
-    ncols = min(ncols, panels)
+    if ncols is None:
+        ncols = math.ceil(panels / math.ceil(panels / 5))
+    ncols = min(B.as_count(ncols, "plot_explanation: ncols"), panels)
     rows = math.ceil(panels / ncols)
     cell_w, cell_h = _cell_size(cell)
     top = 0.35 if title else 0.0
