@@ -12,9 +12,14 @@ import numpy as np
 from fastcnn import nn
 
 
-def _conv2d(x, w, b, stride, padding, dilation):
+#: Conv2d's padding modes as numpy.pad's.
+NP_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge",
+                "circular": "wrap"}
+
+
+def _conv2d(x, w, b, stride, padding, dilation, padding_mode="zeros"):
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), mode=NP_PAD_MODES[padding_mode])
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     oh = (h - dh * (r - 1) - 1) // sh + 1
@@ -58,7 +63,7 @@ def forward64(model, params, x, training, dropout_masks=None):
         if isinstance(layer, nn.Conv2d):
             assert layer.groups == 1 and not isinstance(layer.padding, str)
             x = _conv2d(x, params[f"{name}.weight"], params.get(f"{name}.bias"), layer.stride,
-                        layer.padding, layer.dilation)
+                        layer.padding, layer.dilation, layer.padding_mode)
         elif isinstance(layer, nn.Linear):
             x = x @ params[f"{name}.weight"].T + params.get(f"{name}.bias", 0.0)
         elif isinstance(layer, nn.ReLU):

@@ -915,6 +915,8 @@ class TestFunctionalOnGpu:
             (lambda m: F.softmax(m, dim=1), x),
             (lambda m: F.log_softmax(m, dim=-1), x),
             (lambda m: F.dropout(m, 0.3, seed=7, offset=3), x),
+            (lambda m: F.pad(m, (1, 2, 2, 0), "reflect"), x),
+            (lambda m: F.pad_backward(m, (4, 3, 11, 9), (1, 2, 0, 1), "circular"), x),
         ]
         for fn, a in checks:
             close(cp.asnumpy(fn(cp.asarray(a))), fn(a), 12, rtol=1e-5, atol=1e-6)
@@ -1090,6 +1092,20 @@ class TestModelsOnGpu:
             assert gpu.device == "cuda" and isinstance(gpu.weight.data, cp.ndarray)
             for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
                 bitwise(cp.asnumpy(b) if isinstance(b, cp.ndarray) else b, a, name)
+
+    def test_padding_modes_on_the_gpu(self, rng, cp):
+        """Conv2d(padding_mode=) pads CuPy input on the device, forward and backward."""
+        from fastcnn import nn
+
+        for mode in ("reflect", "replicate", "circular"):
+            cpu = nn.Conv2d(3, 4, 3, padding=(1, 2), padding_mode=mode, rng=2)
+            gpu = nn.Conv2d(3, 4, 3, padding=(1, 2), padding_mode=mode, rng=2).to("cuda")
+            x, g = randn(rng, 2, 3, 6, 5), randn(rng, 2, 4, 6, 7)
+            y = gpu.forward(cp.asarray(x))
+            assert isinstance(y, cp.ndarray)
+            close(cp.asnumpy(y), cpu.forward(x), 27, name=mode)
+            close(cp.asnumpy(gpu.backward(cp.asarray(g))), cpu.backward(g), 36, name=mode)
+            close(cp.asnumpy(gpu.weight.grad), cpu.weight.grad, 100, name=mode)
 
     def test_gradient_clipping_on_the_gpu(self, rng, cp):
         """nn.utils.clip_grad_norm_ / clip_grad_value_ on CuPy gradients, as on the CPU."""

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from fastcnn import models, nn, viz
+from nn_reference import NP_PAD_MODES
 
 # ---------------------------------------------------------------- float64 reference
 
 
-def _conv64(x, w, b, stride, pad_lo, pad_hi, dilation, groups):
-    x = np.pad(x, ((0, 0), (0, 0), (pad_lo[0], pad_hi[0]), (pad_lo[1], pad_hi[1])))
+def _conv64(x, w, b, stride, pad_lo, pad_hi, dilation, groups, padding_mode="zeros"):
+    x = np.pad(x, ((0, 0), (0, 0), (pad_lo[0], pad_hi[0]), (pad_lo[1], pad_hi[1])),
+               mode=NP_PAD_MODES[padding_mode])
     n, c, h, wd = x.shape
     k, cg, r, s = w.shape
     (sh, sw), (dh, dw) = stride, dilation
@@ -71,7 +73,7 @@ def forward64(model, x):
                 lo = hi = (0, 0) if layer.padding == "valid" else layer.padding
             b = None if layer.bias is None else layer.bias.data.astype(np.float64)
             x = _conv64(x, layer.weight.data.astype(np.float64), b, layer.stride, lo, hi,
-                        layer.dilation, layer.groups)
+                        layer.dilation, layer.groups, layer.padding_mode)
         elif isinstance(layer, nn.BatchNorm2d):
             shape = (1, -1, 1, 1)
             x = ((x - layer.running_mean.reshape(shape)) / np.sqrt(
@@ -140,6 +142,16 @@ def odd_cnn(seed=0):
         fc=nn.Linear(6 * 3 * 3, 4, rng=rng)))
     model.bn2.running_mean[...] = rng.normal(0, 0.2, 6)
     return model.eval()
+
+
+def padded_cnn(seed=0, first="zeros", second="circular"):
+    """Convolutions whose padding is not zeros (the occlusion plan stops before them)."""
+    rng = np.random.default_rng(seed)
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(2, 3, 3, padding=1, padding_mode=first, rng=rng), relu1=nn.ReLU(),
+        pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(3, 4, 3, padding="same", padding_mode=second, rng=rng),
+        relu2=nn.ReLU(), flatten=nn.Flatten(), fc=nn.Linear(4 * 4 * 4, 3, rng=rng))).eval()
 
 
 def images(n, c=2, size=8, seed=1):
@@ -603,6 +615,8 @@ def occlusion_brute_force(model, image, target, window, stride, fill):
     (odd_cnn, 11, (4, 4), (3, 2), "image"),
     (odd_cnn, 11, (3, 3), (3, 3), 0.5),     # 11 - 3 = 8 rows: a clipped window at 9
     (small_cnn, 8, (3, 2), (2, 4), "image"),   # a stride above the window: gaps
+    (padded_cnn, 8, (3, 3), (1, 1), "image"),
+    (lambda: padded_cnn(1, "reflect", "replicate"), 8, (2, 2), (2, 1), 0.0),
 ])
 def test_occlusion_matches_brute_force(build, size, window, stride, fill, incremental):
     model = build()

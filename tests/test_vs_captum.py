@@ -27,7 +27,8 @@ def to_torch(model):
         if isinstance(layer, nn.Conv2d):
             t = tnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
                            layer.stride, layer.padding, layer.dilation, layer.groups,
-                           bias=layer.bias is not None).double()
+                           bias=layer.bias is not None,
+                           padding_mode=layer.padding_mode).double()
             _copy(t.weight, layer.weight.data)
             if layer.bias is not None:
                 _copy(t.bias, layer.bias.data)

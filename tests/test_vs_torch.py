@@ -270,3 +270,33 @@ def test_torch_state_dict_loads_as_it_is(rng):
         ours.load_state_dict({**state, "conv1.weight": theirs[0].weight})   # requires grad
     with pytest.raises(TypeError, match="'conv1.bias' has non-numeric dtype object"):
         ours.load_state_dict({**state, "conv1.bias": object()})
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_vs_torch(mode, rng):
+    """F.pad and Conv2d(padding_mode=) against torch, forward and backward."""
+    nn = pytest.importorskip("fastcnn.nn")
+    F = pytest.importorskip("fastcnn.functional")
+    x = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
+    tx = torch.tensor(x.astype(np.float64), requires_grad=True)
+    ty = TF.pad(tx, (2, 1, 0, 3), mode=mode)
+    g = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
+    ty.backward(torch.tensor(g.astype(np.float64)))
+    np.testing.assert_array_equal(F.pad(x, (2, 1, 0, 3), mode), ty.detach().numpy())
+    np.testing.assert_allclose(F.pad_backward(g, x.shape, (2, 1, 0, 3), mode), tx.grad.numpy(),
+                               rtol=1e-6, atol=1e-6)
+    for kwargs in (dict(kernel_size=3, padding=(2, 1), stride=2),
+                   dict(kernel_size=4, padding="same", groups=2)):
+        ours = nn.Conv2d(4, 6, padding_mode=mode, rng=3, **kwargs)
+        theirs = torch.nn.Conv2d(4, 6, padding_mode=mode, **kwargs).double()
+        with torch.no_grad():
+            theirs.weight.copy_(torch.tensor(ours.weight.data))
+            theirs.bias.copy_(torch.tensor(ours.bias.data))
+        tx = torch.tensor(x.astype(np.float64), requires_grad=True)
+        ty = theirs(tx)
+        g = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
+        ty.backward(torch.tensor(g.astype(np.float64)))
+        np.testing.assert_allclose(ours.forward(x), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours.backward(g), tx.grad.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours.weight.grad, theirs.weight.grad.numpy(), rtol=1e-4,
+                                   atol=1e-4)

@@ -22,7 +22,7 @@ __all__ = [
     "max_pool2d", "max_pool2d_backward", "relu_max_pool2d", "relu_max_pool2d_backward", "softmax", "softmax_backward", "log_softmax",
     "log_softmax_backward", "cross_entropy", "cross_entropy_backward", "batch_norm",
     "batch_norm_backward", "dropout", "dropout_mask", "dropout_backward", "normalize",
-    "matmul", "manual_seed",
+    "pad", "pad_backward", "matmul", "manual_seed",
 ]
 
 _F32 = np.float32
@@ -1288,6 +1288,112 @@ def normalize(input, mean=None, std=None, dim=-3):
     if x.size:
         K.normalize_u8(x, m, s, y, outer, c, inner)
     return y
+
+
+# -------------------------------------------------------------------- pad --
+
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
+
+
+def _pad_sources(n, lo, hi, mode):
+    """For each border position of a dimension of size ``n`` padded by (lo, hi):
+    (position in the padded output, index of the input it copies), by ``mode``."""
+    def source(i):                      # i: the position relative to the input's start
+        if mode == "reflect":
+            i = -i if i < 0 else i
+            return 2 * (n - 1) - i if i >= n else i
+        if mode == "replicate":
+            return min(max(i, 0), n - 1)
+        return i % n                    # circular
+    return [(lo + i, source(i)) for i in list(range(-lo, 0)) + list(range(n, n + hi))]
+
+
+class _PadArgs:
+    """pad's validated arguments: per padded axis (from the last), (axis, lo, hi)."""
+
+    def __init__(self, op, x, pad, mode):
+        if not isinstance(mode, str) or mode not in PAD_MODES:
+            raise ValueError(f"{op}: mode must be one of {PAD_MODES}, got {mode!r}")
+        if not isinstance(pad, (tuple, list)) or len(pad) % 2 or not all(
+                isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in pad):
+            raise TypeError(f"{op}: pad must be a tuple of ints (left, right, top, bottom, ...),"
+                            f" two per padded dimension from the last, got {pad!r}")
+        if len(pad) // 2 > x.ndim:
+            raise ValueError(f"{op}: pad {tuple(pad)} pads {len(pad) // 2} dimensions but the "
+                             f"input has shape {shape_str(x.shape)}")
+        if min(pad, default=0) < 0:
+            raise ValueError(f"{op}: pad must be non-negative, got {tuple(pad)}")
+        self.axes = []
+        for k in range(len(pad) // 2):
+            axis, lo, hi = x.ndim - 1 - k, int(pad[2 * k]), int(pad[2 * k + 1])
+            n = x.shape[axis]
+            if mode == "reflect" and max(lo, hi) >= max(n, 1):
+                raise ValueError(f"{op}: reflect padding {(lo, hi)} must be less than the size "
+                                 f"{n} of dimension {axis} of input {shape_str(x.shape)}")
+            if mode in ("replicate", "circular") and n == 0 and lo + hi:
+                raise ValueError(f"{op}: {mode} padding of the empty dimension {axis} of input "
+                                 f"{shape_str(x.shape)}")
+            if mode == "circular" and max(lo, hi) > n:
+                raise ValueError(f"{op}: circular padding {(lo, hi)} must not exceed the size "
+                                 f"{n} of dimension {axis} of input {shape_str(x.shape)}")
+            self.axes.append((axis, lo, hi))
+        self.mode = mode
+        self.out_shape = list(x.shape)
+        for axis, lo, hi in self.axes:
+            self.out_shape[axis] += lo + hi
+        self.out_shape = tuple(self.out_shape)
+
+
+def _along(axis, index):
+    """An index tuple selecting ``index`` (an int or a slice) on ``axis``."""
+    return (slice(None),) * axis + (index,)
+
+
+def pad(input, pad, mode="constant", value=0.0):
+    """Pad the last ``len(pad) // 2`` dimensions, as ``torch.nn.functional.pad``: ``pad``
+    is (left, right) for the last dimension, then (top, bottom) for the one before, ...
+    (non-negative). mode: 'constant' (``value``), 'reflect' (the border not repeated:
+    a b c -> c b | a b c | b a; each pad less than the dimension), 'replicate' (the
+    edge repeated) or 'circular' (wrapped around; each pad at most the dimension).
+    Float32 out, on the input's device."""
+    xp, _ = B.dispatch(input)
+    x = B.as_float(input, "input", xp)
+    args = _PadArgs("pad", x, pad, mode)
+    out = x
+    for axis, lo, hi in args.axes:      # one dimension at a time: corners come out right
+        n = out.shape[axis]
+        shape = list(out.shape)
+        shape[axis] += lo + hi
+        padded = (xp.full(shape, value, _F32) if mode == "constant" else _empty(xp, shape))
+        padded[_along(axis, slice(lo, lo + n))] = out
+        if mode != "constant":
+            for position, source in _pad_sources(n, lo, hi, mode):
+                padded[_along(axis, position)] = padded[_along(axis, lo + source)]
+        out = padded
+    return out if args.axes else x.copy()
+
+
+def pad_backward(grad_output, input_shape, pad, mode="constant"):
+    """The gradient of :func:`pad` with respect to its input (shape ``input_shape``):
+    each input element gets the sum of the output gradient at every place it was
+    copied to (the padding of 'constant' gets nothing)."""
+    xp, _ = B.dispatch(grad_output)
+    g = B.as_float(grad_output, "grad_output", xp)
+    shape = tuple(B.as_int(v, "pad_backward: input_shape") for v in input_shape)
+    args = _PadArgs("pad_backward", np.broadcast_to(np.float32(0), shape), pad, mode)
+    if g.shape != args.out_shape:
+        raise ValueError(f"pad_backward: grad_output has shape {shape_str(g.shape)}; padding "
+                         f"{shape_str(shape)} by {tuple(pad)} gives {shape_str(args.out_shape)}")
+    if not args.axes:
+        return g.copy()
+    for axis, lo, hi in reversed(args.axes):
+        n = g.shape[axis] - lo - hi
+        grad = g[_along(axis, slice(lo, lo + n))].copy()
+        if mode != "constant":
+            for position, source in _pad_sources(n, lo, hi, mode):
+                grad[_along(axis, source)] += g[_along(axis, position)]
+        g = grad
+    return g
 
 
 # ----------------------------------------------------------------- matmul --

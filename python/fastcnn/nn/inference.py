@@ -155,7 +155,7 @@ class InferencePlan:
         i = 0
         while i < count:
             layer = layers[i]
-            if at(i, Conv2d) and four_d(i):
+            if at(i, Conv2d) and four_d(i) and layer.explicit_pad() is None:
                 self.steps.append(_conv_step(layer, inputs[i]))
                 bn = layers[i + 1] if i + 1 < count and _eval_batch_norm(layers[i + 1]) else None
                 j = i + 1 + (bn is not None)

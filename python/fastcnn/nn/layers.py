@@ -109,16 +109,25 @@ def _window_out(size, kernel, stride, pad_lo, pad_hi, dilation, ceil_mode=False)
     return out
 
 
+#: Conv2d's padding modes -> F.pad's.
+_PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
+                  "circular": "circular"}
+
+
 class Conv2d(Module):
     """2-D convolution over (N, C, H, W) input (torch.nn.Conv2d's arguments and init).
 
-    padding: int, pair, 'valid' or 'same'. Weights and bias are drawn as
-    PyTorch's defaults: kaiming_uniform_(a=sqrt(5)) and U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    from ``rng`` (a Generator, a seed, or None for ``fastcnn.nn.init``'s generator).
+    padding: int, pair, 'valid' or 'same'. padding_mode: what the padding holds,
+    torch's 'zeros' (the default), 'reflect', 'replicate' or 'circular' (the others
+    pad the input with :func:`fastcnn.functional.pad` before a convolution without
+    padding, as torch does). Weights and bias are drawn as PyTorch's defaults:
+    kaiming_uniform_(a=sqrt(5)) and U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from ``rng``
+    (a Generator, a seed, or None for ``fastcnn.nn.init``'s generator).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, bias=True, rng=None, device=None, dtype=None):
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", rng=None, device=None,
+                 dtype=None):
         super().__init__()
         self.in_channels = _positive(in_channels, "in_channels")
         self.out_channels = _positive(out_channels, "out_channels")
@@ -144,6 +153,10 @@ class Conv2d(Module):
                 raise ValueError(f"{name} must be positive, got {v}")
         if not isinstance(self.padding, str) and min(self.padding) < 0:
             raise ValueError(f"padding must be non-negative, got {self.padding}")
+        if not isinstance(padding_mode, str) or padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {tuple(_PADDING_MODES)}, got "
+                             f"{padding_mode!r}")
+        self.padding_mode = padding_mode
         self.weight = Parameter(np.empty((out_channels, in_channels // groups) + self.kernel_size,
                                          np.float32))
         self.bias = Parameter(np.empty(out_channels, np.float32)) if bias else None
@@ -158,24 +171,55 @@ class Conv2d(Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             init.uniform_(self.bias.data, -bound, bound, rng)
 
+    def paddings(self):
+        """The padding before and after, ((top, left), (bottom, right))."""
+        if self.padding == "same":
+            lo = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation))
+            return lo, tuple(d * (k - 1) - p
+                             for k, d, p in zip(self.kernel_size, self.dilation, lo))
+        pads = (0, 0) if self.padding == "valid" else self.padding
+        return pads, pads
+
+    def explicit_pad(self):
+        """F.pad's (left, right, top, bottom) when the padding is not zeros (the layer
+        pads its input itself, then convolves without padding), else None."""
+        if self.padding_mode == "zeros":
+            return None
+        (top, left), (bottom, right) = self.paddings()
+        return (left, right, top, bottom) if top or left or bottom or right else None
+
     def _args(self):
-        return self.stride, self.padding, self.dilation, self.groups
+        """The convolution's arguments after the input went through :meth:`_padded`."""
+        padding = self.padding if self.explicit_pad() is None else (0, 0)
+        return self.stride, padding, self.dilation, self.groups
+
+    def _padded(self, x):
+        """The input, padded by ``padding_mode`` when that is not zeros."""
+        pads = self.explicit_pad()
+        return x if pads is None else F.pad(x, pads, _PADDING_MODES[self.padding_mode])
 
     def forward(self, x):
-        self._input = x
+        self._input = x = self._padded(x)
         weight, bias = _weight_and_bias(self)
         return F.conv2d(x, weight.data, _data(bias), *self._args())
 
     def forward_relu(self, x):
         """relu(forward(x)) in one op, the ReLU in the GEMM's epilogue (Sequential
         runs a Conv2d and the ReLU after it this way on the GPU)."""
-        self._input = x
+        self._input = x = self._padded(x)
         weight, bias = _weight_and_bias(self)
         return F._conv2d(x, weight.data, _data(bias), *self._args(), True)
 
     def backward(self, grad_out, *, input_grad=True):
-        return _gemm_layer_backward(self, grad_out, input_grad, F.conv2d_backward,
-                                    *self._args())
+        dx = _gemm_layer_backward(self, grad_out, input_grad, F.conv2d_backward,
+                                  *self._args())
+        pads = self.explicit_pad()
+        if dx is None or pads is None:
+            return dx
+        n, c, h, w = dx.shape
+        left, right, top, bottom = pads
+        return F.pad_backward(dx, (n, c, h - top - bottom, w - left - right), pads,
+                              _PADDING_MODES[self.padding_mode])
 
     def backward_from_pool(self, grad_pooled, codes, *, input_grad=True):
         """Backward when this layer's output went through ReLU and a
@@ -207,18 +251,17 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d expects {self.in_channels} input channels, got shape "
                              f"{tuple(input_shape)}")
         (r, s), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        if self.padding == "same":
-            return n, self.out_channels, h, w
-        ph, pw = (0, 0) if self.padding == "valid" else self.padding
-        return (n, self.out_channels, _window_out(h, r, sh, ph, ph, dh),
-                _window_out(w, s, sw, pw, pw, dw))
+        (top, left), (bottom, right) = self.paddings()
+        return (n, self.out_channels, _window_out(h, r, sh, top, bottom, dh),
+                _window_out(w, s, sw, left, right, dw))
 
     def get_config(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride),
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups,
-                "bias": self.bias is not None}
+                "bias": self.bias is not None,
+                **({} if self.padding_mode == "zeros" else {"padding_mode": self.padding_mode})}
 
     def extra_repr(self):
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -229,6 +272,8 @@ class Conv2d(Module):
             text += f", groups={self.groups}"
         if self.bias is None:
             text += ", bias=False"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
         return text
 
 

@@ -508,13 +508,7 @@ def _window_geometry(layer, in_shape, out_shape):
     value) of a Conv2d or MaxPool2d, the padding enough to compute every output."""
     kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
     if isinstance(layer, Conv2d):
-        if layer.padding == "same":
-            lo = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
-        elif layer.padding == "valid":
-            lo = (0, 0)
-        else:
-            lo = layer.padding
-        value = 0.0
+        lo, value = layer.paddings()[0], 0.0
     else:
         lo, value = layer.padding, -np.inf
     hi = tuple(max(0, (o - 1) * s + (k - 1) * d + 1 - size - p) for o, s, k, d, size, p in
@@ -588,6 +582,8 @@ class _OcclusionPlan:
         while i < len(layers):
             name, layer = layers[i]
             conv = None
+            if isinstance(layer, Conv2d) and layer.explicit_pad() is not None:
+                break  # reflected / wrapped padding copies changed pixels elsewhere too
             if isinstance(layer, Conv2d):
                 conv = (layer.weight.data, None if layer.bias is None else layer.bias.data)
                 after = layers[i + 1][1] if i + 1 < len(layers) else None
