@@ -1472,6 +1472,8 @@ class TestModelsOnGpu:
             "input_x_gradient": lambda m, a: viz.input_x_gradient(m, a, score="probability"),
             "integrated_gradients": lambda m, a: viz.integrated_gradients(
                 m, a, n_steps=5, batch_size=3, baseline=a[:1]),
+            "maximize": lambda m, a: viz.maximize_activation(
+                m, "relu2", [0, 2], shape=(1, 12, 12), steps=4, lr=0.1).images,
             "integrated_delta": lambda m, a: viz.integrated_gradients(
                 m, a, n_steps=4, method="riemann_trapezoid", return_convergence_delta=True)[1],
         }

@@ -438,6 +438,73 @@ def test_integrated_gradients_arguments():
                                mid * x, rtol=1e-5, atol=1e-7)
 
 
+# ---------------------------------------------------------------- activation maximisation
+
+def test_maximize_activation_reaches_the_analytic_optimum():
+    """A linear unit a = w . x + b with L2 decay lam: the ascent's fixed point is
+    x = w / lam (no shift, blur or bounds), for each unit at once; the history rises."""
+    model = linear_net()
+    r = viz.maximize_activation(model, "fc", [0, 2], shape=(2, 4, 3), steps=400, lr=0.05,
+                                weight_decay=0.1, jitter=0, blur_every=0, bounds=None)
+    w = model.fc.weight.data.astype(np.float64)
+    np.testing.assert_allclose(r.images.reshape(2, -1), w[[0, 2]] / 0.1, rtol=1e-4, atol=1e-4)
+    assert r.images.shape == (2, 2, 4, 3) and r.history.shape == (401, 2)
+    np.testing.assert_allclose(r.activation, [forward64(model, r.images)["fc"][i, c]
+                                              for i, c in enumerate((0, 2))], rtol=1e-5)
+    assert (r.history[-1] > r.history[0]).all() and r.channels == [0, 2] and r.layer == "fc"
+
+
+def test_maximize_activation_on_a_cnn():
+    """A conv channel's mean, a unit at a position and the class scores: each rises well
+    above its start, stays in the bounds, and the same seed gives the same bits."""
+    model = small_cnn()
+    model.metadata = {"input_shape": [2, 8, 8], "mean": [0.5, 0.2], "std": [0.25, 0.5]}
+    lo, hi = np.array([-2.0, -0.4]), np.array([2.0, 1.6])
+    for kwargs in (dict(layer="bn2", channels=[0, 3]),
+                   dict(layer="relu1", channels=1, position=(3, 4)),
+                   dict()):
+        r = viz.maximize_activation(model, steps=60, lr=0.1, **kwargs)
+        again = viz.maximize_activation(model, steps=60, lr=0.1, **kwargs)
+        np.testing.assert_array_equal(r.images, again.images)
+        # (a unit whose ReLUs are all off gets no gradient: only decay and blur move it)
+        assert (r.activation > r.history[0] - 0.01).all(), (kwargs, r.history[[0, -1]])
+        assert r.activation.mean() > r.history[0].mean() + 0.1, (kwargs, r.history[[0, -1]])
+        assert (r.images >= lo[:, None, None] - 1e-6).all()
+        assert (r.images <= hi[:, None, None] + 1e-6).all()
+        acts = forward64(model, r.images)
+        name = kwargs.get("layer", "fc2")
+        if "position" in kwargs:
+            want = acts[name][0, 1, 3, 4]
+        elif name == "fc2":
+            want = acts[name][np.arange(5), np.arange(5)]
+        else:
+            want = acts[name][np.arange(2), [0, 3]].mean(axis=(1, 2))
+        np.testing.assert_allclose(r.activation, want, rtol=1e-4, atol=1e-5)
+
+
+def test_maximize_activation_arguments():
+    model = small_cnn()
+    model.metadata = {}
+    with pytest.raises(ValueError, match="no input_shape"):
+        viz.maximize_activation(model, "relu2")
+    kw = dict(shape=(2, 8, 8), steps=1)
+    with pytest.raises(ValueError, match=r"channels must be in \[0, 4\)"):
+        viz.maximize_activation(model, "relu2", [4], **kw)
+    with pytest.raises(ValueError, match="position must be None or"):
+        viz.maximize_activation(model, "relu2", 0, position=(1.5, 2), **kw)
+    with pytest.raises(ValueError, match="spatial output"):
+        viz.maximize_activation(model, "fc1", 0, position=(0, 0), **kw)
+    with pytest.raises(ValueError, match="bounds must have finite lo < hi"):
+        viz.maximize_activation(model, "relu2", 0, bounds=(1.0, 0.0), **kw)
+    with pytest.raises(ValueError, match="lr must be"):
+        viz.maximize_activation(model, "relu2", 0, lr=-1, **kw)
+    with pytest.raises(ValueError, match="start must be"):
+        viz.maximize_activation(model, "relu2", [0, 1], start=np.zeros((3, 2, 8, 8)), **kw)
+    r = viz.maximize_activation(model, "relu2", **kw, start=np.zeros((2, 8, 8)), jitter=0,
+                                blur_every=0)
+    assert r.images.shape == (4, 2, 8, 8) and r.channels == [0, 1, 2, 3]
+
+
 # ---------------------------------------------------------------- Grad-CAM
 
 def cam_net(seed=0):
@@ -739,6 +806,8 @@ def test_model_state_unchanged(train):
         lambda: viz.deconvolution(model, x, train=train),
         lambda: viz.input_x_gradient(model, x, train=train),
         lambda: viz.integrated_gradients(model, x, n_steps=3, train=train),
+        lambda: viz.maximize_activation(model, "relu2", [1], shape=(2, 8, 8), steps=3,
+                                        train=train),
         lambda: viz.occlusion(model, x, window=4, stride=4, train=train),
         lambda: viz.feature_maps(model, x, train=train),
         lambda: viz.filters(model),

@@ -110,6 +110,16 @@ def test_plot_explanation_and_report(tmp_path):
     check_png(tmp_path / "report" / "00_first_occlusion.png")
 
 
+def test_plot_maximized(tmp_path):
+    model = small_model()
+    r = viz.maximize_activation(model, None, [0, 2, 3], shape=(1, 12, 12), steps=5)
+    fig = viz.plot_maximized(r, names=["ant", "cat", "dog"], path=tmp_path / "max.png")
+    check_png(tmp_path / "max.png", fig)
+    assert len(fig.axes) == 3 and fig.axes[1].get_title().startswith("cat: ")
+    with pytest.raises(ValueError, match="2 names for 3 images"):
+        viz.plot_maximized(r, names=["ant", "cat"])
+
+
 def test_explain_subset_of_methods_and_target():
     model = small_model()
     e = viz.explain(model, garment(), target=3, methods=["saliency", "gradcam", "integrated"],
@@ -149,6 +159,23 @@ def test_cli_explain(tmp_path, capsys):
     assert cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
                      "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_maximize(tmp_path, capsys):
+    from fastcnn import cli
+
+    model_path = io.save(small_model(), tmp_path / "model.npz")
+    out = tmp_path / "classes.png"
+    assert cli.main(["maximize", str(model_path), "--steps", "5", "--out", str(out)]) == 0
+    assert "fc2: 4 units reach" in capsys.readouterr().out
+    check_png(out)
+    assert cli.main(["maximize", str(model_path), "--layer", "relu1", "--channels", "0,2-3",
+                     "--steps", "3", "--out", str(out)]) == 0
+    assert "relu1: 3 units" in capsys.readouterr().out
+    assert cli.main(["maximize", str(model_path), "--channels", "1-x"]) == 2
+    assert "--channels" in capsys.readouterr().err
+    assert cli.main(["maximize", str(model_path), "--layer", "relu1", "--channels", "9"]) == 2
+    assert "channels must be in [0, 4)" in capsys.readouterr().err
 
 
 def test_cli_explain_test_index(tmp_path):

@@ -1,4 +1,5 @@
-"""The ``fastcnn`` command line: ``fastcnn demo | train | predict | explain | bench | info``.
+"""The ``fastcnn`` command line: ``fastcnn demo | train | predict | explain | maximize | bench |
+info``.
 
 Each subcommand is a :class:`Command` in ``COMMANDS`` (name, help, a function
 adding its arguments to an argparse parser, and a function running it with
@@ -549,6 +550,69 @@ def _run_explain(args):
 register("explain", "show which pixels a saved model's prediction depends on: occlusion, "
                     "saliency, guided backprop, Grad-CAM; writes PNGs and an HTML report",
          _add_explain_arguments, _run_explain)
+
+
+def _add_maximize_arguments(parser):
+    parser.add_argument("model", help="a model file saved by fastcnn (e.g. fastcnn-demo/model.npz)")
+    parser.add_argument("--layer", help="a layer name or index (default: the output, whose "
+                                        "units are the classes)")
+    parser.add_argument("--channels", metavar="LIST",
+                        help="units to show: 0,3,5 or 0-7 (default: every one)")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="gradient-ascent steps (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.05,
+                        help="Adam's step size on the pixels (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="start noise and shifts")
+    parser.add_argument("--out", default="maximized.png", help="the PNG to write")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+
+
+def _channel_list(text):
+    channels = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            channels += list(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise CommandError(f"--channels {text!r}: expected indices and ranges like "
+                               f"0,3,5-7") from None
+    return channels
+
+
+def _run_maximize(args):
+    import fastcnn
+
+    from . import io, viz
+
+    if args.steps < 0:
+        raise CommandError(f"--steps must be >= 0, got {args.steps}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        fastcnn.set_num_threads(args.threads)
+    channels = None if args.channels is None else _channel_list(args.channels)
+    model = io.load(args.model)
+    layer = int(args.layer) if args.layer and args.layer.lstrip("-").isdigit() else args.layer
+    try:
+        result = viz.maximize_activation(model, layer, channels, steps=args.steps, lr=args.lr,
+                                         seed=args.seed)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    classes = (model.metadata or {}).get("classes")
+    names = ([classes[c] for c in result.channels]
+             if classes and result.layer == model.names[-1] and
+             max(result.channels) < len(classes) else None)
+    viz.plot_maximized(result, names=names, path=args.out)
+    print(f"{result.layer}: {len(result.channels)} units reach "
+          f"{float(result.activation.min()):.3g} to {float(result.activation.max()):.3g} "
+          f"(from {float(result.history[0].min()):.3g} to {float(result.history[0].max()):.3g})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+register("maximize", "synthesise the input each unit of a layer (or each class) responds to "
+                     "most, by gradient ascent on the pixels; writes a PNG grid",
+         _add_maximize_arguments, _run_maximize)
 
 
 # ---------------------------------------------------------------- bench (fastcnn.bench)

@@ -10,6 +10,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
 >>> viz.feature_maps(model, x, "relu1")          # (32, 28, 28)
+>>> viz.maximize_activation(model, "relu2", [0, 5]).images   # what units respond to most
 
 Pictures (matplotlib on the Agg canvas) and the HTML report:
 
@@ -23,11 +24,15 @@ from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gu
                           guided_grad_cam, input_x_gradient, integrated_gradients, occlusion,
                           saliency, smooth_grad, upsample_bilinear)
 from .features import conv_layers, feature_maps, filter_images, filters
-from .plot import plot_explanation, plot_feature_maps, plot_filters, plot_heatmap
+from .maximize import MaximizedActivation, maximize_activation
+from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatmap,
+                   plot_maximized)
 from .report import METHODS, Explanation, demo_report, explain, write_report
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "grad_cam", "guided_grad_cam", "smooth_grad", "occlusion", "OcclusionResult", "upsample_bilinear",
-           "feature_maps", "conv_layers", "filters", "filter_images",
+           "feature_maps", "conv_layers", "filters", "filter_images", "maximize_activation",
+           "MaximizedActivation",
            "plot_heatmap", "plot_feature_maps", "plot_filters", "plot_explanation",
+           "plot_maximized",
            "METHODS", "Explanation", "explain", "write_report", "demo_report"]

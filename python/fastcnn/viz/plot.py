@@ -11,6 +11,7 @@ from ._common import to_host
 from .features import filter_images, filters
 
 __all__ = ["plot_heatmap", "plot_feature_maps", "plot_filters", "plot_explanation",
+           "plot_maximized",
            "METHOD_TITLES", "figure_png"]
 
 #: Panel titles of the methods an :class:`~fastcnn.viz.report.Explanation` may hold.
@@ -240,6 +241,30 @@ def plot_filters(weights, layer=None, *, max_filters=64, max_channels=8, scale="
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(str(i), fontsize=6, pad=1)
+    _grid_layout(fig, title)
+    return _finish(fig, path)
+
+
+def plot_maximized(result, *, names=None, ncols=None, cell=1.2, title=None, path=None):
+    """A grid of :func:`~fastcnn.viz.maximize_activation`'s images, each stretched to its
+    own range (grey, or colour for three channels), titled with its unit (``names``:
+    one label per unit, e.g. class names) and the value it reaches."""
+    images = to_host(result.images)
+    count = len(images)
+    if names is not None and len(names) != count:
+        raise ValueError(f"plot_maximized: {len(names)} names for {count} images")
+    rows, cols = _grid(count, ncols)
+    if title is None:
+        title = f"what maximises each unit of {result.layer}"
+    fig = _figure(cols * cell, rows * (cell + 0.15) + 0.4)
+    for i in range(count):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        shown = display_image(images[i])
+        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        label = str(result.channels[i]) if names is None else str(names[i])
+        ax.set_title(f"{label}: {float(result.activation[i]):.3g}", fontsize=6, pad=1)
     _grid_layout(fig, title)
     return _finish(fig, path)
 
