@@ -365,16 +365,47 @@ def test_integrated_gradients_of_a_linear_model(method, width):
     np.testing.assert_allclose(delta, change * (width - 1.0), atol=1e-5)
 
 
-def integrated_gradients64(model, x, target, baseline, alphas, widths):
+def integrated_gradients64(model, x, target, baseline, alphas, widths, unit=None):
     """sum_k width_k * d score / d x at baseline + alpha_k (x - baseline), by central
-    differences of the float64 forward, times (x - baseline)."""
+    differences of the float64 forward, times (x - baseline); ``unit`` (the forward's
+    outputs -> a number) instead of the class score when given."""
     x, baseline = np.asarray(x, np.float64), np.asarray(baseline, np.float64)
+    if unit is None:
+        def unit(outputs):
+            return outputs["fc2"][0, target]
     total = np.zeros_like(x)
     for alpha, width in zip(alphas, widths):
         point = baseline + alpha * (x - baseline)
-        total += width * numerical_input_grad(
-            lambda xi: forward64(model, xi[None])["fc2"][0, target], point)
+        total += width * numerical_input_grad(lambda xi: unit(forward64(model, xi[None])),
+                                              point)
     return total * (x - baseline)
+
+
+def test_integrated_gradients_of_a_unit():
+    """A unit of a layer instead of a class score: a channel's sum, the unit at a
+    position, and 'max' (the channel's strongest unit at x, fixed along the path)."""
+    model = small_cnn()
+    x = images(1)[0]
+    base = images(1, seed=5)[0] * 0.3
+    act = forward64(model, x[None])["relu2"][0, 1]
+    y, xx = (int(v) for v in np.unravel_index(np.argmax(act), act.shape))
+    r = np.sqrt(3 / 5)
+    legendre = ([(1 - r) / 2, 0.5, (1 + r) / 2], [5 / 18, 8 / 18, 5 / 18])
+    for position, unit in [(None, lambda o: o["relu2"][0, 1].sum()),
+                           ((2, 1), lambda o: o["relu2"][0, 1, 2, 1]),
+                           ("max", lambda o: o["relu2"][0, 1, y, xx])]:
+        got, delta = viz.integrated_gradients(model, x, layer="relu2", channel=1,
+                                              position=position, baseline=base, n_steps=3,
+                                              return_convergence_delta=True)
+        want = integrated_gradients64(model, x, None, base, *legendre, unit=unit)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=str(position))
+        change = unit(forward64(model, x[None])) - unit(forward64(model, base[None]))
+        np.testing.assert_allclose(delta, want.sum() - change, atol=1e-4)
+    with pytest.raises(ValueError, match="not both"):
+        viz.integrated_gradients(model, x, 1, layer="relu2", channel=0)
+    with pytest.raises(ValueError, match="pass layer= too"):
+        viz.integrated_gradients(model, x, channel=0)
 
 
 def test_integrated_gradients_match_path_of_finite_differences():

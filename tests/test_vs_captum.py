@@ -137,6 +137,21 @@ def test_integrated_gradients_vs_captum(method, baseline):
         np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5, err_msg=score)
 
 
+@pytest.mark.parametrize("position", [None, (1, 2)])
+def test_neuron_integrated_gradients_vs_captum(position):
+    model, x = cnn(9), inputs(9)
+    tm = to_torch(model)
+    selector = ((lambda out: out[:, 3].sum(dim=(1, 2))) if position is None
+                else (3,) + position)
+    for quadrature in ("gausslegendre", "riemann_right"):
+        ig = captum_attr.NeuronIntegratedGradients(tm, tm[model.index("relu2")])
+        want = ig.attribute(torch.from_numpy(x.astype(np.float64)), selector, n_steps=7,
+                            method=quadrature, baselines=torch.full(
+                                (1,) + x.shape[1:], 0.2, dtype=torch.float64)).detach().numpy()
+        close(viz.integrated_gradients(model, x, layer="relu2", channel=3, position=position,
+                                       n_steps=7, method=quadrature, baseline=0.2), want)
+
+
 @pytest.mark.parametrize("layer", ["relu1", "conv2", "relu2"])
 def test_grad_cam_vs_captum(layer):
     model, x = cnn(2), inputs(2)

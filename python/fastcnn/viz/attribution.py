@@ -172,20 +172,23 @@ def input_x_gradient(model, x, target=None, *, score="logit", train=False):
     return unbatch(x * grad, single)
 
 
-def _batched_gradients(model, n, per_image, batch_size, points, target, score, guided, op):
-    """The gradient of each image's target score at ``per_image`` points of each of the
-    ``n`` images, ``batch_size`` points per pass, image by image and in order:
-    yields (images, steps, gradients), where ``points(images, steps)`` (device index
-    arrays) builds the batch and the host arrays images / steps say whose rows
-    the gradients are."""
-    xp = B.array_module(target)
+def _batched_gradients(xp, n, per_image, batch_size, points, gradient):
+    """Gradients at ``per_image`` points of each of the ``n`` images, ``batch_size``
+    points per pass, image by image and in order: yields (images, steps, gradients),
+    the gradients ``gradient(points(images, steps), images)`` (device index arrays
+    in), whose rows belong to the host arrays images / steps."""
     for first in range(0, n * per_image, batch_size):
         index = np.arange(first, min(first + batch_size, n * per_image))
         image, step = index // per_image, index % per_image
         on_device = xp.asarray(image)
-        grad, _, _ = _class_backward(model, points(on_device, xp.asarray(step)),
-                                     target[on_device], score, guided, op)
-        yield image, step, grad
+        yield image, step, gradient(points(on_device, xp.asarray(step)), on_device)
+
+
+def _class_gradient(model, target, score, guided, op):
+    """gradient(points, images) of each image's target score (for _batched_gradients)."""
+    def gradient(points, image):
+        return _class_backward(model, points, target[image], score, guided, op)[0]
+    return gradient
 
 
 _PATH_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_middle",
@@ -211,8 +214,9 @@ def _path_steps(method, n_steps, op):
 
 
 def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
-                         method="gausslegendre", batch_size=128, score="logit",
-                         return_convergence_delta=False, train=False):
+                         method="gausslegendre", batch_size=128, score="logit", layer=None,
+                         channel=None, position=None, return_convergence_delta=False,
+                         train=False):
     """Integrated gradients (Sundararajan et al.; Captum's IntegratedGradients):
     (x - baseline) times the gradient of the target score averaged along the straight
     path from the baseline to x, signed, shaped like x. The attributions add up to
@@ -226,6 +230,10 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
     halved). batch_size: path points per forward pass; the points are summed image
     by image in order (float64), so an image gets the same result alone or in a
     batch. ``target`` defaults to the prediction on x.
+    layer / channel / position: instead of a class score, integrate a unit of a layer
+    (as :func:`gradient`; Captum's NeuronIntegratedGradients): the sum of
+    ``channel``'s map (position None), the unit at position (y, x), or, for 'max',
+    the channel's strongest unit at x, the same unit all along the path.
     return_convergence_delta: also return, per image, the attributions' sum minus
     (score(x) - score(baseline)): how far the quadrature is from exact.
     """
@@ -241,15 +249,35 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
     total = xp.zeros(x.shape, np.float64)
     alpha = xp.asarray(alphas.astype(np.float32))
     with preserved(model, train):
-        ends = model.forward(xp.concatenate([x, base]))          # (2N, classes)
-        check_logits(ends, op)
-        t = resolve_targets(target, ends[:n], op)
+        if layer is None:
+            if channel is not None or position is not None:
+                raise ValueError(f"{op}: channel and position select a unit of a layer; pass "
+                                 f"layer= too")
+            ends = model.forward(xp.concatenate([x, base]))          # (2N, classes)
+            check_logits(ends, op)
+            t = resolve_targets(target, ends[:n], op)
+            scores = ends if score == "logit" else F.softmax(ends, dim=1)
+            rows = xp.arange(n)
+            change = scores[rows, t].astype(np.float64) - scores[rows + n, t]
+            gradient = _class_gradient(model, t, score, False, op)
+        else:
+            if target is not None:
+                raise ValueError(f"{op}: pass either target (a class score) or layer/channel "
+                                 f"(a unit of a layer), not both")
+            name = layer_name(model, layer, op)
+            ends = model.forward(xp.concatenate([x, base]), stop=name)
+            seed = _neuron_seed(ends[:n], channel, position, op)   # 'max': the strongest at x
+            change = (seed * (ends[:n] - ends[n:])).reshape(n, -1).sum(axis=1, dtype=np.float64)
+
+            def gradient(points, image):
+                model.forward(points, stop=name)
+                return model.backward(seed[image], start=name, param_grads=False)
 
         def points(image, step):
             return base[image] + alpha[step][:, None, None, None] * diff[image]
 
-        for image, step, grad in _batched_gradients(model, n, n_steps, batch_size, points, t,
-                                                    score, False, op):
+        for image, step, grad in _batched_gradients(xp, n, n_steps, batch_size, points,
+                                                    gradient):
             weighted = grad.astype(np.float64) * xp.asarray(widths[step])[:, None, None, None]
             for row, i in enumerate(image):  # each image's steps in order, whatever the batch
                 total[i] += weighted[row]
@@ -257,9 +285,6 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
     out = attributions.astype(np.float32)
     if not return_convergence_delta:
         return unbatch(out, single)
-    rows = xp.arange(n)
-    scores = ends if score == "logit" else F.softmax(ends, dim=1)
-    change = scores[rows, t].astype(np.float64) - scores[rows + n, t]
     delta = (attributions.sum(axis=(1, 2, 3)) - change).astype(np.float32)
     return unbatch((out, delta), single)
 
@@ -440,8 +465,8 @@ def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma
         def noisy(image, sample):
             return x[image] + scale[image][:, None, None, None] * noise[sample]
 
-        for image, _, grad in _batched_gradients(model, n, n_samples, batch_size, noisy, t,
-                                                 score, method == "guided", op):
+        gradient = _class_gradient(model, t, score, method == "guided", op)
+        for image, _, grad in _batched_gradients(xp, n, n_samples, batch_size, noisy, gradient):
             values = (xp.abs(grad) if method == "saliency" else grad).astype(np.float64)
             for row, i in enumerate(image):  # each image's samples in order, whatever the batch
                 total[i] += values[row]
