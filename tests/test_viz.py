@@ -402,6 +402,12 @@ def test_integrated_gradients_of_a_unit():
                                    err_msg=str(position))
         change = unit(forward64(model, x[None])) - unit(forward64(model, base[None]))
         np.testing.assert_allclose(delta, want.sum() - change, atol=1e-4)
+    # the true gradient whatever the model's own ReLU flags
+    model.relu1.guided = True
+    np.testing.assert_array_equal(
+        viz.integrated_gradients(model, x, layer="relu2", channel=1, position="max",
+                                 baseline=base, n_steps=3), got)
+    model.relu1.guided = False
     with pytest.raises(ValueError, match="not both"):
         viz.integrated_gradients(model, x, 1, layer="relu2", channel=0)
     with pytest.raises(ValueError, match="pass layer= too"):
@@ -560,6 +566,16 @@ def bilinear64(m, size):
             out[..., i, j] = ((1 - fy) * ((1 - fx) * m[..., y0, x0] + fx * m[..., y0, x1])
                               + fy * ((1 - fx) * m[..., y1, x0] + fx * m[..., y1, x1]))
     return out
+
+
+def test_default_cam_layer_looks_into_nested_blocks():
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(2, 3, 3, padding=1, rng=rng), relu1=nn.ReLU(),
+        block=nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=rng), nn.ReLU()),
+        relu2=nn.ReLU(), flatten=nn.Flatten(), fc=nn.Linear(4 * 8 * 8, 3, rng=rng))).eval()
+    x = images(2)
+    np.testing.assert_array_equal(viz.grad_cam(model, x), viz.grad_cam(model, x, layer="relu2"))
 
 
 def test_grad_cam_matches_definition():
@@ -955,6 +971,12 @@ def test_layers_given_as_modules_and_empty_batches():
     assert viz.saliency(model, empty).shape == (0, 8, 8)
     attributions, delta = viz.integrated_gradients(model, empty, return_convergence_delta=True)
     assert attributions.shape == (0, 2, 8, 8) and delta.shape == (0,)
+    attributions, delta = viz.integrated_gradients(model, empty, layer="relu2", channel=0,
+                                                   position="max",
+                                                   return_convergence_delta=True)
+    assert attributions.shape == (0, 2, 8, 8) and delta.shape == (0,)
+    assert viz.gradient(model, empty, layer="relu2", channel=1, position="max").shape == \
+        (0, 2, 8, 8)
     assert viz.deconvolution(model, empty).shape == (0, 2, 8, 8)
     r = viz.occlusion(model, empty, window=3, stride=2)
     assert r.heatmap.shape == (0, 8, 8) and r.logit.shape == (0, 4, 4)

@@ -131,6 +131,12 @@ def test_explain_subset_of_methods_and_target():
         model, garment(), 3, baseline=0.5, n_steps=8))
     with pytest.raises(ValueError, match="unknown methods"):
         viz.explain(model, garment(), methods=["lime"])
+    one = viz.explain(model, garment(), methods="saliency")        # a name, not a list
+    assert list(one.maps) == ["saliency"]
+    pair = np.stack([garment(0), garment(1)])
+    with pytest.raises(ValueError, match="one class per sample"):
+        viz.explain(model, pair, [1, 2, 3], methods=["saliency"])
+    assert [e.target for e in viz.explain(model, pair, 2, methods=["saliency"])] == [2, 2]
 
 
 def test_cli_explain(tmp_path, capsys):

@@ -108,11 +108,12 @@ def layer_name(model, layer, op):
 
 
 def default_cam_layer(model, op):
-    """The last conv block's output: the last Conv2d and the batch norm / ReLU / dropout
-    layers right after it (for mnist_cnn: 'relu2'), where the maps are still spatial and
-    rectified."""
+    """The last conv block's output: the last Conv2d (or child holding one, such as a
+    nested Sequential block) and the batch norm / ReLU / dropout layers right after it
+    (for mnist_cnn: 'relu2'), where the maps are still spatial and rectified."""
     layers = list(model.named_children())
-    convs = [i for i, (_, m) in enumerate(layers) if isinstance(m, Conv2d)]
+    convs = [i for i, (_, m) in enumerate(layers)
+             if any(isinstance(part, Conv2d) for part in m.modules())]
     if not convs:
         raise ValueError(f"{op}: the model has no Conv2d layer; pass layer=")
     i = convs[-1]

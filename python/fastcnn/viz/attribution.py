@@ -63,7 +63,7 @@ def _neuron_seed(activation, channel, position, op):
         raise ValueError(f"{op}: position needs a layer with spatial output (N, C, H, W); "
                          f"this one gives {B.shape_str(shape)}")
     elif isinstance(position, str) and position == "max":
-        flat = xp.argmax(activation[:, channel].reshape(n, -1), axis=1)
+        flat = xp.argmax(activation[:, channel].reshape(n, shape[2] * shape[3]), axis=1)
         seed[xp.arange(n), channel, flat // shape[3], flat % shape[3]] = 1.0
     else:
         pair = tuple(position) if isinstance(position, (tuple, list)) else ()
@@ -267,11 +267,12 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
             name = layer_name(model, layer, op)
             ends = model.forward(xp.concatenate([x, base]), stop=name)
             seed = _neuron_seed(ends[:n], channel, position, op)   # 'max': the strongest at x
-            change = (seed * (ends[:n] - ends[n:])).reshape(n, -1).sum(axis=1, dtype=np.float64)
+            change = (seed * (ends[:n] - ends[n:])).sum(axis=tuple(range(1, seed.ndim)),
+                                                        dtype=np.float64)
 
             def gradient(points, image):
                 model.forward(points, stop=name)
-                return model.backward(seed[image], start=name, param_grads=False)
+                return model.backward(seed[image], start=name, guided=False, param_grads=False)
 
         def points(image, step):
             return base[image] + alpha[step][:, None, None, None] * diff[image]

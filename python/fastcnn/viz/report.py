@@ -14,7 +14,7 @@ from .. import _backend as B
 from .. import functional as F
 from .attribution import (OcclusionResult, grad_cam, guided_backprop, guided_grad_cam,
                           integrated_gradients, occlusion, saliency, smooth_grad)
-from ._common import as_input, default_cam_layer, layer_name, to_host
+from ._common import as_input, default_cam_layer, layer_name, resolve_targets, to_host
 from .features import feature_maps
 from .plot import (METHOD_TITLES, OVERLAID, class_name, display_image, figure_png,
                    method_title, plot_explanation, plot_heatmap, plot_input)
@@ -76,7 +76,10 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     baseline is ``fill``, the background by default). batch_size: copies per forward
     pass.
     """
-    methods = list(METHODS) if methods == "all" else list(methods)
+    if isinstance(methods, str):
+        methods = list(METHODS) if methods == "all" else [methods]
+    else:
+        methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"explain: unknown methods {unknown}; choose from {METHODS}")
@@ -85,7 +88,8 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     logits = feature_maps(model, batch, layer=-1)
     probabilities = F.softmax(logits, dim=1)
     predicted = to_host(probabilities.argmax(axis=1))
-    targets = predicted if target is None else np.broadcast_to(to_host(target), (n,))
+    targets = predicted if target is None else to_host(resolve_targets(target, logits,
+                                                                       "explain"))
     uses_cam = any(m in methods for m in ("gradcam", "guided_gradcam"))
     if uses_cam:
         layer = default_cam_layer(model, "explain") if layer is None else \
