@@ -10,6 +10,7 @@ from .. import functional as F
 from ..nn import Parameter
 from ..optim import Adam
 from ._common import check_model, layer_name, preserved
+from .attribution import _real_arg
 
 __all__ = ["MaximizedActivation", "maximize_activation"]
 
@@ -120,10 +121,8 @@ def maximize_activation(model, layer=None, channels=None, *, position=None, shap
     steps = B.as_count(steps, f"{op}: steps", least=0)
     jitter = B.as_count(jitter, f"{op}: jitter", least=0)
     blur_every = B.as_count(blur_every, f"{op}: blur_every", least=0)
-    for value, what in ((lr, "lr"), (weight_decay, "weight_decay"), (blur_sigma, "blur_sigma")):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not 0 <= float(value) < np.inf:
-            raise ValueError(f"{op}: {what} must be a finite number >= 0, got {value!r}")
+    lr, weight_decay, blur_sigma = (_real_arg(value, what, op) for value, what in (
+        (lr, "lr"), (weight_decay, "weight_decay"), (blur_sigma, "blur_sigma")))
     if shape is None:
         shape = (getattr(model, "metadata", None) or {}).get("input_shape")
         if shape is None:
@@ -181,7 +180,7 @@ def maximize_activation(model, layer=None, channels=None, *, position=None, shap
             image.grad = xp.roll(grad, (-int(dy), -int(dx)), axis=(2, 3)) if dy or dx else grad
             optimizer.step()
             if blur_every and blur_sigma > 0 and (step + 1) % blur_every == 0:
-                image.data[...] = _gaussian_blur(image.data, float(blur_sigma))
+                image.data[...] = _gaussian_blur(image.data, blur_sigma)
             if lo is not None:
                 xp.clip(image.data, lo, hi, out=image.data)
     history = np.stack([np.asarray(h.get() if B.is_gpu_array(h) else h, np.float64)
