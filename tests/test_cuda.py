@@ -1472,6 +1472,9 @@ class TestModelsOnGpu:
             "input_x_gradient": lambda m, a: viz.input_x_gradient(m, a, score="probability"),
             "integrated_gradients": lambda m, a: viz.integrated_gradients(
                 m, a, n_steps=5, batch_size=3, baseline=a[:1]),
+            "deep_lift": lambda m, a: viz.deep_lift(m, a, baseline=a[:1] * 0.5),
+            "deep_lift_delta": lambda m, a: viz.deep_lift(m, a, return_convergence_delta=True)[1],
+            "deep_lift_shap": lambda m, a: viz.deep_lift_shap(m, a, a[::-1] * 0.3, batch_size=3),
             "maximize": lambda m, a: viz.maximize_activation(
                 m, "relu2", [0, 2], shape=(1, 12, 12), steps=4, lr=0.1).images,
             "integrated_delta": lambda m, a: viz.integrated_gradients(

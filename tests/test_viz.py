@@ -475,6 +475,177 @@ def test_integrated_gradients_arguments():
                                mid * x, rtol=1e-5, atol=1e-7)
 
 
+# ---------------------------------------------------------------- DeepLIFT
+
+def test_deep_lift_hand_computed():
+    """tiny_guided_net at x = [4, 8], baseline 0: h = [4, 8, 2] against [0, 0, -10], so the
+    ReLU's multipliers are delta_out / delta_in = [1, 1, 2/12] where the gradient has
+    [1, 1, 1]: g_h = [2, -1, 5/6], dx = W1^T g_h = [17/6, -1/6], and x * dx = [34/3, -4/3],
+    which sums to logit(x) - logit(0) = 10. A baseline of 1 leaves unit 0 unchanged
+    (delta_in = 0): it passes the plain gradient."""
+    model = tiny_guided_net()
+    x = np.array([[[4.0, 8.0]]], np.float32)
+    got, delta = viz.deep_lift(model, x, 0, return_convergence_delta=True)
+    np.testing.assert_allclose(got, [[[34 / 3, -4 / 3]]], rtol=1e-6)
+    assert abs(delta) < 1e-5
+    np.testing.assert_allclose(viz.deep_lift(model, x, 0, multiply_by_inputs=False),
+                               [[[17 / 6, -1 / 6]]], rtol=1e-6)
+    # baseline [1, 1]: h0 = [1, 1, -8], delta_h = [3, 7, 10]: m = [1, 1, 2/10]
+    np.testing.assert_allclose(viz.deep_lift(model, x, 0, baseline=1.0),
+                               [[[3 * (2 + 1.0), 7 * (-1 + 1.0)]]], rtol=1e-6)
+    x = np.array([[[1.0, 2.0]]], np.float32)      # h = [1, 2, -7]; baseline [1, 1]: h0 = [1, 1, -8]
+    np.testing.assert_allclose(viz.deep_lift(model, x, 0, baseline=1.0, multiply_by_inputs=False),
+                               [[[2.0, -1.0]]], rtol=1e-6)    # m = [plain 1, 1, 0]
+
+
+def _pool_rule64(layer, a, b, g, h, eps):
+    """DeepLIFT's max-pool rule in float64 for inputs a (image) and b (reference) with output
+    gradients g and h: each window's change from the reference, split at top = max(out_a,
+    out_b) into top - out_b at a's first maximum and out_a - top at b's, summed per input
+    over the windows, over the input's change; each half's plain gradient where it is 0."""
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    share = np.zeros_like(a)
+    for n, c, oy, ox in np.ndindex(g.shape):
+        window = [(y, x) for y in range(oy * sh - ph, oy * sh - ph + kh)
+                  for x in range(ox * sw - pw, ox * sw - pw + kw)
+                  if 0 <= y < a.shape[2] and 0 <= x < a.shape[3]]
+        ya, xa = max(window, key=lambda p: (a[n, c][p], -window.index(p)))
+        yb, xb = max(window, key=lambda p: (b[n, c][p], -window.index(p)))
+        top = max(a[n, c, ya, xa], b[n, c, yb, xb])
+        share[n, c, ya, xa] += g[n, c, oy, ox] * (top - b[n, c, yb, xb])
+        share[n, c, yb, xb] += h[n, c, oy, ox] * (a[n, c, ya, xa] - top)
+    d = a - b
+    small = np.abs(d) < eps
+    ratio = share / np.where(small, 1.0, d)
+    return (np.where(small, _pool_switches64(layer, a, g), ratio),
+            np.where(small, _pool_switches64(layer, b, h), ratio))
+
+
+def deep_lift64(model, x, base, target, eps=1e-10):
+    """DeepLIFT's multipliers in float64, layer by layer, for the image and the reference
+    side by side: the rescale rule at every ReLU, the max-pool rule above, every other
+    layer's true backward (central differences: they are affine)."""
+    xs, bs = forward64(model, x), forward64(model, base)
+    names = list(xs)
+    g = np.zeros_like(xs[names[-1]])
+    g[np.arange(len(x)), target] = 1.0
+    h = g.copy()
+    for k in range(len(names) - 1, -1, -1):
+        layer = model[names[k]]
+        a = xs[names[k - 1]] if k else np.asarray(x, np.float64)
+        b = bs[names[k - 1]] if k else np.asarray(base, np.float64)
+        if isinstance(layer, nn.ReLU):
+            d = a - b
+            small = np.abs(d) < eps
+            ratio = (np.maximum(a, 0) - np.maximum(b, 0)) / np.where(small, 1.0, d)
+            g, h = g * np.where(small, a > 0, ratio), h * np.where(small, b > 0, ratio)
+        elif isinstance(layer, nn.MaxPool2d):
+            g, h = _pool_rule64(layer, a, b, g, h, eps)
+        else:
+            g = _vjp64(lambda v, layer=layer: _layer64(layer, v), a, g)
+            h = _vjp64(lambda v, layer=layer: _layer64(layer, v), b, h)
+    return g
+
+
+@pytest.mark.parametrize("net", ["small", "odd"])
+def test_deep_lift_matches_layer_by_layer_reference(net):
+    """small_cnn (conv-bn-relu-pool twice, fc-relu-fc) and odd_cnn (an overlapping 3x3
+    pool with padding and ceil_mode, a grouped dilated conv): against deep_lift64, with
+    baselines a value, an image, one per sample and an image equal to x in places (the
+    fallback to each image's own gradient)."""
+    model = small_cnn() if net == "small" else odd_cnn()
+    size = 8 if net == "small" else 9
+    x = images(2, size=size)
+    target = np.array([2, 1])
+    twin = images(1, size=size, seed=5)[0]
+    twin[:, :4] = x[0, :, :4]
+    for baseline in (0.0, -0.3, images(1, size=size, seed=3)[0], images(2, size=size, seed=4),
+                     twin):
+        base = np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
+        want = deep_lift64(model, x, base, target)
+        got = viz.deep_lift(model, x, target, baseline=baseline, multiply_by_inputs=False)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+        attributions = viz.deep_lift(model, x, target, baseline=baseline)
+        np.testing.assert_allclose(attributions, want * (x - base), rtol=1e-3,
+                                   atol=1e-5 * np.abs(want * (x - base)).max())
+
+
+@pytest.mark.parametrize("net", ["small", "odd", "padded"])
+def test_deep_lift_sums_to_the_logit_change(net):
+    """Summation-to-delta: the attributions add up to logit(x) - logit(baseline) (up to
+    float32 rounding), whatever the layers, and the delta reports what is left."""
+    model = {"small": small_cnn, "odd": odd_cnn, "padded": padded_cnn}[net]()
+    size = {"small": 8, "odd": 9, "padded": 8}[net]
+    x = images(4, size=size)
+    base = images(4, size=size, seed=7) * 0.5
+    logits = forward64(model, np.concatenate([x, base]))[model.names[-1]]
+    t = logits[:4].argmax(axis=1)
+    change = logits[np.arange(4), t] - logits[np.arange(4) + 4, t]
+    attributions, delta = viz.deep_lift(model, x, baseline=base, return_convergence_delta=True)
+    total = attributions.reshape(4, -1).astype(np.float64).sum(axis=1)
+    scale = np.abs(attributions).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(total, change, atol=1e-5 * scale.max())
+    np.testing.assert_allclose(delta, total - change, atol=1e-5 * scale.max())
+    assert delta.dtype == np.float32 and delta.shape == (4,)
+
+
+def test_deep_lift_of_a_linear_model_is_weight_times_difference():
+    model = linear_net()
+    x = np.random.default_rng(2).standard_normal((3, 2, 4, 3)).astype(np.float32)
+    got = viz.deep_lift(model, x, [0, 1, 2], baseline=0.25)
+    w = model.fc.weight.data.reshape(3, 2, 4, 3)
+    np.testing.assert_allclose(got, w * (x - 0.25), rtol=1e-5, atol=1e-7)
+
+
+def test_deep_lift_shap_is_the_mean_over_references():
+    model = small_cnn()
+    x = images(3)
+    refs = images(4, seed=9)
+    target = np.array([0, 3, 1])
+    got, delta = viz.deep_lift_shap(model, x, refs, target, batch_size=5,
+                                    return_convergence_delta=True)
+    want = np.mean([viz.deep_lift(model, x, target, baseline=np.broadcast_to(r, x.shape))
+                    for r in refs], axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    pairs = [viz.deep_lift(model, x[i], int(target[i]), baseline=r,
+                           return_convergence_delta=True)[1] for i in range(3) for r in refs]
+    np.testing.assert_allclose(delta, pairs, atol=1e-6)       # image i, reference j at 4i + j
+    for batch_size in (1, 64):
+        np.testing.assert_allclose(viz.deep_lift_shap(model, x, refs, target,
+                                                      batch_size=batch_size), got,
+                                   rtol=1e-6, atol=1e-8)
+    single, one_delta = viz.deep_lift_shap(model, x[1], refs, 3, return_convergence_delta=True)
+    np.testing.assert_allclose(single, got[1], rtol=1e-6, atol=1e-8)
+    assert one_delta.shape == (4,)
+    # the default target is each image's prediction
+    predicted = model(x).argmax(axis=1)
+    np.testing.assert_array_equal(viz.deep_lift_shap(model, x, refs),
+                                  viz.deep_lift_shap(model, x, refs, predicted))
+
+
+def test_deep_lift_arguments():
+    model = small_cnn()
+    x = images(2)
+    with pytest.raises(ValueError, match="eps must be"):
+        viz.deep_lift(model, x, eps=-1)
+    with pytest.raises(ValueError, match="baseline must be"):
+        viz.deep_lift(model, x, baseline=np.zeros((3, 8, 8)))
+    with pytest.raises(ValueError, match="baselines must be reference images"):
+        viz.deep_lift_shap(model, x, np.zeros((2, 8, 8)))
+    with pytest.raises(ValueError, match="baselines must be reference images"):
+        viz.deep_lift_shap(model, x, np.zeros((0, 2, 8, 8)))
+    with pytest.raises(ValueError, match="target classes"):
+        viz.deep_lift(model, x, 7)
+    with_softmax = nn.Sequential(OrderedDict(list(model.named_children()) +
+                                             [("softmax", nn.Softmax(dim=1))]))
+    with pytest.raises(ValueError, match="'softmax' is a Softmax"):
+        viz.deep_lift(with_softmax, x)
+    empty = np.zeros((0, 2, 8, 8), np.float32)
+    assert viz.deep_lift(model, empty).shape == empty.shape
+    got, delta = viz.deep_lift_shap(model, empty, images(2), return_convergence_delta=True)
+    assert got.shape == empty.shape and delta.shape == (0,)
+
+
 # ---------------------------------------------------------------- activation maximisation
 
 def test_maximize_activation_reaches_the_analytic_optimum():
@@ -789,6 +960,10 @@ def _all_methods(model, x, target):
                                                baseline=0.1),
         "integrated_delta": viz.integrated_gradients(model, x, target, n_steps=4,
                                                      return_convergence_delta=True)[1],
+        "deep_lift": viz.deep_lift(model, x, target, baseline=0.2),
+        "deep_lift_delta": viz.deep_lift(model, x, target, return_convergence_delta=True)[1],
+        "deep_lift_shap": viz.deep_lift_shap(model, x, target=target,
+                                             baselines=images(2, seed=8), batch_size=3),
         "occlusion": r.heatmap, "occlusion_logit": r.logit, "occlusion_pred": r.predicted,
         "features": viz.feature_maps(model, x, "relu2"),
     }
@@ -853,6 +1028,8 @@ def test_model_state_unchanged(train):
         lambda: viz.deconvolution(model, x, train=train),
         lambda: viz.input_x_gradient(model, x, train=train),
         lambda: viz.integrated_gradients(model, x, n_steps=3, train=train),
+        lambda: viz.deep_lift(model, x, train=train),
+        lambda: viz.deep_lift_shap(model, x, images(2, seed=8), train=train),
         lambda: viz.maximize_activation(model, "relu2", [1], shape=(2, 8, 8), steps=3,
                                         train=train),
         lambda: viz.occlusion(model, x, window=4, stride=4, train=train),

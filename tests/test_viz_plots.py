@@ -122,13 +122,15 @@ def test_plot_maximized(tmp_path):
 
 def test_explain_subset_of_methods_and_target():
     model = small_model()
-    e = viz.explain(model, garment(), target=3, methods=["saliency", "gradcam", "integrated"],
-                    fill=0.5, n_steps=8)
-    assert list(e.maps) == ["saliency", "gradcam", "integrated"] and e.target == 3
+    e = viz.explain(model, garment(), target=3,
+                    methods=["saliency", "gradcam", "integrated", "deeplift"], fill=0.5, n_steps=8)
+    assert list(e.maps) == ["saliency", "gradcam", "integrated", "deeplift"] and e.target == 3
     assert e.occlusion is None and e.settings["n_steps"] == 8
     np.testing.assert_array_equal(e.maps["saliency"], viz.saliency(model, garment(), 3))
     np.testing.assert_array_equal(e.maps["integrated"], viz.integrated_gradients(
         model, garment(), 3, baseline=0.5, n_steps=8))
+    np.testing.assert_array_equal(e.maps["deeplift"], viz.deep_lift(model, garment(), 3,
+                                                                    baseline=0.5))
     with pytest.raises(ValueError, match="unknown methods"):
         viz.explain(model, garment(), methods=["lime"])
     one = viz.explain(model, garment(), methods="saliency")        # a name, not a list
@@ -162,6 +164,10 @@ def test_cli_explain(tmp_path, capsys):
                      "--method", "integrated", "--steps", "6"]) == 0
     check_png(out / "00_shirt_png_integrated.png")
     assert "6 steps" in (out / "report.html").read_text()
+    assert cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
+                     "--method", "deeplift"]) == 0
+    check_png(out / "00_shirt_png_deeplift.png")
+    assert "DeepLIFT" in (out / "report.html").read_text()
     assert cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
                      "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err

@@ -199,3 +199,53 @@ def test_occlusion_vs_captum(size, window, stride, fill):
     probs = tnn.Sequential(tm, tnn.Softmax(dim=1))
     close(r.heatmap, attr(captum_attr.Occlusion(probs), x, **kwargs)[:, 0], rtol=1e-4,
           atol=1e-5)
+
+
+def separated_cnn(seed, size=(11, 9)):
+    """conv - pool - BN - ReLU - conv - ReLU - fc: no two of Captum's DeepLift
+    nonlinearities in a row. (Captum 0.9 gives a ReLU or max-pool directly before another
+    the later one's plain gradient, so on conv-ReLU-pool stacks its attributions stop
+    adding up to the logit change; fastcnn's follow the rules and do.)"""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    model = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 6, 3, padding=1, rng=rng)), ("pool1", nn.MaxPool2d(2)),
+        ("bn1", nn.BatchNorm2d(6)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(6, 8, 3, padding=1, rng=rng)), ("relu2", nn.ReLU()),
+        ("flatten", nn.Flatten()), ("fc", nn.Linear(8 * (h // 2) * (w // 2), 5, rng=rng))]))
+    model.bn1.running_mean[...] = rng.normal(0, 0.2, 6)
+    model.bn1.running_var[...] = rng.uniform(0.5, 1.5, 6)
+    return model.eval()
+
+
+@pytest.mark.parametrize("baseline", ["zero", "value", "image", "per_sample"])
+def test_deep_lift_vs_captum(baseline):
+    model, x = separated_cnn(10), inputs(10)
+    tm, target = to_torch(model), [3, 0, 4]
+    base = {"zero": 0.0, "value": 0.4, "image": inputs(11, n=1)[0],
+            "per_sample": inputs(12)}[baseline]
+    captum_base = torch.from_numpy(np.asarray(base, np.float64)) if np.ndim(base) else base
+    if np.ndim(base) == 3:
+        captum_base = captum_base[None]
+    tx = torch.from_numpy(x.astype(np.float64))
+    for local in (False, True):
+        got, delta = viz.deep_lift(model, x, target, baseline=base, multiply_by_inputs=not local,
+                                   return_convergence_delta=True)
+        want, want_delta = captum_attr.DeepLift(tm, multiply_by_inputs=not local).attribute(
+            tx, baselines=captum_base, target=target, return_convergence_delta=True)
+        close(got, want.detach().numpy())
+        if not local:
+            np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=1e-5)
+
+
+def test_deep_lift_shap_vs_captum():
+    model, x = separated_cnn(13), inputs(13)
+    tm, target = to_torch(model), [1, 2, 2]
+    refs = inputs(14, n=4)
+    got, delta = viz.deep_lift_shap(model, x, refs, target, batch_size=5,
+                                    return_convergence_delta=True)
+    want, want_delta = captum_attr.DeepLiftShap(tm).attribute(
+        torch.from_numpy(x.astype(np.float64)), baselines=torch.from_numpy(
+            refs.astype(np.float64)), target=target, return_convergence_delta=True)
+    close(got, want.detach().numpy())
+    np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=1e-5)

@@ -6,6 +6,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.saliency(model, x)                       # max_c |d logit / d x|, (H, W)
 >>> viz.guided_backprop(model, x, layer="relu2", channel=5, position="max")
 >>> viz.integrated_gradients(model, x, baseline=0.0, n_steps=50)   # shaped like x
+>>> viz.deep_lift(model, x, baseline=0.0)       # shaped like x, sums to the logit change
 >>> viz.grad_cam(model, x, layer="relu2")        # (H, W), upsampled
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
@@ -23,6 +24,7 @@ Pictures (matplotlib on the Agg canvas) and the HTML report:
 from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, guided_backprop,
                           guided_grad_cam, input_x_gradient, integrated_gradients, occlusion,
                           saliency, smooth_grad, upsample_bilinear)
+from .deeplift import deep_lift, deep_lift_shap
 from .features import conv_layers, feature_maps, filter_images, filters
 from .maximize import MaximizedActivation, maximize_activation
 from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatmap,
@@ -30,7 +32,7 @@ from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatm
 from .report import METHODS, Explanation, demo_report, explain, write_report
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
-           "integrated_gradients", "grad_cam", "guided_grad_cam", "smooth_grad", "occlusion", "OcclusionResult", "upsample_bilinear",
+           "integrated_gradients", "deep_lift", "deep_lift_shap", "grad_cam", "guided_grad_cam", "smooth_grad", "occlusion", "OcclusionResult", "upsample_bilinear",
            "feature_maps", "conv_layers", "filters", "filter_images", "maximize_activation",
            "MaximizedActivation",
            "plot_heatmap", "plot_feature_maps", "plot_filters", "plot_explanation",

@@ -20,6 +20,7 @@ METHOD_TITLES = {
     "saliency": "Saliency: max |gradient|",
     "smoothgrad": "SmoothGrad saliency",
     "integrated": "Integrated gradients",
+    "deeplift": "DeepLIFT",
     "guided": "Guided backprop",
     "gradcam": "Grad-CAM",
     "guided_gradcam": "Guided Grad-CAM",

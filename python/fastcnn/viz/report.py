@@ -14,6 +14,7 @@ from .. import _backend as B
 from .. import functional as F
 from .attribution import (OcclusionResult, grad_cam, guided_backprop, guided_grad_cam,
                           integrated_gradients, occlusion, saliency, smooth_grad)
+from .deeplift import deep_lift
 from ._common import as_input, default_cam_layer, layer_name, resolve_targets, to_host
 from .features import feature_maps
 from .plot import (METHOD_TITLES, OVERLAID, class_name, display_image, figure_png,
@@ -26,7 +27,7 @@ __all__ = ["METHODS", "Explanation", "explain", "write_report", "demo_report",
 #: window moves the probability by this much.
 OCCLUSION_MIN_DROP = 1e-3
 #: Every method :func:`explain` knows, in the order a report shows them.
-METHODS = ("occlusion", "saliency", "smoothgrad", "integrated", "guided", "gradcam",
+METHODS = ("occlusion", "saliency", "smoothgrad", "integrated", "deeplift", "guided", "gradcam",
            "guided_gradcam")
 
 
@@ -36,8 +37,8 @@ class Explanation:
 
     image: the model input (C, H, W); display: the picture shown, (H, W) or (H, W, 3)
     in [0, 1]; probabilities (classes,); predicted and target class indices;
-    maps: method name -> map ((H, W), or (C, H, W) for the signed guided and integrated
-    gradients maps);
+    maps: method name -> map ((H, W), or (C, H, W) for the signed guided, integrated
+    gradients and DeepLIFT maps);
     occlusion: the full :class:`~fastcnn.viz.OcclusionResult` when computed;
     classes: class names (or None); label: the true class when known; layer: the
     Grad-CAM layer; name: what the report calls the image; settings: the methods'
@@ -73,7 +74,7 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     image's background, the median of its border pixels per channel, so that a window
     hides what it covers rather than painting a grey square on a black background).
     n_samples / sigma / seed: SmoothGrad's. n_steps: integrated gradients' (whose
-    baseline is ``fill``, the background by default). batch_size: copies per forward
+    baseline, as DeepLIFT's, is ``fill``, the background by default). batch_size: copies per forward
     pass.
     """
     if isinstance(methods, str):
@@ -99,7 +100,7 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         if len(labels) != n:
             raise ValueError(f"explain: {len(labels)} labels for {n} images")
     maps, occluded = OrderedDict(), None
-    if fill is None and ("occlusion" in methods or "integrated" in methods):
+    if fill is None and any(m in methods for m in ("occlusion", "integrated", "deeplift")):
         fill = _background(batch)
     for method in methods:
         if method == "occlusion":
@@ -114,6 +115,8 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         elif method == "integrated":
             maps[method] = integrated_gradients(model, batch, targets, baseline=fill,
                                                 n_steps=n_steps, batch_size=batch_size)
+        elif method == "deeplift":
+            maps[method] = deep_lift(model, batch, targets, baseline=fill)
         elif method == "guided":
             maps[method] = guided_backprop(model, batch, targets)
         elif method == "gradcam":
@@ -185,6 +188,11 @@ _CAPTIONS = {
                   "({n_steps} steps), times their difference: each pixel's share of how much "
                   "higher the <b>{target}</b> logit is on the image than on the baseline (the "
                   "shares add up to it). Red: the pixel raises the score.",
+    "deeplift": "DeepLIFT (Shrikumar et al.), rescale rule: each pixel's share of how much "
+                "higher the <b>{target}</b> logit is on the image than on the baseline "
+                "(filled with: {fill}), passed back through each ReLU and max-pool by the "
+                "ratio of its output's to its input's change instead of its slope. The shares "
+                "add up to the difference exactly. Red: the pixel raises the score.",
     "guided": "Guided backpropagation (Springenberg et al.): the gradient passed back only "
               "through ReLUs whose input and gradient are both positive. Red: brightening the "
               "pixel raises the score.",

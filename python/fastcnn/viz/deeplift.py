@@ -1,0 +1,203 @@
+"""DeepLIFT (Shrikumar et al., 2017) with the rescale rule, and DeepLIFT-SHAP: how much
+each pixel's difference from a reference moves the target logit, with the
+differences carried through every nonlinearity instead of its local slope.
+
+The model runs once on the inputs and their references side by side. Going back
+from the target logit, linear layers (convolutions, fully-connected layers,
+batch norm in eval mode, flatten, dropout in eval mode) pass the gradient as
+usual; a ReLU passes it times delta_out / delta_in, the ratio of its output's to
+its input's difference from the reference (the plain gradient where delta_in is
+below ``eps``); a max-pool passes, to each input, its share of every window's
+output difference divided by the input's own difference, where the pool picks
+its maximum at x for the part of the change from the reference's output up to
+the larger of the two outputs and at the reference for the rest (Captum's rule).
+The products with (x - reference) then add up to logit(x) - logit(reference)
+exactly: DeepLIFT's summation-to-delta, which ``return_convergence_delta``
+reports the rounding error of.
+
+As Captum's DeepLift and DeepLiftShap, with two differences where Captum's
+rule is not what the method defines: where a max-pool's input does not change
+(below ``eps``), each image falls back to its own pool gradient (Captum uses the
+first image's for the whole batch), and an input that is the maximum of several
+overlapping windows (stride < kernel) gets the sum of their shares (Captum's
+unpooling keeps one window's). With non-overlapping pools and one image, or
+inputs whose pool inputs all change, the two agree.
+"""
+
+import numpy as np
+
+from .. import _backend as B
+from .. import functional as F
+from ..nn import LogSoftmax, MaxPool2d, ReLU, Sequential, Softmax
+from ._common import as_input, check_logits, preserved, resolve_targets, unbatch
+from .attribution import _fill_images
+
+__all__ = ["deep_lift", "deep_lift_shap"]
+
+
+def _leaves(model):
+    """The layers in the order they run, nested Sequential blocks opened."""
+    for layer in model.children():
+        if isinstance(layer, Sequential):
+            yield from _leaves(layer)
+        else:
+            yield layer
+
+
+def _halves(a):
+    """(inputs' part, references' part) of a batch run side by side."""
+    n = a.shape[0] // 2
+    return a[:n], a[n:]
+
+
+def _delta(a):
+    """Each image's difference from its reference, for both halves of the batch."""
+    xs, refs = _halves(a)
+    return B.array_module(a).concatenate([xs - refs] * 2)
+
+
+def _rescaled(delta_in, product, fallback, eps):
+    """product / delta_in, or ``fallback`` where |delta_in| < eps."""
+    xp = B.array_module(product)
+    small = xp.abs(delta_in) < eps
+    return xp.where(small, fallback, product / xp.where(small, 1, delta_in))
+
+
+def _relu_rule(g, a, out, eps):
+    """The rescale rule: g * delta_out / delta_in (the gradient where delta_in ~ 0)."""
+    return _rescaled(_delta(a), g * _delta(out), F.relu_backward(g, a), eps)
+
+
+def _pool_rule(g, pool, a, out, eps):
+    """Max-pool: the output's change from the reference's, m = max(out_x, out_ref),
+    split into m - out_ref routed through x's argmax and out_x - m through the
+    reference's, each scattered back (summed over windows), over delta_in."""
+    out_x, out_ref = _halves(out)
+    xp = B.array_module(out)
+    top = xp.maximum(out_x, out_ref)
+    delta_out = xp.concatenate([top - out_ref, out_x - top])
+    args = pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
+    routed = _halves(F.max_pool2d_backward(g * delta_out, a, *args))  # at each half's argmax
+    return _rescaled(_delta(a), xp.concatenate([routed[0] + routed[1]] * 2),
+                     F.max_pool2d_backward(g, a, *args), eps)
+
+
+def _multipliers(model, x, base, target, eps, op):
+    """DeepLIFT's multipliers d logit / d x for inputs ``x`` against ``base`` (both
+    (N, C, H, W)), and each image's logit change (float64)."""
+    layers = list(_leaves(model))
+    for name, layer in model.named_modules():
+        if isinstance(layer, (Softmax, LogSoftmax)):
+            raise ValueError(f"{op}: DeepLIFT attributes the logits, but layer {name!r} is a "
+                             f"{type(layer).__name__}; pass the model without it "
+                             f"(model[:-1] for a last layer)")
+    xp = B.array_module(x)
+    n = x.shape[0]
+    a = xp.concatenate([x, base])
+    inputs, outputs = [], []
+    for layer in layers:
+        inputs.append(a)
+        a = layer.forward(a)
+        outputs.append(a)
+    check_logits(a, op)
+    t = resolve_targets(target, a[:n], op)
+    rows = xp.arange(n)
+    change = a[rows, t].astype(np.float64) - a[rows + n, t]
+    g = xp.zeros_like(a)
+    g[xp.arange(2 * n), xp.concatenate([t, t])] = 1.0
+    for p in model.parameters():
+        p.requires_grad = False  # preserved() puts them back
+    for layer, a_in, a_out in zip(reversed(layers), reversed(inputs), reversed(outputs)):
+        if isinstance(layer, ReLU):
+            g = _relu_rule(g, a_in, a_out, eps)
+        elif isinstance(layer, MaxPool2d):
+            g = _pool_rule(g, layer, a_in, a_out, eps)
+        else:
+            g = layer.backward(g, input_grad=True)
+    return g[:n], change
+
+
+def _check_eps(eps, op):
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.number)) or \
+            not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _finish(mult, x, base, change, multiply_by_inputs):
+    """Attributions (float64) and each pair's sum minus its logit change."""
+    attributions = mult * (x - base).astype(np.float64)
+    delta = attributions.sum(axis=tuple(range(1, x.ndim))) - change
+    return (attributions if multiply_by_inputs else mult.astype(np.float64)), delta
+
+
+def deep_lift(model, x, target=None, *, baseline=0.0, multiply_by_inputs=True,
+              return_convergence_delta=False, eps=1e-10, train=False):
+    """DeepLIFT with the rescale rule (Shrikumar et al.; Captum's DeepLift): each pixel's
+    share of logit(x) - logit(baseline), signed, shaped like x. See the module's
+    docstring for the rules and where they differ from Captum's.
+
+    baseline: the reference, a value (in the model's input units), an image (C, H, W)
+    or one per sample (N, C, H, W). ``target`` defaults to the prediction on x.
+    multiply_by_inputs: True (the default) gives the attributions, multiplier times
+    (x - baseline); False gives the multipliers themselves (Captum's "local" variant).
+    return_convergence_delta: also return, per image, the attributions' sum minus the
+    logit change (zero up to rounding: DeepLIFT's summation-to-delta).
+    eps: a ReLU or max-pool whose input changes by less than this passes the plain
+    gradient (Captum's default, 1e-10).
+    The model must end in logits: DeepLIFT here has no rule for a Softmax layer.
+    """
+    op = "deep_lift"
+    x, single, xp = as_input(model, x, op)
+    eps = _check_eps(eps, op)
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    with preserved(model, train):
+        mult, change = _multipliers(model, x, base, target, eps, op)
+    attributions, delta = _finish(mult, x, base, change, multiply_by_inputs)
+    out = attributions.astype(np.float32)
+    if not return_convergence_delta:
+        return unbatch(out, single)
+    return unbatch((out, delta.astype(np.float32)), single)
+
+
+def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_by_inputs=True,
+                   return_convergence_delta=False, eps=1e-10, train=False):
+    """DeepLIFT-SHAP (Lundberg & Lee; Captum's DeepLiftShap): the mean of the DeepLIFT
+    attributions of x against each of a set of reference images, an approximation of
+    SHAP values with the references as the background distribution.
+
+    baselines: the reference images, (B, C, H, W) (a few dozen training images are
+    typical). batch_size: (image, reference) pairs per pass; the result does not
+    depend on it. return_convergence_delta: also return the (N * B,) deltas of every
+    pair, image by image (Captum's order: image i against reference j at i * B + j).
+    Other arguments as :func:`deep_lift`.
+    """
+    op = "deep_lift_shap"
+    x, single, xp = as_input(model, x, op)
+    eps = _check_eps(eps, op)
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    refs = B.as_float(baselines, "baselines", xp)
+    if refs.ndim != 4 or refs.shape[1:] != x.shape[1:] or refs.shape[0] < 1:
+        raise ValueError(f"{op}: baselines must be reference images (B, C, H, W) with C, H, "
+                         f"W as x's {B.shape_str(x.shape[1:])}; got shape "
+                         f"{B.shape_str(refs.shape)}")
+    n, k = x.shape[0], refs.shape[0]
+    total = xp.zeros(x.shape, np.float64)
+    deltas = []
+    with preserved(model, train):
+        logits = model.forward(x)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+        for first in range(0, n * k, batch_size):
+            pair = np.arange(first, min(first + batch_size, n * k))
+            image, ref = xp.asarray(pair // k), xp.asarray(pair % k)
+            xs, bs = x[image], refs[ref]
+            mult, change = _multipliers(model, xs, bs, t[image], eps, op)
+            attr, delta = _finish(mult, xs, bs, change, multiply_by_inputs)
+            for row, i in enumerate(pair // k):  # each image's references in order
+                total[i] += attr[row]
+            deltas.append(delta.astype(np.float32))
+    out = unbatch((total / k).astype(np.float32), single)
+    if not return_convergence_delta:
+        return out
+    return out, (xp.concatenate(deltas) if deltas else xp.zeros(0, np.float32))
