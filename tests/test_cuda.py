@@ -1473,6 +1473,9 @@ class TestModelsOnGpu:
             "integrated_gradients": lambda m, a: viz.integrated_gradients(
                 m, a, n_steps=5, batch_size=3, baseline=a[:1]),
             "deep_lift": lambda m, a: viz.deep_lift(m, a, baseline=a[:1] * 0.5),
+            "feature_ablation": lambda m, a: viz.feature_ablation(
+                m, a, feature_mask=np.arange(144).reshape(12, 12) // 7, baseline=0.2,
+                score="probability", batch_size=9),
             "deep_lift_delta": lambda m, a: viz.deep_lift(m, a, return_convergence_delta=True)[1],
             "deep_lift_shap": lambda m, a: viz.deep_lift_shap(m, a, a[::-1] * 0.3, batch_size=3),
             "maximize": lambda m, a: viz.maximize_activation(

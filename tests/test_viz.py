@@ -646,6 +646,80 @@ def test_deep_lift_arguments():
     assert got.shape == empty.shape and delta.shape == (0,)
 
 
+# ---------------------------------------------------------------- feature ablation
+
+def feature_ablation64(model, x, base, mask, target, score="logit"):
+    """Each image, each of its features in turn replaced by the baseline, in float64."""
+    def value(a, i):
+        z = forward64(model, a[None])[model.names[-1]][0]
+        return (z if score == "logit" else softmax64(z))[target[i]]
+
+    mask = np.broadcast_to(mask, x.shape)
+    out = np.zeros(x.shape)
+    for i in range(len(x)):
+        for f in np.unique(mask[i]):
+            hit = mask[i] == f
+            out[i][hit] = value(x[i], i) - value(np.where(hit, base[i], x[i]), i)
+    return out
+
+
+@pytest.mark.parametrize("score", ["logit", "probability"])
+def test_feature_ablation_matches_reference(score):
+    """Superpixels shared by the channels, per-image masks with ids that are not
+    consecutive (and features one image lacks), channel-wise masks, baselines a value
+    and one image each; the result does not depend on batch_size."""
+    model = small_cnn()
+    x = images(3)
+    rng = np.random.default_rng(4)
+    target = np.array([1, 4, 0])
+    cases = [
+        (np.repeat(np.repeat(np.arange(16).reshape(4, 4), 2, 0), 2, 1), 0.0),
+        (rng.choice([3, 17, 40, 1000], size=(3, 1, 8, 8)), images(3, seed=6)),
+        (rng.integers(0, 5, size=(2, 8, 8)), -0.5),
+    ]
+    for mask, baseline in cases:
+        base = np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
+        want = feature_ablation64(model, x, base, mask.reshape((1,) * (4 - mask.ndim) +
+                                                               mask.shape), target, score)
+        for batch_size in (1, 7, 256):
+            got = viz.feature_ablation(model, x, target, feature_mask=mask, baseline=baseline,
+                                       score=score, batch_size=batch_size)
+            assert got.shape == x.shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_feature_ablation_of_elements_and_windows():
+    """With no mask each element is a feature; a grid of 4x4 cells is occlusion with a
+    4x4 window at stride 4."""
+    model = small_cnn()
+    x = images(1)[0]
+    got = viz.feature_ablation(model, x, 2, baseline=0.3)
+    want = feature_ablation64(model, x[None], np.full((1,) + x.shape, 0.3),
+                              np.arange(x.size).reshape((1,) + x.shape), [2])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    cells = np.repeat(np.repeat(np.arange(4).reshape(2, 2), 4, 0), 4, 1)
+    r = viz.occlusion(model, x, 2, window=4, stride=4, fill=0.3)
+    got = viz.feature_ablation(model, x, 2, feature_mask=cells, baseline=0.3)
+    np.testing.assert_allclose(got[0], r.logit_heatmap, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[0], got[1])
+
+
+def test_feature_ablation_arguments():
+    model = small_cnn()
+    x = images(2)
+    with pytest.raises(TypeError, match="integer feature ids"):
+        viz.feature_ablation(model, x, feature_mask=np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="feature_mask must be"):
+        viz.feature_ablation(model, x, feature_mask=np.zeros((8, 7), int))
+    with pytest.raises(ValueError, match="feature_mask must be"):
+        viz.feature_ablation(model, x, feature_mask=np.zeros((3, 1, 8, 8), int))
+    with pytest.raises(ValueError, match=">= 0"):
+        viz.feature_ablation(model, x, feature_mask=-np.ones((8, 8), int))
+    with pytest.raises(ValueError, match="score must be"):
+        viz.feature_ablation(model, x, score="loss")
+    assert viz.feature_ablation(model, np.zeros((0, 2, 8, 8), np.float32)).shape == (0, 2, 8, 8)
+
+
 # ---------------------------------------------------------------- activation maximisation
 
 def test_maximize_activation_reaches_the_analytic_optimum():
@@ -961,6 +1035,8 @@ def _all_methods(model, x, target):
         "integrated_delta": viz.integrated_gradients(model, x, target, n_steps=4,
                                                      return_convergence_delta=True)[1],
         "deep_lift": viz.deep_lift(model, x, target, baseline=0.2),
+        "ablation": viz.feature_ablation(model, x, target, batch_size=50,
+                                         feature_mask=np.arange(64).reshape(8, 8) // 5),
         "deep_lift_delta": viz.deep_lift(model, x, target, return_convergence_delta=True)[1],
         "deep_lift_shap": viz.deep_lift_shap(model, x, target=target,
                                              baselines=images(2, seed=8), batch_size=3),
@@ -1029,6 +1105,7 @@ def test_model_state_unchanged(train):
         lambda: viz.input_x_gradient(model, x, train=train),
         lambda: viz.integrated_gradients(model, x, n_steps=3, train=train),
         lambda: viz.deep_lift(model, x, train=train),
+        lambda: viz.feature_ablation(model, x, feature_mask=np.eye(8, dtype=int), train=train),
         lambda: viz.deep_lift_shap(model, x, images(2, seed=8), train=train),
         lambda: viz.maximize_activation(model, "relu2", [1], shape=(2, 8, 8), steps=3,
                                         train=train),

@@ -249,3 +249,23 @@ def test_deep_lift_shap_vs_captum():
             refs.astype(np.float64)), target=target, return_convergence_delta=True)
     close(got, want.detach().numpy())
     np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["elements", "superpixels", "per_sample"])
+def test_feature_ablation_vs_captum(mask_kind):
+    model, x = cnn(15), inputs(15)
+    tm, target = to_torch(model), [0, 3, 1]
+    rng = np.random.default_rng(15)
+    cells = np.repeat(np.repeat(np.arange(12).reshape(4, 3), 3, 0), 3, 1)[:11, :9]
+    mask = {"elements": None, "superpixels": cells,
+            "per_sample": rng.integers(0, 6, size=(3, 1, 11, 9))}[mask_kind]
+    base = inputs(16, n=1)[0] * 0.5
+    captum_mask = None if mask is None else torch.from_numpy(
+        mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
+    for score, net in (("logit", tm), ("probability", tnn.Sequential(tm, tnn.Softmax(dim=1)))):
+        got = viz.feature_ablation(model, x, target, feature_mask=mask, baseline=base,
+                                   score=score, batch_size=40)
+        want = attr(captum_attr.FeatureAblation(net), x, target=target,
+                    baselines=torch.from_numpy(base[None].astype(np.float64)),
+                    feature_mask=captum_mask, perturbations_per_eval=8)
+        close(got, want, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.grad_cam(model, x, layer="relu2")        # (H, W), upsampled
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
+>>> viz.feature_ablation(model, x, feature_mask=segments)   # any regions, shaped like x
 >>> viz.feature_maps(model, x, "relu1")          # (32, 28, 28)
 >>> viz.maximize_activation(model, "relu2", [0, 5]).images   # what units respond to most
 
@@ -24,6 +25,7 @@ Pictures (matplotlib on the Agg canvas) and the HTML report:
 from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, guided_backprop,
                           guided_grad_cam, input_x_gradient, integrated_gradients, occlusion,
                           saliency, smooth_grad, upsample_bilinear)
+from .ablation import feature_ablation
 from .deeplift import deep_lift, deep_lift_shap
 from .features import conv_layers, feature_maps, filter_images, filters
 from .maximize import MaximizedActivation, maximize_activation
@@ -32,7 +34,7 @@ from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatm
 from .report import METHODS, Explanation, demo_report, explain, write_report
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
-           "integrated_gradients", "deep_lift", "deep_lift_shap", "grad_cam", "guided_grad_cam", "smooth_grad", "occlusion", "OcclusionResult", "upsample_bilinear",
+           "integrated_gradients", "deep_lift", "deep_lift_shap", "grad_cam", "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation", "OcclusionResult", "upsample_bilinear",
            "feature_maps", "conv_layers", "filters", "filter_images", "maximize_activation",
            "MaximizedActivation",
            "plot_heatmap", "plot_feature_maps", "plot_filters", "plot_explanation",
