@@ -97,10 +97,29 @@ def test_max_pool2d_random(cfg):
     ((2, 3, 8, 9), dict(kernel_size=2, stride=3)),               # stride > kernel
     ((3, 9, 9), dict(kernel_size=3, stride=2)),                  # unbatched
     ((2, 1, 1, 1), dict(kernel_size=1)),
+    # ceil mode: a window may run past the input, even one longer than it (torch's rule)
+    ((1, 2, 2, 3), dict(kernel_size=3, stride=3, ceil_mode=True)),
+    ((2, 1, 2, 3), dict(kernel_size=(1, 2), stride=2, dilation=(1, 3), ceil_mode=True)),
+    ((1, 1, 4, 1), dict(kernel_size=(2, 3), stride=(2, 4), padding=(1, 1), ceil_mode=True)),
 ])
 def test_max_pool2d_cases(shape, kw, rng):
     check_pool(randn(rng, *shape), kw, rng)
     check_pool(rng.integers(0, 2, shape).astype(np.float32), kw, rng)
+
+
+def test_max_pool2d_ceil_mode_needs_one_window(rng):
+    """Floor mode needs the (dilated) kernel inside the padded input; ceil mode one
+    window starting inside it."""
+    x = randn(rng, 1, 1, 2, 3)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        F.max_pool2d(x, 3, 3)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        F.max_pool2d(x, 3, 1, ceil_mode=True)     # room -1, stride 1: no window
+    layer = nn.MaxPool2d(3, 3, ceil_mode=True)
+    assert layer.output_shape((1, 1, 2, 3)) == (1, 1, 1, 1)
+    np.testing.assert_array_equal(layer(x), x.max().reshape(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="smaller than the kernel extent"):
+        nn.MaxPool2d(3, 3).output_shape((1, 1, 2, 3))
 
 
 def test_max_pool2d_default_stride_is_kernel(rng):

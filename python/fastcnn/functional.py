@@ -344,9 +344,9 @@ class _PoolArgs:
 
     @staticmethod
     def _out_size(size, k, s, p, d, ceil_mode):
+        """torch's pooling_output_shape: < 1 when no window fits (in ceil mode the last
+        window may run past the input, even a window longer than the input)."""
         room = size + 2 * p - d * (k - 1) - 1
-        if room < 0:
-            return 0
         out = (-(-room // s) if ceil_mode else room // s) + 1
         if ceil_mode and (out - 1) * s >= size + p:
             out -= 1

@@ -16,18 +16,6 @@ FASTCNN_HD index_t conv_out_size(index_t in, index_t k, index_t stride, index_t 
   return room < 0 ? 0 : room / stride + 1;
 }
 
-// Pooling output extent with PyTorch's ceil_mode rule: in ceil mode the last
-// window must still start inside the input or its left padding.
-FASTCNN_HD index_t pool_out_size(index_t in, index_t k, index_t stride, index_t pad,
-                                 index_t dil, bool ceil_mode) {
-  const index_t span = dil * (k - 1) + 1;
-  const index_t room = in + 2 * pad - span;
-  if (room < 0) return 0;
-  index_t out = (ceil_mode ? (room + stride - 1) / stride : room / stride) + 1;
-  if (ceil_mode && (out - 1) * stride >= in + pad) --out;
-  return out;
-}
-
 // The half-open range [lo, hi) of output positions o whose input coordinate
 // o * stride - pad + offset lies inside [0, in): im2col copies that range and
 // zero-fills the rest, with no per-element bounds test.

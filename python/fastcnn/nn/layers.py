@@ -100,12 +100,12 @@ def _cached(layer, attr):
 
 def _window_out(size, kernel, stride, pad_lo, pad_hi, dilation, ceil_mode=False):
     span = size + pad_lo + pad_hi - dilation * (kernel - 1) - 1
-    if span < 0:
-        raise ValueError(f"input size {size} is smaller than the kernel extent "
-                         f"{dilation * (kernel - 1) + 1} (padding {pad_lo}+{pad_hi})")
     out = (-(-span // stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + pad_lo:
         out -= 1
+    if out < 1:
+        raise ValueError(f"input size {size} is smaller than the kernel extent "
+                         f"{dilation * (kernel - 1) + 1} (padding {pad_lo}+{pad_hi})")
     return out
 
 
