@@ -6,6 +6,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastcnn.functional as F
+from fastcnn import nn
 import reference as ref
 from conftest import assert_close, randn
 
@@ -135,7 +136,7 @@ def test_batch_norm_training_two_values_per_channel():
     """n == 2 is the smallest legal batch; (1, C, 2, 1) counts H*W too."""
     x = np.array([[[[1.0], [3.0]]]], dtype=np.float32)      # (1, 1, 2, 1)
     rm, rv = np.zeros(1, np.float32), np.ones(1, np.float32)
-    out = F.batch_norm(x, rm, rv, training=True, momentum=1.0, eps=0.0)
+    out = F.batch_norm(x, rm, rv, training=True, momentum=1.0, eps=1e-12)
     np.testing.assert_allclose(out.ravel(), [-1, 1], rtol=1e-6)
     np.testing.assert_allclose(rm, [2.0])
     np.testing.assert_allclose(rv, [2.0])   # unbiased: ((1-2)^2 + (3-2)^2) / 1
@@ -166,3 +167,51 @@ def test_batch_norm_does_not_modify_inputs(rng):
     F.batch_norm_backward(randn(rng, 4, 3, 2, 2), x, None, None, w, b, training=True)
     for a, c in zip((x, w, b), copies):
         np.testing.assert_array_equal(a, c)
+
+
+def test_batch_norm_eps_and_buffer_types():
+    """As torch: eps > 0 in training (0 is allowed in eval mode); running statistics
+    must be floating-point, since training updates them in place."""
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        F.batch_norm(x, None, None, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        F.batch_norm_backward(x, x, None, None, training=True, eps=-1.0)
+    np.testing.assert_array_equal(F.batch_norm(x, np.zeros(2), np.ones(2), eps=0.0), x)
+    for rm, rv in ((np.zeros(2, np.int64), np.ones(2)), (np.zeros(2), np.ones(2, np.int32))):
+        with pytest.raises(TypeError, match="running_(mean|var) must be a floating-point array"):
+            F.batch_norm(x, rm, rv, training=True)
+    rm, rv = np.zeros(2), np.ones(2)        # float64 buffers: updated, not truncated
+    F.batch_norm(np.array([[0.0, 1.0], [1.0, 4.0]]), rm, rv, training=True, momentum=0.5)
+    np.testing.assert_allclose(rm, [0.25, 1.25])
+    np.testing.assert_allclose(rv, [0.75, 2.75])
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (2, 3, 0, 4)])
+def test_batch_norm_empty_batch_in_training(shape):
+    """torch: an empty batch normalises to an empty output, leaves the running statistics
+    as they were and gets zero parameter gradients (one value per channel is still an
+    error)."""
+    x = np.zeros(shape, np.float32)
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    assert F.batch_norm(x, rm, rv, training=True).shape == shape
+    np.testing.assert_array_equal(rm, 0.5)
+    np.testing.assert_array_equal(rv, 2.0)
+    dx, dw, db = F.batch_norm_backward(x, x, rm, rv, np.ones(3), np.ones(3), training=True)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(dw, 0)
+    np.testing.assert_array_equal(db, 0)
+    layer = (nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d)(3).train()
+    assert layer(x).shape == shape and int(layer.num_batches_tracked) == 1
+    assert layer.backward(x).shape == shape
+    np.testing.assert_array_equal(layer.weight.grad, 0)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm(np.zeros((1, 3, 1, 1), np.float32), None, None, training=True)
+
+
+def test_batch_norm_backward_takes_eps_by_keyword():
+    """The forward's (..., training, momentum, eps) order would put momentum in eps's
+    place: eps and the saved statistics are keyword-only."""
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(TypeError, match="positional"):
+        F.batch_norm_backward(x, x, None, None, None, None, True, 0.1, 1e-5)

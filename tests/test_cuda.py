@@ -572,8 +572,8 @@ def test_cross_entropy_total_and_scalar_backward(dev, rng, n, smoothing, reducti
     if n == 0:
         assert np.isnan(got["total"]) == mean and (mean or got["total"] == 0)
     for grad in (None, np.asarray(0.75, F32)):
-        want = F.cross_entropy_backward(0.5 if grad is None else grad, x, t, reduction, -100,
-                                        smoothing)
+        want = F.cross_entropy_backward(0.5 if grad is None else grad, x, t, None, reduction,
+                                        -100, smoothing)
         back = dev(lambda mod, x, t, g, status, dx: mod.cross_entropy_backward_scalar(
             x, t, -100, smoothing, mean, g, 0.5, status, dx),
             {"x": x, "t": t, "g": grad, "status": got["status"]},
@@ -944,9 +944,11 @@ class TestFunctionalOnGpu:
             assert isinstance(got, cp.ndarray) and got.shape == np.shape(want)
             close(cp.asnumpy(got), np.asarray(want), 30, rtol=1e-6, atol=1e-7)
             g = 1.5 if reduction != "none" else randn(rng, 9, 3)
-            gwant = F.cross_entropy_backward(g, x, t, reduction, label_smoothing=smoothing)
+            gwant = F.cross_entropy_backward(g, x, t, reduction=reduction,
+                                             label_smoothing=smoothing)
             for gg in ((g, cp.asarray(g)) if reduction != "none" else (cp.asarray(g),)):
-                ggot = F.cross_entropy_backward(gg, gx, gt, reduction, label_smoothing=smoothing)
+                ggot = F.cross_entropy_backward(gg, gx, gt, reduction=reduction,
+                                                label_smoothing=smoothing)
                 close(cp.asnumpy(ggot), gwant, 5, rtol=1e-5, atol=1e-7)
         bad = t.copy()
         bad[1, 1] = 5
@@ -954,7 +956,7 @@ class TestFunctionalOnGpu:
             F.cross_entropy(gx, cp.asarray(bad), reduction=reduction)
         with pytest.raises(ValueError, match="target contains 5"):
             F.cross_entropy_backward(1.0 if reduction != "none" else cp.ones((9, 3), cp.float32),
-                                     gx, cp.asarray(bad), reduction)
+                                     gx, cp.asarray(bad), reduction=reduction)
         ignored = cp.full((9, 3), -100)
         assert (np.isnan(float(F.cross_entropy(gx, ignored, reduction=reduction).sum()))
                 == (reduction == "mean"))

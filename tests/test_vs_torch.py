@@ -150,8 +150,8 @@ def test_weighted_cross_entropy_vs_torch(reduction, eps, xs, rng):
     x32, w32, go32 = x.astype(np.float32), w.astype(np.float32), np.float32(go)
     np.testing.assert_allclose(F.cross_entropy(x32, t, w32, reduction, label_smoothing=eps),
                                tl.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(F.cross_entropy_backward(go32, x32, t, reduction,
-                                                        label_smoothing=eps, weight=w32),
+    np.testing.assert_allclose(F.cross_entropy_backward(go32, x32, t, w32, reduction,
+                                                        label_smoothing=eps),
                                tx.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -173,8 +173,8 @@ def test_probability_targets_vs_torch(reduction, weighted, rng):
     w32 = None if w is None else w.astype(np.float32)
     np.testing.assert_allclose(F.cross_entropy(x32, y32, w32, reduction, label_smoothing=0.1),
                                tl.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(F.cross_entropy_backward(np.float32(go), x32, y32, reduction,
-                                                        label_smoothing=0.1, weight=w32),
+    np.testing.assert_allclose(F.cross_entropy_backward(np.float32(go), x32, y32, w32,
+                                                        reduction, label_smoothing=0.1),
                                tx.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 

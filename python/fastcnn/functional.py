@@ -189,7 +189,7 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
     if dy.shape != expected:
         raise ValueError(f"conv2d_backward: grad_output has shape {shape_str(dy.shape)}, expected "
                          f"the output shape {shape_str(expected)}")
-    want_dx, want_dw, want_db = (bool(m) for m in output_mask)
+    want_dx, want_dw, want_db = _output_mask(output_mask, "conv2d_backward")
     xb = g.batched(x)
     dx = _empty(xp, xb.shape) if want_dx else None
     dw = _empty(xp, w.shape) if want_dw else None
@@ -210,6 +210,15 @@ def conv2d_backward(grad_output, input, weight, bias=None, stride=1, padding=0, 
 
 
 # ----------------------------------------------------------------- linear --
+
+def _output_mask(mask, op):
+    """(want grad_input, grad_weight, grad_bias) from a 3-sequence of flags."""
+    flags = tuple(mask) if isinstance(mask, (tuple, list)) else ()
+    if len(flags) != 3:
+        raise ValueError(f"{op}: output_mask must be three flags (grad_input, grad_weight, "
+                         f"grad_bias), got {mask!r}")
+    return tuple(bool(m) for m in flags)
+
 
 def _linear_args(op, x, w, b):
     B.check_ndim(w, (2,), "weight", op, "2-D (out_features, in_features)")
@@ -263,7 +272,7 @@ def linear_backward(grad_output, input, weight, bias=None, output_mask=(True, Tr
     if dy.shape != expected:
         raise ValueError(f"linear_backward: grad_output has shape {shape_str(dy.shape)}, expected "
                          f"{shape_str(expected)}")
-    want_dx, want_dw, want_db = (bool(m) for m in output_mask)
+    want_dx, want_dw, want_db = _output_mask(output_mask, "linear_backward")
     x2 = x.reshape(_rows(x), w.shape[1])
     dx = _empty(xp, x2.shape) if want_dx else None
     dw = _empty(xp, w.shape) if want_dw else None
@@ -559,10 +568,9 @@ def _softmax(op, input, dim, log):
     xp, K = B.dispatch(input)
     x = B.as_float(input, "input", xp)
     y = _empty(xp, x.shape)
+    view = _softmax_view(op, x.shape, dim)
     if x.size:
-        K.softmax_forward(x, y, *_softmax_view(op, x.shape, dim), log)
-    else:
-        B.normalize_dim(dim, x.ndim, op)
+        K.softmax_forward(x, y, *view, log)
     return y
 
 
@@ -572,8 +580,9 @@ def _softmax_grad(op, grad_output, output, dim, log):
     dy = B.as_float(grad_output, "grad_output", xp)
     B.check_same_shape(dy, y, "grad_output", "output", op)
     dx = _empty(xp, y.shape)
+    view = _softmax_view(op, y.shape, dim)  # checks dim, as the forward does, for empty input too
     if y.size:
-        K.softmax_backward(dy, y, dx, *_softmax_view(op, y.shape, dim), log)
+        K.softmax_backward(dy, y, dx, *view, log)
     return dx
 
 
@@ -613,7 +622,7 @@ class _CrossEntropyArgs:
     (N, C) with (N,), (C,) with (), or (N, C, d1, ...) with (N, d1, ...)."""
 
     def __init__(self, op, x, t, reduction, ignore_index, label_smoothing, on_host=True):
-        if reduction not in _REDUCTIONS:
+        if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
             raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.ignore_index = B.as_int(ignore_index, "ignore_index")
         self.label_smoothing = float(label_smoothing)
@@ -849,12 +858,17 @@ def _check_gpu_targets(a, t, status):
         a.raise_bad_target(t)
 
 
-def cross_entropy_backward(grad_output, input, target, reduction="mean", ignore_index=-100,
-                           label_smoothing=0.0, weight=None):
-    """Gradient of :func:`cross_entropy` with respect to the logits.
+def cross_entropy_backward(grad_output, input, target, weight=None, reduction="mean",
+                           ignore_index=-100, label_smoothing=0.0):
+    """Gradient of :func:`cross_entropy` with respect to the logits; the forward's
+    arguments in the forward's order, after grad_output.
 
     grad_output is a scalar for 'mean' / 'sum' and shaped like target for 'none'.
     """
+    if isinstance(weight, str):
+        raise TypeError(f"cross_entropy_backward: weight must be per-class weights or None, got "
+                        f"{weight!r}; the arguments follow cross_entropy's order (input, target, "
+                        f"weight, reduction, ...)")
     return _cross_entropy_backward(grad_output, input, target, reduction, ignore_index,
                                    label_smoothing, weight=weight)
 
@@ -975,7 +989,7 @@ class _BatchNormArgs:
 
     def check_batch(self, op, shape):
         n, _, l = self.view
-        if n * l <= 1:
+        if n * l == 1:  # torch's rule: an empty batch gives an empty output
             raise ValueError(f"{op}: expected more than 1 value per channel when training, got "
                              f"input of shape {shape_str(shape)}")
 
@@ -986,8 +1000,11 @@ def _stat_buffer(arr, name, xp):
     if arr is None:
         return None, False
     if not isinstance(arr, xp.ndarray) or not getattr(arr.flags, "writeable", True):
-        raise TypeError(f"{name} must be a writable array on the input's device: it is updated "
-                        "in place in training mode")
+        raise TypeError(f"batch_norm: {name} must be a writable array on the input's device: it "
+                        "is updated in place in training mode")
+    if arr.dtype.kind != "f":
+        raise TypeError(f"batch_norm: {name} must be a floating-point array: it is updated in "
+                        f"place in training mode; got dtype {arr.dtype}")
     if arr.dtype == _F32 and arr.flags.c_contiguous:
         return arr, False
     return B.as_float(arr, name, xp).copy(), True
@@ -1018,9 +1035,7 @@ def _batch_norm_forward(input, running_mean, running_var, weight, bias, training
     w = B.as_optional_float(weight, "weight", xp)
     b = B.as_optional_float(bias, "bias", xp)
     a = _BatchNormArgs(op, x, running_mean, running_var, w, b)
-    eps = float(eps)
-    if eps < 0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    eps = _batch_norm_eps(eps, training, op)
     y = _empty(xp, x.shape)
     c = a.view[1]
     if training:
@@ -1037,6 +1052,18 @@ def _batch_norm_forward(input, running_mean, running_var, weight, bias, training
     return y, None, None
 
 
+def _batch_norm_eps(eps, training, op):
+    """eps as a float: > 0 in training (torch's rule: a constant channel would divide
+    by zero), >= 0 in eval mode."""
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: eps must be a number, got {eps!r}")
+    eps = float(eps)
+    if not (eps > 0 if training else eps >= 0) or not math.isfinite(eps):
+        raise ValueError(f"{op}: eps must be {'positive during training' if training else '>= 0'}"
+                         f" and finite, got {eps}")
+    return eps
+
+
 def _batch_norm_train_stats(K, a, x, running_mean, running_var, w, b, momentum, eps, xp, y,
                             mean, invstd, scale=None, shift=None):
     """The training forward's kernel call: batch statistics into mean /
@@ -1050,6 +1077,10 @@ def _batch_norm_train_stats(K, a, x, running_mean, running_var, w, b, momentum, 
     momentum = float(momentum)
     rm, copy_rm = _stat_buffer(running_mean, "running_mean", xp)
     rv, copy_rv = _stat_buffer(running_var, "running_var", xp)
+    if not x.size:  # an empty batch: nothing to normalise, the running statistics stay
+        for stat in (mean, invstd) if scale is None else (mean, invstd, scale, shift):
+            stat[...] = 0
+        return
     extra = () if scale is None else (scale, shift)  # CPU only
     K.batch_norm_forward_train(x, w, b, rm, rv, y, mean, invstd, *a.view, eps, momentum, *extra)
     if copy_rm:
@@ -1095,13 +1126,14 @@ def _batch_norm_normalize(input, scale, shift):
 
 
 def batch_norm_backward(grad_output, input, running_mean, running_var, weight=None, bias=None,
-                        training=False, eps=1e-5, save_mean=None, save_invstd=None):
+                        training=False, *, eps=1e-5, save_mean=None, save_invstd=None):
     """Gradients of :func:`batch_norm`: ``(grad_input, grad_weight, grad_bias)``.
 
     grad_weight / grad_bias are None when weight / bias are None. In training
     mode the batch statistics are recomputed from ``input`` unless the
     forward's ``save_mean`` / ``save_invstd`` are passed; in eval mode the
-    running statistics are used.
+    running statistics are used. ``eps`` and after are keyword-only: the
+    forward's ``momentum`` has no part here, and its place would take ``eps``.
     """
     xp, K = B.dispatch(grad_output, input, running_mean, running_var, weight, bias, save_mean,
                        save_invstd)
@@ -1112,7 +1144,7 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
     a = _BatchNormArgs(op, x, running_mean, running_var, w, b)
     dy = B.as_float(grad_output, "grad_output", xp)
     B.check_same_shape(dy, x, "grad_output", "input", op)
-    eps = float(eps)
+    eps = _batch_norm_eps(eps, training, op)
     n, c, l = a.view
     if training:
         a.check_batch(op, x.shape)
@@ -1135,6 +1167,11 @@ def batch_norm_backward(grad_output, input, running_mean, running_var, weight=No
     dx = _empty(xp, x.shape)
     dw = _empty(xp, (c,)) if w is not None else None
     db = _empty(xp, (c,)) if b is not None else None
+    if not x.size:  # an empty batch: no gradient to pass, none to accumulate
+        for grad in (dw, db):
+            if grad is not None:
+                grad[...] = 0
+        return dx, dw, db
     K.batch_norm_backward(dy, x, mean, invstd, w, bool(training), dx, dw, db, *a.view)
     return dx, dw, db
 
@@ -1379,6 +1416,9 @@ def pad_backward(grad_output, input_shape, pad, mode="constant"):
     copied to (the padding of 'constant' gets nothing)."""
     xp, _ = B.dispatch(grad_output)
     g = B.as_float(grad_output, "grad_output", xp)
+    if not isinstance(input_shape, (tuple, list)) and not hasattr(input_shape, "__len__"):
+        raise TypeError(f"pad_backward: input_shape must be the input's shape, a tuple of ints, "
+                        f"got {input_shape!r}")
     shape = tuple(B.as_int(v, "pad_backward: input_shape") for v in input_shape)
     args = _PadArgs("pad_backward", np.broadcast_to(np.float32(0), shape), pad, mode)
     if g.shape != args.out_shape:
