@@ -684,7 +684,8 @@ def cross_entropy(input, target, weight=None, reduction="mean", ignore_index=-10
 
     Or, as torch, with class probabilities: a float ``target`` shaped like
     ``input`` (soft labels, mixup, distillation): -sum_c w_c y_c log softmax(x)_c
-    per row ('mean': over the rows; ``ignore_index`` does not apply).
+    per row ('mean': over the rows; an ``ignore_index`` other than the default is an
+    error, as in torch).
     """
     return _cross_entropy(input, target, reduction, ignore_index, label_smoothing, weight)[0]
 
@@ -723,12 +724,16 @@ def _check_weighted_targets(a, t, xp):
         a.raise_bad_target(t)
 
 
-def _probability_targets(x, target, xp):
+def _probability_targets(x, target, xp, ignore_index):
     """``target`` as float64 class probabilities when it is a float array shaped like
-    the logits ``x`` (else None: class indices)."""
+    the logits ``x`` (else None: class indices). As torch, such targets take no
+    ``ignore_index``."""
     dtype = getattr(target, "dtype", None)
     if dtype is None or np.dtype(dtype).kind != "f" or tuple(target.shape) != tuple(x.shape):
         return None
+    if not (isinstance(ignore_index, (int, np.integer)) and ignore_index == -100):
+        raise ValueError(f"cross_entropy: ignore_index is not supported for class-probability "
+                         f"(float) targets, got ignore_index={ignore_index!r}")
     return B.as_float(target, "target", xp).astype(np.float64)
 
 
@@ -778,7 +783,7 @@ def _cross_entropy(input, target, reduction, ignore_index, label_smoothing, weig
     :func:`_cross_entropy_backward`), None on the CPU."""
     xp, K = B.dispatch(input, target, weight)
     x = B.as_float(input, "input", xp)
-    y = _probability_targets(x, target, xp)
+    y = _probability_targets(x, target, xp, ignore_index)
     if y is not None:
         return _soft_cross_entropy(x, y, reduction, label_smoothing, weight, xp), None
     t = B.as_labels(target, "target", xp)
@@ -915,7 +920,7 @@ def _cross_entropy_backward(grad_output, input, target, reduction, ignore_index,
     GPU then neither recounts nor rechecks them)."""
     xp, K = B.dispatch(grad_output, input, target, weight)
     x = B.as_float(input, "input", xp)
-    y = _probability_targets(x, target, xp)
+    y = _probability_targets(x, target, xp, ignore_index)
     if y is not None:
         return _soft_cross_entropy_backward(grad_output, x, y, reduction, label_smoothing,
                                             weight, xp)
