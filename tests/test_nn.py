@@ -587,3 +587,80 @@ def test_fused_batchnorm_output_is_never_computed_in_a_plain_step():
     assert isinstance(model["pool1"].__dict__["_input"], _Deferred)
     model.backward(np.ones_like(out), guided=True, param_grads=False)
     assert isinstance(model["relu1"].__dict__["_input"], np.ndarray)  # computed on demand
+
+
+# ---------------------------------------------------------------- torch's constructor order
+
+def test_relu_and_dropout_take_inplace_first():
+    """ReLU(True) / Dropout(p, True) are torch's in-place flags, not guided / a seed."""
+    x = np.array([[-1.0, 0.5, 2.0]], np.float32)
+    g = np.array([[-1.0, -1.0, 3.0]], np.float32)
+    relu = nn.ReLU(True)
+    assert relu.inplace and not relu.guided
+    relu(x)
+    np.testing.assert_array_equal(relu.backward(g), [[0.0, -1.0, 3.0]])
+    assert nn.ReLU(guided=True).guided
+    restored = nn.Sequential(nn.ReLU(guided=True)).get_config()
+    assert nn.Sequential.from_config(restored)[0].guided
+    drop = nn.Dropout(0.5, True, seed=7)
+    assert drop.inplace and int(drop.seed) == 7
+    with pytest.raises(TypeError):
+        nn.Dropout(0.5, True, 7)                # the seed is keyword-only
+
+
+def test_max_pool_return_indices():
+    """MaxPool2d(..., return_indices=True) returns (output, indices) as F.max_pool2d,
+    in training and eval, and still runs backward; its config round-trips."""
+    x = randn(np.random.default_rng(0), 2, 3, 6, 6)
+    for training in (True, False):
+        pool = nn.MaxPool2d(2, return_indices=True).train(training)
+        out, idx = pool(x)
+        want, want_idx = F.max_pool2d(x, 2, return_indices=True)
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_array_equal(pool.backward(np.ones_like(out)),
+                                      F.max_pool2d_backward(np.ones_like(out), x, 2))
+    again = nn.Sequential.from_config(nn.Sequential(pool).get_config())[0]
+    assert again.return_indices and not nn.MaxPool2d(2).get_config().get("return_indices")
+    assert nn.MaxPool2d(3, 2, 1, 1, False, True).ceil_mode      # torch's order
+
+
+def test_zero_grad_set_to_none():
+    layer = nn.Linear(3, 2, rng=0)
+    layer.weight.grad = np.ones((2, 3), np.float32)
+    kept = layer.weight.grad
+    layer.zero_grad(set_to_none=False)
+    assert layer.weight.grad is kept and not kept.any() and layer.bias.grad is None
+    layer.zero_grad()
+    assert layer.weight.grad is None
+
+
+def test_state_dict_leaves_out_none_buffers():
+    loss = nn.CrossEntropyLoss()
+    assert list(loss.state_dict()) == []
+    loss.load_state_dict({})
+    weighted = nn.CrossEntropyLoss([1.0, 2.0])
+    weighted.load_state_dict({"weight": np.array([3.0, 4.0])})
+    np.testing.assert_array_equal(weighted.weight, [3.0, 4.0])
+    with pytest.raises(ValueError, match="unexpected"):
+        loss.load_state_dict({"weight": np.ones(2)})
+
+
+def test_init_helpers():
+    from fastcnn.nn import init
+    w = np.empty((400, 300), np.float32)
+    assert init.calculate_fan_in_and_fan_out(w) == (300, 400)
+    init.xavier_uniform_(w, gain=2.0, rng=0)
+    bound = 2.0 * math.sqrt(6 / 700)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound
+    init.xavier_normal_(w, rng=1)
+    assert abs(w.std() - math.sqrt(2 / 700)) < 0.01 * math.sqrt(2 / 700) * 5
+    init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu", rng=2)
+    assert abs(w.std() - math.sqrt(2 / 400)) < 0.05 * math.sqrt(2 / 400)
+    init.constant_(w, 0.25)
+    assert (w == 0.25).all()
+    assert init.calculate_gain("selu") == 0.75 and init.calculate_gain("conv_transpose2d") == 1
+    with pytest.raises(ValueError, match="negative_slope"):
+        init.calculate_gain("leaky_relu", True)
+    with pytest.raises(ValueError, match="unsupported nonlinearity"):
+        init.calculate_gain("gelu")

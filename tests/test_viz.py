@@ -215,7 +215,7 @@ def tiny_guided_net(guided_flag=False):
     fc1.bias.data[...] = [0, 0, -10]
     fc2.weight.data[...] = [[2, -1, 5], [0, 0, 0]]
     fc2.bias.data[...] = 0
-    return nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc1=fc1, relu1=nn.ReLU(guided_flag),
+    return nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc1=fc1, relu1=nn.ReLU(guided=guided_flag),
                                      fc2=fc2))
 
 

@@ -266,8 +266,11 @@ def test_torch_state_dict_loads_as_it_is(rng):
     with torch.no_grad():
         want = theirs(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(ours.eval()(x), want, rtol=1e-4, atol=1e-4)
+    # the parameters themselves (they require grad), as dict(named_parameters()) gives
+    ours.load_state_dict({**state, "conv1.weight": theirs[0].weight * 2})
+    np.testing.assert_allclose(ours.conv1.weight.data, 2 * theirs[0].weight.detach().numpy())
     with pytest.raises(TypeError, match="'conv1.weight' cannot be read as a NumPy array"):
-        ours.load_state_dict({**state, "conv1.weight": theirs[0].weight})   # requires grad
+        ours.load_state_dict({**state, "conv1.weight": [[1.0, 2.0], [3.0]]})
     with pytest.raises(TypeError, match="'conv1.bias' has non-numeric dtype object"):
         ours.load_state_dict({**state, "conv1.bias": object()})
 

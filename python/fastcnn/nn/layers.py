@@ -126,8 +126,8 @@ class Conv2d(Module):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, bias=True, padding_mode="zeros", rng=None, device=None,
-                 dtype=None):
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, *, rng=None):
         super().__init__()
         self.in_channels = _positive(in_channels, "in_channels")
         self.out_channels = _positive(out_channels, "out_channels")
@@ -280,7 +280,8 @@ class Conv2d(Module):
 class Linear(Module):
     """y = x W^T + b over (*, in_features) input (torch.nn.Linear's arguments and init)."""
 
-    def __init__(self, in_features, out_features, bias=True, rng=None, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 rng=None):
         super().__init__()
         self.in_features = _positive(in_features, "in_features")
         self.out_features = _positive(out_features, "out_features")
@@ -331,15 +332,20 @@ class ReLU(Module):
     uses the guided-backpropagation rule: gradient passes only where the forward
     input is > 0 *and* the incoming gradient is > 0. ``backward(g,
     guided="deconvolution")`` uses the deconvnet rule (Zeiler & Fergus): max(g, 0),
-    whatever the forward input."""
+    whatever the forward input.
+
+    ``inplace`` is torch's first argument, accepted so that ``ReLU(True)`` means
+    what it does there; the output is always a new array (the layer keeps its
+    input for the backward), which gives the same values."""
 
     accepts_guided = True
     # Sequential may run this ReLU and a MaxPool2d right after it as one op
     # (MaxPool2d.forward_after_relu) in training.
     fuses_into_pool = True
 
-    def __init__(self, guided=False):
+    def __init__(self, inplace=False, *, guided=False):
         super().__init__()
+        self.inplace = bool(inplace)
         self.guided = bool(guided)
 
     def forward(self, x):
@@ -368,10 +374,16 @@ class ReLU(Module):
 
 
 class MaxPool2d(Module):
-    """Max pooling over (N, C, H, W) input (torch.nn.MaxPool2d's arguments)."""
+    """Max pooling over (N, C, H, W) input (torch.nn.MaxPool2d's arguments, in its order).
 
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    ``return_indices``: forward returns (output, indices), the argmax of each window
+    as a flat index into its input plane (torch's); such a layer is for use on its
+    own, as in torch, since the next layer would get the pair."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
+                 ceil_mode=False):
         super().__init__()
+        self.return_indices = bool(return_indices)
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -404,13 +416,13 @@ class MaxPool2d(Module):
         fast = self.training and self.keeps_codes() and F._max_pool2d_2x2_codes(x, relu_first)
         if fast:
             out, self._codes = fast
-        elif self.training:
+        elif self.training or self.return_indices:
             out, self._indices = pool(x, *self._args(), return_indices=True)
         else:
             out = pool(x, *self._args())
         self._input = x
         self._relu_first = relu_first
-        return out
+        return (out, self._indices) if self.return_indices else out
 
     def backward(self, grad_out, *, input_grad=True):
         x = _cached(self, "_input")
@@ -427,7 +439,7 @@ class MaxPool2d(Module):
 
     def keeps_codes(self):
         """Whether a training forward here keeps window codes (2x2, stride 2)."""
-        return self._args() == self._CODES_ARGS
+        return self._args() == self._CODES_ARGS and not self.return_indices
 
     def set_fused_forward(self, x, codes):
         """Record a forward that a batch norm ran for this layer and the ReLU
@@ -455,9 +467,12 @@ class MaxPool2d(Module):
                               _window_out(w, kw, sw, pw, pw, dw, self.ceil_mode))
 
     def get_config(self):
-        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
-                "padding": list(self.padding), "dilation": list(self.dilation),
-                "ceil_mode": self.ceil_mode}
+        config = {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                  "padding": list(self.padding), "dilation": list(self.dilation),
+                  "ceil_mode": self.ceil_mode}
+        if self.return_indices:
+            config["return_indices"] = True
+        return config
 
     def extra_repr(self):
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -503,16 +518,18 @@ class Dropout(Module):
     offset then advances by one, so the same seed gives the same sequence of
     masks. Both are buffers, saved with the model, so a resumed run continues
     the sequence. ``seed`` None draws one from ``fastcnn.nn.init``'s generator.
+    ``inplace`` (torch's second argument) is accepted; the output is a new array.
     """
 
     optional_state = frozenset({"seed", "offset"})
 
-    def __init__(self, p=0.5, seed=None):
+    def __init__(self, p=0.5, inplace=False, *, seed=None):
         super().__init__()
         p = float(p)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
         self.p = p
+        self.inplace = bool(inplace)
         if seed is None:
             seed = int(init.get_generator().integers(0, 2 ** 32))
         self.register_buffer("seed", np.array(int(seed), np.int64))

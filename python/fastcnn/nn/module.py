@@ -227,10 +227,14 @@ class Module:
         """Evaluation mode (dropout off, batch norm on running statistics). Returns self."""
         return self.train(False)
 
-    def zero_grad(self):
-        """Reset every parameter's gradient to None."""
+    def zero_grad(self, set_to_none=True):
+        """Reset every parameter's gradient: to None (the default, as torch), or with
+        ``set_to_none=False`` to zeros in place."""
         for p in self.parameters():
-            p.grad = None
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad[...] = 0
 
     def requires_grad_(self, requires_grad=True):
         for p in self.parameters():
@@ -240,25 +244,24 @@ class Module:
     # ------------------------------------------------------------ state
 
     def state_dict(self):
-        """Ordered ``{name: array}`` of parameters and buffers (references, not copies)."""
-        state = OrderedDict()
-        for module_name, module in self.named_modules():
-            dot = f"{module_name}." if module_name else ""
-            for name, param in module._parameters.items():
-                state[dot + name] = param.data
-            for name, buf in module._buffers.items():
-                state[dot + name] = buf
-        return state
+        """Ordered ``{name: array}`` of parameters and buffers (references, not copies);
+        a buffer that is None (CrossEntropyLoss without class weights) has no entry,
+        as in torch."""
+        return OrderedDict((name, getattr(module, attr)) if not is_param else
+                           (name, getattr(module, attr).data)
+                           for name, (module, attr, is_param) in self._state_slots().items())
 
     def _state_slots(self):
         """name -> (module, attribute name, is_parameter), in state_dict order."""
         slots = OrderedDict()
         for module_name, module in self.named_modules():
             dot = f"{module_name}." if module_name else ""
-            for name in module._parameters:
-                slots[dot + name] = (module, name, True)
-            for name in module._buffers:
-                slots[dot + name] = (module, name, False)
+            for name, param in module._parameters.items():
+                if param is not None:
+                    slots[dot + name] = (module, name, True)
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    slots[dot + name] = (module, name, False)
         return slots
 
     def load_state_dict(self, state, strict=True):
@@ -289,6 +292,10 @@ class Module:
             if name not in slots:
                 continue
             xp = _array_module(current[name])
+            if type(value).__module__.startswith("torch"):
+                value = value.detach()  # a parameter itself, or state_dict(keep_vars=True)
+                if xp is np:
+                    value = value.cpu()
             try:
                 value = xp.asarray(value)
             except (TypeError, ValueError, RuntimeError) as exc:
