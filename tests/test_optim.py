@@ -324,3 +324,122 @@ def test_clip_grad_norm_matches_pytorch_when_installed(norm_type):
     np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-6)
     for p, tp in zip(params, tparams):
         np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- optimizer groups and errors
+
+def test_groups_keep_keys_that_are_not_options_and_rebuild():
+    a, b = _params(7)
+    opt = optim.SGD([{"params": [a], "name": "w"}, {"params": [b], "name": "b", "lr": 0.5}],
+                    lr=0.1, momentum=0.9)
+    assert [g["name"] for g in opt.param_groups] == ["w", "b"]
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.5]
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.state_dict()["param_groups"][1]["name"] == "b"
+    optim.StepLR(opt, 2)  # writes "initial_lr" into the groups
+    rebuilt = optim.SGD(opt.param_groups, lr=0.1)  # torch's idiom
+    for old, new in zip(opt.param_groups, rebuilt.param_groups):
+        assert new == old and new is not old  # the keys kept; the dicts the optimizer's own
+    other = optim.SGD([nn.Parameter(a.data.copy()), nn.Parameter(b.data.copy())], lr=0.1)
+    with pytest.raises(ValueError, match="groups"):
+        other.load_state_dict(opt.state_dict())
+    fresh = optim.SGD([{"params": [nn.Parameter(a.data.copy())]},
+                       {"params": [nn.Parameter(b.data.copy())]}], lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    assert [g["name"] for g in fresh.param_groups] == ["w", "b"]
+    assert fresh.param_groups[1]["initial_lr"] == 0.5
+    with pytest.raises(ValueError, match="another optimizer"):
+        optim.Adam([{"params": [a]}, {"params": [b]}]).load_state_dict(opt.state_dict())
+
+
+def test_add_param_group_as_pytorch():
+    a, b, c = _params(8, ((2, 3), (4,), (5,)))
+    opt = optim.SGD([a], lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": b, "lr": 0.01, "name": "extra"})
+    group = opt.param_groups[1]
+    assert group["params"] == [b] and group["lr"] == 0.01 and group["name"] == "extra"
+    assert group["momentum"] == 0.9 and group["nesterov"] is False  # the defaults filled in
+    with pytest.raises(ValueError, match="more than one"):
+        opt.add_param_group({"params": [c, a]})
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [c, c]})
+    with pytest.raises(TypeError, match="set"):
+        opt.add_param_group({"params": {c}})
+    with pytest.raises(TypeError, match="set"):  # (torch takes one, in the set's order)
+        optim.SGD({c})
+    with pytest.raises(TypeError, match="dict"):
+        opt.add_param_group([c])
+    with pytest.raises(ValueError, match="momentum"):
+        opt.add_param_group({"params": [c], "momentum": -1})
+    assert len(opt.param_groups) == 2  # a refused group is not half added
+    torch = pytest.importorskip("torch")
+
+    def make_theirs(ps):
+        theirs = torch.optim.SGD([ps[0]], lr=0.1, momentum=0.9)
+        theirs.add_param_group({"params": ps[1], "lr": 0.01})
+        theirs.add_param_group({"params": [ps[2]], "weight_decay": 0.1})
+        return theirs
+
+    opt.add_param_group({"params": [c], "weight_decay": 0.1})
+    _step_beside_torch(torch, 8, 3, opt, make_theirs)
+
+
+def test_zero_grad_set_to_none_as_pytorch():
+    params = _params(9)
+    opt = optim.Adam(params)
+    for p in params:
+        p.accumulate(np.ones(p.shape, np.float32))
+    kept = [p.grad for p in params]
+    opt.zero_grad(set_to_none=False)
+    for p, g in zip(params, kept):
+        assert p.grad is g and not p.grad.any()  # zeros, in the same arrays
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    opt.zero_grad(set_to_none=False)  # no gradient: stays None, as torch's
+    assert all(p.grad is None for p in params)
+    params[0].grad = np.broadcast_to(np.float32(1), params[0].shape)  # read-only
+    opt.zero_grad(set_to_none=False)
+    assert params[0].grad.shape == params[0].shape and not params[0].grad.any()
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(3, requires_grad=True)
+    t.grad = torch.ones(3)
+    torch.optim.Adam([t]).zero_grad(set_to_none=False)
+    assert t.grad.tolist() == [0.0, 0.0, 0.0]
+
+
+BAD_OPTIONS = [
+    ("SGD", lambda ps: dict(params=ps[0]), TypeError, "params"),
+    ("SGD", lambda ps: dict(params=3), TypeError, "params"),
+    ("SGD", lambda ps: dict(params=ps, lr="a"), TypeError, "lr"),
+    ("SGD", lambda ps: dict(params=ps, lr=-0.1), ValueError, "lr"),
+    ("SGD", lambda ps: dict(params=ps, momentum=-0.9), ValueError, "momentum"),
+    ("SGD", lambda ps: dict(params=ps, weight_decay=-1e-4), ValueError, "weight_decay"),
+    ("SGD", lambda ps: dict(params=ps, nesterov=True), ValueError, "nesterov"),
+    ("SGD", lambda ps: dict(params=ps, momentum=0.9, dampening=0.1, nesterov=True), ValueError,
+     "nesterov"),
+    ("Adam", lambda ps: dict(params=ps, betas=(0.9,)), ValueError, "betas"),
+    ("Adam", lambda ps: dict(params=ps, betas=(0.9, 1.0)), ValueError, "betas"),
+    ("Adam", lambda ps: dict(params=ps, betas=(-0.1, 0.9)), ValueError, "betas"),
+    ("AdamW", lambda ps: dict(params=ps, betas=("a", 0.9)), TypeError, "betas"),
+    ("Adam", lambda ps: dict(params=ps, eps=-1e-8), ValueError, "eps"),
+    ("AdamW", lambda ps: dict(params=ps, weight_decay=-0.01), ValueError, "weight_decay"),
+    ("Adam", lambda ps: dict(params=ps, lr=-1e-3), ValueError, "lr"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,error,match", BAD_OPTIONS,
+                         ids=[f"{n}-{i}" for i, (n, *_) in enumerate(BAD_OPTIONS)])
+def test_bad_options_name_the_argument_where_pytorch_raises(name, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        getattr(optim, name)(**kwargs(_params(0)))
+    torch = pytest.importorskip("torch")
+    tparams = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    with pytest.raises(Exception):
+        getattr(torch.optim, name)(**kwargs(tparams))
+
+
+def test_a_group_s_options_are_checked_too():
+    a, b = _params(0)
+    with pytest.raises(ValueError, match="lr"):
+        optim.SGD([{"params": [a]}, {"params": [b], "lr": -1}], lr=0.1)
+    with pytest.raises(ValueError, match="betas"):
+        optim.Adam([{"params": [a], "betas": (0.9, 1.5)}])

@@ -10,6 +10,7 @@ the optimizer's parameter list.
 """
 
 import math
+import numbers
 
 import numpy as np
 
@@ -20,6 +21,35 @@ from .nn.module import Parameter, _array_module, _touch
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR",
            "CosineAnnealingLR", "build_optimizer"]
+
+# Every option a fastcnn optimizer has: a saved group holding one that this
+# optimizer lacks is another optimizer's state (other keys, "name", "initial_lr",
+# are the user's or a scheduler's and travel with the group).
+_OPTIONS = frozenset({"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize",
+                      "betas", "eps", "amsgrad"})
+
+
+def _number(owner, name, value):
+    """``value`` when it is a real number (not a bool); else a TypeError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    return value
+
+
+def _at_least(owner, name, value, low=0.0):
+    """``value`` as a float when it is a number >= low; else TypeError / ValueError."""
+    if not _number(owner, name, value) >= low:
+        raise ValueError(f"{owner}: {name} must be >= {low}, got {value!r}")
+    return float(value)
+
+
+def _integer(owner, name, value, low=None):
+    """``value`` as an int when it is an integer (not a bool) >= low."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{owner}: {name} must be >= {low}, got {value!r}")
+    return int(value)
 
 
 def _ascent(grad, group):
@@ -53,40 +83,85 @@ class Optimizer:
 
     params: an iterable of Parameters, or of dicts ``{"params": [...], **options}``
     (parameter groups, each overriding the defaults, e.g. no weight decay for
-    biases).
+    biases). As in torch, a group keeps keys that are not options (a ``"name"``,
+    a scheduler's ``"initial_lr"``), so an optimizer can be rebuilt from another's
+    ``param_groups``.
     """
 
     def __init__(self, params, defaults):
-        params = list(params)
+        name = type(self).__name__
+        if isinstance(params, Parameter):
+            raise TypeError(f"{name}: params must be an iterable of Parameters or of dicts "
+                            f"(parameter groups), got a single Parameter; pass [param]")
+        if isinstance(params, (dict, set, frozenset)):
+            raise TypeError(f"{name}: params must be a list of Parameters or of dicts "
+                            f"(parameter groups), got a {type(params).__name__}")
+        try:
+            params = list(params)
+        except TypeError:
+            raise TypeError(f"{name}: params must be an iterable of Parameters or of dicts, "
+                            f"got {type(params).__name__}") from None
         if not params:
-            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
-        groups = params if isinstance(params[0], dict) else [{"params": params}]
-        self.defaults = dict(defaults)
+            raise ValueError(f"{name}: got an empty parameter list")
+        self.defaults = self._check_options(dict(defaults))
         self.param_groups = []
-        seen = set()
-        for group in groups:
-            if not isinstance(group, dict) or "params" not in group:
-                raise TypeError("parameter groups must be dicts with a 'params' entry")
-            unknown = set(group) - set(defaults) - {"params"}
-            if unknown:
-                raise ValueError(f"{type(self).__name__}: unknown options {sorted(unknown)}")
-            merged = {**self.defaults, **group, "params": list(group["params"])}
-            for p in merged["params"]:
-                if not isinstance(p, Parameter):
-                    raise TypeError(f"{type(self).__name__}: expected Parameters, got "
-                                    f"{type(p).__name__}")
-                if id(p) in seen:
-                    raise ValueError("a parameter appears in more than one group")
-                seen.add(id(p))
-            self._check_options(merged)
-            self.param_groups.append(merged)
         self.state = {}  # position in the flat parameter list -> {name: array or number}
+        for group in params if isinstance(params[0], dict) else [{"params": params}]:
+            self.add_param_group(group)
+
+    def add_param_group(self, param_group):
+        """Append a parameter group, as torch's: ``{"params": Parameters, **options}``,
+        the options it lacks taken from the defaults, other keys kept. The new
+        parameters' state positions follow the existing ones'; a parameter may be in
+        one group only."""
+        name = type(self).__name__
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError(f"{name}: a parameter group must be a dict with a 'params' entry, "
+                            f"got {param_group!r:.80}")
+        params = param_group["params"]
+        if isinstance(params, Parameter):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError(f"{name}: a group's params must be an ordered collection (the "
+                            f"state refers to parameters by position), got a set")
+        else:
+            try:
+                params = list(params)
+            except TypeError:
+                raise TypeError(f"{name}: a group's params must be an iterable of Parameters, "
+                                f"got {type(params).__name__}") from None
+        for p in params:
+            if not isinstance(p, Parameter):
+                raise TypeError(f"{name}: expected Parameters, got {type(p).__name__}")
+        seen = {id(p) for group in self.param_groups for p in group["params"]}
+        for p in params:
+            if id(p) in seen:
+                raise ValueError(f"{name}: a parameter appears more than once (in one group or "
+                                 f"in more than one group)")
+            seen.add(id(p))
+        group = {**self.defaults, **param_group, "params": params}
+        self.param_groups.append(self._check_options(group))
 
     def _check_options(self, group):
-        if group["lr"] < 0:
-            raise ValueError(f"lr must be >= 0, got {group['lr']}")
-        if group.get("weight_decay", 0.0) < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+        """``group`` with its options checked (TypeError / ValueError naming the option)
+        and made plain floats and bools."""
+        name = type(self).__name__
+        group["lr"] = _at_least(name, "lr", group["lr"])
+        group["weight_decay"] = _at_least(name, "weight_decay", group["weight_decay"])
+        group["maximize"] = bool(group["maximize"])
+        return group
+
+    def zero_grad(self, set_to_none=True):
+        """Reset every parameter's gradient: to None (set_to_none, the default, as torch;
+        the next backward pass makes new arrays) or to zeros in place (the arrays kept)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or set_to_none:
+                    p.grad = None
+                elif getattr(p.grad.flags, "writeable", True):
+                    p.grad.fill(0)
+                else:  # a read-only array (a broadcast view): zeros of its own
+                    p.grad = _array_module(p.grad).zeros_like(p.grad)
 
     def _indexed_params(self):
         i = 0
@@ -94,12 +169,6 @@ class Optimizer:
             for p in group["params"]:
                 yield i, p, group
                 i += 1
-
-    def zero_grad(self):
-        """Reset every parameter's gradient to None."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
 
     def step(self):
         """Update every parameter that has a gradient."""
@@ -145,7 +214,7 @@ class Optimizer:
             raise ValueError(f"optimizer state has {len(groups)} parameter groups, "
                              f"this optimizer {len(self.param_groups)}")
         for saved, group in zip(groups, self.param_groups):
-            foreign = sorted(set(saved) - set(group) - {"initial_lr"})  # (a schedule's)
+            foreign = sorted((set(saved) & _OPTIONS) - set(self.defaults))
             if foreign:  # another optimizer's state (SGD's momentum in an Adam, ...)
                 raise ValueError(f"the saved state has options {foreign} that "
                                  f"{type(self).__name__} does not: it is another optimizer's")
@@ -187,14 +256,20 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, maximize=False):
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum needs momentum > 0 and dampening 0")
-        if momentum < 0:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
-        super().__init__(params, dict(lr=float(lr), momentum=float(momentum),
-                                      dampening=float(dampening),
-                                      weight_decay=float(weight_decay), nesterov=bool(nesterov),
-                                      maximize=bool(maximize)))
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize))
+
+    def _check_options(self, group):
+        group = super()._check_options(group)
+        group["momentum"] = _at_least("SGD", "momentum", group["momentum"])
+        group["dampening"] = float(_number("SGD", "dampening", group["dampening"]))
+        group["nesterov"] = bool(group["nesterov"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"SGD: Nesterov momentum (nesterov=True) needs momentum > 0 and "
+                             f"dampening 0, got momentum={group['momentum']}, "
+                             f"dampening={group['dampening']}")
+        return group
 
     def _update(self, param, state, group):
         p, g = param.data, _ascent(param.grad, group)
@@ -258,14 +333,23 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False):
-        b1, b2 = (float(b) for b in betas)
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        super().__init__(params, dict(lr=float(lr), betas=[b1, b2], eps=float(eps),
-                                      weight_decay=float(weight_decay), amsgrad=bool(amsgrad),
-                                      maximize=bool(maximize)))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, maximize=maximize))
+
+    def _check_options(self, group):
+        group = super()._check_options(group)
+        name, betas = type(self).__name__, group["betas"]
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__"):
+            raise TypeError(f"{name}: betas must be a pair of numbers, got {betas!r}")
+        if len(betas) != 2:
+            raise ValueError(f"{name}: betas must be a pair of numbers, got {betas!r}")
+        for i, b in enumerate(betas):
+            if not 0 <= _number(name, f"betas[{i}]", b) < 1:
+                raise ValueError(f"{name}: betas must be in [0, 1), got betas[{i}]={b!r}")
+        group["betas"] = [float(b) for b in betas]
+        group["eps"] = _at_least(name, "eps", group["eps"])
+        group["amsgrad"] = bool(group["amsgrad"])
+        return group
 
     @staticmethod
     def _init_state(state, p, group):
