@@ -298,7 +298,11 @@ def test_clip_grad_value_and_errors():
     with pytest.raises(RuntimeError, match="nan"):
         nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
     with pytest.raises(ValueError, match="norm_type"):
-        nn.utils.clip_grad_norm_(params, 1.0, norm_type=0)
+        nn.utils.clip_grad_norm_(params, 1.0, norm_type="two")
+    with pytest.raises(ValueError, match="norm_type"):
+        nn.utils.clip_grad_norm_(params, 1.0, norm_type=float("nan"))
+    with pytest.raises(TypeError, match="norm_type"):
+        nn.utils.clip_grad_norm_(params, 1.0, norm_type=None)
     with pytest.raises(TypeError, match="max_norm"):
         nn.utils.clip_grad_norm_(params, "1")
     with pytest.raises(ValueError, match="clip_value"):
@@ -324,6 +328,44 @@ def test_clip_grad_norm_matches_pytorch_when_installed(norm_type):
     np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-6)
     for p, tp in zip(params, tparams):
         np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm_type,want", [
+    # G = [1, 0, 2], [0, 0, 0], [3, -4]: hand-computed, as torch defines them
+    (0, 2.0),  # the number of gradients with a non-zero entry (torch's 0-norm of the counts)
+    ("inf", 4.0), (float("inf"), 4.0), ("-inf", 0.0), (-1, 0.0),  # a zero entry: p < 0 gives 0
+    (1, 10.0), (0.5, (1 + 2 ** 0.5 + 3 ** 0.5 + 2) ** 2), (3, (1 + 8 + 27 + 64) ** (1 / 3)),
+])
+def test_clip_grad_norm_norm_types_by_hand_and_as_pytorch(norm_type, want):
+    params = [nn.Parameter(np.zeros(n, np.float32)) for n in (3, 3, 2)]
+    grads = [np.array(g, np.float32) for g in ([1, 0, 2], [0, 0, 0], [3, -4])]
+    for p, g in zip(params, grads):
+        p.accumulate(g.copy())
+    total = nn.utils.clip_grad_norm_(params, 1.0, norm_type, foreach=True)
+    assert float(total) == pytest.approx(want, rel=1e-6)
+    scale = min(1.0, 1.0 / (want + 1e-6))
+    for p, g in zip(params, grads):
+        np.testing.assert_allclose(p.grad, g * scale, rtol=1e-6)
+    torch = pytest.importorskip("torch")
+    tparams = [torch.zeros(len(g), requires_grad=True) for g in grads]
+    for tp, g in zip(tparams, grads):
+        tp.grad = torch.tensor(g)
+    theirs = torch.nn.utils.clip_grad_norm_(tparams, 1.0, norm_type)
+    np.testing.assert_allclose(float(total), float(theirs), rtol=1e-6)
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-6)
+
+
+def test_clip_grad_norm_negative_norm_without_zeros_as_pytorch():
+    params = _params(6)
+    grads = _grads(6, params, 1)[0]
+    for p, g in zip(params, grads):
+        p.accumulate(g.copy())
+    flat = np.concatenate([g.astype(np.float64).ravel() for g in grads])
+    for norm_type, want in ((-2.0, (np.abs(flat) ** -2.0).sum() ** -0.5),
+                            (float("-inf"), np.abs(flat).min())):
+        total = nn.utils.clip_grad_norm_(params, 1e3, norm_type)  # no clipping: the norms
+        np.testing.assert_allclose(float(total), want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- optimizer groups and errors
