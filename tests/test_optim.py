@@ -1,11 +1,16 @@
 """fastcnn.optim: update rules against float64 NumPy references, state and schedules."""
 
+import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 
 from fastcnn import nn, optim
+
+# torch's schedulers here step optimizers that never step
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 
 
 def _params(seed, shapes=((3, 4), (5,))):
@@ -485,3 +490,388 @@ def test_a_group_s_options_are_checked_too():
         optim.SGD([{"params": [a]}, {"params": [b], "lr": -1}], lr=0.1)
     with pytest.raises(ValueError, match="betas"):
         optim.Adam([{"params": [a], "betas": (0.9, 1.5)}])
+
+
+# ---------------------------------------------------------------- schedulers beside torch
+
+def _scheduled_pair(torch, kind="SGD", lrs=(0.1, 0.03), **kwargs):
+    """A fastcnn and a torch optimizer, one group per lr."""
+    ours = getattr(optim, kind)([{"params": [nn.Parameter(np.zeros(2, np.float32))], "lr": lr}
+                                 for lr in lrs], **kwargs)
+    theirs = getattr(torch.optim, kind)([{"params": [torch.zeros(2, requires_grad=True)],
+                                          "lr": lr} for lr in lrs], **kwargs)
+    return ours, theirs
+
+
+def _same_groups(ours, theirs, momentum):
+    for a, b in zip(ours.param_groups, theirs.param_groups):
+        assert a["lr"] == pytest.approx(b["lr"], abs=1e-12, rel=1e-12)
+        if momentum:
+            key = "betas" if "betas" in a else "momentum"
+            np.testing.assert_allclose(np.ravel(a[key]), np.ravel(b[key]), rtol=1e-12, atol=1e-12)
+
+
+def _metric(i):
+    """A validation loss that falls, stalls, rises and falls again (ReduceLROnPlateau)."""
+    return [1.0, 0.8, 0.79995, 0.81, 0.8, 0.7, 0.71, 0.72, 0.7, 0.69][i % 10] + 0.3 * (i // 30)
+
+
+SCHEDULES = {
+    "step": lambda M, o: M.StepLR(o, 7, 0.5),
+    "step-float-size": lambda M, o: M.StepLR(o, 2.5, 0.7),
+    "step-positional": lambda M, o: M.StepLR(o, 3, 0.9, -1),
+    "cosine": lambda M, o: M.CosineAnnealingLR(o, 10),
+    "cosine-eta-min": lambda M, o: M.CosineAnnealingLR(o, 7, 0.004, -1),
+    "cosine-float-T": lambda M, o: M.CosineAnnealingLR(o, 7.5, 0.001),
+    "cosine-T1": lambda M, o: M.CosineAnnealingLR(o, 1),
+    "multistep": lambda M, o: M.MultiStepLR(o, [3, 9, 9, 20], 0.3),
+    "exponential": lambda M, o: M.ExponentialLR(o, 0.93),
+    "lambda": lambda M, o: M.LambdaLR(o, lambda e: 1 / (e + 1)),
+    "lambda-per-group": lambda M, o: M.LambdaLR(o, [lambda e: 0.9 ** e, lambda e: e % 4 + 1]),
+    "multiplicative": lambda M, o: M.MultiplicativeLR(o, [lambda e: 0.9, lambda e: 1.01]),
+    "linear": lambda M, o: M.LinearLR(o, 0.2, 0.9, 8),
+    "linear-down": lambda M, o: M.LinearLR(o, 1.0, 0.1, 30),
+    "constant": lambda M, o: M.ConstantLR(o, 0.4, 6),
+    "constant-0-iters": lambda M, o: M.ConstantLR(o, 0.4, 0),
+    "linear-0-iters": lambda M, o: M.LinearLR(o, 0.5, 1.0, 0),
+    "onecycle": lambda M, o: M.OneCycleLR(o, [1.0, 0.5], total_steps=60),
+    "onecycle-linear-3phase": lambda M, o: M.OneCycleLR(
+        o, 1.0, epochs=6, steps_per_epoch=10, pct_start=0.25, anneal_strategy="linear",
+        three_phase=True, div_factor=10.0, final_div_factor=100.0),
+    "onecycle-no-momentum": lambda M, o: M.OneCycleLR(o, 0.5, total_steps=70, pct_start=0.5,
+                                                      cycle_momentum=False),
+    "sequential": lambda M, o: M.SequentialLR(o, [M.LinearLR(o, 0.1, total_iters=5),
+                                                  M.CosineAnnealingLR(o, 20),
+                                                  M.ExponentialLR(o, 0.9)], [5, 30]),
+    "chained": lambda M, o: M.ChainedScheduler([M.StepLR(o, 5, 0.5), M.ExponentialLR(o, 0.97),
+                                                M.CosineAnnealingLR(o, 12)]),
+    "plateau": lambda M, o: M.ReduceLROnPlateau(o, patience=2, factor=0.5, cooldown=1,
+                                                min_lr=[0.01, 0.001]),
+    "plateau-max-abs": lambda M, o: M.ReduceLROnPlateau(o, "max", 0.3, 0, 0.05, "abs", eps=1e-3),
+}
+
+
+def _step(scheduler, i):
+    if type(scheduler).__name__ == "ReduceLROnPlateau":
+        scheduler.step(_metric(i))
+    else:
+        scheduler.step()
+
+
+def _run_beside_torch(torch, make, steps=60, kind="SGD", edits=None, **opt_kwargs):
+    """Step both schedulers ``steps`` times (multiplying every group's lr by edits[i]
+    before step i), checking lrs, last lrs and cycled momenta after each."""
+    ours, theirs = _scheduled_pair(torch, kind, **opt_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: the scheduler stepped before the optimizer
+        a, b = make(optim, ours), make(torch.optim.lr_scheduler, theirs)
+        _same_groups(ours, theirs, True)
+        for i in range(steps):
+            for opt in (ours, theirs):
+                for group in opt.param_groups:
+                    group["lr"] *= (edits or {}).get(i, 1.0)
+            _step(a, i)
+            _step(b, i)
+            np.testing.assert_allclose(a.get_last_lr(), b.get_last_lr(), rtol=1e-12, atol=1e-12)
+            _same_groups(ours, theirs, True)
+    return ours, theirs, a, b
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedules_match_pytorch(name):
+    """60 steps (past T_max, milestones and the cycle's end), lrs to 1e-12."""
+    torch = pytest.importorskip("torch")
+    _run_beside_torch(torch, SCHEDULES[name])
+
+
+@pytest.mark.parametrize("name", ["step", "cosine", "cosine-eta-min", "multistep",
+                                  "exponential", "multiplicative", "linear", "constant",
+                                  "chained", "plateau"])
+def test_a_manual_lr_change_persists_as_in_pytorch(name):
+    torch = pytest.importorskip("torch")
+    _run_beside_torch(torch, SCHEDULES[name], edits={4: 0.5, 13: 3.0, 31: 0.1})
+
+
+def test_schedules_with_adam_cycle_beta1_as_pytorch():
+    torch = pytest.importorskip("torch")
+    ours, _, _, _ = _run_beside_torch(torch, SCHEDULES["onecycle"], kind="Adam",
+                                      betas=(0.9, 0.99))
+    assert ours.param_groups[0]["betas"][1] == 0.99
+
+
+def test_two_schedulers_on_one_optimizer_combine_as_in_pytorch():
+    torch = pytest.importorskip("torch")
+    ours, theirs = _scheduled_pair(torch)
+    L = torch.optim.lr_scheduler
+    a = [optim.StepLR(ours, 3, 0.5), optim.CosineAnnealingLR(ours, 10), optim.LinearLR(ours)]
+    b = [L.StepLR(theirs, 3, 0.5), L.CosineAnnealingLR(theirs, 10), L.LinearLR(theirs)]
+    for _ in range(60):
+        for s in a + b:
+            s.step()
+        _same_groups(ours, theirs, False)
+        assert a[0].get_last_lr() == pytest.approx(b[0].get_last_lr(), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["step", "cosine-eta-min", "multistep", "linear", "constant",
+                                  "onecycle", "sequential", "chained", "plateau", "lambda"])
+@pytest.mark.parametrize("source", ["fastcnn", "torch"])
+def test_resume_from_a_state_dict_as_pytorch(name, source):
+    """Save after 23 steps (fastcnn's or torch's state_dict, through JSON as in a
+    checkpoint), load into a new optimizer and scheduler, go on: torch's values."""
+    torch = pytest.importorskip("torch")
+    make = SCHEDULES[name]
+    ours, theirs, a, b = _run_beside_torch(torch, make, steps=23)
+    saved = a.state_dict() if source == "fastcnn" else b.state_dict()
+    state = json.loads(json.dumps({"opt": ours.state_dict(), "sched": saved}))
+    fresh, _ = _scheduled_pair(torch, lrs=(7.0, 9.0))
+    again = make(optim, fresh)
+    fresh.load_state_dict(state["opt"])
+    again.load_state_dict(state["sched"])
+    assert again.get_last_lr() == pytest.approx(b.get_last_lr(), rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(23, 60):
+            _step(again, i)
+            _step(b, i)
+            _same_groups(fresh, theirs, True)
+
+
+def test_last_epoch_resumes_as_pytorch_and_needs_initial_lr():
+    torch = pytest.importorskip("torch")
+    L = torch.optim.lr_scheduler
+    for name in ("StepLR", "CosineAnnealingLR", "ExponentialLR"):
+        args = {"StepLR": (3, 0.5), "CosineAnnealingLR": (10, 0.01), "ExponentialLR": (0.9,)}[name]
+        ours, theirs = _scheduled_pair(torch)
+        with pytest.raises(KeyError, match="initial_lr"):
+            getattr(optim, name)(ours, *args, last_epoch=4)
+        with pytest.raises(KeyError):
+            getattr(L, name)(theirs, *args, last_epoch=4)
+        for opt in (ours, theirs):
+            for group, lr in zip(opt.param_groups, (0.2, 0.05)):
+                group["initial_lr"] = lr
+        a, b = getattr(optim, name)(ours, *args, 4), getattr(L, name)(theirs, *args, 4)
+        assert a.last_epoch == b.last_epoch == 5
+        for _ in range(30):
+            a.step()
+            b.step()
+            _same_groups(ours, theirs, False)
+
+
+def test_step_with_an_epoch_uses_the_closed_form_as_pytorch():
+    torch = pytest.importorskip("torch")
+    for name in ("step", "cosine-eta-min", "multistep", "linear", "constant", "exponential",
+                 "lambda"):
+        ours, theirs = _scheduled_pair(torch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a, b = SCHEDULES[name](optim, ours), SCHEDULES[name](torch.optim.lr_scheduler, theirs)
+            for epoch in (5, 2, 17, 40, 3):
+                a.step(epoch)
+                b.step(epoch)
+                _same_groups(ours, theirs, False)
+
+
+# ---------------------------------------------------------------- schedulers by hand
+
+def _lrs(scheduler, steps, metrics=None):
+    """The first group's lr at epochs 0 .. steps - 1."""
+    out = []
+    for i in range(steps):
+        out.append(scheduler.optimizer.param_groups[0]["lr"])
+        if metrics is None:
+            scheduler.step()
+        else:
+            scheduler.step(metrics[i])
+    return out
+
+
+def _sgd(lr=1.0, **kwargs):
+    return optim.SGD(_params(0), lr=lr, **kwargs)
+
+
+def test_schedules_by_hand():
+    assert _lrs(optim.StepLR(_sgd(), 2, 0.5), 5) == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert _lrs(optim.StepLR(_sgd(), 1.5, 0.5), 7) == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]  # 3, 6
+    assert _lrs(optim.MultiStepLR(_sgd(), [4, 2, 4], 0.1), 5) == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.001])
+    assert _lrs(optim.ExponentialLR(_sgd(), 0.5), 4) == [1, 0.5, 0.25, 0.125]
+    assert _lrs(optim.LinearLR(_sgd(), 0.5, 1.0, 4), 6) == pytest.approx(
+        [0.5, 0.625, 0.75, 0.875, 1, 1])
+    assert _lrs(optim.ConstantLR(_sgd(), 0.5, 3), 5) == [0.5, 0.5, 0.5, 1, 1]
+    assert _lrs(optim.LambdaLR(_sgd(2.0), lambda e: e + 1), 3) == [2, 4, 6]
+    assert _lrs(optim.MultiplicativeLR(_sgd(), lambda e: 0.5), 3) == [1, 0.5, 0.25]
+    # the cosine past T_max, as torch: back up to base_lr at 2 T_max, and again down
+    assert _lrs(optim.CosineAnnealingLR(_sgd(), 2), 9) == pytest.approx(
+        [1, 0.5, 0, 0.5, 1, 0.5, 0, 0.5, 1], abs=1e-15)
+    sched = optim.CosineAnnealingLR(_sgd(), 4, eta_min=0.2)
+    got = _lrs(sched, 13)
+    want = [0.2 + 0.8 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(13)]
+    assert got == pytest.approx(want, abs=1e-14)
+    # a manual change persists: StepLR halves whatever the lr is
+    opt = _sgd()
+    sched = optim.StepLR(opt, 2, 0.5)
+    sched.step()
+    opt.param_groups[0]["lr"] = 0.3
+    sched.step()
+    assert sched.get_last_lr()[0] == 0.15
+    # two schedulers combine: StepLR(2, 0.5) and ExponentialLR(0.9)
+    opt = _sgd()
+    both = [optim.StepLR(opt, 2, 0.5), optim.ExponentialLR(opt, 0.9)]
+    for t in range(1, 8):
+        for s in both:
+            s.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.9 ** t * 0.5 ** (t // 2))
+    # SequentialLR: ConstantLR(0.1) for 2 epochs, then ExponentialLR(0.5) from its epoch 0
+    opt = _sgd()
+    sequence = optim.SequentialLR(opt, [optim.ConstantLR(opt, 0.1, 2),
+                                        optim.ExponentialLR(opt, 0.5)], [2])
+    assert _lrs(sequence, 5) == pytest.approx([0.1, 0.1, 1, 0.5, 0.25])
+
+
+def test_one_cycle_by_hand():
+    opt = _sgd(momentum=0.9)
+    sched = optim.OneCycleLR(opt, max_lr=1.0, total_steps=10, interval="step")
+    group = opt.param_groups[0]
+    assert group["lr"] == pytest.approx(0.04) and group["momentum"] == 0.95
+    assert (group["initial_lr"], group["max_lr"]) == (0.04, 1.0)
+    lrs, momenta = [], []
+    for _ in range(10):
+        lrs.append(group["lr"])
+        momenta.append(group["momentum"])
+        sched.step()
+    assert lrs[2] == 1.0 and momenta[2] == 0.85  # the peak at pct_start * 10 - 1
+    assert lrs[1] == pytest.approx(0.04 + 0.96 * (1 - math.cos(math.pi / 2)) / 2)
+    assert lrs[9] == pytest.approx(0.04 / 1e4) and momenta[9] == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="total steps is 10"):
+        sched.step()
+        sched.step()
+    opt = _sgd()
+    lin = optim.OneCycleLR(opt, max_lr=1.0, total_steps=11, pct_start=0.5,
+                           anneal_strategy="linear", div_factor=10, final_div_factor=1)
+    # up over steps 0 .. 4.5 (pct_start * 11 - 1), then down to 0.1 at step 10
+    want = [0.1 + 0.9 * s / 4.5 for s in range(5)] + [1 - 0.9 * (s - 4.5) / 5.5
+                                                      for s in range(5, 11)]
+    assert _lrs(lin, 11) == pytest.approx(want, abs=1e-12)
+
+
+def test_reduce_lr_on_plateau_by_hand():
+    metrics = [1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5]
+    sched = optim.ReduceLROnPlateau(_sgd(), patience=1)
+    assert _lrs(sched, 8, metrics) == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01])
+    cooled = optim.ReduceLROnPlateau(_sgd(), patience=0, cooldown=2, min_lr=0.05)
+    assert _lrs(cooled, 8, [1] * 8) == pytest.approx([1, 1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05])
+    up = optim.ReduceLROnPlateau(_sgd(), "max", patience=0, threshold=0.1, threshold_mode="abs")
+    assert _lrs(up, 4, [0.5, 0.55, 0.7, 0.75]) == pytest.approx([1, 1, 0.1, 0.1])
+    state = json.loads(json.dumps(up.state_dict()))
+    again = optim.ReduceLROnPlateau(_sgd(0.1), "max", patience=0, threshold=0.1,
+                                    threshold_mode="abs")
+    again.load_state_dict(state)
+    assert up.get_last_lr() == pytest.approx([0.01])  # 0.75 is not 0.1 above 0.7
+    assert (again.best, again.num_bad_epochs, again.last_epoch) == (0.7, 0, 4)
+    with pytest.raises(TypeError, match="metrics"):
+        again.step(None)
+
+
+def test_the_warmup_cosine_keeps_fastcnn_s_schedule():
+    """warmup > 0 (the demo recipe's): linear warm-up, then the half cosine reaching
+    eta_min at T_max and held, from the step count; the same bits as the closed form
+    fastcnn has always computed."""
+    for T, warmup, eta_min in ((100, 10, 0.0), (37, 5, 0.01), (1000, 1, 0.0)):
+        sched = optim.CosineAnnealingLR(_sgd(0.05), T_max=T, warmup=warmup, eta_min=eta_min,
+                                        interval="step")
+        got = _lrs(sched, T + 5)
+        want = []
+        for t in range(T + 5):
+            if t < warmup:
+                want.append(0.05 * (t + 1) / warmup)
+            else:
+                progress = min(t - warmup, T - warmup) / (T - warmup)
+                want.append(eta_min + (0.05 - eta_min) * (1 + math.cos(math.pi * progress)) / 2)
+        assert got == want
+    # the older state format, {"type", "last_step", "base_lrs"}, still loads
+    sched = optim.CosineAnnealingLR(_sgd(0.4), T_max=10, warmup=2, interval="step")
+    sched.load_state_dict({"type": "CosineAnnealingLR", "last_step": 6, "base_lrs": [0.4]})
+    assert sched.last_epoch == 6 and sched.get_last_lr()[0] == pytest.approx(
+        0.4 * (1 + math.cos(math.pi * 4 / 8)) / 2)
+    step = optim.StepLR(_sgd(), 2, 0.5)
+    step.load_state_dict({"last_step": 5, "base_lrs": [1.0]})
+    assert step.get_last_lr() == [0.25]
+    step.step()
+    assert step.get_last_lr() == [0.125]
+
+
+def test_fastcnn_extensions_are_keyword_only():
+    opt = _sgd()
+    with pytest.raises(TypeError):
+        optim.CosineAnnealingLR(opt, 10, 0.0, -1, 2)  # warmup only by keyword
+    with pytest.raises(TypeError):
+        optim.StepLR(opt, 2, 0.5, -1, "step")
+    assert optim.StepLR(opt, 2, interval="step").interval == "step"
+    with pytest.raises(ValueError, match="interval"):
+        optim.ExponentialLR(opt, 0.9, interval="batch")
+    inner = [optim.StepLR(opt, 2, interval="step"), optim.ExponentialLR(opt, 0.9, interval="step")]
+    assert optim.ChainedScheduler(inner).interval == "step"
+    with pytest.raises(ValueError, match="interval"):
+        optim.ChainedScheduler([optim.StepLR(opt, 2), inner[1]])
+
+
+BAD_SCHEDULES = [
+    (lambda M, o: M.StepLR(o, 0), ValueError, "step_size"),
+    (lambda M, o: M.StepLR(o, "2"), TypeError, "step_size"),
+    (lambda M, o: M.CosineAnnealingLR(o, 0), ValueError, "T_max"),
+    (lambda M, o: M.ConstantLR(o, 1.5), ValueError, "factor"),
+    (lambda M, o: M.ConstantLR(o, 0.0), ValueError, "factor"),
+    (lambda M, o: M.LinearLR(o, 0.0), ValueError, "start_factor"),
+    (lambda M, o: M.LinearLR(o, 0.5, 1.5), ValueError, "end_factor"),
+    (lambda M, o: M.LambdaLR(o, [lambda e: 1] * 2), ValueError, "lr_lambda"),
+    (lambda M, o: M.MultiplicativeLR(o, 0.9), TypeError, "lr_lambda"),
+    (lambda M, o: M.OneCycleLR(o, 1.0), ValueError, "total_steps"),
+    (lambda M, o: M.OneCycleLR(o, 1.0, total_steps=0), ValueError, "total_steps"),
+    (lambda M, o: M.OneCycleLR(o, 1.0, epochs=0, steps_per_epoch=3), ValueError, "epochs"),
+    (lambda M, o: M.OneCycleLR(o, 1.0, total_steps=10, pct_start=1.5), ValueError, "pct_start"),
+    (lambda M, o: M.OneCycleLR(o, 1.0, total_steps=10, anneal_strategy="exp"), ValueError,
+     "anneal_strategy"),
+    (lambda M, o: M.OneCycleLR(o, [1.0, 2.0], total_steps=10), ValueError, "max_lr"),
+    (lambda M, o: M.OneCycleLR(o, 1.0, total_steps=10, div_factor=0), Exception, "div_factor"),
+    (lambda M, o: M.ReduceLROnPlateau(o, factor=1.0), ValueError, "factor"),
+    (lambda M, o: M.ReduceLROnPlateau(o, mode="lowest"), ValueError, "mode"),
+    (lambda M, o: M.ReduceLROnPlateau(o, threshold_mode="relative"), ValueError, "threshold_mode"),
+    (lambda M, o: M.ReduceLROnPlateau(o, min_lr=[0.1, 0.2]), ValueError, "min_lr"),
+    (lambda M, o: M.SequentialLR(o, [M.StepLR(o, 2), M.StepLR(o, 3)], [2, 4]), ValueError,
+     "milestones"),
+    (lambda M, o: M.SequentialLR(o, [M.ReduceLROnPlateau(o)], []), ValueError,
+     "ReduceLROnPlateau"),
+    (lambda M, o: M.SequentialLR(o, [], []), ValueError, "schedulers"),
+    (lambda M, o: M.ChainedScheduler([M.ReduceLROnPlateau(o)]), ValueError, "ReduceLROnPlateau"),
+    (lambda M, o: M.StepLR(o, 2, last_epoch=3), KeyError, "initial_lr"),
+]
+
+
+@pytest.mark.parametrize("make,error,match", BAD_SCHEDULES,
+                         ids=[str(i) for i in range(len(BAD_SCHEDULES))])
+def test_bad_schedule_arguments_name_the_argument_where_pytorch_raises(make, error, match):
+    """torch raises (at construction, or at its first steps: a division by zero) ->
+    fastcnn raises at construction, naming the argument."""
+    with pytest.raises(error, match=match):
+        make(optim, _sgd(momentum=0.9))
+    torch = pytest.importorskip("torch")
+    _, theirs = _scheduled_pair(torch, lrs=(1.0,), momentum=0.9)
+    with pytest.raises(Exception), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler = make(torch.optim.lr_scheduler, theirs)
+        for _ in range(12):
+            scheduler.step()
+
+
+def test_a_scheduler_needs_an_optimizer_of_its_own():
+    opt, other = _sgd(), _sgd()
+    with pytest.raises(TypeError, match="optimizer"):
+        optim.StepLR("sgd", 2)
+    with pytest.raises(ValueError, match="another optimizer"):
+        optim.SequentialLR(opt, [optim.StepLR(other, 2)], [])
+    with pytest.raises(ValueError, match="StepLR"):
+        optim.ExponentialLR(opt, 0.9).load_state_dict(optim.StepLR(opt, 2).state_dict())
+    with pytest.raises(ValueError, match="total_iters"):  # torch: start_factor forever
+        optim.LinearLR(opt, 0.5, 1.0, -1)
+    with pytest.raises(ValueError, match="unknown entry"):
+        optim.ExponentialLR(opt, 0.9).load_state_dict({"last_epoch": 3, "T_max": 4})

@@ -7,10 +7,18 @@ updates), with the same bits as the NumPy (or CuPy) expressions written out
 below, which remain the fallback for other arrays. ``state_dict()`` holds
 everything needed to resume; parameters are referred to by their position in
 the optimizer's parameter list.
+
+The schedulers are torch.optim.lr_scheduler's, with torch's names, arguments,
+values and state_dict keys: each ``step()`` derives the new lr from the group's
+current ``group["lr"]`` (torch's chainable form), so a manual change of the lr
+persists and two schedulers on one optimizer combine.
 """
 
 import math
 import numbers
+import types
+from bisect import bisect_right
+from collections import Counter
 
 import numpy as np
 
@@ -19,8 +27,10 @@ from . import _cpu
 from . import capture
 from .nn.module import Parameter, _array_module, _touch
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR",
-           "CosineAnnealingLR", "build_optimizer"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "build_optimizer", "LRScheduler", "LambdaLR",
+           "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR", "LinearLR",
+           "ExponentialLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR",
+           "ChainedScheduler", "ReduceLROnPlateau"]
 
 # Every option a fastcnn optimizer has: a saved group holding one that this
 # optimizer lacks is another optimizer's state (other keys, "name", "initial_lr",
@@ -463,80 +473,740 @@ def build_optimizer(name, params, lr, momentum=0.9, weight_decay=0.0, nesterov=T
 
 # ---------------------------------------------------------------- schedules
 
-class LRScheduler:
-    """Sets each group's lr to a function of the step count: lr = schedule(base_lr, t).
+# torch's bookkeeping entries in its state_dicts, not part of a schedule's state.
+_TORCH_INTERNALS = frozenset({"_is_initial", "_get_lr_called_within_step", "verbose"})
 
-    ``step()`` advances t by one; call it once per epoch or, with
-    ``interval="step"``, once per batch (``fastcnn.train.Trainer`` reads
-    ``interval`` to know which). The lr is a closed-form function of t, so the
-    state to resume is t alone.
+
+def _check_interval(owner, interval):
+    if interval not in ("epoch", "step"):
+        raise ValueError(f"{owner}: interval must be 'epoch' or 'step', got {interval!r}")
+    return interval
+
+
+def _per_group(owner, name, optimizer, value):
+    """One value per parameter group: a list or tuple of that length, or one value for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(optimizer.param_groups):
+            raise ValueError(f"{owner}: {name} must have one value per parameter group "
+                             f"({len(optimizer.param_groups)}), got {len(value)}")
+        return list(value)
+    return [value] * len(optimizer.param_groups)
+
+
+class LRScheduler:
+    """Base class of the schedulers: torch.optim.lr_scheduler.LRScheduler's protocol.
+
+    ``step()`` advances ``last_epoch`` by one and sets each group's lr to
+    ``get_lr()``, which (as torch's chainable form) derives it from the group's
+    current lr: a manual change of ``group["lr"]`` persists, and two schedulers
+    stepped on one optimizer combine. ``step(epoch)`` jumps to ``epoch`` through
+    the closed form ``_get_closed_form_lr()`` where the scheduler has one. The
+    constructor makes the first step (epoch 0): with last_epoch=-1 it records each
+    group's lr as ``initial_lr`` (the ``base_lrs``); another last_epoch resumes,
+    and needs ``initial_lr`` in every group, as torch.
+
+    interval (keyword only, fastcnn's): 'epoch' or 'step', whether
+    ``fastcnn.train.Trainer`` steps the scheduler once per epoch or once per batch.
+
+    ``state_dict()`` holds the progress under torch's keys (last_epoch, base_lrs,
+    _step_count, _last_lr, ...) and the scheduler's type, not its arguments, so a
+    run may resume with a longer schedule (``fastcnn train --resume`` with more
+    epochs); ``load_state_dict`` also takes torch's state_dict, whose arguments
+    (T_max, gamma, ...) it restores as torch does, and fastcnn's older
+    ``{"type", "last_step", "base_lrs"}``.
     """
 
-    def __init__(self, optimizer, interval="epoch"):
-        if interval not in ("epoch", "step"):
-            raise ValueError(f"interval must be 'epoch' or 'step', got {interval!r}")
+    _is_initial = False
+    _state = ("base_lrs", "last_epoch", "_step_count", "_last_lr")  # what state_dict saves
+    _arguments = ()  # the arguments torch's state_dict also holds
+
+    def __init__(self, optimizer, last_epoch=-1, *, interval="epoch"):
+        name = type(self).__name__
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{name}: optimizer must be a fastcnn.optim Optimizer, got "
+                            f"{type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.interval = interval
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
+        self.interval = _check_interval(name, interval)
+        last_epoch = _integer(name, "last_epoch", last_epoch, low=-1)
+        for i, group in enumerate(optimizer.param_groups):
+            if last_epoch == -1:
+                group.setdefault("initial_lr", group["lr"])
+            elif "initial_lr" not in group:
+                raise KeyError(f"{name}: param 'initial_lr' is not specified in "
+                               f"param_groups[{i}] when resuming a scheduler with last_epoch "
+                               f"{last_epoch} >= 0; load the optimizer's state first, or "
+                               f"start with last_epoch=-1")
         self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        self.last_step = 0
-        self._apply()
+        self.last_epoch = last_epoch
+        self._initial_step()
 
-    def lr_at(self, base_lr, t):
-        raise NotImplementedError
+    def _initial_step(self):
+        """The step the constructor makes (torch's "initial mode": most schedulers keep
+        the lr then)."""
+        self._step_count = 0
+        self._is_initial = True
+        try:
+            self.step()
+        finally:
+            self._is_initial = False
 
-    def _apply(self):
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = float(self.lr_at(base, self.last_step))
-
-    def step(self):
-        self.last_step += 1
-        self._apply()
-
-    def get_last_lr(self):
+    def _group_lrs(self):
         return [group["lr"] for group in self.optimizer.param_groups]
 
-    def state_dict(self):
-        return {"type": type(self).__name__, "last_step": self.last_step,
-                "base_lrs": list(self.base_lrs)}
+    def get_lr(self):
+        """The lrs of the step being made (last_epoch already advanced)."""
+        raise NotImplementedError
 
-    def load_state_dict(self, state):
-        saved = state.get("type", type(self).__name__)  # older states did not say
-        if saved != type(self).__name__:
-            raise ValueError(f"the saved state is a {saved}'s, not a {type(self).__name__}'s")
-        self.last_step = int(state["last_step"])
+    def step(self, epoch=None):
+        """Advance one step (call it after the optimizer's step), or, with ``epoch``,
+        jump there (the closed form where the scheduler has one, torch's deprecated
+        form)."""
+        self._step_count += 1
+        self._update_lr(epoch)
+
+    def _update_lr(self, epoch=None):
+        if epoch is None:
+            self.last_epoch += 1
+            values = self.get_lr()
+        else:
+            self.last_epoch = _integer(type(self).__name__, "epoch", epoch)
+            closed = getattr(self, "_get_closed_form_lr", None)
+            values = closed() if closed is not None else self.get_lr()
+        self._set_lrs(values)
+
+    def _set_lrs(self, values):
+        for group, lr in zip(self.optimizer.param_groups, values, strict=True):
+            group["lr"] = lr
+        self._last_lr = self._group_lrs()
+
+    def get_last_lr(self):
+        """The lrs the last step set, one per group."""
+        return list(self._last_lr)
+
+    @property
+    def last_step(self):
+        """``last_epoch`` under its older fastcnn name."""
+        return self.last_epoch
+
+    def state_dict(self):
+        state = {"type": type(self).__name__}
+        for key in self._state:
+            value = getattr(self, key)
+            state[key] = list(value) if isinstance(value, list) else value
+        return state
+
+    def load_state_dict(self, state_dict):
+        name = type(self).__name__
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{name}.load_state_dict: expected a dict, got "
+                            f"{type(state_dict).__name__}")
+        state = dict(state_dict)
+        saved = state.pop("type", name)  # torch's states do not say
+        if saved != name:
+            raise ValueError(f"the saved state is a {saved}'s, not a {name}'s")
+        if "last_step" in state and "last_epoch" not in state:
+            self._load_older(state)
+            return
+        for key, value in state.items():
+            if key in _TORCH_INTERNALS:
+                continue
+            if key not in self._state and key not in self._arguments:
+                raise ValueError(f"{name}.load_state_dict: unknown entry {key!r}")
+            self._restore(key, value)
+
+    def _restore(self, key, value):
+        setattr(self, key, list(value) if isinstance(value, (list, tuple)) else value)
+
+    def _load_older(self, state):
+        """fastcnn's format before torch's keys: the step count and base lrs of a
+        closed-form schedule (StepLR, CosineAnnealingLR), whose lrs it sets."""
+        closed = getattr(self, "_get_closed_form_lr", None)
+        if closed is None:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: an older fastcnn state "
+                             f"({sorted(state)}) is StepLR's or CosineAnnealingLR's")
+        self.last_epoch = int(state["last_step"])
+        self._step_count = self.last_epoch + 1
         self.base_lrs = [float(b) for b in state["base_lrs"]]
-        self._apply()
+        self._set_lrs(closed())
+
+
+class _LambdaScheduler(LRScheduler):
+    """LambdaLR and MultiplicativeLR: one function of the epoch per group."""
+
+    def __init__(self, optimizer, lr_lambda, last_epoch=-1, *, interval="epoch"):
+        name = type(self).__name__
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{name}: optimizer must be a fastcnn.optim Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self.lr_lambdas = _per_group(name, "lr_lambda", optimizer, lr_lambda)
+        for fn in self.lr_lambdas:
+            if not callable(fn):
+                raise TypeError(f"{name}: lr_lambda must be a function of the epoch, got "
+                                f"{type(fn).__name__}")
+        super().__init__(optimizer, last_epoch, interval=interval)
+
+    def state_dict(self):
+        """As torch: the lambdas' own state only when they are callable objects (a
+        function or lambda is not saved)."""
+        state = super().state_dict()
+        state["lr_lambdas"] = [None if isinstance(fn, types.FunctionType) else dict(vars(fn))
+                               for fn in self.lr_lambdas]
+        return state
+
+    def _restore(self, key, value):
+        if key != "lr_lambdas":
+            return super()._restore(key, value)
+        for fn, saved in zip(self.lr_lambdas, value):
+            if saved is not None:
+                vars(fn).update(saved)
+
+    _arguments = ("lr_lambdas",)  # (the callable objects' own state, as torch saves it)
+
+
+class LambdaLR(_LambdaScheduler):
+    """lr = base_lr * lr_lambda(epoch): one function for all groups, or a list of one
+    per group (torch.optim.lr_scheduler.LambdaLR)."""
+
+    def get_lr(self):
+        return [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
+
+
+class MultiplicativeLR(_LambdaScheduler):
+    """lr *= lr_lambda(epoch) at every step after the first (torch's MultiplicativeLR)."""
+
+    def get_lr(self):
+        if self._is_initial:
+            return self._group_lrs()
+        return [group["lr"] * fn(self.last_epoch)
+                for fn, group in zip(self.lr_lambdas, self.optimizer.param_groups)]
 
 
 class StepLR(LRScheduler):
-    """lr = base_lr * gamma ** (t // step_size)."""
+    """lr *= gamma every ``step_size`` epochs (torch's StepLR; closed form
+    base_lr * gamma ** (epoch // step_size)). step_size may be a float, as in torch:
+    the lr decays at the epochs that are multiples of it."""
 
-    def __init__(self, optimizer, step_size, gamma=0.1, interval="epoch"):
-        if step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {step_size}")
-        self.step_size, self.gamma = int(step_size), float(gamma)
-        super().__init__(optimizer, interval)
+    _arguments = ("step_size", "gamma")
 
-    def lr_at(self, base_lr, t):
-        return base_lr * self.gamma ** (t // self.step_size)
+    def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1, *, interval="epoch"):
+        if not _number("StepLR", "step_size", step_size) > 0:
+            raise ValueError(f"StepLR: step_size must be > 0, got {step_size!r}")
+        self.step_size = step_size
+        self.gamma = _at_least("StepLR", "gamma", gamma)
+        super().__init__(optimizer, last_epoch, interval=interval)
+
+    def get_lr(self):
+        if self.last_epoch == 0 or self.last_epoch % self.step_size != 0:
+            return self._group_lrs()
+        return [group["lr"] * self.gamma for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self):
+        return [base * self.gamma ** (self.last_epoch // self.step_size)
+                for base in self.base_lrs]
+
+
+class MultiStepLR(LRScheduler):
+    """lr *= gamma at each milestone epoch (a milestone given twice: gamma ** 2), as
+    torch's MultiStepLR."""
+
+    _arguments = ("milestones", "gamma")
+
+    def __init__(self, optimizer, milestones, gamma=0.1, last_epoch=-1, *, interval="epoch"):
+        try:
+            milestones = list(milestones)
+        except TypeError:
+            raise TypeError(f"MultiStepLR: milestones must be a list of epochs, got "
+                            f"{milestones!r}") from None
+        self.milestones = Counter(_integer("MultiStepLR", "milestones", m) for m in milestones)
+        self.gamma = _at_least("MultiStepLR", "gamma", gamma)
+        super().__init__(optimizer, last_epoch, interval=interval)
+
+    def _restore(self, key, value):
+        if key == "milestones":  # a Counter, or the dict with text keys JSON makes of it
+            value = Counter({int(k): int(n) for k, n in dict(value).items()})
+            self.milestones = value
+            return
+        super()._restore(key, value)
+
+    def get_lr(self):
+        if self.last_epoch not in self.milestones:
+            return self._group_lrs()
+        return [group["lr"] * self.gamma ** self.milestones[self.last_epoch]
+                for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self):
+        milestones = sorted(self.milestones.elements())
+        return [base * self.gamma ** bisect_right(milestones, self.last_epoch)
+                for base in self.base_lrs]
+
+
+class ConstantLR(LRScheduler):
+    """lr * factor for the first ``total_iters`` epochs, then the lr again (torch's
+    ConstantLR). factor in (0, 1] (torch takes 0, then divides by it)."""
+
+    _arguments = ("factor", "total_iters")
+
+    def __init__(self, optimizer, factor=1.0 / 3, total_iters=5, last_epoch=-1, *,
+                 interval="epoch"):
+        if not 0 < _number("ConstantLR", "factor", factor) <= 1:
+            raise ValueError(f"ConstantLR: factor must be in (0, 1], got {factor!r}")
+        self.factor = factor
+        self.total_iters = _integer("ConstantLR", "total_iters", total_iters, low=0)
+        super().__init__(optimizer, last_epoch, interval=interval)
+
+    def get_lr(self):
+        if self.last_epoch == 0:
+            return [group["lr"] * self.factor for group in self.optimizer.param_groups]
+        if self.last_epoch != self.total_iters:
+            return self._group_lrs()
+        return [group["lr"] * (1.0 / self.factor) for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self):
+        return [base * (self.factor + (self.last_epoch >= self.total_iters) * (1 - self.factor))
+                for base in self.base_lrs]
+
+
+class LinearLR(LRScheduler):
+    """The lr's factor goes linearly from start_factor to end_factor over
+    ``total_iters`` epochs, then stays (torch's LinearLR)."""
+
+    _arguments = ("start_factor", "end_factor", "total_iters")
+
+    def __init__(self, optimizer, start_factor=1.0 / 3, end_factor=1.0, total_iters=5,
+                 last_epoch=-1, *, interval="epoch"):
+        if not 0 < _number("LinearLR", "start_factor", start_factor) <= 1:
+            raise ValueError(f"LinearLR: start_factor must be in (0, 1], got {start_factor!r}")
+        if not 0 <= _number("LinearLR", "end_factor", end_factor) <= 1:
+            raise ValueError(f"LinearLR: end_factor must be in [0, 1], got {end_factor!r}")
+        self.start_factor, self.end_factor = start_factor, end_factor
+        self.total_iters = _integer("LinearLR", "total_iters", total_iters, low=0)
+        super().__init__(optimizer, last_epoch, interval=interval)
+
+    def get_lr(self):
+        if self.last_epoch == 0:
+            return [group["lr"] * self.start_factor for group in self.optimizer.param_groups]
+        if self._is_initial or self.last_epoch > self.total_iters:
+            return self._group_lrs()
+        change = self.end_factor - self.start_factor
+        return [group["lr"] * (1.0 + change / (self.total_iters * self.start_factor +
+                                               (self.last_epoch - 1) * change))
+                for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self):
+        return [base * (self.start_factor + (self.end_factor - self.start_factor) *
+                        min(self.total_iters, self.last_epoch) / self.total_iters)
+                for base in self.base_lrs]
+
+
+class ExponentialLR(LRScheduler):
+    """lr *= gamma at every step after the first (torch's ExponentialLR)."""
+
+    _arguments = ("gamma",)
+
+    def __init__(self, optimizer, gamma, last_epoch=-1, *, interval="epoch"):
+        self.gamma = _at_least("ExponentialLR", "gamma", gamma)
+        super().__init__(optimizer, last_epoch, interval=interval)
+
+    def get_lr(self):
+        if self._is_initial:
+            return self._group_lrs()
+        return [group["lr"] * self.gamma for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self):
+        return [base * self.gamma ** self.last_epoch for base in self.base_lrs]
 
 
 class CosineAnnealingLR(LRScheduler):
-    """Linear warm-up over ``warmup`` steps from base_lr / warmup to base_lr, then a
-    half cosine from base_lr down to ``eta_min`` at t = T_max (held there after)."""
+    """Cosine annealing from the lr to ``eta_min`` over ``T_max`` epochs, as torch's
+    CosineAnnealingLR: the recursive (chainable) form, which after T_max carries on
+    periodically (back up to base_lr at 2 T_max, and so on); closed form
+    eta_min + (base_lr - eta_min) * (1 + cos(pi * epoch / T_max)) / 2. T_max may be
+    a float.
 
-    def __init__(self, optimizer, T_max, eta_min=0.0, warmup=0, interval="epoch"):
-        if T_max < 1 or not 0 <= warmup < T_max:
-            raise ValueError(f"need T_max >= 1 and 0 <= warmup < T_max, got T_max={T_max}, "
-                             f"warmup={warmup}")
-        self.T_max, self.eta_min, self.warmup = int(T_max), float(eta_min), int(warmup)
-        super().__init__(optimizer, interval)
+    warmup (keyword only, fastcnn's; steps, < T_max): with warmup > 0 the schedule
+    is instead the closed form of the step count t that fastcnn has always had: a
+    linear warm-up from base_lr / warmup to base_lr over the first ``warmup``
+    steps, then the half cosine from base_lr down to eta_min at t = T_max, held
+    there after; it sets the lr from base_lr at every step, so it does not chain
+    with another scheduler and a manual change of the lr does not persist.
+    """
 
-    def lr_at(self, base_lr, t):
+    _arguments = ("T_max", "eta_min")
+
+    def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1, *, warmup=0,
+                 interval="epoch"):
+        if not _number("CosineAnnealingLR", "T_max", T_max) > 0:
+            raise ValueError(f"CosineAnnealingLR: T_max must be > 0, got {T_max!r}")
+        self.T_max = T_max
+        self.eta_min = _at_least("CosineAnnealingLR", "eta_min", eta_min)
+        self.warmup = _integer("CosineAnnealingLR", "warmup", warmup, low=0)
+        if warmup and not warmup < T_max:
+            raise ValueError(f"CosineAnnealingLR: warmup must be < T_max, got warmup={warmup}, "
+                             f"T_max={T_max}")
+        super().__init__(optimizer, last_epoch, interval=interval)
+
+    def get_lr(self):
+        if self.warmup:
+            return self._get_closed_form_lr()
+        T, eta_min, t = self.T_max, self.eta_min, self.last_epoch
+        if self._is_initial:
+            return self._group_lrs()
+        if self._step_count == 1 and t > 0:
+            return [eta_min + (base - eta_min) * (1 + math.cos(t * math.pi / T)) / 2
+                    for base in self.base_lrs]
+        if (t - 1 - T) % (2 * T) == 0:  # at the cosine's minimum: the step back up
+            return [group["lr"] + (base - eta_min) * (1 - math.cos(math.pi / T)) / 2
+                    for base, group in zip(self.base_lrs, self.optimizer.param_groups)]
+        return [(1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T)) *
+                (group["lr"] - eta_min) + eta_min for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self):
+        t = self.last_epoch
+        if not self.warmup:
+            return [self.eta_min + (base - self.eta_min) *
+                    (1 + math.cos(math.pi * t / self.T_max)) / 2 for base in self.base_lrs]
         if t < self.warmup:
-            return base_lr * (t + 1) / self.warmup
-        progress = min(t - self.warmup, self.T_max - self.warmup) / (self.T_max - self.warmup)
-        return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+            return [base * (t + 1) / self.warmup for base in self.base_lrs]
+        span = self.T_max - self.warmup
+        progress = min(t - self.warmup, span) / span
+        return [float(self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * progress)) / 2)
+                for base in self.base_lrs]
 
+    def load_state_dict(self, state_dict):
+        """As the base class; with warmup the lrs are then set from the step count."""
+        super().load_state_dict(state_dict)
+        if self.warmup:
+            self._set_lrs(self._get_closed_form_lr())
+
+
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy (Smith & Topin), as torch's OneCycleLR: the lr goes from
+    max_lr / div_factor up to max_lr over the first pct_start of ``total_steps``
+    (or ``epochs * steps_per_epoch``), then down to initial_lr / final_div_factor
+    ('cos' or 'linear' annealing); three_phase: back to initial_lr first, then
+    down. cycle_momentum: SGD's momentum (Adam's beta1) goes the other way,
+    between max_momentum and base_momentum. It is meant to be stepped once per
+    batch: pass interval='step' for fastcnn.train.Trainer. Stepping past
+    total_steps is a ValueError, as in torch.
+    """
+
+    _arguments = ("total_steps", "_schedule_phases", "_anneal_func_type", "cycle_momentum",
+                  "use_beta1")
+
+    def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None,
+                 pct_start=0.3, anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85,
+                 max_momentum=0.95, div_factor=25.0, final_div_factor=1e4, three_phase=False,
+                 last_epoch=-1, *, interval="epoch"):
+        name = "OneCycleLR"
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{name}: optimizer must be a fastcnn.optim Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        if total_steps is not None:
+            self.total_steps = _integer(name, "total_steps", total_steps, low=1)
+        elif epochs is not None and steps_per_epoch is not None:
+            self.total_steps = (_integer(name, "epochs", epochs, low=1) *
+                                _integer(name, "steps_per_epoch", steps_per_epoch, low=1))
+        else:
+            raise ValueError(f"{name}: give total_steps, or epochs and steps_per_epoch")
+        if not 0 <= _number(name, "pct_start", pct_start) <= 1:
+            raise ValueError(f"{name}: pct_start must be in [0, 1], got {pct_start!r}")
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"{name}: anneal_strategy must be 'cos' or 'linear', got "
+                             f"{anneal_strategy!r}")
+        for arg, value in (("div_factor", div_factor), ("final_div_factor", final_div_factor)):
+            if not _number(name, arg, value) > 0:
+                raise ValueError(f"{name}: {arg} must be > 0, got {value!r}")
+        self._anneal_func_type = anneal_strategy
+        up = float(pct_start * self.total_steps) - 1
+        if three_phase:
+            self._schedule_phases = [
+                {"end_step": up, "start_lr": "initial_lr", "end_lr": "max_lr",
+                 "start_momentum": "max_momentum", "end_momentum": "base_momentum"},
+                {"end_step": float(2 * pct_start * self.total_steps) - 2, "start_lr": "max_lr",
+                 "end_lr": "initial_lr", "start_momentum": "base_momentum",
+                 "end_momentum": "max_momentum"},
+                {"end_step": self.total_steps - 1, "start_lr": "initial_lr", "end_lr": "min_lr",
+                 "start_momentum": "max_momentum", "end_momentum": "max_momentum"}]
+        else:
+            self._schedule_phases = [
+                {"end_step": up, "start_lr": "initial_lr", "end_lr": "max_lr",
+                 "start_momentum": "max_momentum", "end_momentum": "base_momentum"},
+                {"end_step": self.total_steps - 1, "start_lr": "max_lr", "end_lr": "min_lr",
+                 "start_momentum": "base_momentum", "end_momentum": "max_momentum"}]
+        max_lrs = [_at_least(name, "max_lr", v)
+                   for v in _per_group(name, "max_lr", optimizer, max_lr)]
+        if last_epoch == -1:
+            for group, top in zip(optimizer.param_groups, max_lrs):
+                group["initial_lr"] = top / div_factor
+                group["max_lr"] = top
+                group["min_lr"] = group["initial_lr"] / final_div_factor
+        self.cycle_momentum = bool(cycle_momentum)
+        if self.cycle_momentum:
+            if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
+                raise ValueError(f"{name}: cycle_momentum needs an optimizer with momentum or "
+                                 f"betas, {type(optimizer).__name__} has neither")
+            self.use_beta1 = "betas" in optimizer.defaults
+            tops = _per_group(name, "max_momentum", optimizer, max_momentum)
+            bases = _per_group(name, "base_momentum", optimizer, base_momentum)
+            for arg, values in (("max_momentum", tops), ("base_momentum", bases)):
+                for v in values:
+                    _at_least(name, arg, v)
+            if last_epoch == -1:
+                for top, base, group in zip(tops, bases, optimizer.param_groups):
+                    self._set_momentum(group, top)
+                    group["max_momentum"], group["base_momentum"] = top, base
+        super().__init__(optimizer, last_epoch, interval=interval)
+
+    def _set_momentum(self, group, value):
+        if self.use_beta1:
+            group["betas"] = [value, *group["betas"][1:]]
+        else:
+            group["momentum"] = value
+
+    def _anneal(self, start, end, pct):
+        if self._anneal_func_type == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def get_lr(self):
+        step = self.last_epoch
+        if step > self.total_steps:
+            raise ValueError(f"OneCycleLR: tried to step {step} times; the specified number of "
+                             f"total steps is {self.total_steps}")
+        lrs = []
+        for group in self.optimizer.param_groups:
+            start = 0.0
+            for i, phase in enumerate(self._schedule_phases):
+                end = phase["end_step"]
+                if step <= end or i == len(self._schedule_phases) - 1:
+                    pct = (step - start) / (end - start)
+                    lrs.append(self._anneal(group[phase["start_lr"]], group[phase["end_lr"]], pct))
+                    if self.cycle_momentum:
+                        self._set_momentum(group, self._anneal(group[phase["start_momentum"]],
+                                                               group[phase["end_momentum"]], pct))
+                    break
+                start = end
+        return lrs
+
+
+def _check_schedulers(owner, optimizer, schedulers):
+    """The list of ``schedulers``, all of ``optimizer`` and none a ReduceLROnPlateau
+    (whose step needs a metric)."""
+    schedulers = list(schedulers)
+    if not schedulers:
+        raise ValueError(f"{owner}: schedulers is empty")
+    for i, scheduler in enumerate(schedulers):
+        if not isinstance(scheduler, LRScheduler):
+            raise TypeError(f"{owner}: schedulers[{i}] must be a fastcnn.optim scheduler, got "
+                            f"{type(scheduler).__name__}")
+        if isinstance(scheduler, ReduceLROnPlateau):
+            raise ValueError(f"{owner}: schedulers[{i}] is a ReduceLROnPlateau, whose step "
+                             f"needs the metric; step it on its own")
+        if scheduler.optimizer is not optimizer:
+            raise ValueError(f"{owner}: schedulers[{i}] ({type(scheduler).__name__}) belongs to "
+                             f"another optimizer")
+    return schedulers
+
+
+def _shared_interval(owner, schedulers, interval):
+    if interval is not None:
+        return _check_interval(owner, interval)
+    intervals = {s.interval for s in schedulers}
+    if len(intervals) > 1:
+        raise ValueError(f"{owner}: the schedulers step per {' and per '.join(sorted(intervals))}; "
+                         f"give interval='epoch' or 'step'")
+    return intervals.pop()
+
+
+def _undo_step(scheduler):
+    """Take back the step a scheduler's constructor made (nested ones too), as torch's
+    SequentialLR does."""
+    if isinstance(scheduler, _Composite):
+        for inner in scheduler._schedulers:
+            _undo_step(inner)
+    else:
+        scheduler.last_epoch -= 1
+
+
+class _Composite(LRScheduler):
+    """SequentialLR and ChainedScheduler: their state holds their schedulers'."""
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
+        return state
+
+    def _restore(self, key, value):
+        if key != "_schedulers":
+            return super()._restore(key, value)
+        if len(value) != len(self._schedulers):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state has "
+                             f"{len(value)} schedulers, this one {len(self._schedulers)}")
+        for scheduler, state in zip(self._schedulers, value):
+            scheduler.load_state_dict(state)
+
+
+class SequentialLR(_Composite):
+    """The schedulers one after the other, switching at the milestone epochs (each
+    then starts at its epoch 0), as torch's SequentialLR. interval: the
+    schedulers' own when they agree (default), else give it."""
+
+    _state = ("last_epoch", "_last_lr", "_schedulers")
+    _arguments = ("_milestones",)
+
+    def __init__(self, optimizer, schedulers, milestones, last_epoch=-1, *, interval=None):
+        schedulers = _check_schedulers("SequentialLR", optimizer, schedulers)
+        milestones = [_integer("SequentialLR", "milestones", m) for m in milestones]
+        if len(milestones) != len(schedulers) - 1:
+            raise ValueError(f"SequentialLR: milestones must be one fewer than the schedulers "
+                             f"({len(schedulers)}), got {len(milestones)}")
+        self._schedulers, self._milestones = schedulers, milestones
+        self.last_epoch = _integer("SequentialLR", "last_epoch", last_epoch, low=-1) + 1
+        self.optimizer = optimizer
+        self.interval = _shared_interval("SequentialLR", schedulers, interval)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        for scheduler in schedulers:  # undo the steps their constructors made
+            _undo_step(scheduler)
+        first = schedulers[bisect_right(milestones, 0)]
+        first._initial_step()
+        self._last_lr = first.get_last_lr()
+
+    def step(self):
+        self.last_epoch += 1
+        idx = bisect_right(self._milestones, self.last_epoch)
+        scheduler = self._schedulers[idx]
+        if idx > 0 and self._milestones[idx - 1] == self.last_epoch:
+            scheduler._update_lr(0)
+        else:
+            scheduler.step()
+        self._last_lr = scheduler.get_last_lr()
+
+
+
+class ChainedScheduler(_Composite):
+    """Steps every scheduler at each step, so that their changes combine (torch's
+    ChainedScheduler). interval: the schedulers' own when they agree (default)."""
+
+    _state = ("_last_lr", "_schedulers")
+
+    def __init__(self, schedulers, optimizer=None, *, interval=None):
+        schedulers = list(schedulers)
+        if optimizer is None and schedulers:
+            optimizer = getattr(schedulers[0], "optimizer", None)
+        self._schedulers = _check_schedulers("ChainedScheduler", optimizer, schedulers)
+        self.optimizer = optimizer
+        self.interval = _shared_interval("ChainedScheduler", schedulers, interval)
+        self._last_lr = self._group_lrs()
+
+    def step(self):
+        for scheduler in self._schedulers:
+            scheduler.step()
+        self._last_lr = self._group_lrs()
+
+
+
+class ReduceLROnPlateau(LRScheduler):
+    """lr *= factor (not below min_lr, a value or one per group) when the metric
+    given to ``step(metric)`` has not improved for more than ``patience`` epochs,
+    then waits ``cooldown`` epochs, as torch's ReduceLROnPlateau. mode 'min'
+    (a loss) or 'max' (an accuracy); improved: better than the best by
+    ``threshold``, relative ('rel') or absolute ('abs'); a reduction smaller than
+    eps is skipped. fastcnn.train.Trainer steps it once per epoch with the
+    validation loss.
+    """
+
+    _state = ("last_epoch", "_last_lr", "best", "num_bad_epochs", "cooldown_counter")
+    _arguments = ("factor", "default_min_lr", "min_lrs", "patience", "cooldown", "eps", "mode",
+                  "mode_worse", "threshold", "threshold_mode")
+
+    def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
+                 threshold_mode="rel", cooldown=0, min_lr=0, eps=1e-8, *, interval="epoch"):
+        name = "ReduceLROnPlateau"
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{name}: optimizer must be a fastcnn.optim Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        if not 0 <= _number(name, "factor", factor) < 1:
+            raise ValueError(f"{name}: factor must be in [0, 1), got {factor!r}")
+        self.factor = factor
+        self.optimizer = optimizer
+        self.interval = _check_interval(name, interval)
+        if isinstance(min_lr, (list, tuple)):
+            self.default_min_lr = None
+            self.min_lrs = [_at_least(name, "min_lr", v)
+                            for v in _per_group(name, "min_lr", optimizer, min_lr)]
+        else:
+            self.default_min_lr = _at_least(name, "min_lr", min_lr)
+            self.min_lrs = [self.default_min_lr] * len(optimizer.param_groups)
+        self.patience = _integer(name, "patience", patience, low=0)
+        self.cooldown = _integer(name, "cooldown", cooldown, low=0)
+        self.eps = _at_least(name, "eps", eps)
+        self.last_epoch = 0
+        self._last_lr = self._group_lrs()
+        self._init_is_better(mode, _at_least(name, "threshold", threshold), threshold_mode)
+        self.best = self.mode_worse
+        self.cooldown_counter = 0
+        self.num_bad_epochs = 0
+
+    def _init_is_better(self, mode, threshold, threshold_mode):
+        if mode not in ("min", "max"):
+            raise ValueError(f"ReduceLROnPlateau: mode must be 'min' or 'max', got {mode!r}")
+        if threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"ReduceLROnPlateau: threshold_mode must be 'rel' or 'abs', got "
+                             f"{threshold_mode!r}")
+        self.mode, self.threshold, self.threshold_mode = mode, threshold, threshold_mode
+        self.mode_worse = math.inf if mode == "min" else -math.inf
+
+    def _is_better(self, a, best):
+        if self.mode == "min" and self.threshold_mode == "rel":
+            return a < best * (1.0 - self.threshold)
+        if self.mode == "min":
+            return a < best - self.threshold
+        if self.threshold_mode == "rel":
+            return a > best * (self.threshold + 1.0)
+        return a > best + self.threshold
+
+    @property
+    def in_cooldown(self):
+        return self.cooldown_counter > 0
+
+    def step(self, metrics, epoch=None):
+        """One epoch's ``metrics`` (a number, or a 0-d array: the validation loss)."""
+        try:
+            current = float(metrics)
+        except (TypeError, ValueError):
+            raise TypeError(f"ReduceLROnPlateau.step: metrics must be a number (the value to "
+                            f"watch), got {metrics!r:.80}") from None
+        self.last_epoch = (self.last_epoch + 1 if epoch is None else
+                           _integer("ReduceLROnPlateau", "epoch", epoch))
+        if self._is_better(current, self.best):
+            self.best = current
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+        if self.in_cooldown:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            self._reduce_lr()
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+        self._last_lr = self._group_lrs()
+
+    def _reduce_lr(self):
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.min_lrs):
+            if self.default_min_lr is None:
+                raise RuntimeError(f"ReduceLROnPlateau: the optimizer has {len(groups)} "
+                                   f"parameter groups, min_lr {len(self.min_lrs)} values (a "
+                                   f"group was added); set min_lrs to one per group")
+            self.min_lrs = [self.default_min_lr] * len(groups)
+        for group, min_lr in zip(groups, self.min_lrs):
+            old = float(group["lr"])
+            new = max(old * self.factor, min_lr)
+            if old - new > self.eps:
+                group["lr"] = new
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._init_is_better(self.mode, self.threshold, self.threshold_mode)
