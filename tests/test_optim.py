@@ -875,3 +875,29 @@ def test_a_scheduler_needs_an_optimizer_of_its_own():
         optim.LinearLR(opt, 0.5, 1.0, -1)
     with pytest.raises(ValueError, match="unknown entry"):
         optim.ExponentialLR(opt, 0.9).load_state_dict({"last_epoch": 3, "T_max": 4})
+
+
+def test_trainer_steps_reduce_lr_on_plateau_with_the_validation_loss(monkeypatch):
+    from fastcnn import data
+    from fastcnn.train import Trainer
+
+    g = np.random.default_rng(0)
+    images = g.integers(0, 255, (16, 1, 4, 4)).astype(np.uint8)
+    train = data.Dataset(images, np.arange(16) % 2, ["a", "b"], name="tiny")
+    val = data.Dataset(images[:8], np.arange(8) % 2, ["a", "b"], name="tiny val")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    sched = optim.ReduceLROnPlateau(opt, patience=0)
+    seen = []
+    step = sched.step
+    monkeypatch.setattr(sched, "step", lambda metric: (seen.append(metric), step(metric)))
+    history = Trainer(progress=False, log=None).fit(model, train, val, epochs=3, optimizer=opt,
+                                                    scheduler=sched, batch_size=8)
+    assert seen == [h["val_loss"] for h in history]
+    with pytest.raises(ValueError, match="validation loss"):
+        Trainer(progress=False, log=None).fit(model, train, None, epochs=1, optimizer=opt,
+                                              scheduler=sched)
+    with pytest.raises(ValueError, match="interval"):
+        Trainer(progress=False, log=None).fit(
+            model, train, val, epochs=1, optimizer=opt,
+            scheduler=optim.ReduceLROnPlateau(opt, interval="step"))

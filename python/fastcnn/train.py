@@ -29,7 +29,7 @@ from .capture import device_hits
 from . import io
 from .data import DataLoader, Dataset
 from .nn import CrossEntropyLoss, Module, Sequential
-from .optim import Adam
+from .optim import Adam, ReduceLROnPlateau
 
 __all__ = ["Trainer", "Evaluation", "evaluate", "predict", "plot_history"]
 
@@ -257,7 +257,8 @@ class Trainer:
         train / val: DataLoaders, or Datasets (batched with ``batch_size``; train
         shuffled with ``seed``). optimizer: default Adam(lr=1e-3). scheduler: an
         ``fastcnn.optim`` schedule, stepped per epoch or, if its ``interval`` is
-        'step', per batch. resume: a checkpoint path, or True for
+        'step', per batch; a ReduceLROnPlateau is stepped per epoch with the
+        validation loss (it needs ``val``). resume: a checkpoint path, or True for
         ``out_dir/checkpoint.npz``. The training data's input shape, class names
         and mean / std go into ``model.metadata`` (saved with the model). Returns
         the history: one dict per epoch.
@@ -279,6 +280,10 @@ class Trainer:
                              f"on {self.monitor!r} needs validation data")
         optimizer = optimizer if optimizer is not None else Adam(model.parameters(), lr=1e-3)
         per_step = scheduler is not None and getattr(scheduler, "interval", "epoch") == "step"
+        on_plateau = isinstance(scheduler, ReduceLROnPlateau)
+        if on_plateau and (per_step or val is None):
+            raise ValueError("fit: a ReduceLROnPlateau scheduler is stepped once per epoch with "
+                             "the validation loss: give it interval='epoch' and pass val data")
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         history, start, best, best_epoch, bad_epochs = [], 0, None, None, 0
@@ -352,7 +357,9 @@ class Trainer:
             if val is not None:
                 result = evaluate(model, val)
                 record["val_loss"], record["val_accuracy"] = result.loss, result.accuracy
-            if scheduler is not None and not per_step:
+            if on_plateau:
+                scheduler.step(record["val_loss"])
+            elif scheduler is not None and not per_step:
                 scheduler.step()
             history.append(record)
             self.log(_epoch_line(record, epochs))
