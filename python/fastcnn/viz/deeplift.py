@@ -44,42 +44,41 @@ def _leaves(model):
             yield layer
 
 
-def _halves(a):
-    """(inputs' part, references' part) of a batch run side by side."""
-    n = a.shape[0] // 2
-    return a[:n], a[n:]
+def _pairs(a):
+    """A batch run side by side as (2, N, ...): [0] the inputs' part, [1] the references'."""
+    return a.reshape((2, a.shape[0] // 2) + a.shape[1:])
 
 
-def _delta(a):
-    """Each image's difference from its reference, for both halves of the batch."""
-    xs, refs = _halves(a)
-    return B.array_module(a).concatenate([xs - refs] * 2)
-
-
-def _rescaled(delta_in, product, fallback, eps):
-    """product / delta_in, or ``fallback`` where |delta_in| < eps."""
-    xp = B.array_module(product)
+def _ratio(change, delta_in, eps):
+    """change / delta_in (each image's, (N, ...)) and where |delta_in| < eps, with 0 there."""
+    xp = B.array_module(delta_in)
     small = xp.abs(delta_in) < eps
-    return xp.where(small, fallback, product / xp.where(small, 1, delta_in))
+    return change / xp.where(small, 1, delta_in), small
 
 
 def _relu_rule(g, a, out, eps):
-    """The rescale rule: g * delta_out / delta_in (the gradient where delta_in ~ 0)."""
-    return _rescaled(_delta(a), g * _delta(out), F.relu_backward(g, a), eps)
+    """The rescale rule: g * delta_out / delta_in (the plain gradient where delta_in ~ 0).
+    The ratio is the same for both halves; only the fallback differs."""
+    xp = B.array_module(a)
+    ins, outs = _pairs(a), _pairs(out)
+    ratio, small = _ratio(outs[0] - outs[1], ins[0] - ins[1], eps)
+    return g * xp.where(small, ins > 0, ratio).reshape(a.shape)
 
 
 def _pool_rule(g, pool, a, out, eps):
     """Max-pool: the output's change from the reference's, m = max(out_x, out_ref),
     split into m - out_ref routed through x's argmax and out_x - m through the
     reference's, each scattered back (summed over windows), over delta_in."""
-    out_x, out_ref = _halves(out)
     xp = B.array_module(out)
-    top = xp.maximum(out_x, out_ref)
-    delta_out = xp.concatenate([top - out_ref, out_x - top])
+    outs = _pairs(out)
+    top = xp.maximum(outs[0], outs[1])
+    delta_out = xp.concatenate([top - outs[1], outs[0] - top])
     args = pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
-    routed = _halves(F.max_pool2d_backward(g * delta_out, a, *args))  # at each half's argmax
-    return _rescaled(_delta(a), xp.concatenate([routed[0] + routed[1]] * 2),
-                     F.max_pool2d_backward(g, a, *args), eps)
+    routed = _pairs(F.max_pool2d_backward(g * delta_out, a, *args))  # at each half's argmax
+    ins = _pairs(a)
+    ratio, small = _ratio(routed[0] + routed[1], ins[0] - ins[1], eps)
+    plain = _pairs(F.max_pool2d_backward(g, a, *args))
+    return xp.where(small, plain, ratio).reshape(a.shape)
 
 
 def _multipliers(model, x, base, target, eps, op):
