@@ -251,6 +251,46 @@ PYBIND11_MODULE(_cpu, m) {
     fastcnn::cpu::relu_backward(x.size(), dy.data, x.data, guided, dx.data);
   });
 
+  // DeepLIFT's rules: every array (2 * count) values, the images' half first
+  auto halves = [](const auto& a, const char* name) {
+    if (a.size() % 2)
+      throw py::value_error(std::string(name) + " must hold an even number of values (images, "
+                            "then their references)");
+    return a.size() / 2;
+  };
+  m.def("deeplift_relu", [halves](py::object in_, py::object out_, py::object g_, float eps,
+                                  py::object r_) {
+    auto x = in<float>(in_, "input"), y = in<float>(out_, "output"), g = in<float>(g_, "grad");
+    auto r = out<float>(r_, "result");
+    expect_same_shape(y, x, "output", "input");
+    expect_same_shape(g, x, "grad", "input");
+    expect_same_shape(r, x, "result", "input");
+    const index_t count = halves(x, "input");
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::deeplift_relu(count, x.data, y.data, g.data, eps, r.data);
+  });
+  m.def("deeplift_pool_split", [halves](py::object out_, py::object g_, py::object r_) {
+    auto y = in<float>(out_, "output"), g = in<float>(g_, "grad");
+    auto r = out<float>(r_, "result");
+    expect_same_shape(g, y, "grad", "output");
+    expect_same_shape(r, y, "result", "output");
+    const index_t count = halves(y, "output");
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::deeplift_pool_split(count, y.data, g.data, r.data);
+  });
+  m.def("deeplift_rescale", [halves](py::object in_, py::object routed_, py::object plain_,
+                                     float eps, py::object r_) {
+    auto x = in<float>(in_, "input"), routed = in<float>(routed_, "routed");
+    auto plain = in<float>(plain_, "plain");
+    auto r = out<float>(r_, "result");
+    expect_same_shape(routed, x, "routed", "input");
+    expect_same_shape(plain, x, "plain", "input");
+    expect_same_shape(r, x, "result", "input");
+    const index_t count = halves(x, "input");
+    py::gil_scoped_release nogil;
+    fastcnn::cpu::deeplift_rescale(count, x.data, routed.data, plain.data, eps, r.data);
+  });
+
   // relu: max_pool2d(relu(x)), the indices those of x
   m.def("max_pool2d_forward", [](py::object x_, py::object y_, py::object idx_, index_t kh,
                                  index_t kw, index_t sh, index_t sw, index_t ph, index_t pw,

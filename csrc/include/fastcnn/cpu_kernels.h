@@ -84,6 +84,14 @@ void relu_forward(index_t count, const float* x, float* y);
 // dx = dy where x > 0 (and, if guided, dy > 0), else 0
 void relu_backward(index_t count, const float* dy, const float* x, bool guided, float* dx);
 
+// ---- deeplift.cpp: arrays of 2 * count values, the image's half then the
+// reference's (kernel_math.h's deeplift_* rules, element by element)
+void deeplift_relu(index_t count, const float* in, const float* out, const float* g, float eps,
+                   float* result);
+void deeplift_pool_split(index_t count, const float* out, const float* g, float* result);
+void deeplift_rescale(index_t count, const float* in, const float* routed, const float* plain,
+                      float eps, float* result);
+
 // ---- pool.cpp: x: (n, c, h, w) -> y: (n, c, oh, ow), indices (flat h * w + w) or null
 // relu: y = max_pool2d(relu(x)) (relu_window_max); the indices stay those of x.
 void max_pool2d_forward(const PoolShape& ps, const float* x, float* y, std::int64_t* indices,

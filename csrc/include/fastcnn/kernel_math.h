@@ -80,6 +80,50 @@ FASTCNN_HD float relu_grad(float dy, float x, bool guided) {
   return guided ? select_or_zero((x > 0.0f) & (dy > 0.0f), dy) : select_or_zero(!(x <= 0.0f), dy);
 }
 
+// ------------------------------------------------------------ DeepLIFT --
+// An image (0) and its reference (1) side by side; delta_in = in0 - in1.
+
+// NaN-propagating max, as numpy.maximum.
+FASTCNN_HD float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
+// The rescale rule's multiplier for both halves of a ReLU: delta_out /
+// delta_in, or each half's plain gradient rule where |delta_in| < eps.
+FASTCNN_HD void deeplift_relu(float in0, float in1, float out0, float out1, float g0, float g1,
+                              float eps, float* r0, float* r1) {
+  const float delta_in = in0 - in1;
+  if (fabsf(delta_in) < eps) {
+    *r0 = relu_grad(g0, in0, false);
+    *r1 = relu_grad(g1, in1, false);
+  } else {
+    const float ratio = (out0 - out1) / delta_in;
+    *r0 = g0 * ratio;
+    *r1 = g1 * ratio;
+  }
+}
+
+// A max-pool output's change from the reference's, split at top = max(out0,
+// out1): top - out1 goes through the image's argmax, out0 - top through the
+// reference's; each times its half's gradient.
+FASTCNN_HD void deeplift_pool_split(float out0, float out1, float g0, float g1, float* r0,
+                                    float* r1) {
+  const float top = max_nan(out0, out1);
+  *r0 = g0 * (top - out1);
+  *r1 = g1 * (out0 - top);
+}
+
+// An input's routed shares (summed over both halves) over its own change, or
+// each half's plain pool gradient where |delta_in| < eps.
+FASTCNN_HD void deeplift_rescale(float in0, float in1, float routed0, float routed1,
+                                 float plain0, float plain1, float eps, float* r0, float* r1) {
+  const float delta_in = in0 - in1;
+  if (fabsf(delta_in) < eps) {
+    *r0 = plain0;
+    *r1 = plain1;
+  } else {
+    *r0 = *r1 = (routed0 + routed1) / delta_in;
+  }
+}
+
 // ------------------------------------------------------------ convolution --
 
 // The input coordinate output position o reads at tap t.

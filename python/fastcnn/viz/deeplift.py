@@ -56,13 +56,26 @@ def _ratio(change, delta_in, eps):
     return change / xp.where(small, 1, delta_in), small
 
 
+def _cpu_rule(a):
+    """fastcnn._cpu when the one-pass CPU rules apply to ``a`` (NumPy float32,
+    C-contiguous), else None (the array expressions below, e.g. CuPy's)."""
+    if type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous:
+        return B.dispatch(a)[1]
+    return None
+
+
 def _relu_rule(g, a, out, eps):
     """The rescale rule: g * delta_out / delta_in (the plain gradient where delta_in ~ 0).
     The ratio is the same for both halves; only the fallback differs."""
+    K = _cpu_rule(a)
+    if K is not None and _cpu_rule(out) and _cpu_rule(g):
+        result = np.empty_like(a)
+        K.deeplift_relu(a, out, g, eps, result)
+        return result
     xp = B.array_module(a)
     ins, outs = _pairs(a), _pairs(out)
     ratio, small = _ratio(outs[0] - outs[1], ins[0] - ins[1], eps)
-    return g * xp.where(small, ins > 0, ratio).reshape(a.shape)
+    return g * xp.where(small, ~(ins <= 0), ratio).reshape(a.shape)
 
 
 def _pool_rule(g, pool, a, out, eps):
@@ -70,14 +83,24 @@ def _pool_rule(g, pool, a, out, eps):
     split into m - out_ref routed through x's argmax and out_x - m through the
     reference's, each scattered back (summed over windows), over delta_in."""
     xp = B.array_module(out)
-    outs = _pairs(out)
-    top = xp.maximum(outs[0], outs[1])
-    delta_out = xp.concatenate([top - outs[1], outs[0] - top])
     args = pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
-    routed = _pairs(F.max_pool2d_backward(g * delta_out, a, *args))  # at each half's argmax
-    ins = _pairs(a)
+    K = _cpu_rule(a)
+    fused = K is not None and _cpu_rule(out) and _cpu_rule(g)
+    if fused:
+        split = np.empty_like(out)
+        K.deeplift_pool_split(out, g, split)
+    else:
+        outs = _pairs(out)
+        top = xp.maximum(outs[0], outs[1])
+        split = g * xp.concatenate([top - outs[1], outs[0] - top])
+    routed = F.max_pool2d_backward(split, a, *args)  # each half at its own argmax
+    plain = F.max_pool2d_backward(g, a, *args)
+    if fused:
+        result = np.empty_like(a)
+        K.deeplift_rescale(a, routed, plain, eps, result)
+        return result
+    ins, routed, plain = _pairs(a), _pairs(routed), _pairs(plain)
     ratio, small = _ratio(routed[0] + routed[1], ins[0] - ins[1], eps)
-    plain = _pairs(F.max_pool2d_backward(g, a, *args))
     return xp.where(small, plain, ratio).reshape(a.shape)
 
 
