@@ -290,15 +290,20 @@ def deconvolution64(model, x, target):
     return g
 
 
-def _pool_switches64(layer, a, g):
+def _window_max64(layer, plane, oy, ox):
+    """The (y, x) of the first maximum of pool window (oy, ox) over ``plane`` (H, W)."""
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     assert layer.dilation == (1, 1)
+    window = [(y, x) for y in range(oy * sh - ph, oy * sh - ph + kh)
+              for x in range(ox * sw - pw, ox * sw - pw + kw)
+              if 0 <= y < plane.shape[0] and 0 <= x < plane.shape[1]]
+    return max(window, key=lambda p: (plane[p], -window.index(p)))
+
+
+def _pool_switches64(layer, a, g):
     out = np.zeros_like(a)
     for n, c, oy, ox in np.ndindex(g.shape):
-        window = [(y, x) for y in range(oy * sh - ph, oy * sh - ph + kh)
-                  for x in range(ox * sw - pw, ox * sw - pw + kw)
-                  if 0 <= y < a.shape[2] and 0 <= x < a.shape[3]]
-        y, x = max(window, key=lambda p: (a[n, c][p], -window.index(p)))
+        y, x = _window_max64(layer, a[n, c], oy, ox)
         out[n, c, y, x] += g[n, c, oy, ox]
     return out
 
@@ -503,14 +508,10 @@ def _pool_rule64(layer, a, b, g, h, eps):
     gradients g and h: each window's change from the reference, split at top = max(out_a,
     out_b) into top - out_b at a's first maximum and out_a - top at b's, summed per input
     over the windows, over the input's change; each half's plain gradient where it is 0."""
-    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     share = np.zeros_like(a)
     for n, c, oy, ox in np.ndindex(g.shape):
-        window = [(y, x) for y in range(oy * sh - ph, oy * sh - ph + kh)
-                  for x in range(ox * sw - pw, ox * sw - pw + kw)
-                  if 0 <= y < a.shape[2] and 0 <= x < a.shape[3]]
-        ya, xa = max(window, key=lambda p: (a[n, c][p], -window.index(p)))
-        yb, xb = max(window, key=lambda p: (b[n, c][p], -window.index(p)))
+        ya, xa = _window_max64(layer, a[n, c], oy, ox)
+        yb, xb = _window_max64(layer, b[n, c], oy, ox)
         top = max(a[n, c, ya, xa], b[n, c, yb, xb])
         share[n, c, ya, xa] += g[n, c, oy, ox] * (top - b[n, c, yb, xb])
         share[n, c, yb, xb] += h[n, c, oy, ox] * (a[n, c, ya, xa] - top)
