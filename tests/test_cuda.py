@@ -1475,6 +1475,8 @@ class TestModelsOnGpu:
             "integrated_gradients": lambda m, a: viz.integrated_gradients(
                 m, a, n_steps=5, batch_size=3, baseline=a[:1]),
             "deep_lift": lambda m, a: viz.deep_lift(m, a, baseline=a[:1] * 0.5),
+            "gradient_shap": lambda m, a: viz.gradient_shap(m, a, a[::-1] * 0.5, n_samples=3,
+                                                            stdev=0.1, batch_size=4),
             "feature_ablation": lambda m, a: viz.feature_ablation(
                 m, a, feature_mask=np.arange(144).reshape(12, 12) // 7, baseline=0.2,
                 score="probability", batch_size=9),

@@ -647,6 +647,72 @@ def test_deep_lift_arguments():
     assert got.shape == empty.shape and delta.shape == (0,)
 
 
+# ---------------------------------------------------------------- GradientSHAP
+
+def test_gradient_shap_matches_its_draws():
+    """Against the definition with the documented draws (noise, path positions, reference
+    indices from the seed, in that order), each gradient by central differences of the
+    float64 forward; the deltas are each sample's sum minus its score change."""
+    model = small_cnn()
+    x = images(2)
+    refs = images(3, seed=4) * 0.5
+    target, n_samples, stdev = np.array([1, 3]), 3, 0.2
+    got, delta = viz.gradient_shap(model, x, refs, target, n_samples=n_samples, stdev=stdev,
+                                   seed=5, batch_size=4, return_convergence_delta=True)
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal((n_samples,) + x.shape[1:], dtype=np.float32)
+    alpha = rng.random(n_samples).astype(np.float32)
+    which = rng.integers(0, 3, n_samples)
+    logit = lambda a, i: forward64(model, a[None])["fc2"][0, target[i]]   # noqa: E731
+    for i in range(2):
+        want, want_delta = np.zeros(x.shape[1:]), []
+        for s_ in range(n_samples):
+            noisy = x[i] + np.float32(stdev) * noise[s_]
+            b = refs[which[s_]]
+            point = b + alpha[s_] * (noisy - b)
+            term = numerical_input_grad(lambda a: logit(a, i), point) * (noisy - b)
+            want += term / n_samples
+            want_delta.append(term.sum() - (logit(noisy, i) - logit(b, i)))
+        np.testing.assert_allclose(got[i], want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(delta[i * n_samples:(i + 1) * n_samples], want_delta,
+                                   atol=2e-4 * np.abs(want).sum())
+
+
+def test_gradient_shap_of_a_linear_model():
+    """A linear model's gradient is W[t] everywhere: without noise each sample gives
+    W[t] * (x - b) exactly, so one reference gives exactly that, with zero deltas; the
+    multipliers alone are W[t]."""
+    model = linear_net()
+    x = np.random.default_rng(2).standard_normal((3, 2, 4, 3)).astype(np.float32)
+    b = np.random.default_rng(3).standard_normal((2, 4, 3)).astype(np.float32)
+    w = model.fc.weight.data.reshape(3, 2, 4, 3)
+    got, delta = viz.gradient_shap(model, x, b, [0, 1, 2], n_samples=4,
+                                   return_convergence_delta=True)
+    np.testing.assert_allclose(got, w * (x - b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(delta, 0, atol=1e-5)
+    np.testing.assert_allclose(viz.gradient_shap(model, x, b, [0, 1, 2], multiply_by_inputs=False),
+                               np.broadcast_to(w, x.shape), rtol=1e-6)
+
+
+def test_gradient_shap_batch_and_arguments():
+    model = small_cnn()
+    x = images(3)
+    refs = images(4, seed=9)
+    both = viz.gradient_shap(model, x, refs, n_samples=6, stdev=0.1, batch_size=5)
+    for i in range(3):
+        np.testing.assert_allclose(viz.gradient_shap(model, x[i], refs, n_samples=6, stdev=0.1),
+                                   both[i], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="baselines must be reference images"):
+        viz.gradient_shap(model, x, np.zeros((3, 8, 8)))
+    with pytest.raises(ValueError, match="n_samples"):
+        viz.gradient_shap(model, x, refs, n_samples=0)
+    with pytest.raises(ValueError, match="stdev"):
+        viz.gradient_shap(model, x, refs, stdev=float("nan"))
+    empty, delta = viz.gradient_shap(model, np.zeros((0, 2, 8, 8), np.float32), refs,
+                                     return_convergence_delta=True)
+    assert empty.shape == (0, 2, 8, 8) and delta.shape == (0,)
+
+
 # ---------------------------------------------------------------- feature ablation
 
 def feature_ablation64(model, x, base, mask, target, score="logit"):
@@ -1036,6 +1102,8 @@ def _all_methods(model, x, target):
         "integrated_delta": viz.integrated_gradients(model, x, target, n_steps=4,
                                                      return_convergence_delta=True)[1],
         "deep_lift": viz.deep_lift(model, x, target, baseline=0.2),
+        "gradient_shap": viz.gradient_shap(model, x, images(3, seed=8), target, n_samples=4,
+                                           stdev=0.1, batch_size=3),
         "ablation": viz.feature_ablation(model, x, target, batch_size=50,
                                          feature_mask=np.arange(64).reshape(8, 8) // 5),
         "deep_lift_delta": viz.deep_lift(model, x, target, return_convergence_delta=True)[1],
@@ -1106,6 +1174,8 @@ def test_model_state_unchanged(train):
         lambda: viz.input_x_gradient(model, x, train=train),
         lambda: viz.integrated_gradients(model, x, n_steps=3, train=train),
         lambda: viz.deep_lift(model, x, train=train),
+        lambda: viz.gradient_shap(model, x, images(2, seed=8), n_samples=2, train=train,
+                                  return_convergence_delta=True),
         lambda: viz.feature_ablation(model, x, feature_mask=np.eye(8, dtype=int), train=train),
         lambda: viz.deep_lift_shap(model, x, images(2, seed=8), train=train),
         lambda: viz.maximize_activation(model, "relu2", [1], shape=(2, 8, 8), steps=3,

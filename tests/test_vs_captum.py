@@ -269,3 +269,19 @@ def test_feature_ablation_vs_captum(mask_kind):
                     baselines=torch.from_numpy(base[None].astype(np.float64)),
                     feature_mask=captum_mask, perturbations_per_eval=8)
         close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_shap_vs_captum_where_the_draws_do_not_matter():
+    """Captum's draws are torch's, so the two agree where the result does not depend on
+    them: a linear model against one reference (every sample gives W[t] * (x - b))."""
+    rng = np.random.default_rng(17)
+    model = nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc=nn.Linear(3 * 11 * 9, 5, rng=rng)))
+    x, base = inputs(17), inputs(18, n=1)
+    tm, target = to_torch(model), [4, 1, 0]
+    for local in (False, True):
+        got = viz.gradient_shap(model, x, base, target, n_samples=3,
+                                multiply_by_inputs=not local)
+        want = attr(captum_attr.GradientShap(tm, multiply_by_inputs=not local), x,
+                    baselines=torch.from_numpy(base.astype(np.float64)), target=target,
+                    n_samples=3)
+        close(got, want)

@@ -20,6 +20,8 @@ default) or 'probability' (its softmax).
 - :func:`input_x_gradient`: input times gradient (Shrikumar et al., 2016).
 - :func:`integrated_gradients`: the gradient integrated along the straight path
   from a baseline to the input, times their difference (Sundararajan et al., 2017).
+- :func:`gradient_shap`: expected gradients over a set of references (Lundberg &
+  Lee, 2017; Captum's GradientShap).
 - :func:`grad_cam`, :func:`guided_grad_cam` (Selvaraju et al., 2017).
 - :func:`smooth_grad`: the average over noisy copies (Smilkov et al., 2017).
 - :func:`occlusion`: the score as a window slides over the image (Zeiler &
@@ -39,8 +41,8 @@ from ._common import (as_input, check_logits, check_score, default_cam_layer, la
                       preserved, resolve_targets, score_seed, unbatch)
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
-           "integrated_gradients", "grad_cam", "guided_grad_cam", "smooth_grad", "occlusion",
-           "OcclusionResult", "upsample_bilinear"]
+           "integrated_gradients", "gradient_shap", "grad_cam", "guided_grad_cam", "smooth_grad",
+           "occlusion", "OcclusionResult", "upsample_bilinear"]
 
 
 # ---------------------------------------------------------------- gradients
@@ -288,6 +290,78 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
         return unbatch(out, single)
     delta = (attributions.sum(axis=(1, 2, 3)) - change).astype(np.float32)
     return unbatch((out, delta), single)
+
+
+def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, batch_size=128,
+                  seed=0, score="logit", multiply_by_inputs=True, return_convergence_delta=False,
+                  train=False):
+    """GradientSHAP (Lundberg & Lee; Captum's GradientShap), expected gradients: the mean
+    over ``n_samples`` draws of gradient(point) * (x' - b), where b is a reference drawn
+    from ``baselines``, x' = x plus Gaussian noise of ``stdev``, and point a uniformly
+    random place on the segment from b to x'. It estimates SHAP values with the
+    references as the background distribution; in expectation the attributions add up
+    to score(x) - mean score(baselines) (exactly, for a linear model).
+
+    baselines: reference images (B, C, H, W), or one image (C, H, W). The draws come from
+    ``seed`` in this order: the noise (n_samples, C, H, W), the path positions
+    (n_samples,) and the reference indices (n_samples,); every image gets the same
+    draws, so an image gets the same result alone or in a batch. multiply_by_inputs:
+    False returns the mean gradient alone. return_convergence_delta: also return, for
+    each (image, sample) in that order (image i's sample s at i * n_samples + s), the
+    sample's attributions' sum minus score(x') - score(b) (Captum's delta).
+    """
+    op = "gradient_shap"
+    x, single, xp = as_input(model, x, op)
+    check_score(score, op)
+    n_samples = B.as_count(n_samples, f"{op}: n_samples")
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    stdev = _real_arg(stdev, "stdev", op)
+    refs = B.as_float(baselines, "baselines", xp)
+    if refs.ndim == 3:
+        refs = refs[None]
+    if refs.ndim != 4 or refs.shape[1:] != x.shape[1:] or refs.shape[0] < 1:
+        raise ValueError(f"{op}: baselines must be reference images (B, C, H, W) or one image "
+                         f"{B.shape_str(x.shape[1:])}; got shape {B.shape_str(refs.shape)}")
+    rng = np.random.default_rng(seed)
+    noise = xp.asarray(rng.standard_normal((n_samples,) + x.shape[1:], dtype=np.float32))
+    alpha = xp.asarray(rng.random(n_samples).astype(np.float32))
+    which = xp.asarray(rng.integers(0, refs.shape[0], n_samples))
+    n = x.shape[0]
+    total = xp.zeros(x.shape, np.float64)
+    deltas = xp.zeros(n * n_samples, np.float64)
+    with preserved(model, train):
+        logits = model.forward(x)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+
+        def noisy(image, sample):
+            return x[image] + stdev * noise[sample]
+
+        def points(image, sample):
+            b = refs[which[sample]]
+            return b + alpha[sample][:, None, None, None] * (noisy(image, sample) - b)
+
+        gradient = _class_gradient(model, t, score, False, op)
+        for image, sample, grad in _batched_gradients(xp, n, n_samples, batch_size, points,
+                                                      gradient):
+            on_device = xp.asarray(image), xp.asarray(sample)
+            diff = (noisy(*on_device) - refs[which[on_device[1]]]).astype(np.float64)
+            values = grad.astype(np.float64) * (diff if multiply_by_inputs else 1.0)
+            for row, i in enumerate(image):  # each image's samples in order, whatever the batch
+                total[i] += values[row]
+            if return_convergence_delta:
+                ends = model.forward(xp.concatenate([noisy(*on_device),
+                                                     refs[which[on_device[1]]]]))
+                ends = ends if score == "logit" else F.softmax(ends, dim=1)
+                rows, m = xp.arange(len(image)), len(image)
+                tt = t[on_device[0]]
+                change = ends[rows, tt].astype(np.float64) - ends[rows + m, tt]
+                spent = (grad.astype(np.float64) * diff).sum(axis=(1, 2, 3))
+                deltas[image * n_samples + sample] = spent - change
+    out = unbatch((total / n_samples).astype(np.float32), single)
+    if not return_convergence_delta:
+        return out
+    return out, deltas.astype(np.float32)
 
 
 # ---------------------------------------------------------------- Grad-CAM
