@@ -647,6 +647,48 @@ def test_deep_lift_arguments():
     assert got.shape == empty.shape and delta.shape == (0,)
 
 
+@pytest.mark.parametrize("method", ["input_x_gradient", "integrated", "deeplift"])
+def test_smooth_grad_around_attribution_methods(method):
+    """NoiseTunnel around input x gradient, integrated gradients and DeepLIFT: each draw's
+    noisy copy (seeded as for the gradient methods) through the method, aggregated; with
+    no noise, the method itself; the same per image alone or in a batch."""
+    model = small_cnn()
+    x = images(3)
+    target = np.array([2, 0, 4])
+    fn = {"input_x_gradient": viz.input_x_gradient, "deeplift": viz.deep_lift,
+          "integrated": viz.integrated_gradients}[method]
+    args = {"input_x_gradient": {}, "deeplift": {"baseline": 0.2},
+            "integrated": {"n_steps": 6, "baseline": 0.2}}[method]
+    got = viz.smooth_grad(model, x, target, method=method, n_samples=4, stdev=0.3, seed=2,
+                          nt_type="smoothgrad_sq", method_args=args)
+    noise = np.random.default_rng(2).standard_normal((4,) + x.shape[1:], dtype=np.float32)
+    samples = np.stack([fn(model, x + np.float32(0.3) * noise[s_], target, **args)
+                        for s_ in range(4)]).astype(np.float64)
+    np.testing.assert_allclose(got, (samples ** 2).mean(axis=0), rtol=1e-4,
+                               atol=1e-6 * (samples ** 2).max())
+    plain = viz.smooth_grad(model, x, target, method=method, n_samples=3, stdev=0.0,
+                            method_args=args)
+    np.testing.assert_allclose(plain, fn(model, x, target, **args), rtol=1e-6, atol=1e-8)
+    one = viz.smooth_grad(model, x[1], 0, method=method, n_samples=4, stdev=0.3, seed=2,
+                          nt_type="smoothgrad_sq", method_args=args)
+    np.testing.assert_allclose(one, viz.smooth_grad(
+        model, x, 0, method=method, n_samples=4, stdev=0.3, seed=2, nt_type="smoothgrad_sq",
+        method_args=args)[1], rtol=1e-5, atol=1e-8)
+
+
+def test_smooth_grad_method_args_checks():
+    model = small_cnn()
+    x = images(2)
+    with pytest.raises(ValueError, match="method_args is for"):
+        viz.smooth_grad(model, x, method="saliency", method_args={"baseline": 0.0})
+    with pytest.raises(ValueError, match="may not set"):
+        viz.smooth_grad(model, x, method="integrated", method_args={"target": 1})
+    with pytest.raises(ValueError, match="score must be 'logit'"):
+        viz.smooth_grad(model, x, method="deeplift", score="probability")
+    with pytest.raises(TypeError):
+        viz.smooth_grad(model, x, method="integrated", method_args={"n_step": 3})
+
+
 # ---------------------------------------------------------------- GradientSHAP
 
 def test_gradient_shap_matches_its_draws():

@@ -285,3 +285,17 @@ def test_gradient_shap_vs_captum_where_the_draws_do_not_matter():
                     baselines=torch.from_numpy(base.astype(np.float64)), target=target,
                     n_samples=3)
         close(got, want)
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq"])
+def test_noise_tunnel_around_integrated_gradients_vs_captum(nt_type):
+    """Captum's noise is torch's, so compare without it: NoiseTunnel(IntegratedGradients)
+    at stdev 0 is the method itself (squared for smoothgrad_sq)."""
+    model, x = cnn(19), inputs(19)
+    tm, target = to_torch(model), [2, 3, 1]
+    got = viz.smooth_grad(model, x, target, method="integrated", n_samples=2, stdev=0.0,
+                          nt_type=nt_type, method_args={"n_steps": 8, "baseline": 0.1})
+    want = attr(captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(tm)), x,
+                target=target, nt_type=nt_type, nt_samples=2, stdevs=0.0, n_steps=8,
+                baselines=0.1)
+    close(got, want)

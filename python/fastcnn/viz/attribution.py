@@ -476,7 +476,8 @@ def guided_grad_cam(model, x, target=None, layer=None, *, score="logit",
 
 # ---------------------------------------------------------------- SmoothGrad
 
-_SMOOTH_METHODS = ("saliency", "gradient", "guided")
+_SMOOTH_METHODS = ("saliency", "gradient", "guided", "input_x_gradient", "integrated",
+                   "deeplift")
 _NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
@@ -492,13 +493,17 @@ def _real_arg(value, name, op):
 
 def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma=None,
                 stdev=None, nt_type="smoothgrad", batch_size=128, seed=0, score="logit",
-                train=False):
+                method_args=None, train=False):
     """SmoothGrad (Smilkov et al.): ``method``'s attribution over ``n_samples`` noisy
     copies of each image, aggregated by ``nt_type``, as Captum's NoiseTunnel.
 
     method: 'gradient' (the signed gradient), 'guided' (guided backpropagation), both
     shaped like x, or 'saliency': |gradient| per channel, aggregated, then the max over
-    channels ((H, W); Captum's NoiseTunnel(Saliency) followed by that max).
+    channels ((H, W); Captum's NoiseTunnel(Saliency) followed by that max); or any of
+    'input_x_gradient', 'integrated' (:func:`integrated_gradients`) and 'deeplift'
+    (:func:`~fastcnn.viz.deep_lift`) of each noisy copy, as Captum's NoiseTunnel around
+    them, with ``method_args`` passed on (e.g. ``{"baseline": 0.0, "n_steps": 20}``;
+    ``batch_size`` is then the method's own).
     nt_type: 'smoothgrad' (the mean), 'smoothgrad_sq' (the mean of the squares) or
     'vargrad' (their variance: mean of squares minus the squared mean).
     Noise: Gaussian, with standard deviation ``stdev`` (absolute, in the input's units,
@@ -532,6 +537,22 @@ def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma
         (n_samples,) + x.shape[1:], dtype=np.float32))
     total = xp.zeros(x.shape, np.float64)
     squares = None if nt_type == "smoothgrad" else xp.zeros(x.shape, np.float64)
+    if method in ("input_x_gradient", "integrated", "deeplift"):
+        attribution = _noise_tunnel_method(method, score, batch_size, method_args, train, op)
+        with preserved(model, train):
+            logits = model.forward(x)
+            check_logits(logits, op)
+            t = resolve_targets(target, logits, op)
+        for sample in range(n_samples):  # every image's copy of one draw, draw by draw
+            values = attribution(model, x + scale[:, None, None, None] * noise[sample], t)
+            values = values.astype(np.float64)
+            total += values
+            if squares is not None:
+                squares += values * values
+        return unbatch(_aggregate(total, squares, n_samples, nt_type), single)
+    if method_args:
+        raise ValueError(f"{op}: method_args is for input_x_gradient, integrated and deeplift; "
+                         f"{method!r} takes none")
     with preserved(model, train):
         logits = model.forward(x)
         check_logits(logits, op)
@@ -547,15 +568,39 @@ def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma
                 total[i] += values[row]
                 if squares is not None:
                     squares[i] += values[row] * values[row]
+    out = _aggregate(total, squares, n_samples, nt_type)
+    if method == "saliency":
+        out = out.max(axis=1)
+    return unbatch(out, single)
+
+
+def _aggregate(total, squares, n_samples, nt_type):
+    """NoiseTunnel's aggregate of the samples' sum (and sum of squares), as float32."""
     mean = total / n_samples
     if nt_type == "smoothgrad_sq":
         mean = squares / n_samples
     elif nt_type == "vargrad":
         mean = squares / n_samples - mean * mean
-    out = mean.astype(np.float32)
-    if method == "saliency":
-        out = out.max(axis=1)
-    return unbatch(out, single)
+    return mean.astype(np.float32)
+
+
+def _noise_tunnel_method(method, score, batch_size, method_args, train, op):
+    """attribution(model, noisy_batch, targets) for smooth_grad's attribution methods."""
+    args = dict(method_args or {})
+    taken = {"target", "train", "return_convergence_delta", "layer", "channel", "position"}
+    if taken & set(args):
+        raise ValueError(f"{op}: method_args may not set {sorted(taken & set(args))}")
+    if method == "deeplift":
+        if score != "logit":
+            raise ValueError(f"{op}: DeepLIFT attributes the logit; score must be 'logit'")
+        from .deeplift import deep_lift
+
+        return lambda model, x, t: deep_lift(model, x, t, train=train, **args)
+    if method == "integrated":
+        args.setdefault("batch_size", batch_size)
+        return lambda model, x, t: integrated_gradients(model, x, t, score=score, train=train,
+                                                        **args)
+    return lambda model, x, t: input_x_gradient(model, x, t, score=score, train=train, **args)
 
 
 # ---------------------------------------------------------------- occlusion
