@@ -357,7 +357,7 @@ def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, b
                 tt = t[on_device[0]]
                 change = ends[rows, tt].astype(np.float64) - ends[rows + m, tt]
                 spent = (grad.astype(np.float64) * diff).sum(axis=(1, 2, 3))
-                deltas[image * n_samples + sample] = spent - change
+                deltas[xp.asarray(image * n_samples + sample)] = spent - change
     out = unbatch((total / n_samples).astype(np.float32), single)
     if not return_convergence_delta:
         return out
