@@ -15,13 +15,16 @@ The products with (x - reference) then add up to logit(x) - logit(reference)
 exactly: DeepLIFT's summation-to-delta, which ``return_convergence_delta``
 reports the rounding error of.
 
-As Captum's DeepLift and DeepLiftShap, with two differences where Captum's
-rule is not what the method defines: where a max-pool's input does not change
-(below ``eps``), each image falls back to its own pool gradient (Captum uses the
-first image's for the whole batch), and an input that is the maximum of several
-overlapping windows (stride < kernel) gets the sum of their shares (Captum's
-unpooling keeps one window's). With non-overlapping pools and one image, or
-inputs whose pool inputs all change, the two agree.
+As Captum's DeepLift and DeepLiftShap, with three differences where Captum 0.9
+does not do what the method defines: a ReLU or max-pool whose output feeds
+another one (conv-ReLU-pool) gets, in Captum, the later layer's plain gradient
+instead of its DeepLIFT multiplier (the order of its tensor hooks), so Captum's
+attributions there stop adding up to the logit change; where a max-pool's input
+does not change (below ``eps``), each image falls back to its own pool gradient
+(Captum uses the first image's for the whole batch); and an input that is the
+maximum of several overlapping windows (stride < kernel) gets the sum of their
+shares (Captum's unpooling keeps one window's). On networks without two such
+layers in a row, with non-overlapping pools, the two agree.
 """
 
 import numpy as np
