@@ -689,6 +689,51 @@ def test_smooth_grad_method_args_checks():
         viz.smooth_grad(model, x, method="integrated", method_args={"n_step": 3})
 
 
+@pytest.mark.parametrize("layer", ["conv1", "relu1", "pool2", "fc1", "fc2"])
+def test_layer_integrated_gradients(layer):
+    """Against Gauss-Legendre written out with central differences of the float64 forward
+    from the layer on; they add up to the score change; batch_size does not matter."""
+    model = small_cnn()
+    x = images(2)
+    target, n_steps = np.array([1, 3]), 4
+    got, delta = viz.layer_integrated_gradients(model, x, layer, target, baseline=0.2,
+                                                n_steps=n_steps, batch_size=3,
+                                                return_convergence_delta=True)
+    acts = forward64(model, np.concatenate([x, np.full_like(x, 0.2)]))
+    names = model.names
+    a_x, a_b = acts[layer][:2], acts[layer][2:]
+    rest = nn.Sequential(OrderedDict((k, model[k]) for k in names[names.index(layer) + 1:]))
+    nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+    for i in range(2):
+        def score(a, i=i):
+            return (forward64(rest, a[None])[names[-1]][0] if len(rest) else a[None][0])[
+                target[i]]
+        want = sum(0.5 * w_ * numerical_input_grad(score, a_b[i] + 0.5 * (1 + a) *
+                                                   (a_x[i] - a_b[i]))
+                   for a, w_ in zip(nodes, weights)) * (a_x[i] - a_b[i])
+        np.testing.assert_allclose(got[i], want, rtol=2e-3, atol=1e-4 * np.abs(want).max())
+    change = acts["fc2"][[0, 1], target] - acts["fc2"][[2, 3], target]
+    np.testing.assert_allclose(delta, got.reshape(2, -1).sum(axis=1) - change, atol=1e-4)
+    assert got.shape == acts[layer][:2].shape
+    np.testing.assert_allclose(viz.layer_integrated_gradients(
+        model, x, layer, target, baseline=0.2, n_steps=n_steps, batch_size=100), got,
+        rtol=1e-5, atol=1e-7)
+
+
+def test_layer_integrated_gradients_complete_and_checked():
+    model = small_cnn()
+    x = images(3)
+    got, delta = viz.layer_integrated_gradients(model, x, "relu2", n_steps=64,
+                                                return_convergence_delta=True)
+    assert np.abs(delta).max() < 2e-2 * np.abs(got).sum(axis=(1, 2, 3)).max()
+    one = viz.layer_integrated_gradients(model, x[0], model["relu2"], n_steps=8)
+    np.testing.assert_allclose(one, viz.layer_integrated_gradients(model, x, "relu2",
+                                                                   n_steps=8)[0], rtol=1e-5,
+                               atol=1e-8)
+    with pytest.raises(ValueError, match="no layer"):
+        viz.layer_integrated_gradients(model, x, "relu9")
+
+
 # ---------------------------------------------------------------- GradientSHAP
 
 def test_gradient_shap_matches_its_draws():
@@ -1216,6 +1261,7 @@ def test_model_state_unchanged(train):
         lambda: viz.input_x_gradient(model, x, train=train),
         lambda: viz.integrated_gradients(model, x, n_steps=3, train=train),
         lambda: viz.deep_lift(model, x, train=train),
+        lambda: viz.layer_integrated_gradients(model, x, "relu1", n_steps=3, train=train),
         lambda: viz.gradient_shap(model, x, images(2, seed=8), n_samples=2, train=train,
                                   return_convergence_delta=True),
         lambda: viz.feature_ablation(model, x, feature_mask=np.eye(8, dtype=int), train=train),

@@ -299,3 +299,17 @@ def test_noise_tunnel_around_integrated_gradients_vs_captum(nt_type):
                 target=target, nt_type=nt_type, nt_samples=2, stdevs=0.0, n_steps=8,
                 baselines=0.1)
     close(got, want)
+
+
+@pytest.mark.parametrize("layer", ["bn1", "pool1", "relu2"])
+def test_layer_integrated_gradients_vs_captum(layer):
+    model, x = cnn(20), inputs(20)
+    tm, target = to_torch(model), [0, 4, 2]
+    base = inputs(21, n=1)[0] * 0.3
+    got, delta = viz.layer_integrated_gradients(model, x, layer, target, baseline=base,
+                                                n_steps=7, return_convergence_delta=True)
+    want, want_delta = captum_attr.LayerIntegratedGradients(tm, tm[model.index(layer)]).attribute(
+        torch.from_numpy(x.astype(np.float64)), target=target, n_steps=7,
+        baselines=torch.from_numpy(base[None].astype(np.float64)), return_convergence_delta=True)
+    close(got, want.detach().numpy())
+    np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)

@@ -24,8 +24,8 @@ Pictures (matplotlib on the Agg canvas) and the HTML report:
 
 from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gradient_shap,
                           guided_backprop, guided_grad_cam, input_x_gradient,
-                          integrated_gradients, occlusion, saliency, smooth_grad,
-                          upsample_bilinear)
+                          integrated_gradients, layer_integrated_gradients, occlusion,
+                          saliency, smooth_grad, upsample_bilinear)
 from .ablation import feature_ablation
 from .deeplift import deep_lift, deep_lift_shap
 from .features import conv_layers, feature_maps, filter_images, filters
@@ -35,7 +35,7 @@ from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatm
 from .report import METHODS, Explanation, demo_report, explain, write_report
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
-           "integrated_gradients", "deep_lift", "deep_lift_shap", "gradient_shap", "grad_cam",
+           "integrated_gradients", "layer_integrated_gradients", "deep_lift", "deep_lift_shap", "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation", "OcclusionResult",
            "upsample_bilinear", "feature_maps", "conv_layers", "filters", "filter_images",
            "maximize_activation", "MaximizedActivation", "plot_heatmap", "plot_feature_maps",

@@ -20,6 +20,7 @@ default) or 'probability' (its softmax).
 - :func:`input_x_gradient`: input times gradient (Shrikumar et al., 2016).
 - :func:`integrated_gradients`: the gradient integrated along the straight path
   from a baseline to the input, times their difference (Sundararajan et al., 2017).
+- :func:`layer_integrated_gradients`: integrated gradients of a layer's units.
 - :func:`gradient_shap`: expected gradients over a set of references (Lundberg &
   Lee, 2017; Captum's GradientShap).
 - :func:`grad_cam`, :func:`guided_grad_cam` (Selvaraju et al., 2017).
@@ -41,8 +42,9 @@ from ._common import (as_input, check_logits, check_score, default_cam_layer, la
                       preserved, resolve_targets, score_seed, unbatch)
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
-           "integrated_gradients", "gradient_shap", "grad_cam", "guided_grad_cam", "smooth_grad",
-           "occlusion", "OcclusionResult", "upsample_bilinear"]
+           "integrated_gradients", "layer_integrated_gradients", "gradient_shap", "grad_cam",
+           "guided_grad_cam", "smooth_grad", "occlusion", "OcclusionResult",
+           "upsample_bilinear"]
 
 
 # ---------------------------------------------------------------- gradients
@@ -215,6 +217,24 @@ def _path_steps(method, n_steps, op):
     return np.linspace(lo, lo + 1.0 - 1.0 / n, n), widths
 
 
+def _path_integral(xp, start, diff, alphas, widths, batch_size, gradient):
+    """sum over the quadrature of width * gradient(start + alpha * diff), per image
+    (float64), the points ``batch_size`` at a time and summed image by image in order."""
+    alpha = xp.asarray(alphas.astype(np.float32))
+    total = xp.zeros(diff.shape, np.float64)
+    expand = (slice(None),) + (None,) * (diff.ndim - 1)
+
+    def points(image, step):
+        return start[image] + alpha[step][expand] * diff[image]
+
+    for image, step, grad in _batched_gradients(xp, diff.shape[0], len(alphas), batch_size,
+                                                points, gradient):
+        weighted = grad.astype(np.float64) * xp.asarray(widths[step])[expand]
+        for row, i in enumerate(image):  # each image's steps in order, whatever the batch
+            total[i] += weighted[row]
+    return total
+
+
 def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
                          method="gausslegendre", batch_size=128, score="logit", layer=None,
                          channel=None, position=None, return_convergence_delta=False,
@@ -248,8 +268,6 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
     base = _fill_images(baseline, x, xp, op, "baseline")
     diff = x - base
     n = x.shape[0]
-    total = xp.zeros(x.shape, np.float64)
-    alpha = xp.asarray(alphas.astype(np.float32))
     with preserved(model, train):
         if layer is None:
             if channel is not None or position is not None:
@@ -276,19 +294,59 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
                 model.forward(points, stop=name)
                 return model.backward(seed[image], start=name, guided=False, param_grads=False)
 
-        def points(image, step):
-            return base[image] + alpha[step][:, None, None, None] * diff[image]
-
-        for image, step, grad in _batched_gradients(xp, n, n_steps, batch_size, points,
-                                                    gradient):
-            weighted = grad.astype(np.float64) * xp.asarray(widths[step])[:, None, None, None]
-            for row, i in enumerate(image):  # each image's steps in order, whatever the batch
-                total[i] += weighted[row]
+        total = _path_integral(xp, base, diff, alphas, widths, batch_size, gradient)
     attributions = total * diff
     out = attributions.astype(np.float32)
     if not return_convergence_delta:
         return unbatch(out, single)
     delta = (attributions.sum(axis=(1, 2, 3)) - change).astype(np.float32)
+    return unbatch((out, delta), single)
+
+
+def layer_integrated_gradients(model, x, layer, target=None, *, baseline=0.0, n_steps=50,
+                               method="gausslegendre", batch_size=128, score="logit",
+                               return_convergence_delta=False, train=False):
+    """Integrated gradients of a layer's output (Captum's LayerIntegratedGradients): the
+    layer's activation is moved along the straight path from its value on the baseline
+    to its value on x, the rest of the network run from there, and the gradient of the
+    target score averaged along the path times the activations' difference. Shaped like
+    the layer's output (N, ...); the attributions add up to score(x) - score(baseline),
+    up to the quadrature's error: how much each unit (channel, position) of the layer
+    carries of the change.
+
+    layer: a name, an index or the layer itself. Other arguments as
+    :func:`integrated_gradients`.
+    """
+    op = "layer_integrated_gradients"
+    x, single, xp = as_input(model, x, op)
+    check_score(score, op)
+    n_steps = B.as_count(n_steps, f"{op}: n_steps")
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    alphas, widths = _path_steps(method, n_steps, op)
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    name = layer_name(model, layer, op)
+    n = x.shape[0]
+    with preserved(model, train):
+        acts = model.forward(xp.concatenate([x, base]), stop=name)
+        ends = model.forward(acts, start=name)
+        check_logits(ends, op)
+        t = resolve_targets(target, ends[:n], op)
+        scores = ends if score == "logit" else F.softmax(ends, dim=1)
+        rows = xp.arange(n)
+        change = scores[rows, t].astype(np.float64) - scores[rows + n, t]
+        start, diff = acts[n:], acts[:n] - acts[n:]
+
+        def gradient(points, image):
+            logits = model.forward(points, start=name)
+            return model.backward(score_seed(logits, t[image], score), stop=name, guided=False,
+                                  param_grads=False)
+
+        total = _path_integral(xp, start, diff, alphas, widths, batch_size, gradient)
+    attributions = total * diff
+    out = attributions.astype(np.float32)
+    if not return_convergence_delta:
+        return unbatch(out, single)
+    delta = (attributions.reshape(n, -1).sum(axis=1) - change).astype(np.float32)
     return unbatch((out, delta), single)
 
 
