@@ -217,6 +217,18 @@ def _path_steps(method, n_steps, op):
     return np.linspace(lo, lo + 1.0 - 1.0 / n, n), widths
 
 
+def _path_args(model, x, baseline, n_steps, method, batch_size, score, op):
+    """The integrated-gradients methods' checked arguments: (x, single, xp, baseline
+    images, quadrature alphas, widths, batch_size)."""
+    x, single, xp = as_input(model, x, op)
+    check_score(score, op)
+    n_steps = B.as_count(n_steps, f"{op}: n_steps")
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    alphas, widths = _path_steps(method, n_steps, op)
+    return x, single, xp, _fill_images(baseline, x, xp, op, "baseline"), alphas, widths, \
+        batch_size
+
+
 def _path_integral(xp, start, diff, alphas, widths, batch_size, gradient):
     """sum over the quadrature of width * gradient(start + alpha * diff), per image
     (float64), the points ``batch_size`` at a time and summed image by image in order."""
@@ -260,12 +272,8 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
     (score(x) - score(baseline)): how far the quadrature is from exact.
     """
     op = "integrated_gradients"
-    x, single, xp = as_input(model, x, op)
-    check_score(score, op)
-    n_steps = B.as_count(n_steps, f"{op}: n_steps")
-    batch_size = B.as_count(batch_size, f"{op}: batch_size")
-    alphas, widths = _path_steps(method, n_steps, op)
-    base = _fill_images(baseline, x, xp, op, "baseline")
+    x, single, xp, base, alphas, widths, batch_size = _path_args(
+        model, x, baseline, n_steps, method, batch_size, score, op)
     diff = x - base
     n = x.shape[0]
     with preserved(model, train):
@@ -318,12 +326,8 @@ def layer_integrated_gradients(model, x, layer, target=None, *, baseline=0.0, n_
     :func:`integrated_gradients`.
     """
     op = "layer_integrated_gradients"
-    x, single, xp = as_input(model, x, op)
-    check_score(score, op)
-    n_steps = B.as_count(n_steps, f"{op}: n_steps")
-    batch_size = B.as_count(batch_size, f"{op}: batch_size")
-    alphas, widths = _path_steps(method, n_steps, op)
-    base = _fill_images(baseline, x, xp, op, "baseline")
+    x, single, xp, base, alphas, widths, batch_size = _path_args(
+        model, x, baseline, n_steps, method, batch_size, score, op)
     name = layer_name(model, layer, op)
     n = x.shape[0]
     with preserved(model, train):
