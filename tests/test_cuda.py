@@ -1492,6 +1492,18 @@ class TestModelsOnGpu:
                 m, "relu2", [0, 2], shape=(1, 12, 12), steps=4, lr=0.1).images,
             "integrated_delta": lambda m, a: viz.integrated_gradients(
                 m, a, n_steps=4, method="riemann_trapezoid", return_convergence_delta=True)[1],
+            "lrp": lambda m, a: viz.lrp(m, a, rules={"conv1": viz.GammaRule(0.5),
+                                                     "fc1": viz.Alpha1Beta0Rule()}),
+            "lrp_delta": lambda m, a: viz.lrp(m, a, return_convergence_delta=True)[1],
+            "lrp_composite": lambda m, a: viz.lrp(
+                m, a, rules=viz.lrp_composite(m, np.array([-1.0])[:, None, None], 2.0),
+                fold_batchnorm=True),
+            "layer_conductance": lambda m, a: viz.layer_conductance(
+                m, a, "conv2", n_steps=4, batch_size=3, baseline=a[:1] * 0.5),
+            "layer_gxa": lambda m, a: viz.layer_gradient_x_activation(
+                m, a, "pool1", attribute_to_layer_input=True),
+            "layer_ig_input": lambda m, a: viz.layer_integrated_gradients(
+                m, a, "fc1", n_steps=3, attribute_to_layer_input=True),
         }
         for name, fn in cases.items():
             got = fn(gpu, gx)

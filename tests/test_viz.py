@@ -9,6 +9,7 @@
 - batch == one by one; the model's state untouched by every method.
 """
 
+import copy
 from collections import OrderedDict
 
 import numpy as np
@@ -647,6 +648,294 @@ def test_deep_lift_arguments():
     assert got.shape == empty.shape and delta.shape == (0,)
 
 
+# ---------------------------------------------------------------- LRP
+
+def _rule_layer64(layer, rule):
+    """A copy of ``layer`` with the weights ``rule`` splits by (written out here)."""
+    layer = copy.deepcopy(layer)
+    w = layer.weight.data if getattr(layer, "weight", None) is not None else None
+    if isinstance(rule, viz.GammaRule):
+        w[...] = w + rule.gamma * np.maximum(w, 0)
+    elif isinstance(rule, viz.Alpha1Beta0Rule):
+        w[...] = np.maximum(w, 0)
+    if getattr(rule, "set_bias_to_zero", False) and layer.bias is not None:
+        layer.bias.data[...] = 0
+    return layer
+
+
+def _fold64(conv, bn):
+    """``conv`` then ``bn`` (eval mode) as one layer, its weights written out here."""
+    conv = copy.deepcopy(conv)
+    scale = bn.weight.data.astype(np.float64) / np.sqrt(bn.running_var.astype(np.float64) +
+                                                        bn.eps)
+    w = conv.weight.data.astype(np.float64)
+    conv.weight.data[...] = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    conv.bias.data[...] = (conv.bias.data - bn.running_mean) * scale + bn.bias.data
+    return conv
+
+
+def _stable64(z, epsilon):
+    return z + np.where(z >= 0, epsilon, -epsilon)
+
+
+def lrp64(model, x, target, rules=None, fold=False):
+    """LRP in float64, layer by layer: relevance 1 at the target; every ReLU, dropout
+    and flatten passes it; every other layer gives a * J^T (R / (z + eps sign z)) with
+    its rule's weights (J^T by central differences, exact for these affine layers; a
+    max-pool's by its first maximum); the z-box rule a J^T s - low J+^T s - high J-^T s
+    with s = R / (z(a) - z+(low) - z-(high)); times the target logit at the end.
+    fold: each conv and the batch norm after it split as the composed map (the
+    epsilon rule) or as one conv with the merged weights (the others)."""
+    rules = rules or {}
+    outputs = forward64(model, x)
+    names = list(outputs)
+    logits = outputs[names[-1]]
+    rows = np.arange(len(x))
+    relevance = np.zeros_like(logits)
+    relevance[rows, target] = 1.0
+    for k in range(len(names) - 1, -1, -1):
+        layer, rule = model[names[k]], rules.get(names[k], viz.EpsilonRule())
+        a = outputs[names[k - 1]] if k else np.asarray(x, np.float64)
+        after = model[names[k + 1]] if k + 1 < len(names) else None
+        if isinstance(layer, (nn.ReLU, nn.Dropout, nn.Flatten)) or \
+                isinstance(rule, viz.IdentityRule) or \
+                (fold and isinstance(layer, nn.BatchNorm2d)):
+            relevance = relevance.reshape(a.shape)
+            continue
+        bn = after if fold and isinstance(after, nn.BatchNorm2d) else None
+        if isinstance(layer, nn.MaxPool2d):
+            z = _pool64(a, layer)
+            relevance = a * _pool_switches64(layer, a, relevance / _stable64(z, rule.epsilon))
+        elif isinstance(rule, viz.ZBoxRule):
+            merged = layer if bn is None else _fold64(layer, bn)
+            low, high = (np.broadcast_to(np.asarray(v, np.float64), a.shape).copy()
+                         for v in (rule.low, rule.high))
+            parts = []
+            for keep, v in ((None, a), (np.maximum, low), (np.minimum, high)):
+                part = copy.deepcopy(merged)
+                if keep is not None:
+                    part.weight.data[...] = keep(part.weight.data, 0)
+                    part.bias.data[...] = 0
+                parts.append((part, v))
+            z = sum(sign * _layer64(part, v) for sign, (part, v) in zip((1, -1, -1), parts))
+            s = relevance / _stable64(z, rule.epsilon)
+            relevance = sum(sign * v * _vjp64(lambda u, part=part: _layer64(part, u), v, s)
+                            for sign, (part, v) in zip((1, -1, -1), parts))
+        else:
+            if bn is not None and isinstance(rule, viz.EpsilonRule):
+                def f(v, layer=layer, bn=bn):
+                    return _layer64(bn, _layer64(layer, v))
+            else:
+                changed = _rule_layer64(layer if bn is None else _fold64(layer, bn), rule)
+
+                def f(v, changed=changed):
+                    return _layer64(changed, v)
+            s = relevance / _stable64(f(a), rule.epsilon)
+            relevance = a * _vjp64(f, a, s)
+    return relevance * logits[rows, target].reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+@pytest.mark.parametrize("net", ["small", "odd", "padded"])
+def test_lrp_matches_layer_by_layer_reference(net):
+    """The default epsilon rule and a composite of every rule, on small_cnn (batch
+    norm), odd_cnn (padded overlapping pool, grouped dilated conv) and padded_cnn
+    (reflect / circular padding), against lrp64."""
+    model = {"small": small_cnn, "odd": odd_cnn, "padded": padded_cnn}[net]()
+    size = {"small": 8, "odd": 9, "padded": 8}[net]
+    x = images(2, size=size)
+    target = np.array([2, 1])
+    names = model.names
+    convs = [n for n in names if n.startswith("conv")]
+    last = [n for n in names if n.startswith("fc")][-1]
+    composite = {convs[0]: viz.GammaRule(0.25), convs[1]: viz.EpsilonRule(0.25),
+                 last: viz.Alpha1Beta0Rule(set_bias_to_zero=True)}
+    if "bn2" in names:
+        composite["bn2"] = viz.IdentityRule()
+    if "pool1" in names:
+        composite["pool1"] = viz.EpsilonRule(0.1)
+    for rules in (None, composite):
+        want = lrp64(model, x, target, rules)
+        got = viz.lrp(model, x, target, rules=rules)
+        assert got.shape == x.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+    # Montavon et al.'s composite: z-box (per-channel bounds) on the input layer, gamma
+    # on the next conv; with each batch norm folded into the conv before it
+    box = viz.ZBoxRule(np.array([-1.5, -2.0])[:, None, None], np.array([1.0, 2.5])[:, None, None])
+    composite = {convs[0]: box, convs[1]: viz.GammaRule(0.25), last: viz.EpsilonRule(0.1)}
+    for rules, fold in ((composite, True), ({convs[1]: viz.EpsilonRule(0.3)}, True),
+                        (composite, False)):
+        want = lrp64(model, x, target, rules, fold=fold)
+        got = viz.lrp(model, x, target, rules=rules, fold_batchnorm=fold)
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+
+
+def test_lrp_of_a_linear_model_and_conservation():
+    """Flatten + Linear: R = x * W[t], the bias absorbing its share (the delta). With
+    no bias anywhere (and batch norm without a shift) relevance is conserved: the
+    attributions add up to the logit."""
+    model = linear_net()
+    x = np.random.default_rng(2).standard_normal((3, 2, 4, 3)).astype(np.float32)
+    got, delta = viz.lrp(model, x, [0, 1, 2], return_convergence_delta=True)
+    w = model.fc.weight.data.reshape(3, 2, 4, 3)
+    np.testing.assert_allclose(got, w * x, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(delta, model.fc.bias.data, rtol=1e-4, atol=1e-5)
+    model = small_cnn()
+    for layer in model.modules():
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.data[...] = 0
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean[...] = 0
+    x = images(3)
+    logits = forward64(model, x)["fc2"]
+    t = logits.argmax(axis=1)
+    box = {"conv1": viz.ZBoxRule(-3.0, 3.0), "conv2": viz.GammaRule(0.5)}
+    for rules, fold in ((None, False), (box, True)):   # folded: batch norm's shift is 0 too
+        got, delta = viz.lrp(model, x, rules=rules, fold_batchnorm=fold,
+                             return_convergence_delta=True)
+        total = got.reshape(3, -1).astype(np.float64).sum(axis=1)
+        scale = np.abs(got).reshape(3, -1).sum(axis=1)
+        np.testing.assert_allclose(total, logits[np.arange(3), t], atol=1e-5 * scale.max())
+        np.testing.assert_allclose(delta, logits[np.arange(3), t] - total,
+                                   atol=1e-5 * scale.max())
+
+
+def test_lrp_folded_batch_norm_is_gradient_x_input_under_lrp0():
+    """Under LRP-0 (the default tiny epsilon) a ReLU network's relevance is gradient x
+    input, folded or not; in training mode a folded batch norm splits with the batch's
+    statistics held fixed: as in eval mode with those statistics as the running ones."""
+    model, x, t = odd_cnn(), images(3, size=9), [2, 1, 0]
+    want = viz.input_x_gradient(model, x, t)
+    for fold in (False, True):
+        np.testing.assert_allclose(viz.lrp(model, x, t, fold_batchnorm=fold), want,
+                                   rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    rng = np.random.default_rng(5)   # a conv without bias, and a Linear + BatchNorm1d pair
+    bare = nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(2, 3, 3, padding=1, bias=False, rng=rng), bn=nn.BatchNorm2d(3),
+        relu=nn.ReLU(), flatten=nn.Flatten(), fc1=nn.Linear(3 * 9 * 9, 6, rng=rng),
+        bn1d=nn.BatchNorm1d(6), relu1=nn.ReLU(), fc2=nn.Linear(6, 3, rng=rng)))
+    for bn in (bare.bn, bare.bn1d):
+        bn.running_mean[...] = rng.normal(0, 0.3, bn.num_features)
+        bn.running_var[...] = rng.uniform(0.5, 2.0, bn.num_features)
+        bn.bias.data[...] = rng.normal(0, 0.3, bn.num_features)
+    bare.eval()
+    want = viz.input_x_gradient(bare, x, t)
+    got = viz.lrp(bare, x, t, fold_batchnorm=True)   # (float32: divided by small z)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    rules = {"conv1": viz.ZBoxRule(-4.0, 4.0), "conv2": viz.GammaRule(0.3)}
+    got = viz.lrp(model, x, t, rules=rules, fold_batchnorm=True, train=True)
+    fixed = copy.deepcopy(model)
+    before = forward64(model, x)["conv2"]
+    fixed.bn2.running_mean[...] = before.mean(axis=(0, 2, 3))
+    fixed.bn2.running_var[...] = before.var(axis=(0, 2, 3))
+    want = viz.lrp(fixed, x, t, rules=rules, fold_batchnorm=True)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+    assert not np.allclose(got, viz.lrp(model, x, t, rules=rules, fold_batchnorm=True),
+                           rtol=1e-2)
+
+
+def test_lrp_composite():
+    """z-box on the first layer (the metadata's pixel range), gamma on the other
+    convs, epsilon on the hidden fc layers, the default on the last."""
+    model = small_cnn()
+    model.metadata = {"mean": [0.2, 0.5], "std": [0.4, 0.25]}
+    rules = viz.lrp_composite(model, gamma=0.5, epsilon=0.1)
+    assert set(rules) == {"conv1", "conv2", "fc1"}
+    box = viz.ZBoxRule(np.array([-0.5, -2.0])[:, None, None], np.array([2.0, 2.0])[:, None, None])
+    assert rules["conv1"] == box
+    assert rules["conv2"] == viz.GammaRule(0.5) and rules["fc1"] == viz.EpsilonRule(0.1)
+    assert viz.lrp_composite(model, -1, 1)["conv1"] == viz.ZBoxRule(-1.0, 1.0)
+    model.metadata = None
+    with pytest.raises(ValueError, match="no mean and std"):
+        viz.lrp_composite(model)
+    with pytest.raises(ValueError, match="give both low and high"):
+        viz.lrp_composite(model, low=0.0)
+    mlp = linear_net()
+    mlp.metadata = {"mean": [0.2, 0.5], "std": [0.4, 0.25]}
+    assert viz.lrp_composite(mlp) == {"fc": viz.ZBoxRule(-2.0, 2.0)}   # all channels' box
+    x = images(2)
+    got = viz.lrp(small_cnn(), x, rules=viz.lrp_composite(small_cnn(), -3, 3),
+                  fold_batchnorm=True)
+    assert got.shape == x.shape and np.isfinite(got).all()
+
+
+def test_lrp_rules_by_name_index_layer_and_block():
+    """A rule keyed by name, top-level index or the layer gives the same result; a
+    nested block's name sets all its layers; the model's weights are put back."""
+    model = small_cnn()
+    x = images(2)
+    by_name = viz.lrp(model, x, 1, rules={"conv1": viz.GammaRule(0.5)})
+    for key in (0, model.conv1):
+        np.testing.assert_array_equal(viz.lrp(model, x, 1, rules={key: viz.GammaRule(0.5)}),
+                                      by_name)
+    assert not np.allclose(by_name, viz.lrp(model, x, 1))
+    nested = nn.Sequential(OrderedDict(
+        block=nn.Sequential(OrderedDict((n, model[n]) for n in model.names[:4])),
+        rest=nn.Sequential(OrderedDict((n, model[n]) for n in model.names[4:]))))
+    np.testing.assert_allclose(viz.lrp(nested, x, 1), viz.lrp(model, x, 1), rtol=1e-6)
+    np.testing.assert_allclose(viz.lrp(nested, x, 1, rules={"block.conv1": viz.GammaRule(0.5)}),
+                               by_name, rtol=1e-6)
+    alpha_beta = {n: viz.Alpha1Beta0Rule() for n in ("conv1", "bn1")}
+    np.testing.assert_allclose(viz.lrp(nested, x, 1, rules={"block": viz.Alpha1Beta0Rule()}),
+                               viz.lrp(model, x, 1, rules=alpha_beta), rtol=1e-6)
+    weights = [p.data for p in model.parameters()]
+    copies = [w.copy() for w in weights]
+    viz.lrp(model, x, rules={"conv1": viz.GammaRule(), "fc2": viz.Alpha1Beta0Rule(True)})
+    for p, w, c in zip(model.parameters(), weights, copies):
+        assert p.data is w and np.array_equal(w, c)
+    assert viz.GammaRule(0.5) == viz.GammaRule(0.5) != viz.GammaRule(0.25)
+    assert repr(viz.EpsilonRule(0.1)) == "EpsilonRule(epsilon=0.1)"
+
+
+def test_lrp_arguments():
+    model = small_cnn()
+    x = images(2)
+    with pytest.raises(TypeError, match="rules must be a dict"):
+        viz.lrp(model, x, rules=[viz.EpsilonRule()])
+    with pytest.raises(TypeError, match=r"rules\['conv1'\] must be"):
+        viz.lrp(model, x, rules={"conv1": "gamma"})
+    with pytest.raises(ValueError, match="no layer 'conv9'"):
+        viz.lrp(model, x, rules={"conv9": viz.EpsilonRule()})
+    with pytest.raises(ValueError, match="passes relevance unchanged"):
+        viz.lrp(model, x, rules={"relu1": viz.EpsilonRule()})
+    with pytest.raises(ValueError, match="IdentityRule needs"):
+        viz.lrp(model, x, rules={"conv1": viz.IdentityRule()})
+    with pytest.raises(ValueError, match="epsilon must be"):
+        viz.EpsilonRule(-1.0)
+    with pytest.raises(ValueError, match="gamma must be"):
+        viz.GammaRule(float("nan"))
+    with pytest.raises(ValueError, match="target classes"):
+        viz.lrp(model, x, 9)
+    with_softmax = nn.Sequential(OrderedDict(list(model.named_children()) +
+                                             [("softmax", nn.Softmax(dim=1))]))
+    with pytest.raises(ValueError, match="'softmax' is a Softmax"):
+        viz.lrp(with_softmax, x)
+    with pytest.raises(ValueError, match="'bn1' is folded into 'conv1'"):
+        viz.lrp(model, x, rules={"bn1": viz.IdentityRule()}, fold_batchnorm=True)
+    with pytest.raises(TypeError, match="fold_batchnorm must be True or False"):
+        viz.lrp(model, x, fold_batchnorm="yes")
+    with pytest.raises(ValueError, match="ZBoxRule applies to Conv2d and Linear"):
+        viz.lrp(model, x, rules={"pool1": viz.ZBoxRule(0, 1)})
+    with pytest.raises(ValueError, match=r"bounds of shape \(3, 1, 1\) do not broadcast to "
+                                         r"its input \(2, 2, 8, 8\)"):
+        viz.lrp(model, x, rules={"conv1": viz.ZBoxRule(np.zeros((3, 1, 1)), 1.0)})
+    with pytest.raises(ValueError, match="low must not exceed high"):
+        viz.ZBoxRule(1.0, 0.0)
+    with pytest.raises(ValueError, match="low must be finite"):
+        viz.ZBoxRule(float("-inf"), 0.0)
+    assert viz.ZBoxRule(np.zeros(2), 1) == viz.ZBoxRule([0.0, 0.0], 1.0) != viz.ZBoxRule(0, 1)
+    assert len({viz.ZBoxRule(np.zeros(2), 1), viz.ZBoxRule([0.0, 0.0], 1.0)}) == 1
+    # a block's rule skips a folded batch norm (its conv splits for both)
+    block = nn.Sequential(OrderedDict(
+        block=nn.Sequential(OrderedDict((n, model[n]) for n in model.names[:4])),
+        rest=nn.Sequential(OrderedDict((n, model[n]) for n in model.names[4:]))))
+    np.testing.assert_allclose(
+        viz.lrp(block, x, rules={"block": viz.GammaRule()}, fold_batchnorm=True),
+        viz.lrp(model, x, rules={"conv1": viz.GammaRule()}, fold_batchnorm=True), rtol=1e-6)
+    empty = np.zeros((0, 2, 8, 8), np.float32)
+    got, delta = viz.lrp(model, empty, return_convergence_delta=True)
+    assert got.shape == empty.shape and delta.shape == (0,)
+
+
 @pytest.mark.parametrize("method", ["input_x_gradient", "integrated", "deeplift"])
 def test_smooth_grad_around_attribution_methods(method):
     """NoiseTunnel around input x gradient, integrated gradients and DeepLIFT: each draw's
@@ -732,6 +1021,112 @@ def test_layer_integrated_gradients_complete_and_checked():
                                atol=1e-8)
     with pytest.raises(ValueError, match="no layer"):
         viz.layer_integrated_gradients(model, x, "relu9")
+    got, delta = viz.layer_integrated_gradients(model, x[:0], "relu2",
+                                                return_convergence_delta=True)
+    assert got.shape == (0, 4, 4, 4) and delta.shape == (0,)
+
+
+def _rest_score(model, layer, target, score="logit"):
+    """score(activation of ``layer``) in float64: the network from the layer on."""
+    names = model.names
+    rest = nn.Sequential(OrderedDict((k, model[k]) for k in names[names.index(layer) + 1:]))
+
+    def f(a):
+        z = forward64(rest, a[None])[names[-1]][0] if len(rest) else a
+        return z[target] if score == "logit" else softmax64(z)[target]
+    return f
+
+
+@pytest.mark.parametrize("layer,score", [("conv1", "logit"), ("bn1", "probability"),
+                                         ("pool2", "logit"), ("fc1", "logit"),
+                                         ("fc2", "probability")])
+def test_layer_gradient_x_activation(layer, score):
+    """The layer's float64 activation times central differences of the score from the
+    layer on; without multiply_by_inputs the gradient alone."""
+    model = small_cnn()
+    x = images(2)
+    target = np.array([1, 3])
+    got = viz.layer_gradient_x_activation(model, x, layer, target, score=score)
+    grad = viz.layer_gradient_x_activation(model, x, layer, target, score=score,
+                                           multiply_by_inputs=False)
+    acts = forward64(model, x)[layer]
+    assert got.shape == acts.shape
+    for i in range(2):
+        want = numerical_input_grad(_rest_score(model, layer, target[i], score), acts[i])
+        np.testing.assert_allclose(grad[i], want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(got[i], want * acts[i], rtol=1e-3,
+                                   atol=1e-5 * np.abs(want * acts[i]).max())
+
+
+def _conductance_alphas(method, points):
+    if method == "gausslegendre":
+        return 0.5 * (1 + np.polynomial.legendre.leggauss(points)[0])
+    return np.linspace(0.0, 1.0, points)       # riemann_trapezoid
+
+
+@pytest.mark.parametrize("layer,method", [("conv1", "gausslegendre"),
+                                          ("bn1", "riemann_trapezoid"),
+                                          ("pool2", "gausslegendre"), ("fc1", "gausslegendre")])
+def test_layer_conductance(layer, method):
+    """Written out: at the n_steps + 1 points of the path in the input, the gradient at
+    the layer (central differences from the layer on) times the layer's change to the
+    next point, summed; the delta; batch_size does not matter."""
+    model = small_cnn()
+    x = images(2)
+    base = images(1, seed=4)[0] * 0.3
+    target, n_steps = np.array([1, 3]), 4
+    got, delta = viz.layer_conductance(model, x, layer, target, baseline=base, n_steps=n_steps,
+                                       method=method, batch_size=3,
+                                       return_convergence_delta=True)
+    alphas = _conductance_alphas(method, n_steps + 1)
+    for i in range(2):
+        path = np.stack([base + a * (x[i] - base) for a in alphas]).astype(np.float64)
+        ys = forward64(model, path)[layer]
+        f = _rest_score(model, layer, target[i])
+        want = sum(numerical_input_grad(f, ys[k]) * (ys[k + 1] - ys[k]) for k in range(n_steps))
+        np.testing.assert_allclose(got[i], want, rtol=2e-3, atol=1e-4 * np.abs(want).max())
+    logits = forward64(model, np.concatenate([x, base[None]]))["fc2"]
+    change = logits[[0, 1], target] - logits[2, target]
+    np.testing.assert_allclose(delta, got.reshape(2, -1).sum(axis=1) - change, atol=1e-4)
+    np.testing.assert_allclose(viz.layer_conductance(model, x, layer, target, baseline=base,
+                                                     n_steps=n_steps, method=method,
+                                                     batch_size=100), got, rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_layer_conductance_completeness_and_layer_inputs():
+    """From end to end (riemann_trapezoid) and with many steps the units add up to the
+    score change; a layer's input is the previous layer's output (the image for the
+    first), for every layer method."""
+    model = small_cnn()
+    x = images(3)
+    got, delta = viz.layer_conductance(model, x, "relu2", n_steps=200,
+                                       method="riemann_trapezoid", batch_size=256,
+                                       return_convergence_delta=True)
+    assert np.abs(delta).max() < 2e-2 * np.abs(got).sum(axis=(1, 2, 3)).max()
+    for method, kwargs in ((viz.layer_conductance, {"n_steps": 3}),
+                           (viz.layer_integrated_gradients, {"n_steps": 3}),
+                           (viz.layer_gradient_x_activation, {})):
+        np.testing.assert_array_equal(
+            method(model, x, "pool1", 2, attribute_to_layer_input=True, **kwargs),
+            method(model, x, "relu1", 2, **kwargs))
+        first = method(model, x, "conv1", 2, attribute_to_layer_input=True, **kwargs)
+        assert first.shape == x.shape
+        with pytest.raises(TypeError, match="attribute_to_layer_input"):
+            method(model, x, "conv1", attribute_to_layer_input="yes", **kwargs)
+        one = method(model, x[1], "relu2", **kwargs)
+        np.testing.assert_allclose(one, method(model, x, "relu2", **kwargs)[1], rtol=1e-5,
+                                   atol=1e-7)
+    np.testing.assert_allclose(viz.layer_gradient_x_activation(model, x, "conv1", 2,
+                                                               attribute_to_layer_input=True),
+                               viz.input_x_gradient(model, x, 2), rtol=1e-6)
+    with pytest.raises(ValueError, match="n_steps must be >= 1"):
+        viz.layer_conductance(model, x, "relu2", n_steps=0)
+    with pytest.raises(ValueError, match="no layer"):
+        viz.layer_conductance(model, x, "relu9")
+    got, delta = viz.layer_conductance(model, x[:0], "relu2", return_convergence_delta=True)
+    assert got.shape == (0, 4, 4, 4) and delta.shape == (0,)
+    assert viz.layer_gradient_x_activation(model, x[:0], "fc1").shape == (0, 6)
 
 
 # ---------------------------------------------------------------- GradientSHAP
@@ -1194,6 +1589,11 @@ def _all_methods(model, x, target):
         "ablation": viz.feature_ablation(model, x, target, batch_size=50,
                                          feature_mask=np.arange(64).reshape(8, 8) // 5),
         "deep_lift_delta": viz.deep_lift(model, x, target, return_convergence_delta=True)[1],
+        "lrp": viz.lrp(model, x, target, rules={"conv1": viz.GammaRule()}),
+        "conductance": viz.layer_conductance(model, x, "relu1", target, n_steps=3,
+                                             batch_size=5),
+        "layer_gxa": viz.layer_gradient_x_activation(model, x, "pool2", target),
+        "lrp_delta": viz.lrp(model, x, target, return_convergence_delta=True)[1],
         "deep_lift_shap": viz.deep_lift_shap(model, x, target=target,
                                              baselines=images(2, seed=8), batch_size=3),
         "occlusion": r.heatmap, "occlusion_logit": r.logit, "occlusion_pred": r.predicted,
@@ -1266,6 +1666,9 @@ def test_model_state_unchanged(train):
                                   return_convergence_delta=True),
         lambda: viz.feature_ablation(model, x, feature_mask=np.eye(8, dtype=int), train=train),
         lambda: viz.deep_lift_shap(model, x, images(2, seed=8), train=train),
+        lambda: viz.lrp(model, x, rules={"conv2": viz.GammaRule()}, train=train),
+        lambda: viz.layer_conductance(model, x, "relu1", n_steps=2, train=train),
+        lambda: viz.layer_gradient_x_activation(model, x, "fc1", train=train),
         lambda: viz.maximize_activation(model, "relu2", [1], shape=(2, 8, 8), steps=3,
                                         train=train),
         lambda: viz.occlusion(model, x, window=4, stride=4, train=train),

@@ -123,14 +123,24 @@ def test_plot_maximized(tmp_path):
 def test_explain_subset_of_methods_and_target():
     model = small_model()
     e = viz.explain(model, garment(), target=3,
-                    methods=["saliency", "gradcam", "integrated", "deeplift"], fill=0.5, n_steps=8)
-    assert list(e.maps) == ["saliency", "gradcam", "integrated", "deeplift"] and e.target == 3
+                    methods=["saliency", "gradcam", "integrated", "deeplift", "lrp"], fill=0.5,
+                    n_steps=8)
+    assert list(e.maps) == ["saliency", "gradcam", "integrated", "deeplift", "lrp"]
+    assert e.target == 3
     assert e.occlusion is None and e.settings["n_steps"] == 8
     np.testing.assert_array_equal(e.maps["saliency"], viz.saliency(model, garment(), 3))
     np.testing.assert_array_equal(e.maps["integrated"], viz.integrated_gradients(
         model, garment(), 3, baseline=0.5, n_steps=8))
     np.testing.assert_array_equal(e.maps["deeplift"], viz.deep_lift(model, garment(), 3,
                                                                     baseline=0.5))
+    np.testing.assert_array_equal(e.maps["lrp"], viz.lrp(
+        model, garment(), 3, rules=viz.lrp_composite(model), fold_batchnorm=True))
+    bare = small_model()
+    bare.metadata = None           # no standardisation: the box is the image's range
+    box = viz.lrp_composite(bare, float(garment().min()), float(garment().max()))
+    np.testing.assert_array_equal(
+        viz.explain(bare, garment(), 3, methods=["lrp"]).maps["lrp"],
+        viz.lrp(bare, garment(), 3, rules=box, fold_batchnorm=True))
     with pytest.raises(ValueError, match="unknown methods"):
         viz.explain(model, garment(), methods=["lime"])
     one = viz.explain(model, garment(), methods="saliency")        # a name, not a list
@@ -168,6 +178,10 @@ def test_cli_explain(tmp_path, capsys):
                      "--method", "deeplift"]) == 0
     check_png(out / "00_shirt_png_deeplift.png")
     assert "DeepLIFT" in (out / "report.html").read_text()
+    assert cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
+                     "--method", "lrp"]) == 0
+    check_png(out / "00_shirt_png_lrp.png")
+    assert "gamma = 0.25" in (out / "report.html").read_text()
     assert cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
                      "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err

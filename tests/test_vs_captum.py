@@ -313,3 +313,77 @@ def test_layer_integrated_gradients_vs_captum(layer):
         baselines=torch.from_numpy(base[None].astype(np.float64)), return_convergence_delta=True)
     close(got, want.detach().numpy())
     np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+@pytest.mark.parametrize("layer,method", [("conv1", "gausslegendre"), ("bn1", "riemann_left"),
+                                          ("pool1", "riemann_trapezoid"),
+                                          ("relu2", "gausslegendre"), ("fc", "riemann_right")])
+def test_layer_conductance_and_gradient_x_activation_vs_captum(layer, method, to_input):
+    model, x = cnn(22), inputs(22)
+    tm, target = to_torch(model), [1, 3, 0]
+    tx = torch.from_numpy(x.astype(np.float64))
+    base = inputs(23, n=1)[0] * 0.3
+    got, delta = viz.layer_conductance(model, x, layer, target, baseline=base, n_steps=6,
+                                       method=method, batch_size=5,
+                                       attribute_to_layer_input=to_input,
+                                       return_convergence_delta=True)
+    want, want_delta = captum_attr.LayerConductance(tm, tm[model.index(layer)]).attribute(
+        tx, target=target, n_steps=6, method=method, attribute_to_layer_input=to_input,
+        baselines=torch.from_numpy(base[None].astype(np.float64)), return_convergence_delta=True)
+    close(got, want.detach().numpy())
+    np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)
+    got = viz.layer_gradient_x_activation(model, x, layer, target,
+                                          attribute_to_layer_input=to_input)
+    want = captum_attr.LayerGradientXActivation(tm, tm[model.index(layer)]).attribute(
+        tx, target=target, attribute_to_layer_input=to_input)
+    close(got, want.detach().numpy())
+    got = viz.layer_integrated_gradients(model, x, layer, target, baseline=base, n_steps=6,
+                                         attribute_to_layer_input=to_input)
+    want = captum_attr.LayerIntegratedGradients(tm, tm[model.index(layer)]).attribute(
+        tx, target=target, n_steps=6, attribute_to_layer_input=to_input,
+        baselines=torch.from_numpy(base[None].astype(np.float64)))
+    close(got, want.detach().numpy())
+
+
+class _Flattening(tnn.Module):
+    """to_torch's layers with torch.flatten in place of nn.Flatten, which Captum's LRP
+    has no rule for."""
+
+    def __init__(self, sequential):
+        super().__init__()
+        self.layers = tnn.ModuleList(m for m in sequential if not isinstance(m, tnn.Flatten))
+        self.flat = [isinstance(m, tnn.Flatten) for m in sequential]
+
+    def forward(self, x):
+        layers = iter(self.layers)
+        for flat in self.flat:
+            x = torch.flatten(x, 1) if flat else next(layers)(x)
+        return x
+
+
+@pytest.mark.parametrize("seed", [30, 31])
+def test_lrp_vs_captum(seed):
+    """The default epsilon rule, and a composite of gamma, identity, epsilon and
+    alpha1-beta0 (Captum's rules set as each module's ``rule``)."""
+    from captum.attr._utils import lrp_rules
+
+    model, x = cnn(seed), inputs(seed)
+    tm = _Flattening(to_torch(model)).eval()
+    tx = torch.from_numpy(x.astype(np.float64))
+    target = [2, 0, 4]
+    composite = ({"conv1": viz.GammaRule(0.25), "bn1": viz.IdentityRule(),
+                  "conv2": viz.Alpha1Beta0Rule(set_bias_to_zero=True),
+                  "fc": viz.EpsilonRule(0.1)},
+                 {0: lrp_rules.GammaRule(0.25), 1: lrp_rules.IdentityRule(),
+                  4: lrp_rules.Alpha1_Beta0_Rule(set_bias_to_zero=True),
+                  6: lrp_rules.EpsilonRule(0.1)})
+    for rules, torch_rules in ((None, {}), composite):
+        for i, rule in torch_rules.items():
+            tm.layers[i].rule = rule
+        want, want_delta = captum_attr.LRP(tm).attribute(tx, target=target,
+                                                         return_convergence_delta=True)
+        # (Captum deletes every module's rule when it is done)
+        got, delta = viz.lrp(model, x, target, rules=rules, return_convergence_delta=True)
+        close(got, want.detach().numpy())
+        np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)

@@ -7,7 +7,10 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.guided_backprop(model, x, layer="relu2", channel=5, position="max")
 >>> viz.integrated_gradients(model, x, baseline=0.0, n_steps=50)   # shaped like x
 >>> viz.deep_lift(model, x, baseline=0.0)       # shaped like x, sums to the logit change
+>>> viz.lrp(model, x)                            # relevance, shaped like x, sums to the logit
+>>> viz.lrp(model, x, rules=viz.lrp_composite(model), fold_batchnorm=True)   # z-box, gamma, eps
 >>> viz.grad_cam(model, x, layer="relu2")        # (H, W), upsampled
+>>> viz.layer_conductance(model, x, "relu2")      # each unit's share, shaped like the layer
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
 >>> viz.feature_ablation(model, x, feature_mask=segments)   # any regions, shaped like x
@@ -28,6 +31,9 @@ from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gr
                           saliency, smooth_grad, upsample_bilinear)
 from .ablation import feature_ablation
 from .deeplift import deep_lift, deep_lift_shap
+from .layer import layer_conductance, layer_gradient_x_activation
+from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, lrp,
+                  lrp_composite)
 from .features import conv_layers, feature_maps, filter_images, filters
 from .maximize import MaximizedActivation, maximize_activation
 from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatmap,
@@ -35,7 +41,10 @@ from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatm
 from .report import METHODS, Explanation, demo_report, explain, write_report
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
-           "integrated_gradients", "layer_integrated_gradients", "deep_lift", "deep_lift_shap", "gradient_shap", "grad_cam",
+           "integrated_gradients", "layer_integrated_gradients", "layer_conductance",
+           "layer_gradient_x_activation", "deep_lift", "deep_lift_shap", "lrp", "lrp_composite",
+           "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
+           "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation", "OcclusionResult",
            "upsample_bilinear", "feature_maps", "conv_layers", "filters", "filter_images",
            "maximize_activation", "MaximizedActivation", "plot_heatmap", "plot_feature_maps",

@@ -146,3 +146,43 @@ def preserved(model, train=False):
             p.grad, p.requires_grad = grad, requires_grad
         for b, saved in buffers:
             b[...] = saved
+
+
+class LayerPoint:
+    """Where a layer method reads the network: the output of a layer (or, with
+    ``to_input``, its input: the output of the layer before it, or the model's input
+    for the first layer), with the forward and backward passes split there."""
+
+    def __init__(self, model, layer, to_input, op):
+        if not isinstance(to_input, (bool, np.bool_)):
+            raise TypeError(f"{op}: attribute_to_layer_input must be True or False, got "
+                            f"{to_input!r}")
+        self.model = model
+        name = layer_name(model, layer, op)
+        index = model.names.index(name)
+        self.name = (model.names[index - 1] if index else None) if to_input else name
+
+    def activation(self, x):
+        """The activation at this point for model inputs ``x`` (recorded)."""
+        return x if self.name is None else self.model.forward(x, stop=self.name)
+
+    def logits(self, activation):
+        """The rest of the network from an activation at this point (recorded)."""
+        if self.name is None:
+            return self.model.forward(activation)
+        return self.model.forward(activation, start=self.name)
+
+    def gradient(self, seed):
+        """d (seed . logits) / d activation, after :meth:`logits`."""
+        return self.model.backward(seed, stop=self.name, guided=False, param_grads=False)
+
+
+def data_bounds(model, channels):
+    """The pixel range [0, 1] in the model's input units, per channel, from the
+    standardisation in its metadata (mean, std), or None when it has none."""
+    meta = getattr(model, "metadata", None) or {}
+    if "mean" not in meta or "std" not in meta:
+        return None
+    mean = np.broadcast_to(np.asarray(meta["mean"], np.float64).reshape(-1), (channels,))
+    std = np.broadcast_to(np.asarray(meta["std"], np.float64).reshape(-1), (channels,))
+    return (-mean / std).astype(np.float32), ((1.0 - mean) / std).astype(np.float32)

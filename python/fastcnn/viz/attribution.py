@@ -38,8 +38,8 @@ from .. import _backend as B
 from .. import functional as F
 from ..nn import BatchNorm2d, Conv2d, Dropout, MaxPool2d, ReLU
 from ..nn.module import DECONVOLUTION
-from ._common import (as_input, check_logits, check_score, default_cam_layer, layer_name,
-                      preserved, resolve_targets, score_seed, unbatch)
+from ._common import (LayerPoint, as_input, check_logits, check_score, default_cam_layer,
+                      layer_name, preserved, resolve_targets, score_seed, unbatch)
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "layer_integrated_gradients", "gradient_shap", "grad_cam",
@@ -282,11 +282,7 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
                 raise ValueError(f"{op}: channel and position select a unit of a layer; pass "
                                  f"layer= too")
             ends = model.forward(xp.concatenate([x, base]))          # (2N, classes)
-            check_logits(ends, op)
-            t = resolve_targets(target, ends[:n], op)
-            scores = ends if score == "logit" else F.softmax(ends, dim=1)
-            rows = xp.arange(n)
-            change = scores[rows, t].astype(np.float64) - scores[rows + n, t]
+            t, change = _target_change(ends, target, score, n, op)
             gradient = _class_gradient(model, t, score, False, op)
         else:
             if target is not None:
@@ -313,7 +309,8 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
 
 def layer_integrated_gradients(model, x, layer, target=None, *, baseline=0.0, n_steps=50,
                                method="gausslegendre", batch_size=128, score="logit",
-                               return_convergence_delta=False, train=False):
+                               attribute_to_layer_input=False, return_convergence_delta=False,
+                               train=False):
     """Integrated gradients of a layer's output (Captum's LayerIntegratedGradients): the
     layer's activation is moved along the straight path from its value on the baseline
     to its value on x, the rest of the network run from there, and the gradient of the
@@ -322,35 +319,30 @@ def layer_integrated_gradients(model, x, layer, target=None, *, baseline=0.0, n_
     up to the quadrature's error: how much each unit (channel, position) of the layer
     carries of the change.
 
-    layer: a name, an index or the layer itself. Other arguments as
-    :func:`integrated_gradients`.
+    layer: a name, an index or the layer itself. attribute_to_layer_input: take the
+    path in the layer's input instead (the previous layer's output, or the image for
+    the first layer). Other arguments as :func:`integrated_gradients`.
     """
     op = "layer_integrated_gradients"
     x, single, xp, base, alphas, widths, batch_size = _path_args(
         model, x, baseline, n_steps, method, batch_size, score, op)
-    name = layer_name(model, layer, op)
+    point = LayerPoint(model, layer, attribute_to_layer_input, op)
     n = x.shape[0]
     with preserved(model, train):
-        acts = model.forward(xp.concatenate([x, base]), stop=name)
-        ends = model.forward(acts, start=name)
-        check_logits(ends, op)
-        t = resolve_targets(target, ends[:n], op)
-        scores = ends if score == "logit" else F.softmax(ends, dim=1)
-        rows = xp.arange(n)
-        change = scores[rows, t].astype(np.float64) - scores[rows + n, t]
+        acts = point.activation(xp.concatenate([x, base]))
+        t, change = _target_change(point.logits(acts), target, score, n, op)
         start, diff = acts[n:], acts[:n] - acts[n:]
 
         def gradient(points, image):
-            logits = model.forward(points, start=name)
-            return model.backward(score_seed(logits, t[image], score), stop=name, guided=False,
-                                  param_grads=False)
+            return point.gradient(score_seed(point.logits(points), t[image], score))
 
         total = _path_integral(xp, start, diff, alphas, widths, batch_size, gradient)
     attributions = total * diff
     out = attributions.astype(np.float32)
     if not return_convergence_delta:
         return unbatch(out, single)
-    delta = (attributions.reshape(n, -1).sum(axis=1) - change).astype(np.float32)
+    spent = attributions.sum(axis=tuple(range(1, attributions.ndim)))  # (0,) for no images
+    delta = (spent - change).astype(np.float32)
     return unbatch((out, delta), single)
 
 
@@ -869,6 +861,16 @@ def _pair_arg(value, name, op):
                                  and v >= 1 for v in pair):
         raise ValueError(f"{op}: {name} must be a positive int or a pair of them, got {value!r}")
     return tuple(int(v) for v in pair)
+
+
+def _target_change(ends, target, score, n, op):
+    """From the logits of n images and then their baselines: the target classes, and
+    each image's target score minus its baseline's (float64)."""
+    check_logits(ends, op)
+    t = resolve_targets(target, ends[:n], op)
+    scores = ends if score == "logit" else F.softmax(ends, dim=1)
+    rows = B.array_module(ends).arange(n)
+    return t, scores[rows, t].astype(np.float64) - scores[rows + n, t]
 
 
 def _fill_images(fill, x, xp, op, name="fill"):

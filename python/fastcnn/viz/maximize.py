@@ -9,7 +9,7 @@ from .. import _backend as B
 from .. import functional as F
 from ..nn import Parameter
 from ..optim import Adam
-from ._common import check_model, layer_name, preserved
+from ._common import check_model, data_bounds, layer_name, preserved
 from .attribution import _real_arg
 
 __all__ = ["MaximizedActivation", "maximize_activation"]
@@ -65,17 +65,6 @@ def _check_position(position, shape, op):
         raise ValueError(f"{op}: position {pair} is outside the layer's output "
                          f"{B.shape_str(shape[1:])}")
     return tuple(int(v) for v in pair)
-
-
-def _data_bounds(model, channels):
-    """The pixel range [0, 1] in the model's input units, per channel, from the
-    standardisation in its metadata (mean, std), or None when it has none."""
-    meta = getattr(model, "metadata", None) or {}
-    if "mean" not in meta or "std" not in meta:
-        return None
-    mean = np.broadcast_to(np.asarray(meta["mean"], np.float64).reshape(-1), (channels,))
-    std = np.broadcast_to(np.asarray(meta["std"], np.float64).reshape(-1), (channels,))
-    return (-mean / std).astype(np.float32), ((1.0 - mean) / std).astype(np.float32)
 
 
 def _gaussian_blur(images, sigma):
@@ -195,7 +184,7 @@ def _bounds(bounds, model, c, op):
     if isinstance(bounds, str):
         if bounds != "data":
             raise ValueError(f"{op}: bounds must be 'data', None or (lo, hi), got {bounds!r}")
-        found = _data_bounds(model, c)
+        found = data_bounds(model, c)
         return (None, None) if found is None else found
     if bounds is None:
         return None, None

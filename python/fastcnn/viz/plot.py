@@ -21,6 +21,7 @@ METHOD_TITLES = {
     "smoothgrad": "SmoothGrad saliency",
     "integrated": "Integrated gradients",
     "deeplift": "DeepLIFT",
+    "lrp": "LRP",
     "guided": "Guided backprop",
     "gradcam": "Grad-CAM",
     "guided_gradcam": "Guided Grad-CAM",

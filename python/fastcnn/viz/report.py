@@ -15,6 +15,7 @@ from .. import functional as F
 from .attribution import (OcclusionResult, grad_cam, guided_backprop, guided_grad_cam,
                           integrated_gradients, occlusion, saliency, smooth_grad)
 from .deeplift import deep_lift
+from .lrp import lrp, lrp_composite
 from ._common import as_input, default_cam_layer, layer_name, resolve_targets, to_host
 from .features import feature_maps
 from .plot import (METHOD_TITLES, OVERLAID, class_name, display_image, figure_png,
@@ -27,8 +28,10 @@ __all__ = ["METHODS", "Explanation", "explain", "write_report", "demo_report",
 #: window moves the probability by this much.
 OCCLUSION_MIN_DROP = 1e-3
 #: Every method :func:`explain` knows, in the order a report shows them.
-METHODS = ("occlusion", "saliency", "smoothgrad", "integrated", "deeplift", "guided", "gradcam",
-           "guided_gradcam")
+METHODS = ("occlusion", "saliency", "smoothgrad", "integrated", "deeplift", "lrp", "guided",
+           "gradcam", "guided_gradcam")
+#: The gamma of the LRP rule :func:`explain` uses on the conv layers but the first.
+LRP_GAMMA = 0.25
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Explanation:
     image: the model input (C, H, W); display: the picture shown, (H, W) or (H, W, 3)
     in [0, 1]; probabilities (classes,); predicted and target class indices;
     maps: method name -> map ((H, W), or (C, H, W) for the signed guided, integrated
-    gradients and DeepLIFT maps);
+    gradients, DeepLIFT and LRP maps);
     occlusion: the full :class:`~fastcnn.viz.OcclusionResult` when computed;
     classes: class names (or None); label: the true class when known; layer: the
     Grad-CAM layer; name: what the report calls the image; settings: the methods'
@@ -75,7 +78,11 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     hides what it covers rather than painting a grey square on a black background).
     n_samples / sigma / seed: SmoothGrad's. n_steps: integrated gradients' (whose
     baseline, as DeepLIFT's, is ``fill``, the background by default). batch_size: copies per forward
-    pass.
+    pass. LRP uses :func:`~fastcnn.viz.lrp_composite` (z-box on the first layer,
+    with the pixel range from the model's metadata or else the batch's; gamma =
+    :data:`LRP_GAMMA` on the other conv layers; epsilon on the hidden fc layers),
+    batch norm folded into the conv layers: sharper than plain LRP-epsilon, which
+    is gradient x input's noise.
     """
     if isinstance(methods, str):
         methods = list(METHODS) if methods == "all" else [methods]
@@ -117,6 +124,9 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
                                                 n_steps=n_steps, batch_size=batch_size)
         elif method == "deeplift":
             maps[method] = deep_lift(model, batch, targets, baseline=fill)
+        elif method == "lrp":
+            maps[method] = lrp(model, batch, targets, rules=_lrp_rules(model, batch),
+                               fold_batchnorm=True)
         elif method == "guided":
             maps[method] = guided_backprop(model, batch, targets)
         elif method == "gradcam":
@@ -127,7 +137,7 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         classes = (getattr(model, "metadata", None) or {}).get("classes")
     settings = {"window": window, "stride": stride,
                 "fill": "background" if np.ndim(fill) else fill, "n_samples": n_samples,
-                "sigma": sigma, "seed": seed, "n_steps": n_steps}
+                "sigma": sigma, "seed": seed, "n_steps": n_steps, "lrp_gamma": LRP_GAMMA}
     explanations = []
     for i in range(n):
         image_maps = OrderedDict((m, v[i]) for m, v in maps.items())
@@ -154,6 +164,18 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
             name="" if names is None else str(names if single else names[i]),
             settings=image_settings))
     return explanations[0] if single else explanations
+
+
+def _lrp_rules(model, batch):
+    """The composite explain's LRP uses: the pixel range from the model's metadata,
+    or the batch's range when the metadata has none."""
+    try:
+        return lrp_composite(model, gamma=LRP_GAMMA)
+    except ValueError:
+        if getattr(model, "metadata", None) and "mean" in model.metadata:
+            raise
+        low, high = float(to_host(batch.min())), float(to_host(batch.max()))
+        return lrp_composite(model, low, high, gamma=LRP_GAMMA)
 
 
 def _background(batch):
@@ -193,6 +215,12 @@ _CAPTIONS = {
                 "(filled with: {fill}), passed back through each ReLU and max-pool by the "
                 "ratio of its output's to its input's change instead of its slope. The shares "
                 "add up to the difference exactly. Red: the pixel raises the score.",
+    "lrp": "Layer-wise relevance propagation (Bach et al.): the <b>{target}</b> logit "
+           "handed back layer by layer, each layer sharing its relevance among its inputs "
+           "in proportion to their contributions (Montavon et al.'s rules: z-box for the "
+           "pixels, gamma = {lrp_gamma} for the other conv layers, which favours positive "
+           "contributions, epsilon for the hidden fc layers; batch norm merged into the conv "
+           "before it). Red: relevant for the class.",
     "guided": "Guided backpropagation (Springenberg et al.): the gradient passed back only "
               "through ReLUs whose input and gradient are both positive. Red: brightening the "
               "pixel raises the score.",
@@ -246,7 +274,8 @@ def _caption(explanation, method):
         target=html.escape(class_name(explanation, explanation.target)), window=window,
         fill=s.get("fill", 0.0), score=s.get("occlusion_score", "probability"),
         n_samples=s.get("n_samples"), n_steps=s.get("n_steps"),
-        sigma_pct=round(100 * float(s.get("sigma", 0))), layer=html.escape(str(explanation.layer)))
+        sigma_pct=round(100 * float(s.get("sigma", 0))), lrp_gamma=s.get("lrp_gamma", LRP_GAMMA),
+        layer=html.escape(str(explanation.layer)))
 
 
 def _stem(explanation, index):

@@ -1,0 +1,96 @@
+"""Attributions to a layer's units (Captum's layer methods): how much each channel
+and position of a hidden layer carries of the target score, shaped like the
+layer's output. :func:`layer_integrated_gradients` lives with integrated gradients;
+:func:`fastcnn.viz.feature_maps` gives the activations themselves (Captum's
+LayerActivation)."""
+
+import numpy as np
+
+from .. import _backend as B
+from ._common import (LayerPoint, as_input, check_logits, check_score, preserved,
+                      resolve_targets, score_seed, unbatch)
+from .attribution import _fill_images, _path_steps, _target_change
+
+__all__ = ["layer_gradient_x_activation", "layer_conductance"]
+
+
+def layer_gradient_x_activation(model, x, layer, target=None, *, score="logit",
+                                multiply_by_inputs=True, attribute_to_layer_input=False,
+                                train=False):
+    """A layer's activation times the gradient of the target score with respect to it
+    (Captum's LayerGradientXActivation), shaped like the layer's output (N, ...):
+    the first-order share of each unit in the score.
+
+    layer: a name, an index or the layer itself. multiply_by_inputs: False returns
+    the layer gradient alone. attribute_to_layer_input: the layer's input instead of
+    its output (the previous layer's output, or the image for the first layer).
+    target: the class (default: the prediction); score: 'logit' or 'probability'.
+    """
+    op = "layer_gradient_x_activation"
+    x, single, xp = as_input(model, x, op)
+    check_score(score, op)
+    point = LayerPoint(model, layer, attribute_to_layer_input, op)
+    with preserved(model, train):
+        acts = point.activation(x)
+        logits = point.logits(acts)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+        grad = point.gradient(score_seed(logits, t, score))
+    return unbatch(grad * acts if multiply_by_inputs else grad, single)
+
+
+def layer_conductance(model, x, layer, target=None, *, baseline=0.0, n_steps=50,
+                      method="gausslegendre", batch_size=128, score="logit",
+                      attribute_to_layer_input=False, return_convergence_delta=False,
+                      train=False):
+    """Conductance of a layer's units (Dhamdhere et al., 2018; Captum's
+    LayerConductance): the flow of integrated gradients through each unit. Along
+    the straight path from the baseline to x in the input, at ``n_steps + 1``
+    points alpha_0 < ... < alpha_n of the quadrature ``method``, it adds up the
+    gradient of the target score with respect to the unit times the unit's change
+    to the next point, sum_k dF/dy(alpha_k) * (y(alpha_k+1) - y(alpha_k)). Shaped
+    like the layer's output (N, ...); the units of a layer every path crosses add
+    up to about score(x) - score(baseline).
+
+    baseline: a value, an image (C, H, W) or one per sample (N, C, H, W).
+    n_steps: the number of steps (n_steps + 1 points, as Captum; >= 1); method:
+    'gausslegendre' (Captum's default; its points stop short of both ends, so the
+    sum falls short of the full change by the ends' share) or a Riemann rule
+    ('riemann_trapezoid' runs from end to end). batch_size: path points per pass (the
+    result does not depend on it). attribute_to_layer_input: the layer's input
+    instead of its output. return_convergence_delta: also return, per image, the
+    attributions' sum minus score(x) - score(baseline) (Captum's delta).
+    """
+    op = "layer_conductance"
+    x, single, xp = as_input(model, x, op)
+    check_score(score, op)
+    n_steps = B.as_count(n_steps, f"{op}: n_steps")
+    if n_steps < 1:
+        raise ValueError(f"{op}: n_steps must be >= 1, got {n_steps}")
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    alphas, _ = _path_steps(method, n_steps + 1, op)
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    point = LayerPoint(model, layer, attribute_to_layer_input, op)
+    n, m = x.shape[0], len(alphas)
+    alpha = xp.asarray(alphas.astype(np.float32))
+    with preserved(model, train):
+        ends = point.activation(xp.concatenate([x, base]))
+        total = xp.zeros((n,) + ends.shape[1:], np.float64)
+        t, change = _target_change(point.logits(ends), target, score, n, op)
+        diff, last = x - base, None  # last: (activation, gradient) at the previous point
+        for first in range(0, n * m, batch_size):
+            index = np.arange(first, min(first + batch_size, n * m))
+            image, step = index // m, index % m
+            im, st = xp.asarray(image), xp.asarray(step)
+            acts = point.activation(base[im] + alpha[st][:, None, None, None] * diff[im])
+            grad = point.gradient(score_seed(point.logits(acts), t[im], score))
+            acts = acts.astype(np.float64)
+            for row, (i, k) in enumerate(zip(image, step)):  # in order, whatever the batch
+                if k:
+                    total[i] += last[1] * (acts[row] - last[0])
+                last = acts[row], grad[row].astype(np.float64)
+    out = total.astype(np.float32)
+    if not return_convergence_delta:
+        return unbatch(out, single)
+    delta = (total.sum(axis=tuple(range(1, total.ndim))) - change).astype(np.float32)
+    return unbatch((out, delta), single)
