@@ -1487,6 +1487,12 @@ class TestModelsOnGpu:
                 m, a, feature_mask=np.arange(144).reshape(12, 12) // 7, baseline=0.2,
                 score="probability", batch_size=9),
             "deep_lift_delta": lambda m, a: viz.deep_lift(m, a, return_convergence_delta=True)[1],
+            "shapley": lambda m, a: viz.shapley_values(
+                m, a, feature_mask=np.arange(144).reshape(12, 12) // 29, baseline=0.1,
+                batch_size=7),
+            "shapley_sampling": lambda m, a: viz.shapley_value_sampling(
+                m, a, feature_mask=np.arange(144).reshape(12, 12) // 13, n_samples=3,
+                score="probability", batch_size=8),
             "deep_lift_shap": lambda m, a: viz.deep_lift_shap(m, a, a[::-1] * 0.3, batch_size=3),
             "maximize": lambda m, a: viz.maximize_activation(
                 m, "relu2", [0, 2], shape=(1, 12, 12), steps=4, lr=0.1).images,

@@ -10,6 +10,7 @@
 """
 
 import copy
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -1269,6 +1270,147 @@ def test_feature_ablation_arguments():
     assert viz.feature_ablation(model, np.zeros((0, 2, 8, 8), np.float32)).shape == (0, 2, 8, 8)
 
 
+# ---------------------------------------------------------------- Shapley values
+
+def shapley64(model, x, base, mask, target, score="logit"):
+    """Each image's Shapley values by their definition: every order of its features,
+    each feature's score change when it joins the ones before it, averaged over the
+    orders; float64, each coalition's score computed once."""
+    mask = np.broadcast_to(mask, x.shape)
+    out = np.zeros(x.shape)
+    for i in range(len(x)):
+        ids = list(np.unique(mask[i]))
+        memo = {}
+
+        def value(coalition):
+            if coalition not in memo:
+                keep = np.isin(mask[i], list(coalition))
+                z = forward64(model, np.where(keep, x[i], base[i])[None])[model.names[-1]][0]
+                memo[coalition] = (z if score == "logit" else softmax64(z))[target[i]]
+            return memo[coalition]
+
+        phi = dict.fromkeys(ids, 0.0)
+        orders = list(itertools.permutations(ids))
+        for order in orders:
+            for k, f in enumerate(order):
+                phi[f] += (value(frozenset(order[:k + 1])) - value(frozenset(order[:k])))
+        for f in ids:
+            out[i][mask[i] == f] = phi[f] / len(orders)
+    return out
+
+
+def _score64(model, a, target, score="logit"):
+    z = forward64(model, a)[model.names[-1]]
+    return (z if score == "logit" else softmax64(z))[np.arange(len(a)), target]
+
+
+def _per_feature(a, mask):
+    """Each image's value per feature (the value its elements carry), by id order."""
+    mask = np.broadcast_to(mask, a.shape)
+    return [np.array([a[i][mask[i] == f][0] for f in np.unique(mask[i])]) for i in range(len(a))]
+
+
+@pytest.mark.parametrize("score", ["logit", "probability"])
+def test_shapley_values_match_the_definition(score):
+    """Against the average over every order, for superpixels shared by the channels,
+    per-image masks with ids that are not consecutive, channel-wise masks; baselines a
+    value and one image each; any batch_size; the features add up to the score change."""
+    model = small_cnn()
+    x = images(3)
+    rng = np.random.default_rng(5)
+    target = np.array([1, 4, 0])
+    cases = [
+        (np.repeat(np.repeat(np.arange(4).reshape(2, 2), 4, 0), 4, 1), 0.0),
+        (rng.choice([3, 17, 40], size=(3, 1, 8, 8)), images(3, seed=6)),
+        (rng.integers(0, 5, size=(2, 8, 8)), -0.5),
+    ]
+    for mask, baseline in cases:
+        full_mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        base = np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
+        want = shapley64(model, x, base, full_mask, target, score)
+        change = _score64(model, x, target, score) - _score64(model, base, target, score)
+        for batch_size in (1, 7, 256):
+            got = viz.shapley_values(model, x, target, feature_mask=mask, baseline=baseline,
+                                     score=score, batch_size=batch_size)
+            assert got.shape == x.shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        sums = [v.sum() for v in _per_feature(got, full_mask)]
+        np.testing.assert_allclose(sums, change, rtol=1e-4, atol=1e-5)
+
+
+def test_shapley_value_sampling():
+    """Efficiency holds for every sample; on a model linear in its input every order
+    gives the exact values (W . (x - b) summed per feature); many orders approach the
+    exact values; an image gets the same estimate alone or in a batch, at any batch_size;
+    the seed picks the orders."""
+    model = small_cnn()
+    x = images(3)
+    target = np.array([2, 0, 3])
+    mask = np.random.default_rng(7).integers(0, 6, size=(8, 8))
+    change = _score64(model, x, target) - _score64(model, np.full_like(x, 0.3), target)
+    got = viz.shapley_value_sampling(model, x, target, feature_mask=mask, baseline=0.3,
+                                     n_samples=5, batch_size=16)
+    assert got.shape == x.shape and got.dtype == np.float32
+    np.testing.assert_allclose([v.sum() for v in _per_feature(got, mask[None, None])], change,
+                               rtol=1e-4, atol=1e-5)
+    for i in range(3):
+        alone = viz.shapley_value_sampling(model, x[i], int(target[i]), feature_mask=mask,
+                                           baseline=0.3, n_samples=5, batch_size=3)
+        np.testing.assert_allclose(alone, got[i], rtol=1e-5, atol=1e-6)
+    other = viz.shapley_value_sampling(model, x, target, feature_mask=mask, baseline=0.3,
+                                       n_samples=5, seed=1)
+    assert not np.allclose(other, got)
+
+    exact = viz.shapley_values(model, x, target, feature_mask=mask, baseline=0.3)
+    many = viz.shapley_value_sampling(model, x, target, feature_mask=mask, baseline=0.3,
+                                      n_samples=2000, batch_size=2048)
+    for i in range(3):                                  # about 1 / sqrt(n_samples) off
+        assert np.abs(many[i] - exact[i]).max() < 0.1 * np.abs(exact[i]).max()
+
+    rng = np.random.default_rng(8)
+    linear = nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc=nn.Linear(128, 5, rng=rng)))
+    w = linear.fc.weight.data.astype(np.float64)
+    cells = np.repeat(np.repeat(np.arange(16).reshape(4, 4), 2, 0), 2, 1)
+    base = images(1, seed=9)[0]
+    want = np.zeros(x.shape)
+    for i in range(3):
+        contrib = (w[target[i]] * (x[i] - base).ravel().astype(np.float64)).reshape(x.shape[1:])
+        for f in range(16):
+            want[i][:, cells == f] = contrib[:, cells == f].sum()
+    for n_samples in (1, 3):
+        got = viz.shapley_value_sampling(linear, x, target, feature_mask=cells, baseline=base,
+                                         n_samples=n_samples, batch_size=10)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    got = viz.shapley_values(linear, x, target, feature_mask=cells, baseline=base)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_shapley_arguments():
+    model = small_cnn()
+    x = images(2)
+    with pytest.raises(ValueError, match="128 features, more than the 20"):
+        viz.shapley_values(model, x)                     # every element its own feature
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        viz.shapley_value_sampling(model, x, n_samples=0)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        viz.shapley_value_sampling(model, x, seed=-1)
+    with pytest.raises(TypeError, match="integer feature ids"):
+        viz.shapley_values(model, x, feature_mask=np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="feature_mask must be"):
+        viz.shapley_value_sampling(model, x, feature_mask=np.zeros((3, 1, 8, 8), int))
+    with pytest.raises(ValueError, match="baseline must be"):
+        viz.shapley_values(model, x, feature_mask=np.zeros((8, 8), int), baseline=np.zeros(3))
+    with pytest.raises(ValueError, match="score must be"):
+        viz.shapley_values(model, x, feature_mask=np.zeros((8, 8), int), score="loss")
+    empty = np.zeros((0, 2, 8, 8), np.float32)
+    assert viz.shapley_values(model, empty).shape == (0, 2, 8, 8)
+    assert viz.shapley_value_sampling(model, empty).shape == (0, 2, 8, 8)
+    one = viz.shapley_value_sampling(model, x, 1, feature_mask=np.zeros((8, 8), int))
+    change = _score64(model, x, [1, 1]) - _score64(model, np.zeros_like(x), [1, 1])
+    np.testing.assert_allclose(one[:, 0, 0, 0], change, rtol=1e-4, atol=1e-5)
+    assert (one == one[:, :1, :1, :1]).all()            # one feature: the whole change
+
+
 # ---------------------------------------------------------------- activation maximisation
 
 def test_maximize_activation_reaches_the_analytic_optimum():
@@ -1588,6 +1730,11 @@ def _all_methods(model, x, target):
                                            stdev=0.1, batch_size=3),
         "ablation": viz.feature_ablation(model, x, target, batch_size=50,
                                          feature_mask=np.arange(64).reshape(8, 8) // 5),
+        "shapley": viz.shapley_values(model, x, target, batch_size=20,
+                                      feature_mask=np.arange(64).reshape(8, 8) // 11),
+        "shapley_sampling": viz.shapley_value_sampling(
+            model, x, target, n_samples=3, batch_size=9,
+            feature_mask=np.arange(64).reshape(8, 8) // 5),
         "deep_lift_delta": viz.deep_lift(model, x, target, return_convergence_delta=True)[1],
         "lrp": viz.lrp(model, x, target, rules={"conv1": viz.GammaRule()}),
         "conductance": viz.layer_conductance(model, x, "relu1", target, n_steps=3,
@@ -1665,6 +1812,9 @@ def test_model_state_unchanged(train):
         lambda: viz.gradient_shap(model, x, images(2, seed=8), n_samples=2, train=train,
                                   return_convergence_delta=True),
         lambda: viz.feature_ablation(model, x, feature_mask=np.eye(8, dtype=int), train=train),
+        lambda: viz.shapley_values(model, x, feature_mask=np.eye(8, dtype=int), train=train),
+        lambda: viz.shapley_value_sampling(model, x, feature_mask=np.eye(8, dtype=int),
+                                           n_samples=2, train=train),
         lambda: viz.deep_lift_shap(model, x, images(2, seed=8), train=train),
         lambda: viz.lrp(model, x, rules={"conv2": viz.GammaRule()}, train=train),
         lambda: viz.layer_conductance(model, x, "relu1", n_steps=2, train=train),

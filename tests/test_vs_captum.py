@@ -271,6 +271,42 @@ def test_feature_ablation_vs_captum(mask_kind):
         close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["superpixels", "per_sample"])
+def test_shapley_values_vs_captum(mask_kind):
+    """Exact Shapley values: Captum averages over all F! orders, fastcnn weighs the 2**F
+    coalitions; the same numbers."""
+    model, x = cnn(21), inputs(21)
+    tm, target = to_torch(model), [2, 0, 4]
+    rng = np.random.default_rng(21)
+    cells = np.repeat(np.repeat(np.arange(6).reshape(2, 3), 6, 0), 3, 1)[:11, :9]
+    mask = {"superpixels": cells, "per_sample": rng.integers(0, 5, size=(3, 1, 11, 9))}[mask_kind]
+    base = inputs(22, n=1)[0] * 0.5
+    captum_mask = torch.from_numpy(mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
+    for score, net in (("logit", tm), ("probability", tnn.Sequential(tm, tnn.Softmax(dim=1)))):
+        got = viz.shapley_values(model, x, target, feature_mask=mask, baseline=base,
+                                 score=score, batch_size=50)
+        want = attr(captum_attr.ShapleyValues(net), x, target=target,
+                    baselines=torch.from_numpy(base[None].astype(np.float64)),
+                    feature_mask=captum_mask, perturbations_per_eval=16)
+        close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_shapley_value_sampling_vs_captum_where_the_orders_do_not_matter():
+    """Captum's orders are torch's draws, so compare where every order gives the same
+    answer: a model linear in its input."""
+    rng = np.random.default_rng(23)
+    model = nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc=nn.Linear(3 * 11 * 9, 5, rng=rng)))
+    x, base = inputs(23), inputs(24, n=1)[0]
+    tm, target = to_torch(model), [4, 1, 0]
+    cells = np.repeat(np.repeat(np.arange(12).reshape(4, 3), 3, 0), 3, 1)[:11, :9]
+    got = viz.shapley_value_sampling(model, x, target, feature_mask=cells, baseline=base,
+                                     n_samples=4)
+    want = attr(captum_attr.ShapleyValueSampling(tm), x, target=target,
+                baselines=torch.from_numpy(base[None].astype(np.float64)),
+                feature_mask=torch.from_numpy(cells[None, None]), n_samples=4)
+    close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_gradient_shap_vs_captum_where_the_draws_do_not_matter():
     """Captum's draws are torch's, so the two agree where the result does not depend on
     them: a linear model against one reference (every sample gives W[t] * (x - b))."""

@@ -14,6 +14,8 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
 >>> viz.feature_ablation(model, x, feature_mask=segments)   # any regions, shaped like x
+>>> viz.shapley_values(model, x, feature_mask=segments)     # exact, sums to the score change
+>>> viz.shapley_value_sampling(model, x, feature_mask=segments, n_samples=25)
 >>> viz.feature_maps(model, x, "relu1")          # (32, 28, 28)
 >>> viz.maximize_activation(model, "relu2", [0, 5]).images   # what units respond to most
 
@@ -29,7 +31,7 @@ from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gr
                           guided_backprop, guided_grad_cam, input_x_gradient,
                           integrated_gradients, layer_integrated_gradients, occlusion,
                           saliency, smooth_grad, upsample_bilinear)
-from .ablation import feature_ablation
+from .ablation import feature_ablation, shapley_value_sampling, shapley_values
 from .deeplift import deep_lift, deep_lift_shap
 from .layer import layer_conductance, layer_gradient_x_activation
 from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, lrp,
@@ -45,7 +47,8 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "layer_gradient_x_activation", "deep_lift", "deep_lift_shap", "lrp", "lrp_composite",
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
            "gradient_shap", "grad_cam",
-           "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation", "OcclusionResult",
+           "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation", "shapley_values",
+           "shapley_value_sampling", "OcclusionResult",
            "upsample_bilinear", "feature_maps", "conv_layers", "filters", "filter_images",
            "maximize_activation", "MaximizedActivation", "plot_heatmap", "plot_feature_maps",
            "plot_filters", "plot_explanation", "plot_maximized", "METHODS", "Explanation",

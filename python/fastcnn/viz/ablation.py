@@ -1,7 +1,12 @@
-"""Feature ablation: how much the score falls when a group of input elements (a
-feature: a pixel, a superpixel, a channel, any labelled region) is replaced by a
-baseline, each group in turn. Occlusion's sliding window, generalised to any
-partition of the input (Captum's FeatureAblation)."""
+"""Perturbation methods over features (groups of input elements: a pixel, a
+superpixel, a channel, any labelled region), each feature either the input's or the
+baseline's. Feature ablation removes one feature at a time (occlusion's sliding
+window generalised to any partition; Captum's FeatureAblation); Shapley values
+average a feature's effect over the orders in which the features can be added
+(Captum's ShapleyValues and ShapleyValueSampling)."""
+
+import math
+
 
 import numpy as np
 
@@ -11,7 +16,10 @@ from ._common import (as_input, check_logits, check_score, preserved, resolve_ta
                       to_host, unbatch)
 from .attribution import _fill_images
 
-__all__ = ["feature_ablation"]
+__all__ = ["feature_ablation", "shapley_values", "shapley_value_sampling"]
+
+#: The most features per image :func:`shapley_values` evaluates every coalition of.
+MAX_EXACT_FEATURES = 20
 
 
 def _feature_mask(feature_mask, x, xp, op):
@@ -38,6 +46,59 @@ def _feature_mask(feature_mask, x, xp, op):
     return mask
 
 
+def _features(model, x, target, feature_mask, baseline, score, batch_size, train, op):
+    """What every feature method starts from: the checked arguments, each image's
+    features (their ids, and each element's index among them, (N, C or 1, H, W)), and a
+    function scoring copies of the images made of the input's elements where ``keep``
+    holds and the baseline's elsewhere."""
+    check_score(score, op)
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    xp = B.array_module(x)
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    mask = _feature_mask(feature_mask, x, xp, op)
+    n = x.shape[0]
+    full = xp.broadcast_to(mask, (n,) + mask.shape[1:])
+    ids, index = [], np.zeros(full.shape, np.int64)
+    for i in range(n):
+        ids_i, index_i = np.unique(to_host(full[i]), return_inverse=True)
+        ids.append(ids_i)
+        index[i] = index_i.reshape(full.shape[1:])
+    with preserved(model, train):
+        logits = model.forward(x, record=False)
+    check_logits(logits, op)
+    t = resolve_targets(target, logits, op)
+
+    def scores(logits, targets):
+        check_logits(logits, op)
+        if score == "probability":
+            logits = F.softmax(logits, dim=1)
+        return logits[xp.arange(len(logits)), targets].astype(np.float64)
+
+    def evaluate(image, keep):
+        """Scores (float64) of the copies ``image`` (host ints, one image index per copy)
+        with ``keep(first, last)`` (booleans, broadcastable to the copies) choosing the
+        input's elements, ``batch_size`` copies per forward pass."""
+        out = xp.empty(len(image), np.float64)
+        with preserved(model, train):
+            for first in range(0, len(image), batch_size):
+                last = min(first + batch_size, len(image))
+                i = xp.asarray(image[first:last])
+                copies = xp.where(keep(first, last), x[i], base[i])
+                out[first:last] = scores(model.forward(copies, record=False), t[i])
+        return to_host(out)
+
+    return ids, xp.asarray(index), scores(logits, t), evaluate
+
+
+def _spread(values, index, x, xp):
+    """Per-feature values (one host array per image) given to every element of their
+    feature: float32, shaped like x."""
+    out = xp.empty(x.shape, np.float32)
+    for i, v in enumerate(values):
+        out[i] = xp.broadcast_to(xp.asarray(v, np.float32)[index[i]], x.shape[1:])
+    return out
+
+
 def feature_ablation(model, x, target=None, *, feature_mask=None, baseline=0.0, score="logit",
                      batch_size=256, train=False):
     """Feature ablation (Captum's FeatureAblation): for each feature, score(x) minus the
@@ -55,41 +116,139 @@ def feature_ablation(model, x, target=None, *, feature_mask=None, baseline=0.0, 
     """
     op = "feature_ablation"
     x, single, xp = as_input(model, x, op)
-    check_score(score, op)
-    batch_size = B.as_count(batch_size, f"{op}: batch_size")
-    base = _fill_images(baseline, x, xp, op, "baseline")
-    mask = _feature_mask(feature_mask, x, xp, op)
-    n = x.shape[0]
-    full = xp.broadcast_to(mask, (n,) + mask.shape[1:])
-    # each image's own features, in id order, and each element's place among them
-    features = [np.unique(to_host(full[i]), return_inverse=True) for i in range(n)]
-    pairs = [(i, int(f)) for i, (ids, _) in enumerate(features) for f in ids]
-    drops = xp.zeros(len(pairs), np.float32)
+    ids, index, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
+                                              batch_size, train, op)
+    image = np.repeat(np.arange(len(ids)), [len(f) for f in ids])
+    removed = xp.asarray(np.concatenate([np.arange(len(f)) for f in ids] + [[]])
+                         .astype(np.int64))
+    values = evaluate(image, lambda first, last: index[xp.asarray(image[first:last])] !=
+                      removed[first:last, None, None, None])
+    drops = to_host(initial)[image] - values
+    ends = np.cumsum([len(f) for f in ids])
+    return unbatch(_spread(np.split(drops, ends[:-1]) if len(ids) else [], index, x, xp),
+                   single)
 
-    def scores(logits, t):
-        check_logits(logits, op)
-        if score == "probability":
-            logits = F.softmax(logits, dim=1)
-        return logits[xp.arange(len(logits)), t]
 
-    with preserved(model, train):
-        logits = model.forward(x, record=False)
-        check_logits(logits, op)
-        t = resolve_targets(target, logits, op)
-        initial = scores(logits, t)
-        for first in range(0, len(pairs), batch_size):
-            chunk = pairs[first:first + batch_size]
-            image = xp.asarray([i for i, _ in chunk])
-            ids = xp.asarray([f for _, f in chunk], dtype=np.int64)
-            hit = xp.broadcast_to(full[image] == ids[:, None, None, None], (len(chunk),) +
-                                  x.shape[1:])
-            ablated = xp.where(hit, base[image], x[image])
-            drops[first:first + len(chunk)] = initial[image] - scores(
-                model.forward(ablated, record=False), t[image])
-    attributions = xp.empty(x.shape, np.float32)
-    start = 0
-    for i, (ids, inverse) in enumerate(features):
-        own = drops[start:start + len(ids)][xp.asarray(inverse.reshape(full.shape[1:]))]
-        attributions[i] = xp.broadcast_to(own, x.shape[1:])
-        start += len(ids)
-    return unbatch(attributions, single)
+def shapley_values(model, x, target=None, *, feature_mask=None, baseline=0.0, score="logit",
+                   batch_size=256, train=False):
+    """Exact Shapley values of the features (Captum's ShapleyValues): each feature's
+    marginal effect on the score, v(S + f) - v(S), averaged over every order in which
+    the features can be added to the baseline, where v(S) is the score of the image
+    whose features in S are the input's and the rest the baseline's. Given to every
+    element of the feature; shaped like x. Each image's features add up to
+    score(x) - score(baseline) exactly (efficiency).
+
+    The 2**F coalitions of an image's F features are each evaluated once (Captum runs
+    F! orders of F steps), so F is limited to :data:`MAX_EXACT_FEATURES` (20: about a
+    million forward passes); :func:`shapley_value_sampling` estimates more.
+    feature_mask, baseline, score, batch_size, target: as :func:`feature_ablation`.
+    """
+    op = "shapley_values"
+    x, single, xp = as_input(model, x, op)
+    ids, index, _, evaluate = _features(model, x, target, feature_mask, baseline, score,
+                                        batch_size, train, op)
+    for i, f in enumerate(ids):
+        if len(f) > MAX_EXACT_FEATURES:
+            raise ValueError(f"{op}: image {i} has {len(f)} features, more than the "
+                             f"{MAX_EXACT_FEATURES} whose 2**F coalitions are evaluated; give "
+                             f"a coarser feature_mask or use shapley_value_sampling")
+    sizes = [len(f) for f in ids]
+    image = np.repeat(np.arange(len(ids)), [1 << k for k in sizes])
+    members = xp.asarray(np.concatenate([np.arange(1 << k) for k in sizes] + [[]])
+                         .astype(np.int64))
+    values = evaluate(image, lambda first, last: (
+        (members[first:last, None, None, None] >> index[xp.asarray(image[first:last])]) & 1)
+        == 1)
+    phis, start = [], 0
+    for k in sizes:
+        phis.append(_shapley_from_coalitions(values[start:start + (1 << k)], k))
+        start += 1 << k
+    return unbatch(_spread(phis, index, x, xp), single)
+
+
+def _shapley_from_coalitions(v, k):
+    """phi_f = sum over coalitions S without f of |S|! (k - |S| - 1)! / k! (v(S + f) - v(S)),
+    v indexed by the coalition's bit mask."""
+    phi = np.zeros(k)
+    if k == 0:
+        return phi
+    coalitions = np.arange(1 << k)
+    size = np.zeros(1 << k, np.int64)
+    for f in range(k):
+        size += (coalitions >> f) & 1
+    weight = np.array([math.factorial(s) * math.factorial(k - s - 1) / math.factorial(k)
+                       for s in range(k)])
+    for f in range(k):
+        without = coalitions[(coalitions >> f) & 1 == 0]
+        phi[f] = weight[size[without]] @ (v[without | (1 << f)] - v[without])
+    return phi
+
+
+def shapley_value_sampling(model, x, target=None, *, feature_mask=None, baseline=0.0,
+                           n_samples=25, seed=0, score="logit", batch_size=256, train=False):
+    """Shapley values estimated from ``n_samples`` random orders of the features
+    (Captum's ShapleyValueSampling): starting from the baseline, the features are set to
+    the input's one at a time in each order, and each feature's score change averaged
+    over the orders. Each order's changes add up to score(x) - score(baseline), so the
+    estimate keeps efficiency exactly; an image of F features takes
+    n_samples * (F - 1) + 2 forward passes.
+
+    The orders are drawn from ``seed`` for each image alike (numpy's default_rng), so
+    an image gets the same result alone or in any batch. Captum draws torch's: the same
+    distribution, other samples. feature_mask, baseline, score, batch_size, target: as
+    :func:`feature_ablation`. Shaped like x.
+    """
+    op = "shapley_value_sampling"
+    x, single, xp = as_input(model, x, op)
+    n_samples = B.as_count(n_samples, f"{op}: n_samples")
+    seed = B.as_count(seed, f"{op}: seed", least=0)
+    ids, index, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
+                                              batch_size, train, op)
+    orders, image, order, added = [], [], [], []
+    for i, f in enumerate(ids):
+        rng = np.random.default_rng(seed)
+        perms = np.stack([rng.permutation(len(f)) for _ in range(n_samples)])
+        rank = np.empty_like(perms)
+        np.put_along_axis(rank, perms, np.arange(len(f))[None], axis=1)
+        orders.append((perms, rank))
+        steps = np.arange(len(f) + 1)            # features set to the input's: 0 .. F
+        image.append(np.full((n_samples, len(f) + 1), i))
+        order.append(np.repeat(np.arange(n_samples)[:, None], len(f) + 1, 1))
+        added.append(np.broadcast_to(steps, (n_samples, len(f) + 1)))
+    if not ids:
+        return unbatch(xp.zeros(x.shape, np.float32), single)
+    width = max(len(f) for f in ids)
+    ranks = np.full((len(ids), n_samples, max(width, 1)), width, np.int64)
+    for i, (_, rank) in enumerate(orders):
+        ranks[i, :, :rank.shape[1]] = rank
+    # every (image, order, step) but the two ends each order shares: step 0 (the
+    # baseline) and step F (the input), evaluated once per image
+    flat = [np.concatenate([a[:, 1:-1].ravel() for a in arrays] + [[]]).astype(np.int64)
+            for arrays in (image, order, added)]
+    image_s, order_s, added_s = flat
+    ranks_d = xp.asarray(ranks)
+    added_d = xp.asarray(added_s)
+
+    def keep(first, last):
+        i = xp.asarray(image_s[first:last])
+        rows = ranks_d[i, xp.asarray(order_s[first:last])]
+        where = index[i]
+        mine = xp.take_along_axis(rows, where.reshape(last - first, -1), axis=1)
+        mine = mine.reshape(where.shape)
+        return mine < added_d[first:last, None, None, None]
+
+    inner = evaluate(image_s, keep)
+    none = evaluate(np.arange(len(ids)), lambda first, last: xp.zeros((1, 1, 1, 1), bool))
+    everything = to_host(initial)
+    phis, start = [], 0
+    for i, (perms, _) in enumerate(orders):
+        k = perms.shape[1]
+        v = np.empty((n_samples, k + 1))
+        v[:, 0], v[:, k] = none[i], everything[i]
+        if k > 1:
+            v[:, 1:k] = inner[start:start + n_samples * (k - 1)].reshape(n_samples, k - 1)
+            start += n_samples * (k - 1)
+        phi = np.zeros(k)
+        np.add.at(phi, perms, np.diff(v, axis=1))
+        phis.append(phi / n_samples)
+    return unbatch(_spread(phis, index, x, xp), single)
