@@ -1487,6 +1487,10 @@ class TestModelsOnGpu:
                 m, a, feature_mask=np.arange(144).reshape(12, 12) // 7, baseline=0.2,
                 score="probability", batch_size=9),
             "deep_lift_delta": lambda m, a: viz.deep_lift(m, a, return_convergence_delta=True)[1],
+            "layer_deep_lift": lambda m, a: viz.layer_deep_lift(m, a, "relu1",
+                                                                baseline=a[:1] * 0.5),
+            "layer_deep_lift_input": lambda m, a: viz.layer_deep_lift(
+                m, a, "relu2", attribute_to_layer_input=True, return_convergence_delta=True)[0],
             "shapley": lambda m, a: viz.shapley_values(
                 m, a, feature_mask=np.arange(144).reshape(12, 12) // 29, baseline=0.1,
                 batch_size=7),

@@ -524,16 +524,17 @@ def _pool_rule64(layer, a, b, g, h, eps):
             np.where(small, _pool_switches64(layer, b, h), ratio))
 
 
-def deep_lift64(model, x, base, target, eps=1e-10):
+def deep_lift64(model, x, base, target, eps=1e-10, keep=0):
     """DeepLIFT's multipliers in float64, layer by layer, for the image and the reference
     side by side: the rescale rule at every ReLU, the max-pool rule above, every other
-    layer's true backward (central differences: they are affine)."""
+    layer's true backward (central differences: they are affine). keep: back through
+    all but the first ``keep`` layers (the multipliers of layer keep - 1's output)."""
     xs, bs = forward64(model, x), forward64(model, base)
     names = list(xs)
     g = np.zeros_like(xs[names[-1]])
     g[np.arange(len(x)), target] = 1.0
     h = g.copy()
-    for k in range(len(names) - 1, -1, -1):
+    for k in range(len(names) - 1, keep - 1, -1):
         layer = model[names[k]]
         a = xs[names[k - 1]] if k else np.asarray(x, np.float64)
         b = bs[names[k - 1]] if k else np.asarray(base, np.float64)
@@ -624,6 +625,69 @@ def test_deep_lift_shap_is_the_mean_over_references():
     predicted = model(x).argmax(axis=1)
     np.testing.assert_array_equal(viz.deep_lift_shap(model, x, refs),
                                   viz.deep_lift_shap(model, x, refs, predicted))
+
+
+def test_layer_deep_lift_matches_layer_by_layer_reference():
+    """At each layer's output (and input), the multipliers carried back to it times the
+    activation's change: against deep_lift64 stopped there; every layer's attributions
+    add up to the logit change; the first layer's input is deep_lift itself."""
+    model = small_cnn()
+    x = images(3)
+    base = images(3, seed=7) * 0.5
+    target = np.array([2, 1, 4])
+    xs, bs = forward64(model, x), forward64(model, base)
+    names = model.names
+    logits_change = (xs[names[-1]] - bs[names[-1]])[np.arange(3), target]
+    for layer in ("conv1", "relu1", "pool1", "conv2", "pool2", "fc1", "relu3", names[-1]):
+        for to_input in (False, True):
+            k = names.index(layer) + (not to_input)
+            mult = deep_lift64(model, x, base, target, keep=k)
+            a = xs[names[k - 1]] if k else x.astype(np.float64)
+            b = bs[names[k - 1]] if k else base.astype(np.float64)
+            got = viz.layer_deep_lift(model, x, layer, target, baseline=base,
+                                      attribute_to_layer_input=to_input,
+                                      multiply_by_inputs=False)
+            assert got.shape == a.shape and got.dtype == np.float32, (layer, to_input)
+            np.testing.assert_allclose(got, mult, rtol=1e-3, atol=1e-5 * np.abs(mult).max(),
+                                       err_msg=f"{layer} {to_input}")
+            attributions, delta = viz.layer_deep_lift(model, x, model[layer], target,
+                                                      baseline=base,
+                                                      attribute_to_layer_input=to_input,
+                                                      return_convergence_delta=True)
+            want = mult * (a - b)
+            np.testing.assert_allclose(attributions, want, rtol=1e-3,
+                                       atol=1e-5 * np.abs(want).max())
+            total = attributions.reshape(3, -1).astype(np.float64).sum(axis=1)
+            scale = np.abs(attributions).reshape(3, -1).sum(axis=1).max()
+            np.testing.assert_allclose(total, logits_change, atol=1e-5 * scale)
+            np.testing.assert_allclose(delta, total - logits_change, atol=1e-5 * scale)
+    np.testing.assert_allclose(viz.layer_deep_lift(model, x, 0, target, baseline=base,
+                                                   attribute_to_layer_input=True),
+                               viz.deep_lift(model, x, target, baseline=base), rtol=1e-6,
+                               atol=1e-8)
+
+
+def test_layer_deep_lift_of_a_nested_block_and_arguments():
+    """A nested Sequential block's output; one image; bad arguments."""
+    inner = small_cnn()
+    children = list(inner.named_children())
+    model = nn.Sequential(OrderedDict([("features", nn.Sequential(OrderedDict(children[:8])))] +
+                                      children[8:]))
+    x = images(2)
+    got = viz.layer_deep_lift(model, x, "features", [1, 3], baseline=0.2)
+    want = viz.layer_deep_lift(inner, x, children[7][0], [1, 3], baseline=0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+    single = viz.layer_deep_lift(model, x[1], "features", 3, baseline=0.2)
+    np.testing.assert_allclose(single, got[1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="layer_deep_lift"):
+        viz.layer_deep_lift(model, x, "nope")
+    with pytest.raises(TypeError, match="attribute_to_layer_input must be True or False"):
+        viz.layer_deep_lift(model, x, "fc1", attribute_to_layer_input="yes")
+    with pytest.raises(ValueError, match="eps must be"):
+        viz.layer_deep_lift(model, x, "fc1", eps=float("nan"))
+    empty = np.zeros((0, 2, 8, 8), np.float32)
+    got, delta = viz.layer_deep_lift(model, empty, "fc1", return_convergence_delta=True)
+    assert got.shape == (0, model.fc1.out_features) and delta.shape == (0,)
 
 
 def test_deep_lift_arguments():
@@ -1808,6 +1872,7 @@ def test_model_state_unchanged(train):
         lambda: viz.input_x_gradient(model, x, train=train),
         lambda: viz.integrated_gradients(model, x, n_steps=3, train=train),
         lambda: viz.deep_lift(model, x, train=train),
+        lambda: viz.layer_deep_lift(model, x, "pool1", train=train),
         lambda: viz.layer_integrated_gradients(model, x, "relu1", n_steps=3, train=train),
         lambda: viz.gradient_shap(model, x, images(2, seed=8), n_samples=2, train=train,
                                   return_convergence_delta=True),

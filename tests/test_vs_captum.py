@@ -238,6 +238,56 @@ def test_deep_lift_vs_captum(baseline):
             np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("layer,to_input", [("pool1", False), ("relu1", False),
+                                            ("bn1", True), ("conv2", True),
+                                            ("relu2", False), ("conv1", True)])
+def test_layer_deep_lift_vs_captum(layer, to_input):
+    model, x = separated_cnn(25), inputs(25)
+    tm, target = to_torch(model), [1, 4, 0]
+    base = inputs(26, n=1)[0] * 0.5
+    tx = torch.from_numpy(x.astype(np.float64))
+    tb = torch.from_numpy(base[None].astype(np.float64))
+    for local in (False, True):
+        got, delta = viz.layer_deep_lift(model, x, layer, target, baseline=base,
+                                         multiply_by_inputs=not local,
+                                         attribute_to_layer_input=to_input,
+                                         return_convergence_delta=True)
+        want, want_delta = captum_attr.LayerDeepLift(
+            tm, getattr(tm, layer), multiply_by_inputs=not local).attribute(
+            tx, baselines=tb, target=target, attribute_to_layer_input=to_input,
+            return_convergence_delta=True)
+        close(got, want.detach().numpy())
+        if not local:
+            np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=1e-5)
+
+
+def test_layer_deep_lift_at_a_relus_input_vs_captum():
+    """At a ReLU's input Captum 0.9 takes the ReLU's plain gradient at x in place of its
+    rescale multiplier (the gradient it reads at the layer's input has not been through
+    the rule), so its attributions there do not add up to the logit change; fastcnn's apply the rule
+    and do. Captum's equal the multipliers at the ReLU's output times that gradient times
+    the input's change, written out here."""
+    model, x = separated_cnn(25), inputs(25)
+    tm, target = to_torch(model), [1, 4, 0]
+    base = inputs(26, n=1)[0] * 0.5
+    tx = torch.from_numpy(x.astype(np.float64))
+    tb = torch.from_numpy(base[None].astype(np.float64))
+    bases = np.broadcast_to(base, x.shape).copy()
+    for layer, before in (("relu1", "bn1"), ("relu2", "conv2")):
+        want, want_delta = captum_attr.LayerDeepLift(tm, getattr(tm, layer)).attribute(
+            tx, baselines=tb, target=target, attribute_to_layer_input=True,
+            return_convergence_delta=True)
+        mult = viz.layer_deep_lift(model, x, layer, target, baseline=base,
+                                   multiply_by_inputs=False)
+        a, b = viz.feature_maps(model, x, before), viz.feature_maps(model, bases, before)
+        close(mult * (a > 0) * (a - b), want.detach().numpy())
+        assert np.abs(want_delta.detach().numpy()).max() > 1e-3
+        _, delta = viz.layer_deep_lift(model, x, layer, target, baseline=base,
+                                       attribute_to_layer_input=True,
+                                       return_convergence_delta=True)
+        assert np.abs(delta).max() < 1e-5
+
+
 def test_deep_lift_shap_vs_captum():
     model, x = separated_cnn(13), inputs(13)
     tm, target = to_torch(model), [1, 2, 2]

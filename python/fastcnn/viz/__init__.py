@@ -11,6 +11,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.lrp(model, x, rules=viz.lrp_composite(model), fold_batchnorm=True)   # z-box, gamma, eps
 >>> viz.grad_cam(model, x, layer="relu2")        # (H, W), upsampled
 >>> viz.layer_conductance(model, x, "relu2")      # each unit's share, shaped like the layer
+>>> viz.layer_deep_lift(model, x, "relu2")        # DeepLIFT to the layer, sums to the change
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
 >>> viz.feature_ablation(model, x, feature_mask=segments)   # any regions, shaped like x
@@ -32,7 +33,7 @@ from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gr
                           integrated_gradients, layer_integrated_gradients, occlusion,
                           saliency, smooth_grad, upsample_bilinear)
 from .ablation import feature_ablation, shapley_value_sampling, shapley_values
-from .deeplift import deep_lift, deep_lift_shap
+from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift
 from .layer import layer_conductance, layer_gradient_x_activation
 from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, lrp,
                   lrp_composite)
@@ -44,7 +45,8 @@ from .report import METHODS, Explanation, demo_report, explain, write_report
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "layer_integrated_gradients", "layer_conductance",
-           "layer_gradient_x_activation", "deep_lift", "deep_lift_shap", "lrp", "lrp_composite",
+           "layer_gradient_x_activation", "layer_deep_lift", "deep_lift", "deep_lift_shap",
+           "lrp", "lrp_composite",
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
            "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation", "shapley_values",

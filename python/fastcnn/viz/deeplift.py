@@ -32,10 +32,10 @@ import numpy as np
 from .. import _backend as B
 from .. import functional as F
 from ..nn import LogSoftmax, MaxPool2d, ReLU, Sequential, Softmax
-from ._common import as_input, check_logits, preserved, resolve_targets, unbatch
+from ._common import as_input, check_logits, layer_name, preserved, resolve_targets, unbatch
 from .attribution import _fill_images
 
-__all__ = ["deep_lift", "deep_lift_shap"]
+__all__ = ["deep_lift", "deep_lift_shap", "layer_deep_lift"]
 
 
 def _leaves(model):
@@ -107,9 +107,13 @@ def _pool_rule(g, pool, a, out, eps):
     return xp.where(small, plain, ratio).reshape(a.shape)
 
 
-def _multipliers(model, x, base, target, eps, op):
+def _multipliers(model, x, base, target, eps, op, keep=0):
     """DeepLIFT's multipliers d logit / d x for inputs ``x`` against ``base`` (both
-    (N, C, H, W)), and each image's logit change (float64)."""
+    (N, C, H, W)), and each image's logit change (float64).
+
+    keep: how many of the model's first layers (nested blocks opened) the multipliers
+    do not go back through: they are then those of the activation after them, which is
+    returned as well, the inputs' and the references' side by side (2N, ...)."""
     layers = list(_leaves(model))
     for name, layer in model.named_modules():
         if isinstance(layer, (Softmax, LogSoftmax)):
@@ -132,13 +136,15 @@ def _multipliers(model, x, base, target, eps, op):
     g[xp.arange(2 * n), xp.concatenate([t, t])] = 1.0
     for p in model.parameters():
         p.requires_grad = False  # preserved() puts them back
-    for layer, a_in, a_out in zip(reversed(layers), reversed(inputs), reversed(outputs)):
+    for layer, a_in, a_out in list(zip(layers, inputs, outputs))[keep:][::-1]:
         if isinstance(layer, ReLU):
             g = _relu_rule(g, a_in, a_out, eps)
         elif isinstance(layer, MaxPool2d):
             g = _pool_rule(g, layer, a_in, a_out, eps)
         else:
             g = layer.backward(g, input_grad=True)
+    if keep:
+        return g[:n], change, inputs[keep] if keep < len(layers) else a
     return g[:n], change
 
 
@@ -226,3 +232,42 @@ def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_
     if not return_convergence_delta:
         return out
     return out, (xp.concatenate(deltas) if deltas else xp.zeros(0, np.float32))
+
+
+def layer_deep_lift(model, x, layer, target=None, *, baseline=0.0, multiply_by_inputs=True,
+                    attribute_to_layer_input=False, return_convergence_delta=False,
+                    eps=1e-10, train=False):
+    """DeepLIFT's attributions to a layer's units (Captum's LayerDeepLift): the
+    multipliers of the layer's output, carried back from the target logit with the
+    rules of :func:`deep_lift`, times the output's difference between x and the
+    baseline. Shaped like the layer's output (N, ...); each image's units add up to
+    logit(x) - logit(baseline) (``return_convergence_delta`` reports the rounding).
+
+    layer: a name, an index or the layer itself (a nested block: its output).
+    attribute_to_layer_input: the layer's input instead (the previous layer's output, or
+    the image for the first layer), the multipliers then taken back through the layer's
+    own rule. multiply_by_inputs: False returns the multipliers. baseline, eps, target:
+    as :func:`deep_lift`; it and Captum differ in the same places.
+    """
+    op = "layer_deep_lift"
+    x, single, xp = as_input(model, x, op)
+    eps = _check_eps(eps, op)
+    if not isinstance(attribute_to_layer_input, (bool, np.bool_)):
+        raise TypeError(f"{op}: attribute_to_layer_input must be True or False, got "
+                        f"{attribute_to_layer_input!r}")
+    index = model.names.index(layer_name(model, layer, op))
+    before = list(model.children())[:index + (not attribute_to_layer_input)]
+    keep = sum(len(list(_leaves(c))) if isinstance(c, Sequential) else 1 for c in before)
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    n = x.shape[0]
+    with preserved(model, train):
+        if keep == 0:
+            mult, change = _multipliers(model, x, base, target, eps, op)
+            acts = xp.concatenate([x, base])
+        else:
+            mult, change, acts = _multipliers(model, x, base, target, eps, op, keep)
+    attributions, delta = _finish(mult, acts[:n], acts[n:], change, multiply_by_inputs)
+    out = attributions.astype(np.float32)
+    if not return_convergence_delta:
+        return unbatch(out, single)
+    return unbatch((out, delta.astype(np.float32)), single)
