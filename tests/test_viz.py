@@ -1374,11 +1374,16 @@ def _per_feature(a, mask):
     return [np.array([a[i][mask[i] == f][0] for f in np.unique(mask[i])]) for i in range(len(a))]
 
 
-@pytest.mark.parametrize("score", ["logit", "probability"])
-def test_shapley_values_match_the_definition(score):
+@pytest.mark.parametrize("score,group", [("logit", None), ("probability", None),
+                                         ("logit", 16)])
+def test_shapley_values_match_the_definition(score, group, monkeypatch):
     """Against the average over every order, for superpixels shared by the channels,
     per-image masks with ids that are not consecutive, channel-wise masks; baselines a
-    value and one image each; any batch_size; the features add up to the score change."""
+    value and one image each; any batch_size; images evaluated in groups or all
+    together; the features add up to the score change."""
+    from fastcnn.viz import ablation
+    if group:
+        monkeypatch.setattr(ablation, "_GROUP", group)
     model = small_cnn()
     x = images(3)
     rng = np.random.default_rng(5)

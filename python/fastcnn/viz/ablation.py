@@ -20,6 +20,7 @@ __all__ = ["feature_ablation", "shapley_values", "shapley_value_sampling"]
 
 #: The most features per image :func:`shapley_values` evaluates every coalition of.
 MAX_EXACT_FEATURES = 20
+_GROUP = 1 << 20   # coalitions whose copies' bookkeeping shapley_values holds at once
 
 
 def _feature_mask(feature_mask, x, xp, op):
@@ -153,16 +154,21 @@ def shapley_values(model, x, target=None, *, feature_mask=None, baseline=0.0, sc
                              f"{MAX_EXACT_FEATURES} whose 2**F coalitions are evaluated; give "
                              f"a coarser feature_mask or use shapley_value_sampling")
     sizes = [len(f) for f in ids]
-    image = np.repeat(np.arange(len(ids)), [1 << k for k in sizes])
-    members = xp.asarray(np.concatenate([np.arange(1 << k) for k in sizes] + [[]])
-                         .astype(np.int64))
-    values = evaluate(image, lambda first, last: (
-        (members[first:last, None, None, None] >> index[xp.asarray(image[first:last])]) & 1)
-        == 1)
-    phis, start = [], 0
-    for k in sizes:
-        phis.append(_shapley_from_coalitions(values[start:start + (1 << k)], k))
-        start += 1 << k
+    phis, group = [], []
+    for i in range(len(ids) + 1):   # images in groups of at most _GROUP coalitions (or one)
+        if group and (i == len(ids) or sum(1 << sizes[j] for j in group + [i]) > _GROUP):
+            image = np.repeat(group, [1 << sizes[j] for j in group])
+            members = xp.asarray(np.concatenate([np.arange(1 << sizes[j]) for j in group]))
+            values = evaluate(image, lambda first, last: (
+                (members[first:last, None, None, None] >> index[xp.asarray(image[first:last])])
+                & 1) == 1)
+            start = 0
+            for j in group:
+                phis.append(_shapley_from_coalitions(values[start:start + (1 << sizes[j])],
+                                                     sizes[j]))
+                start += 1 << sizes[j]
+            group = []
+        group.append(i)
     return unbatch(_spread(phis, index, x, xp), single)
 
 
