@@ -190,6 +190,12 @@ def _shapley_from_coalitions(v, k):
     return phi
 
 
+def _orders(k, n_samples, seed):
+    """n_samples random orders of k features, (n_samples, k), the same for every image."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(k) for _ in range(n_samples)])
+
+
 def shapley_value_sampling(model, x, target=None, *, feature_mask=None, baseline=0.0,
                            n_samples=25, seed=0, score="logit", batch_size=256, train=False):
     """Shapley values estimated from ``n_samples`` random orders of the features
@@ -210,51 +216,40 @@ def shapley_value_sampling(model, x, target=None, *, feature_mask=None, baseline
     seed = B.as_count(seed, f"{op}: seed", least=0)
     ids, index, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
                                               batch_size, train, op)
-    orders, image, order, added = [], [], [], []
-    for i, f in enumerate(ids):
-        rng = np.random.default_rng(seed)
-        perms = np.stack([rng.permutation(len(f)) for _ in range(n_samples)])
-        rank = np.empty_like(perms)
-        np.put_along_axis(rank, perms, np.arange(len(f))[None], axis=1)
-        orders.append((perms, rank))
-        steps = np.arange(len(f) + 1)            # features set to the input's: 0 .. F
-        image.append(np.full((n_samples, len(f) + 1), i))
-        order.append(np.repeat(np.arange(n_samples)[:, None], len(f) + 1, 1))
-        added.append(np.broadcast_to(steps, (n_samples, len(f) + 1)))
     if not ids:
         return unbatch(xp.zeros(x.shape, np.float32), single)
-    width = max(len(f) for f in ids)
-    ranks = np.full((len(ids), n_samples, max(width, 1)), width, np.int64)
-    for i, (_, rank) in enumerate(orders):
-        ranks[i, :, :rank.shape[1]] = rank
-    # every (image, order, step) but the two ends each order shares: step 0 (the
-    # baseline) and step F (the input), evaluated once per image
-    flat = [np.concatenate([a[:, 1:-1].ravel() for a in arrays] + [[]]).astype(np.int64)
-            for arrays in (image, order, added)]
-    image_s, order_s, added_s = flat
-    ranks_d = xp.asarray(ranks)
-    added_d = xp.asarray(added_s)
+    sizes = [len(f) for f in ids]
+    perms = [_orders(k, n_samples, seed) for k in sizes]
+    width = max(sizes)
+    rank = np.full((len(ids), n_samples, width), width, np.int64)  # each feature's place
+    for i, (k, p) in enumerate(zip(sizes, perms)):
+        np.put_along_axis(rank[i, :, :k], p, np.arange(k)[None], axis=1)
+    # the copies with 1 .. F - 1 features the input's, for every order of every image
+    # (none and all of them, the baseline and the input, are scored once an image)
+    steps = [k - 1 for k in sizes]
+    image = np.repeat(np.arange(len(ids)), [n_samples * m for m in steps])
+    order = xp.asarray(np.concatenate([np.repeat(np.arange(n_samples), m) for m in steps]))
+    added = xp.asarray(np.concatenate([np.tile(np.arange(1, m + 1), n_samples)
+                                       for m in steps]))
+    rank = xp.asarray(rank)
 
     def keep(first, last):
-        i = xp.asarray(image_s[first:last])
-        rows = ranks_d[i, xp.asarray(order_s[first:last])]
+        i = xp.asarray(image[first:last])
         where = index[i]
-        mine = xp.take_along_axis(rows, where.reshape(last - first, -1), axis=1)
-        mine = mine.reshape(where.shape)
-        return mine < added_d[first:last, None, None, None]
+        mine = xp.take_along_axis(rank[i, order[first:last]],
+                                  where.reshape(last - first, -1), axis=1)
+        return mine.reshape(where.shape) < added[first:last, None, None, None]
 
-    inner = evaluate(image_s, keep)
+    inner = evaluate(image, keep)
     none = evaluate(np.arange(len(ids)), lambda first, last: xp.zeros((1, 1, 1, 1), bool))
     everything = to_host(initial)
     phis, start = [], 0
-    for i, (perms, _) in enumerate(orders):
-        k = perms.shape[1]
+    for i, (k, p) in enumerate(zip(sizes, perms)):
         v = np.empty((n_samples, k + 1))
         v[:, 0], v[:, k] = none[i], everything[i]
-        if k > 1:
-            v[:, 1:k] = inner[start:start + n_samples * (k - 1)].reshape(n_samples, k - 1)
-            start += n_samples * (k - 1)
+        v[:, 1:k] = inner[start:start + n_samples * (k - 1)].reshape(n_samples, k - 1)
+        start += n_samples * (k - 1)
         phi = np.zeros(k)
-        np.add.at(phi, perms, np.diff(v, axis=1))
+        np.add.at(phi, p, np.diff(v, axis=1))  # order p's changes, feature by feature
         phis.append(phi / n_samples)
     return unbatch(_spread(phis, index, x, xp), single)
