@@ -109,11 +109,11 @@ def _pool_rule(g, pool, a, out, eps):
 
 def _multipliers(model, x, base, target, eps, op, keep=0):
     """DeepLIFT's multipliers d logit / d x for inputs ``x`` against ``base`` (both
-    (N, C, H, W)), and each image's logit change (float64).
+    (N, C, H, W)), each image's logit change (float64), and x and base side by side.
 
     keep: how many of the model's first layers (nested blocks opened) the multipliers
-    do not go back through: they are then those of the activation after them, which is
-    returned as well, the inputs' and the references' side by side (2N, ...)."""
+    do not go back through: they are then those of the activation after them, returned
+    in x's and base's place (2N, ...)."""
     layers = list(_leaves(model))
     for name, layer in model.named_modules():
         if isinstance(layer, (Softmax, LogSoftmax)):
@@ -143,9 +143,7 @@ def _multipliers(model, x, base, target, eps, op, keep=0):
             g = _pool_rule(g, layer, a_in, a_out, eps)
         else:
             g = layer.backward(g, input_grad=True)
-    if keep:
-        return g[:n], change, inputs[keep] if keep < len(layers) else a
-    return g[:n], change
+    return g[:n], change, inputs[keep] if keep < len(layers) else a
 
 
 def _check_eps(eps, op):
@@ -183,7 +181,7 @@ def deep_lift(model, x, target=None, *, baseline=0.0, multiply_by_inputs=True,
     eps = _check_eps(eps, op)
     base = _fill_images(baseline, x, xp, op, "baseline")
     with preserved(model, train):
-        mult, change = _multipliers(model, x, base, target, eps, op)
+        mult, change, _ = _multipliers(model, x, base, target, eps, op)
     attributions, delta = _finish(mult, x, base, change, multiply_by_inputs)
     out = attributions.astype(np.float32)
     if not return_convergence_delta:
@@ -223,7 +221,7 @@ def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_
             pair = np.arange(first, min(first + batch_size, n * k))
             image, ref = xp.asarray(pair // k), xp.asarray(pair % k)
             xs, bs = x[image], refs[ref]
-            mult, change = _multipliers(model, xs, bs, t[image], eps, op)
+            mult, change, _ = _multipliers(model, xs, bs, t[image], eps, op)
             attr, delta = _finish(mult, xs, bs, change, multiply_by_inputs)
             for row, i in enumerate(pair // k):  # each image's references in order
                 total[i] += attr[row]
@@ -261,11 +259,7 @@ def layer_deep_lift(model, x, layer, target=None, *, baseline=0.0, multiply_by_i
     base = _fill_images(baseline, x, xp, op, "baseline")
     n = x.shape[0]
     with preserved(model, train):
-        if keep == 0:
-            mult, change = _multipliers(model, x, base, target, eps, op)
-            acts = xp.concatenate([x, base])
-        else:
-            mult, change, acts = _multipliers(model, x, base, target, eps, op, keep)
+        mult, change, acts = _multipliers(model, x, base, target, eps, op, keep)
     attributions, delta = _finish(mult, acts[:n], acts[n:], change, multiply_by_inputs)
     out = attributions.astype(np.float32)
     if not return_convergence_delta:
