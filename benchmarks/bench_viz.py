@@ -26,6 +26,7 @@ Without torch/captum only fastcnn's numbers are printed.
 """
 
 import argparse
+import importlib.util
 import platform
 import warnings
 import statistics
@@ -335,6 +336,29 @@ def main():
         rows.append(f"| Captum ShapleyValueSampling, perturbations_per_eval=128 | {ms:.1f} |")
         rows.append(f"\nspeed-up over Captum: {ms / ours:.1f}x (exact Shapley values of 16 "
                     f"features take Captum's ShapleyValues 16! orders)")
+    print("| method | median ms |\n|---|---|")
+    print("\n".join(rows))
+
+    print("\n## KernelSHAP and LIME: 4 images, 49 cells of 4x4, 200 samples, baseline 0\n")
+    rows = []
+    warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
+    for name, method, kwargs in (("kernel_shap", viz.kernel_shap, {}),
+                                 ("lime", viz.lime, {"alpha": 0.01})):
+        ours = median_ms(lambda: method(model, four, four_targets, feature_mask=cells,
+                                        n_samples=200, batch_size=800, **kwargs), args.repeats)
+        rows.append(f"| fastcnn {name}, batch_size=800 | {ours:.1f} |")
+        if (torch is not None and captum is not None   # Captum fits with scikit-learn
+                and importlib.util.find_spec("sklearn") is not None):
+            explainer = (captum.KernelShap if name == "kernel_shap" else captum.Lime)(net)
+            tx, tt = torch.from_numpy(four.copy()), torch.from_numpy(four_targets)
+            tmask = torch.from_numpy(cells[None, None])
+            ms = median_ms(lambda: explainer.attribute(tx, target=tt, feature_mask=tmask,
+                                                       n_samples=200,
+                                                       perturbations_per_eval=200),
+                           args.repeats)
+            rows.append(f"| Captum {type(explainer).__name__}, perturbations_per_eval=200 "
+                        f"| {ms:.1f} |")
+            rows.append(f"| speed-up over Captum | {ms / ours:.1f}x |")
     print("| method | median ms |\n|---|---|")
     print("\n".join(rows))
 

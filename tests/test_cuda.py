@@ -1497,6 +1497,12 @@ class TestModelsOnGpu:
             "shapley_sampling": lambda m, a: viz.shapley_value_sampling(
                 m, a, feature_mask=np.arange(144).reshape(12, 12) // 13, n_samples=3,
                 score="probability", batch_size=8),
+            "kernel_shap": lambda m, a: viz.kernel_shap(
+                m, a, feature_mask=np.arange(144).reshape(12, 12) // 13, n_samples=16,
+                baseline=0.1, batch_size=7),
+            "lime": lambda m, a: viz.lime(
+                m, a, feature_mask=np.arange(144).reshape(12, 12) // 13, n_samples=16,
+                alpha=0.0005, distance="euclidean", kernel_width=5.0, batch_size=7),
             "deep_lift_shap": lambda m, a: viz.deep_lift_shap(m, a, a[::-1] * 0.3, batch_size=3),
             "maximize": lambda m, a: viz.maximize_activation(
                 m, "relu2", [0, 2], shape=(1, 12, 12), steps=4, lr=0.1).images,

@@ -1480,6 +1480,256 @@ def test_shapley_arguments():
     assert (one == one[:, :1, :1, :1]).all()            # one feature: the whole change
 
 
+# ---------------------------------------------------------------- KernelSHAP and LIME
+
+def _copies64(model, x, base, mask, coalitions, target, score="logit"):
+    """Scores (float64) of image i's copies: feature f (by id order) the input's where
+    coalitions[i][copy, f]."""
+    mask = np.broadcast_to(mask, x.shape)
+    out = []
+    for i, z in enumerate(coalitions):
+        ids = np.unique(mask[i])
+        copies = np.stack([np.where(np.isin(mask[i], ids[row]), x[i], base[i]) for row in z])
+        out.append(_score64(model, copies, np.full(len(z), target[i]), score))
+    return out
+
+
+def test_kernel_shap_coalitions_follow_the_shapley_kernel():
+    """Row 0 the baseline; a drawn coalition's size s in 1 .. k-1 with probability
+    proportional to 1 / (s (k - s)) and, given s, every feature in it with probability
+    s / k; the seed decides the draws."""
+    from fastcnn.viz.surrogate import _kernel_shap_coalitions
+    k, n = 6, 30002
+    z = _kernel_shap_coalitions(k, n, 3)
+    assert z.shape == (n - 1, k) and z.dtype == bool and not z[0].any()
+    size = z[1:].sum(axis=1)
+    p = np.array([1 / (s * (k - s)) for s in range(1, k)])
+    freq = np.bincount(size, minlength=k)[1:k] / len(size)
+    np.testing.assert_allclose(freq, p / p.sum(), atol=0.01)
+    for s in range(1, k):
+        np.testing.assert_allclose(z[1:][size == s].mean(axis=0), s / k, atol=0.03)
+    assert not np.array_equal(_kernel_shap_coalitions(k, 50, 4), _kernel_shap_coalitions(k, 50, 3))
+    assert _kernel_shap_coalitions(1, 50, 0).shape == (1, 1)   # nothing to draw
+
+
+def test_kernel_shap_fit_is_the_constrained_least_squares():
+    """More draws than features: the KKT system of min |z phi - (v - v0)|^2 subject to
+    sum(phi) = v1 - v0. Fewer (and independent): every equation holds and phi is the least-norm solution
+    (it lies in the span of the equations' rows)."""
+    from fastcnn.viz.surrogate import _kernel_shap_coalitions, _kernel_shap_fit
+    rng = np.random.default_rng(11)
+    v0, v1 = 0.4, -1.3
+    z = _kernel_shap_coalitions(5, 40, 0)[1:].astype(np.float64)
+    v = rng.standard_normal(len(z))
+    kkt = np.block([[2 * z.T @ z, np.ones((5, 1))], [np.ones((1, 5)), np.zeros((1, 1))]])
+    want = np.linalg.solve(kkt, np.concatenate([2 * z.T @ (v - v0), [v1 - v0]]))[:5]
+    np.testing.assert_allclose(_kernel_shap_fit(z > 0, v, v0, v1), want, rtol=1e-10, atol=1e-12)
+
+    z = (rng.random((20, 40)) < 0.5).astype(np.float64)   # rows independent with ones
+    v = rng.standard_normal(len(z))
+    phi = _kernel_shap_fit(z > 0, v, v0, v1)
+    rows = np.vstack([z, np.ones(40)])
+    np.testing.assert_allclose(rows @ phi, np.concatenate([v - v0, [v1 - v0]]), atol=1e-10)
+    span = np.linalg.lstsq(rows.T, phi, rcond=None)[0]
+    np.testing.assert_allclose(rows.T @ span, phi, atol=1e-10)
+    np.testing.assert_allclose(_kernel_shap_fit(np.zeros((0, 3), bool), v[:0], v0, v1),
+                               np.full(3, (v1 - v0) / 3))
+
+
+def test_kernel_shap():
+    """Against the regression on the same draws in float64 (per-image masks with ids
+    that are not consecutive, a baseline image each); the features add up to the score
+    change; a linear model's values exactly; many draws approach the exact Shapley
+    values; an image gets the same result alone or in any batch."""
+    from fastcnn.viz.surrogate import _kernel_shap_coalitions, _kernel_shap_fit
+    model = small_cnn()
+    x = images(3)
+    target = np.array([2, 0, 3])
+    rng = np.random.default_rng(12)
+    for mask, baseline, score in [(rng.choice([2, 9, 30, 31, 50, 77], size=(3, 1, 8, 8)),
+                                   images(3, seed=13), "logit"),
+                                  (rng.integers(0, 7, size=(2, 8, 8)), 0.25, "probability")]:
+        full_mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        base = np.broadcast_to(np.asarray(baseline, np.float32), x.shape)
+        got = viz.kernel_shap(model, x, target, feature_mask=mask, baseline=baseline,
+                              n_samples=60, score=score, batch_size=17)
+        assert got.shape == x.shape and got.dtype == np.float32
+        ks = [len(np.unique(np.broadcast_to(full_mask, x.shape)[i])) for i in range(3)]
+        coalitions = [_kernel_shap_coalitions(k, 60, 0) for k in ks]
+        values = _copies64(model, x, base, full_mask, coalitions, target, score)
+        full = _score64(model, x, target, score)
+        for i in range(3):
+            want = _kernel_shap_fit(coalitions[i][1:], values[i][1:], values[i][0], full[i])
+            np.testing.assert_allclose(_per_feature(got, full_mask)[i], want, rtol=1e-4,
+                                       atol=1e-5 * np.abs(want).max())
+            np.testing.assert_allclose(want.sum(), full[i] - values[i][0], rtol=1e-9)
+            alone = viz.kernel_shap(model, x[i], int(target[i]), feature_mask=full_mask[
+                i if len(full_mask) > 1 else 0], baseline=base[i], n_samples=60, score=score)
+            np.testing.assert_allclose(alone, got[i], rtol=1e-5, atol=1e-6)
+    mask = np.random.default_rng(7).integers(0, 6, size=(8, 8))
+    exact = viz.shapley_values(model, x, target, feature_mask=mask, baseline=0.3)
+    many = viz.kernel_shap(model, x, target, feature_mask=mask, baseline=0.3, n_samples=4000,
+                           batch_size=4096)
+    for i in range(3):                                  # about 1 / sqrt(n_samples) off
+        assert np.abs(many[i] - exact[i]).max() < 0.05 * np.abs(exact[i]).max()
+    every = viz.kernel_shap(model, x, target, n_samples=30)   # 128 features, 28 draws
+    change = _score64(model, x, target) - _score64(model, np.zeros_like(x), target)
+    np.testing.assert_allclose(every.reshape(3, -1).sum(axis=1), change, rtol=1e-4, atol=1e-5)
+
+
+def _linear_model_values(seed=8):
+    rng = np.random.default_rng(seed)
+    linear = nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc=nn.Linear(128, 5, rng=rng)))
+    w = linear.fc.weight.data.astype(np.float64)
+    cells = np.repeat(np.repeat(np.arange(16).reshape(4, 4), 2, 0), 2, 1)
+    x, base, target = images(3), images(1, seed=9)[0], np.array([2, 0, 3])
+    want = np.zeros(x.shape)
+    for i in range(3):
+        contrib = (w[target[i]] * (x[i] - base).ravel().astype(np.float64)).reshape(x.shape[1:])
+        for f in range(16):
+            want[i][:, cells == f] = contrib[:, cells == f].sum()
+    return linear, x, base, target, cells, want
+
+
+def test_kernel_shap_and_lime_on_a_linear_model():
+    """Score linear in the features: any draws that determine the fit give each
+    feature's W . (x - b) exactly, for KernelSHAP and for LIME without the lasso."""
+    linear, x, base, target, cells, want = _linear_model_values()
+    for got in (viz.kernel_shap(linear, x, target, feature_mask=cells, baseline=base,
+                                n_samples=80),
+                viz.lime(linear, x, target, feature_mask=cells, baseline=base, n_samples=80,
+                         alpha=0.0),
+                viz.lime(linear, x, target, feature_mask=cells, baseline=base, n_samples=80,
+                         alpha=0.0, distance="euclidean", kernel_width=20.0)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def _lasso_by_enumeration(a, t, alpha):
+    """argmin 1/2 |t - a b|^2 + alpha |b|_1 over every support and sign pattern: on each,
+    the stationary point of the smooth problem, kept if its signs agree."""
+    k = a.shape[1]
+    best, best_b = 0.5 * t @ t, np.zeros(k)
+    for signs in itertools.product((-1, 0, 1), repeat=k):
+        s = np.flatnonzero(signs)
+        if not len(s):
+            continue
+        sign = np.array(signs, np.float64)[s]
+        a_s = a[:, s]
+        try:
+            b_s = np.linalg.solve(a_s.T @ a_s, a_s.T @ t - alpha * sign)
+        except np.linalg.LinAlgError:
+            continue
+        if np.any(np.sign(b_s) != sign):
+            continue
+        b = np.zeros(k)
+        b[s] = b_s
+        objective = 0.5 * np.sum((t - a @ b) ** 2) + alpha * np.abs(b).sum()
+        if objective < best:
+            best, best_b = objective, b
+    return best_b
+
+
+@pytest.mark.parametrize("n,k", [(30, 5), (12, 4), (3, 5)])
+def test_lasso_is_exact(n, k):
+    from fastcnn.viz.surrogate import _lasso
+    rng = np.random.default_rng(n * k)
+    a = rng.standard_normal((n, k))
+    t = a @ rng.standard_normal(k) + 0.3 * rng.standard_normal(n)
+    top = np.abs(a.T @ t).max()
+    for alpha in (1e-3 * top, 0.1 * top, 0.5 * top, 0.99 * top, 1.5 * top):
+        np.testing.assert_allclose(_lasso(a, t, alpha), _lasso_by_enumeration(a, t, alpha),
+                                   rtol=1e-8, atol=1e-10 * top)
+
+
+@pytest.mark.parametrize("distance,kernel_width", [("cosine", 1.0), ("euclidean", 3.0)])
+def test_lime_matches_its_definition(distance, kernel_width):
+    """The copies built and scored in float64, weighed by the kernel of their distance
+    to the input, the weighted lasso with an intercept solved by enumeration; the same
+    alone as in a batch; the seed decides the draws."""
+    from fastcnn.viz.surrogate import _lime_coalitions
+    model = small_cnn()
+    x = images(3)
+    target = np.array([1, 4, 0])
+    rng = np.random.default_rng(14)
+    mask = rng.choice([3, 8, 21, 22], size=(3, 1, 8, 8))
+    base = images(3, seed=15)
+    n = 40
+    coalitions = [_lime_coalitions(4, n, 0) for _ in range(3)]
+    values = _copies64(model, x, base, mask, coalitions, target)
+    nonzero = {}                                        # features kept by the lasso
+    for alpha in (0.003, 0.0005, 0.0):
+        got = viz.lime(model, x, target, feature_mask=mask, baseline=base, n_samples=n,
+                       alpha=alpha, distance=distance, kernel_width=kernel_width, batch_size=9)
+        assert got.shape == x.shape and got.dtype == np.float32
+        for i in range(3):
+            ids = np.unique(mask[i])
+            copies = np.stack([np.where(np.isin(mask[i], ids[row]), x[i], base[i])
+                               for row in coalitions[i]]).reshape(n, -1).astype(np.float64)
+            orig = x[i].ravel().astype(np.float64)
+            if distance == "cosine":
+                d = 1 - copies @ orig / (np.linalg.norm(copies, axis=1) * np.linalg.norm(orig))
+            else:
+                d = np.linalg.norm(copies - orig, axis=1)
+            w = np.exp(-d ** 2 / (2 * kernel_width ** 2))
+            w = w / w.sum()
+            z = coalitions[i].astype(np.float64)
+            a = (z - w @ z) * np.sqrt(w)[:, None]
+            t = (values[i] - w @ values[i]) * np.sqrt(w)
+            want = (np.linalg.lstsq(a, t, rcond=None)[0] if alpha == 0
+                    else _lasso_by_enumeration(a, t, alpha))
+            np.testing.assert_allclose(_per_feature(got, mask)[i], want, rtol=1e-4,
+                                       atol=1e-5 * max(np.abs(want).max(), 1e-3))
+            alone = viz.lime(model, x[i], int(target[i]), feature_mask=mask[i],
+                             baseline=base[i], n_samples=n, alpha=alpha, distance=distance,
+                             kernel_width=kernel_width)
+            np.testing.assert_allclose(alone, got[i], rtol=1e-5, atol=1e-7)
+        nonzero[alpha] = np.count_nonzero(_per_feature(got, mask))
+    assert nonzero[0.0] == 12 and 0 < nonzero[0.0005] and nonzero[0.003] <= nonzero[0.0005]
+    other = viz.lime(model, x, target, feature_mask=mask, baseline=base, n_samples=n, seed=1,
+                     alpha=0.0, distance=distance, kernel_width=kernel_width)
+    assert not np.allclose(other, viz.lime(model, x, target, feature_mask=mask, baseline=base,
+                                           n_samples=n, alpha=0.0, distance=distance,
+                                           kernel_width=kernel_width))
+
+
+def test_kernel_shap_and_lime_arguments():
+    model = small_cnn()
+    x = images(2)
+    cells = np.repeat(np.repeat(np.arange(16).reshape(4, 4), 2, 0), 2, 1)
+    with pytest.raises(ValueError, match="n_samples .*must be >= 2"):
+        viz.kernel_shap(model, x, n_samples=1)
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        viz.lime(model, x, n_samples=0)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        viz.kernel_shap(model, x, seed=-1)
+    with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
+        viz.lime(model, x, alpha=-0.1)
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        viz.lime(model, x, alpha="big")
+    with pytest.raises(ValueError, match="kernel_width must be > 0"):
+        viz.lime(model, x, kernel_width=0)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        viz.lime(model, x, distance="manhattan")
+    with pytest.raises(ValueError, match="all their weights are 0"):
+        viz.lime(model, x, feature_mask=cells, kernel_width=1e-4, distance="euclidean",
+                 n_samples=5)
+    with pytest.raises(TypeError, match="integer feature ids"):
+        viz.kernel_shap(model, x, feature_mask=np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="baseline must be"):
+        viz.lime(model, x, baseline=np.zeros(3))
+    with pytest.raises(ValueError, match="score must be"):
+        viz.kernel_shap(model, x, score="loss")
+    empty = np.zeros((0, 2, 8, 8), np.float32)
+    assert viz.kernel_shap(model, empty).shape == (0, 2, 8, 8)
+    assert viz.lime(model, empty).shape == (0, 2, 8, 8)
+    one = viz.kernel_shap(model, x, 1, feature_mask=np.zeros((8, 8), int))
+    change = _score64(model, x, [1, 1]) - _score64(model, np.zeros_like(x), [1, 1])
+    np.testing.assert_allclose(one[:, 0, 0, 0], change, rtol=1e-4, atol=1e-5)
+    assert (one == one[:, :1, :1, :1]).all()            # one feature: the whole change
+    zero = np.zeros_like(x)                             # the input is the baseline
+    assert not viz.lime(model, zero, feature_mask=cells, baseline=0.0).any()
+
+
 # ---------------------------------------------------------------- activation maximisation
 
 def test_maximize_activation_reaches_the_analytic_optimum():
@@ -1804,6 +2054,10 @@ def _all_methods(model, x, target):
         "shapley_sampling": viz.shapley_value_sampling(
             model, x, target, n_samples=3, batch_size=9,
             feature_mask=np.arange(64).reshape(8, 8) // 5),
+        "kernel_shap": viz.kernel_shap(model, x, target, n_samples=20, batch_size=9,
+                                       feature_mask=np.arange(64).reshape(8, 8) // 5),
+        "lime": viz.lime(model, x, target, n_samples=20, batch_size=9, alpha=0.0005,
+                         feature_mask=np.arange(64).reshape(8, 8) // 5),
         "deep_lift_delta": viz.deep_lift(model, x, target, return_convergence_delta=True)[1],
         "lrp": viz.lrp(model, x, target, rules={"conv1": viz.GammaRule()}),
         "conductance": viz.layer_conductance(model, x, "relu1", target, n_steps=3,
@@ -1885,6 +2139,8 @@ def test_model_state_unchanged(train):
         lambda: viz.shapley_values(model, x, feature_mask=np.eye(8, dtype=int), train=train),
         lambda: viz.shapley_value_sampling(model, x, feature_mask=np.eye(8, dtype=int),
                                            n_samples=2, train=train),
+        lambda: viz.kernel_shap(model, x, feature_mask=np.eye(8, dtype=int), train=train),
+        lambda: viz.lime(model, x, feature_mask=np.eye(8, dtype=int), train=train),
         lambda: viz.deep_lift_shap(model, x, images(2, seed=8), train=train),
         lambda: viz.lrp(model, x, rules={"conv2": viz.GammaRule()}, train=train),
         lambda: viz.layer_conductance(model, x, "relu1", n_steps=2, train=train),

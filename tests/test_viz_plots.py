@@ -141,6 +141,15 @@ def test_explain_subset_of_methods_and_target():
     np.testing.assert_array_equal(
         viz.explain(bare, garment(), 3, methods=["lrp"]).maps["lrp"],
         viz.lrp(bare, garment(), 3, rules=box, fold_batchnorm=True))
+    shap = viz.explain(model, garment(), 3, methods=["kernel_shap"], window=(5, 3), fill=0.5,
+                       shap_samples=60, seed=2)
+    cells = (np.arange(12)[:, None] // 5) * 4 + np.arange(12)[None, :] // 3   # 3 x 4 cells
+    np.testing.assert_array_equal(shap.maps["kernel_shap"], viz.kernel_shap(
+        model, garment(), 3, feature_mask=cells, baseline=0.5, n_samples=60, seed=2)[0])
+    assert shap.maps["kernel_shap"].shape == (12, 12)
+    assert "5x3 cell" in viz.report._caption(shap, "kernel_shap")
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        viz.explain(model, garment(), methods=["kernel_shap"], window=0)
     with pytest.raises(ValueError, match="unknown methods"):
         viz.explain(model, garment(), methods=["lime"])
     one = viz.explain(model, garment(), methods="saliency")        # a name, not a list

@@ -473,3 +473,69 @@ def test_lrp_vs_captum(seed):
         got, delta = viz.lrp(model, x, target, rules=rules, return_convergence_delta=True)
         close(got, want.detach().numpy())
         np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)
+
+
+def _captum_draws(rows):
+    """A Captum perturbation generator yielding ``rows`` (bool, one coalition each)."""
+    def generate(original_inp, **kwargs):
+        for row in rows:
+            yield torch.from_numpy(row[None].astype(np.int64))
+    return generate
+
+
+@pytest.mark.parametrize("mask_kind", ["superpixels", "per_sample"])
+def test_kernel_shap_vs_captum_on_the_same_draws(mask_kind):
+    """Captum's KernelShap fed fastcnn's draws (the input first, then the baseline and
+    the drawn coalitions) gives the same coefficients: its regression weighs the two
+    ends a million times, fastcnn holds them exactly. Captum fits in float32; with
+    fewer draws than features its least-norm answer is a percent or two off the
+    float64 one, so the draws here outnumber the features."""
+    pytest.importorskip("sklearn")
+    from fastcnn.viz.surrogate import _kernel_shap_coalitions
+    model, x = cnn(25), inputs(25)
+    tm, target = to_torch(model), [2, 0, 4]
+    cells = np.repeat(np.repeat(np.arange(12).reshape(4, 3), 3, 0), 3, 1)[:11, :9]
+    mask = {"superpixels": np.broadcast_to(cells, (3, 1, 11, 9)),
+            "per_sample": np.random.default_rng(25).integers(0, 7, size=(3, 1, 11, 9))}[mask_kind]
+    base = inputs(26, n=1)[0] * 0.5
+    for score, net in (("logit", tm), ("probability", tnn.Sequential(tm, tnn.Softmax(dim=1)))):
+        got = viz.kernel_shap(model, x, target, feature_mask=mask, baseline=base, n_samples=40,
+                              score=score)
+        for i in range(3):
+            k = len(np.unique(mask[i]))
+            explainer = captum_attr.KernelShap(net)
+            explainer.perturb_func = _captum_draws(
+                [np.ones(k, bool)] + list(_kernel_shap_coalitions(k, 40, 0)))
+            want = attr(explainer, x[i:i + 1], target=target[i],
+                        baselines=torch.from_numpy(base[None].astype(np.float64)),
+                        feature_mask=torch.from_numpy(np.unique(mask[i], return_inverse=True)[1]
+                                                      .reshape(1, 1, 11, 9)), n_samples=40)
+            close(got[i:i + 1], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("distance,kernel_width,alpha", [("cosine", 1.0, 0.01),
+                                                         ("cosine", 1.0, 0.001),
+                                                         ("euclidean", 4.0, 0.002)])
+def test_lime_vs_captum_on_the_same_draws(distance, kernel_width, alpha):
+    """Captum's Lime (its exponential kernel, scikit-learn's Lasso) fed fastcnn's draws:
+    the same coefficients, to scikit-learn's tolerance (fastcnn solves the lasso
+    exactly)."""
+    pytest.importorskip("sklearn")
+    from captum._utils.models.linear_model import SkLearnLasso
+    from fastcnn.viz.surrogate import _lime_coalitions
+    model, x = cnn(27), inputs(27)
+    tm, target = to_torch(model), [1, 3, 0]
+    cells = np.repeat(np.repeat(np.arange(12).reshape(4, 3), 3, 0), 3, 1)[:11, :9]
+    base = inputs(28, n=1)[0] * 0.5
+    got = viz.lime(model, x, target, feature_mask=cells, baseline=base, n_samples=50,
+                   alpha=alpha, distance=distance, kernel_width=kernel_width)
+    for i in range(3):
+        explainer = captum_attr.Lime(
+            tm, interpretable_model=SkLearnLasso(alpha=alpha),
+            similarity_func=captum_attr._core.lime.get_exp_kernel_similarity_function(
+                distance, kernel_width),
+            perturb_func=_captum_draws(_lime_coalitions(12, 50, 0)))
+        want = attr(explainer, x[i:i + 1], target=target[i],
+                    baselines=torch.from_numpy(base[None].astype(np.float64)),
+                    feature_mask=torch.from_numpy(cells[None, None]), n_samples=50)
+        close(got[i:i + 1], want, rtol=1e-3, atol=1e-4)

@@ -17,6 +17,8 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.feature_ablation(model, x, feature_mask=segments)   # any regions, shaped like x
 >>> viz.shapley_values(model, x, feature_mask=segments)     # exact, sums to the score change
 >>> viz.shapley_value_sampling(model, x, feature_mask=segments, n_samples=25)
+>>> viz.kernel_shap(model, x, feature_mask=segments, n_samples=200)   # regression estimate
+>>> viz.lime(model, x, feature_mask=segments, n_samples=200)          # weighted lasso
 >>> viz.feature_maps(model, x, "relu1")          # (32, 28, 28)
 >>> viz.maximize_activation(model, "relu2", [0, 5]).images   # what units respond to most
 
@@ -33,6 +35,7 @@ from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gr
                           integrated_gradients, layer_integrated_gradients, occlusion,
                           saliency, smooth_grad, upsample_bilinear)
 from .ablation import feature_ablation, shapley_value_sampling, shapley_values
+from .surrogate import kernel_shap, lime
 from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift
 from .layer import layer_conductance, layer_gradient_x_activation
 from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, lrp,
@@ -50,7 +53,7 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
            "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation", "shapley_values",
-           "shapley_value_sampling", "OcclusionResult",
+           "shapley_value_sampling", "kernel_shap", "lime", "OcclusionResult",
            "upsample_bilinear", "feature_maps", "conv_layers", "filters", "filter_images",
            "maximize_activation", "MaximizedActivation", "plot_heatmap", "plot_feature_maps",
            "plot_filters", "plot_explanation", "plot_maximized", "METHODS", "Explanation",

@@ -17,6 +17,7 @@ __all__ = ["plot_heatmap", "plot_feature_maps", "plot_filters", "plot_explanatio
 #: Panel titles of the methods an :class:`~fastcnn.viz.report.Explanation` may hold.
 METHOD_TITLES = {
     "occlusion": "Occlusion: probability drop",
+    "kernel_shap": "Kernel SHAP: cell Shapley values",
     "saliency": "Saliency: max |gradient|",
     "smoothgrad": "SmoothGrad saliency",
     "integrated": "Integrated gradients",
@@ -27,7 +28,7 @@ METHOD_TITLES = {
     "guided_gradcam": "Guided Grad-CAM",
 }
 #: Methods drawn over the image (coarse maps); the others are drawn on their own.
-OVERLAID = ("occlusion", "gradcam")
+OVERLAID = ("occlusion", "kernel_shap", "gradcam")
 
 
 def _figure(width, height, dpi=100):

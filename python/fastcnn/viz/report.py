@@ -16,6 +16,7 @@ from .attribution import (OcclusionResult, grad_cam, guided_backprop, guided_gra
                           integrated_gradients, occlusion, saliency, smooth_grad)
 from .deeplift import deep_lift
 from .lrp import lrp, lrp_composite
+from .surrogate import kernel_shap
 from ._common import as_input, default_cam_layer, layer_name, resolve_targets, to_host
 from .features import feature_maps
 from .plot import (METHOD_TITLES, OVERLAID, class_name, display_image, figure_png,
@@ -28,8 +29,8 @@ __all__ = ["METHODS", "Explanation", "explain", "write_report", "demo_report",
 #: window moves the probability by this much.
 OCCLUSION_MIN_DROP = 1e-3
 #: Every method :func:`explain` knows, in the order a report shows them.
-METHODS = ("occlusion", "saliency", "smoothgrad", "integrated", "deeplift", "lrp", "guided",
-           "gradcam", "guided_gradcam")
+METHODS = ("occlusion", "kernel_shap", "saliency", "smoothgrad", "integrated", "deeplift", "lrp",
+           "guided", "gradcam", "guided_gradcam")
 #: The gamma of the LRP rule :func:`explain` uses on the conv layers but the first.
 LRP_GAMMA = 0.25
 
@@ -64,7 +65,7 @@ class Explanation:
 
 def explain(model, x, target=None, *, methods="all", classes=None, labels=None, display=None,
             names=None, layer=None, window=4, stride=1, fill=None, n_samples=25, sigma=0.15,
-            seed=0, n_steps=50, batch_size=256):
+            seed=0, n_steps=50, shap_samples=400, batch_size=256):
     """Run ``methods`` ('all' or a list from :data:`METHODS`) on one image (C, H, W)
     -> an :class:`Explanation`, or on a batch (N, C, H, W) -> a list of them (each
     method runs once over the batch).
@@ -77,7 +78,9 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     image's background, the median of its border pixels per channel, so that a window
     hides what it covers rather than painting a grey square on a black background).
     n_samples / sigma / seed: SmoothGrad's. n_steps: integrated gradients' (whose
-    baseline, as DeepLIFT's, is ``fill``, the background by default). batch_size: copies per forward
+    baseline, as DeepLIFT's and Kernel SHAP's, is ``fill``, the background by default).
+    Kernel SHAP estimates the Shapley values of the cells of occlusion's window size
+    from ``shap_samples`` scored copies (and ``seed``). batch_size: copies per forward
     pass. LRP uses :func:`~fastcnn.viz.lrp_composite` (z-box on the first layer,
     with the pixel range from the model's metadata or else the batch's; gamma =
     :data:`LRP_GAMMA` on the other conv layers; epsilon on the hidden fc layers),
@@ -107,13 +110,19 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         if len(labels) != n:
             raise ValueError(f"explain: {len(labels)} labels for {n} images")
     maps, occluded = OrderedDict(), None
-    if fill is None and any(m in methods for m in ("occlusion", "integrated", "deeplift")):
+    if fill is None and any(m in methods for m in ("occlusion", "kernel_shap", "integrated",
+                                                    "deeplift")):
         fill = _background(batch)
     for method in methods:
         if method == "occlusion":
             occluded = occlusion(model, batch, targets, window=window, stride=stride, fill=fill,
                                  batch_size=batch_size)
             maps[method] = occluded.heatmap
+        elif method == "kernel_shap":
+            cells = _cells(batch.shape[2:], window)
+            maps[method] = kernel_shap(model, batch, targets, feature_mask=cells, baseline=fill,
+                                       n_samples=shap_samples, seed=seed,
+                                       batch_size=batch_size)[:, 0]
         elif method == "saliency":
             maps[method] = saliency(model, batch, targets)
         elif method == "smoothgrad":
@@ -137,7 +146,8 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         classes = (getattr(model, "metadata", None) or {}).get("classes")
     settings = {"window": window, "stride": stride,
                 "fill": "background" if np.ndim(fill) else fill, "n_samples": n_samples,
-                "sigma": sigma, "seed": seed, "n_steps": n_steps, "lrp_gamma": LRP_GAMMA}
+                "sigma": sigma, "seed": seed, "n_steps": n_steps, "lrp_gamma": LRP_GAMMA,
+                "shap_samples": shap_samples}
     explanations = []
     for i in range(n):
         image_maps = OrderedDict((m, v[i]) for m, v in maps.items())
@@ -164,6 +174,16 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
             name="" if names is None else str(names if single else names[i]),
             settings=image_settings))
     return explanations[0] if single else explanations
+
+
+def _cells(size, window):
+    """Feature ids of the window-sized cells tiling an image of ``size`` (H, W), the
+    last row and column of cells clipped at the edges."""
+    wh, ww = B.pair(window, "explain: window")
+    if wh < 1 or ww < 1:
+        raise ValueError(f"explain: window must be >= 1, got {window}")
+    h, w = size
+    return (np.arange(h)[:, None] // wh) * (-(-w // ww)) + np.arange(w)[None, :] // ww
 
 
 def _lrp_rules(model, batch):
@@ -201,6 +221,12 @@ _CAPTIONS = {
                  "(filled with: {fill}) hides each place, averaged over the windows covering "
                  "a pixel. Red: hiding it lowers the score (evidence for the class); blue: "
                  "raises it.",
+    "kernel_shap": "Kernel SHAP (Lundberg and Lee): the Shapley value of each {window} cell, "
+                   "estimated by a linear fit of the <b>{target}</b> logit over "
+                   "{shap_samples} copies with some cells the image's and the others the "
+                   "baseline's (filled with: {fill}): each cell's share of how much higher "
+                   "the logit is on the image than on the baseline (the shares add up to "
+                   "it). Red: the cell raises the score.",
     "saliency": "Largest |d score / d pixel| over channels (Simonyan et al.): where a small "
                 "change of the pixel moves the <b>{target}</b> logit most.",
     "smoothgrad": "Saliency averaged over {n_samples} copies with Gaussian noise of "
@@ -274,6 +300,7 @@ def _caption(explanation, method):
         target=html.escape(class_name(explanation, explanation.target)), window=window,
         fill=s.get("fill", 0.0), score=s.get("occlusion_score", "probability"),
         n_samples=s.get("n_samples"), n_steps=s.get("n_steps"),
+        shap_samples=s.get("shap_samples"),
         sigma_pct=round(100 * float(s.get("sigma", 0))), lrp_gamma=s.get("lrp_gamma", LRP_GAMMA),
         layer=html.escape(str(explanation.layer)))
 
@@ -395,6 +422,9 @@ def add_cli_arguments(parser):
     parser.add_argument("--steps", type=int, default=50, metavar="N",
                         help="integrated gradients' steps along the path (default: "
                              "%(default)s)")
+    parser.add_argument("--shap-samples", type=int, default=400, metavar="N",
+                        help="Kernel SHAP's scored copies (cells of the occlusion window's "
+                             "size; default: %(default)s)")
     parser.add_argument("--data", metavar="DIR",
                         help="folder with the MNIST-format IDX set for test:INDEX (default: "
                              "Fashion-MNIST from $FASTCNN_DATA or Debian's package)")
@@ -489,7 +519,7 @@ def run_cli(args):
             model, x, target, methods=methods, classes=classes, labels=labels,
             display=batch[:, 0] if batch.shape[1] == 1 else batch.transpose(0, 2, 3, 1),
             names=names, window=args.window, stride=args.stride, n_steps=args.steps,
-            layer=int(args.layer) if args.layer and args.layer.lstrip("-").isdigit()
+            shap_samples=args.shap_samples, layer=int(args.layer) if args.layer and args.layer.lstrip("-").isdigit()
             else args.layer)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
