@@ -8,8 +8,10 @@ Helpers (import them with ``from conftest import ...``):
   check_vjp             reference backward vs finite differences
 
 Hypothesis profiles: "fastcnn" (default: 100 derandomized examples per property,
-so every run tries the same cases and the suite stays fast) and "thorough"
-(HYPOTHESIS_PROFILE=thorough: 300 fresh random examples per property).
+so every run tries the same cases and the suite stays fast), "sanitize" (35 of
+them: .ci/sanitize's, where every example runs several times slower and the plain
+run has already tried the 100) and "thorough" (HYPOTHESIS_PROFILE=thorough: 300
+fresh random examples per property).
 """
 
 import os
@@ -26,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile("fastcnn", max_examples=100, deadline=None, derandomize=True,
+                          database=None, suppress_health_check=_HEALTH, print_blob=True)
+settings.register_profile("sanitize", max_examples=35, deadline=None, derandomize=True,
                           database=None, suppress_health_check=_HEALTH, print_blob=True)
 settings.register_profile("thorough", max_examples=300, deadline=None, database=None,
                           suppress_health_check=_HEALTH, print_blob=True)

@@ -53,7 +53,8 @@ def test_matmul_same_bits_for_any_thread_count(threads, rng):
 # that deals the panels out unevenly.
 SHARED_A_SHAPES = [
     (600, 700, 450),    # 50 A~ panels in 3 row blocks, one k-block
-    (1000, 1700, 1100),  # 83 panels + 4 rows; 3 k-blocks; 2 slabs a thread
+    (280, 1700, 1100),  # 2 row blocks, 23 panels + 4 rows (MR 12; 16 rows of MR 24);
+                        # 3 k-blocks; 2 slabs a thread on 2 threads
     (280, 300, 1000),   # 10 B~ panels only, 2 k-blocks
 ]
 
