@@ -1540,7 +1540,8 @@ def test_kernel_shap():
     """Against the regression on the same draws in float64 (per-image masks with ids
     that are not consecutive, a baseline image each); the features add up to the score
     change; a linear model's values exactly; many draws approach the exact Shapley
-    values; an image gets the same result alone or in any batch."""
+    values; an image gets the same result alone or in any batch; features equal to the
+    baseline get 0, the draws being over the others."""
     from fastcnn.viz.surrogate import _kernel_shap_coalitions, _kernel_shap_fit
     model = small_cnn()
     x = images(3)
@@ -1572,6 +1573,24 @@ def test_kernel_shap():
                            batch_size=4096)
     for i in range(3):                                  # about 1 / sqrt(n_samples) off
         assert np.abs(many[i] - exact[i]).max() < 0.05 * np.abs(exact[i]).max()
+    # features equal to the baseline are null players: 0, the draws over the others
+    cells = np.repeat(np.repeat(np.arange(16).reshape(4, 4), 2, 0), 2, 1)
+    held = x.copy()
+    null = np.isin(cells, [0, 5, 6, 15])
+    held[:, :, null] = 0.25
+    got = viz.kernel_shap(model, held, target, feature_mask=cells, baseline=0.25, n_samples=50)
+    assert not got[:, :, null].any()
+    live = np.setdiff1d(np.arange(16), [0, 5, 6, 15])
+    drawn = _kernel_shap_coalitions(12, 50, 0)
+    wide = np.zeros((len(drawn), 16), bool)
+    wide[:, live] = drawn
+    values = _copies64(model, held, np.full_like(held, 0.25), cells[None, None], [wide] * 3,
+                       target)
+    full = _score64(model, held, target)
+    for i in range(3):
+        want = _kernel_shap_fit(drawn[1:], values[i][1:], values[i][0], full[i])
+        np.testing.assert_allclose(_per_feature(got, cells[None, None])[i][live], want,
+                                   rtol=1e-4, atol=1e-5 * np.abs(want).max())
     every = viz.kernel_shap(model, x, target, n_samples=30)   # 128 features, 28 draws
     change = _score64(model, x, target) - _score64(model, np.zeros_like(x), target)
     np.testing.assert_allclose(every.reshape(3, -1).sum(axis=1), change, rtol=1e-4, atol=1e-5)

@@ -102,7 +102,10 @@ def kernel_shap(model, x, target=None, *, feature_mask=None, baseline=0.0, n_sam
     The coefficients add up to score(x) - score(baseline) exactly (Captum weighs the two
     ends a million times the others to approach it); where the draws do not determine
     them (fewer draws than features), the least-norm ones. They converge to
-    :func:`shapley_values` as n_samples grows.
+    :func:`shapley_values` as n_samples grows. A feature whose elements all equal the
+    baseline's is a null player: its value is 0 exactly, and the coalitions are drawn
+    over the other features (as the shap package's KernelExplainer does; Captum draws
+    over all, so a null player gets sampling noise).
 
     The draws come from ``seed`` (numpy's default_rng), the same for every image, so an
     image gets the same result alone or in any batch; Captum draws torch's.
@@ -116,12 +119,31 @@ def kernel_shap(model, x, target=None, *, feature_mask=None, baseline=0.0, n_sam
     seed = B.as_count(seed, f"{op}: seed", least=0)
     ids, index, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
                                               batch_size, train, op)
-    coalitions = [_kernel_shap_coalitions(len(f), n_samples, seed) for f in ids]
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    varying = [_varying(x[i], base[i], index[i], len(f), xp) for i, f in enumerate(ids)]
+    drawn = [_kernel_shap_coalitions(int(v.sum()), n_samples, seed) for v in varying]
+    coalitions = []
+    for v, d in zip(varying, drawn):
+        c = np.zeros((len(d), len(v)), bool)   # the null players stay the baseline's
+        c[:, v] = d
+        coalitions.append(c)
     values = _score_coalitions(evaluate, index, coalitions, xp)
     full = to_host(initial)
-    phis = [_kernel_shap_fit(c[1:], v[1:], v[0], full[i])
-            for i, (c, v) in enumerate(zip(coalitions, values))]
+    phis = []
+    for i, (v, d, scores) in enumerate(zip(varying, drawn, values)):
+        phi = np.zeros(len(v))
+        phi[v] = _kernel_shap_fit(d[1:], scores[1:], scores[0], full[i])
+        phis.append(phi)
     return unbatch(_spread(phis, index, x, xp), single)
+
+
+def _varying(a, b, index, k, xp):
+    """Which of an image's k features (host bool) have an element where the input
+    differs from the baseline; the others are null players (no coalition's score
+    depends on them)."""
+    where = xp.broadcast_to(index, a.shape).ravel()
+    differs = (a != b).ravel().astype(np.float64)
+    return to_host(xp.bincount(where, weights=differs, minlength=k)) > 0
 
 
 def _lime_coalitions(k, n_samples, seed):
