@@ -1454,6 +1454,13 @@ def test_shapley_value_sampling():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+def _one_feature_gets_the_whole_change(method, model, x):
+    one = method(model, x, 1, feature_mask=np.zeros((8, 8), int))
+    change = _score64(model, x, [1, 1]) - _score64(model, np.zeros_like(x), [1, 1])
+    np.testing.assert_allclose(one[:, 0, 0, 0], change, rtol=1e-4, atol=1e-5)
+    assert (one == one[:, :1, :1, :1]).all()
+
+
 def test_shapley_arguments():
     model = small_cnn()
     x = images(2)
@@ -1474,10 +1481,7 @@ def test_shapley_arguments():
     empty = np.zeros((0, 2, 8, 8), np.float32)
     assert viz.shapley_values(model, empty).shape == (0, 2, 8, 8)
     assert viz.shapley_value_sampling(model, empty).shape == (0, 2, 8, 8)
-    one = viz.shapley_value_sampling(model, x, 1, feature_mask=np.zeros((8, 8), int))
-    change = _score64(model, x, [1, 1]) - _score64(model, np.zeros_like(x), [1, 1])
-    np.testing.assert_allclose(one[:, 0, 0, 0], change, rtol=1e-4, atol=1e-5)
-    assert (one == one[:, :1, :1, :1]).all()            # one feature: the whole change
+    _one_feature_gets_the_whole_change(viz.shapley_value_sampling, model, x)
 
 
 # ---------------------------------------------------------------- KernelSHAP and LIME
@@ -1741,10 +1745,7 @@ def test_kernel_shap_and_lime_arguments():
     empty = np.zeros((0, 2, 8, 8), np.float32)
     assert viz.kernel_shap(model, empty).shape == (0, 2, 8, 8)
     assert viz.lime(model, empty).shape == (0, 2, 8, 8)
-    one = viz.kernel_shap(model, x, 1, feature_mask=np.zeros((8, 8), int))
-    change = _score64(model, x, [1, 1]) - _score64(model, np.zeros_like(x), [1, 1])
-    np.testing.assert_allclose(one[:, 0, 0, 0], change, rtol=1e-4, atol=1e-5)
-    assert (one == one[:, :1, :1, :1]).all()            # one feature: the whole change
+    _one_feature_gets_the_whole_change(viz.kernel_shap, model, x)
     zero = np.zeros_like(x)                             # the input is the baseline
     assert not viz.lime(model, zero, feature_mask=cells, baseline=0.0).any()
 
