@@ -49,8 +49,8 @@ def _feature_mask(feature_mask, x, xp, op):
 
 def _features(model, x, target, feature_mask, baseline, score, batch_size, train, op):
     """What every feature method starts from: the checked arguments, each image's
-    features (their ids, and each element's index among them, (N, C or 1, H, W)), and a
-    function scoring copies of the images made of the input's elements where ``keep``
+    features (their ids, and each element's index among them, (N, C or 1, H, W)), the
+    baseline as one image per input image, and a function scoring copies of the images made of the input's elements where ``keep``
     holds and the baseline's elsewhere."""
     check_score(score, op)
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
@@ -88,7 +88,7 @@ def _features(model, x, target, feature_mask, baseline, score, batch_size, train
                 out[first:last] = scores(model.forward(copies, record=False), t[i])
         return to_host(out)
 
-    return ids, xp.asarray(index), scores(logits, t), evaluate
+    return ids, xp.asarray(index), base, scores(logits, t), evaluate
 
 
 def _spread(values, index, x, xp):
@@ -117,7 +117,7 @@ def feature_ablation(model, x, target=None, *, feature_mask=None, baseline=0.0, 
     """
     op = "feature_ablation"
     x, single, xp = as_input(model, x, op)
-    ids, index, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
+    ids, index, _, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
                                               batch_size, train, op)
     image = np.repeat(np.arange(len(ids)), [len(f) for f in ids])
     removed = xp.asarray(np.concatenate([np.arange(len(f)) for f in ids] + [[]])
@@ -146,7 +146,7 @@ def shapley_values(model, x, target=None, *, feature_mask=None, baseline=0.0, sc
     """
     op = "shapley_values"
     x, single, xp = as_input(model, x, op)
-    ids, index, _, evaluate = _features(model, x, target, feature_mask, baseline, score,
+    ids, index, _, _, evaluate = _features(model, x, target, feature_mask, baseline, score,
                                         batch_size, train, op)
     for i, f in enumerate(ids):
         if len(f) > MAX_EXACT_FEATURES:
@@ -214,7 +214,7 @@ def shapley_value_sampling(model, x, target=None, *, feature_mask=None, baseline
     x, single, xp = as_input(model, x, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples")
     seed = B.as_count(seed, f"{op}: seed", least=0)
-    ids, index, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
+    ids, index, _, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
                                               batch_size, train, op)
     if not ids:
         return unbatch(xp.zeros(x.shape, np.float32), single)

@@ -10,7 +10,7 @@ import numpy as np
 from .. import _backend as B
 from ._common import as_input, to_host, unbatch
 from .ablation import _features, _spread
-from .attribution import _fill_images, _real_arg
+from .attribution import _real_arg
 
 __all__ = ["kernel_shap", "lime"]
 
@@ -117,9 +117,8 @@ def kernel_shap(model, x, target=None, *, feature_mask=None, baseline=0.0, n_sam
     n_samples = B.as_count(n_samples, f"{op}: n_samples (the input, the baseline and the "
                                       f"draws)", least=2)
     seed = B.as_count(seed, f"{op}: seed", least=0)
-    ids, index, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
-                                              batch_size, train, op)
-    base = _fill_images(baseline, x, xp, op, "baseline")
+    ids, index, base, initial, evaluate = _features(model, x, target, feature_mask, baseline,
+                                                    score, batch_size, train, op)
     varying = [_varying(x[i], base[i], index[i], len(f), xp) for i, f in enumerate(ids)]
     drawn = [_kernel_shap_coalitions(int(v.sum()), n_samples, seed) for v in varying]
     coalitions = []
@@ -137,13 +136,19 @@ def kernel_shap(model, x, target=None, *, feature_mask=None, baseline=0.0, n_sam
     return unbatch(_spread(phis, index, x, xp), single)
 
 
+def _per_feature(values, index, k, xp):
+    """Each array of ``values`` (one image's, (C, H, W)) summed over the elements of each
+    of its k features (index: (C or 1, H, W)): host float64 arrays of k."""
+    where = xp.broadcast_to(index, values[0].shape).ravel()
+    return [to_host(xp.bincount(where, weights=v.ravel().astype(np.float64), minlength=k))
+            for v in values]
+
+
 def _varying(a, b, index, k, xp):
     """Which of an image's k features (host bool) have an element where the input
     differs from the baseline; the others are null players (no coalition's score
     depends on them)."""
-    where = xp.broadcast_to(index, a.shape).ravel()
-    differs = (a != b).ravel().astype(np.float64)
-    return to_host(xp.bincount(where, weights=differs, minlength=k)) > 0
+    return _per_feature([a != b], index, k, xp)[0] > 0
 
 
 def _lime_coalitions(k, n_samples, seed):
@@ -155,10 +160,8 @@ def _lime_coalitions(k, n_samples, seed):
 def _feature_sums(a, b, index, k, xp):
     """Per feature of one image (k, host float64): the sums over its elements of a*a,
     b*b, a*b and (a - b)**2."""
-    where = xp.broadcast_to(index, a.shape).ravel()
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return [to_host(xp.bincount(where, weights=w, minlength=k))
-            for w in (a * a, b * b, a * b, (a - b) ** 2)]
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return _per_feature([a * a, b * b, a * b, (a - b) ** 2], index, k, xp)
 
 
 def _lime_weights(z, sums, distance, kernel_width):
@@ -260,9 +263,8 @@ def lime(model, x, target=None, *, feature_mask=None, baseline=0.0, n_samples=25
         raise ValueError(f"{op}: kernel_width must be > 0, got {kernel_width}")
     if distance not in _DISTANCES:
         raise ValueError(f"{op}: distance must be one of {_DISTANCES}, got {distance!r}")
-    ids, index, _, evaluate = _features(model, x, target, feature_mask, baseline, score,
-                                        batch_size, train, op)
-    base = _fill_images(baseline, x, xp, op, "baseline")
+    ids, index, base, _, evaluate = _features(model, x, target, feature_mask, baseline, score,
+                                              batch_size, train, op)
     coalitions = [_lime_coalitions(len(f), n_samples, seed) for f in ids]
     values = _score_coalitions(evaluate, index, coalitions, xp)
     phis = []
