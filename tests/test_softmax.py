@@ -1,6 +1,7 @@
 """softmax, log_softmax, cross_entropy and their backwards against the float64 reference."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -58,11 +59,18 @@ def test_softmax_shapes(shape, dim, rng):
     check_softmax(randn(rng, *shape, scale=3.0), dim, rng)
 
 
-def test_softmax_default_dim_is_last(rng):
-    x = randn(rng, 3, 4, 5)
-    np.testing.assert_array_equal(F.softmax(x), F.softmax(x, dim=-1))
-    np.testing.assert_array_equal(F.softmax(x), F.softmax(x, dim=2))
-    np.testing.assert_array_equal(F.log_softmax(x), F.log_softmax(x, dim=2))
+def test_softmax_default_dim_is_torchs_implicit_one(rng):
+    """dim=None, the default: the last axis of 1-D and 2-D input, axis 0 of 3-D,
+    axis 1 from 4-D up (PyTorch's rule), with a warning from 3-D up."""
+    for shape, dim in (((5,), 0), ((4, 5), 1), ((3, 4, 5), 0), ((2, 3, 4, 5), 1)):
+        x = randn(rng, *shape)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y, ly = F.softmax(x), F.log_softmax(x)
+        assert len(caught) == (2 if len(shape) >= 3 else 0)
+        assert all(f"dim={dim}" in str(w.message) for w in caught)
+        np.testing.assert_array_equal(y, F.softmax(x, dim=dim))
+        np.testing.assert_array_equal(ly, F.log_softmax(x, dim=dim))
 
 
 @pytest.mark.parametrize("big", [1e4, 1e30, 3e38])

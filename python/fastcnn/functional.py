@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -558,7 +559,21 @@ def _pool_backward(op, grad_output, input, kernel_size, stride, padding, dilatio
 
 # --------------------------------------------------------------- softmax --
 
+def _implicit_dim(op, ndim, warn=True):
+    """PyTorch's choice where ``dim`` is None: 0 for 0-, 1- and 3-D input, else 1
+    (rows of a (N, C) batch, channels of an image batch), with a warning where
+    that is not the last axis."""
+    dim = 0 if ndim in (0, 1, 3) else 1
+    if warn and ndim >= 3:
+        warnings.warn(f"{op}: no dim given, so dim={dim} for a {ndim}-D input (PyTorch's "
+                      f"implicit choice: 0 for 0-, 1- and 3-D input, 1 otherwise); pass dim= "
+                      f"to choose", UserWarning, stacklevel=5)
+    return dim
+
+
 def _softmax_view(op, shape, dim):
+    if dim is None:
+        dim = _implicit_dim(op, len(shape))
     d = B.normalize_dim(dim, len(shape), op)
     shape = shape if len(shape) else (1,)
     return (math.prod(shape[:d]), shape[d], math.prod(shape[d + 1:]))
@@ -586,22 +601,25 @@ def _softmax_grad(op, grad_output, output, dim, log):
     return dx
 
 
-def softmax(input, dim=-1):
-    """exp(x) / sum(exp(x)) along ``dim`` (numerically stable)."""
+def softmax(input, dim=None):
+    """exp(x) / sum(exp(x)) along ``dim`` (numerically stable). ``dim=None`` is
+    PyTorch's implicit choice: the last axis of 1-D and 2-D input, axis 0 of 3-D
+    input, axis 1 (channels) of 4-D input, with a warning for 3-D and more."""
     return _softmax("softmax", input, dim, False)
 
 
-def log_softmax(input, dim=-1):
-    """x - log(sum(exp(x))) along ``dim`` (numerically stable)."""
+def log_softmax(input, dim=None):
+    """x - log(sum(exp(x))) along ``dim`` (numerically stable); ``dim=None`` as
+    :func:`softmax`."""
     return _softmax("log_softmax", input, dim, True)
 
 
-def softmax_backward(grad_output, output, dim=-1):
+def softmax_backward(grad_output, output, dim=None):
     """Gradient of :func:`softmax`, from the forward's *output*."""
     return _softmax_grad("softmax_backward", grad_output, output, dim, False)
 
 
-def log_softmax_backward(grad_output, output, dim=-1):
+def log_softmax_backward(grad_output, output, dim=None):
     """Gradient of :func:`log_softmax`, from the forward's *output*."""
     return _softmax_grad("log_softmax_backward", grad_output, output, dim, True)
 

@@ -1,6 +1,7 @@
 """Parameter initialisation, as PyTorch's defaults, drawn from a seeded NumPy generator.
 
-Every function fills a float32 array in place and takes ``rng``: a
+Every function fills an array in place (NumPy or CuPy, or a layer's
+Parameter, as torch's take ``layer.weight``), returns it, and the random ones take ``rng``: a
 ``numpy.random.Generator``, an int seed, or None for the module-wide generator
 that :func:`manual_seed` resets (it starts seeded with 0, so a fresh process
 builds the same model every time).
@@ -9,6 +10,8 @@ builds the same model every time).
 import math
 
 import numpy as np
+
+from .module import Parameter, _array_module
 
 __all__ = ["manual_seed", "get_generator", "calculate_fan_in_and_fan_out",
            "calculate_gain", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
@@ -76,21 +79,30 @@ def calculate_gain(nonlinearity, param=None):
     raise ValueError(f"calculate_gain: unsupported nonlinearity {nonlinearity!r}")
 
 
+def _fill(array, values, fn):
+    """Write ``values`` (host numbers or an array of ``array``'s shape) into
+    ``array`` (or a Parameter's data) in place; returns ``array``."""
+    target = array.data if isinstance(array, Parameter) else array
+    if not (hasattr(target, "shape") and hasattr(target, "__setitem__")):
+        raise TypeError(f"{fn}: array must be a NumPy or CuPy array or a Parameter, "
+                        f"got {type(array).__name__}")
+    xp = _array_module(target)
+    target[...] = values if xp is np or np.isscalar(values) else xp.asarray(values)
+    return array
+
+
 def uniform_(array, low=0.0, high=1.0, rng=None):
     """Fill ``array`` with U(low, high)."""
-    array[...] = get_generator(rng).uniform(low, high, size=array.shape)
-    return array
+    return _fill(array, get_generator(rng).uniform(low, high, size=array.shape), "uniform_")
 
 
 def normal_(array, mean=0.0, std=1.0, rng=None):
     """Fill ``array`` with N(mean, std^2)."""
-    array[...] = get_generator(rng).normal(mean, std, size=array.shape)
-    return array
+    return _fill(array, get_generator(rng).normal(mean, std, size=array.shape), "normal_")
 
 
 def constant_(array, val):
-    array[...] = val
-    return array
+    return _fill(array, val, "constant_")
 
 
 def _kaiming_std(array, a, mode, nonlinearity):
@@ -134,10 +146,8 @@ def xavier_normal_(array, gain=1.0, rng=None):
 
 
 def zeros_(array):
-    array[...] = 0
-    return array
+    return _fill(array, 0, "zeros_")
 
 
 def ones_(array):
-    array[...] = 1
-    return array
+    return _fill(array, 1, "ones_")

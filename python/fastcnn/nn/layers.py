@@ -691,37 +691,47 @@ class BatchNorm2d(_BatchNorm):
     _ndims = (4,)
 
 
-class Softmax(Module):
-    """softmax along ``dim``."""
+def _dim_of(layer, y):
+    """The axis a Softmax / LogSoftmax layer's forward took (its implicit one,
+    without warning again, where ``dim`` is None)."""
+    return F._implicit_dim(type(layer).__name__, y.ndim, warn=False) if layer.dim is None \
+        else layer.dim
 
-    def __init__(self, dim=-1):
+
+class Softmax(Module):
+    """softmax along ``dim``; None (the default, as torch) is PyTorch's implicit
+    choice, per input: see :func:`fastcnn.functional.softmax`."""
+
+    def __init__(self, dim=None):
         super().__init__()
-        self.dim = int(dim)
+        self.dim = None if dim is None else int(dim)
 
     def forward(self, x):
         self._output = F.softmax(x, dim=self.dim)
         return self._output
 
     def backward(self, grad_out, *, input_grad=True):
-        return F.softmax_backward(grad_out, _cached(self, "_output"), dim=self.dim)
+        y = _cached(self, "_output")
+        return F.softmax_backward(grad_out, y, dim=_dim_of(self, y))
 
     def get_config(self):
         return {"dim": self.dim}
 
 
 class LogSoftmax(Module):
-    """log(softmax) along ``dim``, computed stably."""
+    """log(softmax) along ``dim``, computed stably; ``dim`` as :class:`Softmax`."""
 
-    def __init__(self, dim=-1):
+    def __init__(self, dim=None):
         super().__init__()
-        self.dim = int(dim)
+        self.dim = None if dim is None else int(dim)
 
     def forward(self, x):
         self._output = F.log_softmax(x, dim=self.dim)
         return self._output
 
     def backward(self, grad_out, *, input_grad=True):
-        return F.log_softmax_backward(grad_out, _cached(self, "_output"), dim=self.dim)
+        y = _cached(self, "_output")
+        return F.log_softmax_backward(grad_out, y, dim=_dim_of(self, y))
 
     def get_config(self):
         return {"dim": self.dim}

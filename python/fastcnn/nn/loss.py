@@ -14,12 +14,16 @@ class CrossEntropyLoss(Module):
 
     ``forward(logits, target)`` returns the loss (a float32 scalar array for
     'mean' / 'sum', per-sample losses for 'none'); ``backward(grad_out=1.0)``
-    returns the gradient w.r.t. the logits. Arguments as torch.nn.CrossEntropyLoss,
-    in its order: ``weight`` (one per class, a buffer, so ``.to("cuda")`` moves it)
-    first, then reduction, ignore_index and label_smoothing.
+    returns the gradient w.r.t. the logits. Arguments as torch.nn.CrossEntropyLoss's:
+    ``weight`` (one per class, a buffer, so ``.to("cuda")`` moves it) positional or
+    keyword, the others (reduction, ignore_index, label_smoothing) keywords only:
+    torch's positions after weight belong to its deprecated size_average and
+    reduce, which fastcnn does not take, so a positional value there is a
+    TypeError rather than a different loss.
     """
 
-    def __init__(self, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    def __init__(self, weight=None, *, reduction="mean", ignore_index=-100,
+                 label_smoothing=0.0):
         super().__init__()
         if isinstance(weight, str):
             raise TypeError(f"weight must be one value per class (an array), got {weight!r}; "

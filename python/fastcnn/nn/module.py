@@ -187,26 +187,47 @@ class Module:
     def children(self):
         return iter(self._modules.values())
 
-    def named_modules(self, prefix=""):
+    def named_modules(self, prefix="", remove_duplicate=True):
+        """(name, module) for this module and every one below it, depth first. A
+        module reached twice (a custom module holding one layer under two names)
+        comes once, under its first name, unless ``remove_duplicate`` is False (as
+        torch)."""
+        seen = set() if remove_duplicate else None
+        yield from self._named_modules(prefix, seen)
+
+    def _named_modules(self, prefix, seen):
+        if seen is not None:
+            if id(self) in seen:
+                return
+            seen.add(id(self))
         yield prefix, self
         for name, child in self._modules.items():
-            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+            yield from child._named_modules(f"{prefix}.{name}" if prefix else name, seen)
 
     def modules(self):
         return (m for _, m in self.named_modules())
 
-    def named_parameters(self, prefix=""):
-        for module_name, module in self.named_modules(prefix):
-            for name, param in module._parameters.items():
-                yield (f"{module_name}.{name}" if module_name else name), param
+    def _named_members(self, registry, prefix, remove_duplicate):
+        # A parameter shared by two layers (b.weight = a.weight, tied weights)
+        # comes once, so that an optimizer steps it once, as torch.
+        seen = set()
+        for module_name, module in self.named_modules(prefix, remove_duplicate):
+            for name, member in getattr(module, registry).items():
+                if member is None or (remove_duplicate and id(member) in seen):
+                    continue
+                seen.add(id(member))
+                yield (f"{module_name}.{name}" if module_name else name), member
+
+    def named_parameters(self, prefix="", remove_duplicate=True):
+        """(name, Parameter) for every parameter, each once (under its first name)
+        unless ``remove_duplicate`` is False."""
+        return self._named_members("_parameters", prefix, remove_duplicate)
 
     def parameters(self):
         return (p for _, p in self.named_parameters())
 
-    def named_buffers(self, prefix=""):
-        for module_name, module in self.named_modules(prefix):
-            for name, buf in module._buffers.items():
-                yield (f"{module_name}.{name}" if module_name else name), buf
+    def named_buffers(self, prefix="", remove_duplicate=True):
+        return self._named_members("_buffers", prefix, remove_duplicate)
 
     def buffers(self):
         return (b for _, b in self.named_buffers())
@@ -254,7 +275,8 @@ class Module:
     def _state_slots(self):
         """name -> (module, attribute name, is_parameter), in state_dict order."""
         slots = OrderedDict()
-        for module_name, module in self.named_modules():
+        # Every name, a shared parameter or layer under each of its names (as torch).
+        for module_name, module in self.named_modules(remove_duplicate=False):
             dot = f"{module_name}." if module_name else ""
             for name, param in module._parameters.items():
                 if param is not None:
@@ -495,6 +517,19 @@ class Sequential(Module):
                             f"got {type(module).__name__}")
         if not name or "." in name or name in self._modules:
             raise ValueError(f"Sequential: invalid or duplicate layer name {name!r}")
+        # A layer keeps what its backward needs from its last forward, so one
+        # object run twice in a pass would give its first use the second use's
+        # gradient. Weights are shared by sharing the Parameter instead.
+        inside = {id(m): n for n, m in self.named_modules()}
+        for _, m in module.named_modules():
+            if id(m) in inside:
+                where = f"layer {inside[id(m)]!r}" if inside[id(m)] else "the Sequential itself"
+                raise ValueError(
+                    f"Sequential: layer {name!r} ({type(module).__name__}) is, or holds, "
+                    f"{where} already in this Sequential: a layer keeps its last forward "
+                    f"for its backward, so one layer cannot run twice in a model. Use two "
+                    f"layers; to tie their weights, share the Parameter "
+                    f"(second.weight = first.weight)")
         self._modules[name] = module
         _touch()
         return self
