@@ -329,6 +329,15 @@ CASES = [
     ("cross_entropy reduction array",
      lambda: F.cross_entropy(f(3, 4), np.array([0, 1, 2]), None, np.ones(2)), ValueError,
      "reduction must be one of"),
+    # ------------------------------------------- integers past 64 bits, named
+    ("conv stride 2**63", lambda: F.conv2d(f(1, 1, 4, 4), f(1, 1, 2, 2), stride=2 ** 63),
+     ValueError, "stride must fit in 64 bits"),
+    ("pool padding 2**63", lambda: F.max_pool2d(f(1, 1, 4, 4), 2, padding=2 ** 63),
+     ValueError, "padding must fit in 64 bits"),
+    ("ce ignore_index 2**70", lambda: F.cross_entropy(LOGITS, TARGET, ignore_index=2 ** 70),
+     ValueError, "ignore_index must fit in 64 bits"),
+    ("pad past 64 bits", lambda: F.pad(f(1, 1, 4, 4), (2 ** 62, 0)), ValueError,
+     "pad: padding .* gives"),
     # ---------------------------------------------------------------- threads
     ("threads 0", lambda: fastcnn.set_num_threads(0), ValueError, "."),
     ("threads negative", lambda: fastcnn.set_num_threads(-2), ValueError, "."),

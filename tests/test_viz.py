@@ -2267,6 +2267,44 @@ def test_errors_name_the_problem():
         viz.grad_cam(model, x, layer=nn.ReLU())
 
 
+def test_seeds_and_non_finite_baselines_are_checked():
+    """A bad seed names the method; a NaN or infinite baseline / fill (every
+    attribution would be NaN) is a ValueError naming it."""
+    model = small_cnn()
+    x = images(2)
+    ref = np.zeros((1,) + x.shape[1:], np.float32)
+    seeded = [
+        lambda seed: viz.gradient_shap(model, x, ref, n_samples=2, seed=seed),
+        lambda seed: viz.smooth_grad(model, x, n_samples=2, seed=seed),
+        lambda seed: viz.shapley_value_sampling(model, x, n_samples=1, seed=seed),
+        lambda seed: viz.kernel_shap(model, x, n_samples=4, seed=seed),
+        lambda seed: viz.lime(model, x, n_samples=4, seed=seed),
+        lambda seed: viz.maximize_activation(model, "conv1", 0, steps=1, seed=seed),
+    ]
+    for run in seeded:
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            run(-1)
+        with pytest.raises(TypeError, match="seed"):
+            run(1.5)
+    np.testing.assert_array_equal(seeded[0](np.random.default_rng(3)), seeded[0](3))
+    for bad in (np.nan, np.inf):
+        nan_image = np.zeros(x.shape[1:], np.float32)
+        nan_image[0, 1, 2] = bad
+        for run in (lambda b: viz.integrated_gradients(model, x, baseline=b, n_steps=2),
+                    lambda b: viz.deep_lift(model, x, baseline=b),
+                    lambda b: viz.feature_ablation(model, x, baseline=b),
+                    lambda b: viz.layer_conductance(model, x, "relu1", baseline=b, n_steps=2)):
+            for b in (bad, nan_image):
+                with pytest.raises(ValueError, match="baseline must be finite"):
+                    run(b)
+        with pytest.raises(ValueError, match="fill must be finite"):
+            viz.occlusion(model, x, fill=bad)
+        with pytest.raises(ValueError, match="baselines must be finite"):
+            viz.gradient_shap(model, x, nan_image)
+        with pytest.raises(ValueError, match="baselines must be finite"):
+            viz.deep_lift_shap(model, x, nan_image[None])
+
+
 def test_layers_given_as_modules_and_empty_batches():
     """layer= takes the layer itself (Captum's way) as well as a name or index; an
     empty batch gives empty results."""

@@ -140,13 +140,19 @@ def as_labels(x, name: str, xp=np, what="an integer dtype (class labels)"):
     return xp.asarray(x, dtype=np.int64, order="C")
 
 
-def as_int(value, name: str) -> int:
-    """A Python int from an int-like (int, numpy integer); bool and float are rejected."""
+def as_int(value, name: str, *, int64: bool = True) -> int:
+    """A Python int from an int-like (int, numpy integer); bool and float are rejected,
+    and so (a ValueError) is one past int64 unless ``int64`` is False: the kernels
+    take 64-bit sizes."""
     if not isinstance(value, (bool, np.bool_)):
         try:
-            return operator.index(value)
+            n = operator.index(value)
         except TypeError:
             pass
+        else:
+            if int64 and not -2**63 <= n < 2**63:
+                raise ValueError(f"{name} must fit in 64 bits (|{name}| < 2**63), got {n}")
+            return n
     raise TypeError(f"{name} must be an int, got {value!r}")
 
 
@@ -203,7 +209,7 @@ def normalize_dim(dim, ndim: int, op: str, name: str = "dim") -> int:
 
 
 def seed_value(seed, name: str = "seed") -> int:
-    s = as_int(seed, name)
+    s = as_int(seed, name, int64=False)
     if not 0 <= s < 2**64:
         raise ValueError(f"{name} must be in [0, 2**64), got {s}")
     return s

@@ -1402,6 +1402,10 @@ class _PadArgs:
         for axis, lo, hi in self.axes:
             self.out_shape[axis] += lo + hi
         self.out_shape = tuple(self.out_shape)
+        if math.prod(self.out_shape) * 4 >= 2**63:
+            raise ValueError(f"{op}: padding {shape_str(x.shape)} by {tuple(pad)} gives "
+                             f"{shape_str(self.out_shape)}, more float32 values than 64 bits "
+                             f"can address")
 
 
 def _along(axis, index):

@@ -39,6 +39,28 @@ def as_input(model, x, op, name="x"):
     return (x[None] if single else x), single, xp
 
 
+def check_seed(seed, op):
+    """``seed`` for numpy.random.default_rng: a non-negative int, None (fresh entropy),
+    a Generator or a SeedSequence; anything else a TypeError / ValueError naming it."""
+    if seed is None or isinstance(seed, (np.random.Generator, np.random.SeedSequence)):
+        return seed
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{op}: seed must be a non-negative int, None or a "
+                        f"numpy.random.Generator, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{op}: seed must be a non-negative int, got {seed}")
+    return int(seed)
+
+
+def check_finite(a, name, op):
+    """A ValueError where a baseline or fill (an array of the model's device) holds a
+    NaN or an infinity: every attribution would be NaN."""
+    xp = B.array_module(a)
+    if a.size and not bool(xp.isfinite(a).all()):
+        raise ValueError(f"{op}: {name} must be finite; it holds NaN or infinite values")
+    return a
+
+
 def to_host(a):
     """A NumPy copy of a CuPy array; NumPy arrays (and array-likes) as NumPy arrays."""
     return a.get() if B.is_gpu_array(a) else np.asarray(a)

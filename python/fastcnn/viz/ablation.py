@@ -12,8 +12,8 @@ import numpy as np
 
 from .. import _backend as B
 from .. import functional as F
-from ._common import (as_input, check_logits, check_score, preserved, resolve_targets,
-                      to_host, unbatch)
+from ._common import (as_input, check_logits, check_score, check_seed, preserved,
+                      resolve_targets, to_host, unbatch)
 from .attribution import _fill_images
 
 __all__ = ["feature_ablation", "shapley_values", "shapley_value_sampling"]
@@ -211,6 +211,7 @@ def shapley_value_sampling(model, x, target=None, *, feature_mask=None, baseline
     :func:`feature_ablation`. Shaped like x.
     """
     op = "shapley_value_sampling"
+    seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples")
     seed = B.as_count(seed, f"{op}: seed", least=0)

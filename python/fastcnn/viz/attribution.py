@@ -38,8 +38,9 @@ from .. import _backend as B
 from .. import functional as F
 from ..nn import BatchNorm2d, Conv2d, Dropout, MaxPool2d, ReLU
 from ..nn.module import DECONVOLUTION
-from ._common import (LayerPoint, as_input, check_logits, check_score, default_cam_layer,
-                      layer_name, preserved, resolve_targets, score_seed, unbatch)
+from ._common import (LayerPoint, as_input, check_finite, check_logits, check_score,
+                      check_seed, default_cam_layer, layer_name, preserved, resolve_targets,
+                      score_seed, unbatch)
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "layer_integrated_gradients", "gradient_shap", "grad_cam",
@@ -365,12 +366,13 @@ def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, b
     sample's attributions' sum minus score(x') - score(b) (Captum's delta).
     """
     op = "gradient_shap"
+    seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     check_score(score, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples")
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
     stdev = _real_arg(stdev, "stdev", op)
-    refs = B.as_float(baselines, "baselines", xp)
+    refs = check_finite(B.as_float(baselines, "baselines", xp), "baselines", op)
     if refs.ndim == 3:
         refs = refs[None]
     if refs.ndim != 4 or refs.shape[1:] != x.shape[1:] or refs.shape[0] < 1:
@@ -569,6 +571,7 @@ def smooth_grad(model, x, target=None, *, method="saliency", n_samples=25, sigma
     alone or in any batch. ``target`` defaults to the prediction on the clean image.
     """
     op = "smooth_grad"
+    seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     check_score(score, op)
     if not isinstance(method, str) or method not in _SMOOTH_METHODS:
@@ -882,7 +885,7 @@ def _fill_images(fill, x, xp, op, name="fill"):
         if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, (int, float, np.number)):
             raise TypeError(f"{op}: {name} must be a number or an image array, got {fill!r}")
         fill = xp.full(x.shape[1:], float(fill), np.float32)
-    fill = B.as_float(fill, name, xp)
+    fill = check_finite(B.as_float(fill, name, xp), name, op)
     if fill.shape == x.shape[1:]:
         fill = fill[None]
     if fill.ndim != 4 or fill.shape[1:] != x.shape[1:] or fill.shape[0] not in (1, x.shape[0]):

@@ -32,7 +32,8 @@ import numpy as np
 from .. import _backend as B
 from .. import functional as F
 from ..nn import LogSoftmax, MaxPool2d, ReLU, Sequential, Softmax
-from ._common import as_input, check_logits, layer_name, preserved, resolve_targets, unbatch
+from ._common import (as_input, check_finite, check_logits, layer_name, preserved,
+                      resolve_targets, unbatch)
 from .attribution import _fill_images
 
 __all__ = ["deep_lift", "deep_lift_shap", "layer_deep_lift"]
@@ -205,7 +206,7 @@ def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_
     x, single, xp = as_input(model, x, op)
     eps = _check_eps(eps, op)
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
-    refs = B.as_float(baselines, "baselines", xp)
+    refs = check_finite(B.as_float(baselines, "baselines", xp), "baselines", op)
     if refs.ndim != 4 or refs.shape[1:] != x.shape[1:] or refs.shape[0] < 1:
         raise ValueError(f"{op}: baselines must be reference images (B, C, H, W) with C, H, "
                          f"W as x's {B.shape_str(x.shape[1:])}; got shape "
@@ -245,7 +246,9 @@ def layer_deep_lift(model, x, layer, target=None, *, baseline=0.0, multiply_by_i
     attribute_to_layer_input: the layer's input instead (the previous layer's output, or
     the image for the first layer), the multipliers then taken back through the layer's
     own rule. multiply_by_inputs: False returns the multipliers. baseline, eps, target:
-    as :func:`deep_lift`; it and Captum differ in the same places.
+    as :func:`deep_lift`; it and Captum differ in the same places, and at the input
+    of a ReLU or max-pool, where Captum takes the layer's plain gradient instead of
+    its rule (so Captum's units there do not add up to the logit change).
     """
     op = "layer_deep_lift"
     x, single, xp = as_input(model, x, op)

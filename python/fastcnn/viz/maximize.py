@@ -9,7 +9,7 @@ from .. import _backend as B
 from .. import functional as F
 from ..nn import Parameter
 from ..optim import Adam
-from ._common import check_model, data_bounds, layer_name, preserved
+from ._common import check_model, check_seed, data_bounds, layer_name, preserved
 from .attribution import _real_arg
 
 __all__ = ["MaximizedActivation", "maximize_activation"]
@@ -104,6 +104,7 @@ def maximize_activation(model, layer=None, channels=None, *, position=None, shap
     Returns a :class:`MaximizedActivation`.
     """
     op = "maximize_activation"
+    seed = check_seed(seed, op)
     check_model(model, op)
     xp = B.array_module(next(iter(model.parameters())).data) if model.device != "cpu" else np
     name = model.names[-1] if layer is None else layer_name(model, layer, op)

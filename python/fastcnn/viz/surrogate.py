@@ -8,7 +8,7 @@ by how close it is to the input and fits a lasso."""
 import numpy as np
 
 from .. import _backend as B
-from ._common import as_input, to_host, unbatch
+from ._common import as_input, check_seed, to_host, unbatch
 from .ablation import _features, _spread
 from .attribution import _real_arg
 
@@ -113,6 +113,7 @@ def kernel_shap(model, x, target=None, *, feature_mask=None, baseline=0.0, n_sam
     Shaped like x.
     """
     op = "kernel_shap"
+    seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples (the input, the baseline and the "
                                       f"draws)", least=2)
@@ -254,6 +255,7 @@ def lime(model, x, target=None, *, feature_mask=None, baseline=0.0, n_samples=25
     baseline, score, batch_size, target: as :func:`feature_ablation`.
     """
     op = "lime"
+    seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples")
     seed = B.as_count(seed, f"{op}: seed", least=0)
