@@ -1483,6 +1483,8 @@ class TestModelsOnGpu:
                 m, a, a[::-1] * 0.5, n_samples=3, batch_size=4, return_convergence_delta=True)[1],
             "smooth_deeplift": lambda m, a: viz.smooth_grad(m, a, method="deeplift", n_samples=2,
                                                             stdev=0.1),
+            "feature_permutation": lambda m, a: viz.feature_permutation(
+                m, a, feature_mask=np.arange(144).reshape(12, 12) // 16, seed=2, batch_size=5),
             "feature_ablation": lambda m, a: viz.feature_ablation(
                 m, a, feature_mask=np.arange(144).reshape(12, 12) // 7, baseline=0.2,
                 score="probability", batch_size=9),

@@ -1334,6 +1334,78 @@ def test_feature_ablation_arguments():
     assert viz.feature_ablation(model, np.zeros((0, 2, 8, 8), np.float32)).shape == (0, 2, 8, 8)
 
 
+# ---------------------------------------------------------------- feature permutation
+
+def permutation_reference(model, x, mask, target, seed, score="logit"):
+    """Each feature's importance by its definition, one forward pass of the whole batch
+    per feature: the batch with that feature's values taken from image perm[i] (the
+    draws feature_permutation documents), float64 scores."""
+    rng = np.random.default_rng(seed)
+    mask = np.broadcast_to(mask, x.shape[1:])
+    out = np.zeros(x.shape)
+    n = len(x)
+    rows = np.arange(n)
+
+    def scores(batch):
+        z = model(batch).astype(np.float64)
+        return (softmax64(z) if score == "probability" else z)[rows, target]
+
+    initial = scores(x)
+    for f in np.unique(mask):
+        perm = rng.permutation(n)
+        while (perm == rows).all():
+            perm = rng.permutation(n)
+        shuffled = np.where(mask == f, x[perm], x)
+        out[:, mask == f] = (initial - scores(shuffled))[:, None]
+    return out
+
+
+@pytest.mark.parametrize("score", ["logit", "probability"])
+@pytest.mark.parametrize("mask_kind", ["cells", "channels", "elements"])
+def test_feature_permutation_matches_reference(score, mask_kind):
+    model = small_cnn().eval()
+    x = images(3)
+    cells = (np.arange(8)[:, None] // 3) * 3 + np.arange(8) // 3
+    mask = {"cells": cells * 5 + 2,                        # ids not consecutive
+            "channels": np.stack([cells, cells + 9]),
+            "elements": np.arange(x[0].size).reshape(x.shape[1:])}[mask_kind]
+    target = np.array([1, 0, 2])
+    want = permutation_reference(model, x, mask, target, 4, score)
+    for batch_size in (1, 7, 1000):   # copies per forward pass: the same numbers
+        got = viz.feature_permutation(model, x, target, feature_mask=mask, seed=4, score=score,
+                                      batch_size=batch_size)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if mask_kind == "elements":   # None: every element its own feature, the same draws
+        np.testing.assert_array_equal(
+            viz.feature_permutation(model, x, target, seed=4, score=score), got)
+
+
+def test_feature_permutation_of_a_feature_the_batch_shares_is_zero():
+    """Shuffling values every image has alike changes nothing: importance 0."""
+    model = small_cnn()
+    x = images(4)
+    x[:, :, :3] = 0.25
+    mask = np.where(np.arange(8)[:, None] < 3, 0, 1 + np.arange(8)[None, :] // 4)
+    got = viz.feature_permutation(model, x, feature_mask=np.broadcast_to(mask, (8, 8)))
+    assert (got[:, :, :3] == 0).all() and np.abs(got[:, :, 3:]).max() > 0
+
+
+def test_feature_permutation_arguments():
+    model = small_cnn()
+    x = images(3)
+    for bad in (x[0], x[:1]):
+        with pytest.raises(ValueError, match="at least 2 images"):
+            viz.feature_permutation(model, bad)
+    with pytest.raises(ValueError, match="same for every image"):
+        viz.feature_permutation(model, x, feature_mask=np.zeros((3, 1, 8, 8), int))
+    with pytest.raises(ValueError, match="seed"):
+        viz.feature_permutation(model, x, seed=-2)
+    with pytest.raises(ValueError, match="score must be"):
+        viz.feature_permutation(model, x, score="loss")
+    with pytest.raises(ValueError, match="one class per sample"):
+        viz.feature_permutation(model, x, [0, 1])
+
+
 # ---------------------------------------------------------------- Shapley values
 
 def shapley64(model, x, base, mask, target, score="logit"):
@@ -1468,7 +1540,7 @@ def test_shapley_arguments():
         viz.shapley_values(model, x)                     # every element its own feature
     with pytest.raises(ValueError, match="n_samples must be >= 1"):
         viz.shapley_value_sampling(model, x, n_samples=0)
-    with pytest.raises(ValueError, match="seed must be >= 0"):
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
         viz.shapley_value_sampling(model, x, seed=-1)
     with pytest.raises(TypeError, match="integer feature ids"):
         viz.shapley_values(model, x, feature_mask=np.zeros((8, 8)))
@@ -1723,7 +1795,7 @@ def test_kernel_shap_and_lime_arguments():
         viz.kernel_shap(model, x, n_samples=1)
     with pytest.raises(ValueError, match="n_samples must be >= 1"):
         viz.lime(model, x, n_samples=0)
-    with pytest.raises(ValueError, match="seed must be >= 0"):
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
         viz.kernel_shap(model, x, seed=-1)
     with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
         viz.lime(model, x, alpha=-0.1)
@@ -1973,26 +2045,31 @@ def test_smooth_grad_arguments():
 def occlusion_brute_force(model, image, target, window, stride, fill):
     """One occluded image per forward pass; Captum's windows: corners 0, s, 2s, ...
     while the one before has not reached the edge (the last one clipped there),
-    none starting past it."""
+    none starting past it. A (channels, height, width) window slides along the
+    channels too; a (height, width) one covers them all (maps without that axis)."""
     c, h, w = image.shape
+    by_channel = len(window) == 3
+    window, stride = (tuple(window), tuple(stride)) if by_channel else \
+        ((c,) + tuple(window), (c,) + tuple(stride))
     base = model(image[None])[0].astype(np.float64)
-    ys = [y for y in range(0, h, stride[0]) if y == 0 or y - stride[0] + window[0] < h]
-    xs = [x for x in range(0, w, stride[1]) if x == 0 or x - stride[1] + window[1] < w]
-    logit = np.zeros((len(ys), len(xs)))
-    prob = np.zeros_like(logit)
-    pred = np.zeros(logit.shape, np.int64)
-    heat_sum, heat_count = np.zeros((h, w)), np.zeros((h, w))
+    starts = [[s for s in range(0, n, st) if s == 0 or s - st + k < n]
+              for n, k, st in zip(image.shape, window, stride)]
+    shape = tuple(len(a) for a in starts)
+    logit, prob = np.zeros(shape), np.zeros(shape)
+    pred = np.zeros(shape, np.int64)
+    heat_sum, heat_count = np.zeros(image.shape), np.zeros(image.shape)
     p0 = softmax64(base)[target]
-    for i, y in enumerate(ys):
-        for j, x in enumerate(xs):
-            occluded = image.copy()
-            rows, cols = slice(y, y + window[0]), slice(x, x + window[1])
-            occluded[:, rows, cols] = fill[:, rows, cols]
-            z = model(occluded[None])[0].astype(np.float64)
-            logit[i, j], prob[i, j], pred[i, j] = z[target], softmax64(z)[target], z.argmax()
-            heat_sum[y:y + window[0], x:x + window[1]] += p0 - prob[i, j]
-            heat_count[y:y + window[0], x:x + window[1]] += 1
+    for index in itertools.product(*(range(k) for k in shape)):
+        box = tuple(slice(a[i], a[i] + k) for a, i, k in zip(starts, index, window))
+        occluded = image.copy()
+        occluded[box] = fill[box]
+        z = model(occluded[None])[0].astype(np.float64)
+        logit[index], prob[index], pred[index] = z[target], softmax64(z)[target], z.argmax()
+        heat_sum[box] += p0 - prob[index]
+        heat_count[box] += 1
     heat = np.where(heat_count > 0, heat_sum / np.maximum(heat_count, 1), 0.0)
+    if not by_channel:
+        logit, prob, pred, heat = logit[0], prob[0], pred[0], heat[0]
     return logit, prob, pred, heat, p0
 
 
@@ -2006,6 +2083,9 @@ def occlusion_brute_force(model, image, target, window, stride, fill):
     (small_cnn, 8, (3, 2), (2, 4), "image"),   # a stride above the window: gaps
     (padded_cnn, 8, (3, 3), (1, 1), "image"),
     (lambda: padded_cnn(1, "reflect", "replicate"), 8, (2, 2), (2, 1), 0.0),
+    (small_cnn, 8, (1, 3, 3), (1, 2, 2), "image"),     # one channel at a time
+    (odd_cnn, 11, (1, 4, 3), (1, 3, 2), -1.0),
+    (odd_cnn, 11, (1, 3, 3), (2, 3, 3), "image"),      # a channel stride leaving gaps
 ])
 def test_occlusion_matches_brute_force(build, size, window, stride, fill, incremental):
     model = build()
@@ -2156,6 +2236,8 @@ def test_model_state_unchanged(train):
         lambda: viz.gradient_shap(model, x, images(2, seed=8), n_samples=2, train=train,
                                   return_convergence_delta=True),
         lambda: viz.feature_ablation(model, x, feature_mask=np.eye(8, dtype=int), train=train),
+        lambda: viz.feature_permutation(model, x, feature_mask=np.eye(8, dtype=int),
+                                        train=train),
         lambda: viz.shapley_values(model, x, feature_mask=np.eye(8, dtype=int), train=train),
         lambda: viz.shapley_value_sampling(model, x, feature_mask=np.eye(8, dtype=int),
                                            n_samples=2, train=train),
@@ -2246,6 +2328,12 @@ def test_errors_name_the_problem():
         viz.saliency(model.conv1, x)
     with pytest.raises(ValueError, match="larger than"):
         viz.occlusion(model, x, window=9)
+    with pytest.raises(ValueError, match="more channels"):
+        viz.occlusion(model, x, window=(3, 2, 2))
+    with pytest.raises(ValueError, match=r"stride must be .*\(channels, height, width\)"):
+        viz.occlusion(model, x, window=(1, 2, 2), stride=(1, 1))
+    with pytest.raises(ValueError, match="window must be"):
+        viz.occlusion(model, x, window=(1, 1, 2, 2))
     with pytest.raises(ValueError, match="fill"):
         viz.occlusion(model, x, fill=np.zeros((3, 8, 8)))
     with pytest.raises(ValueError, match="score"):

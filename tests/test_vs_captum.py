@@ -201,6 +201,37 @@ def test_occlusion_vs_captum(size, window, stride, fill):
           atol=1e-5)
 
 
+@pytest.mark.parametrize("window, stride", [
+    ((1, 3, 3), (1, 2, 2)),
+    ((2, 3, 2), (2, 2, 1)),     # the last channel window clipped to one channel
+    ((2, 4, 4), 2),             # an int stride on every axis
+    ((3, 4, 4), (1, 3, 3)),     # every channel: the plain (H, W) maps
+])
+def test_occlusion_over_some_channels_vs_captum(window, stride):
+    """A window over fewer channels than the input's slides along the channels as
+    well (Captum's sliding_window_shapes=(c, h, w)): heatmaps (C, H, W)."""
+    size = (11, 9)
+    model, x = cnn(5, size=size), inputs(5, size=size)
+    tm, target = to_torch(model), [1, 4, 0]
+    base = inputs(6, n=1, size=size)[0]
+    kwargs = dict(target=target, sliding_window_shapes=window,
+                  strides=stride if isinstance(stride, tuple) else (stride,) * 3,
+                  baselines=torch.from_numpy(base.astype(np.float64)))
+    want = attr(captum_attr.Occlusion(tm), x, **kwargs)
+    probs = attr(captum_attr.Occlusion(tnn.Sequential(tm, tnn.Softmax(dim=1))), x, **kwargs)
+    for incremental in (True, False):
+        r = viz.occlusion(model, x, target, window=window, stride=stride, fill=base,
+                          batch_size=7, incremental=incremental)
+        if window[0] < x.shape[1]:
+            assert r.logit_heatmap.shape == x.shape and r.logit.ndim == 4
+            close(r.logit_heatmap, want, rtol=1e-4, atol=1e-5)
+            close(r.heatmap, probs, rtol=1e-4, atol=1e-5)
+        else:
+            assert r.logit_heatmap.shape == (3,) + size
+            close(r.logit_heatmap, want[:, 0], rtol=1e-4, atol=1e-5)
+            close(r.heatmap, probs[:, 0], rtol=1e-4, atol=1e-5)
+
+
 def separated_cnn(seed, size=(11, 9)):
     """conv - pool - BN - ReLU - conv - ReLU - fc: no two of Captum's DeepLift
     nonlinearities in a row. (Captum 0.9 gives a ReLU or max-pool directly before another
@@ -318,6 +349,44 @@ def test_feature_ablation_vs_captum(mask_kind):
         want = attr(captum_attr.FeatureAblation(net), x, target=target,
                     baselines=torch.from_numpy(base[None].astype(np.float64)),
                     feature_mask=captum_mask, perturbations_per_eval=8)
+        close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _permutations(seed, n, count):
+    """feature_permutation's draws: per feature, a permutation of the batch other than
+    the identity, from numpy's default_rng(seed)."""
+    rng, perms = np.random.default_rng(seed), []
+    for _ in range(count):
+        perm = rng.permutation(n)
+        while (perm == np.arange(n)).all():
+            perm = rng.permutation(n)
+        perms.append(torch.from_numpy(perm))
+    return perms
+
+
+@pytest.mark.parametrize("mask_kind", ["elements", "superpixels", "channels"])
+def test_feature_permutation_vs_captum(mask_kind, monkeypatch):
+    """Fed the same permutations (Captum draws torch.randperm once per feature, in id
+    order), Captum's FeaturePermutation gives fastcnn's numbers."""
+    size = (5, 4) if mask_kind == "elements" else (11, 9)
+    h, w = size
+    model, x = cnn(17, size=size), inputs(17, n=4, size=size)
+    tm, target = to_torch(model), [0, 3, 1, 4]
+    cells = np.repeat(np.repeat(np.arange(12).reshape(4, 3), 3, 0), 3, 1)[:h, :w]
+    mask = {"elements": None, "superpixels": cells,
+            "channels": np.arange(3)[:, None, None] * 12 + cells}[mask_kind]
+    count = x[0].size if mask is None else len(np.unique(mask))
+    captum_mask = None if mask is None else torch.from_numpy(
+        mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
+    for score, net in (("logit", tm), ("probability", tnn.Sequential(tm, tnn.Softmax(dim=1)))):
+        got = viz.feature_permutation(model, x, target, feature_mask=mask, seed=8, score=score,
+                                      batch_size=30)
+        draws = iter(_permutations(8, len(x), count))
+        monkeypatch.setattr(torch, "randperm", lambda n, *args, **kwargs: next(draws))
+        want = attr(captum_attr.FeaturePermutation(net), x, target=target,
+                    feature_mask=captum_mask)
+        monkeypatch.undo()
+        assert next(draws, None) is None   # Captum drew one per feature
         close(got, want, rtol=1e-4, atol=1e-5)
 
 

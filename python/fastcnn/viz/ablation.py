@@ -1,7 +1,9 @@
 """Perturbation methods over features (groups of input elements: a pixel, a
 superpixel, a channel, any labelled region), each feature either the input's or the
 baseline's. Feature ablation removes one feature at a time (occlusion's sliding
-window generalised to any partition; Captum's FeatureAblation); Shapley values
+window generalised to any partition; Captum's FeatureAblation); feature
+permutation swaps a feature's values among the batch's images (Captum's
+FeaturePermutation); Shapley values
 average a feature's effect over the orders in which the features can be added
 (Captum's ShapleyValues and ShapleyValueSampling)."""
 
@@ -16,7 +18,8 @@ from ._common import (as_input, check_logits, check_score, check_seed, preserved
                       resolve_targets, to_host, unbatch)
 from .attribution import _fill_images
 
-__all__ = ["feature_ablation", "shapley_values", "shapley_value_sampling"]
+__all__ = ["feature_ablation", "feature_permutation", "shapley_values",
+           "shapley_value_sampling"]
 
 #: The most features per image :func:`shapley_values` evaluates every coalition of.
 MAX_EXACT_FEATURES = 20
@@ -75,16 +78,18 @@ def _features(model, x, target, feature_mask, baseline, score, batch_size, train
             logits = F.softmax(logits, dim=1)
         return logits[xp.arange(len(logits)), targets].astype(np.float64)
 
-    def evaluate(image, keep):
+    def evaluate(image, keep, source=None):
         """Scores (float64) of the copies ``image`` (host ints, one image index per copy)
         with ``keep(first, last)`` (booleans, broadcastable to the copies) choosing the
-        input's elements, ``batch_size`` copies per forward pass."""
+        input's elements, the others the baseline's (or, with ``source``, host ints
+        too, image source[c]'s), ``batch_size`` copies per forward pass."""
         out = xp.empty(len(image), np.float64)
         with preserved(model, train):
             for first in range(0, len(image), batch_size):
                 last = min(first + batch_size, len(image))
                 i = xp.asarray(image[first:last])
-                copies = xp.where(keep(first, last), x[i], base[i])
+                other = base[i] if source is None else x[xp.asarray(source[first:last])]
+                copies = xp.where(keep(first, last), x[i], other)
                 out[first:last] = scores(model.forward(copies, record=False), t[i])
         return to_host(out)
 
@@ -128,6 +133,53 @@ def feature_ablation(model, x, target=None, *, feature_mask=None, baseline=0.0, 
     ends = np.cumsum([len(f) for f in ids])
     return unbatch(_spread(np.split(drops, ends[:-1]) if len(ids) else [], index, x, xp),
                    single)
+
+
+def feature_permutation(model, x, target=None, *, feature_mask=None, seed=0, score="logit",
+                        batch_size=256, train=False):
+    """Permutation feature importance (Captum's FeaturePermutation): for each feature,
+    its values are shuffled among the batch's images (image i takes image perm[i]'s,
+    perm a random permutation of the batch other than the identity, drawn anew for
+    each feature from ``seed``), and each image's score(x) minus its score with the
+    shuffled feature is given to every element of the feature. Shaped like x; large
+    where the model relies on the feature (for the values the batch holds).
+
+    x: a batch of at least two images (the features are swapped between them), the
+    importance of a feature depending on the rest of the batch, as Captum's.
+    feature_mask: as :func:`feature_ablation`, but the same for every image ((H, W) or
+    (C, H, W)). score, batch_size, target: as :func:`feature_ablation`. Captum draws
+    torch's permutations: the same distribution, other samples.
+    """
+    op = "feature_permutation"
+    seed = check_seed(seed, op)
+    x, single, xp = as_input(model, x, op)
+    n = x.shape[0]
+    if single or n < 2:
+        raise ValueError(f"{op}: x must be a batch of at least 2 images (their features are "
+                         f"swapped between them), got shape "
+                         f"{B.shape_str(x.shape[1:] if single else x.shape)}")
+    if feature_mask is not None and np.ndim(feature_mask) == 4 and \
+            np.shape(feature_mask)[0] != 1:
+        raise ValueError(f"{op}: feature_mask must be the same for every image, (H, W) or "
+                         f"(C, H, W), since features are swapped between the images; got "
+                         f"shape {B.shape_str(np.shape(feature_mask))}")
+    ids, index, _, initial, evaluate = _features(model, x, target, feature_mask, 0.0, score,
+                                              batch_size, train, op)
+    k = len(ids[0])
+    rng = np.random.default_rng(seed)
+    perms = []
+    for _ in range(k):
+        perm = rng.permutation(n)
+        while (perm == np.arange(n)).all():
+            perm = rng.permutation(n)
+        perms.append(perm)
+    image = np.tile(np.arange(n), k)           # copy j * n + i: image i, feature j shuffled
+    feature = xp.asarray(np.repeat(np.arange(k), n))
+    values = evaluate(image, lambda first, last: index[xp.asarray(image[first:last])] !=
+                      feature[first:last, None, None, None],
+                      np.concatenate(perms + [np.zeros(0, np.int64)]))
+    drops = (to_host(initial)[image] - values).reshape(k, n)
+    return _spread(list(drops.T), index, x, xp)
 
 
 def shapley_values(model, x, target=None, *, feature_mask=None, baseline=0.0, score="logit",
@@ -214,7 +266,6 @@ def shapley_value_sampling(model, x, target=None, *, feature_mask=None, baseline
     seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples")
-    seed = B.as_count(seed, f"{op}: seed", least=0)
     ids, index, _, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
                                               batch_size, train, op)
     if not ids:

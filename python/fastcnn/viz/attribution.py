@@ -30,6 +30,7 @@ default) or 'probability' (its softmax).
   each window changes.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -665,7 +666,8 @@ def _noise_tunnel_method(method, score, batch_size, method_args, train, op):
 @dataclass
 class OcclusionResult:
     """What :func:`occlusion` measured. Per-window-position maps are (PH, PW) (with a
-    leading N for a batch), heatmaps are at input resolution (H, W).
+    leading N for a batch), heatmaps are at input resolution (H, W); for windows over
+    some of the channels, (PC, PH, PW) and (C, H, W).
 
     probability, logit: the target's softmax probability and logit with the window
       at each position; drop, logit_drop: how much each fell from the unoccluded
@@ -675,8 +677,9 @@ class OcclusionResult:
       windows covering it (0 where none does); logit_heatmap is Captum's Occlusion
       attribution of the logit with the same window, stride and baseline;
     base_probability, base_logit: the unoccluded image's; target: the class scored;
-    window, stride: (height, width) pairs; positions: (ys, xs), the windows' top-left
-      corners along each axis (the last windows may be clipped at the image's edge).
+    window, stride: (height, width) pairs (or (channels, height, width)); positions:
+      (ys, xs) (or (cs, ys, xs)), the windows' top-left corners along each axis (the
+      last windows may be clipped at the image's edge).
     """
 
     probability: object
@@ -858,12 +861,39 @@ class _OcclusionPlan:
         return self.model.forward(full, start=self.last)
 
 
-def _pair_arg(value, name, op):
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                 and v >= 1 for v in pair):
-        raise ValueError(f"{op}: {name} must be a positive int or a pair of them, got {value!r}")
-    return tuple(int(v) for v in pair)
+def _window_args(window, stride, channels, op):
+    """occlusion's window and stride: (height, width) pairs, or (channels, height,
+    width) triples for windows over some channels. An int is the same size on every
+    axis; a stride tuple has the window's length."""
+    def sizes(value, name, length=None):
+        if isinstance(value, (tuple, list)):
+            items = tuple(value)
+            lengths = (length,) if length else (2, 3)
+        else:
+            items = (value,) * (length or 2)
+            lengths = (len(items),)
+        if len(items) not in lengths or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                for v in items):
+            shapes = " or ".join({2: "(height, width)", 3: "(channels, height, width)"}[k]
+                                 for k in lengths)
+            raise ValueError(f"{op}: {name} must be a positive int or {shapes} of them, "
+                             f"got {value!r}")
+        return tuple(int(v) for v in items)
+
+    window = sizes(window, "window")
+    stride = sizes(stride, "stride", len(window))
+    if len(window) == 3 and window[0] > channels:
+        raise ValueError(f"{op}: window {window} covers more channels than the input's "
+                         f"{channels}")
+    return window, stride
+
+
+def _starts(size, window, stride):
+    """Top-left corners along an axis of ``size``: 0, stride, ... up to the first window
+    that reaches the far edge (a clipped last one); a stride above the window leaves
+    gaps, and no window starts past the edge."""
+    return np.arange(0, min(size - window + stride, size), stride)
 
 
 def _target_change(ends, target, score, n, op):
@@ -895,19 +925,19 @@ def _fill_images(fill, x, xp, op, name="fill"):
     return xp.broadcast_to(fill, x.shape)
 
 
-def _window_average(values, ys, xs, window, size, xp):
-    """Each pixel's mean of ``values`` (N, PH, PW) over the windows covering it (the
-    windows at (ys, xs), clipped at the image's edge)."""
+def _window_average(values, starts, window, size, xp):
+    """Each element's mean of ``values`` (N, P1, P2[, P3]: one per window position) over
+    the windows covering it (the windows at the ``starts`` on each axis, clipped at the
+    edge ``size``): (N,) + size, 0 where no window does."""
     n = values.shape[0]
     total = xp.zeros((n,) + tuple(size), np.float32)
     count = np.zeros(tuple(size), np.float32)
-    for dy in range(window[0]):
-        in_y = ys + dy < size[0]
-        for dx in range(window[1]):
-            in_x = xs + dx < size[1]
-            rows, cols = (ys[in_y] + dy)[:, None], (xs[in_x] + dx)[None, :]
-            total[:, xp.asarray(rows), xp.asarray(cols)] += values[:, in_y][:, :, in_x]
-            count[rows, cols] += 1
+    for offset in itertools.product(*(range(k) for k in window)):
+        inside = [s + o < m for s, o, m in zip(starts, offset, size)]
+        at = np.ix_(*[(s[i] + o) for s, i, o in zip(starts, inside, offset)])
+        total[(slice(None),) + tuple(xp.asarray(a) for a in at)] += \
+            values[(slice(None),) + tuple(xp.asarray(a) for a in np.ix_(*inside))]
+        count[at] += 1
     count = xp.asarray(count)
     return xp.where(count > 0, total / xp.maximum(count, 1), 0.0).astype(np.float32)
 
@@ -921,7 +951,10 @@ def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size
     stride, 2*stride, ... until a window reaches the image's far edge, the last ones
     clipped there (PH = ceil((H - window) / stride) + 1), as Captum's Occlusion: every
     pixel is covered when stride <= window (a larger stride leaves gaps, 0 in the
-    heatmaps).
+    heatmaps). A window (channels, height, width) with fewer channels than the
+    input's hides those channels only and slides along the channels too (Captum's
+    ``sliding_window_shapes=(c, h, w)``, stride an int or (channels, height, width)):
+    the per-position maps are then (PC, PH, PW) and the heatmaps (C, H, W).
     fill: a value (in the model's input units: 0.0 is the mean pixel for standardised
     input), a baseline image (C, H, W), or one per sample (N, C, H, W).
     batch_size: occluded copies per forward pass.
@@ -933,25 +966,32 @@ def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size
     """
     op = "occlusion"
     x, single, xp = as_input(model, x, op)
-    window = _pair_arg(window, "window", op)
-    stride = _pair_arg(stride, "stride", op)
-    batch_size = B.as_count(batch_size, f"{op}: batch_size")
     n, c, h, w = x.shape
-    if window[0] > h or window[1] > w:
+    window, stride = _window_args(window, stride, c, op)
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    if window[-2] > h or window[-1] > w:
         raise ValueError(f"{op}: window {window} is larger than the {h}x{w} image")
     fills = _fill_images(fill, x, xp, op)
-    # Corners up to the first window that reaches the edge (a clipped last one).
-    # (A stride above the window leaves gaps, and no window starts past the edge.)
-    ys = np.arange(0, min(h - window[0] + stride[0], h), stride[0])
-    xs = np.arange(0, min(w - window[1] + stride[1], w), stride[1])
-    start_y, start_x = (a.ravel() for a in np.meshgrid(ys, xs, indexing="ij"))
+    by_channel = len(window) == 3 and window[0] < c
+    if len(window) == 3 and not by_channel:   # all the channels: the plain windows
+        window, stride = window[1:], stride[1:]
+    size = (c, h, w) if by_channel else (h, w)
+    starts = [_starts(*args) for args in zip(size, window, stride)]
+    grid = [a.ravel() for a in np.meshgrid(*starts, indexing="ij")]
+    start_y, start_x = grid[-2:]
     positions = len(start_y)
     # A clipped window is a whole one moved back inside the image, whose first
-    # rows / columns (``keep``) keep the image's pixels.
-    corner_y, corner_x = np.minimum(start_y, h - window[0]), np.minimum(start_x, w - window[1])
-    keep = ((np.arange(window[0])[None, :, None] < (start_y - corner_y)[:, None, None]) |
-            (np.arange(window[1])[None, None, :] < (start_x - corner_x)[:, None, None]))
-    keep = xp.asarray(keep[:, None]) if keep.any() else None
+    # rows / columns (``keep``) keep the image's pixels; a window over some
+    # channels keeps the others'.
+    corner_y, corner_x = np.minimum(start_y, h - window[-2]), np.minimum(start_x, w - window[-1])
+    keep = ((np.arange(window[-2])[None, :, None] < (start_y - corner_y)[:, None, None]) |
+            (np.arange(window[-1])[None, None, :] < (start_x - corner_x)[:, None, None]))
+    keep = keep[:, None]                                            # (P, 1, wh, ww)
+    if by_channel:
+        channel = np.arange(c)[None, :]
+        keep = keep | ~((channel >= grid[0][:, None]) &
+                        (channel < grid[0][:, None] + window[0]))[:, :, None, None]
+    keep = xp.asarray(keep) if keep.any() else None
     base, logits = [], []
     with preserved(model, train):
         plan = _OcclusionPlan(model, incremental)
@@ -962,9 +1002,10 @@ def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size
             base_logits = plan.set_image(x[i])
             check_logits(base_logits, op)
             base.append(base_logits[0])
-            patches = _windows(fills[i], corner_y, corner_x, *window)
+            patches = _windows(fills[i], corner_y, corner_x, *window[-2:])
             if keep is not None:
-                patches = xp.where(keep, _windows(x[i], corner_y, corner_x, *window), patches)
+                patches = xp.where(keep, _windows(x[i], corner_y, corner_x, *window[-2:]),
+                                   patches)
             logits.append(xp.concatenate([
                 plan.logits(patches[lo:lo + batch_size], corner_y[lo:lo + batch_size],
                             corner_x[lo:lo + batch_size])
@@ -978,19 +1019,19 @@ def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size
     rows = xp.arange(n)
     base_logit = base[rows, t]
     base_probability = F.softmax(base, dim=1)[rows, t]
-    shape = (n, len(ys), len(xs))
+    shape = (n,) + tuple(len(a) for a in starts)
     logit = logits[rows, :, t].reshape(shape)
     probability = F.softmax(logits, dim=2)[rows, :, t].reshape(shape)
     predicted = xp.argmax(logits, axis=2).reshape(shape)
-    drop = base_probability[:, None, None] - probability
-    logit_drop = base_logit[:, None, None] - logit
+    drop = base_probability.reshape((n,) + (1,) * len(size)) - probability
+    logit_drop = base_logit.reshape((n,) + (1,) * len(size)) - logit
     result = OcclusionResult(
         probability=probability, logit=logit, drop=drop, logit_drop=logit_drop,
         predicted=predicted,
-        heatmap=_window_average(drop, ys, xs, window, (h, w), xp),
-        logit_heatmap=_window_average(logit_drop, ys, xs, window, (h, w), xp),
+        heatmap=_window_average(drop, starts, window, size, xp),
+        logit_heatmap=_window_average(logit_drop, starts, window, size, xp),
         base_probability=base_probability, base_logit=base_logit, target=t,
-        window=window, stride=stride, positions=(ys, xs))
+        window=window, stride=stride, positions=tuple(starts))
     if single:
         for field in ("probability", "logit", "drop", "logit_drop", "predicted", "heatmap",
                       "logit_heatmap", "base_probability", "base_logit", "target"):

@@ -117,7 +117,6 @@ def kernel_shap(model, x, target=None, *, feature_mask=None, baseline=0.0, n_sam
     x, single, xp = as_input(model, x, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples (the input, the baseline and the "
                                       f"draws)", least=2)
-    seed = B.as_count(seed, f"{op}: seed", least=0)
     ids, index, base, initial, evaluate = _features(model, x, target, feature_mask, baseline,
                                                     score, batch_size, train, op)
     varying = [_varying(x[i], base[i], index[i], len(f), xp) for i, f in enumerate(ids)]
@@ -258,7 +257,6 @@ def lime(model, x, target=None, *, feature_mask=None, baseline=0.0, n_samples=25
     seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples")
-    seed = B.as_count(seed, f"{op}: seed", least=0)
     alpha = _real_arg(alpha, "alpha", op)
     kernel_width = _real_arg(kernel_width, "kernel_width", op)
     if kernel_width == 0:
