@@ -1479,6 +1479,8 @@ class TestModelsOnGpu:
                                                             stdev=0.1, batch_size=4),
             "layer_ig": lambda m, a: viz.layer_integrated_gradients(m, a, "relu1", n_steps=4,
                                                                     batch_size=3),
+            "internal_influence": lambda m, a: viz.internal_influence(m, a, "relu2", n_steps=3,
+                                                                      batch_size=4),
             "gradient_shap_delta": lambda m, a: viz.gradient_shap(
                 m, a, a[::-1] * 0.5, n_samples=3, batch_size=4, return_convergence_delta=True)[1],
             "smooth_deeplift": lambda m, a: viz.smooth_grad(m, a, method="deeplift", n_samples=2,

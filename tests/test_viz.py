@@ -1194,6 +1194,57 @@ def test_layer_conductance_completeness_and_layer_inputs():
     assert viz.layer_gradient_x_activation(model, x[:0], "fc1").shape == (0, 6)
 
 
+@pytest.mark.parametrize("layer, to_input", [("relu1", False), ("pool1", True), ("fc1", False),
+                                             ("conv1", True)])
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+def test_internal_influence_is_the_layer_gradient_integrated_along_the_path(layer, to_input,
+                                                                           method):
+    """Against its definition: the layer gradients at the path points (from
+    layer_gradient_x_activation, a separate code path), weighted by the quadrature
+    built here from numpy's Gauss-Legendre nodes or the trapezoid rule, in float64."""
+    model = small_cnn()
+    x, base = images(3), images(1, seed=5)[0] * 0.5
+    target = np.array([1, 4, 0])
+    n_steps = 5
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+        alphas, widths = (nodes + 1) / 2, weights / 2
+    else:
+        alphas = np.linspace(0, 1, n_steps)
+        widths = np.full(n_steps, 1 / n_steps)
+        widths[[0, -1]] /= 2
+    want = sum(w * viz.layer_gradient_x_activation(
+        model, (base + a * (x - base)).astype(np.float32), layer, target,
+        multiply_by_inputs=False, attribute_to_layer_input=to_input).astype(np.float64)
+        for a, w in zip(alphas, widths))
+    for batch_size in (1, 4, 64):
+        got = viz.internal_influence(model, x, layer, target, baseline=base, n_steps=n_steps,
+                                     method=method, batch_size=batch_size,
+                                     attribute_to_layer_input=to_input)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_internal_influence_of_the_logits_and_arguments():
+    """At the logits the gradient is the one-hot target everywhere: the quadrature's
+    total weight (1 for Gauss-Legendre); one image as in a batch; arguments."""
+    model = small_cnn()
+    x = images(3)
+    got = viz.internal_influence(model, x, "fc2", [2, 0, 4], n_steps=7)
+    np.testing.assert_allclose(got, np.eye(5)[[2, 0, 4]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(viz.internal_influence(model, x[1], "relu2", n_steps=4),
+                               viz.internal_influence(model, x, "relu2", n_steps=4)[1],
+                               rtol=1e-5, atol=1e-7)
+    assert viz.internal_influence(model, x[:0], "relu2").shape == (0, 4, 4, 4)
+    with pytest.raises(ValueError, match="n_steps must be >= 1"):
+        viz.internal_influence(model, x, "relu2", n_steps=0)
+    with pytest.raises(ValueError, match="method must be"):
+        viz.internal_influence(model, x, "relu2", method="simpson")
+    with pytest.raises(ValueError, match="baseline must be finite"):
+        viz.internal_influence(model, x, "relu2", baseline=np.nan)
+    with pytest.raises(ValueError, match="no layer"):
+        viz.internal_influence(model, x, "relu9")
+
+
 # ---------------------------------------------------------------- GradientSHAP
 
 def test_gradient_shap_matches_its_draws():
@@ -2247,6 +2298,7 @@ def test_model_state_unchanged(train):
         lambda: viz.lrp(model, x, rules={"conv2": viz.GammaRule()}, train=train),
         lambda: viz.layer_conductance(model, x, "relu1", n_steps=2, train=train),
         lambda: viz.layer_gradient_x_activation(model, x, "fc1", train=train),
+        lambda: viz.internal_influence(model, x, "relu1", n_steps=2, train=train),
         lambda: viz.maximize_activation(model, "relu2", [1], shape=(2, 8, 8), steps=3,
                                         train=train),
         lambda: viz.occlusion(model, x, window=4, stride=4, train=train),

@@ -499,6 +499,12 @@ def test_layer_conductance_and_gradient_x_activation_vs_captum(layer, method, to
         tx, target=target, n_steps=6, attribute_to_layer_input=to_input,
         baselines=torch.from_numpy(base[None].astype(np.float64)))
     close(got, want.detach().numpy())
+    got = viz.internal_influence(model, x, layer, target, baseline=base, n_steps=6,
+                                 method=method, batch_size=4, attribute_to_layer_input=to_input)
+    want = captum_attr.InternalInfluence(tm, tm[model.index(layer)]).attribute(
+        tx, target=target, n_steps=6, method=method, attribute_to_layer_input=to_input,
+        baselines=torch.from_numpy(base[None].astype(np.float64)))
+    close(got, want.detach().numpy())
 
 
 class _Flattening(tnn.Module):

@@ -9,9 +9,9 @@ import numpy as np
 from .. import _backend as B
 from ._common import (LayerPoint, as_input, check_logits, check_score, preserved,
                       resolve_targets, score_seed, unbatch)
-from .attribution import _fill_images, _path_steps, _target_change
+from .attribution import _fill_images, _path_args, _path_steps, _target_change
 
-__all__ = ["layer_gradient_x_activation", "layer_conductance"]
+__all__ = ["layer_gradient_x_activation", "layer_conductance", "internal_influence"]
 
 
 def layer_gradient_x_activation(model, x, layer, target=None, *, score="logit",
@@ -94,3 +94,43 @@ def layer_conductance(model, x, layer, target=None, *, baseline=0.0, n_steps=50,
         return unbatch(out, single)
     delta = (total.sum(axis=tuple(range(1, total.ndim))) - change).astype(np.float32)
     return unbatch((out, delta), single)
+
+
+def internal_influence(model, x, layer, target=None, *, baseline=0.0, n_steps=50,
+                       method="gausslegendre", batch_size=128, score="logit",
+                       attribute_to_layer_input=False, train=False):
+    """Internal influence (Leino et al., 2018; Captum's InternalInfluence): the gradient
+    of the target score with respect to a layer's units, integrated along the straight
+    path from the baseline to x in the input, sum_k w_k dF/dy(baseline + alpha_k (x -
+    baseline)) with integrated gradients' quadrature. Shaped like the layer's output
+    (N, ...): how strongly each unit drives the score over the whole path (a gradient,
+    not multiplied by any change, so it does not add up to the score change).
+
+    baseline, n_steps, method, batch_size, score, attribute_to_layer_input, target: as
+    :func:`layer_conductance` (n_steps points here, as Captum).
+    """
+    op = "internal_influence"
+    x, single, xp, base, alphas, widths, batch_size = _path_args(
+        model, x, baseline, n_steps, method, batch_size, score, op)
+    point = LayerPoint(model, layer, attribute_to_layer_input, op)
+    n, m = x.shape[0], len(alphas)
+    alpha = xp.asarray(alphas.astype(np.float32))
+    with preserved(model, train):
+        logits = model.forward(x)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+        total, diff = None, x - base
+        for first in range(0, n * m, batch_size):
+            index = np.arange(first, min(first + batch_size, n * m))
+            image, step = index // m, index % m
+            im, st = xp.asarray(image), xp.asarray(step)
+            acts = point.activation(base[im] + alpha[st][:, None, None, None] * diff[im])
+            grad = point.gradient(score_seed(point.logits(acts), t[im], score))
+            if total is None:
+                total = xp.zeros((n,) + grad.shape[1:], np.float64)
+            grad = grad.astype(np.float64)
+            for row, (i, k) in enumerate(zip(image, step)):  # in order, whatever the batch
+                total[i] += widths[k] * grad[row]
+        if total is None:   # an empty batch: the layer's shape from one forward pass
+            total = xp.zeros((0,) + point.activation(x).shape[1:], np.float64)
+    return unbatch(total.astype(np.float32), single)
