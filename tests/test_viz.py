@@ -1276,6 +1276,58 @@ def test_gradient_shap_matches_its_draws():
                                    atol=2e-4 * np.abs(want).sum())
 
 
+@pytest.mark.parametrize("layer, to_input", [("relu1", False), ("pool1", True), ("fc1", False)])
+def test_layer_gradient_shap_matches_its_draws(layer, to_input):
+    """Against the definition with gradient_shap's draws: per sample, the layer gradient
+    at the point (from layer_gradient_x_activation, a separate code path) times the
+    layer's change from the reference to the noisy image (feature_maps), averaged in
+    float64; the deltas are each sample's sum minus its logit change."""
+    model = small_cnn()
+    x, refs = images(2), images(3, seed=4) * 0.5
+    target, n_samples, stdev = np.array([1, 3]), 3, 0.2
+    got, delta = viz.layer_gradient_shap(model, x, layer, refs, target, n_samples=n_samples,
+                                         stdev=stdev, seed=5, batch_size=4,
+                                         attribute_to_layer_input=to_input,
+                                         return_convergence_delta=True)
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal((n_samples,) + x.shape[1:], dtype=np.float32)
+    alpha = rng.random(n_samples).astype(np.float32)
+    which = rng.integers(0, 3, n_samples)
+    where = model.names[model.names.index(layer) - 1] if to_input else layer
+    for i in range(2):
+        want, want_delta = 0.0, []
+        for s_ in range(n_samples):
+            noisy = x[i] + np.float32(stdev) * noise[s_]
+            b = refs[which[s_]]
+            point = (b + alpha[s_] * (noisy - b))[None]
+            grad = viz.layer_gradient_x_activation(model, point, layer, int(target[i]),
+                                                   multiply_by_inputs=False,
+                                                   attribute_to_layer_input=to_input)[0]
+            change = (viz.feature_maps(model, noisy[None], where)[0].astype(np.float64) -
+                      viz.feature_maps(model, b[None], where)[0])
+            term = grad.astype(np.float64) * change
+            want = want + term / n_samples
+            logits = model(np.stack([noisy, b])).astype(np.float64)
+            want_delta.append(term.sum() - (logits[0, target[i]] - logits[1, target[i]]))
+        np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(delta[i * n_samples:(i + 1) * n_samples], want_delta,
+                                   rtol=1e-4, atol=1e-5)
+    # at the image (the first layer's input) it is gradient_shap, draw for draw
+    np.testing.assert_array_equal(
+        viz.layer_gradient_shap(model, x, "conv1", refs, target, n_samples=2, seed=1,
+                                attribute_to_layer_input=True),
+        viz.gradient_shap(model, x, refs, target, n_samples=2, seed=1))
+    local = viz.layer_gradient_shap(model, x[1], layer, refs, 3, n_samples=2, seed=2,
+                                    multiply_by_inputs=False, attribute_to_layer_input=to_input)
+    np.testing.assert_allclose(local, viz.layer_gradient_shap(
+        model, x, layer, refs, [0, 3], n_samples=2, seed=2, multiply_by_inputs=False,
+        attribute_to_layer_input=to_input)[1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="no layer"):
+        viz.layer_gradient_shap(model, x, "relu9", refs)
+    with pytest.raises(ValueError, match="baselines must be"):
+        viz.layer_gradient_shap(model, x, layer, refs[:, :1])
+
+
 def test_gradient_shap_of_a_linear_model():
     """A linear model's gradient is W[t] everywhere: without noise each sample gives
     W[t] * (x - b) exactly, so one reference gives exactly that, with zero deltas; the
@@ -2299,6 +2351,8 @@ def test_model_state_unchanged(train):
         lambda: viz.layer_conductance(model, x, "relu1", n_steps=2, train=train),
         lambda: viz.layer_gradient_x_activation(model, x, "fc1", train=train),
         lambda: viz.internal_influence(model, x, "relu1", n_steps=2, train=train),
+        lambda: viz.layer_gradient_shap(model, x, "relu1", images(2, seed=8), n_samples=2,
+                                        train=train, return_convergence_delta=True),
         lambda: viz.maximize_activation(model, "relu2", [1], shape=(2, 8, 8), steps=3,
                                         train=train),
         lambda: viz.occlusion(model, x, window=4, stride=4, train=train),

@@ -442,6 +442,28 @@ def test_gradient_shap_vs_captum_where_the_draws_do_not_matter():
         close(got, want)
 
 
+@pytest.mark.parametrize("layer, to_input", [("relu2", False), ("fc", True)])
+def test_layer_gradient_shap_vs_captum_where_the_draws_do_not_matter(layer, to_input):
+    """After relu2 the network is linear (flatten, fc): against one reference without
+    noise every sample gives W[t] * (layer(x) - layer(b)), whatever Captum's draws."""
+    model, x = cnn(18), inputs(18)
+    tm, target = to_torch(model), [4, 1, 0]
+    base = inputs(19, n=1)
+    for multiply in (True, False):
+        got, delta = viz.layer_gradient_shap(model, x, layer, base, target, n_samples=3,
+                                             multiply_by_inputs=multiply,
+                                             attribute_to_layer_input=to_input,
+                                             return_convergence_delta=True)
+        want, want_delta = captum_attr.LayerGradientShap(
+            tm, tm[model.index(layer)], multiply_by_inputs=multiply).attribute(
+            torch.from_numpy(x.astype(np.float64)), torch.from_numpy(base.astype(np.float64)),
+            target=target, n_samples=3, attribute_to_layer_input=to_input,
+            return_convergence_delta=True)
+        close(got, want.detach().numpy())
+        if multiply:
+            np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)
+
+
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq"])
 def test_noise_tunnel_around_integrated_gradients_vs_captum(nt_type):
     """Captum's noise is torch's, so compare without it: NoiseTunnel(IntegratedGradients)

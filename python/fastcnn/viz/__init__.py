@@ -12,6 +12,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.grad_cam(model, x, layer="relu2")        # (H, W), upsampled
 >>> viz.layer_conductance(model, x, "relu2")      # each unit's share, shaped like the layer
 >>> viz.internal_influence(model, x, "relu2")     # its gradient integrated along the path
+>>> viz.layer_gradient_shap(model, x, "relu2", refs)   # expected gradients, to the layer
 >>> viz.layer_deep_lift(model, x, "relu2")        # DeepLIFT to the layer, sums to the change
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
@@ -40,7 +41,8 @@ from .ablation import (feature_ablation, feature_permutation, shapley_value_samp
                        shapley_values)
 from .surrogate import kernel_shap, lime
 from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift
-from .layer import internal_influence, layer_conductance, layer_gradient_x_activation
+from .layer import (internal_influence, layer_conductance, layer_gradient_shap,
+                    layer_gradient_x_activation)
 from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, lrp,
                   lrp_composite)
 from .features import conv_layers, feature_maps, filter_images, filters
@@ -51,8 +53,8 @@ from .report import METHODS, Explanation, demo_report, explain, write_report
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "layer_integrated_gradients", "layer_conductance",
-           "layer_gradient_x_activation", "internal_influence", "layer_deep_lift", "deep_lift",
-           "deep_lift_shap", "lrp", "lrp_composite",
+           "layer_gradient_x_activation", "internal_influence", "layer_gradient_shap",
+           "layer_deep_lift", "deep_lift", "deep_lift_shap", "lrp", "lrp_composite",
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
            "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation",

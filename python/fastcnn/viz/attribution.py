@@ -366,7 +366,15 @@ def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, b
     each (image, sample) in that order (image i's sample s at i * n_samples + s), the
     sample's attributions' sum minus score(x') - score(b) (Captum's delta).
     """
-    op = "gradient_shap"
+    return _gradient_shap("gradient_shap", model, x, baselines, target, None, n_samples, stdev,
+                          batch_size, seed, score, multiply_by_inputs,
+                          return_convergence_delta, train)
+
+
+def _gradient_shap(op, model, x, baselines, target, point, n_samples, stdev, batch_size, seed,
+                   score, multiply_by_inputs, return_convergence_delta, train):
+    """gradient_shap, or with ``point`` (a function of the checked x making a
+    LayerPoint) layer_gradient_shap: the gradient and the change taken at the layer."""
     seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     check_score(score, op)
@@ -379,17 +387,19 @@ def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, b
     if refs.ndim != 4 or refs.shape[1:] != x.shape[1:] or refs.shape[0] < 1:
         raise ValueError(f"{op}: baselines must be reference images (B, C, H, W) or one image "
                          f"{B.shape_str(x.shape[1:])}; got shape {B.shape_str(refs.shape)}")
+    point = None if point is None else point()
     rng = np.random.default_rng(seed)
     noise = xp.asarray(rng.standard_normal((n_samples,) + x.shape[1:], dtype=np.float32))
     alpha = xp.asarray(rng.random(n_samples).astype(np.float32))
     which = xp.asarray(rng.integers(0, refs.shape[0], n_samples))
     n = x.shape[0]
-    total = xp.zeros(x.shape, np.float64)
     deltas = xp.zeros(n * n_samples, np.float64)
     with preserved(model, train):
         logits = model.forward(x)
         check_logits(logits, op)
         t = resolve_targets(target, logits, op)
+        total = xp.zeros((n,) + (x.shape[1:] if point is None else
+                                 point.activation(x).shape[1:]), np.float64)
 
         def noisy(image, sample):
             return x[image] + stdev * noise[sample]
@@ -398,22 +408,30 @@ def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, b
             b = refs[which[sample]]
             return b + alpha[sample][:, None, None, None] * (noisy(image, sample) - b)
 
-        gradient = _class_gradient(model, t, score, False, op)
+        if point is None:
+            gradient = _class_gradient(model, t, score, False, op)
+        else:
+            def gradient(at, image):
+                return point.gradient(score_seed(point.logits(point.activation(at)), t[image],
+                                                 score))
         for image, sample, grad in _batched_gradients(xp, n, n_samples, batch_size, points,
                                                       gradient):
             on_device = xp.asarray(image), xp.asarray(sample)
-            diff = (noisy(*on_device) - refs[which[on_device[1]]]).astype(np.float64)
+            ends = xp.concatenate([noisy(*on_device), refs[which[on_device[1]]]])
+            m = len(image)
+            if point is not None:   # the change at the layer
+                ends = point.activation(ends)
+            diff = (ends[:m] - ends[m:]).astype(np.float64)
             values = grad.astype(np.float64) * (diff if multiply_by_inputs else 1.0)
             for row, i in enumerate(image):  # each image's samples in order, whatever the batch
                 total[i] += values[row]
             if return_convergence_delta:
-                ends = model.forward(xp.concatenate([noisy(*on_device),
-                                                     refs[which[on_device[1]]]]))
+                ends = point.logits(ends) if point is not None else model.forward(ends)
                 ends = ends if score == "logit" else F.softmax(ends, dim=1)
-                rows, m = xp.arange(len(image)), len(image)
+                rows = xp.arange(m)
                 tt = t[on_device[0]]
                 change = ends[rows, tt].astype(np.float64) - ends[rows + m, tt]
-                spent = (grad.astype(np.float64) * diff).sum(axis=(1, 2, 3))
+                spent = (grad.astype(np.float64) * diff).sum(axis=tuple(range(1, diff.ndim)))
                 deltas[xp.asarray(image * n_samples + sample)] = spent - change
     out = unbatch((total / n_samples).astype(np.float32), single)
     if not return_convergence_delta:

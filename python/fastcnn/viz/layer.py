@@ -9,9 +9,11 @@ import numpy as np
 from .. import _backend as B
 from ._common import (LayerPoint, as_input, check_logits, check_score, preserved,
                       resolve_targets, score_seed, unbatch)
-from .attribution import _fill_images, _path_args, _path_steps, _target_change
+from .attribution import (_fill_images, _gradient_shap, _path_args, _path_steps,
+                          _target_change)
 
-__all__ = ["layer_gradient_x_activation", "layer_conductance", "internal_influence"]
+__all__ = ["layer_gradient_x_activation", "layer_conductance", "internal_influence",
+           "layer_gradient_shap"]
 
 
 def layer_gradient_x_activation(model, x, layer, target=None, *, score="logit",
@@ -134,3 +136,24 @@ def internal_influence(model, x, layer, target=None, *, baseline=0.0, n_steps=50
         if total is None:   # an empty batch: the layer's shape from one forward pass
             total = xp.zeros((0,) + point.activation(x).shape[1:], np.float64)
     return unbatch(total.astype(np.float32), single)
+
+
+def layer_gradient_shap(model, x, layer, baselines, target=None, *, n_samples=5, stdev=0.0,
+                        batch_size=128, seed=0, score="logit", multiply_by_inputs=True,
+                        attribute_to_layer_input=False, return_convergence_delta=False,
+                        train=False):
+    """GradientSHAP to a layer's units (Captum's LayerGradientShap): the mean over
+    ``n_samples`` draws of the gradient with respect to the layer at a random point
+    between a reference b and x' (x plus noise of ``stdev``), times the layer's change
+    from b to x', layer(x') - layer(b). Shaped like the layer's output (N, ...); in
+    expectation each image's units add up to score(x) - mean score(baselines).
+
+    The draws, baselines, n_samples, stdev, seed, batch_size, score, multiply_by_inputs
+    and return_convergence_delta are :func:`gradient_shap`'s (the same draws give the
+    same points); attribute_to_layer_input: the layer's input instead of its output.
+    """
+    op = "layer_gradient_shap"
+    return _gradient_shap(op, model, x, baselines, target,
+                          lambda: LayerPoint(model, layer, attribute_to_layer_input, op),
+                          n_samples, stdev, batch_size, seed, score, multiply_by_inputs,
+                          return_convergence_delta, train)
