@@ -627,6 +627,44 @@ def test_deep_lift_shap_is_the_mean_over_references():
                                   viz.deep_lift_shap(model, x, refs, predicted))
 
 
+@pytest.mark.parametrize("layer, to_input", [("relu1", False), ("pool1", True), ("fc1", False),
+                                             ("conv1", True)])
+def test_layer_deep_lift_shap_is_the_mean_over_references(layer, to_input):
+    """The mean of layer_deep_lift against each reference (itself checked against a
+    float64 reference below); the units add up to logit(x) minus the references' mean
+    logit; deltas per (image, reference) at i * B + j; at the image, deep_lift_shap."""
+    model = small_cnn()
+    x, refs = images(3), images(4, seed=9)
+    target = np.array([0, 3, 1])
+    kw = dict(attribute_to_layer_input=to_input)
+    got, delta = viz.layer_deep_lift_shap(model, x, layer, refs, target, batch_size=5,
+                                          return_convergence_delta=True, **kw)
+    runs = [viz.layer_deep_lift(model, x, layer, target, baseline=np.broadcast_to(r, x.shape),
+                                return_convergence_delta=True, **kw) for r in refs]
+    np.testing.assert_allclose(got, np.mean([a for a, _ in runs], axis=0), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(delta, np.stack([d for _, d in runs], axis=1).ravel(),
+                               atol=1e-6)
+    logits = model(np.concatenate([x, refs])).astype(np.float64)
+    change = logits[np.arange(3), target] - logits[3:][:, target].mean(axis=0)
+    np.testing.assert_allclose(got.reshape(3, -1).sum(axis=1), change, rtol=1e-4, atol=1e-5)
+    multipliers = viz.layer_deep_lift_shap(model, x, layer, refs, target,
+                                           multiply_by_inputs=False, **kw)
+    np.testing.assert_allclose(multipliers, np.mean([viz.layer_deep_lift(
+        model, x, layer, target, baseline=np.broadcast_to(r, x.shape), multiply_by_inputs=False,
+        **kw) for r in refs], axis=0), rtol=1e-5, atol=1e-7)
+    single = viz.layer_deep_lift_shap(model, x[1], layer, refs, 3, **kw)
+    np.testing.assert_allclose(single, got[1], rtol=1e-6, atol=1e-8)
+    assert viz.layer_deep_lift_shap(model, x[:0], layer, refs, **kw).shape == (0,) + got.shape[1:]
+    np.testing.assert_array_equal(
+        viz.layer_deep_lift_shap(model, x, "conv1", refs, target, attribute_to_layer_input=True),
+        viz.deep_lift_shap(model, x, refs, target))
+    with pytest.raises(ValueError, match="baselines must be"):
+        viz.layer_deep_lift_shap(model, x, layer, refs[0])
+    with pytest.raises(TypeError, match="attribute_to_layer_input"):
+        viz.layer_deep_lift_shap(model, x, layer, refs, attribute_to_layer_input=1)
+
+
 def test_layer_deep_lift_matches_layer_by_layer_reference():
     """At each layer's output (and input), the multipliers carried back to it times the
     activation's change: against deep_lift64 stopped there; every layer's attributions
@@ -2351,6 +2389,7 @@ def test_model_state_unchanged(train):
         lambda: viz.layer_conductance(model, x, "relu1", n_steps=2, train=train),
         lambda: viz.layer_gradient_x_activation(model, x, "fc1", train=train),
         lambda: viz.internal_influence(model, x, "relu1", n_steps=2, train=train),
+        lambda: viz.layer_deep_lift_shap(model, x, "relu1", images(2, seed=8), train=train),
         lambda: viz.layer_gradient_shap(model, x, "relu1", images(2, seed=8), n_samples=2,
                                         train=train, return_convergence_delta=True),
         lambda: viz.maximize_activation(model, "relu2", [1], shape=(2, 8, 8), steps=3,

@@ -292,6 +292,28 @@ def test_layer_deep_lift_vs_captum(layer, to_input):
             np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("layer, to_input", [("bn1", False), ("relu2", False),
+                                             ("conv1", True)])
+def test_layer_deep_lift_shap_vs_captum(layer, to_input):
+    """Captum's LayerDeepLiftShap: LayerDeepLift against every reference, averaged; the
+    deltas of every (image, reference) pair at i * B + j."""
+    model, x = separated_cnn(27), inputs(27)
+    tm, target = to_torch(model), [2, 0, 3]
+    refs = inputs(28, n=4) * 0.5
+    for local in (False, True):
+        got, delta = viz.layer_deep_lift_shap(model, x, layer, refs, target, batch_size=5,
+                                              multiply_by_inputs=not local,
+                                              attribute_to_layer_input=to_input,
+                                              return_convergence_delta=True)
+        want, want_delta = captum_attr.LayerDeepLiftShap(
+            tm, getattr(tm, layer), multiply_by_inputs=not local).attribute(
+            torch.from_numpy(x.astype(np.float64)), torch.from_numpy(refs.astype(np.float64)),
+            target=target, attribute_to_layer_input=to_input, return_convergence_delta=True)
+        close(got, want.detach().numpy())
+        if not local:
+            np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=1e-5)
+
+
 def test_layer_deep_lift_at_a_relus_input_vs_captum():
     """At a ReLU's input Captum 0.9 takes the ReLU's plain gradient at x in place of its
     rescale multiplier (the gradient it reads at the layer's input has not been through

@@ -14,6 +14,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.internal_influence(model, x, "relu2")     # its gradient integrated along the path
 >>> viz.layer_gradient_shap(model, x, "relu2", refs)   # expected gradients, to the layer
 >>> viz.layer_deep_lift(model, x, "relu2")        # DeepLIFT to the layer, sums to the change
+>>> viz.layer_deep_lift_shap(model, x, "relu2", refs)   # averaged over reference images
 >>> r = viz.occlusion(model, x, window=4, stride=1, batch_size=625)
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
 >>> viz.feature_ablation(model, x, feature_mask=segments)   # any regions, shaped like x
@@ -40,7 +41,7 @@ from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gr
 from .ablation import (feature_ablation, feature_permutation, shapley_value_sampling,
                        shapley_values)
 from .surrogate import kernel_shap, lime
-from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift
+from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift, layer_deep_lift_shap
 from .layer import (internal_influence, layer_conductance, layer_gradient_shap,
                     layer_gradient_x_activation)
 from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, lrp,
@@ -54,7 +55,8 @@ from .report import METHODS, Explanation, demo_report, explain, write_report
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "layer_integrated_gradients", "layer_conductance",
            "layer_gradient_x_activation", "internal_influence", "layer_gradient_shap",
-           "layer_deep_lift", "deep_lift", "deep_lift_shap", "lrp", "lrp_composite",
+           "layer_deep_lift", "layer_deep_lift_shap", "deep_lift", "deep_lift_shap", "lrp",
+           "lrp_composite",
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
            "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation",

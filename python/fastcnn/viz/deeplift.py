@@ -36,7 +36,7 @@ from ._common import (as_input, check_finite, check_logits, layer_name, preserve
                       resolve_targets, unbatch)
 from .attribution import _fill_images
 
-__all__ = ["deep_lift", "deep_lift_shap", "layer_deep_lift"]
+__all__ = ["deep_lift", "deep_lift_shap", "layer_deep_lift", "layer_deep_lift_shap"]
 
 
 def _leaves(model):
@@ -202,9 +202,16 @@ def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_
     pair, image by image (Captum's order: image i against reference j at i * B + j).
     Other arguments as :func:`deep_lift`.
     """
-    op = "deep_lift_shap"
+    return _deep_lift_shap("deep_lift_shap", model, x, baselines, target, None, False,
+                           batch_size, multiply_by_inputs, return_convergence_delta, eps, train)
+
+
+def _deep_lift_shap(op, model, x, baselines, target, layer, to_input, batch_size,
+                    multiply_by_inputs, return_convergence_delta, eps, train):
+    """deep_lift_shap, or with ``layer`` layer_deep_lift_shap (to its units)."""
     x, single, xp = as_input(model, x, op)
     eps = _check_eps(eps, op)
+    keep = 0 if layer is None else _kept(model, layer, to_input, op)
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
     refs = check_finite(B.as_float(baselines, "baselines", xp), "baselines", op)
     if refs.ndim != 4 or refs.shape[1:] != x.shape[1:] or refs.shape[0] < 1:
@@ -212,8 +219,7 @@ def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_
                          f"W as x's {B.shape_str(x.shape[1:])}; got shape "
                          f"{B.shape_str(refs.shape)}")
     n, k = x.shape[0], refs.shape[0]
-    total = xp.zeros(x.shape, np.float64)
-    deltas = []
+    total, deltas = None, []
     with preserved(model, train):
         logits = model.forward(x)
         check_logits(logits, op)
@@ -221,16 +227,34 @@ def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_
         for first in range(0, n * k, batch_size):
             pair = np.arange(first, min(first + batch_size, n * k))
             image, ref = xp.asarray(pair // k), xp.asarray(pair % k)
-            xs, bs = x[image], refs[ref]
-            mult, change, _ = _multipliers(model, xs, bs, t[image], eps, op)
-            attr, delta = _finish(mult, xs, bs, change, multiply_by_inputs)
+            m = len(pair)
+            mult, change, acts = _multipliers(model, x[image], refs[ref], t[image], eps, op,
+                                              keep)
+            attr, delta = _finish(mult, acts[:m], acts[m:], change, multiply_by_inputs)
+            if total is None:
+                total = xp.zeros((n,) + attr.shape[1:], np.float64)
             for row, i in enumerate(pair // k):  # each image's references in order
                 total[i] += attr[row]
             deltas.append(delta.astype(np.float32))
+        if total is None:   # an empty batch: the layer's shape from one pass
+            shape = x.shape[1:] if not keep else \
+                _multipliers(model, refs[:1], refs[:1], None, eps, op, keep)[2].shape[1:]
+            total = xp.zeros((0,) + tuple(shape), np.float64)
     out = unbatch((total / k).astype(np.float32), single)
     if not return_convergence_delta:
         return out
     return out, (xp.concatenate(deltas) if deltas else xp.zeros(0, np.float32))
+
+
+def _kept(model, layer, to_input, op):
+    """How many of the model's first leaf layers run before ``layer``'s output (or,
+    ``to_input``, its input): the multipliers are taken there."""
+    if not isinstance(to_input, (bool, np.bool_)):
+        raise TypeError(f"{op}: attribute_to_layer_input must be True or False, got "
+                        f"{to_input!r}")
+    index = model.names.index(layer_name(model, layer, op))
+    before = list(model.children())[:index + (not to_input)]
+    return sum(len(list(_leaves(c))) if isinstance(c, Sequential) else 1 for c in before)
 
 
 def layer_deep_lift(model, x, layer, target=None, *, baseline=0.0, multiply_by_inputs=True,
@@ -253,12 +277,7 @@ def layer_deep_lift(model, x, layer, target=None, *, baseline=0.0, multiply_by_i
     op = "layer_deep_lift"
     x, single, xp = as_input(model, x, op)
     eps = _check_eps(eps, op)
-    if not isinstance(attribute_to_layer_input, (bool, np.bool_)):
-        raise TypeError(f"{op}: attribute_to_layer_input must be True or False, got "
-                        f"{attribute_to_layer_input!r}")
-    index = model.names.index(layer_name(model, layer, op))
-    before = list(model.children())[:index + (not attribute_to_layer_input)]
-    keep = sum(len(list(_leaves(c))) if isinstance(c, Sequential) else 1 for c in before)
+    keep = _kept(model, layer, attribute_to_layer_input, op)
     base = _fill_images(baseline, x, xp, op, "baseline")
     n = x.shape[0]
     with preserved(model, train):
@@ -268,3 +287,18 @@ def layer_deep_lift(model, x, layer, target=None, *, baseline=0.0, multiply_by_i
     if not return_convergence_delta:
         return unbatch(out, single)
     return unbatch((out, delta.astype(np.float32)), single)
+
+
+def layer_deep_lift_shap(model, x, layer, baselines, target=None, *, batch_size=64,
+                         multiply_by_inputs=True, attribute_to_layer_input=False,
+                         return_convergence_delta=False, eps=1e-10, train=False):
+    """DeepLIFT-SHAP to a layer's units (Captum's LayerDeepLiftShap): the mean over the
+    reference images of :func:`layer_deep_lift` against each. Shaped like the layer's
+    output (N, ...); each image's units add up to logit(x) minus the references' mean
+    logit. baselines, batch_size, return_convergence_delta: as :func:`deep_lift_shap`;
+    layer, attribute_to_layer_input, multiply_by_inputs, eps: as
+    :func:`layer_deep_lift` (and where it and Captum differ).
+    """
+    return _deep_lift_shap("layer_deep_lift_shap", model, x, baselines, target, layer,
+                           attribute_to_layer_input, batch_size, multiply_by_inputs,
+                           return_convergence_delta, eps, train)
