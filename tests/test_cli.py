@@ -121,10 +121,18 @@ def test_help_and_command_table(capsys):
         del cli.COMMANDS["hello"]
 
 
-def test_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "fastcnn.cli", "train", "--help"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "--optimizer" in result.stdout and "--arch" in result.stdout
+def test_module_entry_point(tmp_path):
+    """python -m fastcnn and python -m fastcnn.cli run the command, whose errors are
+    the usual one line (exit 2), not a traceback."""
+    for module in ("fastcnn", "fastcnn.cli"):
+        result = subprocess.run([sys.executable, "-m", module, "train", "--help"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "--optimizer" in result.stdout, module
+        result = subprocess.run([sys.executable, "-m", module, "predict",
+                                 str(tmp_path / "none.npz"), str(tmp_path / "x.png")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("fastcnn predict: error:"), result.stderr
 
 
 def test_bench_runs_and_reports_ratios(tmp_path, capsys, monkeypatch):
@@ -285,7 +293,10 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys):
                            (["--patience", "0"], "--patience"), (["--shift", "-2"], "--shift"),
                            (["--val-size", "0", "--patience", "2"], "--val-size > 0"),
                            (["--val-size", "16"], "hold out less than half"),
-                           (["--classes", "a,b"], "classes")]:
+                           (["--classes", "a,b"], "classes"), (["--seed", "-1"], "--seed"),
+                           (["--batch-size", str(2 ** 70)], "--batch-size must fit"),
+                           (["--threads", str(2 ** 40)], "--threads"),
+                           (["--val-size", "0", "--shift", "28"], "--shift 28")]:
         assert cli.main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("fastcnn train: error:") and message in err, (extra, err)
@@ -293,6 +304,12 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main(base[:-1] + [str(tmp_path / "file")]) == 2
     assert "not a folder" in capsys.readouterr().err
+    assert cli.main(base[:-1] + [str(tmp_path / "file" / "run")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    for channels, message in (("0-10000000", "more than the 4096"), ("5-3", "backwards")):
+        assert cli.main(["maximize", str(tmp_path / "none.npz"), "--channels", channels]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err) < 300, err
     with pytest.raises(SystemExit) as exit_info:  # argparse's error: usage and exit 2
         cli.main(["bench", "gemm", "--quick", "--json", str(tmp_path / "no" / "x.json")])
     assert exit_info.value.code == 2 and "cannot write" in capsys.readouterr().err

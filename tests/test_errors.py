@@ -341,6 +341,7 @@ CASES = [
     # ---------------------------------------------------------------- threads
     ("threads 0", lambda: fastcnn.set_num_threads(0), ValueError, "."),
     ("threads negative", lambda: fastcnn.set_num_threads(-2), ValueError, "."),
+    ("threads huge", lambda: fastcnn.set_num_threads(2 ** 40), ValueError, "n must be in"),
     ("threads float", lambda: fastcnn.set_num_threads(1.5), (TypeError, ValueError), "."),
     ("threads str", lambda: fastcnn.set_num_threads("2"), (TypeError, ValueError), "."),
 ]

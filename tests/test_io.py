@@ -62,6 +62,18 @@ def test_file_is_self_describing(tmp_path):
     assert header["model"]["metadata"] == {"classes": ["x"]}
 
 
+def test_metadata_that_load_would_refuse_is_refused_by_save(tmp_path):
+    model = nn.Sequential(nn.Flatten())
+    for bad in ([1, 2], "classes"):
+        with pytest.raises(TypeError, match="metadata must be a dict"):
+            io.save(model, tmp_path / "m.npz", metadata=bad)
+    with pytest.raises(TypeError, match="JSON values"):
+        io.save(model, tmp_path / "m.npz", metadata={"mean": np.float32(0.5)})
+    assert not (tmp_path / "m.npz").exists()
+    io.save(model, tmp_path / "m.npz", metadata={"mean": [0.5]})
+    assert io.load(tmp_path / "m.npz").metadata == {"mean": [0.5]}
+
+
 def test_truncated_files_give_a_clear_error(tmp_path):
     model, _ = _trained(steps=1)
     raw = io.save(model, tmp_path / "m.npz").read_bytes()

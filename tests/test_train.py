@@ -192,6 +192,24 @@ def test_predict_inputs_and_mode_restored():
         predict(model, ds.images)
 
 
+def test_evaluate_and_predict_refuse_loaders_that_skip_or_reorder_images():
+    """A result per image needs every image, in order: a loader that drops its last
+    batch (evaluate, predict) or shuffles (predict) is refused, and so is a batch
+    size below 1."""
+    model, ds = toy_model(), toy_dataset(20)
+    for fn in (evaluate, predict):
+        with pytest.raises(ValueError, match="drops the last batch"):
+            fn(model, data.DataLoader(ds, 8, drop_last=True))
+        with pytest.raises(ValueError, match="batch_size must be >= 1"):
+            fn(model, ds, batch_size=0)
+    with pytest.raises(ValueError, match="shuffles"):
+        predict(model, data.DataLoader(ds, 8, shuffle=True))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        predict(model, ds.images.astype(np.float32), batch_size=-1)
+    shuffled = evaluate(model, data.DataLoader(ds, 8, shuffle=True))  # totals: order is moot
+    assert shuffled.accuracy == pytest.approx(evaluate(model, ds).accuracy)
+
+
 def test_plot_history_writes_a_picture(tmp_path):
     history = [{"epoch": e, "loss": 2 / e, "accuracy": 0.5 + e / 20, "val_loss": 2.2 / e,
                 "val_accuracy": 0.45 + e / 20} for e in range(1, 6)]

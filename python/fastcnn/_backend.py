@@ -215,11 +215,15 @@ def seed_value(seed, name: str = "seed") -> int:
     return s
 
 
+#: More threads than this is a mistake (OpenMP would start them all).
+MAX_THREADS = 4096
+
+
 def set_num_threads(n: int) -> None:
     """Threads used by the CPU kernels (OpenMP). Results do not depend on it."""
     n = as_int(n, "n")
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be in [1, {MAX_THREADS}], got {n}")
     _cpu.set_num_threads(n)
 
 

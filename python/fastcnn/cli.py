@@ -127,9 +127,10 @@ def _set_threads(threads):
     if threads is not None:
         import fastcnn
 
-        if threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {threads}")
-        fastcnn.set_num_threads(threads)
+        try:
+            fastcnn.set_num_threads(threads)
+        except ValueError as exc:
+            raise CommandError(f"--threads: {exc}") from None
 
 
 def _check_gpu():
@@ -186,8 +187,12 @@ def _check_training_arguments(args, recipe):
     need(finite(recipe["warmup_epochs"]) and recipe["warmup_epochs"] >= 0,
          f"--warmup-epochs must be >= 0, got {recipe['warmup_epochs']}")
     need(recipe["shift"] >= 0, f"--shift must be >= 0, got {recipe['shift']}")
-    need(recipe["val_size"] >= 0, f"--val-size must be >= 0, got {recipe['val_size']}")
+    need(0 <= args.seed < 2**63, f"--seed must be in [0, 2**63), got {args.seed}")
     patience = recipe.get("patience")
+    for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--val-size", recipe["val_size"]), ("--patience", patience)):
+        need(value is None or value < 2**63, f"{name} must fit in 64 bits, got {value}")
+    need(recipe["val_size"] >= 0, f"--val-size must be >= 0, got {recipe['val_size']}")
     need(patience is None or patience >= 1, f"--patience must be >= 1, got {patience}")
     need(patience is None or recipe["val_size"] > 0,
          "--patience stops on the validation accuracy: give --val-size > 0")
@@ -232,6 +237,9 @@ def _train_and_report(args, recipe, demo):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: exists and is not a folder")
+    for parent in out.parents:   # a file on the way there fails after the training
+        if parent.exists() and not parent.is_dir():
+            raise CommandError(f"--out {out}: {parent} is a file, not a folder")
     resume = bool(getattr(args, "resume", False))
     if resume:
         _check_resume(out / "checkpoint.npz", recipe)
@@ -250,6 +258,12 @@ def _train_and_report(args, recipe, demo):
     c, h, w = train_set.image_shape
     if h != w:
         raise CommandError(f"the presets need square images, got {h}x{w}")
+    if recipe["shift"] >= h:
+        raise CommandError(f"--shift {recipe['shift']} would move {h}x{w} images out of the "
+                           f"picture; give less than {h}")
+    if test_set.image_shape != train_set.image_shape:
+        raise CommandError(f"the test images are {'x'.join(map(str, test_set.image_shape))} but "
+                           f"the training images {'x'.join(map(str, train_set.image_shape))}")
     model = models.build(recipe["arch"], num_classes=train_set.num_classes, in_channels=c,
                          input_size=h, seed=args.seed)
     model.metadata = {"input_shape": [c, h, w], "classes": list(train_set.classes),
@@ -567,29 +581,34 @@ def _add_maximize_arguments(parser):
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
 
 
+#: The most units ``fastcnn maximize`` draws in one picture.
+MAX_CHANNELS = 4096
+
+
 def _channel_list(text):
-    channels = []
+    ranges = []
     for part in text.split(","):
         first, _, last = part.strip().partition("-")
         try:
-            channels += list(range(int(first), int(last or first) + 1))
+            ranges.append((int(first), int(last or first)))
         except ValueError:
             raise CommandError(f"--channels {text!r}: expected indices and ranges like "
                                f"0,3,5-7") from None
-    return channels
+        if ranges[-1][1] < ranges[-1][0]:
+            raise CommandError(f"--channels {text!r}: the range {part.strip()} runs backwards")
+    count = sum(last - first + 1 for first, last in ranges)
+    if count > MAX_CHANNELS:
+        raise CommandError(f"--channels {text!r}: {count} units, more than the "
+                           f"{MAX_CHANNELS} one picture takes")
+    return [c for first, last in ranges for c in range(first, last + 1)]
 
 
 def _run_maximize(args):
-    import fastcnn
-
     from . import io, viz
 
     if args.steps < 0:
         raise CommandError(f"--steps must be >= 0, got {args.steps}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {args.threads}")
-        fastcnn.set_num_threads(args.threads)
+    _set_threads(args.threads)
     channels = None if args.channels is None else _channel_list(args.channels)
     model = io.load(args.model)
     layer = int(args.layer) if args.layer and args.layer.lstrip("-").isdigit() else args.layer
@@ -634,4 +653,7 @@ register("bench", "time fastcnn beside NumPy and PyTorch (GEMM, every op, the re
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As fastcnn.cli, not __main__: the commands raise fastcnn.cli.CommandError.
+    from fastcnn.cli import main as _main
+
+    sys.exit(_main())

@@ -131,6 +131,14 @@ def _model_record(model, metadata, arrays, prefix):
         raise TypeError(f"expected a fastcnn.nn Module, got {type(model).__name__}")
     if metadata is None:
         metadata = getattr(model, "metadata", None) or {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict (class names, input shape, ...), got "
+                        f"{type(metadata).__name__}")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"metadata must hold only JSON values (str, int, float, list, dict; "
+                        f"numpy scalars as Python numbers): {exc}") from None
     state = model.state_dict()
     for name, value in state.items():
         arrays[f"{prefix}/{name}"] = _to_host(value)

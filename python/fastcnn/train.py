@@ -48,7 +48,19 @@ def _to_host(a):
     return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
 
 
-def _as_loader(data, batch_size, shuffle=False, seed=0):
+def _as_loader(data, batch_size, shuffle=False, seed=0, op=None):
+    """A DataLoader for ``data``. ``op``: evaluate, which needs every image (a loader
+    that drops the last batch is refused), or predict, which needs them in order too
+    (nor one that shuffles)."""
+    if op is not None:
+        batch_size = as_count(batch_size, f"{op}: batch_size")
+        if isinstance(data, DataLoader) and (data.drop_last or (op == "predict" and
+                                                                data.shuffle)):
+            what = ("drops the last batch, so some images would be left out" if data.drop_last
+                    else "shuffles, so the rows would not follow the data set")
+            raise ValueError(f"{op}: the DataLoader {what}; pass the Dataset itself (or a "
+                             f"loader without drop_last" +
+                             (" and shuffle)" if op == "predict" else ")"))
     if isinstance(data, DataLoader):
         return data
     if isinstance(data, Dataset):
@@ -99,7 +111,7 @@ def _infer(model, x):
 def evaluate(model, data, batch_size=500):
     """Evaluate ``model`` (in eval mode; its mode is restored) on a Dataset or DataLoader
     (not an empty one: its loss and accuracy would mean nothing)."""
-    loader = _as_loader(data, batch_size)
+    loader = _as_loader(data, batch_size, op="evaluate")
     if len(loader.dataset) == 0:
         raise ValueError(f"evaluate: {loader.dataset!r} has no images")
     was_training = model.training
@@ -135,13 +147,14 @@ def predict(model, data, batch_size=500, mean=None, std=None):
     standardised; or a uint8 array, standardised here with ``mean`` / ``std``
     (default: ``model.metadata``'s).
     """
+    batch_size = as_count(batch_size, "predict: batch_size")
     was_training = model.training
     model.eval()
     device = model.device
     out = []
     try:
         if isinstance(data, (Dataset, DataLoader)):
-            batches = (x for x, _ in _as_loader(data, batch_size))
+            batches = (x for x, _ in _as_loader(data, batch_size, op="predict"))
         else:
             array = np.asarray(data) if not type(data).__module__.startswith("cupy") else data
             if array.ndim != 4:
