@@ -16,6 +16,19 @@ __all__ = ["layer_gradient_x_activation", "layer_conductance", "internal_influen
            "layer_gradient_shap"]
 
 
+def _along_the_path(xp, point, base, diff, alpha, t, score, batch_size):
+    """The layer's activations and target-score gradients at the input path's points
+    base + alpha_k diff, image by image and point by point, ``batch_size`` a pass:
+    yields (images, steps, activations, gradients), images and steps host arrays."""
+    n, m = diff.shape[0], len(alpha)
+    for first in range(0, n * m, batch_size):
+        index = np.arange(first, min(first + batch_size, n * m))
+        image, step = index // m, index % m
+        im, st = xp.asarray(image), xp.asarray(step)
+        acts = point.activation(base[im] + alpha[st][:, None, None, None] * diff[im])
+        yield image, step, acts, point.gradient(score_seed(point.logits(acts), t[im], score))
+
+
 def layer_gradient_x_activation(model, x, layer, target=None, *, score="logit",
                                 multiply_by_inputs=True, attribute_to_layer_input=False,
                                 train=False):
@@ -73,19 +86,15 @@ def layer_conductance(model, x, layer, target=None, *, baseline=0.0, n_steps=50,
     alphas, _ = _path_steps(method, n_steps + 1, op)
     base = _fill_images(baseline, x, xp, op, "baseline")
     point = LayerPoint(model, layer, attribute_to_layer_input, op)
-    n, m = x.shape[0], len(alphas)
+    n = x.shape[0]
     alpha = xp.asarray(alphas.astype(np.float32))
     with preserved(model, train):
         ends = point.activation(xp.concatenate([x, base]))
         total = xp.zeros((n,) + ends.shape[1:], np.float64)
         t, change = _target_change(point.logits(ends), target, score, n, op)
         diff, last = x - base, None  # last: (activation, gradient) at the previous point
-        for first in range(0, n * m, batch_size):
-            index = np.arange(first, min(first + batch_size, n * m))
-            image, step = index // m, index % m
-            im, st = xp.asarray(image), xp.asarray(step)
-            acts = point.activation(base[im] + alpha[st][:, None, None, None] * diff[im])
-            grad = point.gradient(score_seed(point.logits(acts), t[im], score))
+        for image, step, acts, grad in _along_the_path(xp, point, base, diff, alpha, t, score,
+                                                       batch_size):
             acts = acts.astype(np.float64)
             for row, (i, k) in enumerate(zip(image, step)):  # in order, whatever the batch
                 if k:
@@ -115,19 +124,15 @@ def internal_influence(model, x, layer, target=None, *, baseline=0.0, n_steps=50
     x, single, xp, base, alphas, widths, batch_size = _path_args(
         model, x, baseline, n_steps, method, batch_size, score, op)
     point = LayerPoint(model, layer, attribute_to_layer_input, op)
-    n, m = x.shape[0], len(alphas)
+    n = x.shape[0]
     alpha = xp.asarray(alphas.astype(np.float32))
     with preserved(model, train):
         logits = model.forward(x)
         check_logits(logits, op)
         t = resolve_targets(target, logits, op)
         total, diff = None, x - base
-        for first in range(0, n * m, batch_size):
-            index = np.arange(first, min(first + batch_size, n * m))
-            image, step = index // m, index % m
-            im, st = xp.asarray(image), xp.asarray(step)
-            acts = point.activation(base[im] + alpha[st][:, None, None, None] * diff[im])
-            grad = point.gradient(score_seed(point.logits(acts), t[im], score))
+        for image, step, _, grad in _along_the_path(xp, point, base, diff, alpha, t, score,
+                                                    batch_size):
             if total is None:
                 total = xp.zeros((n,) + grad.shape[1:], np.float64)
             grad = grad.astype(np.float64)
