@@ -53,7 +53,6 @@ def _as_loader(data, batch_size, shuffle=False, seed=0, op=None):
     that drops the last batch is refused), or predict, which needs them in order too
     (nor one that shuffles)."""
     if op is not None:
-        batch_size = as_count(batch_size, f"{op}: batch_size")
         if isinstance(data, DataLoader) and (data.drop_last or (op == "predict" and
                                                                 data.shuffle)):
             what = ("drops the last batch, so some images would be left out" if data.drop_last
@@ -111,7 +110,7 @@ def _infer(model, x):
 def evaluate(model, data, batch_size=500):
     """Evaluate ``model`` (in eval mode; its mode is restored) on a Dataset or DataLoader
     (not an empty one: its loss and accuracy would mean nothing)."""
-    loader = _as_loader(data, batch_size, op="evaluate")
+    loader = _as_loader(data, as_count(batch_size, "evaluate: batch_size"), op="evaluate")
     if len(loader.dataset) == 0:
         raise ValueError(f"evaluate: {loader.dataset!r} has no images")
     was_training = model.training
