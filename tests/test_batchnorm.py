@@ -130,6 +130,13 @@ def test_batch_norm_training_without_running_stats(rng):
     out = F.batch_norm(x, None, None, training=True)
     assert_close(out, ref.batch_norm(x, None, None, training=True)[0], atol=1e-5)
     np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-5)
+    # one running statistic without the other: torch's ValueError, in either mode
+    stat = np.zeros(3, np.float32)
+    for training in (True, False):
+        for args, only in (((stat, None), "running_mean"), ((None, stat), "running_var")):
+            with pytest.raises(ValueError, match=f"go together .* got only {only}"):
+                F.batch_norm(x, *args, training=training)
+    np.testing.assert_array_equal(stat, 0)  # and nothing updated
 
 
 def test_batch_norm_training_two_values_per_channel():

@@ -66,6 +66,9 @@ def test_write_idx_round_trip(tmp_path):
     np.testing.assert_array_equal(data.read_idx(tmp_path / "a.gz"), a)
     with pytest.raises(TypeError, match="IDX type"):
         data.write_idx(tmp_path / "b", np.zeros(3, np.int64))
+    for name in ("none", "none.gz"):  # a set of zero images reads back as one
+        data.write_idx(tmp_path / name, np.zeros((0, 28, 28), np.uint8))
+        assert data.read_idx(tmp_path / name).shape == (0, 28, 28)
 
 
 def test_read_idx_truncated_plain(tmp_path):
@@ -130,6 +133,18 @@ def test_load_idx_dataset_from_folder(tmp_path):
     assert data.load_idx_dataset(folder, classes=["a", "b", "c"])[1].classes == ("a", "b", "c")
     with pytest.raises(ValueError, match=r"labels span \[0, 2\] but there are 2 classes"):
         data.load_idx_dataset(folder, classes=["a", "b"])
+    # a corrupt label far past the others: refused, not 2**31 class names built
+    labels = data.read_idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int32)
+    labels[5] = 2 ** 31 - 1
+    data.write_idx(folder / "train-labels-idx1-ubyte.gz", labels)
+    (folder / "classes.txt").unlink()
+    with pytest.raises(ValueError, match="labels reach 2147483647.*pass the class names"):
+        data.load_idx_dataset(folder)
+    with pytest.raises(ValueError, match="labels reach 10000"):
+        data.Dataset(np.zeros((1, 2, 2), np.uint8), [data.MAX_DEFAULT_CLASSES])
+    named = data.Dataset(np.zeros((1, 2, 2), np.uint8), [data.MAX_DEFAULT_CLASSES],
+                         classes=range(data.MAX_DEFAULT_CLASSES + 1))  # meant: fine
+    assert named.num_classes == data.MAX_DEFAULT_CLASSES + 1
 
 
 def test_load_plain_files_and_alternative_names(tmp_path):
@@ -180,10 +195,27 @@ def test_dataset_indexing_and_split():
     assert sorted(ids) == list(images[:, 0, 0])
     again = ds.split(3, seed=1)[1]
     np.testing.assert_array_equal(again.images, val.images)
+    np.testing.assert_array_equal(ds.split(np.int64(3), seed=1)[1].images, val.images)
+    assert len(ds.split(np.float32(0.5))[1]) == 5
+    for bad, error, message in [(float("nan"), ValueError, "strictly between 0 and 1"),
+                                (3.0, ValueError, "strictly between"),
+                                (1.0, ValueError, "strictly between"),
+                                ("3", TypeError, "a count .int. or a fraction"),
+                                (True, TypeError, "a count"), (None, TypeError, "a count"),
+                                (0, ValueError, "leaves no data"),
+                                (10, ValueError, "leaves no data")]:
+        with pytest.raises(error, match=message):
+            ds.split(bad)
     with pytest.raises(TypeError, match="uint8"):
         data.Dataset(images.astype(np.float32), np.zeros(10, int))
     with pytest.raises(ValueError, match="labels must be"):
         data.Dataset(images, np.zeros(9, int))
+    for mean, std, message in [(0.5, 0.0, "std must be finite and > 0"),
+                               (float("nan"), 0.5, "mean must be finite")]:
+        with pytest.raises(ValueError, match=message):
+            data.Dataset(images, np.zeros(10, int), mean=mean, std=std)
+        with pytest.raises(ValueError, match=message):
+            data.DataLoader(ds, mean=mean, std=std)
 
 
 @needs_fashion
@@ -273,6 +305,10 @@ def test_random_hflip_and_augment():
     for bad, error in [(-1, ValueError), (1.7, TypeError), ("2", TypeError)]:
         with pytest.raises(error, match="shift"):
             data.Augment(shift=bad)
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="hflip must be True or False"):
+            data.Augment(hflip=bad)
+    assert data.Augment(hflip=np.bool_(True)).hflip is True
     for bad, error in [(0, ValueError), (2.5, TypeError)]:
         with pytest.raises(error, match="batch_size"):
             data.DataLoader(_toy(), bad)

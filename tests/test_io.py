@@ -68,10 +68,43 @@ def test_metadata_that_load_would_refuse_is_refused_by_save(tmp_path):
         with pytest.raises(TypeError, match="metadata must be a dict"):
             io.save(model, tmp_path / "m.npz", metadata=bad)
     with pytest.raises(TypeError, match="JSON values"):
-        io.save(model, tmp_path / "m.npz", metadata={"mean": np.float32(0.5)})
+        io.save(model, tmp_path / "m.npz", metadata={"mine": object()})
+    # the entries fastcnn reads back must be usable: refused on save, named
+    for bad, message in [({"input_shape": [1, 28]}, "input_shape must be"),
+                         ({"input_shape": [1, 0, 28]}, "input_shape must be"),
+                         ({"input_shape": [1, 28.0, 28]}, "input_shape must be"),
+                         ({"input_shape": [3, 10 ** 6, 10 ** 6]}, "more than the"),
+                         ({"classes": "abc"}, "classes must be"),
+                         ({"classes": [["a"]]}, "classes must be"),
+                         ({"mean": [], "std": [1.0]}, "mean must be"),
+                         ({"mean": [float("nan")]}, "mean must be"),
+                         ({"std": [0.0]}, "std must be > 0"),
+                         ({"input_shape": [3, 4, 4], "std": [1.0, 2.0]}, "2 values for the 3"),
+                         ({"dataset": 5}, "dataset must be a str"),
+                         ({"train_images": -1}, "train_images")]:
+        with pytest.raises(ValueError, match=message):
+            io.save(model, tmp_path / "m.npz", metadata=bad)
     assert not (tmp_path / "m.npz").exists()
-    io.save(model, tmp_path / "m.npz", metadata={"mean": [0.5]})
-    assert io.load(tmp_path / "m.npz").metadata == {"mean": [0.5]}
+    # NumPy scalars and arrays, tuples and the user's own entries are saved as JSON
+    io.save(model, tmp_path / "m.npz", metadata={
+        "mean": np.float32(0.5), "std": np.array([0.25]), "input_shape": (1, np.int64(2), 2),
+        "classes": [0, 1], "mine": {"any": [None, True]}})
+    assert io.load(tmp_path / "m.npz").metadata == {
+        "mean": 0.5, "std": [0.25], "input_shape": [1, 2, 2], "classes": [0, 1],
+        "mine": {"any": [None, True]}}
+
+
+def test_unusable_metadata_in_a_file_is_a_model_file_error(tmp_path):
+    """A hand-edited header whose input_shape would hang predict (or whose entries
+    would fail later with an unpacking error) is refused when the file is read."""
+    path = io.save(models.mnist_cnn(), tmp_path / "m.npz")
+    for key, value in [("input_shape", [1, 100000, 100000]), ("input_shape", 28),
+                       ("mean", "0.5"), ("classes", {"a": 1})]:
+        def edit(header, key=key, value=value):
+            header["model"]["metadata"][key] = value
+
+        with pytest.raises(io.ModelFileError, match=f"metadata is corrupt: {key}"):
+            io.load(_rewrite(path, tmp_path / "bad.npz", edit_header=edit))
 
 
 def test_truncated_files_give_a_clear_error(tmp_path):

@@ -138,6 +138,12 @@ def test_trainer_arguments_and_empty_data(tmp_path):
             Trainer(early_stopping=patience)
     with pytest.raises(ValueError, match="out_dir"):
         Trainer(progress=False).fit(model, toy_dataset(32), epochs=1, resume=True)
+    for epochs, error in [(1.5, TypeError), (-1, ValueError), (0, ValueError), ("2", TypeError)]:
+        with pytest.raises(error, match="fit: epochs"):
+            Trainer(progress=False, log=None).fit(model, toy_dataset(32), epochs=epochs)
+    for delta in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_delta"):
+            Trainer(min_delta=delta)
     empty = toy_dataset(32)[:0]
     with pytest.raises(ValueError, match="no batches"):
         Trainer(progress=False, log=None).fit(model, empty, epochs=1)

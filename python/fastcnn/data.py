@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import functional as F
-from ._backend import as_count
+from ._backend import as_count, as_int
 
 __all__ = ["FASHION_MNIST_CLASSES", "DEBIAN_FASHION_MNIST", "DataNotFoundError",
            "read_idx", "write_idx", "Dataset", "find_data_dir", "load_idx_dataset",
@@ -37,6 +37,12 @@ _IDX_CODES = {dt.newbyteorder("=") if dt.itemsize > 1 else dt: code
               for code, dt in _IDX_TYPES.items()}
 
 
+#: the most classes a data set gets numbered names for when none are given: a label
+#: past it is far more likely a corrupt file than a real class (pass ``classes`` to
+#: mean it)
+MAX_DEFAULT_CLASSES = 10_000
+
+
 class DataNotFoundError(FileNotFoundError):
     """No data set where one was looked for; the message says how to get one."""
 
@@ -44,6 +50,8 @@ class DataNotFoundError(FileNotFoundError):
 # ---------------------------------------------------------------- IDX files
 
 def _read_exactly(stream, buffer, path, what):
+    if not getattr(buffer, "nbytes", len(buffer)):
+        return  # an empty array (a set of zero images): nothing to read
     view = memoryview(buffer).cast("B")
     filled = 0
     while filled < len(view):
@@ -138,12 +146,11 @@ class Dataset:
             raise TypeError(f"Dataset: labels must be integers, got {labels.dtype}")
         self.images, self.labels = images, labels.astype(np.int64, copy=False)
         if classes is None:
-            classes = [str(i) for i in range(int(self.labels.max(initial=-1)) + 1)]
+            classes = _numbered_classes(int(self.labels.max(initial=-1)), "Dataset")
         self.classes = tuple(str(c) for c in classes)
         if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < len(self.classes):
             raise ValueError(f"Dataset: labels span [{self.labels.min()}, {self.labels.max()}] "
                              f"but there are {len(self.classes)} classes")
-        channels = images.shape[1]
         if mean is None or std is None:
             mean, std = self._pixel_stats()
         self.mean, self.std = self._per_channel(mean, "mean"), self._per_channel(std, "std")
@@ -156,6 +163,9 @@ class Dataset:
             values = values * channels
         if len(values) != channels:
             raise ValueError(f"Dataset: {what} has {len(values)} values for {channels} channels")
+        if not all(math.isfinite(v) and (what == "mean" or v > 0) for v in values):
+            raise ValueError(f"Dataset: {what} must be finite{' and > 0' if what == 'std' else ''}"
+                             f", got {values}")
         return values
 
     def _pixel_stats(self):
@@ -189,9 +199,20 @@ class Dataset:
                        self.std, self.name)
 
     def split(self, val_size, seed=0):
-        """(train, validation): a seeded random split; ``val_size`` a count or a fraction."""
+        """(train, validation): a seeded random split; ``val_size`` a count (an int) or a
+        fraction (a float strictly between 0 and 1)."""
         n = len(self)
-        count = int(round(val_size * n)) if isinstance(val_size, float) else int(val_size)
+        if isinstance(val_size, (float, np.floating)):
+            if not 0 < val_size < 1:
+                raise ValueError(f"split: a fractional val_size must lie strictly between 0 "
+                                 f"and 1, got {val_size} (a count is an int)")
+            count = int(round(float(val_size) * n))
+        else:
+            try:
+                count = as_int(val_size, "split: val_size")
+            except TypeError:
+                raise TypeError(f"split: val_size must be a count (int) or a fraction (float), "
+                                f"got {val_size!r}") from None
         if not 0 < count < n:
             raise ValueError(f"split: val_size {val_size} leaves no data on one side of {n}")
         order = np.random.default_rng(seed).permutation(n)
@@ -200,6 +221,16 @@ class Dataset:
     def __repr__(self):
         return (f"Dataset({self.name or 'unnamed'}: {len(self)} images of "
                 f"{tuple(self.image_shape)}, {self.num_classes} classes)")
+
+
+def _numbered_classes(top, where):
+    """Names "0" ... str(top) for labels that come without any."""
+    if top >= MAX_DEFAULT_CLASSES:
+        raise ValueError(f"{where}: labels reach {top}, so {top + 1} classes; numbered class "
+                         f"names are made for at most {MAX_DEFAULT_CLASSES} (a label that large "
+                         f"is most likely a corrupt file): pass the class names (classes=, or "
+                         f"a classes.txt beside the IDX files) if the labels are right")
+    return [str(i) for i in range(top + 1)]
 
 
 def _idx_file(root, split, kind):
@@ -290,8 +321,9 @@ def load_idx_dataset(root, classes=None, mean=None, std=None, name=None):
     if classes is None and fashion:
         classes = FASHION_MNIST_CLASSES
     if classes is None:
-        top = max(int(arrays["train", "labels"].max()), int(arrays["test", "labels"].max()))
-        classes = [str(i) for i in range(top + 1)]
+        top = max((int(arrays[split, "labels"].max()) for split in ("train", "test")
+                   if arrays[split, "labels"].size), default=-1)
+        classes = _numbered_classes(top, str(root))
     name = name or ("Fashion-MNIST" if fashion else root.name)
     train = Dataset(arrays["train", "images"], arrays["train", "labels"], classes, mean, std,
                     f"{name} train")
@@ -340,6 +372,8 @@ class Augment:
     and (``hflip``) random left-right mirroring."""
 
     def __init__(self, shift=0, hflip=False):
+        if not isinstance(hflip, (bool, np.bool_)):
+            raise TypeError(f"Augment: hflip must be True or False, got {hflip!r}")
         self.shift, self.hflip = as_count(shift, "Augment: shift", 0), bool(hflip)
 
     def __call__(self, images, rng):

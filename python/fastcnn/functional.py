@@ -1004,6 +1004,10 @@ class _BatchNormArgs:
         if c == 0:
             raise ValueError(f"{op}: input has no channels; shape {shape_str(x.shape)}")
         self.view = (n, c, math.prod(x.shape[2:]))
+        if (running_mean is None) != (running_var is None):
+            given = "running_mean" if running_var is None else "running_var"
+            raise ValueError(f"{op}: running_mean and running_var go together (both arrays, or "
+                             f"both None for no running statistics); got only {given}")
         for name, arr in (("running_mean", running_mean), ("running_var", running_var),
                           ("weight", weight), ("bias", bias)):
             if arr is not None and np.shape(arr) != (c,):

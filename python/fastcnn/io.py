@@ -19,8 +19,12 @@ import numpy as np
 
 from .nn.module import Module, from_spec
 
-__all__ = ["ModelFileError", "save", "load", "save_checkpoint", "load_checkpoint"]
+__all__ = ["ModelFileError", "save", "load", "save_checkpoint", "load_checkpoint",
+           "check_metadata"]
 
+#: the most values one input image may hold (``metadata['input_shape']``): past it a
+#: model file is refused rather than have ``predict`` allocate (or hang on) it
+MAX_INPUT_VALUES = 1 << 28
 FORMAT_VERSION = 1
 MODEL_FORMAT = "fastcnn-model"
 CHECKPOINT_FORMAT = "fastcnn-checkpoint"
@@ -126,6 +130,63 @@ def _read(path, expected_formats):
     return header, arrays
 
 
+def _plain(tree):
+    """``tree`` with NumPy scalars and arrays as Python numbers and lists, tuples as
+    lists: what JSON holds."""
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_plain(v) for v in tree]
+    if isinstance(tree, (np.generic, np.ndarray)):
+        return tree.tolist()
+    return tree
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def check_metadata(metadata):
+    """Why ``metadata``'s entries that fastcnn reads (input_shape, classes, mean, std,
+    dataset, arch, train_images) are unusable, in a line; None when they are fine.
+    Other entries are the user's own and may hold any JSON value."""
+    shape = metadata.get("input_shape")
+    if shape is not None:
+        if (not isinstance(shape, list) or len(shape) != 3
+                or not all(_is_int(v) and v >= 1 for v in shape)):
+            return f"input_shape must be [C, H, W] of ints >= 1, got {shape!r:.80}"
+        if shape[0] * shape[1] * shape[2] > MAX_INPUT_VALUES:
+            return (f"input_shape {shape} holds {shape[0] * shape[1] * shape[2]} values, more "
+                    f"than the {MAX_INPUT_VALUES} one image may")
+    classes = metadata.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(
+            isinstance(c, (str, int, float)) for c in classes)):
+        return f"classes must be a list of names (str or numbers), got {classes!r:.80}"
+    for key in ("mean", "std"):
+        value = metadata.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_is_number(v) for v in values):
+            return f"{key} must be a finite number or a list of them, got {value!r:.80}"
+        if key == "std" and not all(v > 0 for v in values):
+            return f"std must be > 0, got {value!r:.80}"
+        if shape is not None and len(values) not in (1, shape[0]):
+            return (f"{key} has {len(values)} values for the {shape[0]} channels of "
+                    f"input_shape {shape}")
+    for key in ("dataset", "arch"):
+        if key in metadata and not isinstance(metadata[key], str):
+            return f"{key} must be a str, got {metadata[key]!r:.80}"
+    count = metadata.get("train_images")
+    if count is not None and not (_is_int(count) and count >= 0):
+        return f"train_images must be an int >= 0, got {count!r:.80}"
+    return None
+
+
 def _model_record(model, metadata, arrays, prefix):
     if not isinstance(model, Module):
         raise TypeError(f"expected a fastcnn.nn Module, got {type(model).__name__}")
@@ -134,11 +195,15 @@ def _model_record(model, metadata, arrays, prefix):
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict (class names, input shape, ...), got "
                         f"{type(metadata).__name__}")
+    metadata = _plain(metadata)
     try:
-        json.dumps(metadata)
+        metadata = json.loads(json.dumps(metadata))  # what load will read back
     except (TypeError, ValueError) as exc:
         raise TypeError(f"metadata must hold only JSON values (str, int, float, list, dict; "
-                        f"numpy scalars as Python numbers): {exc}") from None
+                        f"NumPy scalars and arrays become numbers and lists): {exc}") from None
+    problem = check_metadata(metadata)
+    if problem:
+        raise ValueError(f"metadata: {problem}")
     state = model.state_dict()
     for name, value in state.items():
         arrays[f"{prefix}/{name}"] = _to_host(value)
@@ -163,6 +228,9 @@ def _build_model(record, arrays, prefix, path):
     metadata = record.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{path}: the header's metadata is not a dict ({metadata!r:.80})")
+    problem = check_metadata(metadata)
+    if problem:
+        raise ModelFileError(f"{path}: the header's metadata is corrupt: {problem}")
     model.metadata = metadata
     return model
 

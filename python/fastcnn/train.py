@@ -246,6 +246,8 @@ class Trainer:
         self.early_stopping = early_stopping
         self.monitor = monitor
         self.min_delta = float(min_delta)
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ValueError(f"Trainer: min_delta must be a finite number >= 0, got {min_delta}")
         self.restore_best = restore_best
         self.progress = progress
         self.log = log or (lambda *_: None)
@@ -275,6 +277,7 @@ class Trainer:
         and mean / std go into ``model.metadata`` (saved with the model). Returns
         the history: one dict per epoch.
         """
+        epochs = as_count(epochs, "fit: epochs")
         train = _as_loader(train, batch_size, shuffle=True, seed=seed)
         val = None if val is None else _as_loader(val, 500)
         if len(train) == 0:
@@ -310,7 +313,8 @@ class Trainer:
             best_path = path.parent / BEST_NAME
             if self.restore_best and best_epoch is not None and best_path.is_file():
                 best_state = io.load(best_path).state_dict()
-            self.log(f"resumed from {path} after epoch {start}")
+            self.log(f"resumed from {path} after epoch {start}" + (
+                f": nothing to train for epochs={epochs}" if start >= epochs else ""))
         device = model.device
         loss_fn = self.loss_fn
         if isinstance(loss_fn, Module) and any(b is not None for b in loss_fn.buffers()):
