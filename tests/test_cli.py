@@ -81,6 +81,30 @@ def test_predict_prints_top_classes(trained, tmp_path, capsys):
     assert x.shape == (1, 28, 28) and x.dtype == np.uint8 and x[0, 0, 0] < 128  # inverted
 
 
+def test_predict_refuses_a_model_that_gives_nan(trained, tmp_path, capsys):
+    folder, out = trained
+    model = io.load(out / "model.npz")
+    model.fc1.weight.data[...] = np.nan
+    io.save(model, tmp_path / "nan.npz")
+    picture = tmp_path / "x.png"
+    Image.fromarray(data.read_idx(folder / "t10k-images-idx3-ubyte.gz")[0]).save(picture)
+    assert cli.main(["predict", str(tmp_path / "nan.npz"), str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert "not finite numbers" in err and "weights hold NaN" in err and "nan%" not in err
+
+
+def test_maximize_writes_the_picture_it_names(trained, tmp_path, capsys, monkeypatch):
+    folder, out = trained
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["maximize", str(out / "model.npz"), "--layer", "relu2", "--channels",
+                     "0,1", "--steps", "2", "--out", "relu2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "wrote relu2.png"
+    assert Image.open(tmp_path / "relu2.png").format == "PNG"
+    for bad, message in (("x.bmp", "name it NAME.png"), ("none/x.png", "cannot write")):
+        assert cli.main(["maximize", str(out / "model.npz"), "--out", bad]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_demo_quick_run(tmp_path, capsys):
     folder = _idx_folder(tmp_path / "fashion-like", n=48)
     out = tmp_path / "demo"
@@ -170,8 +194,15 @@ def test_bench_cuda_without_gpu_fails_cleanly(capsys):
 
     if cuda.is_available():
         pytest.skip("a GPU is present: this checks the message on machines without one")
-    assert cli.main(["bench", "--device", "cuda", "gemm", "--quick"]) == 1
+    assert cli.main(["bench", "--device", "cuda", "gemm", "--quick"]) == 2  # as every error
+    assert "--device cuda: error: no usable GPU" in capsys.readouterr().err
+    assert cli.main(["bench", "--device=cuda", "--quick"]) == 2
     assert "no usable GPU" in capsys.readouterr().err
+    # the last --device counts: here the CPU benchmark's parser, which knows no --tf32
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--device", "cuda", "--device", "cpu", "--tf32", "on"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: fastcnn bench [" in err and "--tf32" in err
 
 
 def test_train_device_cuda_without_gpu_fails_cleanly(tmp_path, capsys):
@@ -329,17 +360,33 @@ def test_resume_refuses_another_run_s_options(tmp_path, capsys):
     assert cli.main(["train", "--data", str(folder), "--out", str(tmp_path / "none"),
                      "--resume", "--no-progress"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    # the same options on other data: another folder, other class names
+    other = _idx_folder(tmp_path / "other", n=48, seed=5)
+    for args, named in [(["--data", str(other)], "mean"),
+                        (["--classes", ",".join("abcdefghij")], "classes")]:
+        assert cli.main(base + ["--epochs", "3", "--resume"] + args) == 2
+        err = capsys.readouterr().err
+        assert "was trained on other data" in err and named in err, err
+    # the demo cannot set a train run's options: it says so rather than name them
+    assert cli.main(["demo", "--data", str(folder), "--out", str(tmp_path / "run"), "--epochs",
+                     "3", "--batch-size", "16", "--resume", "--no-progress"]) == 2
+    assert "not made by `fastcnn demo`" in capsys.readouterr().err
 
 
 def test_pictures_are_read_as_they_look(tmp_path):
-    """16-bit grey scaled (not clipped), transparency laid on white, EXIF orientation
-    applied: each gives the same input as the plain 8-bit picture."""
+    """16-bit grey scaled (not clipped), also when it holds 12-bit levels; 24-bit
+    integer and 0-1 float grey (TIFF) the same; transparency laid on white, EXIF
+    orientation applied: each gives the same input as the plain 8-bit picture."""
     g = np.random.default_rng(0)
     plain = np.full((28, 28), 255, np.uint8)
     plain[6:22, 9:19] = g.integers(0, 60, (16, 10))
     Image.fromarray(plain).save(tmp_path / "plain.png")
     want = cli.load_image(tmp_path / "plain.png", [1, 28, 28])
     Image.fromarray(plain.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    levels12 = np.rint(plain * (4095 / 255)).astype(np.uint16)  # a 12-bit scan in 16 bits
+    Image.fromarray(levels12).save(tmp_path / "grey12.png")
+    Image.fromarray(plain.astype(np.int32) * 65793).save(tmp_path / "grey24.tiff")
+    Image.fromarray(plain.astype(np.float32) / 255).save(tmp_path / "float.tiff")
     rgba = np.zeros((28, 28, 4), np.uint8)
     rgba[..., :3] = plain[..., None]
     rgba[..., 3] = np.where(plain == 255, 0, 255)  # the background transparent
@@ -349,6 +396,7 @@ def test_pictures_are_read_as_they_look(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     rotated.save(tmp_path / "rotated.png", exif=exif)
-    for name in ("grey16.png", "transparent.png", "rotated.png"):
+    for name in ("grey16.png", "grey12.png", "grey24.tiff", "float.tiff", "transparent.png",
+                 "rotated.png"):
         np.testing.assert_array_equal(cli.load_image(tmp_path / name, [1, 28, 28]), want,
                                       err_msg=name)

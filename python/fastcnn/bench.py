@@ -471,15 +471,16 @@ def run_args(args, parser):
 def main(argv=None):
     """``fastcnn bench``: the CPU benchmark, or with ``--device cuda`` the GPU one."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--device=cuda" in argv or any(a == "--device" and b == "cuda"
-                                      for a, b in zip(argv, argv[1:])):
+    # --device picks the benchmark (the last one given counts, as argparse's options);
+    # the GPU one takes its own options
+    device = argparse.ArgumentParser(prog="fastcnn bench", add_help=False)
+    device.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    chosen, rest = device.parse_known_args(argv)
+    if chosen.device == "cuda":
         from . import bench_cuda
 
-        rest = [a for a in argv if a != "--device=cuda"]
-        if "--device" in rest:
-            i = rest.index("--device")
-            del rest[i:i + 2]
         return bench_cuda.main(rest)
+    argv = rest
     parser = argparse.ArgumentParser(prog="fastcnn bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_args(parser.parse_args(argv), parser)

@@ -349,9 +349,9 @@ def main(argv=None):
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     check_output_files(parser, args.json, args.markdown)
     if not fcuda.is_available():
-        print(f"fastcnn bench --device cuda: no usable GPU ({fcuda.unavailable_reason()})",
-              file=sys.stderr)
-        return 1
+        print(f"fastcnn bench --device cuda: error: no usable GPU "
+              f"({fcuda.unavailable_reason()})", file=sys.stderr)
+        return 2
     info = machine_info()
     print("fastcnn GPU bench: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print("ratio = torch time / fastcnn time (> 1: fastcnn faster); CUDA-event medians "

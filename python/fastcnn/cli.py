@@ -201,26 +201,48 @@ def _check_training_arguments(args, recipe):
         _check_gpu()
 
 
-def _check_resume(path, recipe):
+def _check_resume(path, recipe, demo):
     """--resume continues the run the checkpoint was made by: the same recipe (the
     seed decides the validation split, the options the schedule). --epochs may
-    grow; the schedule then follows the new length."""
+    grow; the schedule then follows the new length. Returns the checkpoint's
+    model metadata, for _check_resume_data once the data is loaded."""
     from . import io
 
     if not path.is_file():
         raise CommandError(f"--resume: no checkpoint at {path}")
-    saved = (io.load_checkpoint(path)[0].metadata or {}).get("recipe")
+    metadata = io.load_checkpoint(path)[0].metadata or {}
+    saved = metadata.get("recipe")
     if saved is None:
-        return
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {recipe.get(k)})"
-               for k in sorted(set(saved) | set(recipe))
+        return metadata
+    changed = [k for k in sorted(set(saved) | set(recipe))
                if k != "epochs" and saved.get(k) != recipe.get(k)]
+    named = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {recipe.get(k)})"
+                      for k in changed)
+    if demo and any(k not in DEMO_OPTIONS for k in changed):
+        raise CommandError(f"--resume: {path} was not made by `fastcnn demo` ({named}); "
+                           f"resume it with `fastcnn train --resume` and that run's options, "
+                           f"or give the demo another --out")
     if changed:
-        raise CommandError(f"--resume: {path} was made with other options: "
-                           f"{', '.join(changed)}; resume with the run's own options")
+        raise CommandError(f"--resume: {path} was made with other options: {named}; "
+                           f"resume with the run's own options")
     if saved.get("epochs") != recipe["epochs"]:
         print(f"note: resuming a {saved.get('epochs')}-epoch run for {recipe['epochs']} epochs: "
               f"the schedule follows the new length")
+    return metadata
+
+
+#: what the checkpoint's metadata says about the data it was trained on
+_DATA_KEYS = ("dataset", "train_images", "input_shape", "classes", "mean", "std")
+
+
+def _check_resume_data(path, saved, metadata):
+    """--resume on other data (another --data folder, --classes or --limit) is refused:
+    the checkpoint's record of its training data must match the data loaded now."""
+    changed = [f"{k} {saved[k]!r:.60} (now {metadata[k]!r:.60})" for k in _DATA_KEYS
+               if k in saved and k in metadata and saved[k] != metadata[k]]
+    if changed:
+        raise CommandError(f"--resume: {path} was trained on other data: {', '.join(changed)}; "
+                           f"resume with the run's own --data and --classes")
 
 
 def _train_and_report(args, recipe, demo):
@@ -241,8 +263,8 @@ def _train_and_report(args, recipe, demo):
         if parent.exists() and not parent.is_dir():
             raise CommandError(f"--out {out}: {parent} is a file, not a folder")
     resume = bool(getattr(args, "resume", False))
-    if resume:
-        _check_resume(out / "checkpoint.npz", recipe)
+    checkpoint = out / "checkpoint.npz"
+    saved = _check_resume(checkpoint, recipe, demo) if resume else None
     train_set, test_set = _load_data(args, demo)
     print(f"data: {train_set!r}, {test_set!r}")
     val_size = recipe["val_size"]
@@ -269,7 +291,9 @@ def _train_and_report(args, recipe, demo):
     model.metadata = {"input_shape": [c, h, w], "classes": list(train_set.classes),
                       "mean": list(train_set.mean), "std": list(train_set.std),
                       "dataset": train_set.name.replace(" train", ""), "arch": recipe["arch"],
-                      "recipe": recipe}
+                      "train_images": len(train_set), "recipe": recipe}
+    if resume:
+        _check_resume_data(checkpoint, saved, model.metadata)
     print(model.summary())
     where = _move_to_device(model, args.device)
     augment = data.Augment(shift=recipe["shift"], hflip=recipe["hflip"])
@@ -319,6 +343,10 @@ def _train_and_report(args, recipe, demo):
     if demo:
         _explain_demo(model, test_set, out / "explain")
     return 0
+
+
+#: the recipe entries `fastcnn demo` has options for (the rest are DEMO_RECIPE's)
+DEMO_OPTIONS = ("epochs", "batch_size", "seed", "limit")
 
 
 def _run_demo(args):
@@ -383,20 +411,40 @@ def load_image(path, input_shape, invert="auto"):
     return np.ascontiguousarray(array)
 
 
+#: the bit depths a deep grey picture's levels are read in: a 12-bit scan stored in
+#: 16 bits (levels 0..4095) is scaled by 4095, not 65535 (which would make it black)
+_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+
+
+def _grey_to_8bit(values, floating):
+    """Deep grey levels (16/32-bit integers or floats) as uint8: floats in [0, 1] by 255;
+    non-negative integer levels by the smallest of _DEPTHS that holds the brightest;
+    anything else (negative or fractional levels past 1) stretched from its lowest
+    to its highest value."""
+    import numpy as np
+
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(values.min(initial=0)), float(values.max(initial=0))
+    if floating and lo >= 0 and hi <= 1:
+        scaled = values * 255
+    elif lo >= 0 and (not floating or np.array_equal(values, np.rint(values))):
+        depth = next((d for d in _DEPTHS if hi < 2 ** d), _DEPTHS[-1])
+        scaled = values * (255 / (2 ** depth - 1))
+    else:
+        scaled = (values - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def _as_8bit(img, channels):
     """A picture as 8-bit grey ('L') or 'RGB': turned upright by its EXIF orientation,
     transparent parts laid on white (paper), 16- and 32-bit grey scaled to 8 bits
-    rather than clipped."""
+    (_grey_to_8bit) rather than clipped."""
     import numpy as np
     from PIL import Image, ImageOps
 
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and values.max(initial=0) <= 1.0 else (
-            255.0 if values.max(initial=0) <= 255 else 65535.0)
-        scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(scaled)
+        img = Image.fromarray(_grey_to_8bit(np.asarray(img), img.mode == "F"))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -422,6 +470,12 @@ def _run_predict(args):
                            f"'mean': [...], 'std': [...], 'classes': [...]}})")
     batch = np.stack([load_image(p, meta["input_shape"], args.invert) for p in args.images])
     probs = predict(model, batch)
+    broken = [p for p, row in zip(args.images, probs) if not np.isfinite(row).all()]
+    if broken:
+        weights = all(np.isfinite(v).all() for v in model.state_dict().values())
+        raise CommandError(f"{args.model}: the model's outputs for {', '.join(broken)} are not "
+                           f"finite numbers" + ("" if weights else "; its weights hold NaN or "
+                                                "inf (did the training diverge?)"))
     named = list(meta.get("classes") or [])
     classes = [str(named[i]) if i < len(named) else str(i) for i in range(probs.shape[1])]
     k = max(1, min(args.top_k, probs.shape[1]))
@@ -577,7 +631,8 @@ def _add_maximize_arguments(parser):
     parser.add_argument("--lr", type=float, default=0.05,
                         help="Adam's step size on the pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="start noise and shifts")
-    parser.add_argument("--out", default="maximized.png", help="the PNG to write")
+    parser.add_argument("--out", default="maximized.png",
+                        help="the picture to write: .png (default: %(default)s), .pdf or .svg")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
 
 
@@ -603,6 +658,27 @@ def _channel_list(text):
     return [c for first, last in ranges for c in range(first, last + 1)]
 
 
+#: the picture formats an --out file may name (matplotlib writes each)
+PICTURE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _picture_path(text):
+    """--out as the picture it names: '.png' added to a name without a suffix (as
+    matplotlib does when it writes), other formats than PICTURE_SUFFIXES refused, a
+    folder or an unwritable place refused before any work."""
+    out = Path(text)
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    if out.suffix.lower() not in PICTURE_SUFFIXES:
+        raise CommandError(f"--out {text}: writes a picture: name it NAME.png "
+                           f"(or .pdf, .svg)")
+    folder = out.parent
+    if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise CommandError(f"--out {text}: cannot write {out} "
+                           f"({'a folder' if out.is_dir() else f'no writable folder {folder}'})")
+    return out
+
+
 def _run_maximize(args):
     from . import io, viz
 
@@ -610,6 +686,7 @@ def _run_maximize(args):
         raise CommandError(f"--steps must be >= 0, got {args.steps}")
     _set_threads(args.threads)
     channels = None if args.channels is None else _channel_list(args.channels)
+    out = _picture_path(args.out)
     model = io.load(args.model)
     layer = int(args.layer) if args.layer and args.layer.lstrip("-").isdigit() else args.layer
     try:
@@ -621,11 +698,11 @@ def _run_maximize(args):
     names = ([classes[c] for c in result.channels]
              if classes and result.layer == model.names[-1] and
              max(result.channels) < len(classes) else None)
-    viz.plot_maximized(result, names=names, path=args.out)
+    viz.plot_maximized(result, names=names, path=out)
     print(f"{result.layer}: {len(result.channels)} units reach "
           f"{float(result.activation.min()):.3g} to {float(result.activation.max()):.3g} "
           f"(from {float(result.history[0].min()):.3g} to {float(result.history[0].max()):.3g})")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
