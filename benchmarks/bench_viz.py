@@ -16,7 +16,16 @@
    with each one's largest convergence delta (Captum's ReLU-before-max-pool
    handling breaks summation-to-delta on this network; see the README).
 5. Feature ablation of 16 images over 49 4x4 cells: fastcnn vs Captum's
-   ``FeatureAblation`` (all 49 cells per evaluation).
+   ``FeatureAblation`` (all 49 cells per evaluation); then LRP, Shapley value
+   sampling, KernelSHAP and LIME.
+6. Layer attributions at conv2 of 16 images: layer conductance, internal influence,
+   one unit's neuron conductance (50 steps), layer GradientSHAP (20 samples from 8 references) and layer
+   DeepLIFT-SHAP (8 references) vs Captum's LayerConductance, InternalInfluence,
+   NeuronConductance, LayerGradientShap and LayerDeepLiftShap; feature permutation of 64 images over 49
+   cells vs Captum's FeaturePermutation.
+
+``--sections`` picks some of: occlusion, saliency, ig, deeplift, lrp, ablation,
+shapley, kernelshap, layer, permutation (default: all).
 
 Times are medians after warm-up, on the same number of threads for both
 libraries. The script also checks that the two agree: Captum's occlusion
@@ -36,6 +45,11 @@ import numpy as np
 
 import fastcnn
 from fastcnn import io, models, viz
+
+try:
+    import torch
+except ImportError:  # fastcnn's figures only
+    torch = None
 
 
 def median_ms(fn, repeats, warmup=2):
@@ -95,12 +109,24 @@ def torch_twin(model):
     return torch.nn.Sequential(*layers).eval()
 
 
+SECTIONS = ("occlusion", "saliency", "ig", "deeplift", "lrp", "ablation", "shapley",
+            "kernelshap", "layer", "permutation")
+
+
+def table(rows):
+    print("| method | median ms |\n|---|---|")
+    print("\n".join(rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a saved model (default: mnist_cnn_bn, seed 0)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, help="threads for both libraries")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        metavar="NAME", help=f"what to time: {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args()
+    want = set(args.sections).__contains__
     if args.threads:
         fastcnn.set_num_threads(args.threads)
     threads = fastcnn.get_num_threads()
@@ -112,24 +138,6 @@ def main():
     cpu = platform.processor() or platform.machine()
     print(f"fastcnn {fastcnn.__version__}, numpy {np.__version__}, {cpu}, {threads} threads; "
           f"model {args.model or 'mnist_cnn_bn(seed=0)'}; {source} images")
-    rows = []
-
-    print("\n## Occlusion: 28x28 image, 4x4 window, stride 1 (625 evaluations)\n")
-    ours = {}
-    for incremental in (True, False):
-        for batch in (64, 128, 256, 625):
-            ms = median_ms(lambda: viz.occlusion(model, image, target, window=4, stride=1,
-                                                 batch_size=batch, incremental=incremental),
-                           args.repeats)
-            ours[(incremental, batch)] = ms
-            label = "incremental" if incremental else "full re-evaluation"
-            rows.append(f"| fastcnn occlusion, {label}, batch {batch} | {ms:.1f} |")
-    best_ours = min(ours.values())
-
-    try:
-        import torch
-    except ImportError:
-        torch = None
     captum = None
     if torch is not None:
         torch.set_num_threads(threads)
@@ -137,9 +145,49 @@ def main():
             import captum.attr as captum
         except ImportError:
             print("captum is not installed: PyTorch baselines only (pip install captum)")
+    net = torch_twin(model) if torch is not None else None
+    targets = model(x).argmax(axis=1)
+    few, few_targets = x[:16], targets[:16]
+    some, some_targets = x[:64], targets[:64]
+    cells = (np.arange(28)[:, None] // 4) * 7 + np.arange(28)[None, :] // 4
+    if want("occlusion"):
+        occlusion_section(model, x, image, target, net, captum, args.repeats)
+    if want("saliency"):
+        saliency_section(model, x, targets, net, captum, args.repeats)
+    if want("ig"):
+        ig_section(model, few, few_targets, net, captum, args.repeats)
+    if want("deeplift"):
+        deeplift_section(model, some, some_targets, net, captum, args.repeats)
+    if want("lrp"):
+        lrp_section(model, some, some_targets, net, captum, args.repeats)
+    if want("ablation"):
+        ablation_section(model, few, few_targets, cells, net, captum, args.repeats)
+    if want("shapley"):
+        shapley_section(model, few[:4], few_targets[:4], cells, net, captum, args.repeats)
+    if want("kernelshap"):
+        kernelshap_section(model, few[:4], few_targets[:4], cells, net, captum, args.repeats)
+    if want("layer"):
+        layer_section(model, few, few_targets, x[64:72], net, captum, args.repeats)
+    if want("permutation"):
+        permutation_section(model, some, some_targets, cells, net, captum, args.repeats)
+
+
+def occlusion_section(model, x, image, target, net, captum, repeats):
+    rows = []
+    print("\n## Occlusion: 28x28 image, 4x4 window, stride 1 (625 evaluations)\n")
+    ours = {}
+    for incremental in (True, False):
+        for batch in (64, 128, 256, 625):
+            ms = median_ms(lambda: viz.occlusion(model, image, target, window=4, stride=1,
+                                                 batch_size=batch, incremental=incremental),
+                           repeats)
+            ours[(incremental, batch)] = ms
+            label = "incremental" if incremental else "full re-evaluation"
+            rows.append(f"| fastcnn occlusion, {label}, batch {batch} | {ms:.1f} |")
+    best_ours = min(ours.values())
+
     best_captum = None
     if torch is not None:
-        net = torch_twin(model)
         timage = torch.from_numpy(image[None].copy())
         with torch.inference_mode():
             diff = float((net(torch.from_numpy(x[:8])) - torch.from_numpy(model(x[:8])))
@@ -154,7 +202,7 @@ def main():
             with torch.inference_mode():
                 return net(torch.where(mask, 0.0, timage))
 
-        ms = median_ms(torch_batched, args.repeats)
+        ms = median_ms(torch_batched, repeats)
         rows.append(f"| PyTorch: 625 occluded copies as one batch (inference_mode) | {ms:.1f} |")
         if captum is not None:
             occ = captum.Occlusion(net)
@@ -162,7 +210,7 @@ def main():
                 ms = median_ms(lambda: occ.attribute(timage, sliding_window_shapes=(1, 4, 4),
                                                      strides=(1, 1, 1), baselines=0.0,
                                                      target=target, perturbations_per_eval=ppe),
-                               max(3, args.repeats // (4 if ppe == 1 else 1)), warmup=1)
+                               max(3, repeats // (4 if ppe == 1 else 1)), warmup=1)
                 rows.append(f"| Captum Occlusion, perturbations_per_eval={ppe} | {ms:.1f} |")
                 best_captum = ms if best_captum is None else min(best_captum, ms)
             theirs = occ.attribute(timage, sliding_window_shapes=(1, 4, 4), strides=(1, 1, 1),
@@ -171,18 +219,19 @@ def main():
             agree = float(np.abs(theirs[0].numpy() - mine.logit_heatmap).max())
             print(f"Captum's occlusion attribution vs our logit_heatmap: max |difference| = "
                   f"{agree:.2e} (maps span {float(np.abs(mine.logit_heatmap).max()):.2f})")
-    print("| method | median ms |\n|---|---|")
-    print("\n".join(rows))
+    table(rows)
     print(f"\nfastcnn best: {best_ours:.1f} ms", end="")
     if best_captum is not None:
         print(f"; Captum best: {best_captum:.1f} ms; speed-up {best_captum / best_ours:.1f}x")
     else:
         print()
 
+
+
+def saliency_section(model, x, targets, net, captum, repeats):
     print("\n## Saliency: batch of 256 28x28 images\n")
-    targets = model(x).argmax(axis=1)
     rows = []
-    ours = median_ms(lambda: viz.saliency(model, x, targets), args.repeats)
+    ours = median_ms(lambda: viz.saliency(model, x, targets), repeats)
     rows.append(f"| fastcnn saliency | {ours:.1f} |")
     if torch is not None:
         tx = torch.from_numpy(x.copy())
@@ -194,12 +243,12 @@ def main():
             out.gather(1, tt[:, None]).sum().backward()
             return inp.grad.abs().amax(dim=1)
 
-        ms = median_ms(torch_saliency, args.repeats)
+        ms = median_ms(torch_saliency, repeats)
         rows.append(f"| PyTorch autograd (same computation) | {ms:.1f} |")
         if captum is not None:
             sal = captum.Saliency(net)
             warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require")
-            ms_captum = median_ms(lambda: sal.attribute(tx, target=tt, abs=True), args.repeats)
+            ms_captum = median_ms(lambda: sal.attribute(tx, target=tt, abs=True), repeats)
             rows.append(f"| Captum Saliency | {ms_captum:.1f} |")
             theirs = sal.attribute(tx, target=tt, abs=True)[:, 0].numpy()
             mine = viz.saliency(model, x, targets)
@@ -208,25 +257,26 @@ def main():
                   f"(maps span {float(mine.max()):.2f}); {100 * float((diff > 1e-4).mean()):.3f}% "
                   f"of pixels differ by > 1e-4 (max-pool ties broken differently)")
             rows.append(f"\nspeed-up over Captum: {ms_captum / ours:.1f}x")
-    print("| method | median ms |\n|---|---|")
-    print("\n".join(rows))
+    table(rows)
 
+
+
+def ig_section(model, few, few_targets, net, captum, repeats):
     print("\n## Integrated gradients: 16 images, 50 Gauss-Legendre steps, baseline 0\n")
-    few, few_targets = x[:16], targets[:16]
     rows = []
     ours = {}
     for batch in (100, 200, 800):
         ours[batch] = median_ms(lambda: viz.integrated_gradients(
-            model, few, few_targets, n_steps=50, batch_size=batch), max(3, args.repeats // 3))
+            model, few, few_targets, n_steps=50, batch_size=batch), max(3, repeats // 3))
         rows.append(f"| fastcnn integrated_gradients, batch_size={batch} | {ours[batch]:.1f} |")
-    if torch is not None and captum is not None:
+    if captum is not None:
         ig = captum.IntegratedGradients(net)
         tx, tt = torch.from_numpy(few.copy()), torch.from_numpy(few_targets)
         best_captum = None
         for internal in (100, 200, 800):
             ms = median_ms(lambda: ig.attribute(tx, target=tt, n_steps=50,
                                                 internal_batch_size=internal),
-                           max(3, args.repeats // 3))
+                           max(3, repeats // 3))
             rows.append(f"| Captum IntegratedGradients, internal_batch_size={internal} | "
                         f"{ms:.1f} |")
             best_captum = ms if best_captum is None else min(best_captum, ms)
@@ -236,37 +286,40 @@ def main():
               f"{float(np.abs(theirs - mine).max()):.2e} (maps span "
               f"{float(np.abs(mine).max()):.2f})")
         rows.append(f"\nspeed-up over Captum's best: {best_captum / min(ours.values()):.1f}x")
-    print("| method | median ms |\n|---|---|")
-    print("\n".join(rows))
+    table(rows)
 
+
+
+def deeplift_section(model, some, some_targets, net, captum, repeats):
     print("\n## DeepLIFT: 64 images, baseline 0\n")
-    some, some_targets = x[:64], targets[:64]
     rows = []
-    ours = median_ms(lambda: viz.deep_lift(model, some, some_targets), args.repeats)
+    ours = median_ms(lambda: viz.deep_lift(model, some, some_targets), repeats)
     rows.append(f"| fastcnn deep_lift | {ours:.1f} |")
     _, delta = viz.deep_lift(model, some, some_targets, return_convergence_delta=True)
     print(f"fastcnn's largest |convergence delta|: {float(np.abs(delta).max()):.1e}")
-    if torch is not None and captum is not None:
+    if captum is not None:
         dl = captum.DeepLift(net)
         tx, tt = torch.from_numpy(some.copy()), torch.from_numpy(some_targets)
         warnings.filterwarnings("ignore", message=".*DeepLift.*|.*hooks.*|.*inplace.*")
-        ms = median_ms(lambda: dl.attribute(tx, target=tt), args.repeats)
+        ms = median_ms(lambda: dl.attribute(tx, target=tt), repeats)
         rows.append(f"| Captum DeepLift | {ms:.1f} |")
         _, theirs = dl.attribute(tx, target=tt, return_convergence_delta=True)
         print(f"Captum's largest |convergence delta|: {float(theirs.abs().max()):.1e}")
         rows.append(f"\nspeed-up over Captum: {ms / ours:.1f}x")
-    print("| method | median ms |\n|---|---|")
-    print("\n".join(rows))
+    table(rows)
 
+
+
+def lrp_section(model, some, some_targets, net, captum, repeats):
     print("\n## LRP: 64 images, the epsilon rule (Captum's default)\n")
     rows = []
-    ours = median_ms(lambda: viz.lrp(model, some, some_targets), args.repeats)
+    ours = median_ms(lambda: viz.lrp(model, some, some_targets), repeats)
     rows.append(f"| fastcnn lrp | {ours:.1f} |")
     composite = viz.lrp_composite(model, float(some.min()), float(some.max()))
     ms = median_ms(lambda: viz.lrp(model, some, some_targets, rules=composite,
-                                   fold_batchnorm=True), args.repeats)
+                                   fold_batchnorm=True), repeats)
     rows.append(f"| fastcnn lrp, lrp_composite + fold_batchnorm | {ms:.1f} |")
-    if torch is not None and captum is not None:
+    if captum is not None:
         class Flattening(torch.nn.Module):   # Captum's LRP has no rule for nn.Flatten
             def __init__(self, seq):
                 super().__init__()
@@ -282,28 +335,29 @@ def main():
 
         lrp = captum.LRP(Flattening(net).eval())
         tx, tt = torch.from_numpy(some.copy()), torch.from_numpy(some_targets)
-        ms = median_ms(lambda: lrp.attribute(tx, target=tt), args.repeats)
+        ms = median_ms(lambda: lrp.attribute(tx, target=tt), repeats)
         rows.append(f"| Captum LRP | {ms:.1f} |")
         theirs = lrp.attribute(tx, target=tt).detach().numpy()
         mine = viz.lrp(model, some, some_targets)
         print(f"Captum's LRP vs ours: max |difference| = {float(np.abs(theirs - mine).max()):.2e} "
               f"(maps span {float(np.abs(mine).max()):.2f})")
         rows.append(f"\nspeed-up over Captum: {ms / ours:.1f}x")
-    print("| method | median ms |\n|---|---|")
-    print("\n".join(rows))
+    table(rows)
 
+
+
+def ablation_section(model, few, few_targets, cells, net, captum, repeats):
     print("\n## Feature ablation: 16 images, 49 cells of 4x4, baseline 0\n")
-    cells = (np.arange(28)[:, None] // 4) * 7 + np.arange(28)[None, :] // 4
     rows = []
     ours = median_ms(lambda: viz.feature_ablation(model, few, few_targets, feature_mask=cells,
-                                                  batch_size=784), args.repeats)
+                                                  batch_size=784), repeats)
     rows.append(f"| fastcnn feature_ablation, batch_size=784 | {ours:.1f} |")
-    if torch is not None and captum is not None:
+    if captum is not None:
         fa = captum.FeatureAblation(net)
         tx, tt = torch.from_numpy(few.copy()), torch.from_numpy(few_targets)
         tmask = torch.from_numpy(cells[None, None])
         ms = median_ms(lambda: fa.attribute(tx, target=tt, feature_mask=tmask,
-                                            perturbations_per_eval=49), args.repeats)
+                                            perturbations_per_eval=49), repeats)
         rows.append(f"| Captum FeatureAblation, perturbations_per_eval=49 | {ms:.1f} |")
         theirs = fa.attribute(tx, target=tt, feature_mask=tmask).numpy()
         mine = viz.feature_ablation(model, few, few_targets, feature_mask=cells)
@@ -311,41 +365,44 @@ def main():
               f"{float(np.abs(theirs - mine).max()):.2e} (maps span "
               f"{float(np.abs(mine).max()):.2f})")
         rows.append(f"\nspeed-up over Captum: {ms / ours:.1f}x")
-    print("| method | median ms |\n|---|---|")
-    print("\n".join(rows))
+    table(rows)
 
+
+
+def shapley_section(model, four, four_targets, cells, net, captum, repeats):
     print("\n## Shapley value sampling: 4 images, 49 cells of 4x4, 25 orders, baseline 0\n")
     rows = []
-    four, four_targets = few[:4], few_targets[:4]
     ours = median_ms(lambda: viz.shapley_value_sampling(model, four, four_targets,
                                                         feature_mask=cells, batch_size=512),
-                     args.repeats)
+                     repeats)
     rows.append(f"| fastcnn shapley_value_sampling, batch_size=512 | {ours:.1f} |")
     quarters = (np.arange(28)[:, None] // 7) * 4 + np.arange(28)[None, :] // 7
     exact = median_ms(lambda: viz.shapley_values(model, four[:1], four_targets[:1],
                                                  feature_mask=quarters, batch_size=1024),
-                      max(1, args.repeats // 5), warmup=0)
+                      max(1, repeats // 5), warmup=0)
     rows.append(f"| fastcnn shapley_values (exact), 1 image, 16 cells of 7x7 (65536 "
                 f"coalitions) | {exact:.1f} |")
-    if torch is not None and captum is not None:
+    if captum is not None:
         svs = captum.ShapleyValueSampling(net)
         tx, tt = torch.from_numpy(four.copy()), torch.from_numpy(four_targets)
         tmask = torch.from_numpy(cells[None, None])
         ms = median_ms(lambda: svs.attribute(tx, target=tt, feature_mask=tmask, n_samples=25,
-                                             perturbations_per_eval=128), args.repeats)
+                                             perturbations_per_eval=128), repeats)
         rows.append(f"| Captum ShapleyValueSampling, perturbations_per_eval=128 | {ms:.1f} |")
         rows.append(f"\nspeed-up over Captum: {ms / ours:.1f}x (exact Shapley values of 16 "
                     f"features take Captum's ShapleyValues 16! orders)")
-    print("| method | median ms |\n|---|---|")
-    print("\n".join(rows))
+    table(rows)
 
+
+
+def kernelshap_section(model, four, four_targets, cells, net, captum, repeats):
     print("\n## KernelSHAP and LIME: 4 images, 49 cells of 4x4, 200 samples, baseline 0\n")
     rows = []
     warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
     for name, method, kwargs in (("kernel_shap", viz.kernel_shap, {}),
                                  ("lime", viz.lime, {"alpha": 0.01})):
         ours = median_ms(lambda: method(model, four, four_targets, feature_mask=cells,
-                                        n_samples=200, batch_size=800, **kwargs), args.repeats)
+                                        n_samples=200, batch_size=800, **kwargs), repeats)
         rows.append(f"| fastcnn {name}, batch_size=800 | {ours:.1f} |")
         if (torch is not None and captum is not None   # Captum fits with scikit-learn
                 and importlib.util.find_spec("sklearn") is not None):
@@ -355,12 +412,68 @@ def main():
             ms = median_ms(lambda: explainer.attribute(tx, target=tt, feature_mask=tmask,
                                                        n_samples=200,
                                                        perturbations_per_eval=200),
-                           args.repeats)
+                           repeats)
             rows.append(f"| Captum {type(explainer).__name__}, perturbations_per_eval=200 "
                         f"| {ms:.1f} |")
             rows.append(f"| speed-up over Captum | {ms / ours:.1f}x |")
-    print("| method | median ms |\n|---|---|")
-    print("\n".join(rows))
+    table(rows)
+
+
+
+def layer_section(model, few, few_targets, refs, net, captum, repeats):
+    print("\n## Layer attributions at conv2: 16 images; 50 steps, or 8 references\n")
+    rows = []
+    runs = [("layer_conductance", "LayerConductance",
+             lambda: viz.layer_conductance(model, few, "conv2", few_targets, n_steps=50,
+                                           batch_size=400),
+             lambda a, tx, tt: a.attribute(tx, target=tt, n_steps=50, internal_batch_size=400)),
+            ("internal_influence", "InternalInfluence",
+             lambda: viz.internal_influence(model, few, "conv2", few_targets, n_steps=50,
+                                            batch_size=400),
+             lambda a, tx, tt: a.attribute(tx, target=tt, n_steps=50, internal_batch_size=400)),
+            ("neuron_conductance (one unit)", "NeuronConductance",
+             lambda: viz.neuron_conductance(model, few, "conv2", 3, few_targets,
+                                            position=(7, 7), n_steps=50, batch_size=400),
+             lambda a, tx, tt: a.attribute(tx, (3, 7, 7), target=tt, n_steps=50,
+                                           internal_batch_size=400)),
+            ("layer_gradient_shap", "LayerGradientShap",
+             lambda: viz.layer_gradient_shap(model, few, "conv2", refs, few_targets,
+                                             n_samples=20, batch_size=320),
+             lambda a, tx, tt: a.attribute(tx, torch.from_numpy(refs.copy()), target=tt,
+                                           n_samples=20)),
+            ("layer_deep_lift_shap", "LayerDeepLiftShap",
+             lambda: viz.layer_deep_lift_shap(model, few, "conv2", refs, few_targets,
+                                              batch_size=128),
+             lambda a, tx, tt: a.attribute(tx, torch.from_numpy(refs.copy()), target=tt))]
+    warnings.filterwarnings("ignore", message=".*DeepLift.*|.*hooks.*|.*inplace.*")
+    for name, theirs, ours_fn, captum_fn in runs:
+        ours = median_ms(ours_fn, repeats)
+        rows.append(f"| fastcnn {name} | {ours:.1f} |")
+        if captum is not None:
+            explainer = getattr(captum, theirs)(net, net[model.names.index("conv2")])
+            tx, tt = torch.from_numpy(few.copy()), torch.from_numpy(few_targets)
+            ms = median_ms(lambda: captum_fn(explainer, tx, tt), repeats)
+            rows.append(f"| Captum {theirs} | {ms:.1f} |")
+            rows.append(f"| speed-up over Captum | {ms / ours:.1f}x |")
+    table(rows)
+
+
+def permutation_section(model, some, some_targets, cells, net, captum, repeats):
+    print("\n## Feature permutation: 64 images, 49 cells of 4x4\n")
+    rows = []
+    ours = median_ms(lambda: viz.feature_permutation(model, some, some_targets,
+                                                     feature_mask=cells, batch_size=256),
+                     repeats)
+    rows.append(f"| fastcnn feature_permutation, batch_size=256 | {ours:.1f} |")
+    if captum is not None:
+        fp = captum.FeaturePermutation(net)
+        tx, tt = torch.from_numpy(some.copy()), torch.from_numpy(some_targets)
+        tmask = torch.from_numpy(cells[None, None])
+        ms = median_ms(lambda: fp.attribute(tx, target=tt, feature_mask=tmask,
+                                            perturbations_per_eval=49), repeats)
+        rows.append(f"| Captum FeaturePermutation, perturbations_per_eval=49 | {ms:.1f} |")
+        rows.append(f"| speed-up over Captum | {ms / ours:.1f}x |")
+    table(rows)
 
 
 if __name__ == "__main__":

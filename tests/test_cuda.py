@@ -1481,6 +1481,8 @@ class TestModelsOnGpu:
                                                                     batch_size=3),
             "internal_influence": lambda m, a: viz.internal_influence(m, a, "relu2", n_steps=3,
                                                                       batch_size=4),
+            "neuron_conductance": lambda m, a: viz.neuron_conductance(
+                m, a, "relu2", 1, position="max", n_steps=3, batch_size=4, baseline=0.1),
             "layer_deep_lift_shap": lambda m, a: viz.layer_deep_lift_shap(
                 m, a, "relu1", a[::-1] * 0.5, batch_size=3),
             "layer_gradient_shap": lambda m, a: viz.layer_gradient_shap(

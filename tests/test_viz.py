@@ -1283,6 +1283,78 @@ def test_internal_influence_of_the_logits_and_arguments():
         viz.internal_influence(model, x, "relu9")
 
 
+@pytest.mark.parametrize("method", ["riemann_trapezoid", "gausslegendre"])
+def test_neuron_conductance_is_the_gradient_through_one_unit(method):
+    """Against its definition, from two other code paths: the unit's input gradient
+    (gradient with layer/channel/position) times the target score's gradient at the
+    unit (layer_gradient_x_activation), weighted by the quadrature built here, times
+    x - baseline; and summed over every unit of a layer all paths cross, the
+    conductances are the integrated gradients."""
+    model = small_cnn()
+    x, base = images(3), images(1, seed=5)[0] * 0.5
+    target, n_steps = np.array([1, 4, 0]), 4
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+        alphas, widths = (nodes + 1) / 2, weights / 2
+    else:
+        alphas = np.linspace(0, 1, n_steps)
+        widths = np.full(n_steps, 1 / n_steps)
+        widths[[0, -1]] /= 2
+    channel, position = 2, (1, 3)
+    want = 0
+    for a, w in zip(alphas, widths):
+        p = (base + a * (x - base)).astype(np.float32)
+        through = viz.layer_gradient_x_activation(model, p, "relu2", target,
+                                                  multiply_by_inputs=False)[:, channel, 1, 3]
+        unit = viz.gradient(model, p, layer="relu2", channel=channel, position=position)
+        want = want + w * through.astype(np.float64)[:, None, None, None] * unit
+    want = want * (x - base)
+    for batch_size in (1, 5, 64):
+        got = viz.neuron_conductance(model, x, "relu2", channel, target, position=position,
+                                     baseline=base, n_steps=n_steps, method=method,
+                                     batch_size=batch_size)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    units = np.zeros(x.shape, np.float64)   # relu2 is 4 channels of 4x4: every unit
+    for c in range(4):
+        for y in range(4):
+            for xx in range(4):
+                units += viz.neuron_conductance(model, x, "relu2", c, target, position=(y, xx),
+                                                baseline=base, n_steps=n_steps, method=method)
+    ig = viz.integrated_gradients(model, x, target, baseline=base, n_steps=n_steps,
+                                  method=method)
+    np.testing.assert_allclose(units, ig, rtol=1e-4, atol=1e-5 * np.abs(ig).max())
+
+
+def test_neuron_conductance_units_and_arguments():
+    """A unit of a layer without spatial axes is its index; 'max' picks the strongest
+    unit at x and keeps it along the path; one image as in a batch; bad units named."""
+    model = small_cnn()
+    x = images(3)
+    got = viz.neuron_conductance(model, x, "fc1", 4, 2, n_steps=5, batch_size=4)
+    want = viz.neuron_conductance(model, x, "fc1", 4, 2, n_steps=5, multiply_by_inputs=False)
+    np.testing.assert_allclose(got, want * x, rtol=1e-5, atol=1e-8)
+    acts = viz.feature_maps(model, x, "relu2")[:, 1].reshape(3, -1)
+    strongest = acts.argmax(axis=1)
+    for i in range(3):
+        y, xx = divmod(int(strongest[i]), 4)
+        np.testing.assert_allclose(
+            viz.neuron_conductance(model, x, "relu2", 1, 3, position="max", n_steps=3)[i],
+            viz.neuron_conductance(model, x[i], "relu2", 1, 3, position=(y, xx), n_steps=3),
+            rtol=1e-5, atol=1e-8)
+    assert viz.neuron_conductance(model, x[:0], "relu2", 0, position=(0, 0)).shape == \
+        (0, 2, 8, 8)
+    with pytest.raises(ValueError, match="one unit: give position"):
+        viz.neuron_conductance(model, x, "relu2", 1)
+    with pytest.raises(ValueError, match="no spatial axes"):
+        viz.neuron_conductance(model, x, "fc1", 1, position=(0, 0))
+    with pytest.raises(ValueError, match="channel must be an int in"):
+        viz.neuron_conductance(model, x, "relu2", 4, position=(0, 0))
+    with pytest.raises(ValueError, match="outside"):
+        viz.neuron_conductance(model, x, "relu2", 0, position=(4, 0))
+    with pytest.raises(ValueError, match="riemann_trapezoid needs n_steps >= 2"):
+        viz.neuron_conductance(model, x, "relu2", 0, position=(0, 0), n_steps=1)
+
+
 # ---------------------------------------------------------------- GradientSHAP
 
 def test_gradient_shap_matches_its_draws():

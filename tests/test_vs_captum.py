@@ -152,6 +152,22 @@ def test_neuron_integrated_gradients_vs_captum(position):
                                        n_steps=7, method=quadrature, baseline=0.2), want)
 
 
+@pytest.mark.parametrize("layer, unit", [("relu2", (3, 1, 2)), ("conv1", (2, 3, 4)),
+                                         ("flatten", (17,))])
+def test_neuron_conductance_vs_captum(layer, unit):
+    model, x = cnn(9), inputs(9)
+    tm, target = to_torch(model), [1, 4, 3]
+    position = unit[1:] or None
+    for score, net in (("logit", tm), ("probability", tnn.Sequential(tm, tnn.Softmax(dim=1)))):
+        for method in ("riemann_trapezoid", "gausslegendre"):
+            nc = captum_attr.NeuronConductance(net, tm[model.index(layer)])
+            want = nc.attribute(torch.from_numpy(x.astype(np.float64)), unit, baselines=0.2,
+                                target=target, n_steps=7, method=method).detach().numpy()
+            close(viz.neuron_conductance(model, x, layer, unit[0], target, position=position,
+                                         baseline=0.2, n_steps=7, method=method, score=score,
+                                         batch_size=5), want)
+
+
 @pytest.mark.parametrize("layer", ["relu1", "conv2", "relu2"])
 def test_grad_cam_vs_captum(layer):
     model, x = cnn(2), inputs(2)

@@ -12,6 +12,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.grad_cam(model, x, layer="relu2")        # (H, W), upsampled
 >>> viz.layer_conductance(model, x, "relu2")      # each unit's share, shaped like the layer
 >>> viz.internal_influence(model, x, "relu2")     # its gradient integrated along the path
+>>> viz.neuron_conductance(model, x, "relu2", 5, position=(3, 4))   # IG through one unit
 >>> viz.layer_gradient_shap(model, x, "relu2", refs)   # expected gradients, to the layer
 >>> viz.layer_deep_lift(model, x, "relu2")        # DeepLIFT to the layer, sums to the change
 >>> viz.layer_deep_lift_shap(model, x, "relu2", refs)   # averaged over reference images
@@ -43,7 +44,7 @@ from .ablation import (feature_ablation, feature_permutation, shapley_value_samp
 from .surrogate import kernel_shap, lime
 from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift, layer_deep_lift_shap
 from .layer import (internal_influence, layer_conductance, layer_gradient_shap,
-                    layer_gradient_x_activation)
+                    layer_gradient_x_activation, neuron_conductance)
 from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, lrp,
                   lrp_composite)
 from .features import conv_layers, feature_maps, filter_images, filters
@@ -55,6 +56,7 @@ from .report import METHODS, Explanation, demo_report, explain, write_report
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "layer_integrated_gradients", "layer_conductance",
            "layer_gradient_x_activation", "internal_influence", "layer_gradient_shap",
+           "neuron_conductance",
            "layer_deep_lift", "layer_deep_lift_shap", "deep_lift", "deep_lift_shap", "lrp",
            "lrp_composite",
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",

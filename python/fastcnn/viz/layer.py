@@ -7,13 +7,13 @@ LayerActivation)."""
 import numpy as np
 
 from .. import _backend as B
-from ._common import (LayerPoint, as_input, check_logits, check_score, preserved,
+from ._common import (LayerPoint, as_input, check_logits, check_score, layer_name, preserved,
                       resolve_targets, score_seed, unbatch)
-from .attribution import (_fill_images, _gradient_shap, _path_args, _path_steps,
+from .attribution import (_fill_images, _gradient_shap, _neuron_seed, _path_args, _path_steps,
                           _target_change)
 
 __all__ = ["layer_gradient_x_activation", "layer_conductance", "internal_influence",
-           "layer_gradient_shap"]
+           "layer_gradient_shap", "neuron_conductance"]
 
 
 def _along_the_path(xp, point, base, diff, alpha, t, score, batch_size):
@@ -162,3 +162,62 @@ def layer_gradient_shap(model, x, layer, baselines, target=None, *, n_samples=5,
                           lambda: LayerPoint(model, layer, attribute_to_layer_input, op),
                           n_samples, stdev, batch_size, seed, score, multiply_by_inputs,
                           return_convergence_delta, train)
+
+
+def neuron_conductance(model, x, layer, channel, target=None, *, position=None, baseline=0.0,
+                       n_steps=50, method="riemann_trapezoid", batch_size=128, score="logit",
+                       multiply_by_inputs=True, train=False):
+    """Conductance of one hidden unit (Dhamdhere et al., 2018; Captum's
+    NeuronConductance): how much of the target score's integrated gradients flows
+    through the unit, per input element: (x - baseline) times the sum over the
+    quadrature of width_k * dF/dy(p_k) * dy/dx(p_k), y the unit, F the target score and
+    p_k the points of the straight path from the baseline to x. Signed, shaped like x.
+    Summed over the units of a layer every path crosses, the conductances give the
+    integrated gradients.
+
+    layer / channel / position: the unit, as :func:`gradient`'s: ``channel`` of
+    ``layer`` at ``position`` (y, x), or 'max' (the channel's strongest unit at x, the
+    same unit all along the path); a layer without spatial axes (e.g. 'fc1') takes
+    ``channel`` as the unit's index and position None. One unit, as Captum's.
+    baseline, n_steps, batch_size, score, target: as :func:`integrated_gradients`;
+    method: the quadrature, by default Captum's default for this method,
+    'riemann_trapezoid'. multiply_by_inputs: False returns the integrated product of
+    gradients alone.
+    """
+    op = "neuron_conductance"
+    x, single, xp, base, alphas, widths, batch_size = _path_args(
+        model, x, baseline, n_steps, method, batch_size, score, op)
+    name = layer_name(model, layer, op)
+    n = x.shape[0]
+    alpha = xp.asarray(alphas.astype(np.float32))
+    expand = (slice(None),) + (None,) * (x.ndim - 1)
+    with preserved(model, train):
+        logits = model.forward(x)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+        at_x = model.forward(x, stop=name)
+        if at_x.ndim > 2 and position is None:
+            raise ValueError(f"{op}: the conductance of one unit: give position=(y, x) or "
+                             f"'max' for layer {name!r}'s {B.shape_str(at_x.shape[1:])} output")
+        if at_x.ndim == 2 and position is not None:
+            raise ValueError(f"{op}: layer {name!r} has no spatial axes (output "
+                             f"{B.shape_str(at_x.shape)}); channel is the unit, position None")
+        unit = _neuron_seed(at_x, channel, position, op)          # one-hot per image
+        axes = tuple(range(1, unit.ndim))
+        total = xp.zeros(x.shape, np.float64)
+        diff, m = x - base, len(alphas)
+        for first in range(0, n * m, batch_size):
+            index = np.arange(first, min(first + batch_size, n * m))
+            image, step = index // m, index % m
+            im, st = xp.asarray(image), xp.asarray(step)
+            points = base[im] + alpha[st][expand] * diff[im]
+            out = model.forward(points)
+            # dF/dy at the unit, then that times dy/dx: the gradient through the unit alone
+            through = (model.backward(score_seed(out, t[im], score), stop=name, guided=False,
+                                      param_grads=False) * unit[im]).sum(axis=axes)
+            seed = unit[im] * through.reshape((-1,) + (1,) * len(axes))
+            grad = model.backward(seed, start=name, guided=False, param_grads=False)
+            weighted = grad.astype(np.float64) * xp.asarray(widths[step])[expand]
+            for row, i in enumerate(image):  # each image's steps in order, whatever the batch
+                total[i] += weighted[row]
+    return unbatch((total * diff if multiply_by_inputs else total).astype(np.float32), single)
