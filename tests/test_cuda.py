@@ -1483,6 +1483,16 @@ class TestModelsOnGpu:
                                                                       batch_size=4),
             "neuron_conductance": lambda m, a: viz.neuron_conductance(
                 m, a, "relu2", 1, position="max", n_steps=3, batch_size=4, baseline=0.1),
+            "neuron_deep_lift": lambda m, a: viz.deep_lift(m, a, baseline=0.1, layer="relu2",
+                                                           channel=1, position="max"),
+            "neuron_deep_lift_shap": lambda m, a: viz.deep_lift_shap(
+                m, a, a[::-1] * 0.5, layer="fc1", channel=2, batch_size=3),
+            "neuron_gradient_shap": lambda m, a: viz.gradient_shap(
+                m, a, a[::-1] * 0.5, layer="relu2", channel=0, position=(1, 1), n_samples=3,
+                batch_size=4),
+            "neuron_feature_ablation": lambda m, a: viz.feature_ablation(
+                m, a, feature_mask=np.arange(144).reshape(12, 12) // 7, layer="relu2",
+                channel=1, position="max", batch_size=9),
             "layer_deep_lift_shap": lambda m, a: viz.layer_deep_lift_shap(
                 m, a, "relu1", a[::-1] * 0.5, batch_size=3),
             "layer_gradient_shap": lambda m, a: viz.layer_gradient_shap(

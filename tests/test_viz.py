@@ -1386,6 +1386,80 @@ def test_gradient_shap_matches_its_draws():
                                    atol=2e-4 * np.abs(want).sum())
 
 
+@pytest.mark.parametrize("position", [(1, 2), "max", None])
+def test_gradient_shap_of_a_unit_matches_its_draws(position):
+    """gradient_shap of a unit of relu2 against the definition with the documented
+    draws, each gradient by central differences of the float64 forward at the unit
+    (chosen at x for 'max', the channel's sum for None); deltas against its change."""
+    model = small_cnn()
+    x, refs = images(2), images(3, seed=4) * 0.5
+    n_samples, stdev, channel = 3, 0.2, 2
+    got, delta = viz.gradient_shap(model, x, refs, layer="relu2", channel=channel,
+                                   position=position, n_samples=n_samples, stdev=stdev,
+                                   seed=5, batch_size=4, return_convergence_delta=True)
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal((n_samples,) + x.shape[1:], dtype=np.float32)
+    alpha = rng.random(n_samples).astype(np.float32)
+    which = rng.integers(0, 3, n_samples)
+    for i in range(2):
+        if position == "max":
+            maps = forward64(model, x[i][None])["relu2"][0, channel]
+            at = np.unravel_index(np.argmax(maps), maps.shape)
+        else:
+            at = position
+
+        def unit(a):
+            maps = forward64(model, a[None])["relu2"][0, channel]
+            return maps.sum() if at is None else maps[at]
+
+        want, want_delta = np.zeros(x.shape[1:]), []
+        for s_ in range(n_samples):
+            noisy = x[i] + np.float32(stdev) * noise[s_]
+            b = refs[which[s_]]
+            term = numerical_input_grad(unit, b + alpha[s_] * (noisy - b)) * (noisy - b)
+            want += term / n_samples
+            want_delta.append(term.sum() - (unit(noisy) - unit(b)))
+        np.testing.assert_allclose(got[i], want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(delta[i * n_samples:(i + 1) * n_samples], want_delta,
+                                   atol=2e-4 * np.abs(want).sum())
+    with pytest.raises(ValueError, match="either target"):
+        viz.gradient_shap(model, x, refs, 1, layer="relu2", channel=0)
+    with pytest.raises(ValueError, match="pass layer= too"):
+        viz.gradient_shap(model, x, refs, channel=0)
+
+
+def test_deep_lift_and_feature_ablation_of_a_unit():
+    """DeepLIFT of a unit shares out the unit's change (the delta is the rounding) and is,
+    for the linear part before the first ReLU, the unit's gradient times x - baseline;
+    feature ablation of a unit is the drop in the unit's value (float64 forward) as each
+    feature is removed; both refuse a target beside a unit."""
+    model = small_cnn()
+    x, base = images(3), images(1, seed=6)[0] * 0.5
+    for layer, position in (("relu2", (1, 2)), ("relu2", "max"), ("fc1", None),
+                            ("bn1", (3, 3))):
+        got, delta = viz.deep_lift(model, x, baseline=base, layer=layer, channel=1,
+                                   position=position, return_convergence_delta=True)
+        assert got.shape == x.shape
+        np.testing.assert_allclose(delta, 0, atol=1e-5 * np.abs(got).sum(axis=(1, 2, 3)).max())
+        if layer == "bn1":   # conv1 and bn1 are linear: DeepLIFT is gradient x change
+            grad = viz.gradient(model, x, layer=layer, channel=1, position=position)
+            np.testing.assert_allclose(got, grad * (x - base), rtol=1e-4, atol=1e-6)
+    cells = (np.arange(8)[:, None] // 4) * 2 + np.arange(8)[None, :] // 4
+    got = viz.feature_ablation(model, x, feature_mask=cells, baseline=0.2, layer="relu2",
+                               channel=1, position=(1, 2), batch_size=3)
+    unit = lambda a: forward64(model, a)["relu2"][:, 1, 1, 2]   # noqa: E731
+    for f in range(4):
+        removed = np.where(cells == f, np.float32(0.2), x)
+        want = unit(x) - unit(removed)
+        np.testing.assert_allclose(got[:, 0][:, cells == f], np.repeat(want[:, None],
+                                   (cells == f).sum(), axis=1), rtol=1e-4, atol=1e-6)
+    for method in (viz.deep_lift, viz.feature_ablation):
+        with pytest.raises(ValueError, match="either target"):
+            method(model, x, 1, layer="relu2", channel=0, position=(0, 0))
+        with pytest.raises(ValueError, match="channel must be an int"):
+            method(model, x, layer="relu2", channel=9, position=(0, 0))
+
+
 @pytest.mark.parametrize("layer, to_input", [("relu1", False), ("pool1", True), ("fc1", False)])
 def test_layer_gradient_shap_matches_its_draws(layer, to_input):
     """Against the definition with gradient_shap's draws: per sample, the layer gradient

@@ -152,6 +152,40 @@ def test_neuron_integrated_gradients_vs_captum(position):
                                        n_steps=7, method=quadrature, baseline=0.2), want)
 
 
+@pytest.mark.parametrize("layer, unit", [("relu2", (1, 1, 2)), ("conv1", (2, 3, 4)),
+                                         ("fc", (3,))])
+def test_neuron_deep_lift_ablation_and_gradient_shap_vs_captum(layer, unit):
+    """Captum's NeuronDeepLift, NeuronDeepLiftShap, NeuronFeatureAblation and (where its
+    draws do not matter: a unit of the linear conv1, one reference, no noise)
+    NeuronGradientShap: the same methods with a unit of a layer in the logit's place."""
+    model, x = separated_cnn(10), inputs(10)
+    tm = to_torch(model)
+    net_layer = tm[model.index(layer)]
+    tx = torch.from_numpy(x.astype(np.float64))
+    picked = dict(layer=layer, channel=unit[0], position=unit[1:] or None)
+    base, refs = inputs(11, n=1)[0] * 0.5, inputs(12, n=3)
+    want = captum_attr.NeuronDeepLift(tm, net_layer).attribute(
+        tx, unit, torch.from_numpy(base[None].astype(np.float64))).detach().numpy()
+    got, delta = viz.deep_lift(model, x, baseline=base, return_convergence_delta=True, **picked)
+    close(got, want)
+    np.testing.assert_allclose(delta, 0, atol=1e-5 * np.abs(want).sum())  # sums to the change
+    want = captum_attr.NeuronDeepLiftShap(tm, net_layer).attribute(
+        tx, unit, torch.from_numpy(refs.astype(np.float64))).detach().numpy()
+    close(viz.deep_lift_shap(model, x, refs, batch_size=4, **picked), want)
+    mask = (np.arange(x.shape[2])[:, None] // 3) * 10 + np.arange(x.shape[3])[None, :] // 3
+    want = captum_attr.NeuronFeatureAblation(tm, net_layer).attribute(
+        tx, unit, baselines=0.3, feature_mask=torch.from_numpy(mask[None, None])).detach().numpy()
+    close(viz.feature_ablation(model, x, feature_mask=mask, baseline=0.3, batch_size=7,
+                               **picked), want)
+    if layer == "conv1":
+        want = captum_attr.NeuronGradientShap(tm, net_layer).attribute(
+            tx, unit, torch.from_numpy(refs[:1].astype(np.float64)), n_samples=3)
+        got, delta = viz.gradient_shap(model, x, refs[:1], n_samples=3,
+                                       return_convergence_delta=True, **picked)
+        close(got, want.detach().numpy())
+        np.testing.assert_allclose(delta, 0, atol=1e-5 * np.abs(got).sum())
+
+
 @pytest.mark.parametrize("layer, unit", [("relu2", (3, 1, 2)), ("conv1", (2, 3, 4)),
                                          ("flatten", (17,))])
 def test_neuron_conductance_vs_captum(layer, unit):

@@ -16,7 +16,7 @@ from .. import _backend as B
 from .. import functional as F
 from ._common import (as_input, check_logits, check_score, check_seed, preserved,
                       resolve_targets, to_host, unbatch)
-from .attribution import _fill_images
+from .attribution import _fill_images, _neuron_seed, _unit_layer, _unit_value
 
 __all__ = ["feature_ablation", "feature_permutation", "shapley_values",
            "shapley_value_sampling"]
@@ -50,11 +50,14 @@ def _feature_mask(feature_mask, x, xp, op):
     return mask
 
 
-def _features(model, x, target, feature_mask, baseline, score, batch_size, train, op):
+def _features(model, x, target, feature_mask, baseline, score, batch_size, train, op,
+              unit=None):
     """What every feature method starts from: the checked arguments, each image's
     features (their ids, and each element's index among them, (N, C or 1, H, W)), the
-    baseline as one image per input image, and a function scoring copies of the images made of the input's elements where ``keep``
-    holds and the baseline's elsewhere."""
+    baseline as one image per input image, and a function scoring copies of the images
+    made of the input's elements where ``keep`` holds and the baseline's elsewhere.
+    unit: (layer, channel, position): score a unit of that layer (selected at x, as
+    :func:`fastcnn.viz.gradient` selects one) instead of the target class."""
     check_score(score, op)
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
     xp = B.array_module(x)
@@ -67,12 +70,31 @@ def _features(model, x, target, feature_mask, baseline, score, batch_size, train
         ids_i, index_i = np.unique(to_host(full[i]), return_inverse=True)
         ids.append(ids_i)
         index[i] = index_i.reshape(full.shape[1:])
-    with preserved(model, train):
-        logits = model.forward(x, record=False)
-    check_logits(logits, op)
-    t = resolve_targets(target, logits, op)
+    if unit is not None:
+        name = _unit_layer(model, target, *unit, op)
+        with preserved(model, train):
+            at_x = model.forward(x, stop=name)
+        t = _neuron_seed(at_x, unit[1], unit[2], op)   # per image: the unit's selection
 
-    def scores(logits, targets):
+        def run(copies):
+            return model.forward(copies, stop=name)
+
+        def scores(acts, selection):
+            return _unit_value(acts, selection)
+    else:
+        with preserved(model, train):
+            logits = model.forward(x, record=False)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+        at_x = logits
+
+        def run(copies):
+            return model.forward(copies, record=False)
+
+        def scores(logits, targets):
+            return _class_scores(logits, targets)
+
+    def _class_scores(logits, targets):
         check_logits(logits, op)
         if score == "probability":
             logits = F.softmax(logits, dim=1)
@@ -90,10 +112,10 @@ def _features(model, x, target, feature_mask, baseline, score, batch_size, train
                 i = xp.asarray(image[first:last])
                 other = base[i] if source is None else x[xp.asarray(source[first:last])]
                 copies = xp.where(keep(first, last), x[i], other)
-                out[first:last] = scores(model.forward(copies, record=False), t[i])
+                out[first:last] = scores(run(copies), t[i])
         return to_host(out)
 
-    return ids, xp.asarray(index), base, scores(logits, t), evaluate
+    return ids, xp.asarray(index), base, scores(at_x, t), evaluate
 
 
 def _spread(values, index, x, xp):
@@ -106,7 +128,7 @@ def _spread(values, index, x, xp):
 
 
 def feature_ablation(model, x, target=None, *, feature_mask=None, baseline=0.0, score="logit",
-                     batch_size=256, train=False):
+                     layer=None, channel=None, position=None, batch_size=256, train=False):
     """Feature ablation (Captum's FeatureAblation): for each feature, score(x) minus the
     score with that feature's elements replaced by the baseline, given to every element
     of the feature. Shaped like x; positive where removing the feature lowers the score.
@@ -119,11 +141,16 @@ def feature_ablation(model, x, target=None, *, feature_mask=None, baseline=0.0, 
     or one per image (N, C, H, W).
     score: 'logit' or 'probability'. batch_size: ablated copies per forward pass.
     ``target`` defaults to the prediction on x.
+    layer / channel / position: instead of a class score, a unit of a layer (as
+    :func:`~fastcnn.viz.gradient` selects one, 'max' the channel's strongest unit at x,
+    kept for every copy; Captum's NeuronFeatureAblation): the drop in its value.
     """
     op = "feature_ablation"
     x, single, xp = as_input(model, x, op)
+    unit = None if layer is None and channel is None and position is None else \
+        (layer, channel, position)
     ids, index, _, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
-                                              batch_size, train, op)
+                                              batch_size, train, op, unit)
     image = np.repeat(np.arange(len(ids)), [len(f) for f in ids])
     removed = xp.asarray(np.concatenate([np.arange(len(f)) for f in ids] + [[]])
                          .astype(np.int64))

@@ -85,6 +85,25 @@ def _neuron_seed(activation, channel, position, op):
     return seed
 
 
+def _unit_layer(model, target, layer, channel, position, op):
+    """The name of the layer whose unit (layer / channel / position) a method explains
+    instead of a class score, or None for the class score; the two are exclusive."""
+    if layer is None:
+        if channel is not None or position is not None:
+            raise ValueError(f"{op}: channel and position select a unit of a layer; pass "
+                             f"layer= too")
+        return None
+    if target is not None:
+        raise ValueError(f"{op}: pass either target (a class score) or layer/channel "
+                         f"(a unit of a layer), not both")
+    return layer_name(model, layer, op)
+
+
+def _unit_value(activation, seed):
+    """Each image's unit (the seed's one-hot selection, or a channel's sum) in float64."""
+    return (seed * activation).sum(axis=tuple(range(1, seed.ndim)), dtype=np.float64)
+
+
 def _class_backward(model, x, target, score, guided, op):
     """Forward ``x``, seed at the target score, backward to the input.
     Returns (input gradient, logits, targets); the forward's activations stay on
@@ -100,15 +119,9 @@ def _input_gradient(model, x, target, score, guided, layer, channel, position, o
     """d score / d x, or of a unit of a layer; ``guided``: the ReLUs' rule (False,
     True or DECONVOLUTION, as Sequential.backward)."""
     check_score(score, op)
-    if layer is None:
-        if channel is not None or position is not None:
-            raise ValueError(f"{op}: channel and position select a unit of a layer; pass "
-                             f"layer= too")
+    name = _unit_layer(model, target, layer, channel, position, op)
+    if name is None:
         return _class_backward(model, x, target, score, guided, op)[0]
-    if target is not None:
-        raise ValueError(f"{op}: pass either target (a class score) or layer/channel "
-                         f"(a unit of a layer), not both")
-    name = layer_name(model, layer, op)
     activation = model.forward(x, stop=name)
     seed = _neuron_seed(activation, channel, position, op)
     return model.backward(seed, start=name, guided=guided, param_grads=False)
@@ -188,6 +201,15 @@ def _batched_gradients(xp, n, per_image, batch_size, points, gradient):
         image, step = index // per_image, index % per_image
         on_device = xp.asarray(image)
         yield image, step, gradient(points(on_device, xp.asarray(step)), on_device)
+
+
+def _unit_gradient(model, name, seed):
+    """gradient(points, images) of each image's unit at layer ``name`` (``seed``: the
+    one-hot selection per image, for _batched_gradients)."""
+    def gradient(points, image):
+        model.forward(points, stop=name)
+        return model.backward(seed[image], start=name, guided=False, param_grads=False)
+    return gradient
 
 
 def _class_gradient(model, target, score, guided, op):
@@ -278,27 +300,17 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
         model, x, baseline, n_steps, method, batch_size, score, op)
     diff = x - base
     n = x.shape[0]
+    name = _unit_layer(model, target, layer, channel, position, op)
     with preserved(model, train):
-        if layer is None:
-            if channel is not None or position is not None:
-                raise ValueError(f"{op}: channel and position select a unit of a layer; pass "
-                                 f"layer= too")
+        if name is None:
             ends = model.forward(xp.concatenate([x, base]))          # (2N, classes)
             t, change = _target_change(ends, target, score, n, op)
             gradient = _class_gradient(model, t, score, False, op)
         else:
-            if target is not None:
-                raise ValueError(f"{op}: pass either target (a class score) or layer/channel "
-                                 f"(a unit of a layer), not both")
-            name = layer_name(model, layer, op)
             ends = model.forward(xp.concatenate([x, base]), stop=name)
             seed = _neuron_seed(ends[:n], channel, position, op)   # 'max': the strongest at x
-            change = (seed * (ends[:n] - ends[n:])).sum(axis=tuple(range(1, seed.ndim)),
-                                                        dtype=np.float64)
-
-            def gradient(points, image):
-                model.forward(points, stop=name)
-                return model.backward(seed[image], start=name, guided=False, param_grads=False)
+            change = _unit_value(ends[:n] - ends[n:], seed)
+            gradient = _unit_gradient(model, name, seed)
 
         total = _path_integral(xp, base, diff, alphas, widths, batch_size, gradient)
     attributions = total * diff
@@ -349,8 +361,8 @@ def layer_integrated_gradients(model, x, layer, target=None, *, baseline=0.0, n_
 
 
 def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, batch_size=128,
-                  seed=0, score="logit", multiply_by_inputs=True, return_convergence_delta=False,
-                  train=False):
+                  seed=0, score="logit", layer=None, channel=None, position=None,
+                  multiply_by_inputs=True, return_convergence_delta=False, train=False):
     """GradientSHAP (Lundberg & Lee; Captum's GradientShap), expected gradients: the mean
     over ``n_samples`` draws of gradient(point) * (x' - b), where b is a reference drawn
     from ``baselines``, x' = x plus Gaussian noise of ``stdev``, and point a uniformly
@@ -365,16 +377,23 @@ def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, b
     False returns the mean gradient alone. return_convergence_delta: also return, for
     each (image, sample) in that order (image i's sample s at i * n_samples + s), the
     sample's attributions' sum minus score(x') - score(b) (Captum's delta).
+    layer / channel / position: instead of a class score, a unit of a layer (as
+    :func:`gradient`; Captum's NeuronGradientShap), 'max' the channel's strongest unit
+    at x; the delta is then each sample's sum minus the unit's change.
     """
-    return _gradient_shap("gradient_shap", model, x, baselines, target, None, n_samples, stdev,
+    op = "gradient_shap"
+    unit = _unit_layer(model, target, layer, channel, position, op)
+    return _gradient_shap(op, model, x, baselines, target, None, n_samples, stdev,
                           batch_size, seed, score, multiply_by_inputs,
-                          return_convergence_delta, train)
+                          return_convergence_delta, train,
+                          None if unit is None else (unit, channel, position))
 
 
 def _gradient_shap(op, model, x, baselines, target, point, n_samples, stdev, batch_size, seed,
-                   score, multiply_by_inputs, return_convergence_delta, train):
+                   score, multiply_by_inputs, return_convergence_delta, train, unit=None):
     """gradient_shap, or with ``point`` (a function of the checked x making a
-    LayerPoint) layer_gradient_shap: the gradient and the change taken at the layer."""
+    LayerPoint) layer_gradient_shap: the gradient and the change taken at the layer;
+    or with ``unit`` (layer name, channel, position) the gradient of that unit."""
     seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
     check_score(score, op)
@@ -395,9 +414,13 @@ def _gradient_shap(op, model, x, baselines, target, point, n_samples, stdev, bat
     n = x.shape[0]
     deltas = xp.zeros(n * n_samples, np.float64)
     with preserved(model, train):
-        logits = model.forward(x)
-        check_logits(logits, op)
-        t = resolve_targets(target, logits, op)
+        if unit is None:
+            logits = model.forward(x)
+            check_logits(logits, op)
+            t = resolve_targets(target, logits, op)
+        else:
+            name = unit[0]
+            selection = _neuron_seed(model.forward(x, stop=name), *unit[1:], op)
         total = xp.zeros((n,) + (x.shape[1:] if point is None else
                                  point.activation(x).shape[1:]), np.float64)
 
@@ -408,7 +431,9 @@ def _gradient_shap(op, model, x, baselines, target, point, n_samples, stdev, bat
             b = refs[which[sample]]
             return b + alpha[sample][:, None, None, None] * (noisy(image, sample) - b)
 
-        if point is None:
+        if unit is not None:
+            gradient = _unit_gradient(model, name, selection)
+        elif point is None:
             gradient = _class_gradient(model, t, score, False, op)
         else:
             def gradient(at, image):
@@ -425,14 +450,19 @@ def _gradient_shap(op, model, x, baselines, target, point, n_samples, stdev, bat
             values = grad.astype(np.float64) * (diff if multiply_by_inputs else 1.0)
             for row, i in enumerate(image):  # each image's samples in order, whatever the batch
                 total[i] += values[row]
-            if return_convergence_delta:
+            if not return_convergence_delta:
+                continue
+            if unit is not None:
+                ends = model.forward(ends, stop=name)
+                change = _unit_value(ends[:m] - ends[m:], selection[on_device[0]])
+            else:
                 ends = point.logits(ends) if point is not None else model.forward(ends)
                 ends = ends if score == "logit" else F.softmax(ends, dim=1)
                 rows = xp.arange(m)
                 tt = t[on_device[0]]
                 change = ends[rows, tt].astype(np.float64) - ends[rows + m, tt]
-                spent = (grad.astype(np.float64) * diff).sum(axis=tuple(range(1, diff.ndim)))
-                deltas[xp.asarray(image * n_samples + sample)] = spent - change
+            spent = (grad.astype(np.float64) * diff).sum(axis=tuple(range(1, diff.ndim)))
+            deltas[xp.asarray(image * n_samples + sample)] = spent - change
     out = unbatch((total / n_samples).astype(np.float32), single)
     if not return_convergence_delta:
         return out

@@ -34,7 +34,7 @@ from .. import functional as F
 from ..nn import LogSoftmax, MaxPool2d, ReLU, Sequential, Softmax
 from ._common import (as_input, check_finite, check_logits, layer_name, preserved,
                       resolve_targets, unbatch)
-from .attribution import _fill_images
+from .attribution import _fill_images, _neuron_seed, _unit_layer, _unit_value
 
 __all__ = ["deep_lift", "deep_lift_shap", "layer_deep_lift", "layer_deep_lift_shap"]
 
@@ -108,16 +108,21 @@ def _pool_rule(g, pool, a, out, eps):
     return xp.where(small, plain, ratio).reshape(a.shape)
 
 
-def _multipliers(model, x, base, target, eps, op, keep=0):
+def _multipliers(model, x, base, target, eps, op, keep=0, unit=None):
     """DeepLIFT's multipliers d logit / d x for inputs ``x`` against ``base`` (both
     (N, C, H, W)), each image's logit change (float64), and x and base side by side.
 
     keep: how many of the model's first layers (nested blocks opened) the multipliers
     do not go back through: they are then those of the activation after them, returned
-    in x's and base's place (2N, ...)."""
+    in x's and base's place (2N, ...).
+    unit: (layers, channel, position): the multipliers of a unit of the output of the
+    model's first ``layers`` leaf layers instead of the logit (``target`` unused),
+    selected as :func:`fastcnn.viz.gradient` selects one ('max': the strongest at x)."""
     layers = list(_leaves(model))
+    if unit is not None:
+        layers = layers[:unit[0]]
     for name, layer in model.named_modules():
-        if isinstance(layer, (Softmax, LogSoftmax)):
+        if isinstance(layer, (Softmax, LogSoftmax)) and (unit is None or layer in layers):
             raise ValueError(f"{op}: DeepLIFT attributes the logits, but layer {name!r} is a "
                              f"{type(layer).__name__}; pass the model without it "
                              f"(model[:-1] for a last layer)")
@@ -129,12 +134,17 @@ def _multipliers(model, x, base, target, eps, op, keep=0):
         inputs.append(a)
         a = layer.forward(a)
         outputs.append(a)
-    check_logits(a, op)
-    t = resolve_targets(target, a[:n], op)
-    rows = xp.arange(n)
-    change = a[rows, t].astype(np.float64) - a[rows + n, t]
-    g = xp.zeros_like(a)
-    g[xp.arange(2 * n), xp.concatenate([t, t])] = 1.0
+    if unit is None:
+        check_logits(a, op)
+        t = resolve_targets(target, a[:n], op)
+        rows = xp.arange(n)
+        change = a[rows, t].astype(np.float64) - a[rows + n, t]
+        g = xp.zeros_like(a)
+        g[xp.arange(2 * n), xp.concatenate([t, t])] = 1.0
+    else:
+        seed = _neuron_seed(a[:n], unit[1], unit[2], op)
+        change = _unit_value(a[:n] - a[n:], seed)
+        g = xp.concatenate([seed, seed])
     for p in model.parameters():
         p.requires_grad = False  # preserved() puts them back
     for layer, a_in, a_out in list(zip(layers, inputs, outputs))[keep:][::-1]:
@@ -161,8 +171,14 @@ def _finish(mult, x, base, change, multiply_by_inputs):
     return (attributions if multiply_by_inputs else mult.astype(np.float64)), delta
 
 
-def deep_lift(model, x, target=None, *, baseline=0.0, multiply_by_inputs=True,
-              return_convergence_delta=False, eps=1e-10, train=False):
+def _unit(model, target, layer, channel, position, op):
+    """_multipliers' ``unit`` for layer / channel / position (None: the target logit)."""
+    name = _unit_layer(model, target, layer, channel, position, op)
+    return None if name is None else (_kept(model, name, False, op), channel, position)
+
+
+def deep_lift(model, x, target=None, *, baseline=0.0, layer=None, channel=None, position=None,
+              multiply_by_inputs=True, return_convergence_delta=False, eps=1e-10, train=False):
     """DeepLIFT with the rescale rule (Shrikumar et al.; Captum's DeepLift): each pixel's
     share of logit(x) - logit(baseline), signed, shaped like x. See the module's
     docstring for the rules and where they differ from Captum's.
@@ -175,14 +191,19 @@ def deep_lift(model, x, target=None, *, baseline=0.0, multiply_by_inputs=True,
     logit change (zero up to rounding: DeepLIFT's summation-to-delta).
     eps: a ReLU or max-pool whose input changes by less than this passes the plain
     gradient (Captum's default, 1e-10).
+    layer / channel / position: instead of the target logit, a unit of a layer (as
+    :func:`~fastcnn.viz.gradient` selects one, 'max' the channel's strongest at x;
+    Captum's NeuronDeepLift): its change from the baseline's, shared out the same way;
+    the delta is then the sum minus that change.
     The model must end in logits: DeepLIFT here has no rule for a Softmax layer.
     """
     op = "deep_lift"
     x, single, xp = as_input(model, x, op)
     eps = _check_eps(eps, op)
+    unit = _unit(model, target, layer, channel, position, op)
     base = _fill_images(baseline, x, xp, op, "baseline")
     with preserved(model, train):
-        mult, change, _ = _multipliers(model, x, base, target, eps, op)
+        mult, change, _ = _multipliers(model, x, base, target, eps, op, unit=unit)
     attributions, delta = _finish(mult, x, base, change, multiply_by_inputs)
     out = attributions.astype(np.float32)
     if not return_convergence_delta:
@@ -190,8 +211,9 @@ def deep_lift(model, x, target=None, *, baseline=0.0, multiply_by_inputs=True,
     return unbatch((out, delta.astype(np.float32)), single)
 
 
-def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_by_inputs=True,
-                   return_convergence_delta=False, eps=1e-10, train=False):
+def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, layer=None, channel=None,
+                   position=None, multiply_by_inputs=True, return_convergence_delta=False,
+                   eps=1e-10, train=False):
     """DeepLIFT-SHAP (Lundberg & Lee; Captum's DeepLiftShap): the mean of the DeepLIFT
     attributions of x against each of a set of reference images, an approximation of
     SHAP values with the references as the background distribution.
@@ -200,15 +222,19 @@ def deep_lift_shap(model, x, baselines, target=None, *, batch_size=64, multiply_
     typical). batch_size: (image, reference) pairs per pass; the result does not
     depend on it. return_convergence_delta: also return the (N * B,) deltas of every
     pair, image by image (Captum's order: image i against reference j at i * B + j).
-    Other arguments as :func:`deep_lift`.
+    layer / channel / position: a unit instead of the logit, as :func:`deep_lift`'s
+    (Captum's NeuronDeepLiftShap). Other arguments as :func:`deep_lift`.
     """
-    return _deep_lift_shap("deep_lift_shap", model, x, baselines, target, None, False,
-                           batch_size, multiply_by_inputs, return_convergence_delta, eps, train)
+    op = "deep_lift_shap"
+    return _deep_lift_shap(op, model, x, baselines, target, None, False,
+                           batch_size, multiply_by_inputs, return_convergence_delta, eps, train,
+                           _unit(model, target, layer, channel, position, op))
 
 
 def _deep_lift_shap(op, model, x, baselines, target, layer, to_input, batch_size,
-                    multiply_by_inputs, return_convergence_delta, eps, train):
-    """deep_lift_shap, or with ``layer`` layer_deep_lift_shap (to its units)."""
+                    multiply_by_inputs, return_convergence_delta, eps, train, unit=None):
+    """deep_lift_shap, or with ``layer`` layer_deep_lift_shap (to its units), or with
+    ``unit`` (see _multipliers) of a unit's change."""
     x, single, xp = as_input(model, x, op)
     eps = _check_eps(eps, op)
     keep = 0 if layer is None else _kept(model, layer, to_input, op)
@@ -221,15 +247,16 @@ def _deep_lift_shap(op, model, x, baselines, target, layer, to_input, batch_size
     n, k = x.shape[0], refs.shape[0]
     total, deltas = None, []
     with preserved(model, train):
-        logits = model.forward(x)
-        check_logits(logits, op)
-        t = resolve_targets(target, logits, op)
+        if unit is None:
+            logits = model.forward(x)
+            check_logits(logits, op)
+            t = resolve_targets(target, logits, op)
         for first in range(0, n * k, batch_size):
             pair = np.arange(first, min(first + batch_size, n * k))
             image, ref = xp.asarray(pair // k), xp.asarray(pair % k)
             m = len(pair)
-            mult, change, acts = _multipliers(model, x[image], refs[ref], t[image], eps, op,
-                                              keep)
+            mult, change, acts = _multipliers(model, x[image], refs[ref],
+                                              None if unit else t[image], eps, op, keep, unit)
             attr, delta = _finish(mult, acts[:m], acts[m:], change, multiply_by_inputs)
             if total is None:
                 total = xp.zeros((n,) + attr.shape[1:], np.float64)
