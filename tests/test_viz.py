@@ -781,14 +781,15 @@ def _stable64(z, epsilon):
     return z + np.where(z >= 0, epsilon, -epsilon)
 
 
-def lrp64(model, x, target, rules=None, fold=False):
+def lrp64(model, x, target, rules=None, fold=False, keep=0):
     """LRP in float64, layer by layer: relevance 1 at the target; every ReLU, dropout
     and flatten passes it; every other layer gives a * J^T (R / (z + eps sign z)) with
     its rule's weights (J^T by central differences, exact for these affine layers; a
     max-pool's by its first maximum); the z-box rule a J^T s - low J+^T s - high J-^T s
     with s = R / (z(a) - z+(low) - z-(high)); times the target logit at the end.
     fold: each conv and the batch norm after it split as the composed map (the
-    epsilon rule) or as one conv with the merged weights (the others)."""
+    epsilon rule) or as one conv with the merged weights (the others).
+    keep: stop at the output of the first ``keep`` layers (the relevance there)."""
     rules = rules or {}
     outputs = forward64(model, x)
     names = list(outputs)
@@ -796,7 +797,7 @@ def lrp64(model, x, target, rules=None, fold=False):
     rows = np.arange(len(x))
     relevance = np.zeros_like(logits)
     relevance[rows, target] = 1.0
-    for k in range(len(names) - 1, -1, -1):
+    for k in range(len(names) - 1, keep - 1, -1):
         layer, rule = model[names[k]], rules.get(names[k], viz.EpsilonRule())
         a = outputs[names[k - 1]] if k else np.asarray(x, np.float64)
         after = model[names[k + 1]] if k + 1 < len(names) else None
@@ -835,7 +836,7 @@ def lrp64(model, x, target, rules=None, fold=False):
                     return _layer64(changed, v)
             s = relevance / _stable64(f(a), rule.epsilon)
             relevance = a * _vjp64(f, a, s)
-    return relevance * logits[rows, target].reshape((-1,) + (1,) * (x.ndim - 1))
+    return relevance * logits[rows, target].reshape((-1,) + (1,) * (relevance.ndim - 1))
 
 
 @pytest.mark.parametrize("net", ["small", "odd", "padded"])
@@ -870,6 +871,35 @@ def test_lrp_matches_layer_by_layer_reference(net):
         want = lrp64(model, x, target, rules, fold=fold)
         got = viz.lrp(model, x, target, rules=rules, fold_batchnorm=fold)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_layer_lrp_matches_layer_by_layer_reference(fold):
+    """The relevance at every layer's output (and input) against lrp64 stopped there, with
+    a composite; at the input it is lrp's; inside a folded conv + batch norm, refused."""
+    model = small_cnn()
+    x, target = images(2), np.array([2, 1])
+    rules = {"conv2": viz.GammaRule(0.25), "fc2": viz.EpsilonRule(0.1)}
+    names = model.names
+    for k, name in enumerate(names):
+        if fold and name == "conv1" or fold and name == "conv2":
+            with pytest.raises(ValueError, match="folded into one layer"):
+                viz.layer_lrp(model, x, name, target, rules=rules, fold_batchnorm=True)
+            continue
+        want = lrp64(model, x, target, rules, fold=fold, keep=k + 1)
+        got, delta = viz.layer_lrp(model, x, name, target, rules=rules, fold_batchnorm=fold,
+                                   return_convergence_delta=True)
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max(),
+                                   err_msg=name)
+        logit = forward64(model, x)["fc2"][np.arange(2), target]
+        np.testing.assert_allclose(delta, logit - want.reshape(2, -1).sum(axis=1),
+                                   atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(
+        viz.layer_lrp(model, x, "conv1", target, attribute_to_layer_input=True),
+        viz.lrp(model, x, target), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="no layer"):
+        viz.layer_lrp(model, x, "conv9")
 
 
 def test_lrp_of_a_linear_model_and_conservation():

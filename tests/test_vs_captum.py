@@ -644,6 +644,32 @@ def test_lrp_vs_captum(seed):
         np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)
 
 
+@pytest.mark.parametrize("layer, index", [("conv1", 0), ("bn1", 1), ("pool1", 3),
+                                          ("conv2", 4), ("fc", 6)])
+def test_layer_lrp_vs_captum(layer, index):
+    """Captum's LayerLRP at the output and the input of each layer it has a rule for
+    (it has none for a ReLU), with the default rules and with a composite."""
+    from captum.attr._utils import lrp_rules
+
+    model, x = cnn(3), inputs(3)
+    tm = _Flattening(to_torch(model)).eval()
+    tx = torch.from_numpy(x.astype(np.float64))
+    target = [2, 0, 4]
+    for rules, torch_rules in ((None, {}), ({"conv2": viz.GammaRule(0.25)},
+                                            {4: lrp_rules.GammaRule(0.25)})):
+        for to_input in (False, True):
+            for i, rule in torch_rules.items():
+                tm.layers[i].rule = rule
+            want, want_delta = captum_attr.LayerLRP(tm, tm.layers[index]).attribute(
+                tx, target=target, attribute_to_layer_input=to_input,
+                return_convergence_delta=True)
+            got, delta = viz.layer_lrp(model, x, layer, target, rules=rules,
+                                       attribute_to_layer_input=to_input,
+                                       return_convergence_delta=True)
+            close(got, want.detach().numpy())
+            np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)
+
+
 def _captum_draws(rows):
     """A Captum perturbation generator yielding ``rows`` (bool, one coalition each)."""
     def generate(original_inp, **kwargs):

@@ -9,6 +9,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.deep_lift(model, x, baseline=0.0)       # shaped like x, sums to the logit change
 >>> viz.lrp(model, x)                            # relevance, shaped like x, sums to the logit
 >>> viz.lrp(model, x, rules=viz.lrp_composite(model), fold_batchnorm=True)   # z-box, gamma, eps
+>>> viz.layer_lrp(model, x, "relu2")           # the relevance at a layer, shaped like it
 >>> viz.grad_cam(model, x, layer="relu2")        # (H, W), upsampled
 >>> viz.layer_conductance(model, x, "relu2")      # each unit's share, shaped like the layer
 >>> viz.internal_influence(model, x, "relu2")     # its gradient integrated along the path
@@ -45,8 +46,8 @@ from .surrogate import kernel_shap, lime
 from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift, layer_deep_lift_shap
 from .layer import (internal_influence, layer_conductance, layer_gradient_shap,
                     layer_gradient_x_activation, neuron_conductance)
-from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, lrp,
-                  lrp_composite)
+from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, layer_lrp,
+                  lrp, lrp_composite)
 from .features import conv_layers, feature_maps, filter_images, filters
 from .maximize import MaximizedActivation, maximize_activation
 from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatmap,
@@ -58,7 +59,7 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "layer_gradient_x_activation", "internal_influence", "layer_gradient_shap",
            "neuron_conductance",
            "layer_deep_lift", "layer_deep_lift_shap", "deep_lift", "deep_lift_shap", "lrp",
-           "lrp_composite",
+           "layer_lrp", "lrp_composite",
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
            "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation",

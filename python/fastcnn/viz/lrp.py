@@ -23,12 +23,14 @@ import contextlib
 
 import numpy as np
 
+from .. import _backend as B
 from ..nn import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d,
                   Module, ReLU, Sequential)
 from ._common import as_input, check_logits, check_model, data_bounds, preserved, \
     resolve_targets, unbatch
+from .deeplift import _kept
 
-__all__ = ["lrp", "lrp_composite", "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule",
+__all__ = ["lrp", "layer_lrp", "lrp_composite", "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule",
            "IdentityRule"]
 
 
@@ -448,11 +450,50 @@ def lrp(model, x, target=None, *, rules=None, fold_batchnorm=False,
     """
     op = "lrp"
     x, single, xp = as_input(model, x, op)
+    attributions, logit = _relevance(model, x, target, rules, fold_batchnorm, train, op)
+    return _finish(attributions, logit, return_convergence_delta, single)
+
+
+def layer_lrp(model, x, layer, target=None, *, rules=None, fold_batchnorm=False,
+              attribute_to_layer_input=False, return_convergence_delta=False, train=False):
+    """LRP's relevance at a layer (Captum's LayerLRP): the target logit split among the
+    units of ``layer``'s output (or, with ``attribute_to_layer_input``, its input), by
+    the rules of the layers after it. Shaped like the layer's output (N, ...); the
+    units add up to the logit minus what the later layers' biases and epsilons
+    absorbed (``return_convergence_delta``: the logit minus the sum, per image).
+
+    layer: a name, an index or the layer itself (a nested block: its output). rules,
+    fold_batchnorm, target: as :func:`lrp` (a layer inside a folded conv and batch
+    norm pair has no relevance of its own: refused).
+    """
+    op = "layer_lrp"
+    x, single, xp = as_input(model, x, op)
+    keep = _kept(model, layer, attribute_to_layer_input, op)
+    attributions, logit = _relevance(model, x, target, rules, fold_batchnorm, train, op, keep)
+    return _finish(attributions, logit, return_convergence_delta, single)
+
+
+def _finish(attributions, logit, return_convergence_delta, single):
+    out = attributions.astype(np.float32)
+    if not return_convergence_delta:
+        return unbatch(out, single)
+    spent = attributions.sum(axis=tuple(range(1, attributions.ndim)))
+    return unbatch((out, (logit - spent).astype(np.float32)), single)
+
+
+def _relevance(model, x, target, rules, fold_batchnorm, train, op, keep=0):
+    """The relevance (float64, times the logit) at the output of the model's first
+    ``keep`` leaf layers (0: at the input), and each image's target logit."""
+    xp = B.array_module(x)
     if not isinstance(fold_batchnorm, (bool, np.bool_)):
         raise TypeError(f"{op}: fold_batchnorm must be True or False, got {fold_batchnorm!r}")
     leaves = list(_leaves(model))
     folded = _folded_pairs(leaves) if fold_batchnorm else {}
     chosen = _layer_rules(model, leaves, rules, folded, op)
+    if 0 < keep < len(leaves) and leaves[keep][0] in folded:
+        raise ValueError(f"{op}: {leaves[keep - 1][0]!r} and {leaves[keep][0]!r} are folded "
+                         f"into one layer (fold_batchnorm=True), so there is no relevance "
+                         f"between them; take the batch norm's output, or fold_batchnorm=False")
     n = x.shape[0]
     with preserved(model, train):
         for p in model.parameters():
@@ -463,7 +504,7 @@ def lrp(model, x, target=None, *, rules=None, fold_batchnorm=False,
             a = layer.forward(a)
             outputs.append(a)
         check_logits(a, op)
-        for (name, _), a_in in zip(leaves, inputs):
+        for (name, _), a_in in zip(leaves[keep:], inputs[keep:]):
             if isinstance(chosen[name], ZBoxRule):
                 _check_box(chosen[name], name, a_in.shape, op)
         t = resolve_targets(target, a, op)
@@ -475,17 +516,12 @@ def lrp(model, x, target=None, *, rules=None, fold_batchnorm=False,
         for _, layer in leaves:
             uses[id(layer)] = uses.get(id(layer), 0) + 1
         merged = {conv: dict(leaves)[bn] for bn, conv in folded.items()}
-        for (name, layer), a_in, a_out in zip(reversed(leaves), reversed(inputs),
-                                              reversed(outputs)):
+        for (name, layer), a_in, a_out in list(zip(leaves, inputs, outputs))[keep:][::-1]:
             rule = chosen[name]
             if rule is None or rule.identity:
                 relevance = relevance.reshape(a_in.shape)
                 continue
             relevance = _split(layer, rule, a_in, a_out, relevance, xp, uses[id(layer)] > 1,
                                merged.get(name))
-    attributions = relevance.astype(np.float64) * logit.reshape((n,) + (1,) * (x.ndim - 1))
-    out = attributions.astype(np.float32)
-    if not return_convergence_delta:
-        return unbatch(out, single)
-    delta = (logit - attributions.sum(axis=tuple(range(1, x.ndim)))).astype(np.float32)
-    return unbatch((out, delta), single)
+    return relevance.astype(np.float64) * logit.reshape((n,) + (1,) * (relevance.ndim - 1)), \
+        logit
