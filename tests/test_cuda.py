@@ -1483,6 +1483,9 @@ class TestModelsOnGpu:
                                                                       batch_size=4),
             "neuron_conductance": lambda m, a: viz.neuron_conductance(
                 m, a, "relu2", 1, position="max", n_steps=3, batch_size=4, baseline=0.1),
+            "layer_feature_ablation": lambda m, a: viz.layer_feature_ablation(
+                m, a, "relu2", layer_mask=np.arange(8)[:, None, None] // 3, layer_baseline=0.1,
+                batch_size=4),
             "layer_lrp": lambda m, a: viz.layer_lrp(m, a, "pool1",
                                                     rules={"conv2": viz.GammaRule(0.25)}),
             "neuron_deep_lift": lambda m, a: viz.deep_lift(m, a, baseline=0.1, layer="relu2",

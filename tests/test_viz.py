@@ -1458,6 +1458,47 @@ def test_gradient_shap_of_a_unit_matches_its_draws(position):
         viz.gradient_shap(model, x, refs, channel=0)
 
 
+@pytest.mark.parametrize("layer, to_input", [("relu2", False), ("pool1", True), ("fc1", False)])
+def test_layer_feature_ablation_against_the_float64_rest_of_the_network(layer, to_input):
+    """Each group of units set to the baseline and the network after the layer run in
+    float64 (forward64 of the model's tail): the drop of the target logit, given to the
+    group's units; per channel, per unit (no mask), and against a baseline array."""
+    model = small_cnn()
+    x, target = images(3), np.array([1, 4, 0])
+    k = model.names.index(layer) + (0 if to_input else 1)
+    outputs = forward64(model, x)
+    acts = outputs[model.names[k - 1]] if k else x.astype(np.float64)
+    tail = model[k:]
+
+    def logit(a):
+        return forward64(tail, a)[tail.names[-1]][np.arange(3), target]
+
+    c = acts.shape[1]
+    channel_mask = np.arange(c).reshape((c,) + (1,) * (acts.ndim - 2)) // 2
+    rng = np.random.default_rng(3)
+    for mask, base in ((channel_mask, 0.0), (None, 0.25),
+                       (channel_mask, rng.standard_normal(acts.shape[1:]).astype(np.float32))):
+        got = viz.layer_feature_ablation(model, x, layer, target, layer_mask=mask,
+                                         layer_baseline=base, attribute_to_layer_input=to_input,
+                                         batch_size=5)
+        full = np.broadcast_to(np.arange(acts[0].size).reshape(acts.shape[1:]) if mask is None
+                               else mask, acts.shape[1:])
+        want = np.zeros(acts.shape)
+        for f in np.unique(full):
+            ablated = np.where(full == f, np.asarray(base, np.float64), acts)
+            want[:, full == f] = (logit(acts) - logit(ablated))[:, None]
+        # float32 logits differ by float32 rounding (~1e-7 of logits of order 1)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="layer_mask must broadcast"):
+        viz.layer_feature_ablation(model, x, layer, layer_mask=np.zeros((7,), np.int64))
+    with pytest.raises(TypeError, match="integer feature ids"):
+        viz.layer_feature_ablation(model, x, layer, layer_mask=np.zeros(c, np.float32))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        viz.layer_feature_ablation(model, x, layer, layer_baseline=np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="layer_baseline must be finite"):
+        viz.layer_feature_ablation(model, x, layer, layer_baseline=np.nan)
+
+
 def test_deep_lift_and_feature_ablation_of_a_unit():
     """DeepLIFT of a unit shares out the unit's change (the delta is the rounding) and is,
     for the linear part before the first ReLU, the unit's gradient times x - baseline;

@@ -644,6 +644,28 @@ def test_lrp_vs_captum(seed):
         np.testing.assert_allclose(delta, want_delta.detach().numpy(), atol=2e-5)
 
 
+@pytest.mark.parametrize("layer", ["relu1", "conv2", "fc"])
+@pytest.mark.parametrize("to_input", [False, True])
+def test_layer_feature_ablation_vs_captum(layer, to_input):
+    """Captum's LayerFeatureAblation, unit by unit and by pairs of channels against a
+    value."""
+    model, x = cnn(4), inputs(4)
+    tm, target = to_torch(model), [1, 2, 0]
+    tx = torch.from_numpy(x.astype(np.float64))
+    explainer = captum_attr.LayerFeatureAblation(tm, tm[model.index(layer)])
+    c = viz.layer_feature_ablation(model, x[:1], layer, 0,
+                                   attribute_to_layer_input=to_input).shape[1]
+    ndim = 2 if layer == "fc" else 4
+    pairs = np.arange(c).reshape((1, c) + (1,) * (ndim - 2)) // 2
+    for mask, base in ((None, 0.0), (pairs, 0.3)):
+        want = explainer.attribute(tx, target=target, layer_baselines=base,
+                                   layer_mask=None if mask is None else torch.from_numpy(mask),
+                                   attribute_to_layer_input=to_input)
+        close(viz.layer_feature_ablation(model, x, layer, target, layer_mask=mask,
+                                         layer_baseline=base, attribute_to_layer_input=to_input,
+                                         batch_size=7), want.detach().numpy())
+
+
 @pytest.mark.parametrize("layer, index", [("conv1", 0), ("bn1", 1), ("pool1", 3),
                                           ("conv2", 4), ("fc", 6)])
 def test_layer_lrp_vs_captum(layer, index):

@@ -21,6 +21,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> r.heatmap, r.probability, r.predicted        # (H, W), (PH, PW), (PH, PW)
 >>> viz.feature_ablation(model, x, feature_mask=segments)   # any regions, shaped like x
 >>> viz.feature_permutation(model, x, feature_mask=segments)   # regions shuffled in the batch
+>>> viz.layer_feature_ablation(model, x, "relu2", layer_mask=np.arange(64)[:, None, None])
 >>> viz.shapley_values(model, x, feature_mask=segments)     # exact, sums to the score change
 >>> viz.shapley_value_sampling(model, x, feature_mask=segments, n_samples=25)
 >>> viz.kernel_shap(model, x, feature_mask=segments, n_samples=200)   # regression estimate
@@ -40,8 +41,8 @@ from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gr
                           guided_backprop, guided_grad_cam, input_x_gradient,
                           integrated_gradients, layer_integrated_gradients, occlusion,
                           saliency, smooth_grad, upsample_bilinear)
-from .ablation import (feature_ablation, feature_permutation, shapley_value_sampling,
-                       shapley_values)
+from .ablation import (feature_ablation, feature_permutation, layer_feature_ablation,
+                       shapley_value_sampling, shapley_values)
 from .surrogate import kernel_shap, lime
 from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift, layer_deep_lift_shap
 from .layer import (internal_influence, layer_conductance, layer_gradient_shap,
@@ -63,6 +64,7 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
            "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation",
+           "layer_feature_ablation",
            "feature_permutation", "shapley_values",
            "shapley_value_sampling", "kernel_shap", "lime", "OcclusionResult",
            "upsample_bilinear", "feature_maps", "conv_layers", "filters", "filter_images",

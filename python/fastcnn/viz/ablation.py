@@ -14,11 +14,11 @@ import numpy as np
 
 from .. import _backend as B
 from .. import functional as F
-from ._common import (as_input, check_logits, check_score, check_seed, preserved,
-                      resolve_targets, to_host, unbatch)
+from ._common import (LayerPoint, as_input, check_finite, check_logits, check_score,
+                      check_seed, preserved, resolve_targets, to_host, unbatch)
 from .attribution import _fill_images, _neuron_seed, _unit_layer, _unit_value
 
-__all__ = ["feature_ablation", "feature_permutation", "shapley_values",
+__all__ = ["feature_ablation", "layer_feature_ablation", "feature_permutation", "shapley_values",
            "shapley_value_sampling"]
 
 #: The most features per image :func:`shapley_values` evaluates every coalition of.
@@ -50,19 +50,61 @@ def _feature_mask(feature_mask, x, xp, op):
     return mask
 
 
+def _layer_mask(layer_mask, acts, xp, op):
+    """A layer mask as int64, broadcastable to the activations ``acts`` (N, ...): any
+    shape whose axes, counted from the last, are 1 or the activations' (a channel
+    mask (1, C, 1, 1) or (C, 1, 1), say); None: every unit its own feature."""
+    if layer_mask is None:
+        size = int(np.prod(acts.shape[1:]))
+        return xp.arange(size, dtype=np.int64).reshape((1,) + acts.shape[1:])
+    mask = layer_mask if B.is_gpu_array(layer_mask) else np.asarray(layer_mask)
+    if mask.dtype.kind not in "iu":
+        raise TypeError(f"{op}: layer_mask must hold integer feature ids, got dtype "
+                        f"{mask.dtype}")
+    shape = (1,) * (acts.ndim - mask.ndim) + tuple(mask.shape)
+    if len(shape) != acts.ndim or not all(m in (1, d) for m, d in zip(shape, acts.shape)):
+        raise ValueError(f"{op}: layer_mask must broadcast to the layer's output "
+                         f"{B.shape_str(acts.shape)} (each axis 1 or the output's); got shape "
+                         f"{B.shape_str(mask.shape)}")
+    mask = xp.asarray(mask, dtype=np.int64).reshape(shape)
+    if mask.size and int(mask.min()) < 0:
+        raise ValueError(f"{op}: layer_mask ids must be >= 0, got {int(mask.min())}")
+    return mask
+
+
+def _layer_fill(baseline, acts, xp, op):
+    """The layer baseline as one array per image, (N, ...): a value, or an array
+    broadcastable to the activations."""
+    if baseline is None or isinstance(baseline, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{op}: layer_baseline must be a number or an array, got {baseline!r}")
+    fill = check_finite(B.as_float(baseline, "layer_baseline", xp), "layer_baseline", op)
+    try:
+        return xp.ascontiguousarray(xp.broadcast_to(fill, acts.shape))
+    except ValueError:
+        raise ValueError(f"{op}: layer_baseline of shape {B.shape_str(fill.shape)} does not "
+                         f"broadcast to the layer's output {B.shape_str(acts.shape)}") from None
+
+
 def _features(model, x, target, feature_mask, baseline, score, batch_size, train, op,
-              unit=None):
+              unit=None, point=None):
     """What every feature method starts from: the checked arguments, each image's
     features (their ids, and each element's index among them, (N, C or 1, H, W)), the
     baseline as one image per input image, and a function scoring copies of the images
     made of the input's elements where ``keep`` holds and the baseline's elsewhere.
     unit: (layer, channel, position): score a unit of that layer (selected at x, as
-    :func:`fastcnn.viz.gradient` selects one) instead of the target class."""
+    :func:`fastcnn.viz.gradient` selects one) instead of the target class.
+    point: a LayerPoint: ``x`` is then the activations there, the features are the
+    layer's units (``feature_mask`` a layer mask, ``baseline`` a layer baseline) and
+    the copies run through the rest of the network."""
     check_score(score, op)
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
     xp = B.array_module(x)
-    base = _fill_images(baseline, x, xp, op, "baseline")
-    mask = _feature_mask(feature_mask, x, xp, op)
+    if point is None:
+        base = _fill_images(baseline, x, xp, op, "baseline")
+        mask = _feature_mask(feature_mask, x, xp, op)
+    else:
+        base = _layer_fill(baseline, x, xp, op)
+        mask = _layer_mask(feature_mask, x, xp, op)
     n = x.shape[0]
     full = xp.broadcast_to(mask, (n,) + mask.shape[1:])
     ids, index = [], np.zeros(full.shape, np.int64)
@@ -82,14 +124,14 @@ def _features(model, x, target, feature_mask, baseline, score, batch_size, train
         def scores(acts, selection):
             return _unit_value(acts, selection)
     else:
+        def run(copies):
+            return point.logits(copies) if point else model.forward(copies, record=False)
+
         with preserved(model, train):
-            logits = model.forward(x, record=False)
+            logits = run(x)
         check_logits(logits, op)
         t = resolve_targets(target, logits, op)
         at_x = logits
-
-        def run(copies):
-            return model.forward(copies, record=False)
 
         def scores(logits, targets):
             return _class_scores(logits, targets)
@@ -151,15 +193,47 @@ def feature_ablation(model, x, target=None, *, feature_mask=None, baseline=0.0, 
         (layer, channel, position)
     ids, index, _, initial, evaluate = _features(model, x, target, feature_mask, baseline, score,
                                               batch_size, train, op, unit)
+    return unbatch(_drops(ids, index, initial, evaluate, x, xp), single)
+
+
+def layer_feature_ablation(model, x, layer, target=None, *, layer_mask=None,
+                           layer_baseline=0.0, score="logit", attribute_to_layer_input=False,
+                           batch_size=256, train=False):
+    """Feature ablation of a layer's units (Captum's LayerFeatureAblation): for each
+    group of units, score(x) minus the score with the group set to ``layer_baseline``
+    and the rest of the network run from there, given to every unit of the group.
+    Shaped like the layer's output (N, ...): which channels (or regions, or units) the
+    prediction needs.
+
+    layer_mask: integer group ids broadcastable to the layer's output, e.g.
+    ``np.arange(C)[:, None, None]`` for one group per channel, or one per image; None
+    (the default) makes every unit its own group. layer_baseline: the replacement, a
+    value or an array broadcastable to the output (default 0: the unit switched off).
+    attribute_to_layer_input: ablate the layer's input instead. score, batch_size,
+    target: as :func:`feature_ablation`.
+    """
+    op = "layer_feature_ablation"
+    x, single, xp = as_input(model, x, op)
+    point = LayerPoint(model, layer, attribute_to_layer_input, op)
+    with preserved(model, train):
+        acts = point.activation(x)
+    ids, index, _, initial, evaluate = _features(model, acts, target, layer_mask,
+                                                 layer_baseline, score, batch_size, train, op,
+                                                 point=point)
+    return unbatch(_drops(ids, index, initial, evaluate, acts, xp), single)
+
+
+def _drops(ids, index, initial, evaluate, x, xp):
+    """Each feature's score drop as it alone takes the baseline, spread over its elements."""
     image = np.repeat(np.arange(len(ids)), [len(f) for f in ids])
     removed = xp.asarray(np.concatenate([np.arange(len(f)) for f in ids] + [[]])
                          .astype(np.int64))
+    expand = (slice(None),) + (None,) * (index.ndim - 1)
     values = evaluate(image, lambda first, last: index[xp.asarray(image[first:last])] !=
-                      removed[first:last, None, None, None])
+                      removed[first:last][expand])
     drops = to_host(initial)[image] - values
     ends = np.cumsum([len(f) for f in ids])
-    return unbatch(_spread(np.split(drops, ends[:-1]) if len(ids) else [], index, x, xp),
-                   single)
+    return _spread(np.split(drops, ends[:-1]) if len(ids) else [], index, x, xp)
 
 
 def feature_permutation(model, x, target=None, *, feature_mask=None, seed=0, score="logit",
