@@ -1486,6 +1486,9 @@ class TestModelsOnGpu:
             "layer_feature_ablation": lambda m, a: viz.layer_feature_ablation(
                 m, a, "relu2", layer_mask=np.arange(8)[:, None, None] // 3, layer_baseline=0.1,
                 batch_size=4),
+            "layer_feature_permutation": lambda m, a: viz.layer_feature_permutation(
+                m, a, "relu1", layer_mask=np.arange(4)[:, None, None] // 2, seed=3,
+                batch_size=3),
             "layer_lrp": lambda m, a: viz.layer_lrp(m, a, "pool1",
                                                     rules={"conv2": viz.GammaRule(0.25)}),
             "neuron_deep_lift": lambda m, a: viz.deep_lift(m, a, baseline=0.1, layer="relu2",

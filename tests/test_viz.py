@@ -1738,6 +1738,28 @@ def test_feature_permutation_matches_reference(score, mask_kind):
             viz.feature_permutation(model, x, target, seed=4, score=score), got)
 
 
+@pytest.mark.parametrize("layer, to_input", [("relu2", False), ("pool1", True), ("fc1", False)])
+def test_layer_feature_permutation_is_feature_permutation_of_the_rest(layer, to_input):
+    """The documented draws applied to the layer's activations, the network after the layer
+    run on them (permutation_reference of the model's tail); per channel and per unit."""
+    model = small_cnn()
+    x, target = images(4), np.array([1, 0, 2, 4])
+    k = model.names.index(layer) + (0 if to_input else 1)
+    acts = model[:k](x) if k else x
+    c = acts.shape[1]
+    for mask in (np.arange(c).reshape((c,) + (1,) * (acts.ndim - 2)) // 2, None):
+        full = np.arange(acts[0].size).reshape(acts.shape[1:]) if mask is None else mask
+        want = permutation_reference(model[k:], acts, full, target, 6)
+        got = viz.layer_feature_permutation(model, x, layer, target, layer_mask=mask, seed=6,
+                                            attribute_to_layer_input=to_input, batch_size=5)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="same for every image"):
+        viz.layer_feature_permutation(model, x, layer,
+                                      layer_mask=np.zeros((4,) + acts.shape[1:], np.int64))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        viz.layer_feature_permutation(model, x[:1], layer)
+
+
 def test_feature_permutation_of_a_feature_the_batch_shares_is_zero():
     """Shuffling values every image has alike changes nothing: importance 0."""
     model = small_cnn()

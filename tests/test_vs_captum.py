@@ -462,6 +462,41 @@ def test_feature_permutation_vs_captum(mask_kind, monkeypatch):
         close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", ["relu1", "fc"])
+def test_layer_feature_permutation_vs_captum(layer, monkeypatch):
+    """Fed the same permutations, Captum's LayerFeaturePermutation gives fastcnn's numbers,
+    per unit and per pair of channels. Captum 0.9's fails given a target (its layer
+    forward selects the target, then its permutation selects again from the 1-D
+    result), so its model here returns each image's target logit itself."""
+    model, x = cnn(17), inputs(17, n=4)
+    tm, target = to_torch(model), [0, 3, 1, 4]
+    rows = torch.arange(len(x))
+
+    class TargetLogit(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tm
+
+        def forward(self, v):
+            return self.net(v)[rows, torch.tensor(target)]
+
+    acts_shape = viz.layer_feature_ablation(model, x[:1], layer, 0).shape
+    c = acts_shape[1]
+    pairs = np.arange(c).reshape((1, c) + (1,) * (len(acts_shape) - 2)) // 2
+    for mask in (None, pairs):
+        count = int(np.prod(acts_shape[1:])) if mask is None else len(np.unique(mask))
+        got = viz.layer_feature_permutation(model, x, layer, target, layer_mask=mask, seed=8,
+                                            batch_size=30)
+        draws = iter(_permutations(8, len(x), count))
+        monkeypatch.setattr(torch, "randperm", lambda n, *args, **kwargs: next(draws))
+        want = captum_attr.LayerFeaturePermutation(TargetLogit(), tm[model.index(layer)]) \
+            .attribute(torch.from_numpy(x.astype(np.float64)),
+                       layer_mask=None if mask is None else torch.from_numpy(mask))
+        monkeypatch.undo()
+        assert next(draws, None) is None   # Captum drew one per group
+        close(got, want.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mask_kind", ["superpixels", "per_sample"])
 def test_shapley_values_vs_captum(mask_kind):
     """Exact Shapley values: Captum averages over all F! orders, fastcnn weighs the 2**F

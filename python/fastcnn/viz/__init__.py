@@ -42,7 +42,7 @@ from .attribution import (OcclusionResult, deconvolution, gradient, grad_cam, gr
                           integrated_gradients, layer_integrated_gradients, occlusion,
                           saliency, smooth_grad, upsample_bilinear)
 from .ablation import (feature_ablation, feature_permutation, layer_feature_ablation,
-                       shapley_value_sampling, shapley_values)
+                       layer_feature_permutation, shapley_value_sampling, shapley_values)
 from .surrogate import kernel_shap, lime
 from .deeplift import deep_lift, deep_lift_shap, layer_deep_lift, layer_deep_lift_shap
 from .layer import (internal_influence, layer_conductance, layer_gradient_shap,
@@ -64,7 +64,7 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "EpsilonRule", "GammaRule", "Alpha1Beta0Rule", "ZBoxRule", "IdentityRule",
            "gradient_shap", "grad_cam",
            "guided_grad_cam", "smooth_grad", "occlusion", "feature_ablation",
-           "layer_feature_ablation",
+           "layer_feature_ablation", "layer_feature_permutation",
            "feature_permutation", "shapley_values",
            "shapley_value_sampling", "kernel_shap", "lime", "OcclusionResult",
            "upsample_bilinear", "feature_maps", "conv_layers", "filters", "filter_images",

@@ -18,7 +18,8 @@ from ._common import (LayerPoint, as_input, check_finite, check_logits, check_sc
                       check_seed, preserved, resolve_targets, to_host, unbatch)
 from .attribution import _fill_images, _neuron_seed, _unit_layer, _unit_value
 
-__all__ = ["feature_ablation", "layer_feature_ablation", "feature_permutation", "shapley_values",
+__all__ = ["feature_ablation", "layer_feature_ablation", "feature_permutation",
+           "layer_feature_permutation", "shapley_values",
            "shapley_value_sampling"]
 
 #: The most features per image :func:`shapley_values` evaluates every coalition of.
@@ -254,18 +255,59 @@ def feature_permutation(model, x, target=None, *, feature_mask=None, seed=0, sco
     op = "feature_permutation"
     seed = check_seed(seed, op)
     x, single, xp = as_input(model, x, op)
-    n = x.shape[0]
-    if single or n < 2:
-        raise ValueError(f"{op}: x must be a batch of at least 2 images (their features are "
-                         f"swapped between them), got shape "
-                         f"{B.shape_str(x.shape[1:] if single else x.shape)}")
+    _check_permutable(x, single, op)
     if feature_mask is not None and np.ndim(feature_mask) == 4 and \
             np.shape(feature_mask)[0] != 1:
         raise ValueError(f"{op}: feature_mask must be the same for every image, (H, W) or "
                          f"(C, H, W), since features are swapped between the images; got "
                          f"shape {B.shape_str(np.shape(feature_mask))}")
-    ids, index, _, initial, evaluate = _features(model, x, target, feature_mask, 0.0, score,
-                                              batch_size, train, op)
+    return _permutation_drops(model, x, target, feature_mask, seed, score, batch_size, train,
+                              op)
+
+
+def layer_feature_permutation(model, x, layer, target=None, *, layer_mask=None, seed=0,
+                              score="logit", attribute_to_layer_input=False, batch_size=256,
+                              train=False):
+    """Permutation importance of a layer's units (Captum's LayerFeaturePermutation): each
+    group of units shuffled among the batch's images (the draws of
+    :func:`feature_permutation`) and the rest of the network run from there; each
+    image's score(x) minus its score with the group shuffled, given to the group's
+    units. Shaped like the layer's output (N, ...).
+
+    x: a batch of at least two images. layer_mask: group ids broadcastable to the
+    layer's output, the same for every image (e.g. ``np.arange(C)[:, None, None]``,
+    one group per channel); None: every unit its own group. Other arguments as
+    :func:`feature_permutation` and :func:`layer_feature_ablation`.
+    """
+    op = "layer_feature_permutation"
+    seed = check_seed(seed, op)
+    x, single, xp = as_input(model, x, op)
+    _check_permutable(x, single, op)
+    point = LayerPoint(model, layer, attribute_to_layer_input, op)
+    with preserved(model, train):
+        acts = point.activation(x)
+    if layer_mask is not None and np.ndim(layer_mask) == acts.ndim and \
+            np.shape(layer_mask)[0] != 1:
+        raise ValueError(f"{op}: layer_mask must be the same for every image (no batch axis, "
+                         f"or one of size 1), since units are swapped between the images; got "
+                         f"shape {B.shape_str(np.shape(layer_mask))}")
+    return _permutation_drops(model, acts, target, layer_mask, seed, score, batch_size, train,
+                              op, point)
+
+
+def _check_permutable(x, single, op):
+    if single or x.shape[0] < 2:
+        raise ValueError(f"{op}: x must be a batch of at least 2 images (their features are "
+                         f"swapped between them), got shape "
+                         f"{B.shape_str(x.shape[1:] if single else x.shape)}")
+
+
+def _permutation_drops(model, x, target, mask, seed, score, batch_size, train, op, point=None):
+    """feature_permutation's drops for inputs (or, with ``point``, activations) x."""
+    xp = B.array_module(x)
+    n = x.shape[0]
+    ids, index, _, initial, evaluate = _features(model, x, target, mask, 0.0, score,
+                                              batch_size, train, op, point=point)
     k = len(ids[0])
     rng = np.random.default_rng(seed)
     perms = []
@@ -276,8 +318,9 @@ def feature_permutation(model, x, target=None, *, feature_mask=None, seed=0, sco
         perms.append(perm)
     image = np.tile(np.arange(n), k)           # copy j * n + i: image i, feature j shuffled
     feature = xp.asarray(np.repeat(np.arange(k), n))
+    expand = (slice(None),) + (None,) * (index.ndim - 1)
     values = evaluate(image, lambda first, last: index[xp.asarray(image[first:last])] !=
-                      feature[first:last, None, None, None],
+                      feature[first:last][expand],
                       np.concatenate(perms + [np.zeros(0, np.int64)]))
     drops = (to_host(initial)[image] - values).reshape(k, n)
     return _spread(list(drops.T), index, x, xp)
