@@ -113,35 +113,32 @@ def _features(model, x, target, feature_mask, baseline, score, batch_size, train
         ids_i, index_i = np.unique(to_host(full[i]), return_inverse=True)
         ids.append(ids_i)
         index[i] = index_i.reshape(full.shape[1:])
-    if unit is not None:
-        name = _unit_layer(model, target, *unit, op)
-        with preserved(model, train):
-            at_x = model.forward(x, stop=name)
-        t = _neuron_seed(at_x, unit[1], unit[2], op)   # per image: the unit's selection
-
-        def run(copies):
-            return model.forward(copies, stop=name)
-
-        def scores(acts, selection):
-            return _unit_value(acts, selection)
-    else:
-        def run(copies):
-            return point.logits(copies) if point else model.forward(copies, record=False)
-
-        with preserved(model, train):
-            logits = run(x)
-        check_logits(logits, op)
-        t = resolve_targets(target, logits, op)
-        at_x = logits
-
-        def scores(logits, targets):
-            return _class_scores(logits, targets)
-
-    def _class_scores(logits, targets):
+    def class_scores(logits, targets):
         check_logits(logits, op)
         if score == "probability":
             logits = F.softmax(logits, dim=1)
         return logits[xp.arange(len(logits)), targets].astype(np.float64)
+
+    if unit is not None:
+        name = _unit_layer(model, target, *unit, op)
+        scores = _unit_value   # (activations, the unit's selection per image)
+
+        def run(copies):
+            return model.forward(copies, stop=name, record=False)
+
+        with preserved(model, train):
+            at_x = run(x)
+        t = _neuron_seed(at_x, unit[1], unit[2], op)
+    else:
+        scores = class_scores
+
+        def run(copies):
+            return point.logits(copies) if point else model.forward(copies, record=False)
+
+        with preserved(model, train):
+            at_x = run(x)
+        check_logits(at_x, op)
+        t = resolve_targets(target, at_x, op)
 
     def evaluate(image, keep, source=None):
         """Scores (float64) of the copies ``image`` (host ints, one image index per copy)
