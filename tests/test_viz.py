@@ -116,6 +116,18 @@ def numerical_input_grad(f, x, eps=1e-5):
 
 # ---------------------------------------------------------------- models and data
 
+def quadrature(method, n_steps):
+    """(alphas, widths) on [0, 1]: numpy's Gauss-Legendre nodes, or the trapezoid rule
+    over n_steps points from end to end."""
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+        return (nodes + 1) / 2, weights / 2
+    assert method == "riemann_trapezoid"
+    widths = np.full(n_steps, 1 / n_steps)
+    widths[[0, -1]] /= 2
+    return np.linspace(0, 1, n_steps), widths
+
+
 def small_cnn(seed=0, in_channels=2, input_size=8, classes=5):
     """mnist_cnn with batch norm, scaled down, with non-trivial running statistics."""
     model = models.mnist_cnn_bn(num_classes=classes, in_channels=in_channels,
@@ -1274,13 +1286,7 @@ def test_internal_influence_is_the_layer_gradient_integrated_along_the_path(laye
     x, base = images(3), images(1, seed=5)[0] * 0.5
     target = np.array([1, 4, 0])
     n_steps = 5
-    if method == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
-        alphas, widths = (nodes + 1) / 2, weights / 2
-    else:
-        alphas = np.linspace(0, 1, n_steps)
-        widths = np.full(n_steps, 1 / n_steps)
-        widths[[0, -1]] /= 2
+    alphas, widths = quadrature(method, n_steps)
     want = sum(w * viz.layer_gradient_x_activation(
         model, (base + a * (x - base)).astype(np.float32), layer, target,
         multiply_by_inputs=False, attribute_to_layer_input=to_input).astype(np.float64)
@@ -1323,13 +1329,7 @@ def test_neuron_conductance_is_the_gradient_through_one_unit(method):
     model = small_cnn()
     x, base = images(3), images(1, seed=5)[0] * 0.5
     target, n_steps = np.array([1, 4, 0]), 4
-    if method == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
-        alphas, widths = (nodes + 1) / 2, weights / 2
-    else:
-        alphas = np.linspace(0, 1, n_steps)
-        widths = np.full(n_steps, 1 / n_steps)
-        widths[[0, -1]] /= 2
+    alphas, widths = quadrature(method, n_steps)
     channel, position = 2, (1, 3)
     want = 0
     for a, w in zip(alphas, widths):

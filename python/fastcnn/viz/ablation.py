@@ -27,28 +27,34 @@ MAX_EXACT_FEATURES = 20
 _GROUP = 1 << 20   # coalitions whose copies' bookkeeping shapley_values holds at once
 
 
+def _ids(mask, shape, xp, name, op):
+    """Integer feature ids (an array of any shape, checked) as int64 of ``shape``."""
+    if mask.dtype.kind not in "iu":
+        raise TypeError(f"{op}: {name} must hold integer feature ids, got dtype {mask.dtype}")
+    mask = xp.asarray(mask, dtype=np.int64).reshape(shape)
+    if mask.size and int(mask.min()) < 0:
+        raise ValueError(f"{op}: {name} ids must be >= 0, got {int(mask.min())}")
+    return mask
+
+
+def _each_its_own(x, xp):
+    """Every element of an x-shaped sample its own feature: ids (1, ...)."""
+    return xp.arange(int(np.prod(x.shape[1:])), dtype=np.int64).reshape((1,) + x.shape[1:])
+
+
 def _feature_mask(feature_mask, x, xp, op):
     """The mask as int64 (N or 1, C or 1, H, W), broadcastable to x; None: every element
     its own feature."""
     if feature_mask is None:
-        size = int(np.prod(x.shape[1:]))
-        return xp.arange(size, dtype=np.int64).reshape((1,) + x.shape[1:])
+        return _each_its_own(x, xp)
     mask = feature_mask if B.is_gpu_array(feature_mask) else np.asarray(feature_mask)
-    if mask.dtype.kind not in "iu":
-        raise TypeError(f"{op}: feature_mask must hold integer feature ids, got dtype "
-                        f"{mask.dtype}")
-    shape = tuple(mask.shape)
-    while len(shape) < 4:
-        shape = (1,) + shape
+    shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
     fits = len(shape) == 4 and all(m in (1, d) for m, d in zip(shape, x.shape))
-    if not fits or shape[2:] != x.shape[2:]:
+    if mask.dtype.kind in "iu" and (not fits or shape[2:] != x.shape[2:]):
         raise ValueError(f"{op}: feature_mask must be (H, W), (C, H, W) or (N, C, H, W), "
                          f"each of N and C either 1 or x's, with H, W as x's "
                          f"{B.shape_str(x.shape)}; got shape {B.shape_str(mask.shape)}")
-    mask = xp.asarray(mask, dtype=np.int64).reshape(shape)
-    if mask.size and int(mask.min()) < 0:
-        raise ValueError(f"{op}: feature_mask ids must be >= 0, got {int(mask.min())}")
-    return mask
+    return _ids(mask, shape, xp, "feature_mask", op)
 
 
 def _layer_mask(layer_mask, acts, xp, op):
@@ -56,21 +62,15 @@ def _layer_mask(layer_mask, acts, xp, op):
     shape whose axes, counted from the last, are 1 or the activations' (a channel
     mask (1, C, 1, 1) or (C, 1, 1), say); None: every unit its own feature."""
     if layer_mask is None:
-        size = int(np.prod(acts.shape[1:]))
-        return xp.arange(size, dtype=np.int64).reshape((1,) + acts.shape[1:])
+        return _each_its_own(acts, xp)
     mask = layer_mask if B.is_gpu_array(layer_mask) else np.asarray(layer_mask)
-    if mask.dtype.kind not in "iu":
-        raise TypeError(f"{op}: layer_mask must hold integer feature ids, got dtype "
-                        f"{mask.dtype}")
     shape = (1,) * (acts.ndim - mask.ndim) + tuple(mask.shape)
-    if len(shape) != acts.ndim or not all(m in (1, d) for m, d in zip(shape, acts.shape)):
+    fits = len(shape) == acts.ndim and all(m in (1, d) for m, d in zip(shape, acts.shape))
+    if mask.dtype.kind in "iu" and not fits:
         raise ValueError(f"{op}: layer_mask must broadcast to the layer's output "
                          f"{B.shape_str(acts.shape)} (each axis 1 or the output's); got shape "
                          f"{B.shape_str(mask.shape)}")
-    mask = xp.asarray(mask, dtype=np.int64).reshape(shape)
-    if mask.size and int(mask.min()) < 0:
-        raise ValueError(f"{op}: layer_mask ids must be >= 0, got {int(mask.min())}")
-    return mask
+    return _ids(mask, shape, xp, "layer_mask", op)
 
 
 def _layer_fill(baseline, acts, xp, op):
