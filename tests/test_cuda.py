@@ -1489,6 +1489,9 @@ class TestModelsOnGpu:
             "layer_feature_permutation": lambda m, a: viz.layer_feature_permutation(
                 m, a, "relu1", layer_mask=np.arange(4)[:, None, None] // 2, seed=3,
                 batch_size=3),
+            "channel_importance": lambda m, a: viz.channel_importance(m, a, "relu2"),
+            "channel_conductance": lambda m, a: viz.channel_importance(
+                m, a, "relu1", method="conductance", n_steps=3, batch_size=4),
             "layer_lrp": lambda m, a: viz.layer_lrp(m, a, "pool1",
                                                     rules={"conv2": viz.GammaRule(0.25)}),
             "neuron_deep_lift": lambda m, a: viz.deep_lift(m, a, baseline=0.1, layer="relu2",

@@ -1499,6 +1499,39 @@ def test_layer_feature_ablation_against_the_float64_rest_of_the_network(layer, t
         viz.layer_feature_ablation(model, x, layer, layer_baseline=np.nan)
 
 
+def test_channel_importance_by_each_method():
+    """One score per channel: the ablation drop is layer_feature_ablation's per-channel
+    value; conductance, LRP and gradient x activation are their layer maps summed per
+    channel (so conductance adds up to the logit change, up to the quadrature); a flat
+    layer scores its units; one image as in a batch."""
+    model = small_cnn()
+    x, target = images(3), np.array([1, 4, 0])
+    ablated = viz.layer_feature_ablation(model, x, "relu2", target,
+                                         layer_mask=np.arange(4)[:, None, None])
+    got = viz.channel_importance(model, x, "relu2", target)
+    assert got.shape == (3, 4)
+    np.testing.assert_array_equal(got, ablated[:, :, 0, 0])
+    for method, maps in (
+            ("conductance", viz.layer_conductance(model, x, "relu2", target, n_steps=8)),
+            ("lrp", viz.layer_lrp(model, x, "relu2", target)),
+            ("gradient_x_activation", viz.layer_gradient_x_activation(model, x, "relu2",
+                                                                     target))):
+        got = viz.channel_importance(model, x, "relu2", target, method=method, n_steps=8)
+        np.testing.assert_allclose(got, maps.sum(axis=(2, 3)), rtol=1e-5, atol=1e-7)
+    conductance = viz.channel_importance(model, x, "relu2", target, method="conductance",
+                                         n_steps=64, baseline=0.0)
+    logits = forward64(model, x)["fc2"][np.arange(3), target]
+    at_zero = forward64(model, np.zeros_like(x))["fc2"][np.arange(3), target]
+    np.testing.assert_allclose(conductance.sum(axis=1), logits - at_zero, rtol=0.02, atol=1e-3)
+    assert viz.channel_importance(model, x, "fc1", target).shape == (3, 6)
+    assert viz.channel_importance(model, x[0]).shape == (4,)   # relu2, the default layer
+    np.testing.assert_allclose(viz.channel_importance(model, x[1], "relu2", 4),
+                               viz.channel_importance(model, x, "relu2", target)[1],
+                               rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="method must be one of"):
+        viz.channel_importance(model, x, "relu2", method="shapley")
+
+
 def test_deep_lift_and_feature_ablation_of_a_unit():
     """DeepLIFT of a unit shares out the unit's change (the delta is the rounding) and is,
     for the linear part before the first ReLU, the unit's gradient times x - baseline;

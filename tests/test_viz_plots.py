@@ -196,6 +196,55 @@ def test_cli_explain(tmp_path, capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
 
 
+def test_plot_channels(tmp_path):
+    model = small_model()
+    x = garment()
+    scores = viz.channel_importance(model, x, "relu2", 1)
+    fig = viz.plot_channels(model, x, "relu2", scores, top=4, path=tmp_path / "ch.png")
+    check_png(tmp_path / "ch.png", fig)
+    best = int(np.argmax(scores))
+    assert len(fig.axes) == 2 + 4 and fig.axes[2].get_title().startswith(f"{best}: ")
+    fig = viz.plot_channels(model, x, top=99)   # its own scores, the default layer: all 6
+    assert len(fig.axes) == 2 + 6
+    with pytest.raises(ValueError, match="3 scores for the 6 channels"):
+        viz.plot_channels(model, x, "relu2", scores[:3])
+    with pytest.raises(ValueError, match="one image"):
+        viz.plot_channels(model, np.stack([x, x]), "relu2")
+
+
+def test_cli_channels(tmp_path, capsys):
+    from fastcnn import cli
+
+    model_path = io.save(small_model(), tmp_path / "model.npz")
+    picture = np.zeros((40, 30), np.uint8)
+    picture[8:32, 10:20] = 200
+    PIL.fromarray(picture).save(tmp_path / "shirt.png")
+    out = tmp_path / "channels.png"
+    assert cli.main(["channels", str(model_path), str(tmp_path / "shirt.png"), "--target", "cat",
+                     "--top", "3", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("shirt.png: class cat; 6 channels of relu2 by the target "
+                               "logit's drop")
+    ranked = [int(line.split()[2]) for line in lines[1:4]]
+    model = io.load(model_path)
+    x = cli.load_image(tmp_path / "shirt.png", [1, 12, 12])
+    x = (x.astype(np.float32) / 255 - 0.3) / 0.4
+    want = viz.channel_importance(model, x, "relu2", 2)
+    assert ranked == list(np.argsort(-want, kind="stable")[:3])
+    assert lines[-1] == f"wrote {out}"
+    check_png(out)
+    assert cli.main(["channels", str(model_path), str(tmp_path / "shirt.png"), "--method",
+                     "conductance", "--steps", "4", "--layer", "fc1", "--out",
+                     str(tmp_path / "fc1")]) == 0
+    assert "8 channels of fc1 by the channel's share" in capsys.readouterr().out
+    check_png(tmp_path / "fc1.png")
+    for bad, message in ((["--top", "0"], "--top and --steps must be >= 1"),
+                         (["--layer", "relu9"], "no layer"),
+                         (["--out", "x.bmp"], "name it NAME.png")):
+        assert cli.main(["channels", str(model_path), str(tmp_path / "shirt.png")] + bad) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_cli_maximize(tmp_path, capsys):
     from fastcnn import cli
 

@@ -1,5 +1,5 @@
-"""The ``fastcnn`` command line: ``fastcnn demo | train | predict | explain | maximize | bench |
-info``.
+"""The ``fastcnn`` command line: ``fastcnn demo | train | predict | explain | channels |
+maximize | bench | info``.
 
 Each subcommand is a :class:`Command` in ``COMMANDS`` (name, help, a function
 adding its arguments to an argparse parser, and a function running it with
@@ -618,6 +618,77 @@ def _run_explain(args):
 register("explain", "show which pixels a saved model's prediction depends on: occlusion, "
                     "saliency, guided backprop, Grad-CAM; writes PNGs and an HTML report",
          _add_explain_arguments, _run_explain)
+
+
+def _add_channels_arguments(parser):
+    from .viz.channels import CHANNEL_METHODS
+
+    parser.add_argument("model", help="a model file saved by fastcnn (e.g. fastcnn-demo/model.npz)")
+    parser.add_argument("image", metavar="IMAGE",
+                        help="a PNG/JPEG file, or test:INDEX for image INDEX of the test set")
+    parser.add_argument("--layer", help="a layer name or index (default: the last conv "
+                                        "block's output)")
+    parser.add_argument("--method", choices=list(CHANNEL_METHODS), default="ablation",
+                        help="how a channel is scored: " + "; ".join(
+                            f"{k}: {v}" for k, v in CHANNEL_METHODS.items())
+                        + " (default: %(default)s)")
+    parser.add_argument("--target", metavar="C",
+                        help="the class, an index or a name (default: the predicted class)")
+    parser.add_argument("--top", type=int, default=8,
+                        help="channels to list and draw (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, metavar="N",
+                        help="conductance's steps along the path (default: %(default)s)")
+    parser.add_argument("--out", default="channels.png",
+                        help="the picture to write: .png (default: %(default)s), .pdf or .svg")
+    parser.add_argument("--data", metavar="DIR",
+                        help="folder with the MNIST-format IDX set for test:INDEX")
+    parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                        help="invert grey levels of a PNG/JPEG, as for predict "
+                             "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+
+
+def _run_channels(args):
+    import numpy as np
+
+    from . import io, viz
+    from .viz._common import default_cam_layer, layer_name, to_host
+    from .viz.report import _resolve_class, load_cli_images
+
+    if args.top < 1 or args.steps < 1:
+        raise CommandError(f"--top and --steps must be >= 1, got {args.top} and {args.steps}")
+    _set_threads(args.threads)
+    out = _picture_path(args.out)
+    model = io.load(args.model)
+    args.images = [args.image]
+    _, x, _, names, meta = load_cli_images(args, model)
+    classes = meta.get("classes")
+    layer = int(args.layer) if args.layer and args.layer.lstrip("-").isdigit() else args.layer
+    try:
+        logits = to_host(viz.feature_maps(model, x, layer=-1))[0]
+        target = _resolve_class(args.target, classes, len(logits))
+        target = int(logits.argmax()) if target is None else target
+        name = default_cam_layer(model, "channels") if layer is None else \
+            layer_name(model, layer, "channels")
+        scores = to_host(viz.channel_importance(model, x[0], name, target, method=args.method,
+                                                n_steps=args.steps))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    label = classes[target] if classes and target < len(classes) else str(target)
+    print(f"{names[0]}: class {label}; {len(scores)} channels of {name} by "
+          f"{viz.CHANNEL_METHODS[args.method]}")
+    total = float(np.abs(scores).sum()) or 1.0
+    for rank, c in enumerate(np.argsort(-scores, kind="stable")[:args.top], 1):
+        print(f"  {rank:2d}. channel {int(c):4d}  {float(scores[c]):+10.4g}  "
+              f"({100 * abs(float(scores[c])) / total:4.1f}% of the total |score|)")
+    viz.plot_channels(model, x[0], name, scores, top=args.top, method=args.method, path=out)
+    print(f"wrote {out}")
+    return 0
+
+
+register("channels", "rank a layer's channels by how much a saved model's prediction for "
+                     "one image needs them (switched off, conductance, LRP); writes a picture "
+                     "of the strongest channels' maps", _add_channels_arguments, _run_channels)
 
 
 def _add_maximize_arguments(parser):

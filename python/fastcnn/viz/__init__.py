@@ -27,6 +27,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.kernel_shap(model, x, feature_mask=segments, n_samples=200)   # regression estimate
 >>> viz.lime(model, x, feature_mask=segments, n_samples=200)          # weighted lasso
 >>> viz.feature_maps(model, x, "relu1")          # (32, 28, 28)
+>>> viz.channel_importance(model, x, "relu2")    # (64,): the logit's drop per channel off
 >>> viz.maximize_activation(model, "relu2", [0, 5]).images   # what units respond to most
 
 Pictures (matplotlib on the Agg canvas) and the HTML report:
@@ -50,6 +51,7 @@ from .layer import (internal_influence, layer_conductance, layer_gradient_shap,
 from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, layer_lrp,
                   lrp, lrp_composite)
 from .features import conv_layers, feature_maps, filter_images, filters
+from .channels import CHANNEL_METHODS, channel_importance, plot_channels
 from .maximize import MaximizedActivation, maximize_activation
 from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatmap,
                    plot_maximized)
@@ -67,7 +69,8 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "layer_feature_ablation", "layer_feature_permutation",
            "feature_permutation", "shapley_values",
            "shapley_value_sampling", "kernel_shap", "lime", "OcclusionResult",
-           "upsample_bilinear", "feature_maps", "conv_layers", "filters", "filter_images",
+           "upsample_bilinear", "feature_maps", "channel_importance", "plot_channels",
+           "CHANNEL_METHODS", "conv_layers", "filters", "filter_images",
            "maximize_activation", "MaximizedActivation", "plot_heatmap", "plot_feature_maps",
            "plot_filters", "plot_explanation", "plot_maximized", "METHODS", "Explanation",
            "explain", "write_report", "demo_report"]

@@ -449,22 +449,14 @@ def _resolve_class(text, classes, count):
     return k
 
 
-def run_cli(args):
-    """``fastcnn explain``: load the model and images, explain, write the report."""
-    import fastcnn
-
-    from .. import data, io
+def load_cli_images(args, model):
+    """The images a command names (``args.images``: PNG/JPEG files, fitted to the model as
+    ``fastcnn predict`` does with ``args.invert``, or test:INDEX from the test set of
+    ``args.data``): (uint8 batch, standardised batch on the model's device, true labels
+    (None for pictures), names, the model's metadata completed from the test set)."""
+    from .. import data
     from ..cli import CommandError, load_image
 
-    for option, value in (("--window", args.window), ("--stride", args.stride),
-                          ("--steps", args.steps)):
-        if value < 1:
-            raise CommandError(f"{option} must be >= 1, got {value}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {args.threads}")
-        fastcnn.set_num_threads(args.threads)
-    model = io.load(args.model)
     meta = dict(getattr(model, "metadata", None) or {})
     test_set = None
     images, labels, names = [], [], []
@@ -510,6 +502,26 @@ def run_cli(args):
         import cupy
 
         x = cupy.asarray(x)
+    return batch, x, labels, names, meta
+
+
+def run_cli(args):
+    """``fastcnn explain``: load the model and images, explain, write the report."""
+    import fastcnn
+
+    from .. import io
+    from ..cli import CommandError
+
+    for option, value in (("--window", args.window), ("--stride", args.stride),
+                          ("--steps", args.steps)):
+        if value < 1:
+            raise CommandError(f"{option} must be >= 1, got {value}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        fastcnn.set_num_threads(args.threads)
+    model = io.load(args.model)
+    batch, x, labels, names, meta = load_cli_images(args, model)
     classes = meta.get("classes")
     try:
         num_classes = feature_maps(model, x[:1], layer=-1).shape[-1]

@@ -1,0 +1,122 @@
+"""Which channels of a layer a prediction needs: one number per channel, from the
+layer methods (switching the channel off, its conductance, its LRP relevance, its
+gradient x activation), and a picture of the strongest channels' maps.
+
+>>> scores = viz.channel_importance(model, x[0], "relu2")        # (64,): the logit's drop
+>>> viz.plot_channels(model, x[0], "relu2", scores, top=8, path="channels.png")
+"""
+
+import numpy as np
+
+from .. import _backend as B
+from ._common import as_input, check_model, default_cam_layer, layer_name, to_host, unbatch
+from .ablation import layer_feature_ablation
+from .features import feature_maps
+from .layer import layer_conductance, layer_gradient_x_activation
+from .lrp import layer_lrp
+
+__all__ = ["CHANNEL_METHODS", "channel_importance", "plot_channels"]
+
+#: What :func:`channel_importance` measures, by name.
+CHANNEL_METHODS = {
+    "ablation": "the target logit's drop when the channel is set to 0",
+    "conductance": "the channel's share of logit(x) - logit(baseline) (layer conductance)",
+    "lrp": "the LRP relevance (epsilon rule) the channel receives",
+    "gradient_x_activation": "activation x gradient, summed over the channel",
+}
+
+
+def channel_importance(model, x, layer=None, target=None, *, method="ablation", baseline=0.0,
+                       n_steps=50, batch_size=256, train=False):
+    """One score per channel of ``layer``'s output for the target class: (C,) for one
+    image, (N, C) for a batch (for a layer without spatial axes, e.g. 'fc1', one per
+    unit). Large where the prediction relies on the channel.
+
+    layer: a name, an index or the layer itself (default: the last conv block's
+    output, Grad-CAM's layer). method (see :data:`CHANNEL_METHODS`): 'ablation' (the
+    default; :func:`~fastcnn.viz.layer_feature_ablation` with one group per channel),
+    'conductance' (:func:`~fastcnn.viz.layer_conductance` summed over each channel:
+    the channels' scores add up to logit(x) - logit(baseline), ``baseline`` and
+    ``n_steps`` its), 'lrp' (:func:`~fastcnn.viz.layer_lrp` summed over each channel:
+    they add up to the logit, less what the biases absorb) or 'gradient_x_activation'.
+    target: the class (default: the prediction); batch_size: copies or path points
+    per pass.
+    """
+    op = "channel_importance"
+    check_model(model, op)
+    if method not in CHANNEL_METHODS:
+        raise ValueError(f"{op}: method must be one of {tuple(CHANNEL_METHODS)}, got {method!r}")
+    x, single, xp = as_input(model, x, op)
+    name = default_cam_layer(model, op) if layer is None else layer_name(model, layer, op)
+    if method == "ablation":
+        shape = feature_maps(model, x[:1], name).shape[1:]
+        groups = np.arange(shape[0]).reshape((shape[0],) + (1,) * (len(shape) - 1))
+        maps = layer_feature_ablation(model, x, name, target, layer_mask=groups,
+                                      batch_size=batch_size, train=train)
+        scores = maps.reshape(maps.shape[:2] + (-1,))[:, :, 0]   # one value per channel
+    else:
+        if method == "conductance":
+            maps = layer_conductance(model, x, name, target, baseline=baseline, n_steps=n_steps,
+                                     batch_size=batch_size, train=train)
+        elif method == "lrp":
+            maps = layer_lrp(model, x, name, target, train=train)
+        else:
+            maps = layer_gradient_x_activation(model, x, name, target, train=train)
+        scores = maps.reshape(maps.shape[:2] + (-1,)).astype(np.float64).sum(axis=2)
+    return unbatch(xp.asarray(scores, dtype=np.float32), single)
+
+
+def plot_channels(model, image, layer=None, scores=None, *, top=8, target=None,
+                  method="ablation", title=None, cell=1.3, path=None):
+    """The ``top`` channels of ``layer`` with the largest scores for one image: their
+    feature maps, each titled with its channel and score, beside the image and a bar
+    chart of every channel's score (largest first, the ones shown in red).
+
+    scores: (C,) from :func:`channel_importance` (computed with ``target`` and
+    ``method`` when None). Returns the Figure (saved to ``path`` when given).
+    """
+    from .plot import _figure, _finish, display_image
+
+    op = "plot_channels"
+    x, single, _ = as_input(model, image, op)
+    if not single and len(x) != 1:
+        raise ValueError(f"{op}: one image (C, H, W), got a batch of {len(x)}")
+    name = default_cam_layer(model, op) if layer is None else layer_name(model, layer, op)
+    if scores is None:
+        scores = channel_importance(model, x[0], name, target, method=method)
+    scores = to_host(scores).astype(np.float64).reshape(-1)
+    acts = to_host(feature_maps(model, x[0], name))
+    if len(scores) != acts.shape[0]:
+        raise ValueError(f"{op}: {len(scores)} scores for the {acts.shape[0]} channels of "
+                         f"{name!r}")
+    top = min(B.as_count(top, f"{op}: top"), len(scores))
+    order = np.argsort(-scores, kind="stable")
+    shown = order[:top]
+    cols = max(4, min(top, 8))
+    rows = 1 + -(-top // cols)
+    fig = _figure(cols * cell, rows * (cell + 0.2) + 0.5)
+    grid = fig.add_gridspec(rows, cols)
+    ax = fig.add_subplot(grid[0, 0])
+    picture = display_image(to_host(x[0]))
+    ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("input", fontsize=7)
+    bars = fig.add_subplot(grid[0, 1:])
+    colours = np.where(np.isin(order, shown), "tab:red", "tab:gray")
+    bars.bar(np.arange(len(scores)), scores[order], color=colours, width=0.9)
+    bars.axhline(0, color="black", linewidth=0.5)
+    bars.set_xticks([])
+    bars.tick_params(axis="y", labelsize=6)
+    bars.set_title(f"{name}: every channel's score, largest first", fontsize=7)
+    for k, c in enumerate(shown):
+        ax = fig.add_subplot(grid[1 + k // cols, k % cols])
+        maps = acts[c] if acts.ndim == 3 else np.full((1, 1), acts[c])
+        ax.imshow(maps, cmap="viridis", interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{c}: {scores[c]:+.3g}", fontsize=6, pad=1)
+    fig.suptitle(title or f"the channels of {name} the prediction needs most ({method})",
+                 fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.94), pad=0.3)
+    return _finish(fig, path)
