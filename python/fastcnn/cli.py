@@ -123,6 +123,12 @@ def _add_train_arguments(parser):
                         help="continue from OUT/checkpoint.npz")
 
 
+def layer_arg(text):
+    """A --layer value as the viz functions take it: an index when it is an integer
+    (negative counts from the end), else a name; None stays None."""
+    return int(text) if text and text.lstrip("-").isdigit() else text
+
+
 def _set_threads(threads):
     if threads is not None:
         import fastcnn
@@ -663,7 +669,7 @@ def _run_channels(args):
     args.images = [args.image]
     _, x, _, names, meta = load_cli_images(args, model)
     classes = meta.get("classes")
-    layer = int(args.layer) if args.layer and args.layer.lstrip("-").isdigit() else args.layer
+    layer = layer_arg(args.layer)
     try:
         logits = to_host(viz.feature_maps(model, x, layer=-1))[0]
         target = _resolve_class(args.target, classes, len(logits))
@@ -759,7 +765,7 @@ def _run_maximize(args):
     channels = None if args.channels is None else _channel_list(args.channels)
     out = _picture_path(args.out)
     model = io.load(args.model)
-    layer = int(args.layer) if args.layer and args.layer.lstrip("-").isdigit() else args.layer
+    layer = layer_arg(args.layer)
     try:
         result = viz.maximize_activation(model, layer, channels, steps=args.steps, lr=args.lr,
                                          seed=args.seed)

@@ -510,7 +510,7 @@ def run_cli(args):
     import fastcnn
 
     from .. import io
-    from ..cli import CommandError
+    from ..cli import CommandError, layer_arg
 
     for option, value in (("--window", args.window), ("--stride", args.stride),
                           ("--steps", args.steps)):
@@ -531,8 +531,7 @@ def run_cli(args):
             model, x, target, methods=methods, classes=classes, labels=labels,
             display=batch[:, 0] if batch.shape[1] == 1 else batch.transpose(0, 2, 3, 1),
             names=names, window=args.window, stride=args.stride, n_steps=args.steps,
-            shap_samples=args.shap_samples, layer=int(args.layer) if args.layer and args.layer.lstrip("-").isdigit()
-            else args.layer)
+            shap_samples=args.shap_samples, layer=layer_arg(args.layer))
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
     for e in explanations:
