@@ -100,7 +100,8 @@ def test_maximize_writes_the_picture_it_names(trained, tmp_path, capsys, monkeyp
                      "0,1", "--steps", "2", "--out", "relu2"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "wrote relu2.png"
     assert Image.open(tmp_path / "relu2.png").format == "PNG"
-    for bad, message in (("x.bmp", "name it NAME.png"), ("none/x.png", "cannot write")):
+    for bad, message in (("x.bmp", "name it NAME.png"), ("none/x.png", "cannot write"),
+                         (str(tmp_path), "is a folder"), ("", "is a folder")):
         assert cli.main(["maximize", str(out / "model.npz"), "--out", bad]) == 2
         assert message in capsys.readouterr().err
 
@@ -387,6 +388,8 @@ def test_pictures_are_read_as_they_look(tmp_path):
     Image.fromarray(levels12).save(tmp_path / "grey12.png")
     Image.fromarray(plain.astype(np.int32) * 65793).save(tmp_path / "grey24.tiff")
     Image.fromarray(plain.astype(np.float32) / 255).save(tmp_path / "float.tiff")
+    # floats past 1 are stretched from their lowest level, not from 0
+    assert cli._grey_to_8bit(np.array([[0.2, 0.5, 1.5]]), True).tolist() == [[0, 59, 255]]
     rgba = np.zeros((28, 28, 4), np.uint8)
     rgba[..., :3] = plain[..., None]
     rgba[..., 3] = np.where(plain == 255, 0, 255)  # the background transparent

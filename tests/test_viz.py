@@ -1456,6 +1456,10 @@ def test_gradient_shap_of_a_unit_matches_its_draws(position):
         viz.gradient_shap(model, x, refs, 1, layer="relu2", channel=0)
     with pytest.raises(ValueError, match="pass layer= too"):
         viz.gradient_shap(model, x, refs, channel=0)
+    with pytest.raises(ValueError, match="a class score's"):   # a unit has no softmax
+        viz.gradient_shap(model, x, refs, layer="relu2", channel=0, score="probability")
+    with pytest.raises(TypeError, match="must be a fastcnn.nn.Sequential"):
+        viz.gradient_shap(model.conv1, x, refs, layer="relu2", channel=0)
 
 
 @pytest.mark.parametrize("layer, to_input", [("relu2", False), ("pool1", True), ("fc1", False)])
@@ -1530,6 +1534,11 @@ def test_channel_importance_by_each_method():
                                rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="method must be one of"):
         viz.channel_importance(model, x, "relu2", method="shapley")
+    with pytest.raises(ValueError, match="channel_importance: n_steps must be >= 1"):
+        viz.channel_importance(model, x, "relu2", method="conductance", n_steps=0)
+    for method in viz.CHANNEL_METHODS:   # no images: no scores, of the layer's width
+        assert viz.channel_importance(model, x[:0], "relu2", method=method,
+                                      n_steps=2).shape == (0, 4)
 
 
 def test_deep_lift_and_feature_ablation_of_a_unit():

@@ -426,11 +426,14 @@ def _grey_to_8bit(values, floating):
     """Deep grey levels (16/32-bit integers or floats) as uint8: floats in [0, 1] by 255;
     non-negative integer levels by the smallest of _DEPTHS that holds the brightest;
     anything else (negative or fractional levels past 1) stretched from its lowest
-    to its highest value."""
+    to its highest value. The files do not say how many bits their levels use, so the
+    depth is read off the brightest level: a picture far darker than its format's
+    range (a 16-bit scan whose brightest level is 1000) comes out brighter, and one
+    level more can move it a depth (1023 is 10-bit, 1024 12-bit)."""
     import numpy as np
 
     values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(values.min(initial=0)), float(values.max(initial=0))
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if floating and lo >= 0 and hi <= 1:
         scaled = values * 255
     elif lo >= 0 and (not floating or np.array_equal(values, np.rint(values))):
@@ -666,8 +669,7 @@ def _run_channels(args):
     _set_threads(args.threads)
     out = _picture_path(args.out)
     model = io.load(args.model)
-    args.images = [args.image]
-    _, x, _, names, meta = load_cli_images(args, model)
+    _, x, _, names, meta = load_cli_images(args, model, [args.image])
     classes = meta.get("classes")
     layer = layer_arg(args.layer)
     try:
@@ -743,7 +745,11 @@ def _picture_path(text):
     """--out as the picture it names: '.png' added to a name without a suffix (as
     matplotlib does when it writes), other formats than PICTURE_SUFFIXES refused, a
     folder or an unwritable place refused before any work."""
-    out = Path(text)
+    out = Path(text).expanduser()
+    if out.is_dir() or not out.name or out.name in (".", ".."):
+        raise CommandError(f"--out {text!r}: {'is a folder' if out.is_dir() else 'no file name'}"
+                           f"; name the picture to write, e.g. --out "
+                           f"{Path(text) / 'picture.png' if out.is_dir() else 'picture.png'}")
     if not out.suffix:
         out = out.with_name(out.name + ".png")
     if out.suffix.lower() not in PICTURE_SUFFIXES:

@@ -9,8 +9,10 @@ temporary file in the same folder that replaces the target only once complete.
 """
 
 import json
+import math
 import os
 import tempfile
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 from .nn.module import Module, from_spec
 
 __all__ = ["ModelFileError", "save", "load", "save_checkpoint", "load_checkpoint",
-           "check_metadata"]
+           "check_metadata", "metadata_problems"]
 
 #: the most values one input image may hold (``metadata['input_shape']``): past it a
 #: model file is refused rather than have ``predict`` allocate (or hang on) it
@@ -146,45 +148,60 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    """A finite number that fits float32 (what the standardisation computes in)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) and abs(float(v)) <= _FLOAT32_MAX
+    except OverflowError:   # an int past float's range
+        return False
 
 
-def check_metadata(metadata):
-    """Why ``metadata``'s entries that fastcnn reads (input_shape, classes, mean, std,
-    dataset, arch, train_images) are unusable, in a line; None when they are fine.
-    Other entries are the user's own and may hold any JSON value."""
+def metadata_problems(metadata):
+    """{key: why it is unusable} for ``metadata``'s entries that fastcnn reads to run a
+    model (input_shape, classes, mean, std); empty when they are fine. Every other
+    entry is the user's own and may hold any JSON value."""
+    problems = {}
     shape = metadata.get("input_shape")
     if shape is not None:
         if (not isinstance(shape, list) or len(shape) != 3
                 or not all(_is_int(v) and v >= 1 for v in shape)):
-            return f"input_shape must be [C, H, W] of ints >= 1, got {shape!r:.80}"
-        if shape[0] * shape[1] * shape[2] > MAX_INPUT_VALUES:
-            return (f"input_shape {shape} holds {shape[0] * shape[1] * shape[2]} values, more "
-                    f"than the {MAX_INPUT_VALUES} one image may")
+            problems["input_shape"] = f"input_shape must be [C, H, W] of ints >= 1, got " \
+                                      f"{shape!r:.80}"
+        elif shape[0] * shape[1] * shape[2] > MAX_INPUT_VALUES:
+            problems["input_shape"] = (f"input_shape {shape} holds "
+                                       f"{shape[0] * shape[1] * shape[2]} values, more than "
+                                       f"the {MAX_INPUT_VALUES} one image may")
+    channels = None if "input_shape" in problems or shape is None else shape[0]
     classes = metadata.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(
-            isinstance(c, (str, int, float)) for c in classes)):
-        return f"classes must be a list of names (str or numbers), got {classes!r:.80}"
+            isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in classes)):
+        problems["classes"] = f"classes must be a list of names (str or numbers), got " \
+                              f"{classes!r:.80}"
     for key in ("mean", "std"):
         value = metadata.get(key)
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
         if not values or not all(_is_number(v) for v in values):
-            return f"{key} must be a finite number or a list of them, got {value!r:.80}"
-        if key == "std" and not all(v > 0 for v in values):
-            return f"std must be > 0, got {value!r:.80}"
-        if shape is not None and len(values) not in (1, shape[0]):
-            return (f"{key} has {len(values)} values for the {shape[0]} channels of "
-                    f"input_shape {shape}")
-    for key in ("dataset", "arch"):
-        if key in metadata and not isinstance(metadata[key], str):
-            return f"{key} must be a str, got {metadata[key]!r:.80}"
-    count = metadata.get("train_images")
-    if count is not None and not (_is_int(count) and count >= 0):
-        return f"train_images must be an int >= 0, got {count!r:.80}"
-    return None
+            problems[key] = f"{key} must be a finite number or a list of them, got {value!r:.80}"
+        elif key == "std" and not all(v > 0 for v in values):
+            problems[key] = f"std must be > 0, got {value!r:.80}"
+        elif channels is not None and len(values) not in (1, channels):
+            problems[key] = (f"{key} has {len(values)} values for the {channels} channels of "
+                             f"input_shape {shape}")
+    return problems
+
+
+def check_metadata(metadata):
+    """Why ``metadata`` is unusable (:func:`metadata_problems`), in a line; None when it
+    is fine."""
+    problems = metadata_problems(metadata)
+    return "; ".join(problems.values()) or None
 
 
 def _model_record(model, metadata, arrays, prefix):
@@ -228,9 +245,12 @@ def _build_model(record, arrays, prefix, path):
     metadata = record.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ModelFileError(f"{path}: the header's metadata is not a dict ({metadata!r:.80})")
-    problem = check_metadata(metadata)
-    if problem:
-        raise ModelFileError(f"{path}: the header's metadata is corrupt: {problem}")
+    for key, problem in metadata_problems(metadata).items():
+        # the weights are fine: load them, without the entry (so that what needs it
+        # says it is missing) rather than refuse the file
+        warnings.warn(f"{path}: metadata entry {key!r} dropped, it is unusable: {problem}",
+                      stacklevel=3)
+        del metadata[key]
     model.metadata = metadata
     return model
 

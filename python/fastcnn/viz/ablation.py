@@ -120,23 +120,22 @@ def _features(model, x, target, feature_mask, baseline, score, batch_size, train
         return logits[xp.arange(len(logits)), targets].astype(np.float64)
 
     if unit is not None:
-        name = _unit_layer(model, target, *unit, op)
+        name = _unit_layer(model, target, *unit, op, score)
         scores = _unit_value   # (activations, the unit's selection per image)
 
         def run(copies):
             return model.forward(copies, stop=name, record=False)
-
-        with preserved(model, train):
-            at_x = run(x)
-        t = _neuron_seed(at_x, unit[1], unit[2], op)
     else:
         scores = class_scores
 
         def run(copies):
             return point.logits(copies) if point else model.forward(copies, record=False)
 
-        with preserved(model, train):
-            at_x = run(x)
+    with preserved(model, train):
+        at_x = run(x)
+    if unit is not None:
+        t = _neuron_seed(at_x, unit[1], unit[2], op)
+    else:
         check_logits(at_x, op)
         t = resolve_targets(target, at_x, op)
 

@@ -39,9 +39,9 @@ from .. import _backend as B
 from .. import functional as F
 from ..nn import BatchNorm2d, Conv2d, Dropout, MaxPool2d, ReLU
 from ..nn.module import DECONVOLUTION
-from ._common import (LayerPoint, as_input, check_finite, check_logits, check_score,
-                      check_seed, default_cam_layer, layer_name, preserved, resolve_targets,
-                      score_seed, unbatch)
+from ._common import (LayerPoint, as_input, check_finite, check_logits, check_model,
+                      check_score, check_seed, default_cam_layer, layer_name, preserved,
+                      resolve_targets, score_seed, unbatch)
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "layer_integrated_gradients", "gradient_shap", "grad_cam",
@@ -85,9 +85,11 @@ def _neuron_seed(activation, channel, position, op):
     return seed
 
 
-def _unit_layer(model, target, layer, channel, position, op):
+def _unit_layer(model, target, layer, channel, position, op, score="logit"):
     """The name of the layer whose unit (layer / channel / position) a method explains
-    instead of a class score, or None for the class score; the two are exclusive."""
+    instead of a class score, or None for the class score; the two are exclusive, and
+    ``score`` (logit or probability) belongs to the class score."""
+    check_model(model, op)
     if layer is None:
         if channel is not None or position is not None:
             raise ValueError(f"{op}: channel and position select a unit of a layer; pass "
@@ -96,6 +98,9 @@ def _unit_layer(model, target, layer, channel, position, op):
     if target is not None:
         raise ValueError(f"{op}: pass either target (a class score) or layer/channel "
                          f"(a unit of a layer), not both")
+    if score != "logit":
+        raise ValueError(f"{op}: score={score!r} is a class score's; a unit of a layer is "
+                         f"explained as it is (leave score='logit')")
     return layer_name(model, layer, op)
 
 
@@ -119,7 +124,7 @@ def _input_gradient(model, x, target, score, guided, layer, channel, position, o
     """d score / d x, or of a unit of a layer; ``guided``: the ReLUs' rule (False,
     True or DECONVOLUTION, as Sequential.backward)."""
     check_score(score, op)
-    name = _unit_layer(model, target, layer, channel, position, op)
+    name = _unit_layer(model, target, layer, channel, position, op, score)
     if name is None:
         return _class_backward(model, x, target, score, guided, op)[0]
     activation = model.forward(x, stop=name)
@@ -300,7 +305,7 @@ def integrated_gradients(model, x, target=None, *, baseline=0.0, n_steps=50,
         model, x, baseline, n_steps, method, batch_size, score, op)
     diff = x - base
     n = x.shape[0]
-    name = _unit_layer(model, target, layer, channel, position, op)
+    name = _unit_layer(model, target, layer, channel, position, op, score)
     with preserved(model, train):
         if name is None:
             ends = model.forward(xp.concatenate([x, base]))          # (2N, classes)
@@ -382,7 +387,7 @@ def gradient_shap(model, x, baselines, target=None, *, n_samples=5, stdev=0.0, b
     at x; the delta is then each sample's sum minus the unit's change.
     """
     op = "gradient_shap"
-    unit = _unit_layer(model, target, layer, channel, position, op)
+    unit = _unit_layer(model, target, layer, channel, position, op, score)
     return _gradient_shap(op, model, x, baselines, target, None, n_samples, stdev,
                           batch_size, seed, score, multiply_by_inputs,
                           return_convergence_delta, train,

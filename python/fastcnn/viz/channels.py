@@ -47,13 +47,14 @@ def channel_importance(model, x, layer=None, target=None, *, method="ablation", 
     if method not in CHANNEL_METHODS:
         raise ValueError(f"{op}: method must be one of {tuple(CHANNEL_METHODS)}, got {method!r}")
     x, single, xp = as_input(model, x, op)
+    n_steps = B.as_count(n_steps, f"{op}: n_steps")
     name = default_cam_layer(model, op) if layer is None else layer_name(model, layer, op)
     if method == "ablation":
         shape = feature_maps(model, x[:1], name).shape[1:]
         groups = np.arange(shape[0]).reshape((shape[0],) + (1,) * (len(shape) - 1))
         maps = layer_feature_ablation(model, x, name, target, layer_mask=groups,
                                       batch_size=batch_size, train=train)
-        scores = maps.reshape(maps.shape[:2] + (-1,))[:, :, 0]   # one value per channel
+        scores = _per_channel(maps)[:, :, 0]   # every unit of a channel has its drop
     else:
         if method == "conductance":
             maps = layer_conductance(model, x, name, target, baseline=baseline, n_steps=n_steps,
@@ -62,8 +63,13 @@ def channel_importance(model, x, layer=None, target=None, *, method="ablation", 
             maps = layer_lrp(model, x, name, target, train=train)
         else:
             maps = layer_gradient_x_activation(model, x, name, target, train=train)
-        scores = maps.reshape(maps.shape[:2] + (-1,)).astype(np.float64).sum(axis=2)
+        scores = _per_channel(maps).astype(np.float64).sum(axis=2)
     return unbatch(xp.asarray(scores, dtype=np.float32), single)
+
+
+def _per_channel(maps):
+    """(N, C, ...) maps as (N, C, units per channel); a flat layer's (N, F) as (N, F, 1)."""
+    return maps.reshape(maps.shape[:2] + (int(np.prod(maps.shape[2:])),))
 
 
 def plot_channels(model, image, layer=None, scores=None, *, top=8, target=None,

@@ -9,8 +9,8 @@ import numpy as np
 from .. import _backend as B
 from ._common import (LayerPoint, as_input, check_logits, check_score, layer_name, preserved,
                       resolve_targets, score_seed, unbatch)
-from .attribution import (_fill_images, _gradient_shap, _neuron_seed, _path_args, _path_steps,
-                          _target_change)
+from .attribution import (_fill_images, _gradient_shap, _neuron_seed, _path_args,
+                          _path_integral, _path_steps, _target_change)
 
 __all__ = ["layer_gradient_x_activation", "layer_conductance", "internal_influence",
            "layer_gradient_shap", "neuron_conductance"]
@@ -188,14 +188,11 @@ def neuron_conductance(model, x, layer, channel, target=None, *, position=None, 
     x, single, xp, base, alphas, widths, batch_size = _path_args(
         model, x, baseline, n_steps, method, batch_size, score, op)
     name = layer_name(model, layer, op)
-    n = x.shape[0]
-    alpha = xp.asarray(alphas.astype(np.float32))
-    expand = (slice(None),) + (None,) * (x.ndim - 1)
     with preserved(model, train):
         logits = model.forward(x)
         check_logits(logits, op)
         t = resolve_targets(target, logits, op)
-        at_x = model.forward(x, stop=name)
+        at_x = model.activations[name]
         if at_x.ndim > 2 and position is None:
             raise ValueError(f"{op}: the conductance of one unit: give position=(y, x) or "
                              f"'max' for layer {name!r}'s {B.shape_str(at_x.shape[1:])} output")
@@ -204,20 +201,16 @@ def neuron_conductance(model, x, layer, channel, target=None, *, position=None, 
                              f"{B.shape_str(at_x.shape)}); channel is the unit, position None")
         unit = _neuron_seed(at_x, channel, position, op)          # one-hot per image
         axes = tuple(range(1, unit.ndim))
-        total = xp.zeros(x.shape, np.float64)
-        diff, m = x - base, len(alphas)
-        for first in range(0, n * m, batch_size):
-            index = np.arange(first, min(first + batch_size, n * m))
-            image, step = index // m, index % m
-            im, st = xp.asarray(image), xp.asarray(step)
-            points = base[im] + alpha[st][expand] * diff[im]
+
+        def gradient(points, image):
+            """dF/dy at the unit times dy/dx: the gradient through the unit alone."""
             out = model.forward(points)
-            # dF/dy at the unit, then that times dy/dx: the gradient through the unit alone
-            through = (model.backward(score_seed(out, t[im], score), stop=name, guided=False,
-                                      param_grads=False) * unit[im]).sum(axis=axes)
-            seed = unit[im] * through.reshape((-1,) + (1,) * len(axes))
-            grad = model.backward(seed, start=name, guided=False, param_grads=False)
-            weighted = grad.astype(np.float64) * xp.asarray(widths[step])[expand]
-            for row, i in enumerate(image):  # each image's steps in order, whatever the batch
-                total[i] += weighted[row]
+            through = (model.backward(score_seed(out, t[image], score), stop=name,
+                                      guided=False, param_grads=False)
+                       * unit[image]).sum(axis=axes)
+            seed = unit[image] * through.reshape((-1,) + (1,) * len(axes))
+            return model.backward(seed, start=name, guided=False, param_grads=False)
+
+        diff = x - base
+        total = _path_integral(xp, base, diff, alphas, widths, batch_size, gradient)
     return unbatch((total * diff if multiply_by_inputs else total).astype(np.float32), single)

@@ -449,10 +449,10 @@ def _resolve_class(text, classes, count):
     return k
 
 
-def load_cli_images(args, model):
-    """The images a command names (``args.images``: PNG/JPEG files, fitted to the model as
-    ``fastcnn predict`` does with ``args.invert``, or test:INDEX from the test set of
-    ``args.data``): (uint8 batch, standardised batch on the model's device, true labels
+def load_cli_images(args, model, specs=None):
+    """The images a command names (``specs``, default ``args.images``: PNG/JPEG files,
+    fitted to the model as ``fastcnn predict`` does with ``args.invert``, or test:INDEX
+    from the test set of ``args.data``): (uint8 batch, standardised batch on the model's device, true labels
     (None for pictures), names, the model's metadata completed from the test set)."""
     from .. import data
     from ..cli import CommandError, load_image
@@ -460,7 +460,7 @@ def load_cli_images(args, model):
     meta = dict(getattr(model, "metadata", None) or {})
     test_set = None
     images, labels, names = [], [], []
-    for spec in args.images:
+    for spec in args.images if specs is None else specs:
         if spec.startswith("test:"):
             if test_set is None:
                 test_set = (data.load_idx_dataset(data.find_data_dir(args.data))[1] if args.data
