@@ -666,10 +666,13 @@ def _tensors(rng, sizes, scale=1.0):
     return [randn(rng, n, scale=scale) for n in sizes]
 
 
+@pytest.mark.parametrize("via_scalars", [False, True])
 @pytest.mark.parametrize("lr,momentum,wd,dampening,nesterov", SGD_OPTIONS)
-def test_sgd_step_multi_bitwise(dev, rng, lr, momentum, wd, dampening, nesterov):
+def test_sgd_step_multi_bitwise(dev, rng, lr, momentum, wd, dampening, nesterov, via_scalars):
     """One launch per 32 tensors gives _cpu.sgd_step's bits, tensor by tensor, over
-    a first step (buffer = gradient) and a later one; tensors may differ in it."""
+    a first step (buffer = gradient) and a later one; tensors may differ in it.
+    via_scalars: lr and momentum read from device memory (a captured step's
+    replays), the arguments' values ignored."""
     params, grads = _tensors(rng, OPTIM_SIZES), _tensors(rng, OPTIM_SIZES)
     bufs = _tensors(rng, OPTIM_SIZES) if momentum else None
     first = [bool(i % 3 == 0) for i in range(len(params))]
@@ -681,17 +684,22 @@ def test_sgd_step_multi_bitwise(dev, rng, lr, momentum, wd, dampening, nesterov)
                       share, dampening != 0, nesterov, first[i])
     got_p = [dev._put(p) for p in params]
     got_b = None if bufs is None else [dev._put(b) for b in bufs]
-    dev.module.sgd_step_multi(got_p, [dev._put(g) for g in grads], got_b,
-                              first, lr, momentum, wd, share, dampening != 0, nesterov)
+    scalars = dev._put(np.array([lr, momentum], F32)) if via_scalars else None
+    dev.module.sgd_step_multi(got_p, [dev._put(g) for g in grads], got_b, first,
+                              99.0 if via_scalars else lr, 0.3 if via_scalars and momentum
+                              else momentum, wd, share, dampening != 0, nesterov, scalars=scalars)
     for i in range(len(params)):
         bitwise(dev._get(got_p[i]), want_p[i], f"param {i}")
         if bufs is not None:
             bitwise(dev._get(got_b[i]), want_b[i], f"momentum buffer {i}")
 
 
+@pytest.mark.parametrize("via_scalars", [False, True])
 @pytest.mark.parametrize("lr,b1,b2,eps,wd,decoupled", ADAM_OPTIONS)
-def test_adam_step_multi_bitwise(dev, rng, lr, b1, b2, eps, wd, decoupled):
-    """Each tensor has its own step count (bias corrections): _cpu.adam_step's bits."""
+def test_adam_step_multi_bitwise(dev, rng, lr, b1, b2, eps, wd, decoupled, via_scalars):
+    """Each tensor has its own step count (bias corrections): _cpu.adam_step's bits.
+    via_scalars: the decay scale, betas and bias corrections read from device
+    memory (a captured step's replays), the arguments' values ignored."""
     params, grads = _tensors(rng, OPTIM_SIZES), _tensors(rng, OPTIM_SIZES)
     m = _tensors(rng, OPTIM_SIZES, 0.1)
     v = [np.abs(a) for a in _tensors(rng, OPTIM_SIZES, 0.01)]
@@ -705,8 +713,16 @@ def test_adam_step_multi_bitwise(dev, rng, lr, b1, b2, eps, wd, decoupled):
         _cpu.adam_step(want[0][i], grads[i], want[1][i], want[2][i], b1, b2, 1 - b1, 1 - b2, eps,
                        l2, scale, bias2[i], sizes[i])
     got = [[dev._put(a) for a in arrays] for arrays in (params, m, v)]
-    dev.module.adam_step_multi(got[0], [dev._put(g) for g in grads], got[1], got[2], b1, b2,
-                               1 - b1, 1 - b2, eps, l2, scale, bias2, sizes)
+    if via_scalars:
+        n = len(params)
+        scalars = dev._put(np.array([scale, b1, 1 - b1, b2, 1 - b2] +
+                                    [x for pair in zip(bias2, sizes) for x in pair], F32))
+        dev.module.adam_step_multi(got[0], [dev._put(g) for g in grads], got[1], got[2], 0.5,
+                                   0.5, 0.5, 0.5, eps, l2, 0.25, [1.0] * n, [0.0] * n,
+                                   scalars=scalars)
+    else:
+        dev.module.adam_step_multi(got[0], [dev._put(g) for g in grads], got[1], got[2], b1, b2,
+                                   1 - b1, 1 - b2, eps, l2, scale, bias2, sizes)
     for name, g_list, w_list in zip(("param", "exp_avg", "exp_avg_sq"), got, want):
         for i in range(len(params)):
             bitwise(dev._get(g_list[i]), w_list[i], f"{name} {i}")
@@ -1227,9 +1243,10 @@ class TestModelsOnGpu:
         bitwise(cp.asnumpy(fused.forward(x, record=False)), cp.asnumpy(plain(x)), "record=False")
 
     @staticmethod
-    def _train(cp, graph, opt_name, batchnorm, steps=5, check=None):
+    def _train(cp, graph, opt_name, batchnorm, steps=5, check=None, schedule="cosine"):
         """`steps` training steps of a small CNN (dropout, optional batch norm, a
-        per-step cosine schedule), eager or through a CapturedStep."""
+        per-step cosine schedule, or OneCycleLR's, which cycles the momentum or
+        Adam's beta1 too), eager or through a CapturedStep."""
         import fastcnn.cuda
         from fastcnn import models, nn, optim
 
@@ -1237,7 +1254,10 @@ class TestModelsOnGpu:
                                  seed=0).to("cuda")
         opt = optim.build_optimizer(opt_name, model.parameters(),
                                     0.05 if opt_name == "sgd" else 1e-2, weight_decay=1e-3)
-        sched = optim.CosineAnnealingLR(opt, T_max=10, warmup=2, interval="step")
+        if schedule == "cosine":
+            sched = optim.CosineAnnealingLR(opt, T_max=10, warmup=2, interval="step")
+        else:
+            sched = optim.OneCycleLR(opt, max_lr=0.1, total_steps=steps + 1, pct_start=0.4)
         loss_fn = nn.CrossEntropyLoss()
         step = fastcnn.cuda.CapturedStep(model, loss_fn, opt) if graph else None
         data = np.random.default_rng(1)
@@ -1276,6 +1296,15 @@ class TestModelsOnGpu:
         eager, eager_opt, eager_losses, _ = self._train(cp, False, opt_name, batchnorm)
         model, opt, losses, step = self._train(cp, True, opt_name, batchnorm, check=count)
         assert step.captures == 1
+        self._same_training(cp, eager, eager_opt, eager_losses, model, opt, losses)
+        if isinstance(cp.ndarray, type) and cp.ndarray.__module__ == "cupy" and hasattr(
+                cp.ndarray, "host_reads"):  # the stand-in: every step updated once
+            assert np.diff(replays).tolist() == [1] * (len(replays) - 1)
+            # ... and no replay's inputs waited for the GPU (asynchronous uploads)
+            assert waits == [waits[0]] * len(waits), waits
+
+    @staticmethod
+    def _same_training(cp, eager, eager_opt, eager_losses, model, opt, losses):
         assert losses == eager_losses
         for (name, a), (_, b) in zip(eager.state_dict().items(), model.state_dict().items()):
             bitwise(cp.asnumpy(b), cp.asnumpy(a), name)
@@ -1285,11 +1314,25 @@ class TestModelsOnGpu:
                     assert opt.state[i][key] == value, (i, key)
                 else:
                     bitwise(cp.asnumpy(opt.state[i][key]), cp.asnumpy(value), f"{key} of {i}")
-        if isinstance(cp.ndarray, type) and cp.ndarray.__module__ == "cupy" and hasattr(
-                cp.ndarray, "host_reads"):  # the stand-in: every step updated once
-            assert np.diff(replays).tolist() == [1] * (len(replays) - 1)
-            # ... and no replay's inputs waited for the GPU (asynchronous uploads)
-            assert waits == [waits[0]] * len(waits), waits
+
+    @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+    def test_one_cycle_momentum_replays_one_graph(self, rng, cp, opt_name):
+        """OneCycleLR changes the lr and SGD's momentum (Adam's beta1) at every
+        step: the replays read both from device scalars, so one graph serves
+        every step and trains as the eager steps, to the bit."""
+        momenta = []
+
+        def seen(i, step):
+            group = step.optimizer.param_groups[0]
+            momenta.append(group["momentum"] if opt_name == "sgd" else group["betas"][0])
+
+        eager, eager_opt, eager_losses, _ = self._train(cp, False, opt_name, False, steps=6,
+                                                        schedule="one_cycle")
+        model, opt, losses, step = self._train(cp, True, opt_name, False, steps=6,
+                                               schedule="one_cycle", check=seen)
+        assert len(set(momenta)) == len(momenta)  # a new momentum at every step
+        assert step.captures == 1
+        self._same_training(cp, eager, eager_opt, eager_losses, model, opt, losses)
 
     def test_captured_step_recaptures_checks_and_refuses(self, rng, cp):
         import fastcnn.cuda
@@ -1312,7 +1355,13 @@ class TestModelsOnGpu:
         step.optimizer.load_state_dict(step.optimizer.state_dict())
         step(*batch(5))
         assert step.captures == 4  # new momentum buffers: the old graph would update the old ones
-        assert len(step._pools) == 4  # each capture's pool kept (results may outlive a graph)
+        step.optimizer.param_groups[0]["momentum"] = 0.5
+        step(*batch(5))
+        assert step.captures == 4  # read from a device scalar at every replay
+        step.optimizer.param_groups[0]["weight_decay"] = 1e-4
+        step(*batch(5))
+        assert step.captures == 5  # another option: another graph
+        assert len(step._pools) == 5  # each capture's pool kept (results may outlive a graph)
         x, y = batch(5)
         y[2] = 10
         with pytest.raises(ValueError, match="target contains 10"):

@@ -15,6 +15,9 @@ namespace {
 // Elements per block: 256 threads, 8 elements each.
 constexpr index_t kChunk = 2048;
 
+// A captured Adam step's device scalars before the per-tensor pairs.
+constexpr int kAdamScalars = 5;
+
 // The tensors of one launch. Block b works on tensor t where
 // first_block[t] <= b < first_block[t + 1]; at most kMaxTensors tensors keep
 // the arguments well under CUDA's 4 KiB limit.
@@ -57,13 +60,16 @@ struct SgdBody {
   TensorTable<1> table;
   SgdOptions o;
   bool decay, momentum;
-  const float* scalars;  // lr at [0], or null
+  const float* scalars;  // lr, momentum (read at every replay of a graph); or null
 
   template <class Ctx>
   FASTCNN_HD void operator()(Ctx& ctx) const {
     const ChunkRange<1> r(table, ctx);
     SgdOptions mine = o;
-    if (scalars != nullptr) mine.lr = scalars[0];
+    if (scalars != nullptr) {
+      mine.lr = scalars[0];
+      mine.momentum = scalars[1];
+    }
     float* p = table.p[r.t];
     const float* g = table.g[r.t];
     float* buf = table.state[0][r.t];
@@ -80,7 +86,9 @@ struct AdamBody {
   TensorTable<2> table;
   AdamOptions o;
   bool decoupled, l2;
-  const float* scalars;  // decay_scale, then (bias2_sqrt, step_size) per tensor; or null
+  // decay_scale, beta1, 1 - beta1, beta2, 1 - beta2, then (bias2_sqrt,
+  // step_size) per tensor; or null
+  const float* scalars;
 
   template <class Ctx>
   FASTCNN_HD void operator()(Ctx& ctx) const {
@@ -89,8 +97,12 @@ struct AdamBody {
     if (scalars != nullptr) {
       const int i = table.index[r.t];
       mine.decay_scale = scalars[0];
-      mine.bias2_sqrt = scalars[1 + 2 * i];
-      mine.step_size = scalars[2 + 2 * i];
+      mine.beta1 = scalars[1];
+      mine.one_minus_beta1 = scalars[2];
+      mine.beta2 = scalars[3];
+      mine.one_minus_beta2 = scalars[4];
+      mine.bias2_sqrt = scalars[kAdamScalars + 2 * i];
+      mine.step_size = scalars[kAdamScalars + 1 + 2 * i];
     } else {
       mine.bias2_sqrt = table.bias2_sqrt[r.t];
       mine.step_size = table.step_size[r.t];

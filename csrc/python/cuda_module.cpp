@@ -751,7 +751,8 @@ void bind_ops(py::module_& m) {
   // Optimizer updates of a list of parameters, in place, in one launch per
   // cuda::kMaxTensors of them; the per-element maths of _cpu.sgd_step /
   // _cpu.adam_step (same bits). optim_tensors checks each (param, grad) pair.
-  // scalars: None, or a 1-element float32 array holding lr (read when the kernel runs)
+  // scalars: None, or a 2-element float32 array holding lr and momentum (read
+  // when the kernel runs: a graph's replays follow a schedule's changes)
   m.def("sgd_step_multi", [](py::list params, py::list grads, py::object bufs_,
                              py::list first_steps, float lr, float momentum, float weight_decay,
                              float undamped_share, bool damped, bool nesterov,
@@ -774,7 +775,7 @@ void bind_ops(py::module_& m) {
     }
     const fastcnn::SgdOptions o{lr, momentum, weight_decay, undamped_share, damped, nesterov,
                                 false};
-    const float* scalars = opt<M, f32>(mem, scalars_, "scalars", false, 1);
+    const float* scalars = opt<M, f32>(mem, scalars_, "scalars", false, 2);
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
     cuda::sgd_step_multi(ex, tensors.data(), static_cast<int>(n), with_momentum, o, scalars);
@@ -782,8 +783,9 @@ void bind_ops(py::module_& m) {
      py::arg("lr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("undamped_share"),
      py::arg("damped"), py::arg("nesterov"), py::arg("scalars") = py::none());
 
-  // scalars: None, or a float32 array of 1 + 2 len(params): decay_scale, then
-  // each parameter's bias2_sqrt and step_size (read when the kernel runs)
+  // scalars: None, or a float32 array of 5 + 2 len(params): decay_scale, beta1,
+  // 1 - beta1, beta2, 1 - beta2, then each parameter's bias2_sqrt and step_size
+  // (read when the kernel runs)
   m.def("adam_step_multi", [](py::list params, py::list grads, py::list exp_avgs,
                               py::list exp_avg_sqs, float beta1, float beta2,
                               float one_minus_beta1, float one_minus_beta2, float eps,
@@ -808,7 +810,7 @@ void bind_ops(py::module_& m) {
     const fastcnn::AdamOptions o{beta1, beta2,        one_minus_beta1, one_minus_beta2, eps,
                                  weight_decay, decay_scale, 1.0f, 0.0f};
     const float* scalars =
-        opt<M, f32>(mem, scalars_, "scalars", false, 1 + 2 * static_cast<index_t>(n));
+        opt<M, f32>(mem, scalars_, "scalars", false, 5 + 2 * static_cast<index_t>(n));
     const cuda::Exec ex = mem.exec();
     py::gil_scoped_release nogil;
     cuda::adam_step_multi(ex, tensors.data(), static_cast<int>(n), o, scalars);

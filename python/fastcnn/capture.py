@@ -10,16 +10,18 @@ A small CNN's training step is some 30 kernel launches, each costing the host
 more than the GPU needs to run it; a graph replays all of them in one launch.
 What changes from step to step without a Python call is read from device
 memory at every replay: the batch (copied into the graph's input buffers),
-each Dropout's offset, the learning rate (schedules keep working) and Adam's
-bias corrections. The Python-side counters (Dropout offsets, Adam step counts,
-BatchNorm's num_batches_tracked) advance as in eager steps, so the results are
-the eager steps' bits and a checkpoint taken in between resumes exactly.
+each Dropout's offset, the learning rate, SGD's momentum and Adam's betas
+(schedules keep working) and Adam's bias corrections. The Python-side counters
+(Dropout offsets, Adam step counts, BatchNorm's num_batches_tracked) advance as
+in eager steps, so the results are the eager steps' bits and a checkpoint taken
+in between resumes exactly.
 
 The first ``warmup`` calls (default 1) run eagerly (they create the optimizer's
 state); the next one runs eagerly too and captures the step, and the calls after
 it replay. A change the graph cannot follow
 (another input shape, a layer or parameter replaced, train()/eval(), an
-optimizer option other than lr) captures again. Not capturable (a clear
+optimizer option other than lr, momentum and betas: the replays read those
+from device memory, so OneCycleLR's cycling needs no recapture) captures again. Not capturable (a clear
 ``CaptureError`` at capture): BatchNorm with ``momentum=None`` (its factor
 changes every step), parameters missing a gradient. With ``fallback=True``
 (what the Trainer uses) a step that cannot be captured runs eagerly instead,
@@ -249,12 +251,16 @@ class CapturedStep:
         self._pools = []
 
     # -- what a graph depends on: shapes, the layers and their settings, the
-    # arrays it reads and writes (by identity), the optimizer's options but lr.
-    # Any change to a layer bumps nn's state version, so while it stands still
-    # (replays count in place, without bumping it) the shapes and options suffice.
+    # arrays it reads and writes (by identity), the optimizer's options but
+    # those its replays read from device scalars (lr, SGD's momentum while it
+    # stays non-zero, Adam's betas: what the schedules change). Any change to a
+    # layer bumps nn's state version, so while it stands still (replays count in
+    # place, without bumping it) the shapes and options suffice.
+    _DEVICE_OPTIONS = ("params", "lr", "initial_lr", "momentum", "betas")
+
     def _options(self):
-        return tuple(tuple(v for k, v in g.items() if k not in ("params", "lr", "initial_lr"))
-                     for g in self.optimizer.param_groups)
+        return tuple(tuple(v for k, v in g.items() if k not in self._DEVICE_OPTIONS) +
+                     (bool(g.get("momentum")),) for g in self.optimizer.param_groups)
 
     def _same_graph(self, x, y):
         if self._graph is None:
@@ -479,25 +485,29 @@ def batch_norm_count(layer):
 
 
 def sgd_scalars(group):
-    """In a capture: the device slot holding a group's lr at every replay."""
+    """In a capture: the device slots holding a group's lr and momentum at every
+    replay (a schedule may change either, OneCycleLR both)."""
     scalars = recording()
-    return None if scalars is None else scalars.floats_for(1, lambda: [group["lr"]])
+    if scalars is None:
+        return None
+    return scalars.floats_for(2, lambda: [group["lr"], group["momentum"]])
 
 
 def adam_scalars(group, states, decoupled):
-    """In a capture: decay_scale and each parameter's bias2_sqrt and step_size,
-    its step count advancing at every replay (fastcnn.optim.Adam's arithmetic)."""
+    """In a capture: decay_scale, the betas (b1, 1 - b1, b2, 1 - b2: OneCycleLR
+    cycles b1) and each parameter's bias2_sqrt and step_size, its step count
+    advancing at every replay (fastcnn.optim.Adam's arithmetic)."""
     scalars = recording()
     if scalars is None:
         return None
 
     def values():
         lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
-        out = [1 - lr * wd if wd and decoupled else 1.0]
+        out = [1 - lr * wd if wd and decoupled else 1.0, b1, 1 - b1, b2, 1 - b2]
         for state in states:
             state["step"] += 1
             t = state["step"]
             out += [math.sqrt(1 - b2 ** t), lr / (1 - b1 ** t)]
         return out
 
-    return scalars.floats_for(1 + 2 * len(states), values)
+    return scalars.floats_for(5 + 2 * len(states), values)
