@@ -48,7 +48,8 @@ stage() {
   shift 2
   local left=$((BUDGET - SECONDS - 10))
   if [ "$left" -lt 20 ]; then
-    note "$name: skipped, ${left} s of the ${BUDGET} s budget left" | tee "$OUT/$name.log"
+    note "$name: skipped, ${left} s of the ${BUDGET} s budget left"
+    echo "not run (budget)" > "$OUT/$name.log"
     return 124
   fi
   [ "$limit" -gt "$left" ] && limit=$left
