@@ -23,9 +23,12 @@
    DeepLIFT-SHAP (8 references) vs Captum's LayerConductance, InternalInfluence,
    NeuronConductance, LayerGradientShap and LayerDeepLiftShap; feature permutation of 64 images over 49
    cells vs Captum's FeaturePermutation.
+7. Metrics of 64 images: infidelity of the gradient (Gaussian noise, 20 draws) and
+   max-sensitivity of the gradient (10 draws) vs ``captum.metrics.infidelity`` and
+   ``sensitivity_max`` around Captum's ``Saliency``.
 
 ``--sections`` picks some of: occlusion, saliency, ig, deeplift, lrp, ablation,
-shapley, kernelshap, layer, permutation (default: all).
+shapley, kernelshap, layer, permutation, metrics (default: all).
 
 Times are medians after warm-up, on the same number of threads for both
 libraries. The script also checks that the two agree: Captum's occlusion
@@ -110,7 +113,7 @@ def torch_twin(model):
 
 
 SECTIONS = ("occlusion", "saliency", "ig", "deeplift", "lrp", "ablation", "shapley",
-            "kernelshap", "layer", "permutation")
+            "kernelshap", "layer", "permutation", "metrics")
 
 
 def table(rows):
@@ -170,6 +173,8 @@ def main():
         layer_section(model, few, few_targets, x[64:72], net, captum, args.repeats)
     if want("permutation"):
         permutation_section(model, some, some_targets, cells, net, captum, args.repeats)
+    if want("metrics"):
+        metrics_section(model, some, some_targets, net, captum, args.repeats)
 
 
 def occlusion_section(model, x, image, target, net, captum, repeats):
@@ -473,6 +478,38 @@ def permutation_section(model, some, some_targets, cells, net, captum, repeats):
                                             perturbations_per_eval=49), repeats)
         rows.append(f"| Captum FeaturePermutation, perturbations_per_eval=49 | {ms:.1f} |")
         rows.append(f"| speed-up over Captum | {ms / ours:.1f}x |")
+    table(rows)
+
+
+def metrics_section(model, some, some_targets, net, captum, repeats):
+    print("\n## Metrics: 64 images; infidelity (20 draws), max-sensitivity (10 draws)\n")
+    rows = []
+    grads = viz.gradient(model, some, some_targets)
+    ours = median_ms(lambda: viz.infidelity(model, some, grads, some_targets, n_samples=20,
+                                            stdev=0.1, batch_size=1280), repeats)
+    rows.append(f"| fastcnn infidelity of the gradient | {ours:.1f} |")
+    sens = median_ms(lambda: viz.sensitivity_max("gradient", model, some, some_targets,
+                                                 n_samples=10), repeats)
+    rows.append(f"| fastcnn sensitivity_max of the gradient | {sens:.1f} |")
+    if captum is not None:
+        from captum.metrics import infidelity, sensitivity_max
+
+        tx, tt = torch.from_numpy(some.copy()), torch.from_numpy(some_targets)
+        tg = torch.from_numpy(grads)
+
+        def noise(inputs):
+            change = torch.randn_like(inputs) * 0.1
+            return change, inputs - change
+
+        ms = median_ms(lambda: infidelity(net, noise, tx, tg, target=tt, n_perturb_samples=20),
+                       repeats)
+        rows.append(f"| Captum infidelity | {ms:.1f} |")
+        rows.append(f"| speed-up over Captum | {ms / ours:.1f}x |")
+        saliency = captum.Saliency(net)
+        ms = median_ms(lambda: sensitivity_max(saliency.attribute, tx, n_perturb_samples=10,
+                                               target=tt, abs=False), repeats)
+        rows.append(f"| Captum sensitivity_max (Saliency, abs=False) | {ms:.1f} |")
+        rows.append(f"| speed-up over Captum | {ms / sens:.1f}x |")
     table(rows)
 
 

@@ -1600,6 +1600,13 @@ class TestModelsOnGpu:
                 m, a, "pool1", attribute_to_layer_input=True),
             "layer_ig_input": lambda m, a: viz.layer_integrated_gradients(
                 m, a, "fc1", n_steps=3, attribute_to_layer_input=True),
+            "infidelity": lambda m, a: viz.infidelity(m, a, viz.gradient(m, a), n_samples=3,
+                                                      stdev=0.2, batch_size=4) * 1e4,
+            "infidelity_subset": lambda m, a: viz.infidelity(
+                m, a, viz.input_x_gradient(m, a), perturb="subset", normalize=True,
+                feature_mask=np.arange(144).reshape(12, 12) // 13, n_samples=3, batch_size=4),
+            "sensitivity_max": lambda m, a: viz.sensitivity_max("saliency", m, a, n_samples=2,
+                                                                radius=0.1),
         }
         for name, fn in cases.items():
             got = fn(gpu, gx)
@@ -1608,3 +1615,10 @@ class TestModelsOnGpu:
         bitwise(cp.asnumpy(viz.filters(gpu)), np.asarray(viz.filters(cpu)), "filters")
         report = viz.explain(gpu, gx[0], methods="all", n_samples=4)
         assert report is not None
+        trust = [viz.explain(m, a, methods=["saliency", "integrated"], n_steps=2,
+                             metrics=True) for m, a in ((gpu, gx), (cpu, x))]
+        for on_gpu, on_cpu in zip(*trust):
+            for method, values in on_cpu.metrics.items():
+                for key, value in values.items():
+                    assert on_gpu.metrics[method][key] == pytest.approx(value, rel=1e-3,
+                                                                        abs=1e-6), (method, key)

@@ -2845,3 +2845,237 @@ def test_layers_given_as_modules_and_empty_batches():
     r = viz.occlusion(model, empty, window=3, stride=2)
     assert r.heatmap.shape == (0, 8, 8) and r.logit.shape == (0, 4, 4)
     assert r.target.shape == (0,) and r.predicted.shape == (0, 4, 4)
+
+
+# ---------------------------------------------------------------- infidelity / sensitivity
+
+def infidelity64(model, x, a, target, changes, normalize=False, score="logit", perturbed=None):
+    """The definition, one image and one perturbation at a time in float64:
+    changes[i][j] is perturbation j of image i; x - I is the perturbed input unless
+    ``perturbed[i][j]`` gives it."""
+    out = []
+    for i in range(len(x)):
+        base = _score64(model, x[i:i + 1], [target[i]], score)[0]
+        dots, diffs = [], []
+        for j, change in enumerate(changes[i]):
+            dots.append(float((np.asarray(change, np.float64) * a[i]).sum()))
+            near = x[i].astype(np.float64) - change if perturbed is None else perturbed[i][j]
+            diffs.append(base - _score64(model, near[None], [target[i]], score)[0])
+        dots, diffs = np.array(dots), np.array(diffs)
+        beta = (dots * diffs).sum() / (dots * dots).sum() if normalize else 1.0
+        out.append(np.mean((beta * dots - diffs) ** 2))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("score", ["logit", "probability"])
+def test_infidelity_with_noise_matches_the_definition(normalize, score):
+    model, x = small_cnn(), images(3)
+    target = np.array([1, 4, 0])
+    a = viz.gradient(model, x, target, score=score)
+    got = viz.infidelity(model, x, a, target, n_samples=7, stdev=0.3, seed=5,
+                         normalize=normalize, score=score, batch_size=4)
+    noise = np.random.default_rng(5).standard_normal((7,) + x.shape[1:], np.float32) * \
+        np.float32(0.3)
+    want = infidelity64(model, x, a, target, [noise] * 3, normalize, score)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-9)
+    assert got.dtype == np.float64 and got.shape == (3,)
+    # one image: the same value, alone, unbatched, in any batch size
+    one = viz.infidelity(model, x[1], a[1], 4, n_samples=7, stdev=0.3, seed=5,
+                         normalize=normalize, score=score)
+    assert np.ndim(one) == 0 and float(one) == pytest.approx(float(got[1]), rel=1e-12)
+
+
+def test_infidelity_with_subsets_matches_the_definition():
+    """perturb='subset': every feature of the mask either at the baseline or not, by
+    coins drawn per feature id (the same for every image), I its 0/1 mask."""
+    model, x = small_cnn(1), images(2, seed=4)
+    cells = np.repeat(np.repeat(np.arange(16).reshape(4, 4), 2, 0), 2, 1)
+    base = images(1, seed=9)[0] * 0.5
+    a = viz.integrated_gradients(model, x, 2, baseline=base, n_steps=20)
+    got = viz.infidelity(model, x, a, 2, perturb="subset", feature_mask=cells, baseline=base,
+                         n_samples=9, seed=3)
+    coins = np.random.default_rng(3).random((9, 16)) < 0.5
+    masks = [np.broadcast_to(coins[j][cells], x.shape[1:]).astype(np.float64)
+             for j in range(9)]
+    perturbed = [[np.where(m > 0, base, x[i]) for m in masks] for i in range(2)]
+    np.testing.assert_allclose(got, infidelity64(model, x, a, [2, 2], [masks] * 2,
+                                                 perturbed=perturbed), rtol=1e-4)
+
+
+def test_infidelity_of_a_linear_model_and_its_gradient_is_zero():
+    """f linear: f(x) - f(x - I) = I . grad exactly, for any I (a global attribution
+    under subsets too: (x - 0) * grad is the ablation's change)."""
+    model = linear_net()
+    x = np.random.default_rng(0).standard_normal((3, 2, 4, 3)).astype(np.float32)
+    g = viz.gradient(model, x, 1)
+    for perturb in ("noise", "subset"):
+        a = g if perturb == "noise" else x * g
+        got = viz.infidelity(model, x, a, 1, perturb=perturb, n_samples=20)
+        assert np.all(got < 1e-9), (perturb, got)
+    # scaled attributions: normalize undoes the scale, the plain error grows
+    assert np.all(viz.infidelity(model, x, 3 * g, 1, normalize=True) < 1e-9)
+    assert np.all(viz.infidelity(model, x, 3 * g, 1) > 1e-3)
+
+
+def test_infidelity_takes_maps_without_channels_and_a_perturb_function():
+    model, x = small_cnn(), images(2)
+    sal = viz.saliency(model, x, 3)                       # (N, H, W)
+    full = np.broadcast_to(sal[:, None], x.shape)
+    calls = []
+
+    def perturb(inputs):
+        calls.append(inputs.shape[0])
+        change = np.full(inputs.shape, 0.05, np.float32)
+        return change, inputs - change
+
+    got = viz.infidelity(model, x, sal, 3, perturb=perturb, n_samples=5, batch_size=4)
+    assert calls == [4, 4, 2]                              # 2 images x 5 copies, 4 at a time
+    want = infidelity64(model, x, full, [3, 3], [[np.full(x.shape[1:], 0.05)] * 5] * 2)
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+    np.testing.assert_allclose(viz.infidelity(model, x, sal[:, None], 3, perturb=perturb,
+                                              n_samples=5), got, rtol=1e-12)
+
+
+def test_infidelity_arguments():
+    model, x = small_cnn(), images(2)
+    a = viz.gradient(model, x)
+    with pytest.raises(ValueError, match=r"attributions must be shaped like x \(2, 2, 8, 8\)"):
+        viz.infidelity(model, x, a[:, :, :4])
+    with pytest.raises(ValueError, match="attributions must be finite"):
+        viz.infidelity(model, x, np.full(x.shape, np.nan, np.float32))
+    with pytest.raises(ValueError, match="perturb must be one of"):
+        viz.infidelity(model, x, a, perturb="blur")
+    with pytest.raises(ValueError, match="stdev must be finite and > 0"):
+        viz.infidelity(model, x, a, stdev=0.0)
+    with pytest.raises(TypeError, match="stdev must be a number"):
+        viz.infidelity(model, x, a, stdev="1")
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        viz.infidelity(model, x, a, n_samples=0)
+    with pytest.raises(ValueError, match="feature_mask is for perturb='subset'"):
+        viz.infidelity(model, x, a, feature_mask=np.zeros((8, 8), np.int64))
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        viz.infidelity(model, x, a, normalize=1)
+    with pytest.raises(ValueError, match="target classes must be in"):
+        viz.infidelity(model, x, a, 7)
+    with pytest.raises(ValueError, match="perturb must return"):
+        viz.infidelity(model, x, a, perturb=lambda inputs: inputs)
+    with pytest.raises(ValueError, match="perturbed_inputs must be shaped like its inputs"):
+        viz.infidelity(model, x, a, perturb=lambda inputs: (inputs, inputs[:, :1]))
+    with pytest.raises(ValueError, match="baseline must be"):
+        viz.infidelity(model, x, a, perturb="subset", baseline=np.zeros((3, 8, 8)))
+
+
+def sensitivity64(explain, x, nears, order=2):
+    """max_j ||e(near_j) - e(x)|| / ||e(x)|| per image, in float64, image by image."""
+    out = []
+    for i in range(len(x)):
+        e = explain(x[i:i + 1]).ravel().astype(np.float64)
+        scale = np.linalg.norm(e, order) or 1.0
+        out.append(max(np.linalg.norm(explain(near[i:i + 1]).ravel() - e, order) / scale
+                       for near in nears))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("norm", ["fro", 1, np.inf])
+def test_sensitivity_max_matches_the_definition(norm):
+    model, x = small_cnn(), images(3)
+    target = np.array([1, 4, 0])
+    got = viz.sensitivity_max("integrated_gradients", model, x, target, n_samples=4,
+                              radius=0.1, norm=norm, seed=2, n_steps=10)
+    rng = np.random.default_rng(2)
+    nears = [x + rng.uniform(-0.1, 0.1, x.shape[1:]).astype(np.float32) for _ in range(4)]
+    order = 2 if norm == "fro" else norm
+    want = []
+    for row in range(3):
+        def one(images_, row=row):
+            return viz.integrated_gradients(model, images_, int(target[row]), n_steps=10)
+        want.append(sensitivity64(one, x[row:row + 1], [near[row:row + 1] for near in nears],
+                                  order)[0])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.shape == (3,) and got.dtype == np.float64
+
+
+def test_sensitivity_max_holds_the_target_and_takes_functions():
+    """The target stays x's prediction for the perturbed inputs; a function method
+    gets (model, x, target, **kwargs); a perturb function replaces the draws; an
+    explanation that does not move gives 0, one that is 0 at x divides by 1."""
+    model, x = small_cnn(), images(2)
+    predicted = model(x).argmax(axis=1)
+    seen = []
+
+    def method(model_, images_, target, scale=1.0):
+        seen.append(target.tolist())
+        return viz.gradient(model_, images_, target) * scale
+
+    got = viz.sensitivity_max(method, model, x, n_samples=3, scale=2.0,
+                              perturb=lambda images_: images_ + np.float32(0.2))
+    assert seen == [predicted.tolist()] * 4
+    g = viz.gradient(model, x, predicted)
+    want = (np.linalg.norm((viz.gradient(model, x + np.float32(0.2), predicted) - g)
+                           .reshape(2, -1), axis=1) / np.linalg.norm(g.reshape(2, -1), axis=1))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    still = viz.sensitivity_max(lambda m, images_, t: np.ones((len(images_), 3)), model, x)
+    np.testing.assert_array_equal(still, [0.0, 0.0])
+    zero_at_x = viz.sensitivity_max(lambda m, images_, t: images_ - x, model, x, n_samples=2,
+                                    radius=0.5)
+    assert np.all((zero_at_x > 0) & (zero_at_x <= 0.5 * np.sqrt(x[0].size)))
+    one = viz.sensitivity_max("saliency", model, x[1], n_samples=3)
+    assert np.ndim(one) == 0
+    assert float(one) == float(viz.sensitivity_max("saliency", model, x, n_samples=3)[1])
+
+
+@pytest.mark.parametrize("method", ["occlusion", "kernel_shap", "grad_cam", "lrp"])
+def test_sensitivity_max_by_name(method):
+    """Every named method runs (occlusion: its logit heatmap) and a larger radius
+    moves the explanation more."""
+    model, x = small_cnn(), images(2)
+    kwargs = {"window": 2} if method == "occlusion" else {}
+    small = viz.sensitivity_max(method, model, x, radius=0.01, n_samples=3, **kwargs)
+    large = viz.sensitivity_max(method, model, x, radius=0.5, n_samples=3, **kwargs)
+    assert small.shape == (2,) and np.all(np.isfinite(small))
+    assert np.all(large > small)
+
+
+def test_sensitivity_max_arguments():
+    model, x = small_cnn(), images(2)
+    with pytest.raises(ValueError, match="method must be a function or one of"):
+        viz.sensitivity_max("gradcam", model, x)
+    with pytest.raises(ValueError, match="radius must be finite and > 0"):
+        viz.sensitivity_max("saliency", model, x, radius=-1)
+    with pytest.raises(ValueError, match="norm must be 'fro', a number > 0 or inf"):
+        viz.sensitivity_max("saliency", model, x, norm=0)
+    with pytest.raises(TypeError, match="norm must be"):
+        viz.sensitivity_max("saliency", model, x, norm="nuc")
+    with pytest.raises(ValueError, match="one explanation per image"):
+        viz.sensitivity_max(lambda m, images_, t: np.zeros(3), model, x)
+    with pytest.raises(ValueError, match=r"perturb\(x\) must be shaped like x"):
+        viz.sensitivity_max("saliency", model, x, perturb=lambda images_: images_[:1])
+    with pytest.raises(TypeError, match="perturb must be a function or None"):
+        viz.sensitivity_max("saliency", model, x, perturb="uniform")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        viz.sensitivity_max("saliency", model, x, n_steps=3)
+    with pytest.raises(ValueError, match="got a tuple"):
+        viz.sensitivity_max("integrated_gradients", model, x, return_convergence_delta=True)
+
+
+def test_unexplained_share_is_normalized_infidelity_over_the_changes():
+    model, x = small_cnn(), images(3)
+    a = viz.gradient(model, x, 2)
+    share = viz.unexplained_share(model, x, a, 2, n_samples=8, stdev=0.3, seed=4)
+    noise = np.random.default_rng(4).standard_normal((8,) + x.shape[1:], np.float32) * \
+        np.float32(0.3)
+    energy = []
+    for i in range(3):
+        base = _score64(model, x[i:i + 1], [2])[0]
+        d = np.array([base - _score64(model, (x[i] - n)[None], [2])[0] for n in noise])
+        energy.append(np.mean(d * d))
+    want = infidelity64(model, x, a, [2] * 3, [noise] * 3, normalize=True) / np.array(energy)
+    np.testing.assert_allclose(share, want, rtol=2e-3)
+    assert np.all((share >= 0) & (share <= 1))
+    # a map that predicts nothing leaves everything unexplained; a linear model's
+    # gradient, nothing
+    np.testing.assert_array_equal(viz.unexplained_share(model, x, np.zeros_like(a), 2), 1.0)
+    lin = linear_net()
+    xl = np.random.default_rng(0).standard_normal((2, 2, 4, 3)).astype(np.float32)
+    assert np.all(viz.unexplained_share(lin, xl, viz.gradient(lin, xl, 0), 0) < 1e-9)

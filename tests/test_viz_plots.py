@@ -160,6 +160,39 @@ def test_explain_subset_of_methods_and_target():
     assert [e.target for e in viz.explain(model, pair, 2, methods=["saliency"])] == [2, 2]
 
 
+def test_explain_metrics(tmp_path):
+    """explain(metrics=True): per method, the unexplained share (noise for the local
+    maps, the window's cells set to the fill for the others) and the sensitivity, the
+    same numbers as the viz functions give; the report shows them."""
+    from fastcnn.viz import report
+
+    model = small_model()
+    pair = np.stack([garment(0), garment(1)])
+    methods = ["saliency", "gradcam", "integrated", "kernel_shap", "occlusion"]
+    es = viz.explain(model, pair, 3, methods=methods, fill=0.5, n_steps=8, shap_samples=40,
+                     window=3, metrics=True)
+    assert all(list(e.metrics) == methods for e in es)
+    cells = report._cells((12, 12), 3)
+    local = viz.unexplained_share(model, pair, viz.saliency(model, pair, 3), 3,
+                                  stdev=report.INFIDELITY_NOISE,
+                                  n_samples=report.INFIDELITY_SAMPLES)
+    ig = viz.integrated_gradients(model, pair, 3, baseline=0.5, n_steps=8)
+    shared = viz.unexplained_share(model, pair, ig, 3, perturb="subset", feature_mask=cells,
+                                   baseline=0.5, n_samples=report.INFIDELITY_SAMPLES)
+    steady = viz.sensitivity_max("grad_cam", model, pair, 3, radius=report.SENSITIVITY_RADIUS,
+                                 n_samples=report.SENSITIVITY_SAMPLES)
+    for i, e in enumerate(es):
+        assert e.metrics["saliency"]["unexplained"] == pytest.approx(float(local[i]), rel=1e-12)
+        assert e.metrics["integrated"]["unexplained"] == pytest.approx(float(shared[i]),
+                                                                       rel=1e-12)
+        assert e.metrics["gradcam"]["sensitivity"] == pytest.approx(float(steady[i]), rel=1e-12)
+        for values in e.metrics.values():
+            assert 0 <= values["unexplained"] <= 1 and values["sensitivity"] >= 0
+    page = viz.write_report(es, tmp_path / "r").read_text()
+    assert page.count("How far to trust each map") == 2 and "cells removed" in page
+    assert viz.explain(model, garment(), methods=["saliency"]).metrics is None
+
+
 def test_cli_explain(tmp_path, capsys):
     from fastcnn import cli
 
@@ -191,6 +224,11 @@ def test_cli_explain(tmp_path, capsys):
                      "--method", "lrp"]) == 0
     check_png(out / "00_shirt_png_lrp.png")
     assert "gamma = 0.25" in (out / "report.html").read_text()
+    assert cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
+                     "--method", "guided", "--metrics"]) == 0
+    printed = capsys.readouterr().out
+    assert "unexplained" in printed and "sensitivity" in printed and "noise" in printed
+    assert "How far to trust each map" in (out / "report.html").read_text()
     assert cli.main(["explain", str(model_path), str(tmp_path / "shirt.png"), "--out", str(out),
                      "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err

@@ -791,3 +791,72 @@ def test_lime_vs_captum_on_the_same_draws(distance, kernel_width, alpha):
                     baselines=torch.from_numpy(base[None].astype(np.float64)),
                     feature_mask=torch.from_numpy(cells[None, None]), n_samples=50)
         close(got[i:i + 1], want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_infidelity_vs_captum(normalize):
+    """captum.metrics.infidelity fed fastcnn's noise draws (draw j for every image,
+    Captum's copies image-major) and its subset draws: the same values."""
+    from captum.metrics import infidelity
+    model, x = cnn(41), inputs(41)
+    tm, target = to_torch(model), [2, 0, 4]
+    tx = torch.from_numpy(x.astype(np.float64))
+    a = viz.gradient(model, x, target)
+    noise = np.random.default_rng(7).standard_normal((6,) + x.shape[1:], np.float32) * \
+        np.float32(0.4)
+
+    def captum_noise(inputs):
+        change = torch.from_numpy(np.tile(noise, (3, 1, 1, 1)).astype(np.float64))
+        return change, inputs - change
+
+    want = infidelity(tm, captum_noise, tx, torch.from_numpy(a.astype(np.float64)),
+                      target=target, n_perturb_samples=6, normalize=normalize).numpy()
+    got = viz.infidelity(model, x, a, target, stdev=0.4, n_samples=6, seed=7,
+                         normalize=normalize)
+    close(got, want, rtol=1e-3, atol=1e-9)
+
+    # subsets of 3x3 cells, each at the baseline or not (I its 0/1 mask), for a
+    # global attribution (integrated gradients, Captum's multiply_by_inputs)
+    cells = np.repeat(np.repeat(np.arange(12).reshape(4, 3), 3, 0), 3, 1)[:11, :9]
+    base = inputs(42, n=1)[0] * 0.5
+    ig = viz.integrated_gradients(model, x, target, baseline=base, n_steps=20)
+    coins = np.random.default_rng(3).random((6, 12)) < 0.5
+    removed = np.broadcast_to(coins[:, cells][:, None], (6,) + x.shape[1:])
+
+    def captum_subsets(inputs):
+        mask = torch.from_numpy(np.tile(removed, (3, 1, 1, 1)).astype(np.float64))
+        b = torch.from_numpy(base.astype(np.float64))
+        return mask, torch.where(mask > 0, b, inputs)
+
+    want = infidelity(tm, captum_subsets, tx, torch.from_numpy(ig.astype(np.float64)),
+                      target=target, n_perturb_samples=6, normalize=normalize).numpy()
+    got = viz.infidelity(model, x, ig, target, perturb="subset", feature_mask=cells,
+                         baseline=base, n_samples=6, seed=3, normalize=normalize)
+    close(got, want, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["fro", float("inf")])
+def test_sensitivity_max_vs_captum(norm):
+    """captum.metrics.sensitivity_max of Saliency and IntegratedGradients fed
+    fastcnn's uniform draws: the same values."""
+    from captum.metrics import sensitivity_max
+    model, x = cnn(43), inputs(43)
+    tm, target = to_torch(model), [1, 3, 0]
+    rng = np.random.default_rng(5)
+    draws = np.stack([rng.uniform(-0.05, 0.05, x.shape[1:]).astype(np.float32)
+                      for _ in range(4)])
+
+    def captum_draws(inputs, radius):
+        return inputs + torch.from_numpy(np.tile(draws, (3, 1, 1, 1)).astype(np.float64))
+
+    tx = torch.from_numpy(x.astype(np.float64))
+    for ours, explainer, kwargs in [
+            ("gradient", captum_attr.Saliency(tm), {"abs": False}),
+            ("integrated_gradients", captum_attr.IntegratedGradients(tm), {"n_steps": 16})]:
+        want = sensitivity_max(explainer.attribute, tx, perturb_func=captum_draws,
+                               perturb_radius=0.05, n_perturb_samples=4, norm_ord=norm,
+                               target=target, **kwargs).numpy()
+        extra = {} if ours == "gradient" else {"n_steps": 16}
+        got = viz.sensitivity_max(ours, model, x, target, radius=0.05, n_samples=4,
+                                  norm=norm, seed=5, **extra)
+        close(got, want, rtol=1e-3)

@@ -29,6 +29,8 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.feature_maps(model, x, "relu1")          # (32, 28, 28)
 >>> viz.channel_importance(model, x, "relu2")    # (64,): the logit's drop per channel off
 >>> viz.maximize_activation(model, "relu2", [0, 5]).images   # what units respond to most
+>>> viz.infidelity(model, x, viz.gradient(model, x))        # (N,): does I.a predict the change?
+>>> viz.sensitivity_max("integrated_gradients", model, x)   # (N,): how much e(x) moves nearby
 
 Pictures (matplotlib on the Agg canvas) and the HTML report:
 
@@ -53,6 +55,8 @@ from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRul
 from .features import conv_layers, feature_maps, filter_images, filters
 from .channels import CHANNEL_METHODS, channel_importance, plot_channels
 from .maximize import MaximizedActivation, maximize_activation
+from .metrics import (PERTURBATIONS, SENSITIVITY_METHODS, infidelity, sensitivity_max,
+                      unexplained_share)
 from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatmap,
                    plot_maximized)
 from .report import METHODS, Explanation, demo_report, explain, write_report
@@ -73,4 +77,6 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "CHANNEL_METHODS", "conv_layers", "filters", "filter_images",
            "maximize_activation", "MaximizedActivation", "plot_heatmap", "plot_feature_maps",
            "plot_filters", "plot_explanation", "plot_maximized", "METHODS", "Explanation",
-           "explain", "write_report", "demo_report"]
+           "explain", "write_report", "demo_report", "infidelity", "sensitivity_max",
+           "unexplained_share",
+           "PERTURBATIONS", "SENSITIVITY_METHODS"]

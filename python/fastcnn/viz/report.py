@@ -16,6 +16,7 @@ from .attribution import (OcclusionResult, grad_cam, guided_backprop, guided_gra
                           integrated_gradients, occlusion, saliency, smooth_grad)
 from .deeplift import deep_lift
 from .lrp import lrp, lrp_composite
+from .metrics import sensitivity_max, unexplained_share
 from .surrogate import kernel_shap
 from ._common import as_input, default_cam_layer, layer_name, resolve_targets, to_host
 from .features import feature_maps
@@ -23,7 +24,7 @@ from .plot import (METHOD_TITLES, OVERLAID, class_name, display_image, figure_pn
                    method_title, plot_explanation, plot_heatmap, plot_input)
 
 __all__ = ["METHODS", "Explanation", "explain", "write_report", "demo_report",
-           "add_cli_arguments", "run_cli"]
+           "add_cli_arguments", "run_cli", "LOCAL_METHODS"]
 
 #: The report shows occlusion's logit drop instead of its probability drop when no
 #: window moves the probability by this much.
@@ -33,6 +34,23 @@ METHODS = ("occlusion", "kernel_shap", "saliency", "smoothgrad", "integrated", "
            "guided", "gradcam", "guided_gradcam")
 #: The gamma of the LRP rule :func:`explain` uses on the conv layers but the first.
 LRP_GAMMA = 0.25
+
+#: How ``explain(metrics=True)`` measures each map. "unexplained": the share of the
+#: score's changes under perturbations of the input that the map, best scaled, fails
+#: to predict (:func:`~fastcnn.viz.unexplained_share`, normalized infidelity over the
+#: changes' mean square; 0 to 1). The perturbations suit what the map claims: the
+#: local maps (what a small change of each pixel does) get Gaussian noise of
+#: INFIDELITY_NOISE (in the model's input units: about one grey level of 255 for
+#: Fashion-MNIST's standardisation); the others, which share out the
+#: score's change from the baseline, get half of the occlusion window's cells set to
+#: the baseline; INFIDELITY_SAMPLES draws. "sensitivity": the largest relative change
+#: of the map over SENSITIVITY_SAMPLES inputs within SENSITIVITY_RADIUS of the image,
+#: element by element (:func:`~fastcnn.viz.sensitivity_max`).
+LOCAL_METHODS = ("saliency", "smoothgrad", "guided", "gradcam", "guided_gradcam")
+INFIDELITY_NOISE = 0.01
+INFIDELITY_SAMPLES = 20
+SENSITIVITY_SAMPLES = 5
+SENSITIVITY_RADIUS = 0.02
 
 
 @dataclass
@@ -46,7 +64,8 @@ class Explanation:
     occlusion: the full :class:`~fastcnn.viz.OcclusionResult` when computed;
     classes: class names (or None); label: the true class when known; layer: the
     Grad-CAM layer; name: what the report calls the image; settings: the methods'
-    parameters.
+    parameters; metrics: when asked for, method name -> {"unexplained": ...,
+    "sensitivity": ...} (see :data:`LOCAL_METHODS`'s notes and :func:`explain`).
     """
 
     image: object
@@ -61,11 +80,12 @@ class Explanation:
     layer: str = None
     name: str = ""
     settings: dict = field(default_factory=dict)
+    metrics: OrderedDict = None
 
 
 def explain(model, x, target=None, *, methods="all", classes=None, labels=None, display=None,
             names=None, layer=None, window=4, stride=1, fill=None, n_samples=25, sigma=0.15,
-            seed=0, n_steps=50, shap_samples=400, batch_size=256):
+            seed=0, n_steps=50, shap_samples=400, batch_size=256, metrics=False):
     """Run ``methods`` ('all' or a list from :data:`METHODS`) on one image (C, H, W)
     -> an :class:`Explanation`, or on a batch (N, C, H, W) -> a list of them (each
     method runs once over the batch).
@@ -86,6 +106,10 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     :data:`LRP_GAMMA` on the other conv layers; epsilon on the hidden fc layers),
     batch norm folded into the conv layers: sharper than plain LRP-epsilon, which
     is gradient x input's noise.
+    metrics: also measure how far to trust each map (``Explanation.metrics``): the
+    share of the score's changes it leaves unexplained (normalized infidelity) and its
+    max-sensitivity, as described at :data:`LOCAL_METHODS`; the sensitivity runs each
+    method again on :data:`SENSITIVITY_SAMPLES` nearby copies of the batch.
     """
     if isinstance(methods, str):
         methods = list(METHODS) if methods == "all" else [methods]
@@ -109,39 +133,47 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         labels = [labels] if single else list(labels)
         if len(labels) != n:
             raise ValueError(f"explain: {len(labels)} labels for {n} images")
-    maps, occluded = OrderedDict(), None
-    if fill is None and any(m in methods for m in ("occlusion", "kernel_shap", "integrated",
-                                                    "deeplift")):
+    if fill is None and (metrics or any(m in methods for m in (
+            "occlusion", "kernel_shap", "integrated", "deeplift"))):
         fill = _background(batch)
-    for method in methods:
+    cells = _cells(batch.shape[2:], window)
+
+    def run(method, images, t, fill=fill):
+        """``method``'s map of ``images`` for targets ``t`` (and, for occlusion, the
+        whole result)."""
         if method == "occlusion":
-            occluded = occlusion(model, batch, targets, window=window, stride=stride, fill=fill,
-                                 batch_size=batch_size)
-            maps[method] = occluded.heatmap
-        elif method == "kernel_shap":
-            cells = _cells(batch.shape[2:], window)
-            maps[method] = kernel_shap(model, batch, targets, feature_mask=cells, baseline=fill,
-                                       n_samples=shap_samples, seed=seed,
-                                       batch_size=batch_size)[:, 0]
-        elif method == "saliency":
-            maps[method] = saliency(model, batch, targets)
-        elif method == "smoothgrad":
-            maps[method] = smooth_grad(model, batch, targets, n_samples=n_samples, sigma=sigma,
-                                       seed=seed, batch_size=batch_size)
-        elif method == "integrated":
-            maps[method] = integrated_gradients(model, batch, targets, baseline=fill,
-                                                n_steps=n_steps, batch_size=batch_size)
-        elif method == "deeplift":
-            maps[method] = deep_lift(model, batch, targets, baseline=fill)
-        elif method == "lrp":
-            maps[method] = lrp(model, batch, targets, rules=_lrp_rules(model, batch),
-                               fold_batchnorm=True)
-        elif method == "guided":
-            maps[method] = guided_backprop(model, batch, targets)
-        elif method == "gradcam":
-            maps[method] = grad_cam(model, batch, targets, layer)
-        else:
-            maps[method] = guided_grad_cam(model, batch, targets, layer)
+            result = occlusion(model, images, t, window=window, stride=stride, fill=fill,
+                               batch_size=batch_size)
+            return result.heatmap, result
+        if method == "kernel_shap":
+            values = kernel_shap(model, images, t, feature_mask=cells, baseline=fill,
+                                 n_samples=shap_samples, seed=seed, batch_size=batch_size)
+            return values[:, 0], None
+        if method == "saliency":
+            return saliency(model, images, t), None
+        if method == "smoothgrad":
+            return smooth_grad(model, images, t, n_samples=n_samples, sigma=sigma, seed=seed,
+                               batch_size=batch_size), None
+        if method == "integrated":
+            return integrated_gradients(model, images, t, baseline=fill, n_steps=n_steps,
+                                        batch_size=batch_size), None
+        if method == "deeplift":
+            return deep_lift(model, images, t, baseline=fill), None
+        if method == "lrp":
+            return lrp(model, images, t, rules=_lrp_rules(model, images),
+                       fold_batchnorm=True), None
+        if method == "guided":
+            return guided_backprop(model, images, t), None
+        if method == "gradcam":
+            return grad_cam(model, images, t, layer), None
+        return guided_grad_cam(model, images, t, layer), None
+
+    maps, occluded = OrderedDict(), None
+    for method in methods:
+        maps[method], result = run(method, batch, targets)
+        if method == "occlusion":
+            occluded = result
+    trust = _trust(model, batch, targets, maps, run, cells, fill, seed) if metrics else None
     if classes is None:
         classes = (getattr(model, "metadata", None) or {}).get("classes")
     settings = {"window": window, "stride": stride,
@@ -172,8 +204,42 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
             label=None if labels is None or labels[i] is None else int(labels[i]),
             layer=layer if uses_cam else None,
             name="" if names is None else str(names if single else names[i]),
-            settings=image_settings))
+            settings=image_settings,
+            metrics=None if trust is None else OrderedDict(
+                (m, {k: float(v[i]) for k, v in values.items()})
+                for m, values in trust.items())))
     return explanations[0] if single else explanations
+
+
+def _trust(model, batch, targets, maps, run, cells, fill, seed):
+    """explain's metrics: method -> {"unexplained": (N,), "sensitivity": (N,)} (host)."""
+    xp = B.array_module(batch)
+    out = OrderedDict()
+
+    def map_of(method):
+        def fn(model_, images, t):
+            heat, result = run(method, images, t)
+            return heat if result is None else result.logit_heatmap  # the logit's, as scored
+        return fn
+
+    for method, heat in maps.items():
+        if method in LOCAL_METHODS:
+            infid = unexplained_share(model, batch, heat, targets, stdev=INFIDELITY_NOISE,
+                                      n_samples=INFIDELITY_SAMPLES, seed=seed)
+        else:
+            a = heat
+            if method == "occlusion":
+                a = map_of(method)(model, batch, targets)
+            elif method == "kernel_shap":  # a cell's value on each of its elements: share it
+                sizes = np.bincount(cells.ravel())[cells] * batch.shape[1]
+                a = heat / xp.asarray(sizes, np.float32)
+            infid = unexplained_share(model, batch, a, targets, perturb="subset",
+                                      feature_mask=cells, baseline=fill,
+                                      n_samples=INFIDELITY_SAMPLES, seed=seed)
+        sens = sensitivity_max(map_of(method), model, batch, targets, radius=SENSITIVITY_RADIUS,
+                               n_samples=SENSITIVITY_SAMPLES, seed=seed)
+        out[method] = {"unexplained": to_host(infid), "sensitivity": to_host(sens)}
+    return out
 
 
 def _cells(size, window):
@@ -292,10 +358,37 @@ def _probability_table(explanation):
     return '<table class="probs">' + "".join(rows) + "</table>"
 
 
+def _metrics_table(explanation):
+    """The report's table of how far to trust each map (explain(metrics=True))."""
+    rows = "".join(
+        f"<tr><td>{html.escape(m)}</td>"
+        f'<td style="text-align:right">{100 * v["unexplained"]:.1f}%</td>'
+        f'<td style="text-align:right">{v["sensitivity"]:.3f}</td>'
+        f"<td>{'noise' if m in LOCAL_METHODS else 'cells removed'}</td></tr>"
+        for m, v in explanation.metrics.items())
+    return (f'<div><p>How far to trust each map (lower is better):</p>'
+            f'<table class="probs"><tr><th>method</th><th>unexplained</th><th>sensitivity</th>'
+            f"<th>perturbed by</th></tr>{rows}</table>"
+            f'<p class="meta">Unexplained: the share of how the {_SCORE} moves when the '
+            f"input is perturbed (Gaussian noise of {INFIDELITY_NOISE} for the local maps, "
+            f"half of the {_window_text(explanation)} cells set to the baseline for the "
+            f"others; {INFIDELITY_SAMPLES} draws) that the map, best scaled, does not "
+            f"predict (normalized infidelity). Sensitivity: how much the map changes, "
+            f"relative to its size, for inputs within {SENSITIVITY_RADIUS} of the image "
+            f"(the largest of {SENSITIVITY_SAMPLES}).</p></div>")
+
+
+_SCORE = "target's logit"
+
+
+def _window_text(explanation):
+    window = explanation.settings.get("window", 4)
+    return f"{window}x{window}" if np.ndim(window) == 0 else "x".join(map(str, window))
+
+
 def _caption(explanation, method):
     s = explanation.settings
-    window = s.get("window", 4)
-    window = f"{window}x{window}" if np.ndim(window) == 0 else "x".join(map(str, window))
+    window = _window_text(explanation)
     return _CAPTIONS.get(method, "").format(
         target=html.escape(class_name(explanation, explanation.target)), window=window,
         fill=s.get("fill", 0.0), score=s.get("occlusion_score", "probability"),
@@ -349,7 +442,8 @@ def write_report(explanations, out_dir, *, title="fastcnn: what the network look
             f"<h2>{heading}</h2>"
             f'<div class="top"><figure><img src="{uris["input"]}" alt="input"></figure>'
             f"<div><p>Class probabilities (explaining <b>{explained}</b>):</p>"
-            f"{_probability_table(e)}</div></div>"
+            f"{_probability_table(e)}</div>"
+            f"{_metrics_table(e) if e.metrics else ''}</div>"
             f'<div class="grid">{figures}</div>'
             f'<details><summary>All maps side by side</summary>'
             f'<img style="max-width:100%" src="{uris["panel"]}" alt="panel"></details>')
@@ -425,6 +519,11 @@ def add_cli_arguments(parser):
     parser.add_argument("--shap-samples", type=int, default=400, metavar="N",
                         help="Kernel SHAP's scored copies (cells of the occlusion window's "
                              "size; default: %(default)s)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="also measure how far to trust each map: the share of the "
+                             "score's changes under perturbations it leaves unexplained "
+                             "(normalized infidelity) and its sensitivity to small changes of "
+                             "the input (runs each method again on nearby copies)")
     parser.add_argument("--data", metavar="DIR",
                         help="folder with the MNIST-format IDX set for test:INDEX (default: "
                              "Fashion-MNIST from $FASTCNN_DATA or Debian's package)")
@@ -531,7 +630,8 @@ def run_cli(args):
             model, x, target, methods=methods, classes=classes, labels=labels,
             display=batch[:, 0] if batch.shape[1] == 1 else batch.transpose(0, 2, 3, 1),
             names=names, window=args.window, stride=args.stride, n_steps=args.steps,
-            shap_samples=args.shap_samples, layer=layer_arg(args.layer))
+            shap_samples=args.shap_samples, layer=layer_arg(args.layer),
+            metrics=args.metrics)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
     for e in explanations:
@@ -540,6 +640,13 @@ def run_cli(args):
         if e.label is not None:
             line += f", true {class_name(e, e.label)}"
         print(line)
+        if e.metrics:
+            width = max(len(m) for m in e.metrics) + 2
+            print(f"  {'method':<{width}}{'unexplained':>11}{'sensitivity':>13}  perturbed by")
+            for m, v in e.metrics.items():
+                print(f"  {m:<{width}}{100 * v['unexplained']:>10.1f}%"
+                      f"{v['sensitivity']:>13.3f}  "
+                      f"{'noise' if m in LOCAL_METHODS else 'cells removed'}")
     path = write_report(explanations, args.out,
                         description=f"Model {args.model}; images {', '.join(args.images)}.")
     print(f"wrote {path} and {sum(len(e.maps) + 2 for e in explanations)} PNGs in {args.out}")

@@ -1,0 +1,325 @@
+"""How far to trust an attribution: Captum's two metrics.
+
+Infidelity (Yeh et al. 2019, Captum's ``infidelity``) asks whether the
+attribution predicts what perturbing the input does to the score: for
+perturbations I, the mean of (I . a - (f(x) - f(x~)))^2, where a is the
+attribution, f the target's score and x~ the perturbed input (x - I for noise;
+for a removed subset of features, I their 0/1 mask). Zero for a linear model's
+gradient under any noise and for its x * gradient under any subset.
+
+Sensitivity (Captum's ``sensitivity_max``) asks whether the attribution is stable:
+the largest change of the explanation over inputs drawn near x,
+max ||e(x + d) - e(x)|| / ||e(x)||, d uniform in [-radius, radius].
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from .. import _backend as B
+from .. import functional as F
+from ._common import (as_input, check_finite, check_logits, check_score, check_seed,
+                      preserved, resolve_targets, to_host, unbatch)
+from .ablation import _feature_mask
+from .attribution import _fill_images
+
+__all__ = ["infidelity", "unexplained_share", "sensitivity_max", "PERTURBATIONS",
+           "SENSITIVITY_METHODS"]
+
+#: infidelity's built-in perturbations.
+PERTURBATIONS = ("noise", "subset")
+
+#: The fastcnn.viz methods :func:`sensitivity_max` takes by name; each is called as
+#: ``method(model, x, target, **kwargs)`` (occlusion's heatmap, the logit drop).
+SENSITIVITY_METHODS = ("gradient", "saliency", "guided_backprop", "deconvolution",
+                       "input_x_gradient", "integrated_gradients", "smooth_grad", "deep_lift",
+                       "lrp", "grad_cam", "guided_grad_cam", "occlusion", "feature_ablation",
+                       "shapley_value_sampling", "kernel_shap", "lime")
+
+
+def _positive(value, name, op):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def _scores(model, score, op):
+    """score(images, targets) -> the targets' logits (or probabilities), float64."""
+    def scores(images, targets):
+        logits = model.forward(images, record=False)
+        check_logits(logits, op)
+        if score == "probability":
+            logits = F.softmax(logits, dim=1)
+        xp = B.array_module(logits)
+        return logits[xp.arange(len(logits)), targets].astype(np.float64)
+    return scores
+
+
+def _attributions(attributions, x, single, xp, op):
+    """The attributions as float32 shaped like x: x's shape, or one map per image
+    without the channel axis ((N, H, W), or (N, 1, H, W)) given to every channel;
+    for one image, without the batch axis."""
+    if B.is_gpu_array(attributions) != (xp is not np):
+        raise ValueError(f"{op}: attributions must be on the model's device, as x")
+    a = B.as_float(attributions, "attributions", xp)
+    if single and a.ndim in (2, 3):
+        a = a[None]
+    if a.shape == x.shape[:1] + x.shape[2:]:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[0] != x.shape[0] or a.shape[2:] != x.shape[2:] or \
+            a.shape[1] not in (1, x.shape[1]):
+        raise ValueError(f"{op}: attributions must be shaped like x {B.shape_str(x.shape)} or "
+                         f"be one map per image {B.shape_str(x.shape[:1] + x.shape[2:])}; got "
+                         f"shape {B.shape_str(attributions.shape)}")
+    return check_finite(xp.broadcast_to(a, x.shape), "attributions", op)
+
+
+def _subset_perturbations(feature_mask, baseline, x, xp, n_samples, rng, op):
+    """draw(image, sample) for perturb='subset': each feature of each copy set to the
+    baseline with probability 1/2 (the coins of draw j shared by every image, by
+    feature id); I is 1 where set, 0 elsewhere (a global attribution already holds
+    the factor x - baseline: Captum's multiply_by_inputs perturbations)."""
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    mask = xp.broadcast_to(_feature_mask(feature_mask, x, xp, op), x.shape)
+    ids, inverse = np.unique(to_host(mask), return_inverse=True)
+    inverse = xp.asarray(inverse.reshape(x.shape))
+    coins = xp.asarray(np.random.default_rng(rng).random((n_samples, len(ids))) < 0.5)
+
+    def draw(image, sample):
+        removed = coins[sample[:, None], inverse[image].reshape(len(image), -1)]
+        removed = removed.reshape((len(image),) + x.shape[1:])
+        return removed.astype(np.float32), xp.where(removed, base[image], x[image])
+    return draw
+
+
+def infidelity(model, x, attributions, target=None, *, perturb="noise", n_samples=10,
+               stdev=0.1, feature_mask=None, baseline=0.0, normalize=False, score="logit",
+               seed=0, batch_size=256, train=False):
+    """Infidelity of ``attributions`` (Yeh et al.; Captum's ``infidelity``): over
+    ``n_samples`` perturbations of each image, the mean of
+    (sum(I * attributions) - (score(x) - score(x~)))^2, x~ the perturbed image and I
+    the perturbation (see ``perturb``); float64, (N,) (a 0-d array for one image).
+    Lower is better; 0 for a linear model's exact attribution.
+
+    attributions: shaped like x, or one map per image ((N, H, W) or (N, 1, H, W),
+    e.g. a saliency or Grad-CAM map) given to every channel; for one image (C, H, W),
+    (C, H, W) or (H, W).
+    perturb: 'noise' (I Gaussian, standard deviation ``stdev`` in the model's input
+    units: for local attributions, the gradient and its kin), 'subset' (each feature
+    of ``feature_mask``, every element its own by default, set to ``baseline`` with
+    probability 1/2, I = 1 there and 0 elsewhere, so that I . a sums the removed
+    features' attributions: for attributions that already carry the factor
+    x - baseline, such as integrated gradients, DeepLIFT, SHAP and ablation;
+    Sensitivity-n, Captum's ``multiply_by_inputs`` perturbations), or a function
+    ``perturb(inputs) -> (perturbations, perturbed_inputs)`` as Captum's
+    ``perturb_func``: ``inputs`` hold ``n_samples`` copies of each image in turn
+    (image 0's first), at most ``batch_size`` of them per call, and the returned
+    arrays are shaped like them (the score change compared is
+    score(x) - score(perturbed); for 'noise', perturbed = x - I).
+    The built-in draws come from ``seed``, draw j the same for every image, so an
+    image gets the same value alone or in any batch.
+    normalize: scale the attributions by the beta minimizing the error first
+    (Captum's ``normalize``): invariant to scaling the attributions.
+    score: 'logit' or 'probability'; ``target`` defaults to the prediction on x.
+    """
+    dots, diffs, single = _infidelity_terms(
+        model, x, attributions, target, perturb, n_samples, stdev, feature_mask, baseline,
+        normalize, score, seed, batch_size, train, "infidelity")
+    return unbatch(((dots - diffs) ** 2).mean(axis=1), single)
+
+
+def unexplained_share(model, x, attributions, target=None, *, perturb="noise", n_samples=10,
+                      stdev=0.1, feature_mask=None, baseline=0.0, score="logit", seed=0,
+                      batch_size=256, train=False):
+    """Normalized infidelity over the mean squared score change: the share of what the
+    perturbations do to the score that the attribution, best scaled, leaves
+    unexplained, in [0, 1] (0: it predicts every change; 1: none of them; 0 where no
+    perturbation moves the score). Arguments as :func:`infidelity`'s, the same draws."""
+    dots, diffs, single = _infidelity_terms(
+        model, x, attributions, target, perturb, n_samples, stdev, feature_mask, baseline,
+        True, score, seed, batch_size, train, "unexplained_share")
+    xp = B.array_module(dots)
+    energy = (diffs * diffs).sum(axis=1)
+    error = ((dots - diffs) ** 2).sum(axis=1)
+    share = xp.where(energy == 0, 0.0, error / xp.where(energy == 0, 1.0, energy))
+    return unbatch(xp.clip(share, 0.0, 1.0), single)
+
+
+def _infidelity_terms(model, x, attributions, target, perturb, n_samples, stdev, feature_mask,
+                      baseline, normalize, score, seed, batch_size, train, op):
+    """infidelity's checked arguments and its per-draw terms: (I . a (times beta when
+    normalizing), score(x) - score(perturbed)), each (N, n_samples) float64, and
+    whether x was one image."""
+    x, single, xp = as_input(model, x, op)
+    check_score(score, op)
+    a = _attributions(attributions, x, single, xp, op)
+    n_samples = B.as_count(n_samples, f"{op}: n_samples")
+    batch_size = B.as_count(batch_size, f"{op}: batch_size")
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"{op}: normalize must be True or False, got {normalize!r}")
+    seed = check_seed(seed, op)
+    n = x.shape[0]
+    if callable(perturb):
+        draw = _custom_perturbations(perturb, x, xp, op)
+    elif isinstance(perturb, str) and perturb == "noise":
+        if feature_mask is not None:
+            raise ValueError(f"{op}: feature_mask is for perturb='subset'")
+        noise = xp.asarray(np.random.default_rng(seed).standard_normal(
+            (n_samples,) + x.shape[1:], dtype=np.float32)) * xp.float32(
+                _positive(stdev, "stdev", op))
+
+        def draw(image, sample):
+            return noise[sample], x[image] - noise[sample]
+    elif isinstance(perturb, str) and perturb == "subset":
+        draw = _subset_perturbations(feature_mask, baseline, x, xp, n_samples, seed, op)
+    else:
+        raise ValueError(f"{op}: perturb must be one of {PERTURBATIONS} or a function, got "
+                         f"{perturb!r}")
+    scores = _scores(model, score, op)
+    # per copy (image-major): I . a and d = score(x) - score(x - I)
+    dots = xp.empty(n * n_samples, np.float64)
+    diffs = xp.empty(n * n_samples, np.float64)
+    with preserved(model, train):
+        logits = model.forward(x, record=False)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+        at_x = scores(x, t)
+        copies = np.arange(n * n_samples)
+        for first in range(0, len(copies), batch_size):
+            c = copies[first:first + batch_size]
+            image, sample = xp.asarray(c // n_samples), xp.asarray(c % n_samples)
+            change, perturbed = draw(image, sample)
+            dots[first:first + len(c)] = (change.astype(np.float64) * a[image]).reshape(
+                len(c), -1).sum(axis=1)
+            diffs[first:first + len(c)] = at_x[image] - scores(perturbed, t[image])
+    dots, diffs = dots.reshape(n, n_samples), diffs.reshape(n, n_samples)
+    if normalize:
+        aa, ad = (dots * dots).sum(axis=1), (dots * diffs).sum(axis=1)
+        beta = xp.where(aa == 0, 0.0, ad / xp.where(aa == 0, 1.0, aa))
+        dots = dots * beta[:, None]
+    return dots, diffs, single
+
+
+def _custom_perturbations(perturb, x, xp, op):
+    """draw(image, sample) from a user's perturb(inputs) -> (perturbations, perturbed)."""
+    def draw(image, sample):
+        inputs = x[image]
+        got = perturb(inputs)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise ValueError(f"{op}: perturb must return (perturbations, perturbed_inputs), "
+                             f"got {type(got).__name__}")
+        change, perturbed = (B.as_float(v, name, xp) for v, name in
+                             zip(got, ("perturbations", "perturbed_inputs")))
+        for v, name in ((change, "perturbations"), (perturbed, "perturbed_inputs")):
+            if v.shape != inputs.shape:
+                raise ValueError(f"{op}: perturb's {name} must be shaped like its inputs "
+                                 f"{B.shape_str(inputs.shape)}, got {B.shape_str(v.shape)}")
+        return change, perturbed
+    return draw
+
+
+def _method(method, op):
+    """fn(model, x, targets, **kwargs) -> an array (N, ...) for a name or a callable."""
+    if callable(method):
+        return method
+    if not isinstance(method, str) or method not in SENSITIVITY_METHODS:
+        raise ValueError(f"{op}: method must be a function or one of {SENSITIVITY_METHODS}, "
+                         f"got {method!r}")
+    from .. import viz
+
+    fn = getattr(viz, method)
+    if method == "occlusion":
+        return lambda model, x, target, **kwargs: fn(model, x, target, **kwargs).logit_heatmap
+    return fn
+
+
+def _norms(values, order):
+    """Each row's vector norm (float64): 'fro' (2), a number p > 0, or inf."""
+    xp = B.array_module(values)
+    a = xp.abs(values.astype(np.float64))
+    if order == "fro" or order == 2:
+        return xp.sqrt((a * a).sum(axis=1))
+    if math.isinf(order):
+        return a.max(axis=1) if a.shape[1] else xp.zeros(len(a))
+    return (a ** order).sum(axis=1) ** (1.0 / order)
+
+
+def _norm_order(norm, op):
+    if isinstance(norm, str) and norm == "fro":
+        return norm
+    if isinstance(norm, (bool, np.bool_)) or not isinstance(norm, numbers.Real):
+        raise TypeError(f"{op}: norm must be 'fro', a number > 0 or inf, got {norm!r}")
+    if not norm > 0:
+        raise ValueError(f"{op}: norm must be 'fro', a number > 0 or inf, got {norm}")
+    return float(norm)
+
+
+def sensitivity_max(method, model, x, target=None, *, radius=0.02, n_samples=10, norm="fro",
+                    perturb=None, seed=0, train=False, **kwargs):
+    """Max-sensitivity of an explanation (Yeh et al.; Captum's ``sensitivity_max``): over
+    ``n_samples`` inputs x + d near each image, d uniform in [-radius, radius] per
+    element, the largest ||e(x + d) - e(x)|| / ||e(x)|| (float64, (N,); a 0-d array for
+    one image; ||e(x)|| = 0 counts as 1). Lower is steadier.
+
+    method: one of :data:`SENSITIVITY_METHODS` (a fastcnn.viz function; occlusion's
+    logit heatmap) or a function ``method(model, x, target, **kwargs)`` returning one
+    explanation per image, (N, ...); ``kwargs`` go to it, the same for every call.
+    The target is held at x's (``target``, by default the prediction on x) for the
+    perturbed inputs. Each draw is one call on the whole batch, as the explanation
+    of x itself; the draws come from ``seed``, draw j the same for every image.
+    norm: 'fro' (Euclidean, of the explanation flattened), a number p > 0 or inf.
+    perturb: a function ``perturb(x) -> x + d`` (Captum's ``perturb_func``) instead of
+    the uniform draws; called once per draw with the (N, C, H, W) batch.
+    train: the model's mode for the target's forward pass (the method has its own).
+    """
+    op = "sensitivity_max"
+    fn = _method(method, op)
+    x, single, xp = as_input(model, x, op)
+    n_samples = B.as_count(n_samples, f"{op}: n_samples")
+    order = _norm_order(norm, op)
+    seed = check_seed(seed, op)
+    if perturb is not None and not callable(perturb):
+        raise TypeError(f"{op}: perturb must be a function or None, got {perturb!r}")
+    if perturb is None:
+        radius = _positive(radius, "radius", op)
+        rng = np.random.default_rng(seed)
+    with preserved(model, train):
+        logits = model.forward(x, record=False)
+        check_logits(logits, op)
+        t = resolve_targets(target, logits, op)
+    n = x.shape[0]
+
+    def explain(images):
+        e = fn(model, images, t, **kwargs)
+        if isinstance(e, tuple):
+            raise ValueError(f"{op}: the method must return one array of explanations, got a "
+                             f"tuple (leave return_convergence_delta off)")
+        e = e if B.is_gpu_array(e) else np.asarray(e)
+        if B.is_gpu_array(e) != (xp is not np) or e.ndim < 1 or e.shape[0] != n:
+            raise ValueError(f"{op}: the method must return one explanation per image, "
+                             f"({n}, ...) on the model's device; got "
+                             f"{type(e).__name__} of shape {B.shape_str(e.shape)}")
+        return e.reshape(n, -1)
+
+    at_x = explain(x)
+    scale = _norms(at_x, order)
+    scale = xp.where(scale == 0, 1.0, scale)
+    out = xp.zeros(n, np.float64)
+    for _ in range(n_samples):
+        if perturb is None:
+            d = xp.asarray(rng.uniform(-radius, radius, x.shape[1:]).astype(np.float32))
+            near = x + d
+        else:
+            near = B.as_float(perturb(x), "perturb(x)", xp)
+            if near.shape != x.shape:
+                raise ValueError(f"{op}: perturb(x) must be shaped like x "
+                                 f"{B.shape_str(x.shape)}, got {B.shape_str(near.shape)}")
+        e = explain(near)
+        if e.shape != at_x.shape:
+            raise ValueError(f"{op}: the method's explanations changed shape, "
+                             f"{B.shape_str(at_x.shape)} then {B.shape_str(e.shape)}")
+        out = xp.maximum(out, _norms(e.astype(np.float64) - at_x, order) / scale)
+    return unbatch(out, single)
