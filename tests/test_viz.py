@@ -2849,6 +2849,40 @@ def test_layers_given_as_modules_and_empty_batches():
 
 # ---------------------------------------------------------------- infidelity / sensitivity
 
+def draw_key(seed):
+    """The 63-bit key fastcnn.viz.metrics derives its draws from (seed -> key)."""
+    return int(np.random.default_rng(seed).integers(0, 2 ** 63))
+
+
+def noise_draw(seed, j, shape, stdev):
+    """Draw j of the metrics' Gaussian noise: its own generator of (key, j)."""
+    return np.random.default_rng([draw_key(seed), j]).standard_normal(
+        shape, dtype=np.float32) * np.float32(stdev)
+
+
+def uniform_draw(seed, j, shape, radius):
+    """Draw j of sensitivity_max's uniform perturbations."""
+    return np.random.default_rng([draw_key(seed), j]).uniform(-radius, radius, shape).astype(
+        np.float32)
+
+
+def coin64(seed, j, feature):
+    """The subset perturbation's coin for (draw j, feature id): splitmix64's finalizer
+    of key + j * golden + id * mix, in Python integers, its top bit."""
+    mask = (1 << 64) - 1
+    z = (draw_key(seed) + j * 0x9E3779B97F4A7C15 + feature * 0xD1B54A32D192ED03) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return bool((z ^ (z >> 31)) >> 63)
+
+
+def test_the_subset_coins_are_fair_and_independent():
+    coins = np.array([[coin64(11, j, f) for f in range(400)] for j in range(50)])
+    assert abs(coins.mean() - 0.5) < 0.02
+    assert abs(np.corrcoef(coins[:-1].ravel(), coins[1:].ravel())[0, 1]) < 0.05
+    assert abs(np.corrcoef(coins[:, :-1].ravel(), coins[:, 1:].ravel())[0, 1]) < 0.05
+
+
 def infidelity64(model, x, a, target, changes, normalize=False, score="logit", perturbed=None):
     """The definition, one image and one perturbation at a time in float64:
     changes[i][j] is perturbation j of image i; x - I is the perturbed input unless
@@ -2875,8 +2909,7 @@ def test_infidelity_with_noise_matches_the_definition(normalize, score):
     a = viz.gradient(model, x, target, score=score)
     got = viz.infidelity(model, x, a, target, n_samples=7, stdev=0.3, seed=5,
                          normalize=normalize, score=score, batch_size=4)
-    noise = np.random.default_rng(5).standard_normal((7,) + x.shape[1:], np.float32) * \
-        np.float32(0.3)
+    noise = [noise_draw(5, j, x.shape[1:], 0.3) for j in range(7)]
     want = infidelity64(model, x, a, target, [noise] * 3, normalize, score)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-9)
     assert got.dtype == np.float64 and got.shape == (3,)
@@ -2895,7 +2928,7 @@ def test_infidelity_with_subsets_matches_the_definition():
     a = viz.integrated_gradients(model, x, 2, baseline=base, n_steps=20)
     got = viz.infidelity(model, x, a, 2, perturb="subset", feature_mask=cells, baseline=base,
                          n_samples=9, seed=3)
-    coins = np.random.default_rng(3).random((9, 16)) < 0.5
+    coins = np.array([[coin64(3, j, f) for f in range(16)] for j in range(9)])
     masks = [np.broadcast_to(coins[j][cells], x.shape[1:]).astype(np.float64)
              for j in range(9)]
     perturbed = [[np.where(m > 0, base, x[i]) for m in masks] for i in range(2)]
@@ -2915,7 +2948,12 @@ def test_infidelity_of_a_linear_model_and_its_gradient_is_zero():
         assert np.all(got < 1e-9), (perturb, got)
     # scaled attributions: normalize undoes the scale, the plain error grows
     assert np.all(viz.infidelity(model, x, 3 * g, 1, normalize=True) < 1e-9)
-    assert np.all(viz.infidelity(model, x, 3 * g, 1) > 1e-3)
+    assert np.all(viz.infidelity(model, x, 3 * g, 1, stdev=0.1) > 1e-3)
+    # subsets against a baseline: (x - baseline) * gradient is exact, x * gradient not
+    base = np.float32(0.5)
+    exact = viz.infidelity(model, x, (x - base) * g, 1, perturb="subset", baseline=0.5)
+    assert np.all(exact < 1e-9)
+    assert np.all(viz.infidelity(model, x, x * g, 1, perturb="subset", baseline=0.5) > 1e-3)
 
 
 def test_infidelity_takes_maps_without_channels_and_a_perturb_function():
@@ -2952,8 +2990,23 @@ def test_infidelity_arguments():
         viz.infidelity(model, x, a, stdev="1")
     with pytest.raises(ValueError, match="n_samples must be >= 1"):
         viz.infidelity(model, x, a, n_samples=0)
-    with pytest.raises(ValueError, match="feature_mask is for perturb='subset'"):
+    with pytest.raises(ValueError, match="feature_mask is not used with perturb='noise'"):
         viz.infidelity(model, x, a, feature_mask=np.zeros((8, 8), np.int64))
+    with pytest.raises(ValueError, match="stdev is not used with perturb='subset'"):
+        viz.infidelity(model, x, a, perturb="subset", stdev=0.1)
+    with pytest.raises(ValueError, match="baseline is not used with perturb='a function'"):
+        viz.infidelity(model, x, a, perturb=lambda i: (i, i), baseline=0.0)
+    with pytest.raises(ValueError, match="stdev must be finite and > 0 in float32"):
+        viz.infidelity(model, x, a, stdev=1e-50)
+    with pytest.raises(ValueError, match="stdev must be finite and > 0 in float32"):
+        viz.infidelity(model, x, a, stdev=1e39)
+    with pytest.raises(ValueError, match="more than 67108864"):
+        viz.infidelity(model, x, a, n_samples=2 ** 26)
+    with pytest.raises(ValueError, match="perturb's perturbed_inputs must be finite"):
+        viz.infidelity(model, x, a, perturb=lambda i: (i, i * np.float32(np.nan)))
+    with pytest.raises(ValueError, match=r"attributions must be shaped like x .* got shape "
+                                          r"\(1, 2\)"):
+        viz.infidelity(model, x, [[1.0, 2.0]])
     with pytest.raises(TypeError, match="normalize must be True or False"):
         viz.infidelity(model, x, a, normalize=1)
     with pytest.raises(ValueError, match="target classes must be in"):
@@ -2983,8 +3036,7 @@ def test_sensitivity_max_matches_the_definition(norm):
     target = np.array([1, 4, 0])
     got = viz.sensitivity_max("integrated_gradients", model, x, target, n_samples=4,
                               radius=0.1, norm=norm, seed=2, n_steps=10)
-    rng = np.random.default_rng(2)
-    nears = [x + rng.uniform(-0.1, 0.1, x.shape[1:]).astype(np.float32) for _ in range(4)]
+    nears = [x + uniform_draw(2, j, x.shape[1:], 0.1) for j in range(4)]
     order = 2 if norm == "fro" else norm
     want = []
     for row in range(3):
@@ -3063,8 +3115,7 @@ def test_unexplained_share_is_normalized_infidelity_over_the_changes():
     model, x = small_cnn(), images(3)
     a = viz.gradient(model, x, 2)
     share = viz.unexplained_share(model, x, a, 2, n_samples=8, stdev=0.3, seed=4)
-    noise = np.random.default_rng(4).standard_normal((8,) + x.shape[1:], np.float32) * \
-        np.float32(0.3)
+    noise = [noise_draw(4, j, x.shape[1:], 0.3) for j in range(8)]
     energy = []
     for i in range(3):
         base = _score64(model, x[i:i + 1], [2])[0]
@@ -3079,3 +3130,64 @@ def test_unexplained_share_is_normalized_infidelity_over_the_changes():
     lin = linear_net()
     xl = np.random.default_rng(0).standard_normal((2, 2, 4, 3)).astype(np.float32)
     assert np.all(viz.unexplained_share(lin, xl, viz.gradient(lin, xl, 0), 0) < 1e-9)
+
+
+def test_metric_draws_do_not_depend_on_the_batch():
+    """Per-image masks with other ids, other images, other batch sizes: an image's
+    infidelity (noise or subset) and sensitivity are the same alone."""
+    model, x = small_cnn(), images(3)
+    cells = np.repeat(np.repeat(np.arange(16).reshape(4, 4), 2, 0), 2, 1)
+    masks = np.stack([cells, cells + 100, cells * 7])[:, None]
+    a = viz.integrated_gradients(model, x, 1, n_steps=8)
+    both = viz.infidelity(model, x, a, 1, perturb="subset", feature_mask=masks, n_samples=6,
+                          batch_size=5)
+    noisy = viz.infidelity(model, x, a, 1, n_samples=6, batch_size=4)
+    steady = viz.sensitivity_max("gradient", model, x, 1, n_samples=3)
+    for i in range(3):
+        alone = viz.infidelity(model, x[i], a[i], 1, perturb="subset", feature_mask=masks[i],
+                               n_samples=6)
+        assert float(alone) == float(both[i])
+        assert float(viz.infidelity(model, x[i], a[i], 1, n_samples=6)) == float(noisy[i])
+        assert float(viz.sensitivity_max("gradient", model, x[i], 1, n_samples=3)) == \
+            float(steady[i])
+
+
+def test_metrics_of_a_confident_probability_and_edge_cases():
+    """A confident image's probability moves by 1e-9, below float32's resolution of
+    1.0: the softmax is taken in float64, so the changes are seen."""
+    model, x = small_cnn(), images(2)
+    model.fc2.weight.data *= 60     # logits 20-30 apart: probabilities 1 - 1e-9 or so
+    t = model(x).argmax(axis=1)
+    gap = model(x)[np.arange(2), t] - np.sort(model(x), axis=1)[:, -2]
+    assert np.all((gap > 20) & (gap < 30))
+    a = viz.gradient(model, x, t, score="probability")
+    share = viz.unexplained_share(model, x, a, t, score="probability", stdev=0.01)
+    assert np.all(np.isfinite(share))       # the changes are seen (not 0 / 0)
+    noise = [noise_draw(0, j, x.shape[1:], 0.01) for j in range(10)]
+    want = infidelity64(model, x, a, t, [noise] * 2, score="probability")
+    np.testing.assert_allclose(viz.infidelity(model, x, a, t, score="probability", stdev=0.01),
+                               want, rtol=0.05)
+    # nothing moves the score: unexplained is undefined (NaN), not "all explained"
+    flat = small_cnn()
+    flat.fc2.weight.data[...] = 0
+    assert np.all(np.isnan(viz.unexplained_share(flat, x, np.ones_like(x), 0)))
+    # an empty batch, a large p, method_args, a method returning strings
+    assert viz.sensitivity_max("gradient", model, x[:0]).shape == (0,)
+    assert viz.infidelity(model, x[:0], a[:0]).shape == (0,)
+    big = viz.sensitivity_max("gradient", model, x, norm=1000, n_samples=2)
+    inf = viz.sensitivity_max("gradient", model, x, norm=np.inf, n_samples=2)
+    assert np.all(big > 0)
+    np.testing.assert_allclose(big, inf, rtol=0.1)
+    seen = []
+    viz.sensitivity_max(lambda m, i, t, n_samples: seen.append(n_samples) or i, model, x,
+                        n_samples=2, method_args={"n_samples": 40})
+    assert seen == [40, 40, 40]
+    with pytest.raises(ValueError, match="given both as keywords and in method_args"):
+        viz.sensitivity_max("kernel_shap", model, x, baseline=0.0,
+                            method_args={"baseline": 1.0})
+    with pytest.raises(ValueError, match="numbers on the model's device"):
+        viz.sensitivity_max(lambda m, i, t: np.full(len(i), "a"), model, x)
+    with pytest.raises(ValueError, match="radius is not used with perturb='a function'"):
+        viz.sensitivity_max("gradient", model, x, radius=0.1, perturb=lambda i: i)
+    with pytest.raises(ValueError, match=r"perturb\(x\) must be finite"):
+        viz.sensitivity_max("gradient", model, x, perturb=lambda i: i * np.float32(np.nan))

@@ -798,12 +798,12 @@ def test_infidelity_vs_captum(normalize):
     """captum.metrics.infidelity fed fastcnn's noise draws (draw j for every image,
     Captum's copies image-major) and its subset draws: the same values."""
     from captum.metrics import infidelity
+    from test_viz import coin64, noise_draw
     model, x = cnn(41), inputs(41)
     tm, target = to_torch(model), [2, 0, 4]
     tx = torch.from_numpy(x.astype(np.float64))
     a = viz.gradient(model, x, target)
-    noise = np.random.default_rng(7).standard_normal((6,) + x.shape[1:], np.float32) * \
-        np.float32(0.4)
+    noise = np.stack([noise_draw(7, j, x.shape[1:], 0.4) for j in range(6)])
 
     def captum_noise(inputs):
         change = torch.from_numpy(np.tile(noise, (3, 1, 1, 1)).astype(np.float64))
@@ -820,7 +820,7 @@ def test_infidelity_vs_captum(normalize):
     cells = np.repeat(np.repeat(np.arange(12).reshape(4, 3), 3, 0), 3, 1)[:11, :9]
     base = inputs(42, n=1)[0] * 0.5
     ig = viz.integrated_gradients(model, x, target, baseline=base, n_steps=20)
-    coins = np.random.default_rng(3).random((6, 12)) < 0.5
+    coins = np.array([[coin64(3, j, f) for f in range(12)] for j in range(6)])
     removed = np.broadcast_to(coins[:, cells][:, None], (6,) + x.shape[1:])
 
     def captum_subsets(inputs):
@@ -840,11 +840,10 @@ def test_sensitivity_max_vs_captum(norm):
     """captum.metrics.sensitivity_max of Saliency and IntegratedGradients fed
     fastcnn's uniform draws: the same values."""
     from captum.metrics import sensitivity_max
+    from test_viz import uniform_draw
     model, x = cnn(43), inputs(43)
     tm, target = to_torch(model), [1, 3, 0]
-    rng = np.random.default_rng(5)
-    draws = np.stack([rng.uniform(-0.05, 0.05, x.shape[1:]).astype(np.float32)
-                      for _ in range(4)])
+    draws = np.stack([uniform_draw(5, j, x.shape[1:], 0.05) for j in range(4)])
 
     def captum_draws(inputs, radius):
         return inputs + torch.from_numpy(np.tile(draws, (3, 1, 1, 1)).astype(np.float64))

@@ -5,11 +5,14 @@ attribution predicts what perturbing the input does to the score: for
 perturbations I, the mean of (I . a - (f(x) - f(x~)))^2, where a is the
 attribution, f the target's score and x~ the perturbed input (x - I for noise;
 for a removed subset of features, I their 0/1 mask). Zero for a linear model's
-gradient under any noise and for its x * gradient under any subset.
+gradient under any noise and for its (x - baseline) * gradient under any subset.
 
 Sensitivity (Captum's ``sensitivity_max``) asks whether the attribution is stable:
 the largest change of the explanation over inputs drawn near x,
 max ||e(x + d) - e(x)|| / ||e(x)||, d uniform in [-radius, radius].
+
+The built-in draws are functions of (seed, draw, element or feature id) only, so an
+image gets the same value alone or in any batch, and they are made a batch at a time.
 """
 
 import math
@@ -18,9 +21,8 @@ import numbers
 import numpy as np
 
 from .. import _backend as B
-from .. import functional as F
 from ._common import (as_input, check_finite, check_logits, check_score, check_seed,
-                      preserved, resolve_targets, to_host, unbatch)
+                      preserved, resolve_targets, unbatch)
 from .ablation import _feature_mask
 from .attribution import _fill_images
 
@@ -37,24 +39,61 @@ SENSITIVITY_METHODS = ("gradient", "saliency", "guided_backprop", "deconvolution
                        "lrp", "grad_cam", "guided_grad_cam", "occlusion", "feature_ablation",
                        "shapley_value_sampling", "kernel_shap", "lime")
 
+#: The most perturbed copies (images x draws) one call evaluates.
+MAX_COPIES = 1 << 26
+
+_GOLDEN, _ID_MIX = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD1B54A32D192ED03)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
 
 def _positive(value, name, op):
+    """A number that is finite and > 0 in float32 (where it is applied), as a float."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{op}: {name} must be finite and > 0, got {value}")
-    return float(value)
+    with np.errstate(over="ignore", under="ignore"):
+        single = float(np.float32(value)) if math.isfinite(value) else math.inf
+    if not (math.isfinite(single) and single > 0):
+        raise ValueError(f"{op}: {name} must be finite and > 0 in float32 (about 1e-38 to "
+                         f"3e38), got {value}")
+    return single
+
+
+def _key(seed):
+    """A 63-bit key for the draws from ``seed`` (checked)."""
+    return int(np.random.default_rng(seed).integers(0, 2 ** 63))
+
+
+def _coins(key, sample, ids):
+    """Fair coins, a function of (key, sample, id) only (splitmix64's finalizer):
+    True where feature ``ids`` is removed in draw ``sample``; arrays broadcast."""
+    xp = B.array_module(ids)
+    z = (xp.asarray(sample, dtype=np.uint64) * _GOLDEN + ids.astype(np.uint64) * _ID_MIX +
+         np.uint64(key))
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(63)).astype(bool)
+
+
+def _noise(key, sample, shape, stdev):
+    """Draw ``sample``'s Gaussian noise (float32, ``shape``) for ``key``."""
+    rng = np.random.default_rng([key, int(sample)])
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(stdev)
 
 
 def _scores(model, score, op):
-    """score(images, targets) -> the targets' logits (or probabilities), float64."""
+    """score(images, targets) -> the targets' logits (or softmax probabilities, taken
+    in float64: a confident image's probability is 1.0 in float32), float64."""
     def scores(images, targets):
         logits = model.forward(images, record=False)
         check_logits(logits, op)
-        if score == "probability":
-            logits = F.softmax(logits, dim=1)
         xp = B.array_module(logits)
-        return logits[xp.arange(len(logits)), targets].astype(np.float64)
+        z = logits.astype(np.float64)
+        picked = z[xp.arange(len(z)), targets]
+        if score == "logit":
+            return picked
+        top = z.max(axis=1)
+        return xp.exp(picked - top) / xp.exp(z - top[:, None]).sum(axis=1)
     return scores
 
 
@@ -71,59 +110,55 @@ def _attributions(attributions, x, single, xp, op):
         a = a[:, None]
     if a.ndim != 4 or a.shape[0] != x.shape[0] or a.shape[2:] != x.shape[2:] or \
             a.shape[1] not in (1, x.shape[1]):
+        given = a[0].shape if single and a.ndim == 4 and len(a) == 1 else a.shape
         raise ValueError(f"{op}: attributions must be shaped like x {B.shape_str(x.shape)} or "
                          f"be one map per image {B.shape_str(x.shape[:1] + x.shape[2:])}; got "
-                         f"shape {B.shape_str(attributions.shape)}")
+                         f"shape {B.shape_str(given)}")
     return check_finite(xp.broadcast_to(a, x.shape), "attributions", op)
 
 
-def _subset_perturbations(feature_mask, baseline, x, xp, n_samples, rng, op):
-    """draw(image, sample) for perturb='subset': each feature of each copy set to the
-    baseline with probability 1/2 (the coins of draw j shared by every image, by
-    feature id); I is 1 where set, 0 elsewhere (a global attribution already holds
-    the factor x - baseline: Captum's multiply_by_inputs perturbations)."""
-    base = _fill_images(baseline, x, xp, op, "baseline")
-    mask = xp.broadcast_to(_feature_mask(feature_mask, x, xp, op), x.shape)
-    ids, inverse = np.unique(to_host(mask), return_inverse=True)
-    inverse = xp.asarray(inverse.reshape(x.shape))
-    coins = xp.asarray(np.random.default_rng(rng).random((n_samples, len(ids))) < 0.5)
-
-    def draw(image, sample):
-        removed = coins[sample[:, None], inverse[image].reshape(len(image), -1)]
-        removed = removed.reshape((len(image),) + x.shape[1:])
-        return removed.astype(np.float32), xp.where(removed, base[image], x[image])
-    return draw
+def _unused(op, perturb, **given):
+    """A ValueError for an option ``perturb`` does not use (given, i.e. not None)."""
+    for name, value in given.items():
+        if value is not None:
+            raise ValueError(f"{op}: {name} is not used with perturb={perturb!r}; leave it "
+                             f"unset")
 
 
 def infidelity(model, x, attributions, target=None, *, perturb="noise", n_samples=10,
-               stdev=0.1, feature_mask=None, baseline=0.0, normalize=False, score="logit",
+               stdev=None, feature_mask=None, baseline=None, normalize=False, score="logit",
                seed=0, batch_size=256, train=False):
     """Infidelity of ``attributions`` (Yeh et al.; Captum's ``infidelity``): over
     ``n_samples`` perturbations of each image, the mean of
     (sum(I * attributions) - (score(x) - score(x~)))^2, x~ the perturbed image and I
-    the perturbation (see ``perturb``); float64, (N,) (a 0-d array for one image).
+    the perturbation (see ``perturb``); float64, (N,) (a scalar for one image).
     Lower is better; 0 for a linear model's exact attribution.
 
     attributions: shaped like x, or one map per image ((N, H, W) or (N, 1, H, W),
     e.g. a saliency or Grad-CAM map) given to every channel; for one image (C, H, W),
     (C, H, W) or (H, W).
     perturb: 'noise' (I Gaussian, standard deviation ``stdev`` in the model's input
-    units: for local attributions, the gradient and its kin), 'subset' (each feature
-    of ``feature_mask``, every element its own by default, set to ``baseline`` with
-    probability 1/2, I = 1 there and 0 elsewhere, so that I . a sums the removed
-    features' attributions: for attributions that already carry the factor
+    units, 0.01 by default, x~ = x - I: for local attributions, the gradient and its
+    kin), 'subset' (each feature of ``feature_mask``, every element its own by
+    default, set to ``baseline`` (0.0 by default; a value, an image or one per
+    image) with probability 1/2, I = 1 there and 0 elsewhere, so that I . a sums the
+    removed features' attributions: for attributions that already carry the factor
     x - baseline, such as integrated gradients, DeepLIFT, SHAP and ablation;
     Sensitivity-n, Captum's ``multiply_by_inputs`` perturbations), or a function
     ``perturb(inputs) -> (perturbations, perturbed_inputs)`` as Captum's
     ``perturb_func``: ``inputs`` hold ``n_samples`` copies of each image in turn
-    (image 0's first), at most ``batch_size`` of them per call, and the returned
-    arrays are shaped like them (the score change compared is
-    score(x) - score(perturbed); for 'noise', perturbed = x - I).
-    The built-in draws come from ``seed``, draw j the same for every image, so an
-    image gets the same value alone or in any batch.
+    (image 0's first), at most ``batch_size`` of them per call (one call, as
+    Captum's, when batch_size >= N * n_samples), and the returned arrays are shaped
+    like them. Options a perturbation does not use are refused.
+    The built-in draws come from ``seed`` and are functions of (draw, element) for
+    the noise and of (draw, feature id) for the subsets, so an image gets the same
+    value alone or in any batch.
     normalize: scale the attributions by the beta minimizing the error first
     (Captum's ``normalize``): invariant to scaling the attributions.
-    score: 'logit' or 'probability'; ``target`` defaults to the prediction on x.
+    score: 'logit' or 'probability' (softmax in float64); ``target`` defaults to the
+    prediction on x. batch_size: perturbed copies per forward pass. train: run the
+    model in training mode (batch norm then normalises each pass's copies by their
+    own statistics, so the values depend on batch_size).
     """
     dots, diffs, single = _infidelity_terms(
         model, x, attributions, target, perturb, n_samples, stdev, feature_mask, baseline,
@@ -132,19 +167,20 @@ def infidelity(model, x, attributions, target=None, *, perturb="noise", n_sample
 
 
 def unexplained_share(model, x, attributions, target=None, *, perturb="noise", n_samples=10,
-                      stdev=0.1, feature_mask=None, baseline=0.0, score="logit", seed=0,
+                      stdev=None, feature_mask=None, baseline=None, score="logit", seed=0,
                       batch_size=256, train=False):
     """Normalized infidelity over the mean squared score change: the share of what the
     perturbations do to the score that the attribution, best scaled, leaves
-    unexplained, in [0, 1] (0: it predicts every change; 1: none of them; 0 where no
-    perturbation moves the score). Arguments as :func:`infidelity`'s, the same draws."""
+    unexplained, in [0, 1] (0: it predicts every change; 1: none of them; NaN where
+    no perturbation moves the score at all). Arguments as :func:`infidelity`'s, the
+    same draws."""
     dots, diffs, single = _infidelity_terms(
         model, x, attributions, target, perturb, n_samples, stdev, feature_mask, baseline,
         True, score, seed, batch_size, train, "unexplained_share")
     xp = B.array_module(dots)
     energy = (diffs * diffs).sum(axis=1)
     error = ((dots - diffs) ** 2).sum(axis=1)
-    share = xp.where(energy == 0, 0.0, error / xp.where(energy == 0, 1.0, energy))
+    share = xp.where(energy == 0, np.nan, error / xp.where(energy == 0, 1.0, energy))
     return unbatch(xp.clip(share, 0.0, 1.0), single)
 
 
@@ -160,42 +196,49 @@ def _infidelity_terms(model, x, attributions, target, perturb, n_samples, stdev,
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
     if not isinstance(normalize, (bool, np.bool_)):
         raise TypeError(f"{op}: normalize must be True or False, got {normalize!r}")
-    seed = check_seed(seed, op)
+    key = _key(check_seed(seed, op))
     n = x.shape[0]
+    if n * n_samples > MAX_COPIES:
+        raise ValueError(f"{op}: n_samples={n_samples} for {n} images makes {n * n_samples} "
+                         f"perturbed copies, more than {MAX_COPIES}")
     if callable(perturb):
-        draw = _custom_perturbations(perturb, x, xp, op)
+        _unused(op, "a function", stdev=stdev, feature_mask=feature_mask, baseline=baseline)
+        draw, image_major = _custom_perturbations(perturb, x, xp, op), True
     elif isinstance(perturb, str) and perturb == "noise":
-        if feature_mask is not None:
-            raise ValueError(f"{op}: feature_mask is for perturb='subset'")
-        noise = xp.asarray(np.random.default_rng(seed).standard_normal(
-            (n_samples,) + x.shape[1:], dtype=np.float32)) * xp.float32(
-                _positive(stdev, "stdev", op))
+        _unused(op, perturb, feature_mask=feature_mask, baseline=baseline)
+        stdev = _positive(0.01 if stdev is None else stdev, "stdev", op)
 
         def draw(image, sample):
-            return noise[sample], x[image] - noise[sample]
+            drawn, where = np.unique(sample, return_inverse=True)
+            noise = xp.asarray(np.stack([_noise(key, j, x.shape[1:], stdev) for j in drawn]))
+            change = noise[xp.asarray(where)]
+            return change, x[xp.asarray(image)] - change
+        image_major = False
     elif isinstance(perturb, str) and perturb == "subset":
-        draw = _subset_perturbations(feature_mask, baseline, x, xp, n_samples, seed, op)
+        _unused(op, perturb, stdev=stdev)
+        draw = _subset_perturbations(feature_mask, 0.0 if baseline is None else baseline, x, xp,
+                                     key, op)
+        image_major = False
     else:
         raise ValueError(f"{op}: perturb must be one of {PERTURBATIONS} or a function, got "
                          f"{perturb!r}")
     scores = _scores(model, score, op)
-    # per copy (image-major): I . a and d = score(x) - score(x - I)
-    dots = xp.empty(n * n_samples, np.float64)
-    diffs = xp.empty(n * n_samples, np.float64)
+    dots = xp.empty((n, n_samples), np.float64)    # I . a per image and draw
+    diffs = xp.empty((n, n_samples), np.float64)   # score(x) - score(x~)
     with preserved(model, train):
         logits = model.forward(x, record=False)
         check_logits(logits, op)
         t = resolve_targets(target, logits, op)
         at_x = scores(x, t)
-        copies = np.arange(n * n_samples)
-        for first in range(0, len(copies), batch_size):
-            c = copies[first:first + batch_size]
-            image, sample = xp.asarray(c // n_samples), xp.asarray(c % n_samples)
+        # built-in draws: draw-major, so that a pass makes few draws; a function's:
+        # image-major (Captum's order)
+        for first in range(0, n * n_samples, batch_size):
+            c = np.arange(first, min(first + batch_size, n * n_samples))
+            image, sample = (c // n_samples, c % n_samples) if image_major else (c % n, c // n)
             change, perturbed = draw(image, sample)
-            dots[first:first + len(c)] = (change.astype(np.float64) * a[image]).reshape(
-                len(c), -1).sum(axis=1)
-            diffs[first:first + len(c)] = at_x[image] - scores(perturbed, t[image])
-    dots, diffs = dots.reshape(n, n_samples), diffs.reshape(n, n_samples)
+            i, j = xp.asarray(image), xp.asarray(sample)
+            dots[i, j] = (change.astype(np.float64) * a[i]).reshape(len(c), -1).sum(axis=1)
+            diffs[i, j] = at_x[i] - scores(perturbed, t[i])
     if normalize:
         aa, ad = (dots * dots).sum(axis=1), (dots * diffs).sum(axis=1)
         beta = xp.where(aa == 0, 0.0, ad / xp.where(aa == 0, 1.0, aa))
@@ -203,10 +246,28 @@ def _infidelity_terms(model, x, attributions, target, perturb, n_samples, stdev,
     return dots, diffs, single
 
 
+def _subset_perturbations(feature_mask, baseline, x, xp, key, op):
+    """draw(image, sample) for perturb='subset': each feature of each copy set to the
+    baseline by a fair coin of (key, draw, feature id); I is 1 where set, 0 elsewhere
+    (a global attribution already holds the factor x - baseline: Captum's
+    multiply_by_inputs perturbations)."""
+    base = _fill_images(baseline, x, xp, op, "baseline")
+    mask = _feature_mask(feature_mask, x, xp, op)
+    per_image = mask.shape[0] != 1
+
+    def draw(image, sample):
+        i = xp.asarray(image)
+        ids = mask[i] if per_image else mask
+        removed = _coins(key, xp.asarray(sample).reshape((-1, 1, 1, 1)), ids)
+        removed = xp.broadcast_to(removed, (len(image),) + x.shape[1:])
+        return removed.astype(np.float32), xp.where(removed, base[i], x[i])
+    return draw
+
+
 def _custom_perturbations(perturb, x, xp, op):
     """draw(image, sample) from a user's perturb(inputs) -> (perturbations, perturbed)."""
     def draw(image, sample):
-        inputs = x[image]
+        inputs = x[xp.asarray(image)]
         got = perturb(inputs)
         if not isinstance(got, tuple) or len(got) != 2:
             raise ValueError(f"{op}: perturb must return (perturbations, perturbed_inputs), "
@@ -217,6 +278,7 @@ def _custom_perturbations(perturb, x, xp, op):
             if v.shape != inputs.shape:
                 raise ValueError(f"{op}: perturb's {name} must be shaped like its inputs "
                                  f"{B.shape_str(inputs.shape)}, got {B.shape_str(v.shape)}")
+            check_finite(v, f"perturb's {name}", op)
         return change, perturbed
     return draw
 
@@ -237,14 +299,17 @@ def _method(method, op):
 
 
 def _norms(values, order):
-    """Each row's vector norm (float64): 'fro' (2), a number p > 0, or inf."""
+    """Each row's vector norm (float64): 'fro' (2), a number p > 0, or inf; a large p
+    taken relative to the row's largest magnitude (no underflow)."""
     xp = B.array_module(values)
     a = xp.abs(values.astype(np.float64))
     if order == "fro" or order == 2:
         return xp.sqrt((a * a).sum(axis=1))
+    top = a.max(axis=1) if a.shape[1] else xp.zeros(len(a))
     if math.isinf(order):
-        return a.max(axis=1) if a.shape[1] else xp.zeros(len(a))
-    return (a ** order).sum(axis=1) ** (1.0 / order)
+        return top
+    scale = xp.where(top == 0, 1.0, top)
+    return scale * ((a / scale[:, None]) ** order).sum(axis=1) ** (1.0 / order)
 
 
 def _norm_order(norm, op):
@@ -257,22 +322,26 @@ def _norm_order(norm, op):
     return float(norm)
 
 
-def sensitivity_max(method, model, x, target=None, *, radius=0.02, n_samples=10, norm="fro",
-                    perturb=None, seed=0, train=False, **kwargs):
+def sensitivity_max(method, model, x, target=None, *, radius=None, n_samples=10, norm="fro",
+                    perturb=None, seed=0, train=False, method_args=None, **kwargs):
     """Max-sensitivity of an explanation (Yeh et al.; Captum's ``sensitivity_max``): over
     ``n_samples`` inputs x + d near each image, d uniform in [-radius, radius] per
-    element, the largest ||e(x + d) - e(x)|| / ||e(x)|| (float64, (N,); a 0-d array for
-    one image; ||e(x)|| = 0 counts as 1). Lower is steadier.
+    element (radius 0.02 by default), the largest ||e(x + d) - e(x)|| / ||e(x)||
+    (float64, (N,); a scalar for one image; ||e(x)|| = 0 counts as 1). Lower is
+    steadier.
 
     method: one of :data:`SENSITIVITY_METHODS` (a fastcnn.viz function; occlusion's
     logit heatmap) or a function ``method(model, x, target, **kwargs)`` returning one
-    explanation per image, (N, ...); ``kwargs`` go to it, the same for every call.
+    explanation per image, (N, ...); ``kwargs`` and ``method_args`` (a dict, for
+    the method's options named as this function's own: ``{"n_samples": 400}`` for
+    kernel_shap) go to it, the same for every call.
     The target is held at x's (``target``, by default the prediction on x) for the
     perturbed inputs. Each draw is one call on the whole batch, as the explanation
-    of x itself; the draws come from ``seed``, draw j the same for every image.
+    of x itself; draw j is a function of (seed, j) only, the same for every image.
     norm: 'fro' (Euclidean, of the explanation flattened), a number p > 0 or inf.
     perturb: a function ``perturb(x) -> x + d`` (Captum's ``perturb_func``) instead of
-    the uniform draws; called once per draw with the (N, C, H, W) batch.
+    the uniform draws (``radius`` is then refused); called once per draw with the
+    (N, C, H, W) batch.
     train: the model's mode for the target's forward pass (the method has its own).
     """
     op = "sensitivity_max"
@@ -280,12 +349,19 @@ def sensitivity_max(method, model, x, target=None, *, radius=0.02, n_samples=10,
     x, single, xp = as_input(model, x, op)
     n_samples = B.as_count(n_samples, f"{op}: n_samples")
     order = _norm_order(norm, op)
-    seed = check_seed(seed, op)
-    if perturb is not None and not callable(perturb):
-        raise TypeError(f"{op}: perturb must be a function or None, got {perturb!r}")
-    if perturb is None:
-        radius = _positive(radius, "radius", op)
-        rng = np.random.default_rng(seed)
+    key = _key(check_seed(seed, op))
+    if method_args is not None and not isinstance(method_args, dict):
+        raise TypeError(f"{op}: method_args must be a dict or None, got {method_args!r}")
+    clash = sorted(set(kwargs) & set(method_args or {}))
+    if clash:
+        raise ValueError(f"{op}: {clash} given both as keywords and in method_args")
+    options = {**kwargs, **(method_args or {})}
+    if perturb is not None:
+        if not callable(perturb):
+            raise TypeError(f"{op}: perturb must be a function or None, got {perturb!r}")
+        _unused(op, "a function", radius=radius)
+    else:
+        radius = _positive(0.02 if radius is None else radius, "radius", op)
     with preserved(model, train):
         logits = model.forward(x, record=False)
         check_logits(logits, op)
@@ -293,30 +369,34 @@ def sensitivity_max(method, model, x, target=None, *, radius=0.02, n_samples=10,
     n = x.shape[0]
 
     def explain(images):
-        e = fn(model, images, t, **kwargs)
+        e = fn(model, images, t, **options)
         if isinstance(e, tuple):
             raise ValueError(f"{op}: the method must return one array of explanations, got a "
                              f"tuple (leave return_convergence_delta off)")
         e = e if B.is_gpu_array(e) else np.asarray(e)
-        if B.is_gpu_array(e) != (xp is not np) or e.ndim < 1 or e.shape[0] != n:
+        if B.is_gpu_array(e) != (xp is not np) or e.ndim < 1 or e.shape[0] != n or \
+                e.dtype.kind not in "fiub":
             raise ValueError(f"{op}: the method must return one explanation per image, "
-                             f"({n}, ...) on the model's device; got "
-                             f"{type(e).__name__} of shape {B.shape_str(e.shape)}")
-        return e.reshape(n, -1)
+                             f"({n}, ...) numbers on the model's device; got "
+                             f"{type(e).__name__} of shape {B.shape_str(e.shape)}, dtype "
+                             f"{e.dtype}")
+        return e.reshape(n, int(np.prod(e.shape[1:])))
 
     at_x = explain(x)
     scale = _norms(at_x, order)
     scale = xp.where(scale == 0, 1.0, scale)
     out = xp.zeros(n, np.float64)
-    for _ in range(n_samples):
+    for j in range(n_samples):
         if perturb is None:
-            d = xp.asarray(rng.uniform(-radius, radius, x.shape[1:]).astype(np.float32))
-            near = x + d
+            rng = np.random.default_rng([key, j])
+            d = rng.uniform(-radius, radius, x.shape[1:]).astype(np.float32)
+            near = x + xp.asarray(d)
         else:
             near = B.as_float(perturb(x), "perturb(x)", xp)
             if near.shape != x.shape:
                 raise ValueError(f"{op}: perturb(x) must be shaped like x "
                                  f"{B.shape_str(x.shape)}, got {B.shape_str(near.shape)}")
+            check_finite(near, "perturb(x)", op)
         e = explain(near)
         if e.shape != at_x.shape:
             raise ValueError(f"{op}: the method's explanations changed shape, "

@@ -48,7 +48,7 @@ LRP_GAMMA = 0.25
 #: element by element (:func:`~fastcnn.viz.sensitivity_max`).
 LOCAL_METHODS = ("saliency", "smoothgrad", "guided", "gradcam", "guided_gradcam")
 INFIDELITY_NOISE = 0.01
-INFIDELITY_SAMPLES = 20
+INFIDELITY_SAMPLES = 50
 SENSITIVITY_SAMPLES = 5
 SENSITIVITY_RADIUS = 0.02
 
@@ -173,7 +173,8 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         maps[method], result = run(method, batch, targets)
         if method == "occlusion":
             occluded = result
-    trust = _trust(model, batch, targets, maps, run, cells, fill, seed) if metrics else None
+    trust = _trust(model, batch, targets, maps, occluded, run, cells, fill, seed) \
+        if metrics else None
     if classes is None:
         classes = (getattr(model, "metadata", None) or {}).get("classes")
     settings = {"window": window, "stride": stride,
@@ -211,7 +212,7 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     return explanations[0] if single else explanations
 
 
-def _trust(model, batch, targets, maps, run, cells, fill, seed):
+def _trust(model, batch, targets, maps, occluded, run, cells, fill, seed):
     """explain's metrics: method -> {"unexplained": (N,), "sensitivity": (N,)} (host)."""
     xp = B.array_module(batch)
     out = OrderedDict()
@@ -229,7 +230,7 @@ def _trust(model, batch, targets, maps, run, cells, fill, seed):
         else:
             a = heat
             if method == "occlusion":
-                a = map_of(method)(model, batch, targets)
+                a = occluded.logit_heatmap
             elif method == "kernel_shap":  # a cell's value on each of its elements: share it
                 sizes = np.bincount(cells.ravel())[cells] * batch.shape[1]
                 a = heat / xp.asarray(sizes, np.float32)
@@ -362,7 +363,7 @@ def _metrics_table(explanation):
     """The report's table of how far to trust each map (explain(metrics=True))."""
     rows = "".join(
         f"<tr><td>{html.escape(m)}</td>"
-        f'<td style="text-align:right">{100 * v["unexplained"]:.1f}%</td>'
+        f'<td style="text-align:right">{_percent(v["unexplained"])}</td>'
         f'<td style="text-align:right">{v["sensitivity"]:.3f}</td>'
         f"<td>{'noise' if m in LOCAL_METHODS else 'cells removed'}</td></tr>"
         for m, v in explanation.metrics.items())
@@ -379,6 +380,12 @@ def _metrics_table(explanation):
 
 
 _SCORE = "target's logit"
+
+
+def _percent(share):
+    """A share as a percentage; n/a where it is undefined (no perturbation moved the
+    score)."""
+    return "n/a" if np.isnan(share) else f"{100 * share:.1f}%"
 
 
 def _window_text(explanation):
@@ -641,10 +648,10 @@ def run_cli(args):
             line += f", true {class_name(e, e.label)}"
         print(line)
         if e.metrics:
-            width = max(len(m) for m in e.metrics) + 2
+            width = max(len("method"), *map(len, e.metrics)) + 2
             print(f"  {'method':<{width}}{'unexplained':>11}{'sensitivity':>13}  perturbed by")
             for m, v in e.metrics.items():
-                print(f"  {m:<{width}}{100 * v['unexplained']:>10.1f}%"
+                print(f"  {m:<{width}}{_percent(v['unexplained']):>11}"
                       f"{v['sensitivity']:>13.3f}  "
                       f"{'noise' if m in LOCAL_METHODS else 'cells removed'}")
     path = write_report(explanations, args.out,
