@@ -859,3 +859,37 @@ def test_sensitivity_max_vs_captum(norm):
         got = viz.sensitivity_max(ours, model, x, target, radius=0.05, n_samples=4,
                                   norm=norm, seed=5, **extra)
         close(got, want, rtol=1e-3)
+
+
+def test_probability_scores_of_a_confident_model_vs_captum():
+    """A confident model (the target's probability 1 - 1e-8 or closer): its softmax
+    Jacobian's 1 - p and the probability's changes are below float32's resolution at
+    1, so fastcnn takes the softmax in float64, as Captum on a float64 model does:
+    the gradient, occlusion's probability drops and feature ablation agree with it."""
+    model, x = cnn(44), inputs(44)
+    top2 = np.sort(model(x), axis=1)[:, -2:]
+    scale = np.float32(20 / (top2[:, 1] - top2[:, 0]).min())   # the logits 20 or more apart
+    model["fc"].weight.data *= scale
+    model["fc"].bias.data *= scale
+    logits = model(x)
+    target = logits.argmax(axis=1)
+    assert np.all(np.sort(logits, axis=1)[:, -1] - np.sort(logits, axis=1)[:, -2] > 19)
+    assert np.all(np.sort(logits, axis=1)[:, -1] - np.sort(logits, axis=1)[:, -2] < 36)
+    probs = tnn.Sequential(to_torch(model), tnn.Softmax(dim=1))
+    tt = target.tolist()
+
+    def close(got, want):  # relative to the largest value: they are all tiny here
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-3,
+                                   atol=2e-3 * np.abs(want).max())
+
+    close(viz.gradient(model, x, target, score="probability"),
+          attr(captum_attr.Saliency(probs), x, target=tt, abs=False))
+    r = viz.occlusion(model, x, target, window=(3, 3), stride=(2, 2), fill=0.0)
+    want = attr(captum_attr.Occlusion(probs), x, target=tt, sliding_window_shapes=(3, 3, 3),
+                strides=(3, 2, 2), baselines=0.0)[:, 0]
+    close(r.heatmap, want)
+    cells = np.repeat(np.repeat(np.arange(12).reshape(4, 3), 3, 0), 3, 1)[:11, :9]
+    close(viz.feature_ablation(model, x, target, feature_mask=cells, score="probability"),
+          attr(captum_attr.FeatureAblation(probs), x, target=tt,
+               feature_mask=torch.from_numpy(cells[None, None])))

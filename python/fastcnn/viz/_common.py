@@ -6,7 +6,6 @@ from contextlib import contextmanager
 import numpy as np
 
 from .. import _backend as B
-from .. import functional as F
 from ..nn import BatchNorm2d, Conv2d, Dropout, ReLU, Sequential
 
 SCORES = ("logit", "probability")
@@ -107,17 +106,27 @@ def resolve_targets(target, logits, op):
     return xp.asarray(t, dtype=np.int64)
 
 
+def probabilities64(logits, axis=-1):
+    """The softmax of float32 logits, in float64. A confident image's probability is
+    1 - 1e-9, which float32 rounds to 1: its changes, and 1 - p in the softmax's
+    Jacobian, would vanish (Captum on a float64 model sees them)."""
+    xp = B.array_module(logits)
+    z = logits.astype(np.float64)
+    e = xp.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
 def score_seed(logits, target, score):
     """d score / d logits: one-hot at the target (logit), or the softmax Jacobian's
-    target row p_t * (onehot - p) (probability)."""
+    target row p_t * (onehot - p) (probability; in float64, then float32)."""
     xp = B.array_module(logits)
     n = logits.shape[0]
     rows = xp.arange(n)
     seed = xp.zeros_like(logits)
     seed[rows, target] = 1.0
     if score == "probability":
-        p = F.softmax(logits, dim=1)
-        seed = p[rows, target][:, None] * (seed - p)
+        p = probabilities64(logits, axis=1)
+        seed = (p[rows, target][:, None] * (seed - p)).astype(logits.dtype)
     return seed
 
 

@@ -13,9 +13,9 @@ import math
 import numpy as np
 
 from .. import _backend as B
-from .. import functional as F
 from ._common import (LayerPoint, as_input, check_finite, check_logits, check_score,
-                      check_seed, preserved, resolve_targets, to_host, unbatch)
+                      check_seed, preserved, probabilities64, resolve_targets, to_host,
+                      unbatch)
 from .attribution import _fill_images, _neuron_seed, _unit_layer, _unit_value
 
 __all__ = ["feature_ablation", "layer_feature_ablation", "feature_permutation",
@@ -116,7 +116,7 @@ def _features(model, x, target, feature_mask, baseline, score, batch_size, train
     def class_scores(logits, targets):
         check_logits(logits, op)
         if score == "probability":
-            logits = F.softmax(logits, dim=1)
+            logits = probabilities64(logits, axis=1)
         return logits[xp.arange(len(logits)), targets].astype(np.float64)
 
     if unit is not None:

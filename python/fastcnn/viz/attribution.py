@@ -41,7 +41,7 @@ from ..nn import BatchNorm2d, Conv2d, Dropout, MaxPool2d, ReLU
 from ..nn.module import DECONVOLUTION
 from ._common import (LayerPoint, as_input, check_finite, check_logits, check_model,
                       check_score, check_seed, default_cam_layer, layer_name, preserved,
-                      resolve_targets, score_seed, unbatch)
+                      probabilities64, resolve_targets, score_seed, unbatch)
 
 __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_gradient",
            "integrated_gradients", "layer_integrated_gradients", "gradient_shap", "grad_cam",
@@ -462,7 +462,7 @@ def _gradient_shap(op, model, x, baselines, target, point, n_samples, stdev, bat
                 change = _unit_value(ends[:m] - ends[m:], selection[on_device[0]])
             else:
                 ends = point.logits(ends) if point is not None else model.forward(ends)
-                ends = ends if score == "logit" else F.softmax(ends, dim=1)
+                ends = ends if score == "logit" else probabilities64(ends, axis=1)
                 rows = xp.arange(m)
                 tt = t[on_device[0]]
                 change = ends[rows, tt].astype(np.float64) - ends[rows + m, tt]
@@ -954,7 +954,7 @@ def _target_change(ends, target, score, n, op):
     each image's target score minus its baseline's (float64)."""
     check_logits(ends, op)
     t = resolve_targets(target, ends[:n], op)
-    scores = ends if score == "logit" else F.softmax(ends, dim=1)
+    scores = ends if score == "logit" else probabilities64(ends, axis=1)
     rows = B.array_module(ends).arange(n)
     return t, scores[rows, t].astype(np.float64) - scores[rows + n, t]
 
@@ -1071,12 +1071,16 @@ def occlusion(model, x, target=None, *, window=4, stride=1, fill=0.0, batch_size
     t = resolve_targets(target, base, op)
     rows = xp.arange(n)
     base_logit = base[rows, t]
-    base_probability = F.softmax(base, dim=1)[rows, t]
+    base_probability = probabilities64(base, axis=1)[rows, t]
     shape = (n,) + tuple(len(a) for a in starts)
     logit = logits[rows, :, t].reshape(shape)
-    probability = F.softmax(logits, dim=2)[rows, :, t].reshape(shape)
+    probability = probabilities64(logits, axis=2)[rows, :, t].reshape(shape)
     predicted = xp.argmax(logits, axis=2).reshape(shape)
-    drop = base_probability.reshape((n,) + (1,) * len(size)) - probability
+    # in float64, then float32: a confident image's drops are 1e-9, below float32's
+    # resolution at 1
+    drop = (base_probability.reshape((n,) + (1,) * len(size)) - probability).astype(np.float32)
+    probability, base_probability = (a.astype(np.float32) for a in (probability,
+                                                                   base_probability))
     logit_drop = base_logit.reshape((n,) + (1,) * len(size)) - logit
     result = OcclusionResult(
         probability=probability, logit=logit, drop=drop, logit_drop=logit_drop,

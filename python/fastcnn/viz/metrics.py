@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import _backend as B
 from ._common import (as_input, check_finite, check_logits, check_score, check_seed,
-                      preserved, resolve_targets, unbatch)
+                      preserved, probabilities64, resolve_targets, unbatch)
 from .ablation import _feature_mask
 from .attribution import _fill_images
 
@@ -88,12 +88,8 @@ def _scores(model, score, op):
         logits = model.forward(images, record=False)
         check_logits(logits, op)
         xp = B.array_module(logits)
-        z = logits.astype(np.float64)
-        picked = z[xp.arange(len(z)), targets]
-        if score == "logit":
-            return picked
-        top = z.max(axis=1)
-        return xp.exp(picked - top) / xp.exp(z - top[:, None]).sum(axis=1)
+        values = logits.astype(np.float64) if score == "logit" else probabilities64(logits, 1)
+        return values[xp.arange(len(values)), targets]
     return scores
 
 
