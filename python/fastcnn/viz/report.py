@@ -186,8 +186,8 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
         image_maps = OrderedDict((m, v[i]) for m, v in maps.items())
         image_settings = dict(settings)
         if occluded is not None:
-            # a saturated probability (a confident model) hardly moves, and its drops are
-            # float32 rounding: show how the logit falls instead
+            # a saturated probability (a confident model) hardly moves (drops of 1e-9):
+            # show how the logit falls instead
             if float(to_host(abs(occluded.drop[i]).max())) < OCCLUSION_MIN_DROP:
                 image_maps["occlusion"] = occluded.logit_heatmap[i]
                 image_settings["occlusion_score"] = "logit"
