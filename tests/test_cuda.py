@@ -1607,6 +1607,8 @@ class TestModelsOnGpu:
                 feature_mask=np.arange(144).reshape(12, 12) // 13, n_samples=3, batch_size=4),
             "sensitivity_max": lambda m, a: viz.sensitivity_max("saliency", m, a, n_samples=2,
                                                                 radius=0.1),
+            "concept_vector": lambda m, a: viz.concept_vector(
+                m, "relu1", a, a[::-1] * 0.5 + 0.1, test_fraction=0.0).vector,
         }
         for name, fn in cases.items():
             got = fn(gpu, gx)
@@ -1615,6 +1617,11 @@ class TestModelsOnGpu:
         bitwise(cp.asnumpy(viz.filters(gpu)), np.asarray(viz.filters(cpu)), "filters")
         report = viz.explain(gpu, gx[0], methods="all", n_samples=4)
         assert report is not None
+        pool = randn(rng, 6, 1, 12, 12)
+        tcav = [viz.tcav(m, a, "pool1", c, p, runs=2) for m, a, c, p in (
+            (gpu, gx, gx * 0.5, cp.asarray(pool)), (cpu, x, x * 0.5, pool))]
+        np.testing.assert_array_equal(tcav[0].scores, tcav[1].scores)
+        close(tcav[0].derivatives, tcav[1].derivatives, 50, rtol=1e-3, atol=1e-4, name="tcav")
         trust = [viz.explain(m, a, methods=["saliency", "integrated"], n_steps=2,
                              metrics=True) for m, a in ((gpu, gx), (cpu, x))]
         for on_gpu, on_cpu in zip(*trust):

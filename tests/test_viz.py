@@ -3191,3 +3191,139 @@ def test_metrics_of_a_confident_probability_and_edge_cases():
         viz.sensitivity_max("gradient", model, x, radius=0.1, perturb=lambda i: i)
     with pytest.raises(ValueError, match=r"perturb\(x\) must be finite"):
         viz.sensitivity_max("gradient", model, x, perturb=lambda i: i * np.float32(np.nan))
+
+
+# ---------------------------------------------------------------- TCAV
+
+def ridge64(acts, labels, alpha):
+    """The ridge classifier's weights in the primal, in float64: (Xc^T Xc + lambda I)^-1
+    Xc^T (y - mean y), lambda = alpha * the mean squared norm of the centred rows."""
+    xc = acts - acts.mean(axis=0)
+    lam = alpha * (xc * xc).sum() / len(acts)
+    return np.linalg.solve(xc.T @ xc + lam * np.eye(acts.shape[1]), xc.T @ (labels - labels.mean()))
+
+
+def test_concept_vector_classifiers():
+    """ridge: the primal solution (unit length, towards the concept); mean_difference:
+    the difference of the means; a function gets the training activations; the
+    held-out accuracy is the midpoint rule's on the test share."""
+    model = small_cnn()
+    concept, others = images(12, seed=3) + 1.0, images(14, seed=4)
+    acts = lambda a: forward64(model, a)["fc1"]   # noqa: E731
+    r = viz.concept_vector(model, "fc1", concept, others, alpha=0.3, test_fraction=0.0)
+    labels = np.r_[np.ones(12), -np.ones(14)]
+    want = ridge64(np.r_[acts(concept), acts(others)], labels, 0.3)
+    np.testing.assert_allclose(r.vector, want / np.linalg.norm(want), rtol=1e-4, atol=1e-6)
+    assert np.isnan(r.accuracy) and r.layer == "fc1"
+    m = viz.concept_vector(model, "fc1", concept, others, classifier="mean_difference",
+                           test_fraction=0.0)
+    diff = acts(concept).mean(axis=0) - acts(others).mean(axis=0)
+    np.testing.assert_allclose(m.vector, diff / np.linalg.norm(diff), rtol=1e-4, atol=1e-6)
+    seen = []
+
+    def custom(a, y):
+        seen.append((a.shape, sorted(set(y.tolist()))))
+        return np.where(y[:, None] > 0, a, -a).sum(axis=0)
+
+    held = viz.concept_vector(model, "relu2", concept, others, classifier=custom, seed=1)
+    n_train = 26 - int(0.33 * 26)
+    assert seen == [((n_train, forward64(model, concept)["relu2"][0].size), [-1.0, 1.0])]
+    assert 0 <= held.accuracy <= 1
+    # the accuracy: the test share classified by the midpoint of the training means
+    order = np.random.default_rng(1).permutation(26)
+    test, train = order[:int(0.33 * 26)], order[int(0.33 * 26):]
+    a = np.r_[forward64(model, concept)["relu2"].reshape(12, -1),
+              forward64(model, others)["relu2"].reshape(14, -1)]
+    proj = a @ held.vector
+    cut = (proj[train][labels[train] > 0].mean() + proj[train][labels[train] < 0].mean()) / 2
+    assert held.accuracy == pytest.approx(np.mean(np.where(proj[test] > cut, 1, -1) ==
+                                                  labels[test]))
+
+
+def test_tcav_derivatives_are_the_directional_derivatives():
+    """Each run's derivatives are d score / d activation . CAV (central differences of
+    the float64 rest of the network along the CAV); the scores count positive ones;
+    the runs draw the others from the pool, the controls random against random."""
+    model = small_cnn()
+    x, concept, pool = images(5, seed=7), images(6, seed=8) * 2, images(20, seed=9)
+    r = viz.tcav(model, x, "pool2", concept, pool, 2, runs=3, seed=4)
+    assert r.derivatives.shape == (3, 5) and r.random_scores.shape == (3,)
+    a = forward64(model, x)["pool2"]
+    f = _rest_score(model, "pool2", 2)
+    rng = np.random.default_rng(4)
+    for run in range(3):
+        other = np.sort(rng.choice(20, 6, replace=False))
+        cav = viz.concept_vector(model, "pool2", concept, pool[other], seed=rng).vector
+        v = cav.reshape(a.shape[1:])
+        want = [(f(a[i] + 1e-4 * v) - f(a[i] - 1e-4 * v)) / 2e-4 for i in range(5)]
+        np.testing.assert_allclose(r.derivatives[run], want, rtol=1e-3, atol=1e-5)
+        assert r.scores[run] == np.mean(np.array(want) > 0)
+        assert r.magnitudes[run] == pytest.approx(np.mean(want), rel=1e-3, abs=1e-6)
+        fake = np.sort(rng.choice(20, 6, replace=False))
+        rest = np.sort(rng.choice(np.setdiff1d(np.arange(20), fake), 6, replace=False))
+        control = viz.concept_vector(model, "pool2", pool[fake], pool[rest], seed=rng).vector
+        grads = viz.layer_gradient_x_activation(model, x, "pool2", 2, multiply_by_inputs=False)
+        assert r.random_scores[run] == np.mean(grads.reshape(5, -1) @ control > 0)
+    assert r.score == pytest.approx(r.scores.mean())
+
+
+def test_tcav_of_a_concept_the_class_is_made_of():
+    """A linear model at its flattened input: the gradient is W[t] for every input, so
+    a concept of images shifted along W[t] scores 1 (every input's score grows towards
+    it) and the opposite concept 0, far from the random controls."""
+    model = linear_net()
+    w = model.fc.weight.data[1].reshape(2, 4, 3)
+    w = 6 * w / np.linalg.norm(w)
+    pool = np.random.default_rng(1).standard_normal((60, 2, 4, 3)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((10, 2, 4, 3)).astype(np.float32)
+    up = viz.tcav(model, x, "flatten", pool[:15] + w, pool[15:], 1, runs=10)
+    down = viz.tcav(model, x, "flatten", pool[:15] - w, pool[15:], 1, runs=10)
+    assert up.score == 1.0 and down.score == 0.0
+    assert np.all(up.accuracies >= 0.8)
+    assert up.magnitude > 0 > down.magnitude
+    # a linear model's inputs share one gradient: a random CAV scores 0 or 1
+    assert set(up.random_scores.tolist()) == {0.0, 1.0} and up.p_value < 0.05
+
+
+def test_welch_p_value_and_incomplete_beta():
+    from fastcnn.viz.concepts import _betainc, _welch_p
+    scipy = pytest.importorskip("scipy")
+    from scipy import special, stats
+    for a, b, x in [(0.5, 0.5, 0.3), (2.0, 0.5, 0.9), (30.0, 0.5, 0.99), (1.5, 4.0, 0.01)]:
+        assert _betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-10)
+    rng = np.random.default_rng(0)
+    for n, m in [(5, 7), (10, 10), (3, 20)]:
+        u, v = rng.normal(0, 1, n), rng.normal(0.5, 2, m)
+        assert _welch_p(u, v) == pytest.approx(
+            stats.ttest_ind(u, v, equal_var=False).pvalue, rel=1e-8)
+    assert scipy is not None
+    assert np.isnan(_welch_p([0.5], [0.1, 0.2])) and np.isnan(_welch_p([1, 1], [1, 1]))
+    assert _welch_p([1, 1], [0, 0]) == 0.0
+
+
+def test_tcav_arguments():
+    model, x = small_cnn(), images(3)
+    c, o = images(4, seed=2), images(8, seed=3)
+    with pytest.raises(ValueError, match="at least as many other images"):
+        viz.tcav(model, x, "relu2", c, o[:3])
+    with pytest.raises(ValueError, match="classifier must be one of"):
+        viz.tcav(model, x, "relu2", c, o, classifier="svm")
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        viz.tcav(model, x, "relu2", c, o, test_fraction=1.0)
+    with pytest.raises(ValueError, match="alpha must be > 0 for the ridge"):
+        viz.concept_vector(model, "relu2", c, o, alpha=0)
+    with pytest.raises(ValueError, match="runs must be >= 1"):
+        viz.tcav(model, x, "relu2", c, o, runs=0)
+    with pytest.raises(ValueError, match="one kind of example only"):
+        viz.concept_vector(model, "relu2", c[:1], o[:1], test_fraction=0.5)
+    with pytest.raises(ValueError, match="found no direction"):
+        viz.concept_vector(model, "relu2", c, c.copy(), classifier="mean_difference",
+                           test_fraction=0.0)
+    with pytest.raises(ValueError, match="one weight per activation"):
+        viz.concept_vector(model, "relu2", c, o, classifier=lambda a, y: np.ones(3))
+    with pytest.raises(ValueError, match="target must be an int or one class per input"):
+        viz.tcav(model, x, "relu2", c, o, np.array([1, 2]))
+    with pytest.raises(ValueError, match="no layer 'nope'"):
+        viz.tcav(model, x, "nope", c, o)
+    with pytest.raises(ValueError, match="concept must be one image"):
+        viz.tcav(model, x, "relu2", c[0, 0], o)

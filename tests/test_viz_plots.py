@@ -317,3 +317,56 @@ def test_cli_explain_test_index(tmp_path):
     text = (out / "report.html").read_text()
     assert "test:3" in text and "test:7" in text and "Trouser" in text
     assert cli.main(["explain", str(model_path), "test:99999", "--out", str(out)]) == 2
+
+
+def test_cli_tcav(tmp_path, capsys):
+    """fastcnn tcav over folders of pictures: the score printed is viz.tcav's on the
+    same images; test: sets from an IDX folder; bad sets are one-line errors."""
+    from fastcnn import cli, data
+
+    model_path = io.save(small_model(), tmp_path / "model.npz")
+    rng = np.random.default_rng(0)
+    folders = {}
+    for name, count, make in (
+            ("stripes", 6, lambda i: np.tile(np.where(np.arange(24) % 6 < 3, 220, 20), (30, 1))),
+            ("random", 16, lambda i: rng.integers(0, 256, (30, 24))),
+            ("inputs", 5, lambda i: np.pad(rng.integers(100, 256, (10, 8)), 10))):
+        folder = folders[name] = tmp_path / name
+        folder.mkdir()
+        for i in range(count):
+            PIL.fromarray(make(i).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    args = ["tcav", str(model_path), "--concept", str(folders["stripes"]), "--target", "cat",
+            "--images", str(folders["inputs"]), "--random", str(folders["random"]), "--runs",
+            "3", "--layer", "pool1"]
+    assert cli.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("tcav: the cat logit at pool1, for 5 images")
+    row = lines[2].split()
+    assert row[0] == str(folders["stripes"])
+
+    def load(folder):
+        batch = np.stack([cli.load_image(p, [1, 12, 12]) for p in sorted(folder.iterdir())])
+        return (batch.astype(np.float32) / 255 - np.float32(0.3)) / np.float32(0.4)
+
+    want = viz.tcav(io.load(model_path), load(folders["inputs"]), "pool1",
+                    load(folders["stripes"]), load(folders["random"]), 2, runs=3)
+    assert float(row[1]) == pytest.approx(want.score, abs=0.005)
+    # test: sets from an IDX folder (12x12 images, classes 0-3)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    labels = (np.arange(40) % 4).astype(np.uint8)
+    for prefix in ("train", "t10k"):
+        data.write_idx(idx / f"{prefix}-images-idx3-ubyte.gz",
+                       rng.integers(0, 256, (40, 12, 12)).astype(np.uint8))
+        data.write_idx(idx / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    assert cli.main(["tcav", str(model_path), "--concept", "test:1", "--target", "2", "--data",
+                     str(idx), "--count", "5", "--runs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "for 5 images (test:2)" in printed and "test:1" in printed
+    for bad, message in ((["--concept", str(tmp_path / "none")], "expected test:CLASS"),
+                         (["--concept", "test:zebra"], "neither a class index nor"),
+                         (["--runs", "0"], "--count and --runs must be >= 1"),
+                         (["--layer", "relu9"], "no layer")):
+        assert cli.main(["tcav", str(model_path), "--target", "cat", "--data", str(idx),
+                         "--concept", "test:1"] + bad) == 2, bad
+        assert message in capsys.readouterr().err

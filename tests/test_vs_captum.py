@@ -893,3 +893,43 @@ def test_probability_scores_of_a_confident_model_vs_captum():
     close(viz.feature_ablation(model, x, target, feature_mask=cells, score="probability"),
           attr(captum_attr.FeatureAblation(probs), x, target=tt,
                feature_mask=torch.from_numpy(cells[None, None])))
+
+
+def test_tcav_vs_captum_on_the_same_cav(tmp_path):
+    """Captum's TCAV (its default layer gradient) given fastcnn's concept activation
+    vector through a classifier that returns it: the same sign-count and magnitude
+    scores as fastcnn's tcav with one run over the same pool."""
+    from captum.concept import TCAV, Concept
+    from captum.concept._utils.classifier import Classifier
+
+    model = cnn(45)
+    x, concept, pool = inputs(45, n=12), inputs(48, n=8), inputs(47, n=8)
+    ours = viz.tcav(model, x, "pool1", concept, pool, 2, runs=1, seed=2)
+    cav = viz.concept_vector(model, "pool1", concept, pool, seed=2).vector
+
+    class Given(Classifier):
+        def __init__(self):
+            pass
+
+        def train_and_eval(self, dataloader, **kwargs):
+            return {"accs": torch.tensor(1.0)}
+
+        def weights(self):
+            v = torch.from_numpy(cav)
+            return torch.stack([v, -v])
+
+        def classes(self):
+            return [0, 1]
+
+    def loader(images):
+        return torch.utils.data.DataLoader(torch.from_numpy(images.astype(np.float64)),
+                                           batch_size=4)
+
+    tm = to_torch(model)
+    tcav = TCAV(tm, ["pool1"], classifier=Given(), save_path=str(tmp_path))
+    sets = [[Concept(0, "concept", loader(concept)), Concept(1, "pool", loader(pool))]]
+    got = tcav.interpret(torch.from_numpy(x.astype(np.float64)), sets, target=2)
+    scores = next(iter(got.values()))["pool1"]
+    assert float(scores["sign_count"][0]) == pytest.approx(ours.score)
+    assert float(scores["magnitude"][0]) == pytest.approx(ours.magnitude, rel=1e-4)
+    assert 0 < ours.score < 1

@@ -1,5 +1,5 @@
 """The ``fastcnn`` command line: ``fastcnn demo | train | predict | explain | channels |
-maximize | bench | info``.
+maximize | tcav | bench | info``.
 
 Each subcommand is a :class:`Command` in ``COMMANDS`` (name, help, a function
 adding its arguments to an argparse parser, and a function running it with
@@ -629,6 +629,16 @@ register("explain", "show which pixels a saved model's prediction depends on: oc
          _add_explain_arguments, _run_explain)
 
 
+def add_image_options(parser, data_help):
+    """--data (the IDX folder for test: images), --invert and --threads, as the
+    commands reading pictures take them."""
+    parser.add_argument("--data", metavar="DIR", help=data_help)
+    parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                        help="invert grey levels of PNG/JPEG pictures, as for predict "
+                             "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+
+
 def _add_channels_arguments(parser):
     from .viz.channels import CHANNEL_METHODS
 
@@ -649,12 +659,7 @@ def _add_channels_arguments(parser):
                         help="conductance's steps along the path (default: %(default)s)")
     parser.add_argument("--out", default="channels.png",
                         help="the picture to write: .png (default: %(default)s), .pdf or .svg")
-    parser.add_argument("--data", metavar="DIR",
-                        help="folder with the MNIST-format IDX set for test:INDEX")
-    parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
-                        help="invert grey levels of a PNG/JPEG, as for predict "
-                             "(default: %(default)s)")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+    add_image_options(parser, "folder with the MNIST-format IDX set for test:INDEX")
 
 
 def _run_channels(args):
@@ -792,6 +797,148 @@ def _run_maximize(args):
 register("maximize", "synthesise the input each unit of a layer (or each class) responds to "
                      "most, by gradient ascent on the pixels; writes a PNG grid",
          _add_maximize_arguments, _run_maximize)
+
+
+def _add_tcav_arguments(parser):
+    parser.add_argument("model", help="a model file saved by fastcnn (e.g. fastcnn-demo/model.npz)")
+    parser.add_argument("--concept", action="append", required=True, metavar="SET",
+                        help="a concept's example images: test:CLASS (the test set's images "
+                             "of a class, a name or an index) or a folder of PNG/JPEG "
+                             "pictures; give several --concept to compare them")
+    parser.add_argument("--target", metavar="C", required=True,
+                        help="the class whose score is tested, an index or a name")
+    parser.add_argument("--images", metavar="SET",
+                        help="the inputs tested, as --concept (default: test:TARGET, the "
+                             "test set's images of the target class)")
+    parser.add_argument("--random", metavar="SET", default="test:random",
+                        help="the pool of images without the concept, as --concept, or "
+                             "test:random for random test images (default: %(default)s)")
+    parser.add_argument("--layer", help="a layer name or index (default: the last conv "
+                                        "block's output)")
+    parser.add_argument("--count", type=int, default=100, metavar="N",
+                        help="the most images taken from each set; test:random takes twice "
+                             "as many, for the random controls (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=10, metavar="N",
+                        help="CAVs against fresh random draws, and as many random controls "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the draws' seed (default: 0)")
+    add_image_options(parser, "folder with the MNIST-format IDX set for test: sets")
+
+
+def _image_set(spec, args, model, meta, count, test_set):
+    """The images a --concept / --images / --random SET names, standardised for the
+    model (at most ``count``; test:random draws ``count`` with --seed)."""
+    import numpy as np
+
+    from . import functional as F
+    from .viz.report import _resolve_class
+
+    if spec.startswith("test:"):
+        name = spec[5:]
+        if name == "random":
+            rng = np.random.default_rng(args.seed)
+            index = np.sort(rng.choice(len(test_set), min(count, len(test_set)), replace=False))
+        else:
+            try:
+                k = _resolve_class(name, test_set.classes, test_set.num_classes)
+            except ValueError:
+                raise CommandError(f"{spec}: {name!r} is neither a class index nor a class "
+                                   f"name of the test set ({', '.join(test_set.classes)})") \
+                    from None
+            index = np.flatnonzero(test_set.labels == k)[:count]
+        batch = test_set.images[index]
+    else:
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise CommandError(f"{spec}: expected test:CLASS, test:random or a folder of "
+                               f"PNG/JPEG pictures")
+        files = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:count]
+        if "input_shape" not in meta:
+            raise CommandError(f"{args.model}: the model's metadata has no input_shape, so "
+                               f"pictures cannot be fitted to it; use test: sets")
+        batch = np.stack([load_image(p, meta["input_shape"], args.invert) for p in files]) \
+            if files else np.zeros((0,) + tuple(meta["input_shape"]), np.uint8)
+    if len(batch) == 0:
+        raise CommandError(f"{spec}: no images")
+    x = F.normalize(batch, meta["mean"], meta["std"], dim=-3)
+    if model.device != "cpu":
+        import cupy
+
+        x = cupy.asarray(x)
+    return x
+
+
+def _run_tcav(args):
+    import numpy as np
+
+    from . import data, io, viz
+    from .viz._common import default_cam_layer, layer_name
+    from .viz.report import _resolve_class
+
+    if args.count < 1 or args.runs < 1:
+        raise CommandError(f"--count and --runs must be >= 1, got {args.count} and {args.runs}")
+    if args.seed < 0:
+        raise CommandError(f"--seed must be >= 0, got {args.seed}")
+    _set_threads(args.threads)
+    model = io.load(args.model)
+    meta = dict(getattr(model, "metadata", None) or {})
+    specs = args.concept + [args.random] + ([args.images] if args.images else [])
+    test_set = None
+    if any(s.startswith("test:") for s in specs) or not args.images:
+        test_set = (data.load_idx_dataset(data.find_data_dir(args.data))[1] if args.data
+                    else data.load_fashion_mnist()[1])
+        for key, value in (("mean", test_set.mean), ("std", test_set.std),
+                           ("classes", test_set.classes),
+                           ("input_shape", list(test_set.image_shape))):
+            meta.setdefault(key, list(value))
+    missing = [k for k in ("mean", "std") if k not in meta]
+    if missing:
+        raise CommandError(f"{args.model}: the model's metadata lacks {missing} (the input "
+                           f"standardisation)")
+    classes = meta.get("classes")
+    layer = layer_arg(args.layer)
+    try:
+        num_classes = viz.feature_maps(model, np.zeros((1,) + tuple(meta["input_shape"]),
+                                                       np.float32), layer=-1).shape[-1]
+        target = _resolve_class(args.target, classes, num_classes)
+        name = default_cam_layer(model, "tcav") if layer is None else \
+            layer_name(model, layer, "tcav")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    label = classes[target] if classes and target < len(classes) else str(target)
+    images = args.images or f"test:{target}"   # by index: the model's names may differ
+    x = _image_set(images, args, model, meta, args.count, test_set)
+    pool_count = 2 * args.count if args.random == "test:random" else 10 ** 9
+    pool = _image_set(args.random, args, model, meta, pool_count, test_set)
+    print(f"tcav: the {label} logit at {name}, for {len(x)} images ({images}); {args.runs} "
+          f"CAVs against draws from {len(pool)} images ({args.random})")
+    width = max(len("concept"), *map(len, args.concept)) + 2
+    print(f"  {'concept':<{width}}{'score':>6} {'(runs)':<10}{'magnitude':>10}{'accuracy':>10}"
+          f"{'random':>8}{'p-value':>10}")
+    for spec in args.concept:
+        concept = _image_set(spec, args, model, meta, args.count, test_set)
+        try:
+            r = viz.tcav(model, x, name, concept, pool, target, runs=args.runs, seed=args.seed)
+        except ValueError as exc:
+            raise CommandError(f"{spec}: {exc}") from exc
+        spread = f"+-{r.scores.std():.2f}" if len(r.scores) > 1 else ""
+        chance = f"{r.random_scores.mean():.2f}" if len(r.random_scores) else "-"
+        p = "-" if np.isnan(r.p_value) else f"{r.p_value:.2g}"
+        star = " *" if r.p_value < 0.05 else ""
+        held = r.accuracies[np.isfinite(r.accuracies)]
+        accuracy = f"{held.mean():.2f}" if len(held) else "-"
+        print(f"  {spec:<{width}}{r.score:>6.2f} {spread:<10}{r.magnitude:>10.3g}"
+              f"{accuracy:>10}{chance:>8}{p:>10}{star}")
+    print("  score: the share of the images whose logit grows towards the concept (mean over "
+          "the runs);\n  random: the same for random sets as concepts; * p < 0.05 (Welch's "
+          "t-test of the two)")
+    return 0
+
+
+register("tcav", "test how much a class's score rises towards a concept (example images) at "
+                 "a layer: TCAV scores with random controls and a t-test",
+         _add_tcav_arguments, _run_tcav)
 
 
 # ---------------------------------------------------------------- bench (fastcnn.bench)

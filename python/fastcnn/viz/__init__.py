@@ -31,6 +31,7 @@ Arrays (NumPy, or CuPy for a model on the GPU; one image (C, H, W) or a batch):
 >>> viz.maximize_activation(model, "relu2", [0, 5]).images   # what units respond to most
 >>> viz.infidelity(model, x, viz.gradient(model, x))        # (N,): does I.a predict the change?
 >>> viz.sensitivity_max("integrated_gradients", model, x)   # (N,): how much e(x) moves nearby
+>>> viz.tcav(model, trousers, "relu2", stripes, random_images).score   # concept sensitivity
 
 Pictures (matplotlib on the Agg canvas) and the HTML report:
 
@@ -55,6 +56,7 @@ from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRul
 from .features import conv_layers, feature_maps, filter_images, filters
 from .channels import CHANNEL_METHODS, channel_importance, plot_channels
 from .maximize import MaximizedActivation, maximize_activation
+from .concepts import CLASSIFIERS, ConceptVector, TCAVResult, concept_vector, tcav
 from .metrics import (PERTURBATIONS, SENSITIVITY_METHODS, infidelity, sensitivity_max,
                       unexplained_share)
 from .plot import (plot_explanation, plot_feature_maps, plot_filters, plot_heatmap,
@@ -78,5 +80,6 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "maximize_activation", "MaximizedActivation", "plot_heatmap", "plot_feature_maps",
            "plot_filters", "plot_explanation", "plot_maximized", "METHODS", "Explanation",
            "explain", "write_report", "demo_report", "infidelity", "sensitivity_max",
-           "unexplained_share",
+           "unexplained_share", "tcav", "concept_vector", "ConceptVector", "TCAVResult",
+           "CLASSIFIERS",
            "PERTURBATIONS", "SENSITIVITY_METHODS"]

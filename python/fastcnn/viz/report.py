@@ -531,13 +531,10 @@ def add_cli_arguments(parser):
                              "score's changes under perturbations it leaves unexplained "
                              "(normalized infidelity) and its sensitivity to small changes of "
                              "the input (runs each method again on nearby copies)")
-    parser.add_argument("--data", metavar="DIR",
-                        help="folder with the MNIST-format IDX set for test:INDEX (default: "
-                             "Fashion-MNIST from $FASTCNN_DATA or Debian's package)")
-    parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
-                        help="invert grey levels of PNG/JPEG input, as for predict "
-                             "(default: %(default)s)")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+    from ..cli import add_image_options
+
+    add_image_options(parser, "folder with the MNIST-format IDX set for test:INDEX (default: "
+                              "Fashion-MNIST from $FASTCNN_DATA or Debian's package)")
 
 
 def _resolve_class(text, classes, count):
