@@ -3327,3 +3327,36 @@ def test_tcav_arguments():
         viz.tcav(model, x, "nope", c, o)
     with pytest.raises(ValueError, match="concept must be one image"):
         viz.tcav(model, x, "relu2", c[0, 0], o)
+    # review findings: rounding noise is no direction; shapes, NaN, empty x, models
+    with pytest.raises(ValueError, match="found no direction"):
+        viz.concept_vector(model, "relu2", c, c.copy(), test_fraction=0)
+    with pytest.raises(ValueError, match=r"concept images must be shaped as the others "
+                                          r"\(2, 8, 8\), got \(2, 6, 6\)"):
+        viz.tcav(model, x, "relu2", c[:, :, :6, :6], o)
+    with pytest.raises(ValueError, match="others images must be shaped as the others"):
+        viz.concept_vector(model, "relu2", c, o[:, :, :6, :6])
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="x must be finite"):
+        viz.tcav(model, bad, "relu2", c, o)
+    with pytest.raises(ValueError, match="concept must be finite"):
+        viz.tcav(model, x, "relu2", bad, o)
+    with pytest.raises(ValueError, match="x holds no images"):
+        viz.tcav(model, x[:0], "relu2", c, o)
+    with pytest.raises(TypeError, match="model must be a fastcnn.nn.Sequential"):
+        viz.tcav(object(), x, "relu2", c, o)
+    with pytest.raises(TypeError, match="model must be a fastcnn.nn.Sequential"):
+        viz.concept_vector(object(), "relu2", c, o)
+    with pytest.raises(ValueError, match="NaN or infinite weights"):
+        viz.concept_vector(model, "relu2", c, o, classifier=lambda a, y: a[0] * np.nan)
+    with pytest.raises(ValueError, match="one weight per activation"):
+        viz.concept_vector(model, "relu2", c, o, classifier=lambda a, y: [[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="alpha must be in"):
+        viz.concept_vector(model, "relu2", c, o, alpha=10 ** 400)
+    with pytest.raises(ValueError, match="runs must be at most 10000"):
+        viz.tcav(model, x, "relu2", c, o, runs=10 ** 7)
+    # scikit-learn's coef_ is (1, D); a huge alpha still gives a direction
+    d = viz.concept_vector(model, "relu2", c, o, classifier=lambda a, y: (a[y > 0].mean(0) -
+                                                                          a[y < 0].mean(0))[None])
+    assert d.vector.shape == (64,)
+    assert np.isfinite(viz.concept_vector(model, "relu2", c, o, alpha=1e300).vector).all()

@@ -363,8 +363,19 @@ def test_cli_tcav(tmp_path, capsys):
                      str(idx), "--count", "5", "--runs", "2"]) == 0
     printed = capsys.readouterr().out
     assert "for 5 images (test:2)" in printed and "test:1" in printed
+    bare = small_model()
+    bare.metadata = {"mean": [0.3], "std": [0.4]}
+    bare_path = io.save(bare, tmp_path / "bare.npz")
+    assert cli.main(["tcav", str(bare_path), "--target", "1", "--concept", str(folders["stripes"]),
+                     "--images", str(folders["inputs"]), "--random", str(folders["random"])]) == 2
+    assert "has no input_shape" in capsys.readouterr().err
+    # a bad set is found before anything is printed
+    assert cli.main(["tcav", str(model_path), "--target", "cat", "--data", str(idx),
+                     "--concept", "test:1", "--concept", "test:7"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "test:7: '7' is not a class of the test set: an index in [0, 4)" in err
     for bad, message in ((["--concept", str(tmp_path / "none")], "expected test:CLASS"),
-                         (["--concept", "test:zebra"], "neither a class index nor"),
+                         (["--concept", "test:zebra"], "is not a class of the test set"),
                          (["--runs", "0"], "--count and --runs must be >= 1"),
                          (["--layer", "relu9"], "no layer")):
         assert cli.main(["tcav", str(model_path), "--target", "cat", "--data", str(idx),

@@ -816,8 +816,8 @@ def _add_tcav_arguments(parser):
     parser.add_argument("--layer", help="a layer name or index (default: the last conv "
                                         "block's output)")
     parser.add_argument("--count", type=int, default=100, metavar="N",
-                        help="the most images taken from each set; test:random takes twice "
-                             "as many, for the random controls (default: %(default)s)")
+                        help="the most images taken from each set; the --random pool takes "
+                             "twice as many, for the random controls (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=10, metavar="N",
                         help="CAVs against fresh random draws, and as many random controls "
                              "(default: %(default)s)")
@@ -842,9 +842,9 @@ def _image_set(spec, args, model, meta, count, test_set):
             try:
                 k = _resolve_class(name, test_set.classes, test_set.num_classes)
             except ValueError:
-                raise CommandError(f"{spec}: {name!r} is neither a class index nor a class "
-                                   f"name of the test set ({', '.join(test_set.classes)})") \
-                    from None
+                raise CommandError(f"{spec}: {name!r} is not a class of the test set: an index "
+                                   f"in [0, {test_set.num_classes}) or one of "
+                                   f"{', '.join(test_set.classes)}") from None
             index = np.flatnonzero(test_set.labels == k)[:count]
         batch = test_set.images[index]
     else:
@@ -896,6 +896,9 @@ def _run_tcav(args):
     if missing:
         raise CommandError(f"{args.model}: the model's metadata lacks {missing} (the input "
                            f"standardisation)")
+    if "input_shape" not in meta:
+        raise CommandError(f"{args.model}: the model's metadata has no input_shape, so "
+                           f"pictures cannot be fitted to it; use test: sets")
     classes = meta.get("classes")
     layer = layer_arg(args.layer)
     try:
@@ -908,20 +911,25 @@ def _run_tcav(args):
         raise CommandError(str(exc)) from exc
     label = classes[target] if classes and target < len(classes) else str(target)
     images = args.images or f"test:{target}"   # by index: the model's names may differ
+    # every set read (and checked) before any work
     x = _image_set(images, args, model, meta, args.count, test_set)
-    pool_count = 2 * args.count if args.random == "test:random" else 10 ** 9
-    pool = _image_set(args.random, args, model, meta, pool_count, test_set)
-    print(f"tcav: the {label} logit at {name}, for {len(x)} images ({images}); {args.runs} "
-          f"CAVs against draws from {len(pool)} images ({args.random})")
-    width = max(len("concept"), *map(len, args.concept)) + 2
-    print(f"  {'concept':<{width}}{'score':>6} {'(runs)':<10}{'magnitude':>10}{'accuracy':>10}"
-          f"{'random':>8}{'p-value':>10}")
-    for spec in args.concept:
-        concept = _image_set(spec, args, model, meta, args.count, test_set)
+    pool = _image_set(args.random, args, model, meta, 2 * args.count, test_set)
+    concepts = [(spec, _image_set(spec, args, model, meta, args.count, test_set))
+                for spec in args.concept]
+    results = []
+    for spec, concept in concepts:
         try:
-            r = viz.tcav(model, x, name, concept, pool, target, runs=args.runs, seed=args.seed)
+            results.append(viz.tcav(model, x, name, concept, pool, target, runs=args.runs,
+                                    seed=args.seed))
         except ValueError as exc:
             raise CommandError(f"{spec}: {exc}") from exc
+    print(f"tcav: the {label} logit at {name}, for {len(x)} images ({images}); {args.runs} "
+          f"CAV{'s' if args.runs > 1 else ''} per concept against draws from {len(pool)} "
+          f"images ({args.random})")
+    width = max(len("concept"), *map(len, args.concept)) + 2
+    print(f"  {'concept':<{width}}{'score':>6} {'+- std':<10}{'magnitude':>10}{'accuracy':>10}"
+          f"{'random':>8}{'p-value':>10}")
+    for (spec, _), r in zip(concepts, results):
         spread = f"+-{r.scores.std():.2f}" if len(r.scores) > 1 else ""
         chance = f"{r.random_scores.mean():.2f}" if len(r.random_scores) else "-"
         p = "-" if np.isnan(r.p_value) else f"{r.p_value:.2g}"
@@ -930,9 +938,12 @@ def _run_tcav(args):
         accuracy = f"{held.mean():.2f}" if len(held) else "-"
         print(f"  {spec:<{width}}{r.score:>6.2f} {spread:<10}{r.magnitude:>10.3g}"
               f"{accuracy:>10}{chance:>8}{p:>10}{star}")
-    print("  score: the share of the images whose logit grows towards the concept (mean over "
-          "the runs);\n  random: the same for random sets as concepts; * p < 0.05 (Welch's "
-          "t-test of the two)")
+    print("  score: the share of the images whose logit grows towards the concept (mean and "
+          "std over the runs);\n  random: the same for random sets as concepts; * p < 0.05 "
+          "(Welch's two-sided t-test: above or below chance)")
+    if any(not len(r.random_scores) for r in results):
+        print(f"  no random controls where the pool ({len(pool)} images) holds fewer than "
+              f"twice the concept's images")
     return 0
 
 

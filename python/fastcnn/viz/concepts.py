@@ -21,13 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _backend as B
-from ._common import (LayerPoint, as_input, check_logits, check_score, check_seed, preserved,
-                      resolve_targets, score_seed, to_host)
+from ._common import (LayerPoint, as_input, check_finite, check_logits, check_model,
+                      check_score, check_seed, preserved, resolve_targets, score_seed, to_host)
 
 __all__ = ["ConceptVector", "TCAVResult", "concept_vector", "tcav", "CLASSIFIERS"]
 
 #: The linear classifiers :func:`concept_vector` trains, by name.
 CLASSIFIERS = ("ridge", "mean_difference")
+
+#: The most runs :func:`tcav` makes (each trains two CAVs).
+MAX_RUNS = 10000
 
 
 @dataclass
@@ -53,8 +56,10 @@ class TCAVResult:
     the mean directional derivative (Captum's "magnitude"); accuracies: each CAV's
     held-out accuracy; random_scores: the same score for CAVs of random images
     against random images (the chance level), p_value: Welch's two-sided t-test of
-    scores against random_scores (NaN with fewer than two runs of each, or no
-    spread at all); derivatives: (runs, N) the directional derivatives themselves.
+    scores against random_scores (NaN with fewer than two runs of each, or when both
+    are constant and equal; 0 when both are constant and differ; two-sided, so a
+    concept that lowers the score below chance is significant too); derivatives:
+    (runs, N) the directional derivatives themselves.
     """
 
     score: float
@@ -83,13 +88,23 @@ def _fit(classifier, alpha, acts, labels, op):
     xp = B.array_module(acts)
     if callable(classifier):
         w = classifier(acts, labels)
-        w = w if B.is_gpu_array(w) else np.asarray(w)
+        try:
+            w = w if B.is_gpu_array(w) else np.asarray(w)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{op}: the classifier must return one weight per activation, "
+                             f"({acts.shape[1]},) numbers; got {type(w).__name__} ({exc})") \
+                from None
+        if w.shape == (1,) + acts.shape[1:]:   # scikit-learn's coef_ of a binary model
+            w = w[0]
         if B.is_gpu_array(w) != (xp is not np) or w.shape != acts.shape[1:] or \
                 w.dtype.kind not in "fiu":
             raise ValueError(f"{op}: the classifier must return one weight per activation, "
                              f"({acts.shape[1]},) numbers on the model's device; got shape "
                              f"{B.shape_str(w.shape)}, dtype {w.dtype}")
-        return xp.asarray(w, dtype=np.float64)
+        w = xp.asarray(w, dtype=np.float64)
+        if not bool(xp.isfinite(w).all()):
+            raise ValueError(f"{op}: the classifier returned NaN or infinite weights")
+        return w
     positive, negative = acts[labels > 0], acts[labels < 0]
     if classifier == "mean_difference":
         return positive.mean(axis=0) - negative.mean(axis=0)
@@ -98,11 +113,12 @@ def _fit(classifier, alpha, acts, labels, op):
     # lambda = alpha times the mean squared norm of the centred examples
     xc = acts - acts.mean(axis=0)
     gram = xc @ xc.T
-    lam = alpha * float(xp.trace(gram)) / len(acts)
-    if lam == 0:
-        lam = alpha
+    size = float(xp.trace(gram)) / len(acts)     # the mean squared norm
+    if size == 0:
+        return xp.zeros(acts.shape[1])
+    # only the direction matters: solve (gram / size + alpha I) coef = y - mean y
     y = labels - labels.mean()
-    coef = xp.linalg.solve(gram + lam * xp.eye(len(acts)), y)
+    coef = xp.linalg.solve(gram / size + alpha * xp.eye(len(acts)), y)
     return xc.T @ coef
 
 
@@ -118,11 +134,19 @@ def _cav(concept_acts, other_acts, classifier, alpha, test_fraction, rng, op):
     if (train_labels > 0).all() or (train_labels < 0).all():
         raise ValueError(f"{op}: the training share holds one kind of example only; give more "
                          f"examples or a smaller test_fraction")
-    w = _fit(classifier, alpha, acts[xp.asarray(train)], xp.asarray(train_labels), op)
+    fitted = acts[xp.asarray(train)]
+    w = _fit(classifier, alpha, fitted, xp.asarray(train_labels), op)
+    top = float(xp.abs(w).max()) if w.size else 0.0
+    w = w / (top or 1.0)
     norm = float(xp.sqrt((w * w).sum()))
-    if not math.isfinite(norm) or norm == 0:
-        raise ValueError(f"{op}: the classifier found no direction (the concept's and the "
-                         f"others' activations at the layer are the same)")
+    # a direction that does not separate the training classes' means is rounding
+    # noise (the same activations on both sides)
+    proj = fitted @ (w / (norm or 1.0)) if norm else None
+    spread = float(xp.abs(fitted - fitted.mean(axis=0)).max()) if len(fitted) else 0.0
+    if norm == 0 or abs(float(proj[xp.asarray(train_labels > 0)].mean()) -
+                        float(proj[xp.asarray(train_labels < 0)].mean())) <= 1e-9 * spread:
+        raise ValueError(f"{op}: the classifier found no direction: the concept's and the "
+                         f"others' activations at the layer do not differ on average")
     w = w / norm
     if held:
         # the boundary through the midpoint of the training classes' projections
@@ -145,6 +169,10 @@ def _check_cav_options(classifier, alpha, test_fraction, op):
                                    ("test_fraction", test_fraction, 0.0, 1.0)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
             raise TypeError(f"{op}: {name} must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
         if not (low <= value < high) or not math.isfinite(value):
             raise ValueError(f"{op}: {name} must be in [{low}, {high}), got {value}")
         if name == "alpha" and value == 0 and classifier == "ridge":
@@ -152,8 +180,14 @@ def _check_cav_options(classifier, alpha, test_fraction, op):
     return float(alpha), float(test_fraction)
 
 
-def _examples(model, images, name, op):
-    return as_input(model, images, op, name)[0]
+def _examples(model, images, name, op, like=None):
+    """``images`` checked: a batch (N, C, H, W) on the model's device, finite, shaped
+    like ``like``'s images when given."""
+    x = as_input(model, images, op, name)[0]
+    if like is not None and x.shape[1:] != like.shape[1:]:
+        raise ValueError(f"{op}: {name} images must be shaped as the others "
+                         f"{B.shape_str(like.shape[1:])}, got {B.shape_str(x.shape[1:])}")
+    return check_finite(x, name, op)
 
 
 def concept_vector(model, layer, concept, others, *, classifier="ridge", alpha=0.1,
@@ -167,17 +201,23 @@ def concept_vector(model, layer, concept, others, *, classifier="ridge", alpha=0
     centred activations, its penalty ``alpha`` times their mean squared norm; exact
     and deterministic), 'mean_difference' (the concept's mean activation minus the
     others'), or a function ``(activations (n, D) float64, labels (n,) of +1 / -1) ->
-    weights (D,)`` (e.g. a scikit-learn model's ``coef_``). ``test_fraction`` of the
+    weights (D,)`` (or (1, D), e.g. a scikit-learn model's ``coef_``; the arrays are
+    CuPy ones for a model on the GPU: ``cupy.asnumpy`` them for scikit-learn).
+    Captum's default classifier is an SGD-trained linear model whose weight vector
+    is not normalised; fastcnn's CAV is the unit vector, so Captum's magnitude
+    equals fastcnn's given the same (unit) CAV. ``test_fraction`` of the
     examples (shuffled by ``seed``) is held out to measure the accuracy, as Captum's
     default classifier does with 0.33; the accuracy is that of the boundary halfway
     between the two training classes' mean projections on the vector.
     """
     op = "concept_vector"
+    check_model(model, op)
     alpha, test_fraction = _check_cav_options(classifier, alpha, test_fraction, op)
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
     rng = np.random.default_rng(check_seed(seed, op))
     point = LayerPoint(model, layer, attribute_to_layer_input, op)
-    c, o = _examples(model, concept, "concept", op), _examples(model, others, "others", op)
+    c = _examples(model, concept, "concept", op)
+    o = _examples(model, others, "others", op, like=c)
     if len(c) == 0 or len(o) == 0:
         raise ValueError(f"{op}: concept and others need at least one image each, got "
                          f"{len(c)} and {len(o)}")
@@ -245,22 +285,29 @@ def tcav(model, x, layer, concept, others, target=None, *, runs=10, score="logit
     CAVs (see :func:`concept_vector`; ``classifier``, ``alpha``, ``test_fraction``)
     takes a fresh random draw of len(concept) images from the pool (all of it when
     it holds no more), and as many control CAVs take one draw as the "concept" and
-    another as the others (when the pool holds twice the concept's count), all from
-    ``seed``. Each input's directional derivative is its target score's gradient at
+    another as the others, all from ``seed``; the controls (and so the p-value) need
+    a pool of at least twice the concept's count. Each input's directional derivative is its target score's gradient at
     the layer (Captum's LayerGradientXActivation without the activation) dotted with
     the unit CAV; its sign-count score is the share of positive ones, its magnitude
     their mean. score: 'logit' or 'probability'; ``target`` defaults to the
     prediction on each input.
     """
     op = "tcav"
+    check_model(model, op)
     check_score(score, op)
     alpha, test_fraction = _check_cav_options(classifier, alpha, test_fraction, op)
     runs = B.as_count(runs, f"{op}: runs")
+    if runs > MAX_RUNS:
+        raise ValueError(f"{op}: runs must be at most {MAX_RUNS}, got {runs}")
     batch_size = B.as_count(batch_size, f"{op}: batch_size")
     rng = np.random.default_rng(check_seed(seed, op))
     point = LayerPoint(model, layer, attribute_to_layer_input, op)
     x, _, xp = as_input(model, x, op)
-    c, pool = _examples(model, concept, "concept", op), _examples(model, others, "others", op)
+    if len(x) == 0:
+        raise ValueError(f"{op}: x holds no images")
+    check_finite(x, "x", op)
+    c = _examples(model, concept, "concept", op, like=x)
+    pool = _examples(model, others, "others", op, like=x)
     if len(c) == 0 or len(pool) < len(c):
         raise ValueError(f"{op}: give at least one concept image and at least as many other "
                          f"images (got {len(c)} and {len(pool)})")
