@@ -1622,6 +1622,9 @@ class TestModelsOnGpu:
             (gpu, gx, gx * 0.5, cp.asarray(pool)), (cpu, x, x * 0.5, pool))]
         np.testing.assert_array_equal(tcav[0].scores, tcav[1].scores)
         close(tcav[0].derivatives, tcav[1].derivatives, 50, rtol=1e-3, atol=1e-4, name="tcav")
+        per_class = [viz.class_channel_importance(m, a, np.array([1, 3]), "relu2")
+                     for m, a in ((gpu, gx), (cpu, x))]
+        close(per_class[0][0], per_class[1][0], 50, rtol=1e-3, atol=1e-4, name="per class")
         trust = [viz.explain(m, a, methods=["saliency", "integrated"], n_steps=2,
                              metrics=True) for m, a in ((gpu, gx), (cpu, x))]
         for on_gpu, on_cpu in zip(*trust):

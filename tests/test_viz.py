@@ -2968,7 +2968,7 @@ def test_infidelity_takes_maps_without_channels_and_a_perturb_function():
         return change, inputs - change
 
     got = viz.infidelity(model, x, sal, 3, perturb=perturb, n_samples=5, batch_size=4)
-    assert calls == [4, 4, 2]                              # 2 images x 5 copies, 4 at a time
+    assert calls == [10]            # once, as Captum: 2 images x 5 copies (forward: 4 a pass)
     want = infidelity64(model, x, full, [3, 3], [[np.full(x.shape[1:], 0.05)] * 5] * 2)
     np.testing.assert_allclose(got, want, rtol=1e-3)
     np.testing.assert_allclose(viz.infidelity(model, x, sal[:, None], 3, perturb=perturb,
@@ -3101,7 +3101,7 @@ def test_sensitivity_max_arguments():
         viz.sensitivity_max("saliency", model, x, norm="nuc")
     with pytest.raises(ValueError, match="one explanation per image"):
         viz.sensitivity_max(lambda m, images_, t: np.zeros(3), model, x)
-    with pytest.raises(ValueError, match=r"perturb\(x\) must be shaped like x"):
+    with pytest.raises(ValueError, match=r"perturb\(inputs\) must be shaped like its inputs"):
         viz.sensitivity_max("saliency", model, x, perturb=lambda images_: images_[:1])
     with pytest.raises(TypeError, match="perturb must be a function or None"):
         viz.sensitivity_max("saliency", model, x, perturb="uniform")
@@ -3187,9 +3187,10 @@ def test_metrics_of_a_confident_probability_and_edge_cases():
                             method_args={"baseline": 1.0})
     with pytest.raises(ValueError, match="numbers on the model's device"):
         viz.sensitivity_max(lambda m, i, t: np.full(len(i), "a"), model, x)
-    with pytest.raises(ValueError, match="radius is not used with perturb='a function'"):
+    with pytest.raises(ValueError, match="radius is not used with perturb='a function of the "
+                                         "inputs only'"):
         viz.sensitivity_max("gradient", model, x, radius=0.1, perturb=lambda i: i)
-    with pytest.raises(ValueError, match=r"perturb\(x\) must be finite"):
+    with pytest.raises(ValueError, match=r"perturb\(inputs\) must be finite"):
         viz.sensitivity_max("gradient", model, x, perturb=lambda i: i * np.float32(np.nan))
 
 
@@ -3360,3 +3361,30 @@ def test_tcav_arguments():
                                                                           a[y < 0].mean(0))[None])
     assert d.vector.shape == (64,)
     assert np.isfinite(viz.concept_vector(model, "relu2", c, o, alpha=1e300).vector).all()
+
+
+def test_class_channel_importance_is_the_mean_over_each_class():
+    model, x = small_cnn(), images(7)
+    labels = np.array([0, 2, 2, 4, 0, 2, 4])
+    means, counts = viz.class_channel_importance(model, x, labels, "relu2")
+    assert means.shape == (5, 4) and counts.tolist() == [2, 0, 3, 0, 2]
+    for k in (0, 2, 4):
+        one = [viz.channel_importance(model, x[i], "relu2", k) for i in np.flatnonzero(labels == k)]
+        np.testing.assert_allclose(means[k], np.mean(one, axis=0), rtol=1e-5, atol=1e-7)
+    assert np.isnan(means[[1, 3]]).all()
+    # by default each image's predicted class
+    predicted = model(x).argmax(axis=1)
+    got, n = viz.class_channel_importance(model, x, layer="relu2", method="lrp")
+    want, _ = viz.class_channel_importance(model, x, predicted, "relu2", method="lrp")
+    np.testing.assert_array_equal(got, want)
+    assert n.sum() == 7
+    wide, _ = viz.class_channel_importance(model, x, labels, "fc1", num_classes=8)
+    assert wide.shape == (8, 6)
+    with pytest.raises(ValueError, match="labels must hold one class per image"):
+        viz.class_channel_importance(model, x, labels[:3])
+    with pytest.raises(TypeError, match="labels must be integer classes"):
+        viz.class_channel_importance(model, x, labels.astype(float))
+    with pytest.raises(ValueError, match=r"labels must be classes in \[0, 5\)"):
+        viz.class_channel_importance(model, x, labels + 1)
+    with pytest.raises(ValueError, match="x holds no images"):
+        viz.class_channel_importance(model, x[:0])

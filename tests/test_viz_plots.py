@@ -381,3 +381,48 @@ def test_cli_tcav(tmp_path, capsys):
         assert cli.main(["tcav", str(model_path), "--target", "cat", "--data", str(idx),
                          "--concept", "test:1"] + bad) == 2, bad
         assert message in capsys.readouterr().err
+
+
+def test_class_channels_plot_and_cli(tmp_path, capsys):
+    from fastcnn import cli, data
+
+    model = small_model()
+    means = np.array([[0.5, -0.1, 0.0, 0.2, 0.1, 0.0], [0.0, 0.9, 0.1, 0.0, 0.0, 0.3],
+                      [np.nan] * 6, [0.1, 0.0, 0.0, 0.0, 0.6, 0.0]])
+    fig = viz.plot_class_channels(means, ["ant", "bee", "cat", "dog"], layer="relu2",
+                                  path=tmp_path / "m.png")
+    check_png(tmp_path / "m.png", fig)
+    # channels ordered by the class they matter most to, then by their score
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["0", "3", "1", "5", "2", "4"]
+    with pytest.raises(ValueError, match="3 class names for 4 rows"):
+        viz.plot_class_channels(means, ["a", "b", "c"])
+    model_path = io.save(model, tmp_path / "model.npz")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    rng = np.random.default_rng(3)
+    for prefix in ("train", "t10k"):
+        data.write_idx(idx / f"{prefix}-images-idx3-ubyte.gz",
+                       rng.integers(0, 256, (20, 12, 12)).astype(np.uint8))
+        data.write_idx(idx / f"{prefix}-labels-idx1-ubyte.gz",
+                       (np.arange(20) % 4).astype(np.uint8))
+    out = tmp_path / "classes.png"
+    assert cli.main(["class-channels", str(model_path), "--data", str(idx), "--count", "3",
+                     "--top", "2", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("6 channels of relu2, each class's ablation scores averaged")
+    assert lines[1].startswith("  ant") and "(   3)" in lines[1] and len(lines[1].split()) == 5
+    assert len(lines) == 6 and lines[-1] == f"wrote {out}"
+    check_png(out)
+    # the rows are class_channel_importance over the first 3 test images of each class
+    test = data.load_idx_dataset(idx)[1]
+    index = np.concatenate([np.flatnonzero(test.labels == k)[:3] for k in range(4)])
+    x = (test.images[index].astype(np.float32) / 255 - np.float32(0.3)) / np.float32(0.4)
+    means, _ = viz.class_channel_importance(io.load(model_path), x,
+                                            test.labels[index].astype(np.int64), "relu2")
+    best = np.argsort(-means[0], kind="stable")[:2]
+    assert lines[1].split()[3].startswith(f"{best[0]}:")   # ant ( 3) c:score ...
+    for bad, message in ((["--count", "0"], "--count must be >= 1, got 5, 50 and 0"),
+                         (["--layer", "relu9"], "no layer")):
+        assert cli.main(["class-channels", str(model_path), "--data", str(idx)] + bad) == 2, bad
+        assert message in capsys.readouterr().err

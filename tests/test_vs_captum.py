@@ -933,3 +933,38 @@ def test_tcav_vs_captum_on_the_same_cav(tmp_path):
     assert float(scores["sign_count"][0]) == pytest.approx(ours.score)
     assert float(scores["magnitude"][0]) == pytest.approx(ours.magnitude, rel=1e-4)
     assert 0 < ours.score < 1
+
+
+def test_metrics_vs_captum_with_the_same_perturb_function():
+    """A perturb function drawing its own noise (seeded per call): called once on the
+    same repeated inputs by both, it draws the same, and infidelity and
+    sensitivity_max agree with Captum's, a two-argument one given the radius."""
+    from captum.metrics import infidelity, sensitivity_max
+    model, x = cnn(48), inputs(48)
+    tm, target = to_torch(model), [4, 1, 0]
+    tx = torch.from_numpy(x.astype(np.float64))
+    a = viz.gradient(model, x, target)
+
+    def noise(inputs):   # NumPy or torch
+        drawn = np.random.default_rng(0).normal(0, 0.3, tuple(inputs.shape)).astype(np.float32)
+        if isinstance(inputs, torch.Tensor):
+            drawn = torch.from_numpy(drawn.astype(np.float64))
+        return drawn, inputs - drawn
+
+    want = infidelity(tm, noise, tx, torch.from_numpy(a.astype(np.float64)), target=target,
+                      n_perturb_samples=7).numpy()
+    close(viz.infidelity(model, x, a, target, perturb=noise, n_samples=7, batch_size=5), want,
+          rtol=1e-3, atol=1e-9)
+
+    def nearby(inputs, radius):
+        drawn = np.random.default_rng(1).uniform(-radius, radius, tuple(inputs.shape))
+        drawn = drawn.astype(np.float32)
+        if isinstance(inputs, torch.Tensor):
+            return inputs + torch.from_numpy(drawn.astype(np.float64))
+        return inputs + drawn
+
+    want = sensitivity_max(captum_attr.Saliency(tm).attribute, tx, perturb_func=nearby,
+                           perturb_radius=0.1, n_perturb_samples=4, target=target,
+                           abs=False).numpy()
+    close(viz.sensitivity_max("gradient", model, x, target, perturb=nearby, radius=0.1,
+                              n_samples=4), want, rtol=1e-3)

@@ -629,36 +629,41 @@ register("explain", "show which pixels a saved model's prediction depends on: oc
          _add_explain_arguments, _run_explain)
 
 
-def add_image_options(parser, data_help):
-    """--data (the IDX folder for test: images), --invert and --threads, as the
-    commands reading pictures take them."""
+def add_image_options(parser, data_help, pictures=True):
+    """--data (the IDX folder for test: images), --invert (for commands reading
+    pictures) and --threads."""
     parser.add_argument("--data", metavar="DIR", help=data_help)
-    parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
-                        help="invert grey levels of PNG/JPEG pictures, as for predict "
-                             "(default: %(default)s)")
+    if pictures:
+        parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                            help="invert grey levels of PNG/JPEG pictures, as for predict "
+                                 "(default: %(default)s)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
 
 
-def _add_channels_arguments(parser):
+def _add_channel_options(parser, top, top_help, out):
+    """--layer, --method, --top, --steps and --out, as the channel commands take them."""
     from .viz.channels import CHANNEL_METHODS
 
-    parser.add_argument("model", help="a model file saved by fastcnn (e.g. fastcnn-demo/model.npz)")
-    parser.add_argument("image", metavar="IMAGE",
-                        help="a PNG/JPEG file, or test:INDEX for image INDEX of the test set")
     parser.add_argument("--layer", help="a layer name or index (default: the last conv "
                                         "block's output)")
     parser.add_argument("--method", choices=list(CHANNEL_METHODS), default="ablation",
                         help="how a channel is scored: " + "; ".join(
                             f"{k}: {v}" for k, v in CHANNEL_METHODS.items())
                         + " (default: %(default)s)")
-    parser.add_argument("--target", metavar="C",
-                        help="the class, an index or a name (default: the predicted class)")
-    parser.add_argument("--top", type=int, default=8,
-                        help="channels to list and draw (default: %(default)s)")
+    parser.add_argument("--top", type=int, default=top, help=f"{top_help} (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=50, metavar="N",
                         help="conductance's steps along the path (default: %(default)s)")
-    parser.add_argument("--out", default="channels.png",
+    parser.add_argument("--out", default=out,
                         help="the picture to write: .png (default: %(default)s), .pdf or .svg")
+
+
+def _add_channels_arguments(parser):
+    parser.add_argument("model", help="a model file saved by fastcnn (e.g. fastcnn-demo/model.npz)")
+    parser.add_argument("image", metavar="IMAGE",
+                        help="a PNG/JPEG file, or test:INDEX for image INDEX of the test set")
+    parser.add_argument("--target", metavar="C",
+                        help="the class, an index or a name (default: the predicted class)")
+    _add_channel_options(parser, 8, "channels to list and draw", "channels.png")
     add_image_options(parser, "folder with the MNIST-format IDX set for test:INDEX")
 
 
@@ -699,9 +704,70 @@ def _run_channels(args):
     return 0
 
 
+def _add_class_channels_arguments(parser):
+    parser.add_argument("model", help="a model file saved by fastcnn (e.g. fastcnn-demo/model.npz)")
+    parser.add_argument("--count", type=int, default=100, metavar="N",
+                        help="test images per class, each scored for its true class "
+                             "(default: %(default)s)")
+    _add_channel_options(parser, 5, "channels to list per class", "class_channels.png")
+    add_image_options(parser, "folder with the MNIST-format IDX set (default: Fashion-MNIST)",
+                      pictures=False)
+
+
+def _run_class_channels(args):
+    """fastcnn class-channels: the classes x channels matrix over the test set."""
+    import numpy as np
+
+    from . import functional as F
+    from . import io, viz
+    from .viz._common import default_cam_layer, layer_name
+    from .viz.report import cli_test_set
+
+    if args.top < 1 or args.steps < 1 or args.count < 1:
+        raise CommandError(f"--top, --steps and --count must be >= 1, got {args.top}, "
+                           f"{args.steps} and {args.count}")
+    _set_threads(args.threads)
+    out = _picture_path(args.out)
+    model = io.load(args.model)
+    meta = dict(getattr(model, "metadata", None) or {})
+    test_set = cli_test_set(args, meta)
+    index = np.concatenate([np.flatnonzero(test_set.labels == k)[:args.count]
+                            for k in range(test_set.num_classes)])
+    x = F.normalize(test_set.images[index], meta["mean"], meta["std"], dim=-3)
+    if model.device != "cpu":
+        import cupy
+
+        x = cupy.asarray(x)
+    layer = layer_arg(args.layer)
+    try:
+        name = default_cam_layer(model, "channels") if layer is None else \
+            layer_name(model, layer, "channels")
+        means, counts = viz.class_channel_importance(
+            model, x, test_set.labels[index].astype(np.int64), name, method=args.method,
+            n_steps=args.steps)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    classes = meta.get("classes") or [str(k) for k in range(len(means))]
+    print(f"{means.shape[1]} channels of {name}, each class's {args.method} scores averaged "
+          f"over its test images ({viz.CHANNEL_METHODS[args.method]}); its top {args.top}:")
+    width = max(len(str(c)) for c in classes) + 2
+    for k, row in enumerate(means):
+        if not counts[k]:
+            continue
+        top = np.argsort(-row, kind="stable")[:args.top]
+        print(f"  {str(classes[k]):<{width}}({counts[k]:4d})  " +
+              "  ".join(f"{int(c)}:{row[c]:+.3g}" for c in top))
+    viz.plot_class_channels(means, classes, layer=name, method=args.method, path=out)
+    print(f"wrote {out}")
+    return 0
+
+
 register("channels", "rank a layer's channels by how much a saved model's prediction for "
                      "one image needs them (switched off, conductance, LRP); writes a picture "
                      "of the strongest channels' maps", _add_channels_arguments, _run_channels)
+register("class-channels", "each class's mean channel scores over its test images: which "
+                           "channels of a layer each class needs; writes the classes x "
+                           "channels matrix", _add_class_channels_arguments, _run_class_channels)
 
 
 def _add_maximize_arguments(parser):
@@ -872,9 +938,9 @@ def _image_set(spec, args, model, meta, count, test_set):
 def _run_tcav(args):
     import numpy as np
 
-    from . import data, io, viz
+    from . import io, viz
     from .viz._common import default_cam_layer, layer_name
-    from .viz.report import _resolve_class
+    from .viz.report import _resolve_class, cli_test_set
 
     if args.count < 1 or args.runs < 1:
         raise CommandError(f"--count and --runs must be >= 1, got {args.count} and {args.runs}")
@@ -886,12 +952,7 @@ def _run_tcav(args):
     specs = args.concept + [args.random] + ([args.images] if args.images else [])
     test_set = None
     if any(s.startswith("test:") for s in specs) or not args.images:
-        test_set = (data.load_idx_dataset(data.find_data_dir(args.data))[1] if args.data
-                    else data.load_fashion_mnist()[1])
-        for key, value in (("mean", test_set.mean), ("std", test_set.std),
-                           ("classes", test_set.classes),
-                           ("input_shape", list(test_set.image_shape))):
-            meta.setdefault(key, list(value))
+        test_set = cli_test_set(args, meta)
     missing = [k for k in ("mean", "std") if k not in meta]
     if missing:
         raise CommandError(f"{args.model}: the model's metadata lacks {missing} (the input "

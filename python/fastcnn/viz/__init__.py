@@ -54,7 +54,8 @@ from .layer import (internal_influence, layer_conductance, layer_gradient_shap,
 from .lrp import (Alpha1Beta0Rule, EpsilonRule, GammaRule, IdentityRule, ZBoxRule, layer_lrp,
                   lrp, lrp_composite)
 from .features import conv_layers, feature_maps, filter_images, filters
-from .channels import CHANNEL_METHODS, channel_importance, plot_channels
+from .channels import (CHANNEL_METHODS, channel_importance, class_channel_importance,
+                       plot_channels, plot_class_channels)
 from .maximize import MaximizedActivation, maximize_activation
 from .concepts import CLASSIFIERS, ConceptVector, TCAVResult, concept_vector, tcav
 from .metrics import (PERTURBATIONS, SENSITIVITY_METHODS, infidelity, sensitivity_max,
@@ -76,6 +77,7 @@ __all__ = ["gradient", "saliency", "guided_backprop", "deconvolution", "input_x_
            "feature_permutation", "shapley_values",
            "shapley_value_sampling", "kernel_shap", "lime", "OcclusionResult",
            "upsample_bilinear", "feature_maps", "channel_importance", "plot_channels",
+           "class_channel_importance", "plot_class_channels",
            "CHANNEL_METHODS", "conv_layers", "filters", "filter_images",
            "maximize_activation", "MaximizedActivation", "plot_heatmap", "plot_feature_maps",
            "plot_filters", "plot_explanation", "plot_maximized", "METHODS", "Explanation",

@@ -4,6 +4,8 @@ gradient x activation), and a picture of the strongest channels' maps.
 
 >>> scores = viz.channel_importance(model, x[0], "relu2")        # (64,): the logit's drop
 >>> viz.plot_channels(model, x[0], "relu2", scores, top=8, path="channels.png")
+>>> means, counts = viz.class_channel_importance(model, x, labels, "relu2")   # (K, 64)
+>>> viz.plot_class_channels(means, classes, path="classes.png")
 """
 
 import numpy as np
@@ -15,7 +17,8 @@ from .features import feature_maps
 from .layer import layer_conductance, layer_gradient_x_activation
 from .lrp import layer_lrp
 
-__all__ = ["CHANNEL_METHODS", "channel_importance", "plot_channels"]
+__all__ = ["CHANNEL_METHODS", "channel_importance", "plot_channels",
+           "class_channel_importance", "plot_class_channels"]
 
 #: What :func:`channel_importance` measures, by name.
 CHANNEL_METHODS = {
@@ -125,4 +128,81 @@ def plot_channels(model, image, layer=None, scores=None, *, top=8, target=None,
     fig.suptitle(title or f"the channels of {name} the prediction needs most ({method})",
                  fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.94), pad=0.3)
+    return _finish(fig, path)
+
+
+def class_channel_importance(model, x, labels=None, layer=None, *, num_classes=None,
+                             method="ablation", baseline=0.0, n_steps=50, batch_size=256,
+                             train=False):
+    """Which channels each class needs: :func:`channel_importance` of every image for
+    its class (``labels``, e.g. the true classes; by default each image's predicted
+    class), averaged over the images of each class. Returns (means (K, C) float64,
+    counts (K,) int64) on the host; a class without images has a row of NaN.
+
+    K: ``num_classes`` (default: the model's output size). ``method``, ``baseline``,
+    ``n_steps``, ``batch_size`` and ``train`` as :func:`channel_importance`'s.
+    """
+    op = "class_channel_importance"
+    x = as_input(model, x, op)[0]
+    if not len(x):
+        raise ValueError(f"{op}: x holds no images")
+    logits = to_host(feature_maps(model, x, layer=-1)) \
+        if labels is None or num_classes is None else None
+    k = logits.shape[-1] if num_classes is None else B.as_count(num_classes,
+                                                                f"{op}: num_classes")
+    labels = logits.argmax(axis=1) if labels is None else to_host(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{op}: labels must be integer classes, got dtype {labels.dtype}")
+    if labels.shape != (len(x),):
+        raise ValueError(f"{op}: labels must hold one class per image, ({len(x)},); got shape "
+                         f"{B.shape_str(labels.shape)}")
+    if labels.min() < 0 or labels.max() >= k:
+        raise ValueError(f"{op}: labels must be classes in [0, {k}), got {int(labels.min())} "
+                         f"to {int(labels.max())}")
+    scores = to_host(channel_importance(model, x, layer, labels.astype(np.int64),
+                                        method=method, baseline=baseline, n_steps=n_steps,
+                                        batch_size=batch_size, train=train))
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    means = np.full((k, scores.shape[1]), np.nan)
+    for c in np.flatnonzero(counts):
+        means[c] = scores[labels == c].astype(np.float64).mean(axis=0)
+    return means, counts
+
+
+def plot_class_channels(means, classes=None, *, layer=None, method="ablation", title=None,
+                        path=None):
+    """The classes x channels matrix of :func:`class_channel_importance` as a heatmap,
+    the channels ordered by the class they matter most to (then by their score), so
+    that each class's own channels stand together. Returns the Figure (saved to
+    ``path`` when given)."""
+    from .plot import _figure, _finish
+
+    op = "plot_class_channels"
+    means = np.asarray(to_host(means), np.float64)
+    if means.ndim != 2 or means.size == 0:
+        raise ValueError(f"{op}: means must be a (classes, channels) matrix, got shape "
+                         f"{B.shape_str(means.shape)}")
+    k, c = means.shape
+    if classes is not None and len(classes) != k:
+        raise ValueError(f"{op}: {len(classes)} class names for {k} rows")
+    filled = np.where(np.isnan(means), -np.inf, means)
+    best = filled.argmax(axis=0)
+    order = np.lexsort((-filled.max(axis=0), best))
+    shown = means[:, order]
+    top = np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else 1.0
+    fig = _figure(min(2.0 + 0.12 * c, 12.0), 1.0 + 0.28 * k)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(shown, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto",
+                      interpolation="nearest")
+    ax.set_yticks(np.arange(k))
+    ax.set_yticklabels([str(n) for n in classes] if classes is not None else
+                       [str(i) for i in range(k)], fontsize=6)
+    ticks = np.arange(0, c, max(1, c // 16))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(int(order[t])) for t in ticks], fontsize=5)
+    ax.set_xlabel("channel (ordered by the class it matters most to)", fontsize=6)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01).ax.tick_params(labelsize=5)
+    where = f" of {layer}" if layer else ""
+    ax.set_title(title or f"each class's mean channel scores{where} ({method})", fontsize=8)
+    fig.tight_layout(pad=0.3)
     return _finish(fig, path)

@@ -137,26 +137,22 @@ def _cav(concept_acts, other_acts, classifier, alpha, test_fraction, rng, op):
     fitted = acts[xp.asarray(train)]
     w = _fit(classifier, alpha, fitted, xp.asarray(train_labels), op)
     top = float(xp.abs(w).max()) if w.size else 0.0
-    w = w / (top or 1.0)
-    norm = float(xp.sqrt((w * w).sum()))
-    # a direction that does not separate the training classes' means is rounding
-    # noise (the same activations on both sides)
-    proj = fitted @ (w / (norm or 1.0)) if norm else None
-    spread = float(xp.abs(fitted - fitted.mean(axis=0)).max()) if len(fitted) else 0.0
-    if norm == 0 or abs(float(proj[xp.asarray(train_labels > 0)].mean()) -
-                        float(proj[xp.asarray(train_labels < 0)].mean())) <= 1e-9 * spread:
+    w = w / top if top else w     # no overflow in the norm
+    norm = float(xp.sqrt((w * w).sum())) if bool(xp.isfinite(w).all()) else 0.0
+    proj = acts @ (w / (norm or 1.0))
+    ins, outs = (xp.asarray(train[train_labels > 0]), xp.asarray(train[train_labels < 0]))
+    gap = float(proj[ins].mean()) - float(proj[outs].mean()) if norm else 0.0
+    # a direction that does not separate the training classes' means is rounding noise
+    # (the same activations on both sides)
+    if abs(gap) <= 1e-9 * float(xp.abs(fitted - fitted.mean(axis=0)).max()):
         raise ValueError(f"{op}: the classifier found no direction: the concept's and the "
                          f"others' activations at the layer do not differ on average")
     w = w / norm
-    if held:
-        # the boundary through the midpoint of the training classes' projections
-        proj = acts @ w
-        cut = 0.5 * (float(proj[xp.asarray(train[train_labels > 0])].mean()) +
-                     float(proj[xp.asarray(train[train_labels < 0])].mean()))
+    accuracy = math.nan
+    if held:   # the boundary through the midpoint of the training classes' projections
+        cut = float(proj[ins].mean()) - gap / 2
         guess = np.where(to_host(proj[xp.asarray(test)]) > cut, 1.0, -1.0)
         accuracy = float((guess == labels[test]).mean())
-    else:
-        accuracy = math.nan
     return w, accuracy
 
 

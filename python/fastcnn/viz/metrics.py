@@ -15,6 +15,7 @@ The built-in draws are functions of (seed, draw, element or feature id) only, so
 image gets the same value alone or in any batch, and they are made a batch at a time.
 """
 
+import inspect
 import math
 import numbers
 
@@ -142,9 +143,8 @@ def infidelity(model, x, attributions, target=None, *, perturb="noise", n_sample
     x - baseline, such as integrated gradients, DeepLIFT, SHAP and ablation;
     Sensitivity-n, Captum's ``multiply_by_inputs`` perturbations), or a function
     ``perturb(inputs) -> (perturbations, perturbed_inputs)`` as Captum's
-    ``perturb_func``: ``inputs`` hold ``n_samples`` copies of each image in turn
-    (image 0's first), at most ``batch_size`` of them per call (one call, as
-    Captum's, when batch_size >= N * n_samples), and the returned arrays are shaped
+    ``perturb_func``, called once (as Captum's) with ``inputs`` holding ``n_samples``
+    copies of each image in turn (image 0's first); the returned arrays are shaped
     like them. Options a perturbation does not use are refused.
     The built-in draws come from ``seed`` and are functions of (draw, element) for
     the noise and of (draw, feature id) for the subsets, so an image gets the same
@@ -199,7 +199,7 @@ def _infidelity_terms(model, x, attributions, target, perturb, n_samples, stdev,
                          f"perturbed copies, more than {MAX_COPIES}")
     if callable(perturb):
         _unused(op, "a function", stdev=stdev, feature_mask=feature_mask, baseline=baseline)
-        draw, image_major = _custom_perturbations(perturb, x, xp, op), True
+        draw, image_major = _custom_perturbations(perturb, x, n_samples, xp, op), True
     elif isinstance(perturb, str) and perturb == "noise":
         _unused(op, perturb, feature_mask=feature_mask, baseline=baseline)
         stdev = _positive(0.01 if stdev is None else stdev, "stdev", op)
@@ -260,23 +260,40 @@ def _subset_perturbations(feature_mask, baseline, x, xp, key, op):
     return draw
 
 
-def _custom_perturbations(perturb, x, xp, op):
-    """draw(image, sample) from a user's perturb(inputs) -> (perturbations, perturbed)."""
+def _custom_perturbations(perturb, x, n_samples, xp, op):
+    """draw(image, sample) from a user's perturb(inputs) -> (perturbations, perturbed),
+    called once, as Captum calls its perturb_func, on ``n_samples`` copies of each
+    image in turn (image 0's first)."""
+    inputs = xp.repeat(x, n_samples, axis=0)
+    got = perturb(inputs)
+    if not isinstance(got, tuple) or len(got) != 2:
+        raise ValueError(f"{op}: perturb must return (perturbations, perturbed_inputs), "
+                         f"got {type(got).__name__}")
+    change, perturbed = (B.as_float(v, name, xp) for v, name in
+                         zip(got, ("perturbations", "perturbed_inputs")))
+    for v, name in ((change, "perturbations"), (perturbed, "perturbed_inputs")):
+        if v.shape != inputs.shape:
+            raise ValueError(f"{op}: perturb's {name} must be shaped like its inputs "
+                             f"{B.shape_str(inputs.shape)}, got {B.shape_str(v.shape)}")
+        check_finite(v, f"perturb's {name}", op)
+
     def draw(image, sample):
-        inputs = x[xp.asarray(image)]
-        got = perturb(inputs)
-        if not isinstance(got, tuple) or len(got) != 2:
-            raise ValueError(f"{op}: perturb must return (perturbations, perturbed_inputs), "
-                             f"got {type(got).__name__}")
-        change, perturbed = (B.as_float(v, name, xp) for v, name in
-                             zip(got, ("perturbations", "perturbed_inputs")))
-        for v, name in ((change, "perturbations"), (perturbed, "perturbed_inputs")):
-            if v.shape != inputs.shape:
-                raise ValueError(f"{op}: perturb's {name} must be shaped like its inputs "
-                                 f"{B.shape_str(inputs.shape)}, got {B.shape_str(v.shape)}")
-            check_finite(v, f"perturb's {name}", op)
-        return change, perturbed
+        rows = xp.asarray(image * n_samples + sample)
+        return change[rows], perturbed[rows]
     return draw
+
+
+def _positional_count(fn):
+    """How many positional arguments ``fn`` takes (Captum passes the radius to a
+    perturb_func of two)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return 2
+    return sum(p.kind in kinds for p in parameters)
 
 
 def _method(method, op):
@@ -335,9 +352,10 @@ def sensitivity_max(method, model, x, target=None, *, radius=None, n_samples=10,
     perturbed inputs. Each draw is one call on the whole batch, as the explanation
     of x itself; draw j is a function of (seed, j) only, the same for every image.
     norm: 'fro' (Euclidean, of the explanation flattened), a number p > 0 or inf.
-    perturb: a function ``perturb(x) -> x + d`` (Captum's ``perturb_func``) instead of
-    the uniform draws (``radius`` is then refused); called once per draw with the
-    (N, C, H, W) batch.
+    perturb: a function ``perturb(inputs) -> perturbed inputs``, or
+    ``perturb(inputs, radius)`` (Captum's ``perturb_func``), instead of the uniform
+    draws; called once, as Captum's, with ``n_samples`` copies of each image in turn
+    (image 0's first); ``radius`` is refused for a function of the inputs only.
     train: the model's mode for the target's forward pass (the method has its own).
     """
     op = "sensitivity_max"
@@ -352,12 +370,13 @@ def sensitivity_max(method, model, x, target=None, *, radius=None, n_samples=10,
     if clash:
         raise ValueError(f"{op}: {clash} given both as keywords and in method_args")
     options = {**kwargs, **(method_args or {})}
-    if perturb is not None:
-        if not callable(perturb):
-            raise TypeError(f"{op}: perturb must be a function or None, got {perturb!r}")
-        _unused(op, "a function", radius=radius)
-    else:
+    if perturb is not None and not callable(perturb):
+        raise TypeError(f"{op}: perturb must be a function or None, got {perturb!r}")
+    takes_radius = perturb is None or _positional_count(perturb) > 1
+    if takes_radius:
         radius = _positive(0.02 if radius is None else radius, "radius", op)
+    else:
+        _unused(op, "a function of the inputs only", radius=radius)
     with preserved(model, train):
         logits = model.forward(x, record=False)
         check_logits(logits, op)
@@ -378,21 +397,27 @@ def sensitivity_max(method, model, x, target=None, *, radius=None, n_samples=10,
                              f"{e.dtype}")
         return e.reshape(n, int(np.prod(e.shape[1:])))
 
+    nears = None
+    if perturb is not None:   # one call, as Captum's: n_samples copies of each image in turn
+        inputs = xp.repeat(x, n_samples, axis=0)
+        nears = perturb(inputs, radius) if takes_radius else perturb(inputs)
+        nears = B.as_float(nears, "perturb(inputs)", xp)
+        if nears.shape != inputs.shape:
+            raise ValueError(f"{op}: perturb(inputs) must be shaped like its inputs "
+                             f"{B.shape_str(inputs.shape)}, got {B.shape_str(nears.shape)}")
+        check_finite(nears, "perturb(inputs)", op)
+        nears = nears.reshape((n, n_samples) + x.shape[1:])
     at_x = explain(x)
     scale = _norms(at_x, order)
     scale = xp.where(scale == 0, 1.0, scale)
     out = xp.zeros(n, np.float64)
     for j in range(n_samples):
-        if perturb is None:
+        if nears is None:
             rng = np.random.default_rng([key, j])
             d = rng.uniform(-radius, radius, x.shape[1:]).astype(np.float32)
             near = x + xp.asarray(d)
         else:
-            near = B.as_float(perturb(x), "perturb(x)", xp)
-            if near.shape != x.shape:
-                raise ValueError(f"{op}: perturb(x) must be shaped like x "
-                                 f"{B.shape_str(x.shape)}, got {B.shape_str(near.shape)}")
-            check_finite(near, "perturb(x)", op)
+            near = xp.ascontiguousarray(nears[:, j])
         e = explain(near)
         if e.shape != at_x.shape:
             raise ValueError(f"{op}: the method's explanations changed shape, "

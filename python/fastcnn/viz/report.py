@@ -136,7 +136,7 @@ def explain(model, x, target=None, *, methods="all", classes=None, labels=None, 
     if fill is None and (metrics or any(m in methods for m in (
             "occlusion", "kernel_shap", "integrated", "deeplift"))):
         fill = _background(batch)
-    cells = _cells(batch.shape[2:], window)
+    cells = _cells(batch.shape[2:], window) if metrics or "kernel_shap" in methods else None
 
     def run(method, images, t, fill=fill):
         """``method``'s map of ``images`` for targets ``t`` (and, for occlusion, the
@@ -552,12 +552,26 @@ def _resolve_class(text, classes, count):
     return k
 
 
+def cli_test_set(args, meta):
+    """The test set ``test:`` images come from (Fashion-MNIST, or the IDX set in
+    ``args.data``), and ``meta`` (a model's metadata) completed from it where it lacks
+    the standardisation, the class names or the input shape."""
+    from .. import data
+
+    test_set = (data.load_idx_dataset(data.find_data_dir(args.data))[1] if args.data
+                else data.load_fashion_mnist()[1])
+    for key, value in (("mean", test_set.mean), ("std", test_set.std),
+                       ("classes", test_set.classes),
+                       ("input_shape", list(test_set.image_shape))):
+        meta.setdefault(key, list(value))
+    return test_set
+
+
 def load_cli_images(args, model, specs=None):
     """The images a command names (``specs``, default ``args.images``: PNG/JPEG files,
     fitted to the model as ``fastcnn predict`` does with ``args.invert``, or test:INDEX
     from the test set of ``args.data``): (uint8 batch, standardised batch on the model's device, true labels
     (None for pictures), names, the model's metadata completed from the test set)."""
-    from .. import data
     from ..cli import CommandError, load_image
 
     meta = dict(getattr(model, "metadata", None) or {})
@@ -566,8 +580,7 @@ def load_cli_images(args, model, specs=None):
     for spec in args.images if specs is None else specs:
         if spec.startswith("test:"):
             if test_set is None:
-                test_set = (data.load_idx_dataset(data.find_data_dir(args.data))[1] if args.data
-                            else data.load_fashion_mnist()[1])
+                test_set = cli_test_set(args, meta)
             try:
                 index = int(spec[5:])
             except ValueError:
@@ -578,10 +591,6 @@ def load_cli_images(args, model, specs=None):
             image, label = test_set[index]
             images.append(image)
             labels.append(label)
-            for key, value in (("mean", test_set.mean), ("std", test_set.std),
-                               ("classes", test_set.classes),
-                               ("input_shape", list(test_set.image_shape))):
-                meta.setdefault(key, list(value))
         else:
             if "input_shape" not in meta:
                 raise CommandError(f"{args.model}: the model's metadata has no input_shape, "
