@@ -3187,6 +3187,10 @@ def test_metrics_of_a_confident_probability_and_edge_cases():
                             method_args={"baseline": 1.0})
     with pytest.raises(ValueError, match="numbers on the model's device"):
         viz.sensitivity_max(lambda m, i, t: np.full(len(i), "a"), model, x)
+    radii = []
+    viz.sensitivity_max("gradient", model, x, perturb=lambda i, r: radii.append(r) or i,
+                        radius=0.1, n_samples=2)
+    assert radii == [0.1]                  # as given (Captum's), not rounded to float32
     with pytest.raises(ValueError, match="radius is not used with perturb='a function of the "
                                          "inputs only'"):
         viz.sensitivity_max("gradient", model, x, radius=0.1, perturb=lambda i: i)
@@ -3388,3 +3392,5 @@ def test_class_channel_importance_is_the_mean_over_each_class():
         viz.class_channel_importance(model, x, labels + 1)
     with pytest.raises(ValueError, match="x holds no images"):
         viz.class_channel_importance(model, x[:0])
+    with pytest.raises(ValueError, match=r"labels must be classes in \[0, 5\) \(the model's"):
+        viz.class_channel_importance(model, x, labels + 3, num_classes=9)

@@ -397,6 +397,10 @@ def test_class_channels_plot_and_cli(tmp_path, capsys):
     assert labels == ["0", "3", "1", "5", "2", "4"]
     with pytest.raises(ValueError, match="3 class names for 4 rows"):
         viz.plot_class_channels(means, ["a", "b", "c"])
+    with pytest.raises(TypeError, match="not the \\(means, counts\\) pair"):
+        viz.plot_class_channels((means, np.ones(4)))
+    with pytest.raises(TypeError, match="classes must be a list of names"):
+        viz.plot_class_channels(means, "abcd")
     model_path = io.save(model, tmp_path / "model.npz")
     idx = tmp_path / "idx"
     idx.mkdir()

@@ -731,32 +731,32 @@ def _run_class_channels(args):
     model = io.load(args.model)
     meta = dict(getattr(model, "metadata", None) or {})
     test_set = cli_test_set(args, meta)
+    if list(test_set.image_shape) != list(meta["input_shape"]):
+        raise CommandError(f"the test set's images are {list(test_set.image_shape)}, the "
+                           f"model's input {list(meta['input_shape'])}")
     index = np.concatenate([np.flatnonzero(test_set.labels == k)[:args.count]
                             for k in range(test_set.num_classes)])
     x = F.normalize(test_set.images[index], meta["mean"], meta["std"], dim=-3)
-    if model.device != "cpu":
-        import cupy
-
-        x = cupy.asarray(x)
     layer = layer_arg(args.layer)
     try:
-        name = default_cam_layer(model, "channels") if layer is None else \
-            layer_name(model, layer, "channels")
+        name = default_cam_layer(model, "class-channels") if layer is None else \
+            layer_name(model, layer, "class-channels")
         means, counts = viz.class_channel_importance(
             model, x, test_set.labels[index].astype(np.int64), name, method=args.method,
             n_steps=args.steps)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
-    classes = meta.get("classes") or [str(k) for k in range(len(means))]
+    classes = list(meta["classes"])[:len(means)]
+    classes += [str(k) for k in range(len(classes), len(means))]   # outputs without a name
+    top = min(args.top, means.shape[1])
     print(f"{means.shape[1]} channels of {name}, each class's {args.method} scores averaged "
-          f"over its test images ({viz.CHANNEL_METHODS[args.method]}); its top {args.top}:")
+          f"over its test images ({viz.CHANNEL_METHODS[args.method]}); its top {top}:")
     width = max(len(str(c)) for c in classes) + 2
     for k, row in enumerate(means):
         if not counts[k]:
             continue
-        top = np.argsort(-row, kind="stable")[:args.top]
         print(f"  {str(classes[k]):<{width}}({counts[k]:4d})  " +
-              "  ".join(f"{int(c)}:{row[c]:+.3g}" for c in top))
+              "  ".join(f"{int(c)}:{row[c]:+.3g}" for c in np.argsort(-row, kind="stable")[:top]))
     viz.plot_class_channels(means, classes, layer=name, method=args.method, path=out)
     print(f"wrote {out}")
     return 0

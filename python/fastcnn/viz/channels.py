@@ -146,19 +146,18 @@ def class_channel_importance(model, x, labels=None, layer=None, *, num_classes=N
     x = as_input(model, x, op)[0]
     if not len(x):
         raise ValueError(f"{op}: x holds no images")
-    logits = to_host(feature_maps(model, x, layer=-1)) \
-        if labels is None or num_classes is None else None
-    k = logits.shape[-1] if num_classes is None else B.as_count(num_classes,
-                                                                f"{op}: num_classes")
+    logits = to_host(feature_maps(model, x if labels is None else x[:1], layer=-1))
+    outputs = logits.shape[-1]
+    k = outputs if num_classes is None else B.as_count(num_classes, f"{op}: num_classes")
     labels = logits.argmax(axis=1) if labels is None else to_host(labels)
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"{op}: labels must be integer classes, got dtype {labels.dtype}")
     if labels.shape != (len(x),):
         raise ValueError(f"{op}: labels must hold one class per image, ({len(x)},); got shape "
                          f"{B.shape_str(labels.shape)}")
-    if labels.min() < 0 or labels.max() >= k:
-        raise ValueError(f"{op}: labels must be classes in [0, {k}), got {int(labels.min())} "
-                         f"to {int(labels.max())}")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{op}: labels must be integer classes, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= min(k, outputs):
+        raise ValueError(f"{op}: labels must be classes in [0, {min(k, outputs)}) (the "
+                         f"model's outputs), got {int(labels.min())} to {int(labels.max())}")
     scores = to_host(channel_importance(model, x, layer, labels.astype(np.int64),
                                         method=method, baseline=baseline, n_steps=n_steps,
                                         batch_size=batch_size, train=train))
@@ -173,18 +172,29 @@ def plot_class_channels(means, classes=None, *, layer=None, method="ablation", t
                         path=None):
     """The classes x channels matrix of :func:`class_channel_importance` as a heatmap,
     the channels ordered by the class they matter most to (then by their score), so
-    that each class's own channels stand together. Returns the Figure (saved to
-    ``path`` when given)."""
+    that each class's own channels stand together; a class without images (a NaN
+    row) is grey. Returns the Figure (saved to ``path`` when given)."""
+    import matplotlib
+
     from .plot import _figure, _finish
 
     op = "plot_class_channels"
-    means = np.asarray(to_host(means), np.float64)
+    if isinstance(means, tuple):
+        raise TypeError(f"{op}: means must be the matrix, class_channel_importance(...)[0], "
+                        f"not the (means, counts) pair")
+    means = to_host(means)
+    if means.dtype.kind not in "fiu":
+        raise TypeError(f"{op}: means must hold numbers, got dtype {means.dtype}")
+    means = means.astype(np.float64)
     if means.ndim != 2 or means.size == 0:
         raise ValueError(f"{op}: means must be a (classes, channels) matrix, got shape "
                          f"{B.shape_str(means.shape)}")
     k, c = means.shape
-    if classes is not None and len(classes) != k:
-        raise ValueError(f"{op}: {len(classes)} class names for {k} rows")
+    if classes is not None:
+        if isinstance(classes, (str, bytes)) or not hasattr(classes, "__len__"):
+            raise TypeError(f"{op}: classes must be a list of names, got {classes!r}")
+        if len(classes) != k:
+            raise ValueError(f"{op}: {len(classes)} class names for {k} rows")
     filled = np.where(np.isnan(means), -np.inf, means)
     best = filled.argmax(axis=0)
     order = np.lexsort((-filled.max(axis=0), best))
@@ -192,7 +202,9 @@ def plot_class_channels(means, classes=None, *, layer=None, method="ablation", t
     top = np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else 1.0
     fig = _figure(min(2.0 + 0.12 * c, 12.0), 1.0 + 0.28 * k)
     ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(shown, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto",
+    # a class without images: grey, not the white of 0
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.6")
+    image = ax.imshow(shown, cmap=cmap, vmin=-top, vmax=top, aspect="auto",
                       interpolation="nearest")
     ax.set_yticks(np.arange(k))
     ax.set_yticklabels([str(n) for n in classes] if classes is not None else

@@ -144,8 +144,8 @@ def infidelity(model, x, attributions, target=None, *, perturb="noise", n_sample
     Sensitivity-n, Captum's ``multiply_by_inputs`` perturbations), or a function
     ``perturb(inputs) -> (perturbations, perturbed_inputs)`` as Captum's
     ``perturb_func``, called once (as Captum's) with ``inputs`` holding ``n_samples``
-    copies of each image in turn (image 0's first); the returned arrays are shaped
-    like them. Options a perturbation does not use are refused.
+    copies of each image in turn (image 0's first: N x n_samples images in memory
+    at once); the returned arrays are shaped like them. Options a perturbation does not use are refused.
     The built-in draws come from ``seed`` and are functions of (draw, element) for
     the noise and of (draw, feature id) for the subsets, so an image gets the same
     value alone or in any batch.
@@ -283,17 +283,13 @@ def _custom_perturbations(perturb, x, n_samples, xp, op):
     return draw
 
 
-def _positional_count(fn):
-    """How many positional arguments ``fn`` takes (Captum passes the radius to a
-    perturb_func of two)."""
+def _parameter_count(fn):
+    """How many parameters ``fn`` declares: Captum passes the radius to a perturb_func
+    of more than one, and so does sensitivity_max."""
     try:
-        parameters = inspect.signature(fn).parameters.values()
+        return len(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return 1
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters):
-        return 2
-    return sum(p.kind in kinds for p in parameters)
 
 
 def _method(method, op):
@@ -353,9 +349,11 @@ def sensitivity_max(method, model, x, target=None, *, radius=None, n_samples=10,
     of x itself; draw j is a function of (seed, j) only, the same for every image.
     norm: 'fro' (Euclidean, of the explanation flattened), a number p > 0 or inf.
     perturb: a function ``perturb(inputs) -> perturbed inputs``, or
-    ``perturb(inputs, radius)`` (Captum's ``perturb_func``), instead of the uniform
-    draws; called once, as Captum's, with ``n_samples`` copies of each image in turn
-    (image 0's first); ``radius`` is refused for a function of the inputs only.
+    ``perturb(inputs, radius)`` (Captum's ``perturb_func``: as Captum, a function that
+    declares more than one parameter gets the radius, as given), instead of the
+    uniform draws; called once, as Captum's, with all ``n_samples`` copies of each
+    image in turn (image 0's first: N x n_samples images in memory at once);
+    ``radius`` is refused for a function of the inputs only.
     train: the model's mode for the target's forward pass (the method has its own).
     """
     op = "sensitivity_max"
@@ -372,9 +370,10 @@ def sensitivity_max(method, model, x, target=None, *, radius=None, n_samples=10,
     options = {**kwargs, **(method_args or {})}
     if perturb is not None and not callable(perturb):
         raise TypeError(f"{op}: perturb must be a function or None, got {perturb!r}")
-    takes_radius = perturb is None or _positional_count(perturb) > 1
+    takes_radius = perturb is None or _parameter_count(perturb) > 1
     if takes_radius:
-        radius = _positive(0.02 if radius is None else radius, "radius", op)
+        given = 0.02 if radius is None else radius
+        radius = _positive(given, "radius", op)   # the draws' (float32) radius
     else:
         _unused(op, "a function of the inputs only", radius=radius)
     with preserved(model, train):
@@ -400,7 +399,7 @@ def sensitivity_max(method, model, x, target=None, *, radius=None, n_samples=10,
     nears = None
     if perturb is not None:   # one call, as Captum's: n_samples copies of each image in turn
         inputs = xp.repeat(x, n_samples, axis=0)
-        nears = perturb(inputs, radius) if takes_radius else perturb(inputs)
+        nears = perturb(inputs, given) if takes_radius else perturb(inputs)
         nears = B.as_float(nears, "perturb(inputs)", xp)
         if nears.shape != inputs.shape:
             raise ValueError(f"{op}: perturb(inputs) must be shaped like its inputs "

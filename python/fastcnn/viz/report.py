@@ -575,12 +575,12 @@ def load_cli_images(args, model, specs=None):
     from ..cli import CommandError, load_image
 
     meta = dict(getattr(model, "metadata", None) or {})
-    test_set = None
+    specs = args.images if specs is None else specs
+    # the test set first: it completes the metadata pictures are fitted with
+    test_set = cli_test_set(args, meta) if any(s.startswith("test:") for s in specs) else None
     images, labels, names = [], [], []
-    for spec in args.images if specs is None else specs:
+    for spec in specs:
         if spec.startswith("test:"):
-            if test_set is None:
-                test_set = cli_test_set(args, meta)
             try:
                 index = int(spec[5:])
             except ValueError:
