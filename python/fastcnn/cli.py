@@ -718,10 +718,9 @@ def _run_class_channels(args):
     """fastcnn class-channels: the classes x channels matrix over the test set."""
     import numpy as np
 
-    from . import functional as F
     from . import io, viz
     from .viz._common import default_cam_layer, layer_name
-    from .viz.report import cli_test_set
+    from .viz.report import cli_test_set, standardised
 
     if args.top < 1 or args.steps < 1 or args.count < 1:
         raise CommandError(f"--top, --steps and --count must be >= 1, got {args.top}, "
@@ -736,7 +735,7 @@ def _run_class_channels(args):
                            f"model's input {list(meta['input_shape'])}")
     index = np.concatenate([np.flatnonzero(test_set.labels == k)[:args.count]
                             for k in range(test_set.num_classes)])
-    x = F.normalize(test_set.images[index], meta["mean"], meta["std"], dim=-3)
+    x = standardised(model, test_set.images[index], meta["mean"], meta["std"])
     layer = layer_arg(args.layer)
     try:
         name = default_cam_layer(model, "class-channels") if layer is None else \
@@ -896,8 +895,7 @@ def _image_set(spec, args, model, meta, count, test_set):
     model (at most ``count``; test:random draws ``count`` with --seed)."""
     import numpy as np
 
-    from . import functional as F
-    from .viz.report import _resolve_class
+    from .viz.report import _resolve_class, standardised
 
     if spec.startswith("test:"):
         name = spec[5:]
@@ -927,12 +925,7 @@ def _image_set(spec, args, model, meta, count, test_set):
             if files else np.zeros((0,) + tuple(meta["input_shape"]), np.uint8)
     if len(batch) == 0:
         raise CommandError(f"{spec}: no images")
-    x = F.normalize(batch, meta["mean"], meta["std"], dim=-3)
-    if model.device != "cpu":
-        import cupy
-
-        x = cupy.asarray(x)
-    return x
+    return standardised(model, batch, meta["mean"], meta["std"])
 
 
 def _run_tcav(args):

@@ -484,11 +484,7 @@ def demo_report(model, dataset, out_dir, count=4, candidates=1000, **options):
     if len(wrong):
         chosen.append(int(wrong[0]))
     images = subset.images[chosen]
-    x = F.normalize(images, dataset.mean, dataset.std, dim=-3)
-    if model.device != "cpu":
-        import cupy
-
-        x = cupy.asarray(x)
+    x = standardised(model, images, dataset.mean, dataset.std)
     explanations = explain(model, x, classes=list(dataset.classes), labels=subset.labels[chosen],
                            display=images[:, 0] if images.shape[1] == 1 else
                            images.transpose(0, 2, 3, 1),
@@ -552,6 +548,16 @@ def _resolve_class(text, classes, count):
     return k
 
 
+def standardised(model, images, mean, std):
+    """uint8 images (N, C, H, W) standardised per channel, on the model's device."""
+    x = F.normalize(images, mean, std, dim=-3)
+    if model.device != "cpu":
+        import cupy
+
+        x = cupy.asarray(x)
+    return x
+
+
 def cli_test_set(args, meta):
     """The test set ``test:`` images come from (Fashion-MNIST, or the IDX set in
     ``args.data``), and ``meta`` (a model's metadata) completed from it where it lacks
@@ -609,12 +615,7 @@ def load_cli_images(args, model, specs=None):
         raise CommandError(f"image shapes {sorted(shapes)} do not match the model's input "
                            f"{meta.get('input_shape')}")
     batch = np.stack(images)
-    x = F.normalize(batch, meta["mean"], meta["std"], dim=-3)
-    if model.device != "cpu":
-        import cupy
-
-        x = cupy.asarray(x)
-    return batch, x, labels, names, meta
+    return batch, standardised(model, batch, meta["mean"], meta["std"]), labels, names, meta
 
 
 def run_cli(args):
