@@ -403,3 +403,19 @@ def test_pictures_are_read_as_they_look(tmp_path):
                  "rotated.png"):
         np.testing.assert_array_equal(cli.load_image(tmp_path / name, [1, 28, 28]), want,
                                       err_msg=name)
+
+
+def test_a_closed_pipe_ends_quietly():
+    """fastcnn ... | head: when the reader goes away the command stops with status
+    141 (128 + SIGPIPE), without an error line or a traceback."""
+    code = ("import sys\nfrom fastcnn import cli\n"
+            "cli.register('spam', 'many lines', lambda parser: None,\n"
+            "             lambda args: [print('y' * 80) for _ in range(10 ** 5)] and 0)\n"
+            "sys.exit(cli.main(['spam']))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141
+    assert b"Broken pipe" not in err and b"Traceback" not in err, err

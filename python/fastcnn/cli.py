@@ -594,6 +594,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"fastcnn {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (fastcnn ... | head): stop quietly, as other
+        # command-line tools do, and keep Python's exit-time flush from failing too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (CommandError, OSError, ValueError, TypeError, FloatingPointError) as exc:
         # What fastcnn (or the system) says about a bad argument, input file or
         # output path; FASTCNN_TRACEBACK=1 shows where it came from.
