@@ -275,12 +275,16 @@ def _has_cuda_module():
     return True
 
 
-@pytest.mark.parametrize("gpu", [
+#: The emulated GPU (tests/fake_cupy.py) and, where there is one, the real one.
+ON_GPU = pytest.mark.parametrize("gpu", [
     pytest.param("fake", marks=pytest.mark.skipif(not _has_cuda_module(),
                                                   reason="fastcnn._cuda was not built")),
     pytest.param("gpu", marks=[pytest.mark.cuda,
                                pytest.mark.skipif(_gpu_skip() is not None,
                                                   reason=str(_gpu_skip()))])])
+
+
+@ON_GPU
 @pytest.mark.parametrize("command,optimizer", [("demo", None), ("train", "adam")])
 def test_training_on_the_gpu_from_the_cli(tmp_path, capsys, monkeypatch, command, optimizer,
                                           gpu):
@@ -419,3 +423,36 @@ def test_a_closed_pipe_ends_quietly():
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141
     assert b"Broken pipe" not in err and b"Traceback" not in err, err
+
+
+@ON_GPU
+def test_picture_commands_on_the_gpu(tmp_path, capsys, monkeypatch, gpu):
+    """explain, channels, class-channels and tcav with --device cuda print what they
+    print on the CPU (on the GPU, and through tests/fake_cupy.py)."""
+    from fastcnn import models
+
+    folder = _idx_folder(tmp_path / "digits", n=20)
+    model = models.mnist_cnn(channels=(4, 8), hidden=16, seed=0)
+    model.metadata = {"input_shape": [1, 28, 28], "mean": [0.2], "std": [0.3],
+                      "classes": [f"c{i}" for i in range(10)]}
+    path = io.save(model, tmp_path / "model.npz")
+    runs = [["explain", str(path), "test:0", "--method", "integrated", "--steps", "4",
+             "--metrics", "--out", str(tmp_path / "e")],
+            ["channels", str(path), "test:1", "--top", "3", "--out", str(tmp_path / "c.png")],
+            ["class-channels", str(path), "--count", "1", "--top", "2",
+             "--out", str(tmp_path / "k.png")],
+            ["tcav", str(path), "--target", "3", "--concept", "test:1", "--count", "2",
+             "--runs", "2", "--layer", "relu2"]]
+    printed = {}
+    for device in ("cpu", "cuda"):
+        if device == "cuda" and gpu == "fake":
+            import fake_cupy
+
+            fake_cupy.install(monkeypatch)
+        for args in runs:
+            assert cli.main(args + ["--data", str(folder), "--device", device]) == 0, args
+            printed[device, args[0]] = capsys.readouterr().out
+    for args in runs:
+        cpu, cuda = printed["cpu", args[0]], printed["cuda", args[0]]
+        assert cpu.splitlines()[0] == cuda.splitlines()[0], args[0]
+        assert len(cpu.splitlines()) == len(cuda.splitlines()), args[0]

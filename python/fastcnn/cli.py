@@ -636,13 +636,24 @@ register("explain", "show which pixels a saved model's prediction depends on: oc
 
 def add_image_options(parser, data_help, pictures=True):
     """--data (the IDX folder for test: images), --invert (for commands reading
-    pictures) and --threads."""
+    pictures), --threads and --device."""
     parser.add_argument("--data", metavar="DIR", help=data_help)
     if pictures:
         parser.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                             help="invert grey levels of PNG/JPEG pictures, as for predict "
                                  "(default: %(default)s)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="run the model on the CPU or the GPU (default: %(default)s)")
+
+
+def load_cli_model(args):
+    """The saved model ``args.model``, on ``args.device``."""
+    from . import io
+
+    model = io.load(args.model)
+    _move_to_device(model, args.device)
+    return model
 
 
 def _add_channel_options(parser, top, top_help, out):
@@ -675,7 +686,7 @@ def _add_channels_arguments(parser):
 def _run_channels(args):
     import numpy as np
 
-    from . import io, viz
+    from . import viz
     from .viz._common import default_cam_layer, layer_name, to_host
     from .viz.report import _resolve_class, load_cli_images
 
@@ -683,7 +694,7 @@ def _run_channels(args):
         raise CommandError(f"--top and --steps must be >= 1, got {args.top} and {args.steps}")
     _set_threads(args.threads)
     out = _picture_path(args.out)
-    model = io.load(args.model)
+    model = load_cli_model(args)
     _, x, _, names, meta = load_cli_images(args, model, [args.image])
     classes = meta.get("classes")
     layer = layer_arg(args.layer)
@@ -723,7 +734,7 @@ def _run_class_channels(args):
     """fastcnn class-channels: the classes x channels matrix over the test set."""
     import numpy as np
 
-    from . import io, viz
+    from . import viz
     from .viz._common import default_cam_layer, layer_name
     from .viz.report import cli_test_set, standardised
 
@@ -732,7 +743,7 @@ def _run_class_channels(args):
                            f"{args.steps} and {args.count}")
     _set_threads(args.threads)
     out = _picture_path(args.out)
-    model = io.load(args.model)
+    model = load_cli_model(args)
     meta = dict(getattr(model, "metadata", None) or {})
     test_set = cli_test_set(args, meta)
     if list(test_set.image_shape) != list(meta["input_shape"]):
@@ -936,16 +947,16 @@ def _image_set(spec, args, model, meta, count, test_set):
 def _run_tcav(args):
     import numpy as np
 
-    from . import io, viz
+    from . import viz
     from .viz._common import default_cam_layer, layer_name
-    from .viz.report import _resolve_class, cli_test_set
+    from .viz.report import _resolve_class, cli_test_set, standardised
 
     if args.count < 1 or args.runs < 1:
         raise CommandError(f"--count and --runs must be >= 1, got {args.count} and {args.runs}")
     if args.seed < 0:
         raise CommandError(f"--seed must be >= 0, got {args.seed}")
     _set_threads(args.threads)
-    model = io.load(args.model)
+    model = load_cli_model(args)
     meta = dict(getattr(model, "metadata", None) or {})
     specs = args.concept + [args.random] + ([args.images] if args.images else [])
     test_set = None
@@ -961,8 +972,9 @@ def _run_tcav(args):
     classes = meta.get("classes")
     layer = layer_arg(args.layer)
     try:
-        num_classes = viz.feature_maps(model, np.zeros((1,) + tuple(meta["input_shape"]),
-                                                       np.float32), layer=-1).shape[-1]
+        blank = standardised(model, np.zeros((1,) + tuple(meta["input_shape"]), np.uint8),
+                             meta["mean"], meta["std"])
+        num_classes = viz.feature_maps(model, blank, layer=-1).shape[-1]
         target = _resolve_class(args.target, classes, num_classes)
         name = default_cam_layer(model, "tcav") if layer is None else \
             layer_name(model, layer, "tcav")

@@ -622,8 +622,7 @@ def run_cli(args):
     """``fastcnn explain``: load the model and images, explain, write the report."""
     import fastcnn
 
-    from .. import io
-    from ..cli import CommandError, layer_arg
+    from ..cli import CommandError, layer_arg, load_cli_model
 
     for option, value in (("--window", args.window), ("--stride", args.stride),
                           ("--steps", args.steps)):
@@ -633,7 +632,7 @@ def run_cli(args):
         if args.threads < 1:
             raise CommandError(f"--threads must be >= 1, got {args.threads}")
         fastcnn.set_num_threads(args.threads)
-    model = io.load(args.model)
+    model = load_cli_model(args)
     batch, x, labels, names, meta = load_cli_images(args, model)
     classes = meta.get("classes")
     try:
