@@ -427,8 +427,8 @@ def test_a_closed_pipe_ends_quietly():
 
 @ON_GPU
 def test_picture_commands_on_the_gpu(tmp_path, capsys, monkeypatch, gpu):
-    """explain, channels, class-channels and tcav with --device cuda print what they
-    print on the CPU (on the GPU, and through tests/fake_cupy.py)."""
+    """explain, channels, class-channels, tcav and predict with --device cuda print
+    what they print on the CPU (on the GPU, and through tests/fake_cupy.py)."""
     from fastcnn import models
 
     folder = _idx_folder(tmp_path / "digits", n=20)
@@ -443,6 +443,10 @@ def test_picture_commands_on_the_gpu(tmp_path, capsys, monkeypatch, gpu):
              "--out", str(tmp_path / "k.png")],
             ["tcav", str(path), "--target", "3", "--concept", "test:1", "--count", "2",
              "--runs", "2", "--layer", "relu2"]]
+    picture = np.zeros((30, 20), np.uint8)
+    picture[5:25, 6:14] = 210
+    Image.fromarray(picture).save(tmp_path / "shirt.png")
+    runs.append(["predict", str(path), str(tmp_path / "shirt.png")])
     printed = {}
     for device in ("cpu", "cuda"):
         if device == "cuda" and gpu == "fake":
@@ -450,7 +454,8 @@ def test_picture_commands_on_the_gpu(tmp_path, capsys, monkeypatch, gpu):
 
             fake_cupy.install(monkeypatch)
         for args in runs:
-            assert cli.main(args + ["--data", str(folder), "--device", device]) == 0, args
+            data_option = [] if args[0] == "predict" else ["--data", str(folder)]
+            assert cli.main(args + data_option + ["--device", device]) == 0, args
             printed[device, args[0]] = capsys.readouterr().out
     for args in runs:
         cpu, cuda = printed["cpu", args[0]], printed["cuda", args[0]]

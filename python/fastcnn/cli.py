@@ -385,6 +385,8 @@ def _add_predict_arguments(parser):
                              "for a one-channel model, as Fashion-MNIST and MNIST are light "
                              "on dark (default: %(default)s)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="run the model on the CPU or the GPU (default: %(default)s)")
 
 
 def load_image(path, input_shape, invert="auto"):
@@ -464,13 +466,13 @@ def _as_8bit(img, channels):
 def _run_predict(args):
     import numpy as np
 
-    from . import io
     from .train import predict
+    from .viz._common import to_host
 
     _set_threads(args.threads)
     if args.top_k < 1:
         raise CommandError(f"--top-k must be >= 1, got {args.top_k}")
-    model = io.load(args.model)
+    model = load_cli_model(args)
     meta = model.metadata
     missing = [k for k in ("input_shape", "mean", "std") if k not in meta]
     if missing:
@@ -478,10 +480,10 @@ def _run_predict(args):
                            f"fastcnn.io.save(model, path, metadata={{'input_shape': [C, H, W], "
                            f"'mean': [...], 'std': [...], 'classes': [...]}})")
     batch = np.stack([load_image(p, meta["input_shape"], args.invert) for p in args.images])
-    probs = predict(model, batch)
+    probs = to_host(predict(model, batch))
     broken = [p for p, row in zip(args.images, probs) if not np.isfinite(row).all()]
     if broken:
-        weights = all(np.isfinite(v).all() for v in model.state_dict().values())
+        weights = all(np.isfinite(to_host(v)).all() for v in model.state_dict().values())
         raise CommandError(f"{args.model}: the model's outputs for {', '.join(broken)} are not "
                            f"finite numbers" + ("" if weights else "; its weights hold NaN or "
                                                 "inf (did the training diverge?)"))
