@@ -332,8 +332,15 @@ class CapturedStep:
         self._y[...] = y
         scalars = _Scalars(cp)
         self.targets = self._y
-        pool, (eager_loss, self.logits), (loss, logits), graph = _run_and_capture(
-            lambda: self._eager(self._x, self._y, y_host), scalars)
+
+        def step():
+            return (*self._eager(self._x, self._y, y_host), self.hits)
+
+        pool, (eager_loss, self.logits, eager_hits), (loss, logits, _), graph = \
+            _run_and_capture(step, scalars)
+        # this call's hits are the eager step's: the captured run's count is the graph's
+        # buffer, written by its replays only
+        self.hits = eager_hits
         self._pools.append(pool)
         # The graph's output buffers (this call's results are the eager step's).
         self._loss, self._logits, self._scalars, self._graph = loss, logits, scalars, graph
@@ -362,7 +369,7 @@ class CapturedStep:
                 if not self.fallback or not hasattr(exc, "done"):
                     raise
                 self.disabled = f"{type(exc).__name__}: {exc}"
-                self.logits = exc.done[1]
+                self.logits, self.hits = exc.done[1], exc.done[2]
                 return exc.done[0]  # the step was done, eagerly
         _fill(self._scalars.upload, "x", self._x, x)
         _fill(self._scalars.upload, "y", self._y, y)
